@@ -1,0 +1,1 @@
+"""Backends run tasks (not jobs): local processes, ssh hosts, Slurm clusters."""

@@ -1,0 +1,88 @@
+"""The backend contract, after snakemake's executor interface.
+
+The caller (worker.py) owns the store writes, retries and back-off; a backend only
+starts a task, reports on the ones it started, and stops them.
+"""
+
+from __future__ import annotations
+
+import abc
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BackendError
+from ..models import ArgvItem, Task
+
+# Receives a task's output: (stream name, complete lines).
+OutputSink = Callable[[str, list[str]], None]
+
+
+@dataclass
+class Submission:
+    """A task a backend has started; `handle` is the backend's own (a Popen, a Slurm id)."""
+
+    task: Task
+    handle: Any = None
+    workdir: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """A submission that has ended: exit code, or an error saying why there is none."""
+
+    task_id: str
+    exit_code: int | None
+    error: str = ""
+
+
+class Backend(abc.ABC):
+    """Runs tasks somewhere; see the module docstring for who owns what."""
+
+    name = "abstract"
+
+    @abc.abstractmethod
+    def submit(self, task: Task, sink: OutputSink) -> Submission:
+        """Stage the task's inputs, start it, and stream its output into sink."""
+
+    @abc.abstractmethod
+    def poll(self, active: list[Submission]) -> Iterator[StatusUpdate]:
+        """One batched look at the active submissions; yields those that ended."""
+
+    @abc.abstractmethod
+    def cancel(self, active: list[Submission]) -> None:
+        """Stop these submissions and everything they started."""
+
+    def close(self) -> None:
+        """Release connections; the backend is not used again."""
+
+
+def render_argv(argv: list[ArgvItem], resolve: Callable[[dict[str, Any]], str]) -> list[str]:
+    """A task's argv with every placeholder replaced by the path resolve() gives it."""
+    out = []
+    for item in argv:
+        out.append(item if isinstance(item, str) else resolve(item))
+    return out
+
+
+def local_resolver(task: Task, blob: Callable[[str], str], dep_dir: Callable[[str], str],
+                   scratch: str, python: str = sys.executable) -> Callable[[dict[str, Any]], str]:
+    """Placeholder resolution given where inputs, dependencies and scratch live."""
+
+    def resolve(item: dict[str, Any]) -> str:
+        if "input" in item:
+            name = item["input"]
+            if name not in task.inputs:
+                raise BackendError(f"task '{task.name}' names unknown input {name!r}")
+            return blob(task.inputs[name])
+        if "dep" in item:
+            return f"{dep_dir(item['dep'])}/{item['file']}"
+        if "out" in item:
+            return f"{scratch}/{item['out']}"
+        if "python" in item:
+            return python
+        raise BackendError(f"task '{task.name}' has an unknown argv placeholder {item!r}")
+
+    return resolve

@@ -1,0 +1,149 @@
+"""The content-addressed store on disk: input files by sha256, task outputs by task id.
+
+Nothing partial is ever visible: a file or a task's output directory appears under its
+address only by one rename, after it is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError, SheepdogError
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing in the store, for `sheepdog cache list`."""
+
+    kind: str  # "input" or "task"
+    id: str
+    size: int
+    modified: float
+
+
+def _tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class Store:
+    """Files under one root: blobs/ (inputs), tasks/ (published outputs), tmp/ (scratch)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.tasks = root / "tasks"
+        self.tmp = root / "tmp"
+        for d in (self.blobs, self.tasks, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    # -- inputs
+    def blob(self, sha: str) -> Path:
+        return self.blobs / sha[:2] / sha
+
+    def put_file(self, path: Path) -> str:
+        """Copy a file in under the hash of its contents; returns the hash."""
+        tmp = self.tmp / f"in.{uuid.uuid4().hex}"
+        digest = hashlib.sha256()
+        try:
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise InputError(str(path), f"cannot read: {e.strerror or e}") from e
+        sha = digest.hexdigest()
+        self.put_blob_file(tmp, sha)
+        return sha
+
+    def put_blob_file(self, tmp: Path, sha: str) -> Path:
+        """Move an already-hashed file to its address (dropped if it is already there)."""
+        target = self.blob(sha)
+        if target.exists():
+            tmp.unlink(missing_ok=True)
+        else:
+            target.parent.mkdir(exist_ok=True)
+            os.replace(tmp, target)
+        return target
+
+    # -- task outputs
+    def task_dir(self, task_id: str) -> Path:
+        return self.tasks / task_id
+
+    def published(self, task_id: str) -> bool:
+        return self.task_dir(task_id).is_dir()
+
+    def scratch(self, task_id: str) -> Path:
+        path = self.tmp / f"{task_id}.{uuid.uuid4().hex[:8]}"
+        path.mkdir()
+        return path
+
+    def publish(self, task_id: str, scratch: Path, outputs: list[str],
+                complete_when: dict[str, str] | None = None) -> Path:
+        """Make a finished task's scratch its published outputs, all at once.
+
+        Raises when an expected output is missing or incomplete; then nothing is published.
+        """
+        for name in outputs:
+            if not (scratch / name).is_file():
+                raise SheepdogError(f"expected output {name!r} was not written")
+        for name, text in (complete_when or {}).items():
+            if text not in (scratch / name).read_text(errors="replace"):
+                raise SheepdogError(f"output {name!r} is incomplete (no {text!r} in it)")
+        target = self.task_dir(task_id)
+        try:
+            os.rename(scratch, target)
+        except OSError:
+            # a twin run published first; identical by construction, keep theirs
+            shutil.rmtree(scratch, ignore_errors=True)
+        return target
+
+    def discard(self, scratch: Path) -> None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    # -- listing and clearing
+    def entries(self) -> list[Entry]:
+        found = []
+        for kind, base in (("input", self.blobs), ("task", self.tasks)):
+            paths = base.glob("*/*") if kind == "input" else base.glob("*")
+            for p in paths:
+                found.append(Entry(kind, p.name, _tree_size(p), p.stat().st_mtime))
+        return sorted(found, key=lambda e: e.modified)
+
+    def remove(self, entry_id: str) -> bool:
+        """Remove one task's outputs or one input, atomically from a reader's view."""
+        for path in (self.task_dir(entry_id), self.blob(entry_id)):
+            if path.exists():
+                doomed = self.tmp / f"rm.{uuid.uuid4().hex}"
+                os.rename(path, doomed)
+                shutil.rmtree(doomed, ignore_errors=True) if doomed.is_dir() else doomed.unlink()
+                return True
+        return False
+
+    def sweep_scratch(self, older_than: float = 24 * 3600) -> int:
+        """Delete scratch left by killed runs; it was never published, so nothing is lost."""
+        cutoff = time.time() - older_than
+        gone = 0
+        for p in self.tmp.iterdir():
+            if p.stat().st_mtime < cutoff:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+                gone += 1
+        return gone

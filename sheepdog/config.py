@@ -1,0 +1,95 @@
+"""Settings from the environment and an optional TOML file; nothing else reads os.environ."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value else Path.home() / fallback
+
+
+def data_dir() -> Path:
+    """Where this user's embedded Redis, cache store and scratch space live."""
+    explicit = os.environ.get("SHEEPDOG_HOME")
+    return Path(explicit) if explicit else _xdg("XDG_DATA_HOME", ".local/share") / "sheepdog"
+
+
+def config_file() -> Path:
+    explicit = os.environ.get("SHEEPDOG_CONFIG")
+    return Path(explicit) if explicit else _xdg("XDG_CONFIG_HOME", ".config") / "sheepdog/config.toml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything tunable; each field has an env variable SHEEPDOG_<FIELD>."""
+
+    redis_url: str | None = None
+    home: Path = field(default_factory=data_dir)
+    log_max_lines: int = 200_000
+    heartbeat_timeout: float = 60.0
+    max_attempts: int = 3
+    queue: str = "default"
+    api_tokens: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    upload_limit_mb: int = 512
+    input_roots: tuple[str, ...] = ()
+    inventory: str | None = None
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often a running task proves it is alive: several beats per timeout."""
+        return max(0.2, min(10.0, self.heartbeat_timeout / 4))
+
+    @property
+    def store_dir(self) -> Path:
+        return self.home / "store"
+
+
+_INT = {"log_max_lines", "max_attempts", "upload_limit_mb"}
+_FLOAT = {"heartbeat_timeout"}
+_LIST = {"api_tokens", "cors_origins", "input_roots"}
+
+
+def _convert(name: str, raw: object, source: str) -> object:
+    try:
+        if name in _INT:
+            return int(str(raw))
+        if name in _FLOAT:
+            return float(str(raw))
+    except ValueError as e:
+        raise ConfigError(f"{source}: {name} must be a number, got {raw!r}") from e
+    if name in _LIST:
+        items = raw if isinstance(raw, list) else str(raw).split(",")
+        return tuple(str(i).strip() for i in items if str(i).strip())
+    if name == "home":
+        return Path(str(raw))
+    return str(raw)
+
+
+def load(**overrides: object) -> Settings:
+    """Settings from the config file, then SHEEPDOG_* variables, then explicit overrides."""
+    values: dict[str, object] = {}
+    names = set(Settings.__dataclass_fields__)
+    path = config_file()
+    if path.is_file():
+        try:
+            table = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: {e}") from e
+        for key, raw in table.items():
+            if key not in names:
+                raise ConfigError(f"{path}: unknown setting {key!r}")
+            values[key] = _convert(key, raw, str(path))
+    for name in names:
+        raw = os.environ.get(f"SHEEPDOG_{name.upper()}")
+        if raw is not None and raw != "":
+            values[name] = _convert(name, raw, f"SHEEPDOG_{name.upper()}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)  # type: ignore[arg-type]

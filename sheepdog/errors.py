@@ -1,0 +1,60 @@
+"""The one exception tree: every error sheepdog raises on purpose is a SheepdogError."""
+
+from __future__ import annotations
+
+
+class SheepdogError(Exception):
+    """Root of every error sheepdog raises; its text is meant for the user as is."""
+
+    exit_code = 1
+
+
+class ConfigError(SheepdogError):
+    """A setting or a command-line value is unusable."""
+
+    exit_code = 2
+
+
+class RedisUnavailable(SheepdogError):
+    """The Redis server named by the settings cannot be reached."""
+
+    exit_code = 2
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach Redis at {url}: {reason}")
+        self.url = url
+
+
+class UnknownJob(SheepdogError):
+    """No job has this id."""
+
+    exit_code = 2
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"unknown job id {job_id!r} (see 'sheepdog list')")
+        self.job_id = job_id
+
+
+class InputError(SheepdogError):
+    """A user's input file or field is wrong; names the file, line and problem."""
+
+    exit_code = 2
+
+    def __init__(self, where: str, problem: str, line: int | None = None) -> None:
+        place = f"{where}, line {line}" if line is not None else where
+        super().__init__(f"{place}: {problem}")
+        self.where = where
+        self.line = line
+        self.problem = problem
+
+
+class BackendError(SheepdogError):
+    """A backend could not start, watch or stop a task."""
+
+    def __init__(self, message: str, host: str | None = None) -> None:
+        super().__init__(f"{host}: {message}" if host else message)
+        self.host = host
+
+
+class GatherError(SheepdogError):
+    """The pieces of a scatter-gather job disagree; names the piece and the field."""

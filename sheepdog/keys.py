@@ -1,0 +1,73 @@
+"""Every Redis key sheepdog uses, built here and nowhere else."""
+
+from __future__ import annotations
+
+PREFIX = "sheepdog"
+
+# GN3's own queue: a LIST of hash names, optionally prefixed "<env>::" by GN3.
+GN3_DEFAULT_QUEUE = "GN3::job-queue"
+
+
+def job(job_id: str) -> str:
+    """HASH: one job's fields (see models.Job)."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_tasks(job_id: str) -> str:
+    """LIST: the job's task ids in the order the workflow lists them."""
+    return f"{PREFIX}:job:{job_id}:tasks"
+
+
+def job_log(job_id: str) -> str:
+    """STREAM: the job's log lines (task, stream, text, time)."""
+    return f"{PREFIX}:job:{job_id}:log"
+
+
+def job_log_count(job_id: str) -> str:
+    """STRING counter: lines offered to the job's log, kept or not (for the cap)."""
+    return f"{PREFIX}:job:{job_id}:log:count"
+
+
+def jobs_index() -> str:
+    """ZSET: every job id scored by its submit time."""
+    return f"{PREFIX}:jobs"
+
+
+def task(task_id: str) -> str:
+    """HASH: one task's description and state (see models.Task)."""
+    return f"{PREFIX}:task:{task_id}"
+
+
+def task_jobs(task_id: str) -> str:
+    """SET: the jobs waiting on this task (a cached or shared task has several)."""
+    return f"{PREFIX}:task:{task_id}:jobs"
+
+
+def task_dependents(task_id: str) -> str:
+    """SET: tasks that need this task's outputs."""
+    return f"{PREFIX}:task:{task_id}:dependents"
+
+
+def task_heartbeat(task_id: str) -> str:
+    """STRING with a TTL: present while a live worker runs the task."""
+    return f"{PREFIX}:task:{task_id}:heartbeat"
+
+
+def active_tasks() -> str:
+    """SET: tasks that are queued or running, for the reaper to inspect."""
+    return f"{PREFIX}:tasks:active"
+
+
+def worker(name: str) -> str:
+    """STRING with a TTL: a live worker's JSON description (queues, host, pid)."""
+    return f"{PREFIX}:worker:{name}"
+
+
+def workers() -> str:
+    """SET: names of workers that registered (live ones also have worker(name))."""
+    return f"{PREFIX}:workers"
+
+
+def rq_job_id(task_id: str, attempt: int) -> str:
+    """Id of the RQ job that carries one attempt of a task."""
+    return f"sd-{task_id[:40]}-{attempt}"

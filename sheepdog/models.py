@@ -1,0 +1,169 @@
+"""Jobs and tasks as plain dataclasses, and their flat Redis-hash form."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+
+class JobStatus(str, Enum):
+    """A job's state, in GN3's words plus `cancelled`."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCESS = "success"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobStatus.SUCCESS, JobStatus.ERROR, JobStatus.CANCELLED)
+
+
+class TaskStatus(str, Enum):
+    """A task's state; `waiting` means some task it needs has not finished yet."""
+
+    WAITING = "waiting"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCESS = "success"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCELLED)
+
+
+# An argv item is a literal string, or a placeholder a backend resolves to a path:
+#   {"input": NAME}            the staged input file NAME (see Task.inputs)
+#   {"dep": TASK_ID, "file": F} file F of a finished task's published outputs
+#   {"out": F}                 file F in this task's scratch (published on success)
+#   {"python": true}           the Python interpreter that has sheepdog installed
+ArgvItem = str | dict[str, Any]
+
+
+@dataclass
+class Task:
+    """One process to run. Its id is the sha256 of what it computes, when cacheable."""
+
+    name: str
+    argv: list[ArgvItem]
+    inputs: dict[str, str] = field(default_factory=dict)  # name -> sha256 of content
+    deps: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    cacheable: bool = True
+    cwd: str = ""  # only for uncacheable commands: where the user asked to run it
+    env: dict[str, str] = field(default_factory=dict)
+    clean_env: bool = False  # env replaces the worker's environment (GN3 semantics)
+    complete_when: dict[str, str] = field(default_factory=dict)  # output -> text it must hold
+    environment: str = ""  # what the result depends on beyond inputs (GEMMA version...)
+    timeout: float = 0.0  # seconds; 0 means none
+    max_attempts: int = 3
+    retry_on_failure: bool = False
+    backend: str = "local"
+    host: str = ""
+    queue: str = "default"
+    nonce: str = ""  # makes an uncacheable task unique (its job id)
+    id: str = ""
+    # state, owned by store.py
+    status: str = TaskStatus.WAITING.value
+    pending: int = 0
+    attempts: int = 0
+    worker: str = ""
+    exit_code: int | None = None
+    error: str = ""
+    queued_at: float = 0.0
+    started: float = 0.0
+    ended: float = 0.0
+    cache_hit: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = self.content_id()
+
+    def content_id(self) -> str:
+        """sha256 over the canonical description: same inputs and argv, same id."""
+        what = {
+            "argv": self.argv,
+            "inputs": self.inputs,
+            "deps": self.deps,
+            "outputs": self.outputs,
+            "environment": self.environment,
+            "nonce": "" if self.cacheable else self.nonce,
+            "cwd": "" if self.cacheable else self.cwd,
+            "env": self.env,
+            "clean_env": self.clean_env,
+        }
+        blob = json.dumps(what, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class Job:
+    """What a user asked for; expands into tasks. All state lives in Redis."""
+
+    id: str
+    workflow: str
+    status: str = JobStatus.QUEUED.value
+    command: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    backend: str = "local"
+    host: str = ""
+    queue: str = "default"
+    out_dir: str = ""
+    final_task: str = ""  # the task whose exit code becomes the job's
+    total: int = 0
+    done: int = 0
+    cached: int = 0
+    submitted: float = field(default_factory=time.time)
+    started: float = 0.0
+    ended: float = 0.0
+    exit_code: int | None = None
+    error: str = ""
+    gn3_id: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+_JSON_TYPES = (list, dict)
+
+
+def to_hash(obj: Task | Job) -> dict[str, str]:
+    """Flatten a dataclass to string fields; containers become JSON."""
+    out: dict[str, str] = {}
+    for key, value in asdict(obj).items():
+        if isinstance(value, _JSON_TYPES):
+            out[key] = json.dumps(value)
+        elif value is None:
+            out[key] = ""
+        elif isinstance(value, bool):
+            out[key] = "1" if value else "0"
+        else:
+            out[key] = str(value)
+    return out
+
+
+def _decode(kind: str, raw: str) -> Any:
+    if "list" in kind or "dict" in kind:
+        return json.loads(raw) if raw else ([] if "list" in kind else {})
+    if kind == "bool":
+        return raw == "1"
+    if "int" in kind:
+        return int(raw) if raw != "" else None
+    if "float" in kind:
+        return float(raw) if raw else 0.0
+    return raw
+
+
+def from_hash(cls: type[Any], raw: dict[bytes, bytes] | dict[str, str]) -> Any:
+    """Rebuild a Task or Job from its Redis hash (unknown fields are ignored)."""
+    text = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in raw.items()
+    }
+    kwargs = {f.name: _decode(str(f.type), text[f.name]) for f in fields(cls) if f.name in text}
+    return cls(**kwargs)

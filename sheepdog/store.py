@@ -1,0 +1,416 @@
+"""Jobs and tasks in Redis, and every state change as one transaction.
+
+A task's state change, its jobs' counters and statuses, and the dispatch of tasks it
+makes ready are written in the same MULTI, so a crash can never leave a job that
+disagrees with its tasks or a ready task that nobody will run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import redis
+from redis.client import Pipeline
+from rq import Queue
+
+from . import keys
+from .errors import UnknownJob
+from .models import Job, JobStatus, Task, TaskStatus, from_hash, to_hash
+
+RUN_TASK = "sheepdog.worker.run_task"
+ACTIVE = {TaskStatus.WAITING.value, TaskStatus.QUEUED.value, TaskStatus.RUNNING.value}
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _texts(values: Iterable[bytes | str]) -> list[str]:
+    return sorted(_text(v) for v in values)
+
+
+def dispatch(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str, attempt: int) -> None:
+    """Put one attempt of a task on its RQ queue, inside the caller's MULTI."""
+    Queue(queue, connection=conn).enqueue_call(
+        RUN_TASK,
+        args=(task_id,),
+        job_id=keys.rq_job_id(task_id, attempt),
+        timeout=-1,
+        result_ttl=0,
+        failure_ttl=3600,
+        pipeline=pipe,
+    )
+
+
+# ---------------------------------------------------------------- reading
+
+
+def get_job(conn: redis.Redis, job_id: str) -> Job:
+    raw = conn.hgetall(keys.job(job_id))
+    if not raw:
+        raise UnknownJob(job_id)
+    return from_hash(Job, raw)  # type: ignore[no-any-return]
+
+
+def get_task(conn: redis.Redis, task_id: str) -> Task | None:
+    raw = conn.hgetall(keys.task(task_id))
+    return from_hash(Task, raw) if raw else None
+
+
+def job_task_ids(conn: redis.Redis, job_id: str) -> list[str]:
+    return [_text(t) for t in conn.lrange(keys.job_tasks(job_id), 0, -1)]
+
+
+def job_tasks(conn: redis.Redis, job_id: str) -> list[Task]:
+    ids = job_task_ids(conn, job_id)
+    pipe = conn.pipeline(transaction=False)
+    for tid in ids:
+        pipe.hgetall(keys.task(tid))
+    return [from_hash(Task, raw) for raw in pipe.execute() if raw]
+
+
+def list_jobs(conn: redis.Redis, limit: int = 50, offset: int = 0) -> list[Job]:
+    ids = conn.zrevrange(keys.jobs_index(), offset, offset + limit - 1)
+    pipe = conn.pipeline(transaction=False)
+    for jid in ids:
+        pipe.hgetall(keys.job(_text(jid)))
+    return [from_hash(Job, raw) for raw in pipe.execute() if raw]
+
+
+def count_jobs(conn: redis.Redis) -> int:
+    return int(conn.zcard(keys.jobs_index()))
+
+
+def job_ids_of_task(conn: redis.Redis, task_id: str) -> list[str]:
+    return _texts(conn.smembers(keys.task_jobs(task_id)))
+
+
+def set_job_fields(conn: redis.Redis, job_id: str, **values: Any) -> None:
+    """Single-field updates (result, out dir) that no transition depends on."""
+    job = Job(id=job_id, workflow="", **{k: v for k, v in values.items()})
+    flat = to_hash(job)
+    conn.hset(keys.job(job_id), mapping={k: flat[k] for k in values})
+
+
+# ---------------------------------------------------------------- submitting
+
+
+def submit(
+    conn: redis.Redis,
+    job: Job,
+    tasks: list[Task],
+    published: Callable[[str], bool] = lambda _tid: True,
+) -> Job:
+    """Store a job and its tasks (in dependency order); dispatch what can run now.
+
+    A task that already succeeded (and whose outputs are still published) counts as
+    done at once: that is the cache. A task still queued or running for another job
+    is shared, not started twice. A task that failed or was cancelled before starts over.
+    """
+    task_keys = [keys.task(t.id) for t in tasks]
+
+    def txn(pipe: Pipeline) -> None:
+        states = {t.id: _text(pipe.hget(keys.task(t.id), "status")) for t in tasks}
+        now = time.time()
+        pipe.multi()
+        done = cached = 0
+        for task in tasks:
+            state = states[task.id]
+            if state == TaskStatus.SUCCESS.value and published(task.id):
+                done, cached = done + 1, cached + 1
+                continue
+            pipe.sadd(keys.task_jobs(task.id), job.id)
+            if state in ACTIVE:
+                continue  # shared with the job that started it
+            waiting_on = [d for d in task.deps if states.get(d) != TaskStatus.SUCCESS.value]
+            task.pending = len(waiting_on)
+            task.status = (TaskStatus.WAITING if waiting_on else TaskStatus.QUEUED).value
+            task.attempts, task.exit_code, task.error = 0, None, ""
+            task.queued_at = now
+            pipe.delete(keys.task(task.id))
+            pipe.hset(keys.task(task.id), mapping=to_hash(task))
+            for dep in waiting_on:
+                pipe.sadd(keys.task_dependents(dep), task.id)
+            pipe.sadd(keys.active_tasks(), task.id)
+            states[task.id] = task.status
+            if not waiting_on:
+                dispatch(pipe, conn, task.id, task.queue, 1)
+        job.total, job.done, job.cached = len(tasks), done, cached
+        if done == len(tasks):
+            job.status, job.ended, job.exit_code = JobStatus.SUCCESS.value, now, 0
+        pipe.hset(keys.job(job.id), mapping=to_hash(job))
+        pipe.delete(keys.job_tasks(job.id))
+        if tasks:
+            pipe.rpush(keys.job_tasks(job.id), *[t.id for t in tasks])
+        pipe.zadd(keys.jobs_index(), {job.id: job.submitted})
+
+    conn.transaction(txn, *task_keys)
+    return job
+
+
+# ---------------------------------------------------------------- running
+
+
+def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float) -> Task | None:
+    """Move a queued task to running for this worker; None if it is not ours to run."""
+    key = keys.task(task_id)
+
+    def txn(pipe: Pipeline) -> Task | None:
+        raw = pipe.hgetall(key)
+        if not raw:
+            return None
+        task: Task = from_hash(Task, raw)
+        if task.status != TaskStatus.QUEUED.value:
+            return None
+        jobs = _texts(pipe.smembers(keys.task_jobs(task_id)))
+        job_states = [_text(pipe.hget(keys.job(j), "status")) for j in jobs]
+        now = time.time()
+        task.status, task.worker, task.started = TaskStatus.RUNNING.value, worker, now
+        task.attempts += 1
+        pipe.multi()
+        pipe.hset(key, mapping={"status": task.status, "worker": worker,
+                                "started": str(now), "attempts": str(task.attempts)})
+        pipe.set(keys.task_heartbeat(task_id), worker, px=int(ttl * 1000))
+        for jid, state in zip(jobs, job_states, strict=True):
+            if state == JobStatus.QUEUED.value:
+                pipe.hset(keys.job(jid), mapping={"status": JobStatus.RUNNING.value,
+                                                  "started": str(now)})
+        return task
+
+    return conn.transaction(txn, key, keys.task_jobs(task_id), value_from_callable=True)
+
+
+def heartbeat(conn: redis.Redis, task_id: str, worker: str, ttl: float) -> bool:
+    """Prove the task is alive; False when it was cancelled or taken from this worker."""
+    pipe = conn.pipeline()
+    pipe.hmget(keys.task(task_id), "status", "worker")
+    pipe.set(keys.task_heartbeat(task_id), worker, px=int(ttl * 1000), xx=True)
+    (status, owner), _ = pipe.execute()
+    return _text(status) == TaskStatus.RUNNING.value and _text(owner) == worker
+
+
+def _descendants(pipe: Pipeline, task_id: str) -> list[str]:
+    """Waiting tasks downstream of a task (they can no longer run once it failed)."""
+    seen: list[str] = []
+    frontier = [task_id]
+    while frontier:
+        nxt = []
+        for tid in frontier:
+            for dep in _texts(pipe.smembers(keys.task_dependents(tid))):
+                if dep not in seen and _text(pipe.hget(keys.task(dep), "status")) == "waiting":
+                    seen.append(dep)
+                    nxt.append(dep)
+        frontier = nxt
+    return seen
+
+
+def _fail_jobs(pipe: Pipeline, jobs: dict[str, dict[str, str]], task: Task,
+               message: str, now: float) -> None:
+    for jid, state in jobs.items():
+        if state["status"] in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+            pipe.hset(keys.job(jid), mapping={
+                "status": JobStatus.ERROR.value, "ended": str(now), "error": message,
+                "exit_code": "" if task.exit_code is None else str(task.exit_code)})
+
+
+def _succeed_jobs(pipe: Pipeline, jobs: dict[str, dict[str, str]], task: Task,
+                  now: float) -> None:
+    for jid, state in jobs.items():
+        if state["status"] not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+            continue
+        done = int(state["done"] or 0) + 1
+        fields = {"done": str(done)}
+        if state["final_task"] == task.id:
+            fields["exit_code"] = str(task.exit_code)
+        if done >= int(state["total"] or 0):
+            fields.update(status=JobStatus.SUCCESS.value, ended=str(now))
+            fields.setdefault("exit_code", "0")
+        pipe.hset(keys.job(jid), mapping=fields)
+
+
+def _read_jobs(pipe: Pipeline, task_id: str) -> dict[str, dict[str, str]]:
+    jobs = _texts(pipe.smembers(keys.task_jobs(task_id)))
+    if jobs:
+        pipe.watch(*[keys.job(j) for j in jobs])
+    names = ("status", "done", "total", "final_task")
+    return {j: dict(zip(names, map(_text, pipe.hmget(keys.job(j), *names)), strict=True))
+            for j in jobs}
+
+
+def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
+           error: str = "") -> str:
+    """Record the end of a running attempt; returns the task's new status.
+
+    Success releases the tasks that were waiting on it. A failure is retried when the
+    task's policy allows and attempts remain; otherwise the task, everything downstream
+    of it and every job waiting on it fail, with the message naming the piece.
+    """
+    key = keys.task(task_id)
+
+    def txn(pipe: Pipeline) -> str:
+        raw = pipe.hgetall(key)
+        task: Task = from_hash(Task, raw)
+        if task.status != TaskStatus.RUNNING.value or task.worker != worker:
+            return task.status  # cancelled or reaped meanwhile: not ours to record
+        jobs = _read_jobs(pipe, task_id)
+        now = time.time()
+        task.exit_code = exit_code
+        if exit_code == 0 and not error:
+            return _record_success(pipe, conn, task, jobs, now)
+        if task.retry_on_failure and task.attempts < task.max_attempts:
+            pipe.multi()
+            _requeue(pipe, conn, task, now, f"attempt {task.attempts} failed: {error}")
+            return TaskStatus.QUEUED.value
+        return _record_failure(pipe, task, jobs, now, error)
+
+    return conn.transaction(txn, key, keys.task_jobs(task_id), value_from_callable=True)
+
+
+def _record_success(pipe: Pipeline, conn: redis.Redis, task: Task,
+                    jobs: dict[str, dict[str, str]], now: float) -> str:
+    dependents = _texts(pipe.smembers(keys.task_dependents(task.id)))
+    if dependents:
+        pipe.watch(*[keys.task(d) for d in dependents])
+    dep_state = {d: [_text(v) for v in pipe.hmget(keys.task(d), "status", "pending", "queue")]
+                 for d in dependents}
+    pipe.multi()
+    pipe.hset(keys.task(task.id), mapping={"status": TaskStatus.SUCCESS.value,
+                                           "exit_code": str(task.exit_code),
+                                           "ended": str(now), "error": ""})
+    pipe.srem(keys.active_tasks(), task.id)
+    pipe.delete(keys.task_heartbeat(task.id), keys.task_dependents(task.id))
+    for dep, (status, pending, queue) in dep_state.items():
+        if status != TaskStatus.WAITING.value:
+            continue
+        left = int(pending or 1) - 1
+        if left > 0:
+            pipe.hset(keys.task(dep), "pending", str(left))
+            continue
+        pipe.hset(keys.task(dep), mapping={"pending": "0", "status": TaskStatus.QUEUED.value,
+                                           "queued_at": str(now)})
+        dispatch(pipe, conn, dep, queue or "default", 1)
+    _succeed_jobs(pipe, jobs, task, now)
+    return TaskStatus.SUCCESS.value
+
+
+def _record_failure(pipe: Pipeline, task: Task, jobs: dict[str, dict[str, str]],
+                    now: float, error: str) -> str:
+    downstream = _descendants(pipe, task.id)
+    message = f"piece '{task.name}' failed: {error}" if error else f"piece '{task.name}' failed"
+    pipe.multi()
+    pipe.hset(keys.task(task.id), mapping={
+        "status": TaskStatus.ERROR.value, "ended": str(now), "error": error,
+        "exit_code": "" if task.exit_code is None else str(task.exit_code)})
+    pipe.srem(keys.active_tasks(), task.id)
+    pipe.delete(keys.task_heartbeat(task.id))
+    for dep in downstream:
+        pipe.hset(keys.task(dep), mapping={"status": TaskStatus.CANCELLED.value,
+                                           "error": f"needs '{task.name}', which failed"})
+        pipe.srem(keys.active_tasks(), dep)
+    _fail_jobs(pipe, jobs, task, message, now)
+    return TaskStatus.ERROR.value
+
+
+def _requeue(pipe: Pipeline, conn: redis.Redis, task: Task, now: float, why: str) -> None:
+    pipe.hset(keys.task(task.id), mapping={"status": TaskStatus.QUEUED.value, "worker": "",
+                                           "queued_at": str(now), "error": why})
+    pipe.delete(keys.task_heartbeat(task.id))
+    dispatch(pipe, conn, task.id, task.queue, task.attempts + 1)
+
+
+def recover_lost(conn: redis.Redis, task_id: str) -> str | None:
+    """A running task whose heartbeat expired: run it again, or fail it when out of tries.
+
+    Returns a line for the job log saying what was done, or None if nothing was lost.
+    """
+    key = keys.task(task_id)
+
+    def txn(pipe: Pipeline) -> str | None:
+        raw = pipe.hgetall(key)
+        if not raw or pipe.exists(keys.task_heartbeat(task_id)):
+            return None
+        task: Task = from_hash(Task, raw)
+        if task.status != TaskStatus.RUNNING.value:
+            return None
+        jobs = _read_jobs(pipe, task_id)
+        now = time.time()
+        lost = f"worker {task.worker} stopped sending heartbeats (attempt {task.attempts})"
+        if task.attempts < task.max_attempts:
+            pipe.multi()
+            _requeue(pipe, conn, task, now, lost)
+            return f"{lost}; running '{task.name}' again"
+        _record_failure(pipe, task, jobs, now,
+                        f"{lost}; gave up after {task.attempts} attempts")
+        return f"{lost}; gave up after {task.attempts} attempts"
+
+    return conn.transaction(txn, key, keys.task_heartbeat(task_id), keys.task_jobs(task_id),
+                            value_from_callable=True)
+
+
+def redispatch_stranded(conn: redis.Redis, task_id: str, older_than: float) -> bool:
+    """A queued task whose RQ job is on no queue (its taker died before claiming it)."""
+    key = keys.task(task_id)
+
+    def txn(pipe: Pipeline) -> bool:
+        status, queued_at, queue, attempts = map(
+            _text, pipe.hmget(key, "status", "queued_at", "queue", "attempts"))
+        if status != TaskStatus.QUEUED.value or time.time() - float(queued_at or 0) < older_than:
+            return False
+        rq_queue = Queue(queue or "default", connection=conn)
+        rq_id = keys.rq_job_id(task_id, int(attempts or 0) + 1)
+        if pipe.lpos(rq_queue.key, rq_id) is not None:
+            return False
+        pipe.multi()
+        pipe.hset(key, "queued_at", str(time.time()))
+        dispatch(pipe, conn, task_id, queue or "default", int(attempts or 0) + 1)
+        return True
+
+    return conn.transaction(txn, key, value_from_callable=True)
+
+
+def active_task_ids(conn: redis.Redis) -> list[str]:
+    return _texts(conn.smembers(keys.active_tasks()))
+
+
+# ---------------------------------------------------------------- cancelling
+
+
+def cancel_job(conn: redis.Redis, job_id: str) -> bool:
+    """Cancel a job; its tasks stop unless another job still waits on them.
+
+    False if the job had already ended.
+    """
+    get_job(conn, job_id)
+    task_ids = job_task_ids(conn, job_id)
+    watch = [keys.job(job_id)] + [keys.task_jobs(t) for t in task_ids]
+
+    def txn(pipe: Pipeline) -> bool:
+        if JobStatus(_text(pipe.hget(keys.job(job_id), "status"))).final:
+            return False
+        others = {t: set(_texts(pipe.smembers(keys.task_jobs(t)))) - {job_id} for t in task_ids}
+        states = {t: _text(pipe.hget(keys.task(t), "status")) for t in task_ids}
+        now = time.time()
+        pipe.multi()
+        pipe.hset(keys.job(job_id), mapping={"status": JobStatus.CANCELLED.value,
+                                            "ended": str(now), "error": "cancelled by user"})
+        for tid in task_ids:
+            pipe.srem(keys.task_jobs(tid), job_id)
+            if states[tid] in ACTIVE and not others[tid]:
+                pipe.hset(keys.task(tid), mapping={"status": TaskStatus.CANCELLED.value,
+                                                   "ended": str(now), "error": "cancelled"})
+                pipe.srem(keys.active_tasks(), tid)
+        return True
+
+    return conn.transaction(txn, *watch, value_from_callable=True)
+
+
+def iter_final(conn: redis.Redis, job_ids: Iterable[str]) -> Iterator[str]:
+    """The given jobs that have ended."""
+    for jid in job_ids:
+        status = _text(conn.hget(keys.job(jid), "status"))
+        if status and JobStatus(status).final:
+            yield jid

@@ -1,0 +1,261 @@
+"""Workers: take task attempts off RQ queues, run them on a backend, keep them alive.
+
+Each running task has a heartbeat key with a TTL that its worker refreshes; every
+worker (and every waiting `sheepdog run`) also reaps: a running task whose heartbeat
+expired was lost with its worker and is run again, or failed when out of attempts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+from rq import Queue
+from rq.exceptions import DequeueTimeout
+
+from . import keys, logs, store
+from .backends.base import Backend, StatusUpdate, Submission
+from .backends.local import LocalBackend
+from .cache import Store
+from .config import Settings
+from .errors import SheepdogError
+from .models import Task
+
+
+def make_backend(task: Task, settings: Settings, local_store: Store) -> Backend:
+    """The backend a task asks for (remote ones are added by backends.registry)."""
+    if task.backend in ("", "local"):
+        return LocalBackend(local_store)
+    from .backends import registry
+
+    return registry.open_backend(task, settings, local_store)
+
+
+@dataclass
+class Outcome:
+    exit_code: int | None
+    error: str = ""
+
+
+class Executor:
+    """Runs one claimed task to its end, streaming its output into the jobs' logs."""
+
+    def __init__(self, conn: redis.Redis, settings: Settings, worker: str) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.worker = worker
+        self.store = Store(settings.store_dir)
+        self.hostname = socket.gethostname()
+
+    def execute(self, task_id: str) -> str | None:
+        """Claim and run one task attempt; returns its recorded status, None if not ours."""
+        ttl = self.settings.heartbeat_timeout
+        task = store.claim(self.conn, task_id, self.worker, ttl)
+        if task is None:
+            return None
+        jobs = store.job_ids_of_task(self.conn, task_id)
+        writer = logs.LogWriter(self.conn, task.id, task.name, jobs, self.settings.log_max_lines)
+        where = task.host or self.hostname
+        writer.write("sheepdog", [f"{task.name}: started on {task.backend or 'local'} "
+                                  f"({where}, worker {self.worker}, attempt {task.attempts})"])
+        stderr_tail: deque[str] = deque(maxlen=6)
+
+        def sink(stream: str, lines: list[str]) -> None:
+            if stream == "stderr":
+                stderr_tail.extend(lines)
+            writer.write(stream, lines)
+
+        outcome = self._run(task, sink)
+        if outcome.exit_code not in (0, None) and not outcome.error:
+            outcome.error = f"exit code {outcome.exit_code}"
+        if outcome.error and stderr_tail and outcome.exit_code not in (None, 0):
+            outcome.error += ": " + " | ".join(stderr_tail)
+        status = store.finish(self.conn, task.id, self.worker, outcome.exit_code, outcome.error)
+        took = time.time() - task.started
+        said = f"{task.name}: {status} in {took:.2f}s"
+        if outcome.error:
+            said += f" ({outcome.error})"
+        writer.write("sheepdog", [said])
+        return status
+
+    def _run(self, task: Task, sink: Callable[[str, list[str]], None]) -> Outcome:
+        try:
+            backend = make_backend(task, self.settings, self.store)
+        except SheepdogError as e:
+            return Outcome(None, str(e))
+        try:
+            sub = backend.submit(task, sink)
+        except SheepdogError as e:
+            backend.close()
+            return Outcome(None, str(e))
+        try:
+            return self._watch(backend, sub, task)
+        finally:
+            backend.close()
+
+    def _watch(self, backend: Backend, sub: Submission, task: Task) -> Outcome:
+        interval = self.settings.heartbeat_interval
+        next_beat = time.monotonic() + interval
+        deadline = time.monotonic() + task.timeout if task.timeout > 0 else None
+        pause = 0.005
+        while True:
+            ended: list[StatusUpdate] = list(backend.poll([sub]))
+            if ended:
+                return Outcome(ended[0].exit_code, ended[0].error)
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + interval
+                if not store.heartbeat(self.conn, task.id, self.worker,
+                                       self.settings.heartbeat_timeout):
+                    backend.cancel([sub])
+                    return Outcome(None, "cancelled")
+            if deadline is not None and now > deadline:
+                backend.cancel([sub])
+                return Outcome(None, f"timed out after {task.timeout:g}s")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 0.1)  # quick tasks end quickly, long ones cost little
+
+
+def reap(conn: redis.Redis, settings: Settings) -> list[str]:
+    """Recover tasks lost with their workers; returns what was done, for logging."""
+    said = []
+    for tid in store.active_task_ids(conn):
+        line = store.recover_lost(conn, tid)
+        if line:
+            for jid in store.job_ids_of_task(conn, tid):
+                logs.note(conn, jid, line, task=tid)
+            said.append(line)
+        elif store.redispatch_stranded(conn, tid, older_than=settings.heartbeat_timeout):
+            said.append(f"task {tid[:12]} re-dispatched: its queue entry was lost")
+    return said
+
+
+def live_workers(conn: redis.Redis, queue: str | None = None) -> list[dict[str, object]]:
+    """Workers whose registration has not expired, optionally only those serving queue."""
+    names = [n.decode() for n in conn.smembers(keys.workers())]
+    if not names:
+        return []
+    found = []
+    for name, raw in zip(names, conn.mget([keys.worker(n) for n in names]), strict=True):
+        if raw is None:
+            conn.srem(keys.workers(), name)
+            continue
+        info = json.loads(raw)
+        if queue is None or queue in info.get("queues", []):
+            found.append(info)
+    return found
+
+
+class Worker:
+    """A pool of task threads on one or more queues, plus heartbeats and reaping."""
+
+    def __init__(self, conn: redis.Redis, settings: Settings, queues: list[str],
+                 concurrency: int = 1, name: str | None = None, burst: bool = False,
+                 until: Callable[[], bool] | None = None, gn3_queue: str | None = None,
+                 register: bool = True) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.queue_names = queues
+        self.queues = [Queue(q, connection=conn) for q in queues]
+        self.concurrency = max(1, concurrency)
+        self.name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+        self.burst = burst
+        self.until = until
+        self.gn3_queue = gn3_queue
+        self.register = register
+        self.stopping = threading.Event()
+        self._busy = 0
+        self._lock = threading.Lock()
+
+    # -- lifecycle
+    def run(self) -> None:
+        """Work until stopped, until `until()` is true, or (burst) until idle."""
+        threads = [threading.Thread(target=self._task_loop, name=f"task-{i}", daemon=True)
+                   for i in range(self.concurrency)]
+        if self.gn3_queue:
+            from .gn3 import Gn3Server
+
+            gn3 = Gn3Server(self.conn, self.settings, self.gn3_queue, self.name)
+            threads.append(threading.Thread(target=gn3.loop, args=(self.stopping,),
+                                            name="gn3", daemon=True))
+        for t in threads:
+            t.start()
+        try:
+            self._maintain(threads)
+        finally:
+            self.stopping.set()
+            for t in threads:
+                t.join()
+            if self.register:
+                self.conn.delete(keys.worker(self.name))
+                self.conn.srem(keys.workers(), self.name)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _maintain(self, threads: list[threading.Thread]) -> None:
+        interval = self.settings.heartbeat_interval
+        while not self.stopping.is_set():
+            if self.register:
+                self._announce()
+            reap(self.conn, self.settings)
+            if self._finished():
+                return
+            self.stopping.wait(min(interval, 0.5) if self.until or self.burst else interval)
+
+    def _finished(self) -> bool:
+        if self.until is not None and self.until():
+            return True
+        if self.burst:
+            with self._lock:
+                idle = self._busy == 0
+            return idle and all(q.count == 0 for q in self.queues)
+        return False
+
+    def _announce(self) -> None:
+        info = {"name": self.name, "queues": self.queue_names, "host": socket.gethostname(),
+                "pid": os.getpid(), "concurrency": self.concurrency, "seen": time.time()}
+        ttl = max(1, int(self.settings.heartbeat_timeout))
+        pipe = self.conn.pipeline()
+        pipe.set(keys.worker(self.name), json.dumps(info), ex=ttl)
+        pipe.sadd(keys.workers(), self.name)
+        pipe.execute()
+
+    # -- one task thread
+    def _task_loop(self) -> None:
+        executor = Executor(self.conn, self.settings, self.name)
+        while not self.stopping.is_set():
+            try:
+                found = Queue.dequeue_any(self.queues, timeout=1, connection=self.conn)
+            except DequeueTimeout:
+                continue
+            if found is None:
+                continue
+            rq_job, _queue = found
+            with self._lock:
+                self._busy += 1
+            try:
+                executor.execute(str(rq_job.args[0]))
+            finally:
+                rq_job.delete()
+                with self._lock:
+                    self._busy -= 1
+
+
+def run_task(task_id: str) -> str | None:
+    """RQ job function: lets a plain `rq worker` run sheepdog tasks too."""
+    from . import config
+    from .connection import connect
+
+    settings = config.load()
+    conn = connect(settings)
+    name = f"rq.{socket.gethostname()}.{os.getpid()}"
+    return Executor(conn, settings, name).execute(task_id)

@@ -1,0 +1,63 @@
+"""Turning what a user asked for into a job and its tasks, and submitting them."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Sequence
+
+import redis
+
+from . import logs, store
+from .cache import Store
+from .config import Settings
+from .errors import ConfigError
+from .models import Job, Task
+
+BACKENDS = ("local", "shell", "slurm")
+
+
+def new_job_id() -> str:
+    """Sortable, URL-safe and unique: time first, then randomness."""
+    return time.strftime("%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:10]
+
+
+def check_backend(backend: str, host: str | None) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "shell" and not host:
+        raise ConfigError("--backend shell needs --host HOST")
+
+
+def command_job(argv: Sequence[str], settings: Settings, backend: str = "local",
+                host: str | None = None, queue: str | None = None, cwd: str | None = None,
+                env: dict[str, str] | None = None, clean_env: bool = False,
+                timeout: float = 0.0, workflow: str = "command") -> tuple[Job, list[Task]]:
+    """A job that runs one command once (never cached: commands have side effects)."""
+    if not argv or not str(argv[0]).strip():
+        raise ConfigError("empty command: give the program to run after '--'")
+    check_backend(backend, host)
+    job_id = new_job_id()
+    q = queue or settings.queue
+    task = Task(name="command", argv=[str(a) for a in argv], cacheable=False,
+                cwd=cwd if cwd is not None else os.getcwd(), env=env or {}, clean_env=clean_env,
+                timeout=timeout, max_attempts=settings.max_attempts, backend=backend,
+                host=host or "", queue=q, nonce=job_id)
+    job = Job(id=job_id, workflow=workflow, command=[str(a) for a in argv], backend=backend,
+              host=host or "", queue=q, final_task=task.id)
+    return job, [task]
+
+
+def submit(conn: redis.Redis, settings: Settings, job: Job, tasks: list[Task]) -> Job:
+    """Store and dispatch; cached pieces are reported in the job's log."""
+    local = Store(settings.store_dir)
+    store.submit(conn, job, tasks, published=lambda tid: _published(local, tasks, tid))
+    if job.cached:
+        logs.note(conn, job.id, f"cache hit: {job.cached}/{job.total} pieces already computed")
+    return job
+
+
+def _published(local: Store, tasks: list[Task], task_id: str) -> bool:
+    task = next(t for t in tasks if t.id == task_id)
+    return not task.cacheable or local.published(task_id)
