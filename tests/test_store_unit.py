@@ -1,0 +1,98 @@
+"""Pure Redis logic of the task graph, on fakeredis (fast; no server needed)."""
+
+from __future__ import annotations
+
+import fakeredis
+import pytest
+
+from sheepdog import keys, store
+from sheepdog.models import Job, Task
+
+
+@pytest.fixture()
+def fake():
+    return fakeredis.FakeRedis()
+
+
+def _graph():
+    a = Task(name="a", argv=["a"])
+    b = Task(name="b", argv=["b"], deps=[a.id])
+    c = Task(name="c", argv=["c"], deps=[a.id, b.id])
+    return a, b, c
+
+
+def _run(fake, task_id, code=0, error=""):
+    assert store.claim(fake, task_id, "w1", 5) is not None
+    return store.finish(fake, task_id, "w1", code, error)
+
+
+def _queued(fake):
+    return sorted(j.decode().split("-")[1] for j in fake.lrange("rq:queue:default", 0, -1))
+
+
+def test_only_tasks_without_pending_dependencies_are_dispatched(fake):
+    a, b, c = _graph()
+    store.submit(fake, Job(id="j1", workflow="t"), [a, b, c])
+    assert _queued(fake) == [a.id[:40]]
+    assert store.get_task(fake, c.id).pending == 2
+    _run(fake, a.id)
+    assert store.get_task(fake, b.id).status == "queued"
+    assert store.get_task(fake, c.id).pending == 1
+    _run(fake, b.id)
+    _run(fake, c.id)
+    job = store.get_job(fake, "j1")
+    assert (job.status, job.done, job.total, job.exit_code) == ("success", 3, 3, 0)
+
+
+def test_a_resubmitted_graph_is_all_cache_hits(fake):
+    a, b, c = _graph()
+    store.submit(fake, Job(id="j1", workflow="t"), [a, b, c])
+    for t in (a, b, c):
+        _run(fake, t.id)
+    job = store.submit(fake, Job(id="j2", workflow="t"), list(_graph()))
+    assert (job.status, job.cached) == ("success", 3)
+
+
+def test_an_identical_submission_in_flight_shares_the_running_task(fake):
+    a, b, c = _graph()
+    store.submit(fake, Job(id="j1", workflow="t"), [a, b, c])
+    store.claim(fake, a.id, "w1", 5)
+    store.submit(fake, Job(id="j2", workflow="t"), list(_graph()))
+    assert len(fake.lrange("rq:queue:default", 0, -1)) == 1  # a is not started twice
+    store.finish(fake, a.id, "w1", 0)
+    assert store.get_job(fake, "j2").done == 1 and store.get_job(fake, "j1").done == 1
+
+
+def test_a_final_failure_cancels_downstream_and_fails_every_waiting_job(fake):
+    a, b, c = _graph()
+    store.submit(fake, Job(id="j1", workflow="t"), [a, b, c])
+    assert _run(fake, a.id, 1, "exit code 1: ERROR: Enforce failed") == "error"
+    job = store.get_job(fake, "j1")
+    assert job.status == "error" and "piece 'a' failed" in job.error and "Enforce" in job.error
+    assert store.get_task(fake, c.id).status == "cancelled"
+    assert not fake.smembers(keys.active_tasks())
+
+
+def test_failures_are_retried_when_the_policy_says_so(fake):
+    t = Task(name="gemma", argv=["x"], retry_on_failure=True, max_attempts=2)
+    store.submit(fake, Job(id="j1", workflow="t"), [t])
+    assert _run(fake, t.id, 1, "boom") == "queued"
+    assert _run(fake, t.id, 0) == "success"
+    assert store.get_task(fake, t.id).attempts == 2
+
+
+def test_a_cancelled_task_cannot_be_claimed(fake):
+    t = Task(name="x", argv=["x"])
+    store.submit(fake, Job(id="j1", workflow="t"), [t])
+    assert store.cancel_job(fake, "j1")
+    assert store.claim(fake, t.id, "w1", 5) is None
+    assert not store.cancel_job(fake, "j1")  # already ended
+
+
+def test_task_ids_are_content_addresses():
+    assert Task(name="x", argv=["gemma"], inputs={"g": "1"}).id == \
+        Task(name="other name", argv=["gemma"], inputs={"g": "1"}).id
+    assert Task(name="x", argv=["gemma"], inputs={"g": "1"}).id != \
+        Task(name="x", argv=["gemma"], inputs={"g": "2"}).id
+    assert Task(name="x", argv=["a"], cacheable=False, nonce="j1").id != \
+        Task(name="x", argv=["a"], cacheable=False, nonce="j2").id
