@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import config, embedded, logs, progress, store, workflow
+from . import config, embedded, keys, logs, progress, store, workflow
 from .cache import Store
 from .connection import connect, url_for
 from .errors import SheepdogError
@@ -92,7 +92,8 @@ def run_command(argv: tuple[str, ...], backend: str, host: str | None, queue: st
 
 
 def finish(conn: Any, settings: config.Settings, job_id: str, queue: str, detach: bool,
-           as_json: bool) -> None:
+           as_json: bool, after_wait: Callable[[Any, config.Settings, str], None] | None = None
+           ) -> None:
     """Shared end of every `run`: detach, or stream until the end and exit with its code."""
     if detach:
         if not live_workers(conn, queue):
@@ -100,6 +101,8 @@ def finish(conn: Any, settings: config.Settings, job_id: str, queue: str, detach
         click.echo(job_id)
         return
     stream_until_done(conn, settings, job_id, queue, quiet=as_json)
+    if after_wait:
+        after_wait(conn, settings, job_id)
     job = store.get_job(conn, job_id)
     if as_json:
         _print_json(progress.job_view(conn, job))
@@ -245,18 +248,36 @@ def cancel(job_id: str) -> None:
 @click.option("--gn3-queue", is_flag=False, flag_value="GN3::job-queue", default=None,
               help="Also serve GN3's Redis LIST queue (default name GN3::job-queue).")
 @click.option("--name", default=None, help="Worker name (default host.pid.random).")
+@click.option("--until", "until_job", default=None, hidden=True,
+              help="Helper mode: exit once this job has ended (used by `sheepdog run`).")
 def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queue: str | None,
-           name: str | None) -> None:
+           name: str | None, until_job: str | None) -> None:
     """Run tasks from the queues until stopped (SIGTERM/SIGINT finish current tasks)."""
     settings = _settings()
     conn = _conn(settings)
+    until = helper_done(conn, until_job) if until_job else None
     w = Worker(conn, settings, list(queues) or [settings.queue], concurrency=concurrency,
-               name=name, burst=burst, gn3_queue=gn3_queue)
+               name=name or (f"helper.{until_job}.{os.getpid()}" if until_job else None),
+               burst=burst, gn3_queue=gn3_queue, until=until, register=until is None)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: w.stop())
-    click.echo(f"sheepdog worker {w.name} on {', '.join(w.queue_names)} "
-               f"({url_for(settings)})", err=True)
+    if until is None:
+        click.echo(f"sheepdog worker {w.name} on {', '.join(w.queue_names)} "
+                   f"({url_for(settings)})", err=True)
     w.run()
+
+
+def helper_done(conn: Any, job_id: str, grace: float = 30.0) -> Callable[[], bool]:
+    """A helper's stop condition: its job ended, or never appeared (the client failed)."""
+    born = time.monotonic()
+
+    def done() -> bool:
+        status = conn.hget(keys.job(job_id), "status")
+        if status is None:
+            return time.monotonic() - born > grace
+        return JobStatus(status.decode()).final
+
+    return done
 
 
 @cli.group()
@@ -311,10 +332,8 @@ def redis_stop() -> None:
 
 
 def main() -> None:
-    try:
-        from . import gemma_cli  # noqa: F401  registers `run gemma-*`
-    except ImportError:
-        pass
+    from .gemma import cli as _gemma_cli  # noqa: F401  registers `run gemma-*`
+
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

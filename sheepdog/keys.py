@@ -71,3 +71,8 @@ def workers() -> str:
 def rq_job_id(task_id: str, attempt: int) -> str:
     """Id of the RQ job that carries one attempt of a task."""
     return f"sd-{task_id[:40]}-{attempt}"
+
+
+def job_finalizing(job_id: str) -> str:
+    """STRING with a TTL: held while one process exports a finished job's results."""
+    return f"{PREFIX}:job:{job_id}:finalizing"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,10 +47,27 @@ class LogLine:
     text: str
     time: float
     truncated: bool = False
+    end: bool = False  # the job's last line: written with the status change that ends it
 
     def as_dict(self) -> dict[str, object]:
         return {"id": self.id, "task": self.task, "piece": self.piece, "stream": self.stream,
-                "text": self.text, "time": self.time, "truncated": self.truncated}
+                "text": self.text, "time": self.time, "truncated": self.truncated,
+                "end": self.end}
+
+
+def note_fields(text: str, task: str = "", piece: str = "") -> dict[str, str]:
+    """A sheepdog line written inside a store transaction (it bypasses the cap)."""
+    return {"task": task, "piece": piece, "stream": "sheepdog", "text": text,
+            "time": f"{time.time():.3f}"}
+
+
+def end_fields(status: str, exit_code: int | None, error: str = "") -> dict[str, str]:
+    """The closing line of a job's log; store.py adds it in the transaction that ends it."""
+    text = f"job {status}" + (f" (exit code {exit_code})" if exit_code is not None else "")
+    if error:
+        text += f": {error}"
+    return {"task": "", "piece": "", "stream": "sheepdog", "text": text,
+            "time": f"{time.time():.3f}", "end": "1"}
 
 
 class LineSplitter:
@@ -88,32 +106,52 @@ class LineSplitter:
 
 
 class LogWriter:
-    """Appends one task's lines to the logs of every job waiting on it."""
+    """Appends one task's lines to the logs of every job waiting on it.
+
+    Lines are buffered and sent at most every `flush_every` seconds (and on flush()), so
+    a chatty program costs a few round trips a second, not one per line.
+    """
 
     def __init__(self, conn: redis.Redis, task_id: str, piece: str, job_ids: list[str],
-                 max_lines: int) -> None:
+                 max_lines: int, flush_every: float = 0.2) -> None:
         self._conn = conn
         self._task = task_id
         self._piece = piece
         self._jobs = job_ids
         self._cap = max_lines
         self._script = conn.register_script(_APPEND)
+        self._every = flush_every
+        self._pending: list[object] = []
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
 
     def write(self, stream: str, lines: list[str]) -> None:
         if not lines or not self._jobs:
             return
         now = f"{time.time():.3f}"
-        args: list[object] = [self._cap]
-        for line in lines:
-            args += [self._task, self._piece, stream, line, now]
+        with self._lock:
+            for line in lines:
+                self._pending += [self._task, self._piece, stream, line, now]
+        if time.monotonic() - self._last >= self._every:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+            self._last = time.monotonic()
+        if not batch:
+            return
         for jid in self._jobs:
-            self._script(keys=[keys.job_log(jid), keys.job_log_count(jid)], args=args)
+            self._script(keys=[keys.job_log(jid), keys.job_log_count(jid)],
+                         args=[self._cap, *batch])
 
 
 def note(conn: redis.Redis, job_id: str, text: str, piece: str = "", task: str = "",
          max_lines: int = 1_000_000) -> None:
     """A line from sheepdog itself (cache hits, retries, lost workers) into a job's log."""
-    LogWriter(conn, task, piece, [job_id], max_lines).write("sheepdog", [text])
+    writer = LogWriter(conn, task, piece, [job_id], max_lines)
+    writer.write("sheepdog", [text])
+    writer.flush()
 
 
 def _decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> LogLine:
@@ -121,7 +159,8 @@ def _decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> LogLine:
     eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return LogLine(id=eid, task=f.get("task", ""), piece=f.get("piece", ""),
                    stream=f.get("stream", ""), text=f.get("text", ""),
-                   time=float(f.get("time") or 0), truncated=f.get("truncated") == "1")
+                   time=float(f.get("time") or 0), truncated=f.get("truncated") == "1",
+                   end=f.get("end") == "1")
 
 
 def read(conn: redis.Redis, job_id: str, after: str = "0-0", count: int = 1000) -> list[LogLine]:
@@ -132,16 +171,29 @@ def read(conn: redis.Redis, job_id: str, after: str = "0-0", count: int = 1000) 
 
 
 def follow(conn: redis.Redis, job_id: str, ended: Callable[[], bool], after: str = "0-0",
-           block_ms: int = 500) -> Iterator[LogLine]:
-    """Replay from `after`, then follow live until the job has ended and all is read."""
+           block_ms: int = 250) -> Iterator[LogLine]:
+    """Replay from `after`, then follow live until the job's closing line.
+
+    `ended` is asked when the stream is idle (and at least once a second): it may start
+    a worker, and it covers a job that ended without a closing line.
+    """
     last = after or "0-0"
     stream = keys.job_log(job_id)
+    asked = -10.0
     while True:
-        finished = ended()  # read before draining, so no line written before the end is missed
+        now = time.monotonic()
+        finished = False
+        if now - asked > 1.0:
+            finished, asked = ended(), now
         reply = conn.xread({stream: last}, count=1000, block=None if finished else block_ms)
         lines = [_decode(eid, f) for _, entries in (reply or []) for eid, f in entries]
-        yield from lines
+        for line in lines:
+            yield line
+            if line.end:
+                return
         if lines:
             last = lines[-1].id
-        elif finished:
-            return
+        elif finished or ended():
+            asked = time.monotonic()
+            if finished:
+                return

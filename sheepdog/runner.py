@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import redis
 
 from . import logs, store
 from .config import Settings
+from .connection import url_for
 from .logs import LogLine
 from .models import JobStatus
 from .worker import Worker, live_workers
@@ -25,45 +27,80 @@ def job_ended(conn: redis.Redis, job_id: str) -> Callable[[], bool]:
 
 
 def run_inline(conn: redis.Redis, settings: Settings, job_id: str, queue: str,
-               concurrency: int | None = None) -> threading.Thread:
+               concurrency: int | None = None) -> tuple[Worker, threading.Thread]:
     """Work the job's queue in this process until the job ends (no worker was running)."""
+    # unregistered: other clients must not wait on a worker that leaves with its job
     worker = Worker(conn, settings, [queue], concurrency=concurrency or os.cpu_count() or 1,
-                    until=job_ended(conn, job_id), name=f"inline.{job_id}")
+                    until=job_ended(conn, job_id), name=f"inline.{job_id}", register=False)
     thread = threading.Thread(target=worker.run, name="inline-worker", daemon=True)
     thread.start()
-    return thread
+    return worker, thread
+
+
+def spawn_workers(settings: Settings, queue: str, count: int, until: str | None = None,
+                  burst: bool = False) -> list[subprocess.Popen[bytes]]:
+    """Worker processes for one client: each its own interpreter, so no GIL is shared."""
+    env = dict(os.environ)
+    env["SHEEPDOG_REDIS_URL"] = url_for(settings)
+    argv = [sys.executable, "-m", "sheepdog", "worker", "--queue", queue]
+    if until:
+        argv += ["--until", until]
+    if burst:
+        argv += ["--burst"]
+    return [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+            for _ in range(count)]
 
 
 def spawn_detached_worker(settings: Settings, queue: str) -> int:
     """A background `sheepdog worker --burst` for --detach when no worker is running."""
-    env = dict(os.environ)
-    if settings.redis_url:
-        env["SHEEPDOG_REDIS_URL"] = settings.redis_url
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sheepdog", "worker", "--burst", "--queue", queue,
-         "--concurrency", str(os.cpu_count() or 1)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, env=env,
-    )
-    return proc.pid
+    return spawn_workers(settings, queue, 1, burst=True)[0].pid
+
+
+class Helpers:
+    """Whoever runs a job for a waiting client when no worker serves its queue: worker
+    threads in the client itself (measured faster here than helper processes, whose
+    interpreter start-up lands on the job's critical path)."""
+
+    def __init__(self, conn: redis.Redis, settings: Settings, job_id: str, queue: str) -> None:
+        self.conn, self.settings, self.job_id, self.queue = conn, settings, job_id, queue
+        self.thread: tuple[Worker, threading.Thread] | None = None
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread[1].is_alive()
+
+    def ensure(self) -> None:
+        if not self.alive() and not live_workers(self.conn, self.queue):
+            self.thread = run_inline(self.conn, self.settings, self.job_id, self.queue)
+
+    def stop(self) -> None:
+        """After the job ended: hand back whatever the threads still run, then go."""
+        if self.thread is not None:
+            self.thread[0].stop()
+            self.thread[0].leaving.set()
+            self.thread[1].join()
 
 
 def follow_job(conn: redis.Redis, settings: Settings, job_id: str, queue: str,
-               after: str = "0-0", inline: bool = True) -> Iterator[LogLine]:
+               after: str = "0-0", inline: bool = True,
+               helpers: Helpers | None = None) -> Iterator[LogLine]:
     """Every log line of the job until it ends; runs it here if no worker serves its queue.
 
-    A worker that vanishes while we wait is replaced by one in this process, so waiting
+    A worker that vanishes while we wait is replaced by one started here, so waiting
     never hangs on a dead queue.
     """
     ended = job_ended(conn, job_id)
-    helper: threading.Thread | None = None
+    if inline and helpers is None:
+        helpers = Helpers(conn, settings, job_id, queue)
 
-    def ensure_worker() -> bool:
-        nonlocal helper
-        if helper is not None and helper.is_alive():
-            return ended()
-        if inline and not ended() and not live_workers(conn, queue):
-            helper = run_inline(conn, settings, job_id, queue)
-        return ended()
+    def check() -> bool:
+        done = ended()
+        if not done and inline and helpers is not None:
+            helpers.ensure()
+        return done
 
-    yield from logs.follow(conn, job_id, ensure_worker, after=after)
+    try:
+        yield from logs.follow(conn, job_id, check, after=after)
+    finally:
+        if helpers is not None:
+            helpers.stop()

@@ -15,7 +15,7 @@ import redis
 from redis.client import Pipeline
 from rq import Queue
 
-from . import keys
+from . import keys, logs
 from .errors import UnknownJob
 from .models import Job, JobStatus, Task, TaskStatus, from_hash, to_hash
 
@@ -140,9 +140,15 @@ def submit(
             if not waiting_on:
                 dispatch(pipe, conn, task.id, task.queue, 1)
         job.total, job.done, job.cached = len(tasks), done, cached
+        pipe.hset(keys.job(job.id), mapping=to_hash(job))
+        if cached:
+            pipe.xadd(keys.job_log(job.id), logs.note_fields(
+                f"cache hit: {cached}/{len(tasks)} pieces already computed"))
         if done == len(tasks):
             job.status, job.ended, job.exit_code = JobStatus.SUCCESS.value, now, 0
-        pipe.hset(keys.job(job.id), mapping=to_hash(job))
+            pipe.hset(keys.job(job.id), mapping={"status": job.status, "ended": str(now),
+                                                "exit_code": "0"})
+            _close_log(pipe, job.id, job.status, 0)
         pipe.delete(keys.job_tasks(job.id))
         if tasks:
             pipe.rpush(keys.job_tasks(job.id), *[t.id for t in tasks])
@@ -155,8 +161,12 @@ def submit(
 # ---------------------------------------------------------------- running
 
 
-def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float) -> Task | None:
-    """Move a queued task to running for this worker; None if it is not ours to run."""
+def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
+          where: str = "") -> Task | None:
+    """Move a queued task to running for this worker; None if it is not ours to run.
+
+    The jobs' logs say where it started, in the same transaction.
+    """
     key = keys.task(task_id)
 
     def txn(pipe: Pipeline) -> Task | None:
@@ -175,10 +185,13 @@ def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float) -> Task | No
         pipe.hset(key, mapping={"status": task.status, "worker": worker,
                                 "started": str(now), "attempts": str(task.attempts)})
         pipe.set(keys.task_heartbeat(task_id), worker, px=int(ttl * 1000))
+        said = (f"{task.name}: started on {task.backend or 'local'} ({where}, worker {worker}, "
+                f"attempt {task.attempts})")
         for jid, state in zip(jobs, job_states, strict=True):
             if state == JobStatus.QUEUED.value:
                 pipe.hset(keys.job(jid), mapping={"status": JobStatus.RUNNING.value,
                                                   "started": str(now)})
+            pipe.xadd(keys.job_log(jid), logs.note_fields(said, task.id, task.name))
         return task
 
     return conn.transaction(txn, key, keys.task_jobs(task_id), value_from_callable=True)
@@ -208,6 +221,17 @@ def _descendants(pipe: Pipeline, task_id: str) -> list[str]:
     return seen
 
 
+def _say(pipe: Pipeline, jobs: dict[str, dict[str, str]], task: Task, text: str) -> None:
+    """A note about a task into its jobs' logs, inside the transaction that changed it."""
+    for jid in jobs:
+        pipe.xadd(keys.job_log(jid), logs.note_fields(text, task.id, task.name))
+
+
+def _close_log(pipe: Pipeline, job_id: str, status: str, exit_code: int | None,
+               error: str = "") -> None:
+    pipe.xadd(keys.job_log(job_id), logs.end_fields(status, exit_code, error))
+
+
 def _fail_jobs(pipe: Pipeline, jobs: dict[str, dict[str, str]], task: Task,
                message: str, now: float) -> None:
     for jid, state in jobs.items():
@@ -215,6 +239,7 @@ def _fail_jobs(pipe: Pipeline, jobs: dict[str, dict[str, str]], task: Task,
             pipe.hset(keys.job(jid), mapping={
                 "status": JobStatus.ERROR.value, "ended": str(now), "error": message,
                 "exit_code": "" if task.exit_code is None else str(task.exit_code)})
+            _close_log(pipe, jid, JobStatus.ERROR.value, task.exit_code, message)
 
 
 def _succeed_jobs(pipe: Pipeline, jobs: dict[str, dict[str, str]], task: Task,
@@ -229,6 +254,7 @@ def _succeed_jobs(pipe: Pipeline, jobs: dict[str, dict[str, str]], task: Task,
         if done >= int(state["total"] or 0):
             fields.update(status=JobStatus.SUCCESS.value, ended=str(now))
             fields.setdefault("exit_code", "0")
+            _close_log(pipe, jid, JobStatus.SUCCESS.value, int(fields["exit_code"]))
         pipe.hset(keys.job(jid), mapping=fields)
 
 
@@ -259,19 +285,24 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
         jobs = _read_jobs(pipe, task_id)
         now = time.time()
         task.exit_code = exit_code
+        took = f"in {now - task.started:.2f}s"
         if exit_code == 0 and not error:
-            return _record_success(pipe, conn, task, jobs, now)
+            return _record_success(pipe, conn, task, jobs, now,
+                                   note=f"{task.name}: success {took}")
         if task.retry_on_failure and task.attempts < task.max_attempts:
             pipe.multi()
             _requeue(pipe, conn, task, now, f"attempt {task.attempts} failed: {error}")
+            _say(pipe, jobs, task, f"{task.name}: attempt {task.attempts} failed {took} "
+                                   f"({error}); trying again")
             return TaskStatus.QUEUED.value
-        return _record_failure(pipe, task, jobs, now, error)
+        return _record_failure(pipe, task, jobs, now, error,
+                               note=f"{task.name}: error {took} ({error})")
 
     return conn.transaction(txn, key, keys.task_jobs(task_id), value_from_callable=True)
 
 
 def _record_success(pipe: Pipeline, conn: redis.Redis, task: Task,
-                    jobs: dict[str, dict[str, str]], now: float) -> str:
+                    jobs: dict[str, dict[str, str]], now: float, note: str) -> str:
     dependents = _texts(pipe.smembers(keys.task_dependents(task.id)))
     if dependents:
         pipe.watch(*[keys.task(d) for d in dependents])
@@ -293,15 +324,18 @@ def _record_success(pipe: Pipeline, conn: redis.Redis, task: Task,
         pipe.hset(keys.task(dep), mapping={"pending": "0", "status": TaskStatus.QUEUED.value,
                                            "queued_at": str(now)})
         dispatch(pipe, conn, dep, queue or "default", 1)
+    _say(pipe, jobs, task, note)  # before any job's closing line
     _succeed_jobs(pipe, jobs, task, now)
     return TaskStatus.SUCCESS.value
 
 
 def _record_failure(pipe: Pipeline, task: Task, jobs: dict[str, dict[str, str]],
-                    now: float, error: str) -> str:
+                    now: float, error: str, note: str = "") -> str:
     downstream = _descendants(pipe, task.id)
     message = f"piece '{task.name}' failed: {error}" if error else f"piece '{task.name}' failed"
     pipe.multi()
+    if note:
+        _say(pipe, jobs, task, note)
     pipe.hset(keys.task(task.id), mapping={
         "status": TaskStatus.ERROR.value, "ended": str(now), "error": error,
         "exit_code": "" if task.exit_code is None else str(task.exit_code)})
@@ -344,11 +378,30 @@ def recover_lost(conn: redis.Redis, task_id: str) -> str | None:
             _requeue(pipe, conn, task, now, lost)
             return f"{lost}; running '{task.name}' again"
         _record_failure(pipe, task, jobs, now,
-                        f"{lost}; gave up after {task.attempts} attempts")
+                        f"{lost}; gave up after {task.attempts} attempts",
+                        note=f"{task.name}: {lost}; gave up after {task.attempts} attempts")
         return f"{lost}; gave up after {task.attempts} attempts"
 
     return conn.transaction(txn, key, keys.task_heartbeat(task_id), keys.task_jobs(task_id),
                             value_from_callable=True)
+
+
+def release(conn: redis.Redis, task_id: str, worker: str) -> bool:
+    """A worker leaving hands a running task back to the queue; the try does not count."""
+    key = keys.task(task_id)
+
+    def txn(pipe: Pipeline) -> bool:
+        raw = pipe.hgetall(key)
+        task: Task = from_hash(Task, raw)
+        if task.status != TaskStatus.RUNNING.value or task.worker != worker:
+            return False
+        task.attempts -= 1
+        pipe.multi()
+        pipe.hset(key, "attempts", str(task.attempts))
+        _requeue(pipe, conn, task, time.time(), f"released by worker {worker}")
+        return True
+
+    return conn.transaction(txn, key, value_from_callable=True)
 
 
 def redispatch_stranded(conn: redis.Redis, task_id: str, older_than: float) -> bool:
@@ -397,6 +450,7 @@ def cancel_job(conn: redis.Redis, job_id: str) -> bool:
         pipe.multi()
         pipe.hset(keys.job(job_id), mapping={"status": JobStatus.CANCELLED.value,
                                             "ended": str(now), "error": "cancelled by user"})
+        _close_log(pipe, job_id, JobStatus.CANCELLED.value, None)
         for tid in task_ids:
             pipe.srem(keys.task_jobs(tid), job_id)
             if states[tid] in ACTIVE and not others[tid]:
@@ -414,3 +468,19 @@ def iter_final(conn: redis.Redis, job_ids: Iterable[str]) -> Iterator[str]:
         status = _text(conn.hget(keys.job(jid), "status"))
         if status and JobStatus(status).final:
             yield jid
+
+
+def forget(conn: redis.Redis, task_ids: list[str], remove_outputs: Callable[[str], object]) -> int:
+    """For --force: drop finished tasks (state and outputs) so they are computed again.
+
+    Tasks still queued or running are left alone: they are computing right now.
+    """
+    forgotten = 0
+    for tid in task_ids:
+        status = _text(conn.hget(keys.task(tid), "status"))
+        if status in ACTIVE:
+            continue
+        conn.delete(keys.task(tid))
+        remove_outputs(tid)
+        forgotten += 1
+    return forgotten

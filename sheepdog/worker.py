@@ -27,7 +27,8 @@ from .backends.local import LocalBackend
 from .cache import Store
 from .config import Settings
 from .errors import SheepdogError
-from .models import Task
+from .finalize import finalize
+from .models import Task, TaskStatus
 
 
 def make_backend(task: Task, settings: Settings, local_store: Store) -> Backend:
@@ -45,10 +46,15 @@ class Outcome:
     error: str = ""
 
 
+RELEASED = "released"
+
+
 class Executor:
     """Runs one claimed task to its end, streaming its output into the jobs' logs."""
 
-    def __init__(self, conn: redis.Redis, settings: Settings, worker: str) -> None:
+    def __init__(self, conn: redis.Redis, settings: Settings, worker: str,
+                 leaving: threading.Event | None = None) -> None:
+        self.leaving = leaving or threading.Event()
         self.conn = conn
         self.settings = settings
         self.worker = worker
@@ -58,14 +64,11 @@ class Executor:
     def execute(self, task_id: str) -> str | None:
         """Claim and run one task attempt; returns its recorded status, None if not ours."""
         ttl = self.settings.heartbeat_timeout
-        task = store.claim(self.conn, task_id, self.worker, ttl)
+        task = store.claim(self.conn, task_id, self.worker, ttl, where=self.hostname)
         if task is None:
             return None
         jobs = store.job_ids_of_task(self.conn, task_id)
         writer = logs.LogWriter(self.conn, task.id, task.name, jobs, self.settings.log_max_lines)
-        where = task.host or self.hostname
-        writer.write("sheepdog", [f"{task.name}: started on {task.backend or 'local'} "
-                                  f"({where}, worker {self.worker}, attempt {task.attempts})"])
         stderr_tail: deque[str] = deque(maxlen=6)
 
         def sink(stream: str, lines: list[str]) -> None:
@@ -73,20 +76,24 @@ class Executor:
                 stderr_tail.extend(lines)
             writer.write(stream, lines)
 
-        outcome = self._run(task, sink)
+        outcome = self._run(task, sink, writer)
+        writer.flush()
+        if outcome.error == RELEASED and store.release(self.conn, task.id, self.worker):
+            logs.note(self.conn, jobs[0], f"{task.name}: handed back to the queue "
+                      f"(worker {self.worker} is leaving)", task=task.id) if jobs else None
+            return TaskStatus.QUEUED.value
         if outcome.exit_code not in (0, None) and not outcome.error:
             outcome.error = f"exit code {outcome.exit_code}"
         if outcome.error and stderr_tail and outcome.exit_code not in (None, 0):
             outcome.error += ": " + " | ".join(stderr_tail)
         status = store.finish(self.conn, task.id, self.worker, outcome.exit_code, outcome.error)
-        took = time.time() - task.started
-        said = f"{task.name}: {status} in {took:.2f}s"
-        if outcome.error:
-            said += f" ({outcome.error})"
-        writer.write("sheepdog", [said])
+        if status == "success":
+            for jid in jobs:
+                finalize(self.conn, self.settings, jid)
         return status
 
-    def _run(self, task: Task, sink: Callable[[str, list[str]], None]) -> Outcome:
+    def _run(self, task: Task, sink: Callable[[str, list[str]], None],
+             writer: logs.LogWriter) -> Outcome:
         try:
             backend = make_backend(task, self.settings, self.store)
         except SheepdogError as e:
@@ -97,15 +104,15 @@ class Executor:
             backend.close()
             return Outcome(None, str(e))
         try:
-            return self._watch(backend, sub, task)
+            return self._watch(backend, sub, task, writer)
         finally:
             backend.close()
 
-    def _watch(self, backend: Backend, sub: Submission, task: Task) -> Outcome:
+    def _watch(self, backend: Backend, sub: Submission, task: Task,
+               writer: logs.LogWriter) -> Outcome:
         interval = self.settings.heartbeat_interval
         next_beat = time.monotonic() + interval
         deadline = time.monotonic() + task.timeout if task.timeout > 0 else None
-        pause = 0.005
         while True:
             ended: list[StatusUpdate] = list(backend.poll([sub]))
             if ended:
@@ -120,20 +127,41 @@ class Executor:
             if deadline is not None and now > deadline:
                 backend.cancel([sub])
                 return Outcome(None, f"timed out after {task.timeout:g}s")
-            time.sleep(pause)
-            pause = min(pause * 1.5, 0.1)  # quick tasks end quickly, long ones cost little
+            if self.leaving.is_set():
+                backend.cancel([sub])
+                return Outcome(None, RELEASED)
+            writer.flush()  # quiet output still reaches readers within a fraction of a second
+            until = min(next_beat, deadline) if deadline is not None else next_beat
+            backend.wait([sub], min(0.2, max(0.001, until - time.monotonic())))
 
 
 def reap(conn: redis.Redis, settings: Settings) -> list[str]:
-    """Recover tasks lost with their workers; returns what was done, for logging."""
+    """Recover tasks lost with their workers; returns what was done, for logging.
+
+    One pipelined look at every active task; transactions only for the suspicious ones.
+    """
+    ids = store.active_task_ids(conn)
+    if not ids:
+        return []
+    pipe = conn.pipeline(transaction=False)
+    for tid in ids:
+        pipe.hmget(keys.task(tid), "status", "queued_at")
+        pipe.exists(keys.task_heartbeat(tid))
+    replies = pipe.execute()
+    now = time.time()
     said = []
-    for tid in store.active_task_ids(conn):
-        line = store.recover_lost(conn, tid)
-        if line:
-            for jid in store.job_ids_of_task(conn, tid):
-                logs.note(conn, jid, line, task=tid)
-            said.append(line)
-        elif store.redispatch_stranded(conn, tid, older_than=settings.heartbeat_timeout):
+    for i, tid in enumerate(ids):
+        (status, queued_at), beating = replies[2 * i], replies[2 * i + 1]
+        status = status.decode() if status else ""
+        if status == TaskStatus.RUNNING.value and not beating:
+            line = store.recover_lost(conn, tid)
+            if line:
+                for jid in store.job_ids_of_task(conn, tid):
+                    logs.note(conn, jid, line, task=tid)
+                said.append(line)
+        elif (status == TaskStatus.QUEUED.value
+              and now - float(queued_at or now) > settings.heartbeat_timeout
+              and store.redispatch_stranded(conn, tid, older_than=settings.heartbeat_timeout)):
             said.append(f"task {tid[:12]} re-dispatched: its queue entry was lost")
     return said
 
@@ -172,6 +200,7 @@ class Worker:
         self.gn3_queue = gn3_queue
         self.register = register
         self.stopping = threading.Event()
+        self.leaving = threading.Event()  # set: running tasks go back to the queue
         self._busy = 0
         self._lock = threading.Lock()
 
@@ -203,13 +232,18 @@ class Worker:
 
     def _maintain(self, threads: list[threading.Thread]) -> None:
         interval = self.settings.heartbeat_interval
+        next_round = 0.0
         while not self.stopping.is_set():
-            if self.register:
-                self._announce()
-            reap(self.conn, self.settings)
+            if time.monotonic() >= next_round:
+                next_round = time.monotonic() + interval
+                if self.register:
+                    self._announce()
+                reap(self.conn, self.settings)
             if self._finished():
+                if self.until is not None:
+                    self.leaving.set()  # its job is done: don't hold others' tasks hostage
                 return
-            self.stopping.wait(min(interval, 0.5) if self.until or self.burst else interval)
+            self.stopping.wait(min(interval, 0.1) if self.until or self.burst else interval)
 
     def _finished(self) -> bool:
         if self.until is not None and self.until():
@@ -231,10 +265,13 @@ class Worker:
 
     # -- one task thread
     def _task_loop(self) -> None:
-        executor = Executor(self.conn, self.settings, self.name)
+        executor = Executor(self.conn, self.settings, self.name, self.leaving)
         while not self.stopping.is_set():
             try:
-                found = Queue.dequeue_any(self.queues, timeout=1, connection=self.conn)
+                # a worker that leaves with its job must notice quickly (Redis takes floats)
+                wait = 0.05 if self.until is not None else 1
+                found = Queue.dequeue_any(self.queues, timeout=wait,  # type: ignore[arg-type]
+                                          connection=self.conn)
             except DequeueTimeout:
                 continue
             if found is None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import redis
 
-from . import logs, store
+from . import store
 from .cache import Store
 from .config import Settings
 from .errors import ConfigError
@@ -52,12 +52,6 @@ def command_job(argv: Sequence[str], settings: Settings, backend: str = "local",
 def submit(conn: redis.Redis, settings: Settings, job: Job, tasks: list[Task]) -> Job:
     """Store and dispatch; cached pieces are reported in the job's log."""
     local = Store(settings.store_dir)
-    store.submit(conn, job, tasks, published=lambda tid: _published(local, tasks, tid))
-    if job.cached:
-        logs.note(conn, job.id, f"cache hit: {job.cached}/{job.total} pieces already computed")
-    return job
-
-
-def _published(local: Store, tasks: list[Task], task_id: str) -> bool:
-    task = next(t for t in tasks if t.id == task_id)
-    return not task.cacheable or local.published(task_id)
+    by_id = {t.id: t for t in tasks}
+    return store.submit(conn, job, tasks,
+                        published=lambda tid: not by_id[tid].cacheable or local.published(tid))

@@ -26,6 +26,8 @@ def test_a_sigkilled_worker_is_noticed_and_its_job_rerun_elsewhere(env, workers,
     job_id = sheepdog("run", "--detach", "--", "sh", "-c",
                       FLAKY.format(m=tmp_path / "marker"), env=env).stdout.strip()
     wait_for(lambda: _running_on(conn, job_id, a.pid), 20, what="worker A to run the job")
+    wait_for(lambda: "first run" in [ln.text for ln in logs.read(conn, job_id)], 10,
+             what="the first run's output to be visible")
     os.kill(a.pid, signal.SIGKILL)  # the worker only; its child must die with it
     killed_at = time.monotonic()
     workers.start()
@@ -72,8 +74,11 @@ def test_a_flood_of_output_is_capped_with_an_explicit_marker(env, conn):
     assert r.returncode == 0
     job_id = json.loads(sheepdog("list", "--json", env=env).stdout)[0]["id"]
     lines = logs.read(conn, job_id, count=10_000)
-    assert len(lines) == 51
-    assert lines[-1].truncated and "log truncated" in lines[-1].text
+    output = [ln for ln in lines if ln.stream in ("stdout", "stderr")]
+    assert [ln.text for ln in output] == [str(i) for i in range(1, 51)]
+    marks = [i for i, ln in enumerate(lines) if ln.truncated]
+    assert len(marks) == 1 and "log truncated" in lines[marks[0]].text
+    assert marks[0] > lines.index(output[-1])  # the marker says where the cut is
     assert store.get_job(conn, job_id).exit_code == 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def cancel(self, active: list[Submission]) -> None:
         """Stop these submissions and everything they started."""
+
+    def wait(self, active: list[Submission], seconds: float) -> None:
+        """Block up to `seconds`, returning early if a submission may have ended."""
+        time.sleep(seconds)
 
     def close(self) -> None:
         """Release connections; the backend is not used again."""

@@ -1,0 +1,1 @@
+"""GEMMA workflows: pure helpers for BIMBAM files, LOCO kinship, merging, permutations."""

@@ -1,0 +1,99 @@
+"""GEMMA's command lines, its version, and what its logs say (pure helpers)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+LMM_MODES = (1, 2, 3, 4, 9)
+COMPLETE = "total computation time"
+# GEMMA's own thread pool gains nothing on these small pieces and costs a lot of
+# system time when several pieces share two cores.
+GEMMA_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def version(binary: str = "gemma", cache_dir: Path | None = None) -> str:
+    """GEMMA's version, e.g. '0.98.5 (2021-08-25)'; part of every cache key.
+
+    Remembered per binary (path, size, mtime) in cache_dir, so a fully cached run starts
+    no GEMMA process at all.
+    """
+    path = shutil.which(binary)
+    if path is None:
+        raise ConfigError(f"GEMMA ({binary!r}) is not installed here: apt-get install gemma, "
+                          "or guix install gemma (see guix/manifest.scm)")
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    memo = None
+    if cache_dir is not None:
+        tag = hashlib.sha256(f"{real}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:24]
+        memo = cache_dir / f"gemma-version.{tag}"
+        if memo.exists():
+            return memo.read_text()
+    found = _probe(path)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(found)
+    return found
+
+
+@lru_cache(maxsize=4)
+def _probe(path: str) -> str:
+    out = subprocess.run([path], capture_output=True, text=True, timeout=30).stdout
+    found = re.search(r"GEMMA\s+(\S+(?:\s+\([0-9-]+\))?)", out)
+    if not found:
+        raise ConfigError(f"{path} did not print a GEMMA version line")
+    return found.group(1)
+
+
+def lmm_argv(geno: Any, pheno: Any, anno: Any, kinship: Any, lmm: int, maf: float | None,
+             covariates: Any = None, column: int | None = None) -> list[Any]:
+    """The LMM of one chromosome's SNPs against its LOCO kinship."""
+    argv: list[Any] = ["gemma", "-g", geno, "-p", pheno, "-a", anno, "-k", kinship,
+                       "-lmm", str(lmm)]
+    if maf is not None:
+        argv += ["-maf", repr(maf)]
+    if covariates is not None:
+        argv += ["-c", covariates]
+    if column is not None:
+        argv += ["-n", str(column)]
+    return argv + ["-outdir", "output", "-o", "lmm"]
+
+
+_LOG_FIELDS = {
+    "version": r"##\s*GEMMA Version\s*=\s*(.+)",
+    "individuals": r"##\s*number of analyzed individuals\s*=\s*(\d+)",
+    "total_individuals": r"##\s*number of total individuals\s*=\s*(\d+)",
+    "snps": r"##\s*number of analyzed SNPs(?:/var)?\s*=\s*(\d+)",
+    "total_snps": r"##\s*number of total SNPs(?:/var)?\s*=\s*(\d+)",
+    "pve": r"##\s*pve estimate in the null model\s*=\s*(\S+)",
+    "vg": r"##\s*vg estimate in the null model\s*=\s*(\S+)",
+    "ve": r"##\s*ve estimate in the null model\s*=\s*(\S+)",
+}
+
+
+def parse_log(text: str) -> dict[str, str]:
+    """The '##' facts of a GEMMA log that gathering and result.json need."""
+    found: dict[str, str] = {}
+    for name, pattern in _LOG_FIELDS.items():
+        m = re.search(pattern, text)
+        if m:
+            found[name] = m.group(1).strip()
+    found["complete"] = "1" if COMPLETE in text else "0"
+    return found
+
+
+def p_column(header: list[str]) -> str:
+    """The p-value column of an assoc file for the LMM mode that wrote it."""
+    for name in ("p_lrt", "p_wald", "p_score"):
+        if name in header:
+            return name
+    raise ConfigError(f"no p-value column in GEMMA output header {header}")

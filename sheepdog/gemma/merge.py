@@ -1,0 +1,127 @@
+"""Gathering per-chromosome GEMMA results into one, after checking the pieces agree."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import GatherError
+from .bimbam import chromosome_order
+from .commands import p_column, parse_log
+
+# What every piece of one scan must have in common, as its GEMMA log states it.
+AGREE = ("version", "individuals", "total_individuals")
+
+
+@dataclass
+class Piece:
+    """One chromosome's LMM output: its assoc file and its GEMMA log."""
+
+    chromosome: str
+    assoc: Path
+    log: Path
+    facts: dict[str, str] = field(default_factory=dict)
+
+
+def _options(log_text: str) -> list[str]:
+    """The GEMMA options of a run that must match across pieces (-lmm, -maf, -n, -c)."""
+    line = next((ln for ln in log_text.splitlines() if "Command Line Input" in ln), "")
+    words = line.split("=", 1)[-1].split()
+    keep = []
+    for i, w in enumerate(words):
+        if w in ("-lmm", "-maf", "-n", "-miss"):
+            keep += [w, words[i + 1] if i + 1 < len(words) else ""]
+        elif w == "-c":
+            keep.append("-c")
+    return keep
+
+
+def check_agreement(pieces: list[Piece]) -> dict[str, str]:
+    """The facts all pieces share; GatherError names the piece and field that differ."""
+    if not pieces:
+        raise GatherError("no pieces to gather")
+    seen: dict[str, str] = {}
+    for piece in pieces:
+        text = piece.log.read_text(errors="replace")
+        piece.facts = parse_log(text)
+        piece.facts["options"] = " ".join(_options(text))
+        if piece.facts["complete"] != "1":
+            raise GatherError(f"piece 'lmm chr {piece.chromosome}': its GEMMA log is incomplete"
+                              " (no 'total computation time')")
+    first = pieces[0]
+    for name in (*AGREE, "options"):
+        seen[name] = first.facts.get(name, "")
+        for piece in pieces[1:]:
+            value = piece.facts.get(name, "")
+            if value != seen[name]:
+                raise GatherError(
+                    f"piece 'lmm chr {piece.chromosome}': field '{name}' is {value!r}, but "
+                    f"piece 'lmm chr {first.chromosome}' has {seen[name]!r}")
+    chroms = [p.chromosome for p in pieces]
+    dupes = {c for c in chroms if chroms.count(c) > 1}
+    if dupes:
+        raise GatherError(f"chromosome(s) {sorted(dupes)} appear in more than one piece")
+    return seen
+
+
+def merge(pieces: list[Piece], out: Path) -> dict[str, Any]:
+    """Write one assoc file in genome order; every SNP exactly once, in its own piece."""
+    facts = check_agreement(pieces)
+    header: list[str] | None = None
+    rows: list[tuple[tuple[int, str], int, int, str, list[str]]] = []
+    owner: dict[str, str] = {}
+    for order, piece in enumerate(sorted(pieces, key=lambda p: chromosome_order(p.chromosome))):
+        with open(piece.assoc) as f:
+            this_header = f.readline().rstrip("\n").split("\t")
+            if header is None:
+                header = this_header
+            elif this_header != header:
+                raise GatherError(f"piece 'lmm chr {piece.chromosome}': field 'header' is "
+                                  f"{this_header}, expected {header}")
+            for number, line in enumerate(f, start=2):
+                cols = line.rstrip("\n").split("\t")
+                chrom, rs, ps = cols[0], cols[1], cols[2]
+                if chrom != piece.chromosome:
+                    raise GatherError(f"piece 'lmm chr {piece.chromosome}': line {number} "
+                                      f"has SNP {rs} on chromosome {chrom}")
+                if rs in owner:
+                    raise GatherError(f"SNP {rs} appears twice: in piece 'lmm chr "
+                                      f"{owner[rs]}' and in piece 'lmm chr {chrom}'")
+                owner[rs] = chrom
+                rows.append((chromosome_order(chrom), int(float(ps)), order, rs, cols))
+    assert header is not None
+    rows.sort(key=lambda r: (r[0], r[1]))
+    with open(out, "w") as f:
+        f.write("\t".join(header) + "\n")
+        for *_, cols in rows:
+            f.write("\t".join(cols) + "\n")
+    pcol = header.index(p_column(header))
+    top = sorted(rows, key=lambda r: float(r[4][pcol]))[:10]
+    return {
+        "header": header, "p_column": header[pcol], "snps": len(rows), "facts": facts,
+        "chromosomes": [p.chromosome for p in sorted(pieces, key=lambda p:
+                                                     chromosome_order(p.chromosome))],
+        "top_hits": [hit(header, r[4], pcol) for r in top],
+    }
+
+
+def hit(header: list[str], cols: list[str], pcol: int) -> dict[str, Any]:
+    p = float(cols[pcol])
+    return {"chr": cols[0], "rs": cols[1], "ps": int(float(cols[2])), header[pcol]: p,
+            "minus_log10_p": -math.log10(p) if p > 0 else math.inf}
+
+
+def read_min_p(assoc: Path) -> tuple[float, str, str]:
+    """(smallest p, its chromosome, its SNP) of one assoc file."""
+    with open(assoc) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        pcol = header.index(p_column(header))
+        best = (math.inf, "", "")
+        for line in f:
+            cols = line.rstrip("\n").split("\t")
+            p = float(cols[pcol])
+            if p < best[0]:
+                best = (p, cols[0], cols[1])
+    return best

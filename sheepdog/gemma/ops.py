@@ -1,0 +1,211 @@
+"""The Python steps of the GEMMA workflows, run as task processes:
+
+    python -m sheepdog.gemma.ops kinship GENO
+    python -m sheepdog.gemma.ops loco-lmm --chromosome C -- GEMMA-ARGS... -- CHR KINSHIP_DIR [...]
+    python -m sheepdog.gemma.ops gather CHR ASSOC LOG [...]
+    python -m sheepdog.gemma.ops perm-prepare --pheno P [--column N] [--covariates C] CHR GENO ANNO KINSHIP_DIR [...]
+    python -m sheepdog.gemma.ops perm-batch --prepared DIR --seed S --first I --count K --total N --lmm L [--maf M]
+    python -m sheepdog.gemma.ops perm-gather BATCH_JSON [...]
+
+Each writes its outputs into its working directory (the task's scratch). The local
+backend calls main() in-process with that directory; elsewhere it runs as a process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import SheepdogError
+from . import kinship, loco, merge, permute
+from .bimbam import check_covariates, read_table
+from .commands import GEMMA_ENV
+
+
+def _triples(items: list[str]) -> list[tuple[str, Path, Path]]:
+    if len(items) % 3:
+        raise SheepdogError("expected CHR FILE LOG triples")
+    return [(items[i], Path(items[i + 1]), Path(items[i + 2])) for i in range(0, len(items), 3)]
+
+
+Emit = Callable[[str], None]
+
+
+def kinship_step(geno: str, here: Path, emit: Emit) -> None:
+    matrix, snps = kinship.centered_kinship(kinship.read_genotypes(Path(geno)))
+    kinship.write(here, matrix, snps)
+    emit(f"centered kinship of {len(matrix)} individuals from {snps} SNPs")
+
+
+def loco_matrix(chromosome: str, kinship_dirs: dict[str, Path]) -> Any:
+    """The LOCO kinship of one chromosome from every chromosome's kinship."""
+    per_chromosome = {c: kinship.read(d) for c, d in kinship_dirs.items()}
+    return loco.loco_kinships(per_chromosome, only=chromosome)[chromosome]
+
+
+_warming = threading.Lock()
+
+
+def _warm_up_plotting() -> None:
+    """Import matplotlib while GEMMA keeps the cores busy, not later on the gather's
+    critical path (in a worker process that runs steps in-process)."""
+    if not _warming.acquire(blocking=False):
+        return
+    threading.Thread(target=lambda: __import__("sheepdog.gemma.plot"), daemon=True).start()
+
+
+def loco_lmm(args: argparse.Namespace, here: Path, emit: Emit, complain: Emit,
+             stop: threading.Event | None) -> int:
+    """Write this chromosome's LOCO kinship, then run GEMMA's LMM against it."""
+    _warm_up_plotting()
+    dirs = {args.pairs[i]: Path(args.pairs[i + 1]) for i in range(0, len(args.pairs), 2)}
+    loco.write_matrix(here / "loco.txt", loco_matrix(args.chromosome, dirs))
+    argv = [("loco.txt" if a == "@loco" else a) for a in args.gemma]
+    return run_streaming(argv, here, emit, complain, stop)
+
+
+def run_streaming(argv: list[str], here: Path, emit: Emit, complain: Emit,
+                  stop: threading.Event | None) -> int:
+    """A GEMMA process whose stdout/stderr lines go to the task's log as they come."""
+    from ..backends.local import kill_group, pump
+
+    env = dict(os.environ, **GEMMA_ENV)
+    proc = subprocess.Popen(argv, cwd=here, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    sinks = {"stdout": emit, "stderr": complain}
+
+    def sink(stream: str, got: list[str]) -> None:
+        for line in got:
+            sinks[stream](line)
+
+    readers = [threading.Thread(target=pump, args=(pipe, name, sink), daemon=True)
+               for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
+    for r in readers:
+        r.start()
+    while proc.poll() is None:
+        if stop is not None and stop.is_set():
+            kill_group(proc.pid)
+        try:
+            proc.wait(0.2)
+        except subprocess.TimeoutExpired:
+            pass
+    for r in readers:
+        r.join()
+    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+
+
+def gather(items: list[str], here: Path, emit: Emit) -> None:
+    from . import plot  # matplotlib is slow to import: only the step that draws pays
+
+    pieces = [merge.Piece(c, a, lg) for c, a, lg in _triples(items)]
+    summary = merge.merge(pieces, here / "assoc.txt")
+    (here / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot.manhattan(here / "assoc.txt", here / "manhattan")
+    best = summary["top_hits"][0] if summary["top_hits"] else None
+    emit(f"merged {summary['snps']} SNPs from {len(pieces)} chromosomes"
+          + (f"; top hit {best['rs']} on chr {best['chr']}, {summary['p_column']} "
+             f"{best[summary['p_column']]:.3g}" if best else ""))
+
+
+def perm_prepare(args: argparse.Namespace, here: Path, emit: Emit) -> None:
+    column = args.column or 1
+    pheno = [row[column - 1] for row in read_table(Path(args.pheno), "phenotype")]
+    covariates = check_covariates(Path(args.covariates), len(pheno)) if args.covariates else None
+    items = args.items
+    dirs = {items[i]: Path(items[i + 3]) for i in range(0, len(items), 4)}
+    chroms = {items[i]: (Path(items[i + 1]), Path(items[i + 2]), loco_matrix(items[i], dirs))
+              for i in range(0, len(items), 4)}
+    permute.prepare(pheno, covariates, chroms, here)
+    emit(f"prepared {len(chroms)} chromosomes for "
+          f"{len(permute.analysed(pheno))} individuals with a phenotype")
+
+
+def perm_gather(paths: list[str], here: Path, emit: Emit) -> None:
+    found = []
+    for path in paths:
+        found += json.loads(Path(path).read_text())["permutations"]
+    found.sort(key=lambda r: r["index"])
+    result = permute.thresholds([r["min_p"] for r in found])
+    result["minima"] = found
+    (here / "permutations.json").write_text(json.dumps(result, indent=1))
+    emit(f"{result['permutations']} permutations: significant p {result['significant']:.4g}"
+          f" (-log10 {result['significant_minus_log10']:.2f}), suggestive p "
+          f"{result['suggestive']:.4g} (-log10 {result['suggestive_minus_log10']:.2f})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sheepdog.gemma.ops")
+    sub = parser.add_subparsers(dest="op", required=True)
+    sub.add_parser("kinship").add_argument("geno")
+    lmm = sub.add_parser("loco-lmm")
+    lmm.add_argument("--chromosome", required=True)
+    lmm.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("gather").add_argument("items", nargs="+")
+    prep = sub.add_parser("perm-prepare")
+    prep.add_argument("--pheno", required=True)
+    prep.add_argument("--column", type=int)
+    prep.add_argument("--covariates")
+    prep.add_argument("items", nargs="+")
+    batch = sub.add_parser("perm-batch")
+    batch.add_argument("--prepared", required=True)
+    for name in ("--seed", "--first", "--count", "--total", "--lmm"):
+        batch.add_argument(name, type=int, required=True)
+    batch.add_argument("--maf", type=float)
+    sub.add_parser("perm-gather").add_argument("items", nargs="+")
+    return parser
+
+
+def _split_rest(rest: list[str]) -> tuple[list[str], list[str]]:
+    """`-- GEMMA ARGS -- CHR DIR ...` into the two lists."""
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    if "--" not in rest:
+        raise SheepdogError("loco-lmm needs: -- GEMMA-ARGS -- CHR KINSHIP_DIR ...")
+    cut = rest.index("--")
+    return rest[:cut], rest[cut + 1:]
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _complain(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None, workdir: Path | None = None, emit: Emit = _say,
+         complain: Emit = _complain, stop: threading.Event | None = None) -> int:
+    """Run one step; 0 on success, 1 with an `ERROR:` line (GEMMA's style) otherwise."""
+    args = _parser().parse_args(argv)
+    here = workdir or Path.cwd()
+    try:
+        if args.op == "kinship":
+            kinship_step(args.geno, here, emit)
+        elif args.op == "loco-lmm":
+            args.gemma, args.pairs = _split_rest(args.rest)
+            return loco_lmm(args, here, emit, complain, stop)
+        elif args.op == "gather":
+            gather(args.items, here, emit)
+        elif args.op == "perm-prepare":
+            perm_prepare(args, here, emit)
+        elif args.op == "perm-batch":
+            permute.run_batch(Path(args.prepared), args.seed, args.first, args.count,
+                              args.total, args.lmm, args.maf, here, emit, stop)
+        else:
+            perm_gather(args.items, here, emit)
+    except (SheepdogError, OSError, ValueError, KeyError) as e:
+        complain(f"ERROR: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

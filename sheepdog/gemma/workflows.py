@@ -1,0 +1,255 @@
+"""GEMMA LOCO scans and permutation runs as graphs of content-addressed tasks.
+
+    split (here, while validating) -> kinship per chromosome
+        -> LMM per chromosome (its LOCO kinship by the identity, then GEMMA) -> gather
+    kinships -> permutation prep (LOCO kinships cut to the analysed individuals)
+        -> permutation batches -> thresholds
+
+Kinship pieces see only the genotypes, so every trait scanned on the same genotypes
+shares them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..cache import Store, sha256_file
+from ..config import Settings
+from ..errors import ConfigError, InputError
+from ..models import Job, Task
+from ..workflow import check_backend, new_job_id
+from . import bimbam
+from .commands import COMPLETE, GEMMA_ENV, LMM_MODES, lmm_argv, version
+
+OPS = ["-m", "sheepdog.gemma.ops"]
+
+
+@dataclass
+class GemmaRequest:
+    """What the user asked for, as given on the command line or in POST /jobs."""
+
+    geno: Path
+    pheno: Path
+    anno: Path
+    covariates: Path | None = None
+    column: int | None = None
+    lmm: int = 9
+    maf: float | None = 0.1
+    permutations: int = 0
+    seed: int | None = None
+    batch_size: int = 25
+    backend: str = "local"
+    host: str = ""
+    queue: str = ""
+    out_dir: str = ""
+    force: bool = False
+
+    def check(self) -> None:
+        if self.lmm not in LMM_MODES:
+            raise ConfigError(f"--lmm must be one of {LMM_MODES}, got {self.lmm}")
+        if self.maf is not None and not 0 <= self.maf < 0.5:
+            raise ConfigError(f"--maf must be in [0, 0.5), got {self.maf}")
+        if self.column is not None and self.column < 1:
+            raise ConfigError(f"-n must be 1 or more, got {self.column}")
+        if self.permutations < 0 or self.batch_size < 1:
+            raise ConfigError("--permutations must be >= 0 and --batch-size >= 1")
+        check_backend(self.backend, self.host)
+
+
+@dataclass
+class Prepared:
+    """Validated inputs, in the store by content hash."""
+
+    individuals: int
+    snps: int
+    chromosomes: dict[str, dict[str, Any]]  # name -> {"geno": sha, "anno": sha, "snps": n}
+    hashes: dict[str, str]  # input role -> sha256 of the user's file
+    pheno_values: list[str]
+    order: list[str] = field(default_factory=list)
+
+
+def _exists(path: Path | None, role: str) -> Path | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise InputError(str(path), f"{role} file does not exist or is not a file")
+    return path
+
+
+def _put(store: Store, path: Path) -> str:
+    sha = sha256_file(path)
+    if not store.blob(sha).exists():
+        store.put_file(path)
+    return sha
+
+
+def _split(store: Store, geno: Path, anno: Path, geno_sha: str, anno_sha: str) -> dict[str, Any]:
+    """Per-chromosome files, computed once per (geno, annotation) contents."""
+    manifest = store.root / "splits" / f"{geno_sha[:32]}-{anno_sha[:32]}.json"
+    if manifest.exists():
+        known = json.loads(manifest.read_text())
+        shas = [c[k] for c in known["chromosomes"].values() for k in ("geno", "anno")]
+        if all(store.blob(s).exists() for s in shas):
+            return dict(known)
+    scratch = store.scratch("split")
+    try:
+        split = bimbam.split_genotypes(geno, anno, scratch)
+        chromosomes = {
+            name: {"geno": store.put_file(Path(info["geno"])),  # type: ignore[arg-type]
+                   "anno": store.put_file(Path(info["anno"])),  # type: ignore[arg-type]
+                   "snps": info["snps"]}
+            for name, info in split.chromosomes.items()}
+    finally:
+        store.discard(scratch)
+    known = {"individuals": split.individuals, "snps": split.snps, "chromosomes": chromosomes}
+    manifest.parent.mkdir(exist_ok=True)
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(known))
+    tmp.replace(manifest)
+    return known
+
+
+def prepare(request: GemmaRequest, store: Store) -> Prepared:
+    """Validate every input (naming file, line and problem) and stage it by hash."""
+    request.check()
+    geno = _exists(request.geno, "genotype")
+    pheno = _exists(request.pheno, "phenotype")
+    anno = _exists(request.anno, "annotation")
+    covariates = _exists(request.covariates, "covariate")
+    assert geno and pheno and anno
+    hashes = {"geno": _put(store, geno), "anno": _put(store, anno)}
+    known = _split(store, geno, anno, hashes["geno"], hashes["anno"])
+    n = int(known["individuals"])
+    if len(known["chromosomes"]) < 2:
+        raise InputError(str(anno), "LOCO needs SNPs on at least two chromosomes")
+    values = bimbam.check_phenotypes(pheno, n, request.column or 1)
+    hashes["pheno"] = _put(store, pheno)
+    if covariates:
+        bimbam.check_covariates(covariates, n)
+        hashes["covariates"] = _put(store, covariates)
+    order = sorted(known["chromosomes"], key=bimbam.chromosome_order)
+    return Prepared(n, int(known["snps"]), known["chromosomes"], hashes, values, order)
+
+
+def _gemma_task(name: str, argv: list[Any], inputs: dict[str, str], deps: list[str],
+                outputs: list[str], env: str, request: GemmaRequest, settings: Settings,
+                log: str | None = None) -> Task:
+    return Task(name=name, argv=argv, inputs=inputs, deps=deps, outputs=outputs,
+                env=dict(GEMMA_ENV), environment=env, max_attempts=settings.max_attempts,
+                retry_on_failure=True, backend=request.backend, host=request.host,
+                queue=request.queue or settings.queue,
+                complete_when={log: COMPLETE} if log else {})
+
+
+def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
+               env: str) -> tuple[list[Task], list[Task], list[Task], Task]:
+    """(kinship tasks, all scan tasks in order, LMM tasks, gather task)."""
+    kinships = {}
+    for chrom in prep.order:
+        c = prep.chromosomes[chrom]
+        kinships[chrom] = _gemma_task(
+            f"kinship chr {chrom}", [{"python": True}, *OPS, "kinship", {"input": "geno"}],
+            {"geno": c["geno"]}, [], ["kinship.npy", "kinship.json"], env, request, settings)
+    kinship_dirs: list[Any] = []
+    for chrom, t in kinships.items():
+        kinship_dirs += [chrom, {"dep": t.id, "file": "."}]
+    lmms = []
+    lmm_log = "output/lmm.log.txt"
+    for chrom in prep.order:
+        c = prep.chromosomes[chrom]
+        inputs = {"geno": c["geno"], "anno": c["anno"], "pheno": prep.hashes["pheno"]}
+        if "covariates" in prep.hashes:
+            inputs["covariates"] = prep.hashes["covariates"]
+        gemma = lmm_argv({"input": "geno"}, {"input": "pheno"}, {"input": "anno"}, "@loco",
+                         request.lmm, request.maf,
+                         {"input": "covariates"} if "covariates" in inputs else None,
+                         request.column)
+        argv = [{"python": True}, *OPS, "loco-lmm", "--chromosome", chrom, "--", *gemma, "--",
+                *kinship_dirs]
+        lmms.append(_gemma_task(f"lmm chr {chrom}", argv, inputs,
+                                [t.id for t in kinships.values()],
+                                ["output/lmm.assoc.txt", lmm_log, "loco.txt"], env, request,
+                                settings, lmm_log))
+    gather_argv: list[Any] = [{"python": True}, *OPS, "gather"]
+    for chrom, t in zip(prep.order, lmms, strict=True):
+        gather_argv += [chrom, {"dep": t.id, "file": "output/lmm.assoc.txt"},
+                        {"dep": t.id, "file": lmm_log}]
+    gather = _gemma_task("gather", gather_argv, {}, [t.id for t in lmms],
+                         ["assoc.txt", "summary.json", "manhattan.png", "manhattan.svg"],
+                         env, request, settings)
+    kin = list(kinships.values())
+    return kin, [*kin, *lmms, gather], lmms, gather
+
+
+def permutation_tasks(prep: Prepared, request: GemmaRequest, settings: Settings, env: str,
+                      kinships: list[Task], seed: int) -> tuple[list[Task], Task]:
+    """(prep + batches + thresholds, the thresholds task)."""
+    inputs = {"pheno": prep.hashes["pheno"]}
+    argv: list[Any] = [{"python": True}, *OPS, "perm-prepare", "--pheno", {"input": "pheno"}]
+    if request.column:
+        argv += ["--column", str(request.column)]
+    if "covariates" in prep.hashes:
+        inputs["covariates"] = prep.hashes["covariates"]
+        argv += ["--covariates", {"input": "covariates"}]
+    for chrom, kin in zip(prep.order, kinships, strict=True):
+        c = prep.chromosomes[chrom]
+        inputs[f"geno.{chrom}"], inputs[f"anno.{chrom}"] = c["geno"], c["anno"]
+        argv += [chrom, {"input": f"geno.{chrom}"}, {"input": f"anno.{chrom}"},
+                 {"dep": kin.id, "file": "."}]
+    prepare_task = _gemma_task("permutation prep", argv, inputs, [k.id for k in kinships],
+                               ["meta.json"], env, request, settings)
+    batches = []
+    total = request.permutations
+    for first in range(0, total, request.batch_size):
+        count = min(request.batch_size, total - first)
+        bargv: list[Any] = [{"python": True}, *OPS, "perm-batch",
+                            "--prepared", {"dep": prepare_task.id, "file": "."},
+                            "--seed", str(seed), "--first", str(first), "--count", str(count),
+                            "--total", str(total), "--lmm", str(request.lmm)]
+        if request.maf is not None:
+            bargv += ["--maf", repr(request.maf)]
+        batches.append(_gemma_task(f"permutations {first + 1}-{first + count}", bargv, {},
+                                   [prepare_task.id], ["batch.json"], env, request, settings))
+    gather_argv: list[Any] = [{"python": True}, *OPS, "perm-gather"]
+    gather_argv += [{"dep": b.id, "file": "batch.json"} for b in batches]
+    thresholds = _gemma_task("permutation thresholds", gather_argv, {},
+                             [b.id for b in batches], ["permutations.json"], env, request,
+                             settings)
+    return [prepare_task, *batches, thresholds], thresholds
+
+
+def build_job(request: GemmaRequest, settings: Settings, store: Store,
+              job_id: str | None = None) -> tuple[Job, list[Task]]:
+    """Validate, stage and expand a gemma-loco or gemma-permute request."""
+    prep = prepare(request, store)
+    gemma_version = version(cache_dir=store.root / "versions")
+    env = f"gemma {gemma_version}; guix none"
+    kinships, tasks, _lmms, gather = scan_tasks(prep, request, settings, env)
+    workflow = "gemma-loco"
+    final = gather
+    seed = request.seed
+    if request.permutations:
+        workflow = "gemma-permute"
+        seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
+        more, final = permutation_tasks(prep, request, settings, env, kinships, seed)
+        tasks += more
+    params = {
+        "inputs": {role: {"path": str(getattr(request, role)), "sha256": sha}
+                   for role, sha in prep.hashes.items()},
+        "options": {"lmm": request.lmm, "maf": request.maf, "column": request.column,
+                    "covariates": request.covariates is not None},
+        "gemma_version": gemma_version, "individuals": prep.individuals, "snps": prep.snps,
+        "chromosomes": prep.order, "scan_task": gather.id,
+    }
+    if request.permutations:
+        params.update(permutations=request.permutations, seed=seed,
+                      batch_size=request.batch_size, permutation_task=final.id)
+    job = Job(id=job_id or new_job_id(), workflow=workflow, params=params, backend=request.backend,
+              host=request.host, queue=request.queue or settings.queue,
+              out_dir=str(Path(request.out_dir).resolve()) if request.out_dir else "",
+              final_task=final.id)
+    return job, tasks
