@@ -149,3 +149,13 @@ def workers(env) -> Iterator[Workers]:
     w = Workers(env)
     yield w
     w.stop_all()
+
+
+@pytest.fixture(scope="session")
+def gemma_loco_kinships(tmp_path_factory):
+    """GEMMA's own LOCO kinships for BXD (computed once per test session)."""
+    assert shutil.which("gemma"), "GEMMA is not installed (see .ci/run)"
+    from gemma_reference import loco_kinships
+
+    work = tmp_path_factory.mktemp("gemma-reference")
+    return work, loco_kinships(work)

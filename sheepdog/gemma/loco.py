@@ -24,8 +24,9 @@ def read_matrix(path: Path) -> np.ndarray:
 
 
 def write_matrix(path: Path, matrix: np.ndarray) -> None:
-    # 17 significant digits: nothing is lost between here and GEMMA's reader
-    np.savetxt(path, matrix, fmt="%.17g", delimiter="\t")
+    # 10 significant digits, as GEMMA writes its own kinship: GEMMA's `-lmm -loco c`
+    # then reads (almost always) the very numbers it would have read from its own file
+    np.savetxt(path, matrix, fmt="%.10g", delimiter="\t")
 
 
 def loco_kinships(per_chromosome: dict[str, tuple[np.ndarray, int]],

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import SheepdogError
 from .bimbam import MISSING, geno_fields, lines
 from .commands import GEMMA_ENV, lmm_argv
+from .loco import write_matrix
 from .merge import read_min_p
 
 
@@ -79,8 +80,7 @@ def prepare(pheno: list[str], covariates: list[list[str]] | None,
                 parts = geno_fields(text)
                 f.write(", ".join(parts[:3] + [parts[3 + i] for i in keep]) + "\n")
         shutil.copyfile(anno, out / f"anno.{chrom}.txt")
-        np.savetxt(out / f"kin.{chrom}.txt", kinship[np.ix_(keep, keep)], fmt="%.17g",
-                   delimiter="\t")
+        write_matrix(out / f"kin.{chrom}.txt", kinship[np.ix_(keep, keep)])
     (out / "pheno.txt").write_text("".join(pheno[i] + "\n" for i in keep))
     if covariates:
         (out / "covariates.txt").write_text(
