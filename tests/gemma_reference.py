@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -21,9 +22,9 @@ def chromosomes() -> list[str]:
     return seen
 
 
-def gemma(argv: list[str], cwd: Path) -> None:
+def gemma(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
     subprocess.run(["gemma", *argv], cwd=cwd, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+                   stderr=subprocess.DEVNULL, env=env)
 
 
 def loco_kinships(work: Path) -> dict[str, Path]:
@@ -44,7 +45,8 @@ def read_assoc(path: Path) -> dict[str, dict[str, str]]:
 
 
 def loco_scan(work: Path, kinships: dict[str, Path], pheno: Path = PHENO,
-              covariates: Path | None = None, tag: str = "l") -> dict[str, dict[str, str]]:
+              covariates: Path | None = None, tag: str = "l",
+              env: dict[str, str] | None = None) -> dict[str, dict[str, str]]:
     """GEMMA's `-lmm 9 -maf 0.1 -loco c` for every chromosome, merged by SNP."""
     merged: dict[str, dict[str, str]] = {}
     for c, k in kinships.items():
@@ -52,6 +54,6 @@ def loco_scan(work: Path, kinships: dict[str, Path], pheno: Path = PHENO,
                 "-maf", "0.1", "-loco", c, "-o", f"{tag}{c}"]
         if covariates:
             argv += ["-c", str(covariates)]
-        gemma(argv, work)
+        gemma(argv, work, env)
         merged.update(read_assoc(work / "output" / f"{tag}{c}.assoc.txt"))
     return merged

@@ -60,8 +60,10 @@ def kill_group(pgid: int, grace: float = _KILL_GRACE) -> None:
 
 
 # Python steps that may run inside the worker instead of a new interpreter: saves the
-# interpreter and numpy start-up (a third of a second) on every such piece.
-IN_PROCESS = ("sheepdog.gemma.ops",)
+# interpreter and numpy start-up (a third of a second) on every such short piece. Long
+# ones (a batch of permutations) run as processes: they would only fight over the GIL.
+IN_PROCESS = {"sheepdog.gemma.ops": {"kinship", "loco-lmm", "gather", "perm-prepare",
+                                     "perm-gather"}}
 
 
 class InProcess:
@@ -86,8 +88,8 @@ class InProcess:
 
 def in_process_module(task: Task) -> str | None:
     argv = task.argv
-    if (task.cacheable and len(argv) > 2 and isinstance(argv[0], dict) and "python" in argv[0]
-            and argv[1] == "-m" and argv[2] in IN_PROCESS):
+    if (task.cacheable and len(argv) > 3 and isinstance(argv[0], dict) and "python" in argv[0]
+            and argv[1] == "-m" and argv[3] in IN_PROCESS.get(str(argv[2]), ())):
         return str(argv[2])
     return None
 

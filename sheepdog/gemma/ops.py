@@ -124,8 +124,9 @@ def perm_prepare(args: argparse.Namespace, here: Path, emit: Emit) -> None:
     chroms = {items[i]: (Path(items[i + 1]), Path(items[i + 2]), loco_matrix(items[i], dirs))
               for i in range(0, len(items), 4)}
     permute.prepare(pheno, covariates, chroms, here)
-    emit(f"prepared {len(chroms)} chromosomes for "
-          f"{len(permute.analysed(pheno))} individuals with a phenotype")
+    meta = json.loads((here / "meta.json").read_text())
+    emit(f"prepared {len(chroms)} chromosomes for {len(meta['analysed'])} individuals with "
+         f"a phenotype: {meta['patterns']} distinct genotype patterns of {meta['snps']} SNPs")
 
 
 def perm_gather(paths: list[str], here: Path, emit: Emit) -> None:

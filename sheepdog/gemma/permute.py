@@ -2,8 +2,11 @@
 
 Shuffling moves only the non-missing values; NA positions stay where they are, so the
 analysed individuals, and hence every kinship, are the same in every permutation. That
-lets the pieces run GEMMA on files cut down to the analysed individuals: identical
-p-values, less to read.
+lets the pieces run GEMMA on files cut down to the analysed individuals, and test each
+distinct genotype pattern once: SNPs with the same genotypes get the same statistics
+(GEMMA tests SNPs independently), so the genome-wide minimum is unchanged, and the
+first SNP of a pattern is kept, as GEMMA's own first minimum would be. On BXD that is
+2,786 patterns for 7,320 SNPs.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 
 from ..errors import SheepdogError
 from .bimbam import MISSING, geno_fields, lines
-from .commands import GEMMA_ENV, lmm_argv
+from .commands import PERMUTATION_ENV, lmm_argv
 from .loco import write_matrix
 from .merge import read_min_p
 
@@ -74,11 +77,19 @@ def prepare(pheno: list[str], covariates: list[list[str]] | None,
     pheno.txt (values of the kept individuals), covariates.txt, meta.json into out.
     """
     keep = analysed(pheno)
+    snps = patterns = 0
     for chrom, (geno, anno, kinship) in chromosomes.items():
+        seen: set[str] = set()
         with open(out / f"geno.{chrom}.txt", "w") as f:
             for _, text in lines(geno):
                 parts = geno_fields(text)
-                f.write(", ".join(parts[:3] + [parts[3 + i] for i in keep]) + "\n")
+                genotypes = ", ".join(parts[3 + i] for i in keep)
+                snps += 1
+                if genotypes in seen:
+                    continue
+                seen.add(genotypes)
+                patterns += 1
+                f.write(", ".join(parts[:3]) + ", " + genotypes + "\n")
         shutil.copyfile(anno, out / f"anno.{chrom}.txt")
         write_matrix(out / f"kin.{chrom}.txt", kinship[np.ix_(keep, keep)])
     (out / "pheno.txt").write_text("".join(pheno[i] + "\n" for i in keep))
@@ -86,7 +97,7 @@ def prepare(pheno: list[str], covariates: list[list[str]] | None,
         (out / "covariates.txt").write_text(
             "".join("\t".join(covariates[i]) + "\n" for i in keep))
     meta = {"analysed": keep, "chromosomes": list(chromosomes),
-            "covariates": bool(covariates)}
+            "covariates": bool(covariates), "snps": snps, "patterns": patterns}
     (out / "meta.json").write_text(json.dumps(meta))
 
 
@@ -98,7 +109,7 @@ def run_permutation(prepared: Path, values: list[str], lmm: int, maf: float | No
     pheno.write_text("".join(v + "\n" for v in values))
     cov = prepared / "covariates.txt" if meta["covariates"] else None
     best: tuple[float, str, str] = (math.inf, "", "")
-    env = dict(os.environ, **GEMMA_ENV)
+    env = dict(os.environ, **PERMUTATION_ENV)
     for chrom in meta["chromosomes"]:
         argv = lmm_argv(str(prepared / f"geno.{chrom}.txt"), str(pheno),
                         str(prepared / f"anno.{chrom}.txt"), str(prepared / f"kin.{chrom}.txt"),
@@ -120,7 +131,7 @@ def run_batch(prepared: Path, seed: int, first: int, count: int, total: int, lmm
     """Permutations first..first+count-1; says progress i/N; writes batch.json."""
     values = (prepared / "pheno.txt").read_text().split()
     results = []
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+    with tempfile.TemporaryDirectory(dir=out.resolve()) as tmp:
         for index in range(first, first + count):
             if stop is not None and stop.is_set():
                 raise SheepdogError("cancelled")

@@ -12,11 +12,14 @@ shares them.
 from __future__ import annotations
 
 import json
+import os
 import random
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
 from ..cache import Store, sha256_file
 from ..config import Settings
 from ..errors import ConfigError, InputError
@@ -67,7 +70,8 @@ class Prepared:
     individuals: int
     snps: int
     chromosomes: dict[str, dict[str, Any]]  # name -> {"geno": sha, "anno": sha, "snps": n}
-    hashes: dict[str, str]  # input role -> sha256 of the user's file
+    hashes: dict[str, str]  # input role -> sha256 of the user's file, as given
+    blobs: dict[str, str]  # input role -> sha256 of the normalized copy GEMMA reads
     pheno_values: list[str]
     order: list[str] = field(default_factory=list)
 
@@ -84,6 +88,17 @@ def _put(store: Store, path: Path) -> str:
     sha = sha256_file(path)
     if not store.blob(sha).exists():
         store.put_file(path)
+    return sha
+
+
+def _put_normalized(store: Store, path: Path) -> str:
+    """A plain, LF-ended copy (GEMMA would read 'NA\\r' as a number); returns its hash."""
+    tmp = store.tmp / f"norm.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "w") as out:
+        for _, text in bimbam.lines(path):
+            out.write(text.strip() + "\n")
+    sha = sha256_file(tmp)
+    store.put_blob_file(tmp, sha)
     return sha
 
 
@@ -127,12 +142,14 @@ def prepare(request: GemmaRequest, store: Store) -> Prepared:
     if len(known["chromosomes"]) < 2:
         raise InputError(str(anno), "LOCO needs SNPs on at least two chromosomes")
     values = bimbam.check_phenotypes(pheno, n, request.column or 1)
-    hashes["pheno"] = _put(store, pheno)
+    hashes["pheno"] = sha256_file(pheno)
+    blobs = {"pheno": _put_normalized(store, pheno)}
     if covariates:
         bimbam.check_covariates(covariates, n)
-        hashes["covariates"] = _put(store, covariates)
+        hashes["covariates"] = sha256_file(covariates)
+        blobs["covariates"] = _put_normalized(store, covariates)
     order = sorted(known["chromosomes"], key=bimbam.chromosome_order)
-    return Prepared(n, int(known["snps"]), known["chromosomes"], hashes, values, order)
+    return Prepared(n, int(known["snps"]), known["chromosomes"], hashes, blobs, values, order)
 
 
 def _gemma_task(name: str, argv: list[Any], inputs: dict[str, str], deps: list[str],
@@ -161,9 +178,9 @@ def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
     lmm_log = "output/lmm.log.txt"
     for chrom in prep.order:
         c = prep.chromosomes[chrom]
-        inputs = {"geno": c["geno"], "anno": c["anno"], "pheno": prep.hashes["pheno"]}
-        if "covariates" in prep.hashes:
-            inputs["covariates"] = prep.hashes["covariates"]
+        inputs = {"geno": c["geno"], "anno": c["anno"], "pheno": prep.blobs["pheno"]}
+        if "covariates" in prep.blobs:
+            inputs["covariates"] = prep.blobs["covariates"]
         gemma = lmm_argv({"input": "geno"}, {"input": "pheno"}, {"input": "anno"}, "@loco",
                          request.lmm, request.maf,
                          {"input": "covariates"} if "covariates" in inputs else None,
@@ -188,12 +205,12 @@ def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
 def permutation_tasks(prep: Prepared, request: GemmaRequest, settings: Settings, env: str,
                       kinships: list[Task], seed: int) -> tuple[list[Task], Task]:
     """(prep + batches + thresholds, the thresholds task)."""
-    inputs = {"pheno": prep.hashes["pheno"]}
+    inputs = {"pheno": prep.blobs["pheno"]}
     argv: list[Any] = [{"python": True}, *OPS, "perm-prepare", "--pheno", {"input": "pheno"}]
     if request.column:
         argv += ["--column", str(request.column)]
-    if "covariates" in prep.hashes:
-        inputs["covariates"] = prep.hashes["covariates"]
+    if "covariates" in prep.blobs:
+        inputs["covariates"] = prep.blobs["covariates"]
         argv += ["--covariates", {"input": "covariates"}]
     for chrom, kin in zip(prep.order, kinships, strict=True):
         c = prep.chromosomes[chrom]
@@ -227,7 +244,8 @@ def build_job(request: GemmaRequest, settings: Settings, store: Store,
     """Validate, stage and expand a gemma-loco or gemma-permute request."""
     prep = prepare(request, store)
     gemma_version = version(cache_dir=store.root / "versions")
-    env = f"gemma {gemma_version}; guix none"
+    # what a piece's result depends on besides its inputs: GEMMA's and sheepdog's versions
+    env = f"gemma {gemma_version}; sheepdog {__version__}; guix none"
     kinships, tasks, _lmms, gather = scan_tasks(prep, request, settings, env)
     workflow = "gemma-loco"
     final = gather

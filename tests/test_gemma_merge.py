@@ -1,0 +1,82 @@
+"""The gather step refuses pieces that disagree, naming the piece and the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from sheepdog.errors import GatherError
+from sheepdog.gemma.merge import Piece, merge
+
+HEADER = "chr\trs\tps\tn_miss\tallele1\tallele0\taf\tbeta\tse\tl_mle\tp_lrt"
+
+
+def _piece(tmp_path, chrom, snps, individuals=67, version="0.98.5 (2021-08-25)",
+           maf="0.1", complete=True):
+    assoc, log = tmp_path / f"assoc.{chrom}.txt", tmp_path / f"log.{chrom}.txt"
+    rows = [f"{c}\t{rs}\t{ps}\t0\tX\tY\t0.3\t0.1\t0.1\t1e-05\t{p}" for c, rs, ps, p in snps]
+    assoc.write_text("\n".join([HEADER, *rows]) + "\n")
+    log.write_text("\n".join([
+        "##", f"## GEMMA Version    = {version}",
+        f"## Command Line Input = gemma -g g -p p -a a -k k -lmm 9 -maf {maf} -o lmm ",
+        "## number of total individuals = 198",
+        f"## number of analyzed individuals = {individuals}",
+        f"## number of analyzed SNPs/var = {len(snps)}",
+        "## total computation time = 0.01 min" if complete else "## Computation Time:",
+    ]) + "\n")
+    return Piece(chrom, assoc, log)
+
+
+def test_agreeing_pieces_merge_in_genome_order_with_top_hits(tmp_path):
+    pieces = [_piece(tmp_path, "X", [("X", "rsx", 5, 0.5)]),
+              _piece(tmp_path, "10", [("10", "rs10", 7, 0.01)]),
+              _piece(tmp_path, "2", [("2", "rs2b", 9, 0.2), ("2", "rs2a", 3, 0.001)])]
+    summary = merge(pieces, tmp_path / "merged.txt")
+    lines = (tmp_path / "merged.txt").read_text().splitlines()
+    assert lines[0] == HEADER
+    assert [ln.split("\t")[1] for ln in lines[1:]] == ["rs2a", "rs2b", "rs10", "rsx"]
+    assert summary["snps"] == 4 and summary["chromosomes"] == ["2", "10", "X"]
+    assert summary["top_hits"][0]["rs"] == "rs2a"
+    assert summary["top_hits"][0]["minus_log10_p"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("field,change", [
+    ("individuals", {"individuals": 66}),
+    ("version", {"version": "0.98.1"}),
+    ("options", {"maf": "0.05"}),
+])
+def test_a_piece_that_disagrees_fails_the_gather_naming_piece_and_field(tmp_path, field,
+                                                                        change):
+    pieces = [_piece(tmp_path, "1", [("1", "a", 1, 0.5)]),
+              _piece(tmp_path, "2", [("2", "b", 1, 0.5)], **change)]
+    with pytest.raises(GatherError) as e:
+        merge(pieces, tmp_path / "m.txt")
+    assert "piece 'lmm chr 2'" in str(e.value) and f"field '{field}'" in str(e.value)
+    assert not (tmp_path / "m.txt").exists()
+
+
+def test_a_snp_in_two_pieces_is_refused(tmp_path):
+    pieces = [_piece(tmp_path, "1", [("1", "dup", 1, 0.5)]),
+              _piece(tmp_path, "2", [("2", "dup", 1, 0.5)])]
+    with pytest.raises(GatherError, match="SNP dup appears twice"):
+        merge(pieces, tmp_path / "m.txt")
+
+
+def test_a_snp_on_the_wrong_chromosome_is_refused(tmp_path):
+    pieces = [_piece(tmp_path, "1", [("1", "a", 1, 0.5)]),
+              _piece(tmp_path, "2", [("3", "b", 1, 0.5)])]
+    with pytest.raises(GatherError, match="piece 'lmm chr 2': line 2 has SNP b on chromosome 3"):
+        merge(pieces, tmp_path / "m.txt")
+
+
+def test_an_incomplete_gemma_log_is_refused(tmp_path):
+    pieces = [_piece(tmp_path, "1", [("1", "a", 1, 0.5)]),
+              _piece(tmp_path, "2", [("2", "b", 1, 0.5)], complete=False)]
+    with pytest.raises(GatherError, match="piece 'lmm chr 2'.*incomplete"):
+        merge(pieces, tmp_path / "m.txt")
+
+
+def test_a_chromosome_given_twice_is_refused(tmp_path):
+    pieces = [_piece(tmp_path, "1", [("1", "a", 1, 0.5)]),
+              _piece(tmp_path, "1", [("1", "b", 2, 0.5)])]
+    with pytest.raises(GatherError, match="more than one piece"):
+        merge(pieces, tmp_path / "m.txt")
