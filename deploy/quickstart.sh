@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh checkout: install sheepdog (and GEMMA where possible),
-# then run the example job on the embedded default Redis.
+# then run the main job, a GEMMA LOCO scan of the bundled BXD data, on the embedded
+# default Redis. Results land in results/bxd-loco/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,4 +18,8 @@ if ! command -v gemma >/dev/null; then
 fi
 
 python3 -m pip install -q -e .
-exec sheepdog run -- sh -c 'echo "sheepdog is working: $(date)"'
+if ! command -v gemma >/dev/null; then
+  echo "quickstart: sheepdog is installed, but without GEMMA the LOCO example cannot run."
+  exit 1
+fi
+exec sheepdog run gemma-loco --example --out results/bxd-loco

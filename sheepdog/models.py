@@ -126,6 +126,7 @@ class Job:
     exit_code: int | None = None
     error: str = ""
     gn3_id: str = ""
+    read_token: str = ""  # lets a shared page link read this one job, and nothing else
     result: dict[str, Any] = field(default_factory=dict)
 
 

@@ -8,6 +8,7 @@ Per-chromosome kinships replace twenty kinship runs over nearly the whole genome
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,31 @@ def write_matrix(path: Path, matrix: np.ndarray) -> None:
     # 10 significant digits, as GEMMA writes its own kinship: GEMMA's `-lmm -loco c`
     # then reads (almost always) the very numbers it would have read from its own file
     np.savetxt(path, matrix, fmt="%.10g", delimiter="\t")
+
+
+def loco_from(chromosome: str, kinships: Iterable[tuple[str, tuple[np.ndarray, int]]]
+              ) -> np.ndarray:
+    """The LOCO kinship of one chromosome, from (name, (K, p)) pairs given one at a time."""
+    weighted: np.ndarray | None = None
+    total = 0
+    own: tuple[np.ndarray, int] | None = None
+    count = 0
+    for name, (k, p) in kinships:
+        if weighted is not None and k.shape != weighted.shape:
+            raise GatherError(f"kinship of chromosome {name} is {k.shape}, others "
+                              f"{weighted.shape}")
+        weighted = k * p if weighted is None else weighted + k * p
+        total += p
+        count += 1
+        if name == chromosome:
+            own = (k, p)
+    if count < 2 or weighted is None:
+        raise GatherError("LOCO needs at least two chromosomes")
+    if own is None:
+        raise GatherError(f"no kinship for chromosome {chromosome}")
+    if total - own[1] <= 0:
+        raise GatherError(f"no SNPs left for the LOCO kinship of chromosome {chromosome}")
+    return (weighted - own[1] * own[0]) / (total - own[1])
 
 
 def loco_kinships(per_chromosome: dict[str, tuple[np.ndarray, int]],

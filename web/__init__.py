@@ -1,0 +1,48 @@
+"""sheepdog's web service: the REST API GN3 calls, websocket log streams, progress pages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, jsonify
+from flask_sock import Sock
+from werkzeug.exceptions import HTTPException
+
+from sheepdog import config
+from sheepdog.errors import SheepdogError
+
+sock = Sock()
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """The app factory (gunicorn: `web:create_app()`)."""
+    app = Flask(__name__)
+    settings = config.load(**(test_config or {}).pop("SETTINGS", {}))
+    app.config.update(
+        SETTINGS=settings,
+        MAX_CONTENT_LENGTH=settings.upload_limit_mb * 1024 * 1024,
+        SOCK_SERVER_OPTIONS={"ping_interval": 25},
+    )
+    if test_config:
+        app.config.update(test_config)
+    sock.init_app(app)
+
+    from . import api, auth, gn3, pages, stream
+
+    auth.init_app(app)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(gn3.bp)
+    app.register_blueprint(pages.bp)
+    stream.register(sock)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException) -> Any:
+        return jsonify(error=e.description, status=e.code), e.code
+
+    @app.errorhandler(SheepdogError)
+    def sheepdog_error(e: SheepdogError) -> Any:
+        code = 404 if type(e).__name__ == "UnknownJob" else (
+            503 if type(e).__name__ == "RedisUnavailable" else 400)
+        return jsonify(error=str(e), status=code), code
+
+    return app

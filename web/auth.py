@@ -1,0 +1,73 @@
+"""API tokens, per-job read tokens, and CORS.
+
+Every endpoint but /health needs `Authorization: Bearer <token>` with a token from
+SHEEPDOG_API_TOKENS (or the config file); browsers' websockets and shared page links
+may pass it as `?token=`. A job's own read token (in its page link) opens that job's
+read-only endpoints and nothing else.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from flask import Flask, Response, abort, g, request
+
+from sheepdog import store
+
+from . import state
+
+PUBLIC = {"api.health", "static", "api.openapi"}
+# endpoints a job's read token may open: (endpoint, methods)
+JOB_READ = {"api.get_job", "api.get_log", "api.get_result", "api.get_result_file",
+            "pages.job_page", "job_stream"}
+
+
+def _given_token() -> str:
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        return header[len("Bearer "):].strip()
+    return request.args.get("token", "")
+
+
+def _matches(given: str, tokens: tuple[str, ...] | list[str]) -> bool:
+    return any(hmac.compare_digest(given, t) for t in tokens if t)
+
+
+def check() -> None:
+    """before_request: 401 unless the request carries a token that opens this endpoint."""
+    endpoint = request.endpoint or ""
+    if endpoint in PUBLIC or request.method == "OPTIONS":
+        return
+    given = _given_token()
+    g.job_scope = None
+    if given and _matches(given, state.settings().api_tokens):
+        return
+    job_id = (request.view_args or {}).get("job_id")
+    if given and job_id and endpoint in JOB_READ and request.method == "GET":
+        job = store.get_job(state.conn(), job_id)
+        if job.read_token and hmac.compare_digest(given, job.read_token):
+            g.job_scope = job_id
+            return
+    abort(401, "a valid API token is needed: Authorization: Bearer <token>")
+
+
+def cors(response: Response) -> Response:
+    origin = request.headers.get("Origin", "")
+    allowed = state.settings().cors_origins
+    if origin and (origin in allowed or "*" in allowed):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+    return response
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(check)
+    app.after_request(cors)
+
+
+def page_token() -> Any:
+    """The token to put in links a page renders (the one it was opened with)."""
+    return _given_token()

@@ -1,0 +1,98 @@
+"""Turning a POST /jobs request's inputs into local files, safely.
+
+An input is an uploaded file (multipart field named after the input), a member of an
+uploaded tar.gz bundle (field `bundle`, like GN3's metadata uploads; the input's value
+names the member), or a path under one of the configured server-side roots. Uploaded
+names never leave their directory; paths outside the roots are refused.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from werkzeug.datastructures import FileStorage
+from werkzeug.utils import secure_filename
+
+from sheepdog.errors import InputError
+
+ROLES = ("geno", "pheno", "anno", "covariates")
+REQUIRED = ("geno", "pheno", "anno")
+
+
+def upload_dir(home: Path) -> Path:
+    path = home / "uploads" / uuid.uuid4().hex
+    path.mkdir(parents=True)
+    return path
+
+
+def _save_upload(storage: FileStorage, where: Path, role: str) -> Path:
+    name = secure_filename(storage.filename or "") or role
+    target = where / f"{role}-{name}"
+    storage.save(target)
+    return target
+
+
+def _unpack_bundle(storage: FileStorage, where: Path) -> Path:
+    """Extract a tar.gz of regular files only, each kept inside `where`."""
+    bundle_dir = where / "bundle"
+    bundle_dir.mkdir()
+    try:
+        with tarfile.open(fileobj=storage.stream, mode="r:*") as tar:
+            for member in tar.getmembers():
+                if not member.isfile():
+                    continue
+                target = (bundle_dir / member.name).resolve()
+                if not target.is_relative_to(bundle_dir.resolve()):
+                    raise InputError("bundle", f"member {member.name!r} escapes the bundle")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source = tar.extractfile(member)
+                if source is not None:
+                    target.write_bytes(source.read())
+    except tarfile.TarError as e:
+        raise InputError("bundle", f"not a readable tar.gz: {e}") from e
+    return bundle_dir
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def resolve(inputs: dict[str, Any], files: dict[str, FileStorage], roots: tuple[str, ...],
+            home: Path) -> dict[str, Path]:
+    """role -> local path for every input given; InputError names the field otherwise."""
+    unknown = set(inputs) - set(ROLES)
+    if unknown:
+        raise InputError(f"inputs.{sorted(unknown)[0]}", f"unknown input; use {ROLES}")
+    where: Path | None = None
+    bundle: Path | None = None
+    found: dict[str, Path] = {}
+    for role in ROLES:
+        if role in files:
+            where = where or upload_dir(home)
+            found[role] = _save_upload(files[role], where, role)
+            continue
+        value = inputs.get(role)
+        if value is None:
+            continue
+        if not isinstance(value, str) or not value:
+            raise InputError(f"inputs.{role}", "must be a file name or path")
+        if "bundle" in files:
+            where = where or upload_dir(home)
+            bundle = bundle or _unpack_bundle(files["bundle"], where)
+            member = (bundle / value).resolve()
+            if not _inside(member, bundle) or not member.is_file():
+                raise InputError(f"inputs.{role}", f"{value!r} is not a file in the bundle")
+            found[role] = member
+            continue
+        path = Path(value)
+        if not roots or not any(_inside(path, Path(r)) for r in roots):
+            raise InputError(f"inputs.{role}", f"{value!r} is not under an allowed input root "
+                             "(SHEEPDOG_INPUT_ROOTS); upload the file instead")
+        found[role] = path.resolve()
+    for role in REQUIRED:
+        if role not in found:
+            raise InputError(f"inputs.{role}", "missing: upload it or give a path")
+    return found

@@ -1,0 +1,31 @@
+"""The one Redis connection and store a web process shares (built on first use)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from flask import current_app
+
+from sheepdog.cache import Store
+from sheepdog.config import Settings
+from sheepdog.connection import connect
+
+_lock = threading.Lock()
+
+
+def settings() -> Settings:
+    return current_app.config["SETTINGS"]  # type: ignore[no-any-return]
+
+
+def conn() -> Any:
+    """A Redis client per app (redis-py's pool is thread-safe)."""
+    app = current_app
+    with _lock:
+        if "REDIS" not in app.extensions:
+            app.extensions["REDIS"] = connect(settings())
+    return app.extensions["REDIS"]
+
+
+def local_store() -> Store:
+    return Store(settings().store_dir)
