@@ -109,8 +109,8 @@ def settings(redis_server, home) -> Settings:
 
 
 @pytest.fixture()
-def env(redis_server, home) -> dict[str, str]:
-    """Environment for sheepdog subprocesses: the test Redis, a private home."""
+def env(redis_server, home, conn) -> dict[str, str]:
+    """Environment for sheepdog subprocesses: the test Redis (emptied), a private home."""
     e = dict(os.environ)
     e.update(SHEEPDOG_REDIS_URL=redis_server.url, SHEEPDOG_HOME=str(home),
              SHEEPDOG_HEARTBEAT_TIMEOUT="2", PYTHONUNBUFFERED="1")
