@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -278,6 +279,36 @@ def helper_done(conn: Any, job_id: str, grace: float = 30.0) -> Callable[[], boo
         return JobStatus(status.decode()).final
 
     return done
+
+
+@cli.command()
+@click.option("--bind", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to serve on.")
+@click.option("--local-workers", "local_workers", default=os.cpu_count() or 1, show_default=True,
+              help="Tasks at once in a worker started alongside (0: rely on other workers).")
+@click.option("--threads", default=32, show_default=True,
+              help="Web threads (each open websocket holds one).")
+def serve(bind: str, local_workers: int, threads: int) -> None:
+    """Serve the REST API, websockets and pages (gunicorn, threaded) on the same Redis."""
+    settings = _settings()
+    _conn(settings)  # a down Redis is reported now, not on the first request
+    env = dict(os.environ, SHEEPDOG_REDIS_URL=url_for(settings))
+    helpers = []
+    if local_workers > 0:
+        helpers = [subprocess.Popen([sys.executable, "-m", "sheepdog", "worker", "--queue",
+                                     settings.queue, "-j", str(local_workers)], env=env)]
+    argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--worker-class", "gthread",
+            "--workers", "1", "--threads", str(threads), "--access-logfile", "-",
+            "web:create_app()"]
+    click.echo(f"sheepdog serving on http://{bind} ({url_for(settings)})", err=True)
+    try:
+        code = subprocess.run(argv, env=env).returncode
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        for h in helpers:
+            h.terminate()
+            h.wait(30)
+    sys.exit(code)
 
 
 @cli.group()

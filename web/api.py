@@ -80,12 +80,12 @@ def _gemma_job(body: dict[str, Any], workflow_name: str) -> tuple[Job, list[Any]
     raw_inputs = body.get("inputs", {})
     if not isinstance(raw_inputs, dict):
         bad("inputs", "must be an object mapping geno/pheno/anno/covariates to files")
+    params = _params(body.get("params"))  # cheap checks before any file is touched
     files = {k: v for k, v in request.files.items()}
     try:
         paths = inputs.resolve(raw_inputs, files, settings.input_roots, settings.home)
     except InputError as e:
         bad(e.where, e.problem)
-    params = _params(body.get("params"))
     if workflow_name == "gemma-permute":
         params.setdefault("permutations", 1000)
         if params["permutations"] < 1:
@@ -202,10 +202,10 @@ def get_result_file(job_id: str, name: str) -> Any:
     job = _finished(job_id)
     if name not in RESULT_FILES or not job.workflow.startswith("gemma"):
         bad("name", f"no result file {name!r}; available: {', '.join(RESULT_FILES)}", 404)
-    task = job.params["permutation_task"] if name == "permutations.json" else \
-        job.params["scan_task"]
     if name == "permutations.json" and job.workflow != "gemma-permute":
         bad("name", "permutations.json exists for gemma-permute jobs only", 404)
+    task = job.params["permutation_task"] if name == "permutations.json" else \
+        job.params["scan_task"]
     path: Path = state.local_store().task_dir(task) / name
     if not path.is_file():
         bad("name", f"{name} is no longer in the cache", 410)

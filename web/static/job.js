@@ -1,0 +1,107 @@
+// Live progress of one job: one websocket, resumed from the last line id on reconnect.
+(function () {
+  const root = document.getElementById("job");
+  const token = root.dataset.token;
+  const q = (extra) => "?" + new URLSearchParams(Object.assign(token ? {token} : {}, extra));
+  let last = "0-0";
+  let done = false;
+  const sections = {};
+
+  function section(piece) {
+    const name = piece || "sheepdog";
+    if (!sections[name]) {
+      const d = document.createElement("details");
+      d.open = true;
+      d.dataset.piece = name;
+      const s = document.createElement("summary");
+      s.textContent = name;
+      d.appendChild(s);
+      d.appendChild(document.createElement("pre"));
+      document.getElementById("log").appendChild(d);
+      sections[name] = d;
+    }
+    return sections[name];
+  }
+
+  function addLine(m) {
+    const d = section(m.piece);
+    const span = document.createElement("span");
+    span.className = "line " + m.stream;
+    span.textContent = (m.stream === "stderr" ? "! " : "") + m.text + "\n";
+    d.querySelector("pre").appendChild(span);
+    last = m.id;
+  }
+
+  function showProgress(m) {
+    const p = m.progress;
+    const pct = p.total ? Math.round(100 * p.done / p.total) : 0;
+    document.getElementById("bar-fill").style.width = pct + "%";
+    document.getElementById("bar-text").textContent = `${pct}% — ${p.done}/${p.total} pieces`;
+    document.getElementById("eta").textContent =
+      p.eta_seconds != null ? `about ${Math.ceil(p.eta_seconds)} s left` : "";
+    const status = document.getElementById("status");
+    status.textContent = m.status;
+    status.className = "badge " + m.status;
+    const grid = document.getElementById("grid");
+    grid.innerHTML = "";
+    for (const piece of m.pieces) {
+      const c = document.createElement("span");
+      c.className = "cell " + piece.status;
+      c.title = `${piece.name}: ${piece.status}`;
+      c.textContent = piece.name.replace(/^(kinship|lmm) chr /, "$1 ").replace("permutations ", "p ");
+      grid.appendChild(c);
+      if (sections[piece.name]) sections[piece.name].className = piece.status;
+    }
+    if (m.error) showError(m.error);
+  }
+
+  function showError(text) {
+    document.getElementById("error").hidden = false;
+    document.getElementById("error-text").textContent = text;
+  }
+
+  async function showResult() {
+    const r = await fetch(root.dataset.result + q({}));
+    if (!r.ok) return;
+    const result = await r.json();
+    if (!result.top_hits) return;
+    document.getElementById("result").hidden = false;
+    document.getElementById("manhattan").src = result.urls["manhattan.png"] + q({});
+    const body = document.querySelector("#hits tbody");
+    const pcol = result.p_column;
+    for (const h of result.top_hits) {
+      const tr = document.createElement("tr");
+      for (const v of [h.chr, h.rs, h.ps, h[pcol].toExponential(3), h.minus_log10_p.toFixed(2)]) {
+        const td = document.createElement("td");
+        td.textContent = v;
+        tr.appendChild(td);
+      }
+      body.appendChild(tr);
+    }
+    if (result.permutations) {
+      const t = result.permutations;
+      document.getElementById("thresholds").textContent =
+        `${t.permutations} permutations: significant p ${t.significant.toExponential(3)} ` +
+        `(−log10 ${t.significant_minus_log10.toFixed(2)}), suggestive p ` +
+        `${t.suggestive.toExponential(3)} (−log10 ${t.suggestive_minus_log10.toFixed(2)})`;
+    }
+  }
+
+  function connect() {
+    const proto = location.protocol === "https:" ? "wss:" : "ws:";
+    const ws = new WebSocket(`${proto}//${location.host}${root.dataset.stream}${q({after: last})}`);
+    ws.onmessage = (e) => {
+      const m = JSON.parse(e.data);
+      if (m.type === "line") addLine(m);
+      else if (m.type === "progress") showProgress(m);
+      else if (m.type === "end") {
+        done = true;
+        root.dataset.ended = m.status;
+        if (m.status === "success") showResult();
+        else if (m.error) showError(m.error);
+      }
+    };
+    ws.onclose = () => { if (!done) setTimeout(connect, 1000); };
+  }
+  connect();
+})();
