@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -296,9 +297,12 @@ def serve(bind: str, local_workers: int, threads: int) -> None:
     if local_workers > 0:
         helpers = [subprocess.Popen([sys.executable, "-m", "sheepdog", "worker", "--queue",
                                      settings.queue, "-j", str(local_workers)], env=env)]
+    # `web` is a short name: put the directory this install's `web` package sits in first,
+    # so a stray web/ folder where the server is started cannot shadow it
+    home = str(Path(__file__).resolve().parent.parent)
     argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--worker-class", "gthread",
             "--workers", "1", "--threads", str(threads), "--access-logfile", "-",
-            "web:create_app()"]
+            "--pythonpath", home, "web:create_app()"]
     click.echo(f"sheepdog serving on http://{bind} ({url_for(settings)})", err=True)
     try:
         code = subprocess.run(argv, env=env).returncode

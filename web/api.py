@@ -48,11 +48,11 @@ def _body() -> dict[str, Any]:
 
 
 def urls(job: Job) -> dict[str, str]:
-    ws = url_for("job_stream", job_id=job.id, _external=True)
+    ws = url_for("job_stream", job_id=job.id, _external=True)  # werkzeug gives ws://
     return {"job": url_for("api.get_job", job_id=job.id),
             "log": url_for("api.get_log", job_id=job.id),
             "result": url_for("api.get_result", job_id=job.id),
-            "stream": ws.replace("http://", "ws://").replace("https://", "wss://"),
+            "stream": ws,
             "page": url_for("pages.job_page", job_id=job.id, token=job.read_token)}
 
 
@@ -227,6 +227,11 @@ def health() -> Any:
     except SheepdogError as e:
         return jsonify(status="error", error=str(e)), 503
     return jsonify(status="ok")
+
+
+@bp.get("/favicon.ico")
+def favicon() -> Any:
+    return "", 204
 
 
 @bp.get("/openapi.yaml")

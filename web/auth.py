@@ -17,7 +17,7 @@ from sheepdog import store
 
 from . import state
 
-PUBLIC = {"api.health", "static", "api.openapi"}
+PUBLIC = {"api.health", "static", "api.openapi", "api.favicon"}
 # endpoints a job's read token may open: (endpoint, methods)
 JOB_READ = {"api.get_job", "api.get_log", "api.get_result", "api.get_result_file",
             "pages.job_page", "job_stream"}

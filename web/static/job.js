@@ -88,8 +88,10 @@
   }
 
   function connect() {
+    // the path only: behind a proxy the browser's own host and scheme are the right ones
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(`${proto}//${location.host}${root.dataset.stream}${q({after: last})}`);
+    const path = new URL(root.dataset.stream, location.href).pathname;
+    const ws = new WebSocket(`${proto}//${location.host}${path}${q({after: last})}`);
     ws.onmessage = (e) => {
       const m = JSON.parse(e.data);
       if (m.type === "line") addLine(m);

@@ -1,0 +1,174 @@
+"""The web service as deployed: `sheepdog serve` (gunicorn), a websocket client, Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import BXD, free_port, wait_for
+from simple_websocket import Client, ConnectionClosed
+
+TOKEN = "live-token"
+
+
+@pytest.fixture()
+def server(env):
+    port = free_port()
+    server_env = dict(env, SHEEPDOG_API_TOKENS=TOKEN, SHEEPDOG_INPUT_ROOTS=str(BXD))
+    proc = subprocess.Popen([sys.executable, "-m", "sheepdog", "serve", "--bind",
+                             f"127.0.0.1:{port}", "--local-workers", "2"], env=server_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return urllib.request.urlopen(f"{base}/health", timeout=1).status == 200
+        except OSError:
+            return False
+
+    wait_for(up, 30, every=0.1, what="sheepdog serve")
+    yield base
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def api(base, method, path, body=None, token=TOKEN):
+    req = urllib.request.Request(f"{base}{path}", method=method,
+                                 data=json.dumps(body).encode() if body else None,
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def read_stream(base, job_id, after="0-0", stop_after=None, token=TOKEN):
+    ws = Client.connect(f"{base.replace('http', 'ws')}/jobs/{job_id}/stream"
+                        f"?after={after}&token={token}")
+    got = []
+    try:
+        while True:
+            message = json.loads(ws.receive(timeout=60))
+            got.append(message)
+            if message["type"] == "end":
+                break
+            if stop_after and sum(m["type"] == "line" for m in got) >= stop_after:
+                break
+    finally:
+        try:
+            ws.close()
+        except ConnectionClosed:
+            pass  # the server closes first after `end`
+    return got
+
+
+SLOW = ["sh", "-c", "for i in 1 2 3 4 5 6; do echo line $i; sleep 0.4; done; echo bye >&2"]
+
+
+def test_the_stream_replays_then_follows_and_a_reconnect_misses_nothing(server):
+    job = api(server, "POST", "/jobs", {"workflow": "command", "command": SLOW})
+    first = read_stream(server, job["id"], stop_after=3)
+    lines = [m for m in first if m["type"] == "line"]
+    rest = read_stream(server, job["id"], after=lines[-1]["id"])
+    lines += [m for m in rest if m["type"] == "line"]
+    ids = [m["id"] for m in lines]
+    assert len(ids) == len(set(ids))  # nothing twice
+    out = [m["text"] for m in lines if m["stream"] == "stdout"]
+    assert out == [f"line {i}" for i in range(1, 7)]  # nothing missed
+    assert any(m["stream"] == "stderr" and m["text"] == "bye" for m in lines)
+    assert all({"id", "piece", "stream", "text", "time"} <= set(m) for m in lines)
+    assert any(m["type"] == "progress" for m in first + rest)
+    end = rest[-1]
+    assert end == {**end, "type": "end", "status": "success", "exit_code": 0}
+    full = [m["id"] for m in read_stream(server, job["id"]) if m["type"] == "line"]
+    assert full == ids  # a late reader replays exactly the same
+
+
+def test_a_websocket_without_a_token_is_refused(server):
+    job = api(server, "POST", "/jobs", {"workflow": "command", "command": ["true"]})
+    with pytest.raises((ConnectionClosed, ConnectionError, OSError, RuntimeError)):
+        read_stream(server, job["id"], token="")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        api(server, "GET", f"/jobs/{job['id']}", token="wrong")
+    assert e.value.code == 401
+
+
+@pytest.fixture()
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
+
+
+def test_the_progress_page_shows_lines_live_then_100_percent(server, browser, tmp_path):
+    job = api(server, "POST", "/jobs", {"workflow": "command", "command": SLOW})
+    page = browser.new_page()
+    page.goto(f"{server}{job['urls']['page']}")
+    page.wait_for_selector("#log .line.stdout", timeout=15_000)
+    shown_while_running = page.inner_text("#status")
+    assert shown_while_running in ("queued", "running")
+    page.wait_for_function("document.getElementById('job').dataset.ended === 'success'",
+                           timeout=30_000)
+    assert page.inner_text("#bar-text").startswith("100%")
+    log = page.inner_text("#log")
+    assert "line 6" in log and "! bye" in log
+    assert page.locator("#log .stderr").count() == 1
+    page.screenshot(path=str(tmp_path / "command.png"), full_page=True)
+    assert (tmp_path / "command.png").stat().st_size > 10_000
+
+
+def test_a_gemma_page_ends_with_the_plot_and_top_hits(server, browser, tmp_path):
+    job = api(server, "POST", "/jobs", {"workflow": "gemma-loco", "inputs": {
+        "geno": str(BXD / "BXD_geno.txt.gz"), "pheno": str(BXD / "BXD_pheno.txt"),
+        "anno": str(BXD / "BXD_snps.txt")}})
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(f"{server}{job['urls']['page']}")
+    page.wait_for_selector("#grid .cell", timeout=15_000)
+    page.wait_for_function("document.getElementById('job').dataset.ended === 'success'",
+                           timeout=120_000)
+    page.wait_for_selector("#hits tbody tr", timeout=15_000)
+    page.wait_for_function("document.getElementById('manhattan').naturalWidth > 0",
+                           timeout=15_000)
+    assert page.locator("#grid .cell.success").count() == 41
+    assert page.locator("#log details").count() >= 41
+    assert page.inner_text("#bar-text").startswith("100%")
+    top = page.locator("#hits tbody tr").first.inner_text()
+    result = api(server, "GET", f"/jobs/{job['id']}/result")
+    assert result["top_hits"][0]["rs"] in top
+    page.screenshot(path=str(tmp_path / "gemma.png"), full_page=True)
+
+
+def test_a_failed_job_shows_the_error_panel(server, browser):
+    job = api(server, "POST", "/jobs", {"workflow": "command",
+                                        "command": ["sh", "-c", "echo boom >&2; exit 7"]})
+    page = browser.new_page()
+    page.goto(f"{server}{job['urls']['page']}")
+    page.wait_for_function("document.getElementById('job').dataset.ended === 'error'",
+                           timeout=30_000)
+    page.wait_for_selector("#error:not([hidden])", timeout=5_000)
+    assert "exit code 7" in page.inner_text("#error-text")
+    assert "boom" in page.inner_text("#error-text")
+
+
+def test_the_index_lists_recent_jobs_with_links(server, browser):
+    job = api(server, "POST", "/jobs", {"workflow": "command", "command": ["true"]})
+    page = browser.new_page()
+    page.goto(f"{server}/?token={TOKEN}")
+    link = page.locator(f"a:has-text('{job['id']}')")
+    assert link.count() == 1
+    link.click()
+    page.wait_for_selector("#job")
+    assert job["id"] in page.inner_text("h1")
