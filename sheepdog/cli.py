@@ -316,6 +316,45 @@ def serve(bind: str, local_workers: int, threads: int) -> None:
 
 
 @cli.group()
+def hosts() -> None:
+    """Remote hosts (names from ~/.ssh/config and the sheepdog inventory)."""
+
+
+@hosts.command("list")
+def hosts_list() -> None:
+    """The host names sheepdog knows."""
+    from .hosts import known_host_names
+
+    for name in known_host_names(_settings().inventory):
+        click.echo(name)
+
+
+@hosts.command("check")
+@click.argument("host")
+@click.option("--json", "as_json", is_flag=True)
+def hosts_check(host: str, as_json: bool) -> None:
+    """Can sheepdog run pieces on HOST: ssh, Guix alignment, tools, GEMMA, disk, Slurm."""
+    from .checks import check_host
+    from .gemma.commands import version
+    from .hosts import resolve
+
+    target = resolve(host, _settings().inventory)
+    try:
+        local = version()
+    except SheepdogError:
+        local = None
+    checks = check_host(target, local)
+    if as_json:
+        _print_json({"host": host, "ok": all(c.status != "fail" for c in checks),
+                     "checks": [c.as_dict() for c in checks]})
+    else:
+        for c in checks:
+            line = f"{c.status.upper():<5} {c.name}: {c.found}"
+            click.echo(line + (f"\n      -> {c.remedy}" if c.remedy else ""))
+    sys.exit(0 if all(c.status != "fail" for c in checks) else 1)
+
+
+@cli.group()
 def cache() -> None:
     """The content-addressed cache of inputs and computed pieces."""
 

@@ -268,11 +268,11 @@ def _read_jobs(pipe: Pipeline, task_id: str) -> dict[str, dict[str, str]]:
 
 
 def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
-           error: str = "") -> str:
+           error: str = "", retryable: bool = False) -> str:
     """Record the end of a running attempt; returns the task's new status.
 
     Success releases the tasks that were waiting on it. A failure is retried when the
-    task's policy allows and attempts remain; otherwise the task, everything downstream
+    task's policy allows (or the backend lost it: `retryable`) and attempts remain; otherwise the task, everything downstream
     of it and every job waiting on it fail, with the message naming the piece.
     """
     key = keys.task(task_id)
@@ -289,7 +289,7 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
         if exit_code == 0 and not error:
             return _record_success(pipe, conn, task, jobs, now,
                                    note=f"{task.name}: success {took}")
-        if task.retry_on_failure and task.attempts < task.max_attempts:
+        if (task.retry_on_failure or retryable) and task.attempts < task.max_attempts:
             pipe.multi()
             _requeue(pipe, conn, task, now, f"attempt {task.attempts} failed: {error}")
             _say(pipe, jobs, task, f"{task.name}: attempt {task.attempts} failed {took} "

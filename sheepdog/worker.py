@@ -8,6 +8,7 @@ expired was lost with its worker and is run again, or failed when out of attempt
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -30,6 +31,8 @@ from .errors import SheepdogError
 from .finalize import finalize
 from .models import Task, TaskStatus
 
+log = logging.getLogger(__name__)
+
 
 def make_backend(task: Task, settings: Settings, local_store: Store) -> Backend:
     """The backend a task asks for (remote ones are added by backends.registry)."""
@@ -44,6 +47,7 @@ def make_backend(task: Task, settings: Settings, local_store: Store) -> Backend:
 class Outcome:
     exit_code: int | None
     error: str = ""
+    lost: bool = False
 
 
 RELEASED = "released"
@@ -86,7 +90,8 @@ class Executor:
             outcome.error = f"exit code {outcome.exit_code}"
         if outcome.error and stderr_tail and outcome.exit_code not in (None, 0):
             outcome.error += ": " + " | ".join(stderr_tail)
-        status = store.finish(self.conn, task.id, self.worker, outcome.exit_code, outcome.error)
+        status = store.finish(self.conn, task.id, self.worker, outcome.exit_code, outcome.error,
+                              retryable=outcome.lost)
         if status == "success":
             for jid in jobs:
                 finalize(self.conn, self.settings, jid)
@@ -100,11 +105,13 @@ class Executor:
             return Outcome(None, str(e))
         try:
             sub = backend.submit(task, sink)
-        except SheepdogError as e:
-            backend.close()
-            return Outcome(None, str(e))
-        try:
             return self._watch(backend, sub, task, writer)
+        except SheepdogError as e:
+            return Outcome(None, str(e))
+        except Exception as e:  # a backend's bug fails the piece, loudly, not the worker
+            log.exception("task %s failed inside sheepdog", task.id)
+            return Outcome(None, f"internal error in the {task.backend} backend: "
+                                 f"{type(e).__name__}: {e}")
         finally:
             backend.close()
 
@@ -116,7 +123,7 @@ class Executor:
         while True:
             ended: list[StatusUpdate] = list(backend.poll([sub]))
             if ended:
-                return Outcome(ended[0].exit_code, ended[0].error)
+                return Outcome(ended[0].exit_code, ended[0].error, ended[0].lost)
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + interval
@@ -281,6 +288,8 @@ class Worker:
                 self._busy += 1
             try:
                 executor.execute(str(rq_job.args[0]))
+            except Exception:  # keep serving; the heartbeat reaper recovers the task
+                log.exception("worker %s: task thread error", self.name)
             finally:
                 rq_job.delete()
                 with self._lock:

@@ -37,6 +37,7 @@ class StatusUpdate:
     task_id: str
     exit_code: int | None
     error: str = ""
+    lost: bool = False  # the backend lost the piece (host or link down): worth running again
 
 
 class Backend(abc.ABC):

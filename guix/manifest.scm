@@ -1,0 +1,16 @@
+;; The tools a sheepdog host needs: GEMMA for the scans, Python with sheepdog's
+;; dependencies for its steps (kinship, LOCO, gather, permutations), ssh and coreutils.
+;;   guix shell -m guix/manifest.scm          (on a host: guix package -m ... -p PROFILE)
+(specifications->manifest
+  (list "gemma"
+        "python"
+        "python-numpy"
+        "python-matplotlib"
+        "python-redis"
+        "python-rq"
+        "python-paramiko"
+        "python-flask"
+        "python-click"
+        "coreutils"
+        "gzip"
+        "openssh"))

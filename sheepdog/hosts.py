@@ -1,0 +1,113 @@
+"""Hosts: a name resolved through ~/.ssh/config, plus sheepdog's own per-host settings.
+
+The inventory (TOML, SHEEPDOG_INVENTORY or ~/.config/sheepdog/hosts.toml) adds what ssh
+does not know:
+
+    [hosts.octopus]
+    workdir = "/export/sheepdog"     # where the cache and scratch live on the host
+    backend = "slurm"                # default backend for this host
+    partition = "compute"            # Slurm partition / account
+    account = "genenetwork"
+    guix_profile = "/gnu/var/sheepdog/profile"   # commands run inside this profile
+    allow_without_guix = false       # run even when the host has no Guix
+    [hosts.octopus.env]              # set for every piece run there, e.g. the CPU
+    OPENBLAS_CORETYPE = "Haswell"    # kernel the host's OpenBLAS must use
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paramiko
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Host:
+    """Everything needed to reach and use one host."""
+
+    name: str
+    hostname: str
+    port: int = 22
+    user: str = ""
+    identity_files: tuple[str, ...] = ()
+    known_hosts: tuple[str, ...] = ()
+    proxy_jump: str = ""
+    workdir: str = ""
+    backend: str = "shell"
+    partition: str = ""
+    account: str = ""
+    guix_profile: str = ""
+    allow_without_guix: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def ssh_config_path() -> Path:
+    return Path(os.environ.get("SHEEPDOG_SSH_CONFIG", Path.home() / ".ssh" / "config"))
+
+
+def inventory_path(explicit: str | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "sheepdog" / "hosts.toml"
+
+
+def _inventory(path: Path) -> dict[str, dict[str, object]]:
+    if not path.is_file():
+        return {}
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    hosts = table.get("hosts", {})
+    if not isinstance(hosts, dict):
+        raise ConfigError(f"{path}: [hosts] must be a table of host tables")
+    return hosts
+
+
+def known_host_names(inventory: str | None = None) -> list[str]:
+    names = set(_inventory(inventory_path(inventory)))
+    config = ssh_config_path()
+    if config.is_file():
+        names |= {h for h in paramiko.SSHConfig.from_path(str(config)).get_hostnames()
+                  if "*" not in h and "?" not in h}
+    return sorted(names)
+
+
+def resolve(name: str, inventory: str | None = None) -> Host:
+    """The host called `name`; ConfigError says how to define it when it is unknown."""
+    if not name or any(c in name for c in " \t\n;'\"`$"):
+        raise ConfigError(f"{name!r} is not a host name")
+    settings = _inventory(inventory_path(inventory)).get(name, {})
+    config_path = ssh_config_path()
+    cfg: dict[str, object] = {}
+    if config_path.is_file():
+        cfg = dict(paramiko.SSHConfig.from_path(str(config_path)).lookup(name))
+    if settings == {} and cfg.get("hostname", name) == name and name not in known_host_names(
+            inventory):
+        raise ConfigError(f"unknown host {name!r}: add a 'Host {name}' entry to "
+                          f"{config_path} or a [hosts.{name}] table to "
+                          f"{inventory_path(inventory)}")
+    known = cfg.get("userknownhostsfile") or str(Path.home() / ".ssh" / "known_hosts")
+    known_files = tuple(os.path.expanduser(k) for k in str(known).split())
+    return Host(
+        name=name,
+        hostname=str(settings.get("hostname") or cfg.get("hostname") or name),
+        port=int(str(settings.get("port") or cfg.get("port") or 22)),
+        user=str(settings.get("user") or cfg.get("user") or os.environ.get("USER", "root")),
+        identity_files=tuple(os.path.expanduser(i) for i in cfg.get("identityfile", [])),
+        known_hosts=known_files,
+        proxy_jump=str(cfg.get("proxyjump") or ""),
+        workdir=str(settings.get("workdir") or ""),
+        backend=str(settings.get("backend") or "shell"),
+        partition=str(settings.get("partition") or ""),
+        account=str(settings.get("account") or ""),
+        guix_profile=str(settings.get("guix_profile") or ""),
+        allow_without_guix=bool(settings.get("allow_without_guix", False)),
+        env={str(k): str(v) for k, v in dict(settings.get("env") or {}).items()},  # type: ignore[call-overload]
+    )
