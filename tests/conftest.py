@@ -159,3 +159,13 @@ def gemma_loco_kinships(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("gemma-reference")
     return work, loco_kinships(work)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-node Slurm for the whole session (munge, slurmctld, slurmd)."""
+    import slurm_cluster
+
+    cluster = slurm_cluster.start(tmp_path_factory.mktemp("slurm"), free_port())
+    yield cluster
+    cluster.stop()

@@ -154,13 +154,9 @@ class ShellBackend(Backend):
         self.conn().run(f"touch {q([part + '/.complete'])} && "
                         f"(mv -T {q([part])} {q([remote])} 2>/dev/null || rm -rf {q([part])})")
 
-    # -- the contract
-    def submit(self, task: Task, sink: OutputSink) -> Submission:
-        self.sent_bytes = 0
-        staged = self._stage(task)
-        wd = self.workdir()
-        scratch = (f"{wd}/scratch/{task.id}.{uuid.uuid4().hex[:8]}" if task.cacheable
-                   else f"{wd}/jobs/{task.nonce}")
+    @staticmethod
+    def resolver(task: Task, staged: dict[str, str], scratch: str) -> Any:
+        """Placeholders to paths on the host (see _stage)."""
 
         def resolve(item: dict[str, Any]) -> str:
             if "input" in item:
@@ -173,7 +169,17 @@ class ShellBackend(Backend):
                 return "python3"
             raise BackendError(f"task '{task.name}' has an unknown placeholder {item!r}")
 
-        argv = render_argv(task.argv, resolve)
+        return resolve
+
+    # -- the contract
+    def submit(self, task: Task, sink: OutputSink) -> Submission:
+        self.sent_bytes = 0
+        staged = self._stage(task)
+        wd = self.workdir()
+        scratch = (f"{wd}/scratch/{task.id}.{uuid.uuid4().hex[:8]}" if task.cacheable
+                   else f"{wd}/jobs/{task.nonce}")
+
+        argv = render_argv(task.argv, self.resolver(task, staged, scratch))
         sink("sheepdog", [
             f"{task.name}: staged {self.sent_bytes:,d} bytes to {self.host.name}"
             + (" (everything was already there)" if self.sent_bytes == 0 else "")])

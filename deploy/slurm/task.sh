@@ -1,0 +1,1 @@
+../../sheepdog/backends/templates/slurm_task.sh
