@@ -61,6 +61,10 @@ def backend_options(fn: F) -> F:
         click.option("--queue", default=None, help="Queue name (default: from settings)."),
         click.option("--detach", is_flag=True, help="Print the job id and return at once."),
         click.option("--json", "as_json", is_flag=True, help="Print the final job as JSON."),
+        click.option("--race", default=None, metavar="H1,H2,local",
+                     help="Start the job on several hosts/backends; the first success wins."),
+        click.option("--complete-all", is_flag=True,
+                     help="With --race: let the losers finish too, to fill their caches."),
     ]):
         fn = opt(fn)
     return fn
@@ -83,11 +87,16 @@ def run() -> None:
 @click.option("--timeout", type=float, default=0.0, help="Kill the command after SECONDS.")
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 def run_command(argv: tuple[str, ...], backend: str, host: str | None, queue: str | None,
-                detach: bool, as_json: bool, timeout: float) -> None:
+                detach: bool, as_json: bool, timeout: float, race: str | None,
+                complete_all: bool) -> None:
     """Run one command as a job; exit with its exit code."""
     settings = _settings()
     job, tasks = workflow.command_job(list(argv), settings, backend=backend, host=host,
                                       queue=queue, timeout=timeout)
+    if race:
+        run_race(settings, race, complete_all, queue or settings.queue,
+                 lambda: workflow.command_job(list(argv), settings, queue=queue,
+                                              timeout=timeout))
     conn = _conn(settings)
     workflow.submit(conn, settings, job, tasks)
     finish(conn, settings, job.id, job.queue, detach, as_json)
@@ -113,6 +122,30 @@ def finish(conn: Any, settings: config.Settings, job_id: str, queue: str, detach
         click.echo(f"sheepdog: job {job.id} failed: {job.error}", err=True)
     code = job.exit_code if job.exit_code is not None else (0 if job.status == "success" else 1)
     sys.exit(code)
+
+
+def run_race(settings: config.Settings, spec: str, complete_all: bool, queue: str,
+             build: Callable[[], Any],
+             after: Callable[[Any, config.Settings, Any, str], None] | None = None) -> None:
+    """Run a job on several lanes, stream them all, exit with the winner's exit code."""
+    from . import race
+
+    lanes = race.parse_lanes(spec, settings.inventory)
+    conn = _conn(settings)
+    jobs = race.start(conn, settings, lanes, build)
+    for job_id, lane in jobs.items():
+        click.echo(f"[sheepdog] race lane {lane.label}: job {job_id}", err=True)
+    for lane, item in race.follow(conn, settings, jobs, queue, complete_all):
+        if isinstance(item, str):
+            click.echo(f"[sheepdog] {item}", err=True)
+        elif item.stream in ("stdout", "stderr"):
+            click.echo(f"[{lane.label}] {item.text}", err=item.stream == "stderr")
+    winner = race.winner_of(conn, jobs)
+    if winner is None:
+        sys.exit(1)
+    if after is not None:
+        after(conn, settings, winner, jobs[winner.id].label)
+    sys.exit(winner.exit_code or 0)
 
 
 class ProgressLine:

@@ -154,7 +154,7 @@ def note(conn: redis.Redis, job_id: str, text: str, piece: str = "", task: str =
     writer.flush()
 
 
-def _decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> LogLine:
+def decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> LogLine:
     f = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
     eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return LogLine(id=eid, task=f.get("task", ""), piece=f.get("piece", ""),
@@ -167,7 +167,7 @@ def read(conn: redis.Redis, job_id: str, after: str = "0-0", count: int = 1000) 
     """Lines strictly after the id `after` (resumable: pass the last id you saw)."""
     start = f"({after}" if after not in ("", "0", "0-0") else "-"
     entries = conn.xrange(keys.job_log(job_id), min=start, max="+", count=count)
-    return [_decode(eid, fields) for eid, fields in entries]
+    return [decode(eid, fields) for eid, fields in entries]
 
 
 def follow(conn: redis.Redis, job_id: str, ended: Callable[[], bool], after: str = "0-0",
@@ -186,7 +186,7 @@ def follow(conn: redis.Redis, job_id: str, ended: Callable[[], bool], after: str
         if now - asked > 1.0:
             finished, asked = ended(), now
         reply = conn.xread({stream: last}, count=1000, block=None if finished else block_ms)
-        lines = [_decode(eid, f) for _, entries in (reply or []) for eid, f in entries]
+        lines = [decode(eid, f) for _, entries in (reply or []) for eid, f in entries]
         for line in lines:
             yield line
             if line.end:

@@ -141,3 +141,27 @@ def test_a_host_without_guix_is_reported_and_may_be_allowed(env_ssh, host):
     r = sheepdog("hosts", "check", "testhost", "--json", env=env_ssh)
     guix = next(c for c in json.loads(r.stdout)["checks"] if c["name"] == "guix")
     assert guix["status"] == "warn" and r.returncode == 0
+
+
+RACE = 'case "$PWD" in */remote/*) sleep {slow};; esac; echo "done in $PWD"'
+
+
+def test_a_race_takes_the_first_success_and_cancels_the_rest(env_ssh, conn):
+    r = sheepdog("run", "--race", "testhost,local", "--", "sh", "-c", RACE.format(slow=60),
+                 env=env_ssh, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "winner: local" in r.stderr
+    assert "cancelled: testhost lost the race" in r.stderr
+    jobs = {j.params.get("race"): j for j in store.list_jobs(conn)}
+    assert jobs["local"].status == "success" and jobs["testhost"].status == "cancelled"
+
+
+def test_a_race_with_complete_all_lets_every_lane_finish(env_ssh, conn, tmp_path):
+    r = sheepdog("run", "gemma-loco", "--example", "--race", "testhost,local",
+                 "--complete-all", "--out", str(tmp_path / "out"), env=env_ssh, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "winner:" in r.stderr and "lost the race" not in r.stderr
+    jobs = {j.params.get("race"): j for j in store.list_jobs(conn)}
+    assert {jobs["local"].status, jobs["testhost"].status} == {"success"}
+    assert (tmp_path / "out" / "assoc.txt").exists()
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["counts"]["snps"] == 7320

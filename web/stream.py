@@ -12,7 +12,7 @@ from flask import request
 from flask_sock import Sock
 
 from sheepdog import keys, progress, store
-from sheepdog.logs import _decode
+from sheepdog.logs import decode
 
 from . import state
 
@@ -37,7 +37,7 @@ def follow(ws: Any, job_id: str, after: str) -> None:
         ended = False
         for _, entries in reply or []:
             for entry_id, fields in entries:
-                line = _decode(entry_id, fields)
+                line = decode(entry_id, fields)
                 ws.send(json.dumps({"type": "line", **line.as_dict()}))
                 last = line.id
                 ended = ended or line.end

@@ -9,7 +9,7 @@ import click
 
 from .. import store
 from ..cache import Store
-from ..cli import _conn, _print_json, _settings, backend_options, cli, finish, run
+from ..cli import _conn, _print_json, _settings, backend_options, cli, finish, run, run_race
 from ..finalize import finalize
 from ..models import JobStatus
 from ..workflow import submit
@@ -58,9 +58,15 @@ def _request(kw: dict[str, Any]) -> GemmaRequest:
 
 def _run(kw: dict[str, Any]) -> None:
     detach, as_json = kw.pop("detach"), kw.pop("as_json")
+    race, complete_all = kw.pop("race"), kw.pop("complete_all")
     settings = _settings()
     request = _request(kw)
     local = Store(settings.store_dir)
+    if race:
+        out_dir = request.out_dir
+        run_race(settings, race, complete_all, request.queue or settings.queue,
+                 lambda: build_job(request, settings, local),
+                 after=lambda conn, s, winner, label: _race_won(conn, s, winner, label, out_dir))
     conn = _conn(settings)
     job, tasks = build_job(request, settings, local)
     if request.force:
@@ -69,6 +75,14 @@ def _run(kw: dict[str, Any]) -> None:
     if not detach:
         finalize(conn, settings, job.id)  # a fully cached job ends right here
     finish(conn, settings, job.id, job.queue, detach, as_json, after_wait=_after)
+
+
+def _race_won(conn: Any, settings: Any, winner: Any, label: str, out_dir: str) -> None:
+    finalize(conn, settings, winner.id)  # the compact result, if no worker wrote it yet
+    if out_dir:
+        store.set_job_fields(conn, winner.id, out_dir=str(Path(out_dir).resolve()))
+        export(conn, settings, store.get_job(conn, winner.id), Path(out_dir))
+    click.echo(f"results of lane {label} in {out_dir or 'the cache'}", err=True)
 
 
 def _after(conn: Any, settings: Any, job_id: str) -> None:
