@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import config, embedded, keys, logs, progress, store, workflow
+from . import config, embedded, logs, progress, store, workflow
 from .cache import Store
 from .connection import connect, url_for
 from .errors import SheepdogError
@@ -283,36 +283,18 @@ def cancel(job_id: str) -> None:
 @click.option("--gn3-queue", is_flag=False, flag_value="GN3::job-queue", default=None,
               help="Also serve GN3's Redis LIST queue (default name GN3::job-queue).")
 @click.option("--name", default=None, help="Worker name (default host.pid.random).")
-@click.option("--until", "until_job", default=None, hidden=True,
-              help="Helper mode: exit once this job has ended (used by `sheepdog run`).")
 def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queue: str | None,
-           name: str | None, until_job: str | None) -> None:
+           name: str | None) -> None:
     """Run tasks from the queues until stopped (SIGTERM/SIGINT finish current tasks)."""
     settings = _settings()
     conn = _conn(settings)
-    until = helper_done(conn, until_job) if until_job else None
     w = Worker(conn, settings, list(queues) or [settings.queue], concurrency=concurrency,
-               name=name or (f"helper.{until_job}.{os.getpid()}" if until_job else None),
-               burst=burst, gn3_queue=gn3_queue, until=until, register=until is None)
+               name=name, burst=burst, gn3_queue=gn3_queue)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: w.stop())
-    if until is None:
-        click.echo(f"sheepdog worker {w.name} on {', '.join(w.queue_names)} "
-                   f"({url_for(settings)})", err=True)
+    click.echo(f"sheepdog worker {w.name} on {', '.join(w.queue_names)} "
+               f"({url_for(settings)})", err=True)
     w.run()
-
-
-def helper_done(conn: Any, job_id: str, grace: float = 30.0) -> Callable[[], bool]:
-    """A helper's stop condition: its job ended, or never appeared (the client failed)."""
-    born = time.monotonic()
-
-    def done() -> bool:
-        status = conn.hget(keys.job(job_id), "status")
-        if status is None:
-            return time.monotonic() - born > grace
-        return JobStatus(status.decode()).final
-
-    return done
 
 
 @cli.command()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from .errors import ConfigError
 
@@ -23,7 +24,9 @@ def data_dir() -> Path:
 
 def config_file() -> Path:
     explicit = os.environ.get("SHEEPDOG_CONFIG")
-    return Path(explicit) if explicit else _xdg("XDG_CONFIG_HOME", ".config") / "sheepdog/config.toml"
+    if explicit:
+        return Path(explicit)
+    return _xdg("XDG_CONFIG_HOME", ".config") / "sheepdog/config.toml"
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ does not know:
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
+import tomllib
 
 from .errors import ConfigError
 
@@ -79,6 +79,14 @@ def known_host_names(inventory: str | None = None) -> list[str]:
     return sorted(names)
 
 
+def _env_table(raw: object, name: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[hosts.{name}.env] must be a table of NAME = \"value\"")
+    return {str(k): str(v) for k, v in raw.items()}
+
+
 def resolve(name: str, inventory: str | None = None) -> Host:
     """The host called `name`; ConfigError says how to define it when it is unknown."""
     if not name or any(c in name for c in " \t\n;'\"`$"):
@@ -100,7 +108,8 @@ def resolve(name: str, inventory: str | None = None) -> Host:
         hostname=str(settings.get("hostname") or cfg.get("hostname") or name),
         port=int(str(settings.get("port") or cfg.get("port") or 22)),
         user=str(settings.get("user") or cfg.get("user") or os.environ.get("USER", "root")),
-        identity_files=tuple(os.path.expanduser(i) for i in cfg.get("identityfile", [])),
+        identity_files=tuple(os.path.expanduser(str(i))
+                             for i in list(cfg.get("identityfile") or [])),  # type: ignore[call-overload]
         known_hosts=known_files,
         proxy_jump=str(cfg.get("proxyjump") or ""),
         workdir=str(settings.get("workdir") or ""),
@@ -109,5 +118,5 @@ def resolve(name: str, inventory: str | None = None) -> Host:
         account=str(settings.get("account") or ""),
         guix_profile=str(settings.get("guix_profile") or ""),
         allow_without_guix=bool(settings.get("allow_without_guix", False)),
-        env={str(k): str(v) for k, v in dict(settings.get("env") or {}).items()},  # type: ignore[call-overload]
+        env=_env_table(settings.get("env"), name),
     )

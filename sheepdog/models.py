@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+FINAL_STATES = frozenset({"success", "error", "cancelled"})
+
 
 class JobStatus(str, Enum):
     """A job's state, in GN3's words plus `cancelled`."""
@@ -21,7 +23,7 @@ class JobStatus(str, Enum):
 
     @property
     def final(self) -> bool:
-        return self in (JobStatus.SUCCESS, JobStatus.ERROR, JobStatus.CANCELLED)
+        return self.value in FINAL_STATES
 
 
 class TaskStatus(str, Enum):
@@ -36,7 +38,7 @@ class TaskStatus(str, Enum):
 
     @property
     def final(self) -> bool:
-        return self in (TaskStatus.SUCCESS, TaskStatus.ERROR, TaskStatus.CANCELLED)
+        return self.value in FINAL_STATES
 
 
 # An argv item is a literal string, or a placeholder a backend resolves to a path:

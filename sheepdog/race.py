@@ -108,12 +108,7 @@ def follow(conn: redis.Redis, settings: Settings, jobs: dict[str, Lane], queue: 
                 winner = next((j for j, s in states.items()
                                if s.status == JobStatus.SUCCESS.value), None)
                 if winner is not None:
-                    yield jobs[winner], f"winner: {jobs[winner].label} (job {winner})"
-                    if not complete_all:
-                        for jid, s in states.items():
-                            if jid != winner and not JobStatus(s.status).final:
-                                store.cancel_job(conn, jid)
-                                yield jobs[jid], f"cancelled: {jobs[jid].label} lost the race"
+                    yield from _decided(conn, jobs, states, winner, complete_all)
             if all(JobStatus(s.status).final for s in states.values()):
                 if winner is None:
                     yield next(iter(jobs.values())), "no lane succeeded"
@@ -122,6 +117,17 @@ def follow(conn: redis.Redis, settings: Settings, jobs: dict[str, Lane], queue: 
     finally:
         for h in helpers.values():
             h.stop()
+
+
+def _decided(conn: redis.Redis, jobs: dict[str, Lane], states: dict[str, Job], winner: str,
+             complete_all: bool) -> Iterator[tuple[Lane, str]]:
+    yield jobs[winner], f"winner: {jobs[winner].label} (job {winner})"
+    if complete_all:
+        return
+    for jid, state in states.items():
+        if jid != winner and not JobStatus(state.status).final:
+            store.cancel_job(conn, jid)
+            yield jobs[jid], f"cancelled: {jobs[jid].label} lost the race"
 
 
 def winner_of(conn: redis.Redis, jobs: dict[str, Lane]) -> Job | None:

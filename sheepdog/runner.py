@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import redis
@@ -37,24 +36,13 @@ def run_inline(conn: redis.Redis, settings: Settings, job_id: str, queue: str,
     return worker, thread
 
 
-def spawn_workers(settings: Settings, queue: str, count: int, until: str | None = None,
-                  burst: bool = False) -> list[subprocess.Popen[bytes]]:
-    """Worker processes for one client: each its own interpreter, so no GIL is shared."""
-    env = dict(os.environ)
-    env["SHEEPDOG_REDIS_URL"] = url_for(settings)
-    argv = [sys.executable, "-m", "sheepdog", "worker", "--queue", queue]
-    if until:
-        argv += ["--until", until]
-    if burst:
-        argv += ["--burst"]
-    return [subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-            for _ in range(count)]
-
-
 def spawn_detached_worker(settings: Settings, queue: str) -> int:
     """A background `sheepdog worker --burst` for --detach when no worker is running."""
-    return spawn_workers(settings, queue, 1, burst=True)[0].pid
+    env = dict(os.environ, SHEEPDOG_REDIS_URL=url_for(settings))
+    argv = [sys.executable, "-m", "sheepdog", "worker", "--queue", queue, "--burst",
+            "--concurrency", str(os.cpu_count() or 1)]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env).pid
 
 
 class Helpers:

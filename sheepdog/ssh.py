@@ -8,7 +8,6 @@ and kept alive, so a dead link is noticed within seconds.
 from __future__ import annotations
 
 import shlex
-import socket
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,7 +75,7 @@ class Connection:
                     f"{h.known_hosts[0] if h.known_hosts else '~/.ssh/known_hosts'}",
                     h.name) from e
             raise BackendError(f"ssh to {where} failed: {e}", h.name) from e
-        except (OSError, socket.timeout) as e:
+        except (TimeoutError, OSError) as e:
             raise BackendError(f"cannot reach {where} ({e.strerror or e}); is the host up "
                                "and sshd listening?", h.name) from e
         transport = client.get_transport()
@@ -122,7 +121,7 @@ class Connection:
                 else:
                     channel.status_event.wait(0.05)
             code = channel.recv_exit_status()
-        except socket.timeout as e:
+        except TimeoutError as e:
             channel.close()
             raise BackendError(f"{command[:60]!r} did not finish within {timeout:g}s",
                                self.host.name) from e

@@ -53,7 +53,7 @@ def get_job(conn: redis.Redis, job_id: str) -> Job:
     raw = conn.hgetall(keys.job(job_id))
     if not raw:
         raise UnknownJob(job_id)
-    return from_hash(Job, raw)  # type: ignore[no-any-return]
+    return from_hash(Job, raw)
 
 
 def get_task(conn: redis.Redis, task_id: str) -> Task | None:
@@ -272,8 +272,9 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
     """Record the end of a running attempt; returns the task's new status.
 
     Success releases the tasks that were waiting on it. A failure is retried when the
-    task's policy allows (or the backend lost it: `retryable`) and attempts remain; otherwise the task, everything downstream
-    of it and every job waiting on it fail, with the message naming the piece.
+    task's policy allows (or the backend lost it: `retryable`) and attempts remain;
+    otherwise the task, everything downstream of it and every job waiting on it fail,
+    with the message naming the piece.
     """
     key = keys.task(task_id)
 
@@ -470,7 +471,8 @@ def iter_final(conn: redis.Redis, job_ids: Iterable[str]) -> Iterator[str]:
             yield jid
 
 
-def forget(conn: redis.Redis, task_ids: list[str], remove_outputs: Callable[[str], object]) -> int:
+def forget(conn: redis.Redis, task_ids: list[str],
+           remove_outputs: Callable[[str], object]) -> int:
     """For --force: drop finished tasks (state and outputs) so they are computed again.
 
     Tasks still queued or running are left alone: they are computing right now.

@@ -277,7 +277,7 @@ class Worker:
             try:
                 # a worker that leaves with its job must notice quickly (Redis takes floats)
                 wait = 0.05 if self.until is not None else 1
-                found = Queue.dequeue_any(self.queues, timeout=wait,  # type: ignore[arg-type]
+                found = Queue.dequeue_any(self.queues, timeout=wait,
                                           connection=self.conn)
             except DequeueTimeout:
                 continue

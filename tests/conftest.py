@@ -104,16 +104,24 @@ def home(tmp_path) -> Path:
 
 
 @pytest.fixture()
-def settings(redis_server, home) -> Settings:
-    return Settings(redis_url=redis_server.url, home=home, heartbeat_timeout=2.0)
+def queue(request) -> str:
+    """A queue of this test's own: a worker left over from another test never takes its
+    pieces (it would publish them into that test's store)."""
+    return "q-" + request.node.name[-40:].replace("[", "-").replace("]", "")
 
 
 @pytest.fixture()
-def env(redis_server, home, conn) -> dict[str, str]:
-    """Environment for sheepdog subprocesses: the test Redis (emptied), a private home."""
+def settings(redis_server, home, queue) -> Settings:
+    return Settings(redis_url=redis_server.url, home=home, heartbeat_timeout=2.0, queue=queue)
+
+
+@pytest.fixture()
+def env(redis_server, home, conn, queue) -> dict[str, str]:
+    """Environment for sheepdog subprocesses: the test Redis (emptied), a private home
+    and queue."""
     e = dict(os.environ)
     e.update(SHEEPDOG_REDIS_URL=redis_server.url, SHEEPDOG_HOME=str(home),
-             SHEEPDOG_HEARTBEAT_TIMEOUT="2", PYTHONUNBUFFERED="1")
+             SHEEPDOG_HEARTBEAT_TIMEOUT="2", SHEEPDOG_QUEUE=queue, PYTHONUNBUFFERED="1")
     return e
 
 

@@ -111,7 +111,7 @@ def test_a_job_the_cluster_kills_is_submitted_again(env_slurm, conn, workers, sl
 
 
 def test_sbatch_over_ssh_and_a_rejected_partition_is_one_clear_line(env, slurm, tmp_path):
-    extra = f'partition = "nosuch"\nbackend = "slurm"\n'
+    extra = 'partition = "nosuch"\nbackend = "slurm"\n'
     host = sshd.start(tmp_path / "login", free_port(), name="login", inventory_extra=extra)
     try:
         inv = host.dir / "hosts.toml"

@@ -36,7 +36,7 @@ def _state(job_id: str) -> dict[str, Any] | None:
         return None
     from sheepdog.gn3 import output_text
 
-    out = {"cmd": job.command or job.workflow, "status": job.status,
+    out: dict[str, Any] = {"cmd": job.command or job.workflow, "status": job.status,
            "result": "", "exit_code": job.exit_code, "workflow": job.workflow}
     if job.status == "success":
         out["result"] = output_text(state.conn(), job.id, "stdout") if not job.result \

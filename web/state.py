@@ -15,7 +15,7 @@ _lock = threading.Lock()
 
 
 def settings() -> Settings:
-    return current_app.config["SETTINGS"]  # type: ignore[no-any-return]
+    return current_app.config["SETTINGS"]
 
 
 def conn() -> Any:

@@ -61,7 +61,7 @@ class Backend(abc.ABC):
         """Block up to `seconds`, returning early if a submission may have ended."""
         time.sleep(seconds)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  most backends hold nothing to release
         """Release connections; the backend is not used again."""
 
 

@@ -135,7 +135,7 @@ class ShellBackend(Backend):
         for sha, remote in blobs.items():
             if remote in missing:
                 with open(self.store.blob(sha), "rb") as f:
-                    self._put(f, remote)  # type: ignore[arg-type]
+                    self._put(f, remote)
         for tid, remote in deps.items():
             if remote + "/.complete" in missing:
                 self._send_dir(self.store.task_dir(tid), remote)
@@ -149,7 +149,7 @@ class ShellBackend(Backend):
         part = f"{remote}.{uuid.uuid4().hex[:8]}.part"
         for path in sorted(p for p in local.rglob("*") if p.is_file()):
             with open(path, "rb") as f:
-                self._put(f, f"{part}/{path.relative_to(local)}")  # type: ignore[arg-type]
+                self._put(f, f"{part}/{path.relative_to(local)}")
         q = ssh.quote
         self.conn().run(f"touch {q([part + '/.complete'])} && "
                         f"(mv -T {q([part])} {q([remote])} 2>/dev/null || rm -rf {q([part])})")
@@ -238,8 +238,9 @@ class ShellBackend(Backend):
             return StatusUpdate(task.id, code, str(e))
         q = ssh.quote
         target = f"{self.workdir()}/store/tasks/{task.id}"
+        parent = str(Path(target).parent)
         self.conn().run(f"rm -f {q([sub.workdir + '/' + PGID_FILE])}; touch "
-                        f"{q([sub.workdir + '/.complete'])}; mkdir -p {q([str(Path(target).parent)])}"
+                        f"{q([sub.workdir + '/.complete'])}; mkdir -p {q([parent])}"
                         f"; mv -T {q([sub.workdir])} {q([target])} 2>/dev/null || "
                         f"rm -rf {q([sub.workdir])}")
         return StatusUpdate(task.id, 0)

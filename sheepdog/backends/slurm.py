@@ -184,7 +184,8 @@ class SlurmBackend(Backend):
             return f"Slurm job {sub.handle} ended {state.state} ({state.reason})"
         if state.state not in cmd.ACTIVE and self._exit_status(sub) is None:
             # ended but the script never ran to the end: killed, timed out, out of memory
-            return f"Slurm job {sub.handle} ended {state.state} ({state.reason}) before the piece did"
+            return (f"Slurm job {sub.handle} ended {state.state} ({state.reason}) before the "
+                    "piece did")
         return ""
 
     def _finish(self, sub: Submission, code: int) -> StatusUpdate:

@@ -1,10 +1,12 @@
 """The Python steps of the GEMMA workflows, run as task processes:
 
     python -m sheepdog.gemma.ops kinship GENO
-    python -m sheepdog.gemma.ops loco-lmm --chromosome C -- GEMMA-ARGS... -- CHR KINSHIP_DIR [...]
+    python -m sheepdog.gemma.ops loco-lmm --chromosome C -- GEMMA-ARGS -- CHR KINSHIP_DIR ...
     python -m sheepdog.gemma.ops gather CHR ASSOC LOG [...]
-    python -m sheepdog.gemma.ops perm-prepare --pheno P [--column N] [--covariates C] CHR GENO ANNO KINSHIP_DIR [...]
-    python -m sheepdog.gemma.ops perm-batch --prepared DIR --seed S --first I --count K --total N --lmm L [--maf M]
+    python -m sheepdog.gemma.ops perm-prepare --pheno P [--column N] [--covariates C]
+                                               CHR GENO ANNO KINSHIP_DIR [...]
+    python -m sheepdog.gemma.ops perm-batch --prepared DIR --seed S --first I --count K
+                                             --total N --lmm L [--maf M]
     python -m sheepdog.gemma.ops perm-gather BATCH_JSON [...]
 
 Each writes its outputs into its working directory (the task's scratch). The local

@@ -110,8 +110,8 @@ def finalize(conn: redis.Redis, settings: Settings, job: Job) -> None:
         result = export(conn, settings, job, Path(job.out_dir))
     else:
         result = describe(conn, settings, job)
-    compact = {k: result[k] for k in ("cache_hit", "counts", "top_hits", "p_column",
-                                       "gemma_version") if k in result}
+    compact: dict[str, Any] = {k: result[k] for k in ("cache_hit", "counts", "top_hits",
+                                                      "p_column", "gemma_version") if k in result}
     if "permutations" in result:
         compact["permutations"] = result["permutations"]
     store.set_job_fields(conn, job.id, result=compact)
