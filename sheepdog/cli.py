@@ -153,7 +153,8 @@ class ProgressLine:
 
     def __init__(self, conn: Any, job_id: str) -> None:
         self.conn, self.job_id = conn, job_id
-        self.enabled = sys.stderr.isatty()
+        # on a terminal only: piped output stays plain lines
+        self.enabled = sys.stdout.isatty() and sys.stderr.isatty()
         self.last = 0.0
         self.shown = False
 

@@ -53,6 +53,38 @@ class Outcome:
 RELEASED = "released"
 
 
+class Heartbeat:
+    """Keeps a running task's heartbeat alive from its own thread, so a long blocking
+    backend call (staging inputs, fetching outputs) cannot make the task look lost.
+    `revoked` is set when the task was cancelled or taken from this worker."""
+
+    def __init__(self, conn: redis.Redis, task_id: str, worker: str, settings: Settings) -> None:
+        self.revoked = threading.Event()
+        self._stop = threading.Event()
+        self._args = (conn, task_id, worker, settings)
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{task_id[:8]}",
+                                        daemon=True)
+
+    def _beat(self) -> None:
+        conn, task_id, worker, settings = self._args
+        # at least once a second: a cancel reaches the running process that fast
+        while not self._stop.wait(min(settings.heartbeat_interval, 1.0)):
+            try:
+                if not store.heartbeat(conn, task_id, worker, settings.heartbeat_timeout):
+                    self.revoked.set()
+                    return
+            except redis.RedisError:
+                continue  # Redis is restarting: try again next beat
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class Executor:
     """Runs one claimed task to its end, streaming its output into the jobs' logs."""
 
@@ -80,7 +112,8 @@ class Executor:
                 stderr_tail.extend(lines)
             writer.write(stream, lines)
 
-        outcome = self._run(task, sink, writer)
+        with Heartbeat(self.conn, task.id, self.worker, self.settings) as beat:
+            outcome = self._run(task, sink, writer, beat)
         writer.flush()
         if outcome.error == RELEASED and store.release(self.conn, task.id, self.worker):
             logs.note(self.conn, jobs[0], f"{task.name}: handed back to the queue "
@@ -98,14 +131,14 @@ class Executor:
         return status
 
     def _run(self, task: Task, sink: Callable[[str, list[str]], None],
-             writer: logs.LogWriter) -> Outcome:
+             writer: logs.LogWriter, beat: Heartbeat) -> Outcome:
         try:
             backend = make_backend(task, self.settings, self.store)
         except SheepdogError as e:
             return Outcome(None, str(e))
         try:
             sub = backend.submit(task, sink)
-            return self._watch(backend, sub, task, writer)
+            return self._watch(backend, sub, task, writer, beat)
         except SheepdogError as e:
             return Outcome(None, str(e))
         except Exception as e:  # a backend's bug fails the piece, loudly, not the worker
@@ -116,30 +149,24 @@ class Executor:
             backend.close()
 
     def _watch(self, backend: Backend, sub: Submission, task: Task,
-               writer: logs.LogWriter) -> Outcome:
-        interval = self.settings.heartbeat_interval
-        next_beat = time.monotonic() + interval
+               writer: logs.LogWriter, beat: Heartbeat) -> Outcome:
         deadline = time.monotonic() + task.timeout if task.timeout > 0 else None
         while True:
             ended: list[StatusUpdate] = list(backend.poll([sub]))
             if ended:
                 return Outcome(ended[0].exit_code, ended[0].error, ended[0].lost)
-            now = time.monotonic()
-            if now >= next_beat:
-                next_beat = now + interval
-                if not store.heartbeat(self.conn, task.id, self.worker,
-                                       self.settings.heartbeat_timeout):
-                    backend.cancel([sub])
-                    return Outcome(None, "cancelled")
-            if deadline is not None and now > deadline:
+            if beat.revoked.is_set():
+                backend.cancel([sub])
+                return Outcome(None, "cancelled")
+            if deadline is not None and time.monotonic() > deadline:
                 backend.cancel([sub])
                 return Outcome(None, f"timed out after {task.timeout:g}s")
             if self.leaving.is_set():
                 backend.cancel([sub])
                 return Outcome(None, RELEASED)
             writer.flush()  # quiet output still reaches readers within a fraction of a second
-            until = min(next_beat, deadline) if deadline is not None else next_beat
-            backend.wait([sub], min(0.2, max(0.001, until - time.monotonic())))
+            wait = 0.2 if deadline is None else min(0.2, max(0.001, deadline - time.monotonic()))
+            backend.wait([sub], wait)
 
 
 def reap(conn: redis.Redis, settings: Settings) -> list[str]:

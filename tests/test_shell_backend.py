@@ -162,6 +162,7 @@ def test_a_race_with_complete_all_lets_every_lane_finish(env_ssh, conn, tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
     assert "winner:" in r.stderr and "lost the race" not in r.stderr
     jobs = {j.params.get("race"): j for j in store.list_jobs(conn)}
-    assert {jobs["local"].status, jobs["testhost"].status} == {"success"}
+    assert {jobs["local"].status, jobs["testhost"].status} == {"success"}, \
+        (jobs["local"].error, jobs["testhost"].error)
     assert (tmp_path / "out" / "assoc.txt").exists()
     assert json.loads((tmp_path / "out" / "result.json").read_text())["counts"]["snps"] == 7320

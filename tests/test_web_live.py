@@ -65,7 +65,7 @@ def read_stream(base, job_id, after="0-0", stop_after=None, token=TOKEN):
     finally:
         try:
             ws.close()
-        except ConnectionClosed:
+        except (ConnectionClosed, OSError):
             pass  # the server closes first after `end`
     return got
 
