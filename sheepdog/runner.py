@@ -58,8 +58,12 @@ class Helpers:
         return self.thread is not None and self.thread[1].is_alive()
 
     def ensure(self) -> None:
-        if not self.alive() and not live_workers(self.conn, self.queue):
-            self.thread = run_inline(self.conn, self.settings, self.job_id, self.queue)
+        """Start worker threads here if the job still needs someone to run it."""
+        if self.alive() or live_workers(self.conn, self.queue):
+            return
+        if JobStatus(store.get_job(self.conn, self.job_id).status).final:
+            return  # a helper for an ended job would only take (and hand back) others' pieces
+        self.thread = run_inline(self.conn, self.settings, self.job_id, self.queue)
 
     def stop(self) -> None:
         """After the job ended: hand back whatever the threads still run, then go."""

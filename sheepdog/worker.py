@@ -241,6 +241,8 @@ class Worker:
     # -- lifecycle
     def run(self) -> None:
         """Work until stopped, until `until()` is true, or (burst) until idle."""
+        if self.until is not None and self.until():
+            return  # nothing to wait for: take no piece at all
         threads = [threading.Thread(target=self._task_loop, name=f"task-{i}", daemon=True)
                    for i in range(self.concurrency)]
         if self.gn3_queue:
