@@ -68,9 +68,10 @@ def workers() -> str:
     return f"{PREFIX}:workers"
 
 
-def rq_job_id(task_id: str, attempt: int) -> str:
-    """Id of the RQ job that carries one attempt of a task."""
-    return f"sd-{task_id[:40]}-{attempt}"
+def rq_job_id(task_id: str, dispatch: str) -> str:
+    """Id of the RQ job that carries one dispatch of a task: unique per dispatch, so a
+    taker cleaning up its own entry never removes a newer one for the same task."""
+    return f"sd-{task_id[:40]}-{dispatch}"
 
 
 def job_finalizing(job_id: str) -> str:

@@ -80,6 +80,8 @@ class Task:
     exit_code: int | None = None
     error: str = ""
     queued_at: float = 0.0
+    rq_id: str = ""  # the RQ job of the current dispatch (unique per dispatch)
+    unqueued_seen: float = 0.0  # when the reaper first found it queued but on no queue
     started: float = 0.0
     ended: float = 0.0
     cache_hit: bool = False

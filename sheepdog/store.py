@@ -8,6 +8,7 @@ disagrees with its tasks or a ready task that nobody will run.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -33,12 +34,15 @@ def _texts(values: Iterable[bytes | str]) -> list[str]:
     return sorted(_text(v) for v in values)
 
 
-def dispatch(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str, attempt: int) -> None:
-    """Put one attempt of a task on its RQ queue, inside the caller's MULTI."""
+def dispatch(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str) -> None:
+    """Put a task on its RQ queue, inside the caller's MULTI; the task records which
+    RQ job carries it, so the reaper can tell a lost queue entry from a taken one."""
+    rq_id = keys.rq_job_id(task_id, uuid.uuid4().hex[:12])
+    pipe.hset(keys.task(task_id), "rq_id", rq_id)
     Queue(queue, connection=conn).enqueue_call(
         RUN_TASK,
         args=(task_id,),
-        job_id=keys.rq_job_id(task_id, attempt),
+        job_id=rq_id,
         timeout=-1,
         result_ttl=0,
         failure_ttl=3600,
@@ -138,7 +142,7 @@ def submit(
             pipe.sadd(keys.active_tasks(), task.id)
             states[task.id] = task.status
             if not waiting_on:
-                dispatch(pipe, conn, task.id, task.queue, 1)
+                dispatch(pipe, conn, task.id, task.queue)
         job.total, job.done, job.cached = len(tasks), done, cached
         pipe.hset(keys.job(job.id), mapping=to_hash(job))
         if cached:
@@ -324,7 +328,7 @@ def _record_success(pipe: Pipeline, conn: redis.Redis, task: Task,
             continue
         pipe.hset(keys.task(dep), mapping={"pending": "0", "status": TaskStatus.QUEUED.value,
                                            "queued_at": str(now)})
-        dispatch(pipe, conn, dep, queue or "default", 1)
+        dispatch(pipe, conn, dep, queue or "default")
     _say(pipe, jobs, task, note)  # before any job's closing line
     _succeed_jobs(pipe, jobs, task, now)
     return TaskStatus.SUCCESS.value
@@ -354,7 +358,7 @@ def _requeue(pipe: Pipeline, conn: redis.Redis, task: Task, now: float, why: str
     pipe.hset(keys.task(task.id), mapping={"status": TaskStatus.QUEUED.value, "worker": "",
                                            "queued_at": str(now), "error": why})
     pipe.delete(keys.task_heartbeat(task.id))
-    dispatch(pipe, conn, task.id, task.queue, task.attempts + 1)
+    dispatch(pipe, conn, task.id, task.queue)
 
 
 def recover_lost(conn: redis.Redis, task_id: str) -> str | None:
@@ -406,21 +410,31 @@ def release(conn: redis.Redis, task_id: str, worker: str) -> bool:
 
 
 def redispatch_stranded(conn: redis.Redis, task_id: str, older_than: float) -> bool:
-    """A queued task whose RQ job is on no queue (its taker died before claiming it)."""
+    """A queued task whose RQ job is on no queue: its taker died before claiming it.
+
+    A taker holds the entry only for the moment between taking and claiming, so the
+    task must be seen missing from its queue twice, older_than apart, before it is
+    dispatched again (once could be that moment).
+    """
     key = keys.task(task_id)
 
     def txn(pipe: Pipeline) -> bool:
-        status, queued_at, queue, attempts = map(
-            _text, pipe.hmget(key, "status", "queued_at", "queue", "attempts"))
-        if status != TaskStatus.QUEUED.value or time.time() - float(queued_at or 0) < older_than:
+        status, queued_at, queue, rq_id, seen = map(_text, pipe.hmget(
+            key, "status", "queued_at", "queue", "rq_id", "unqueued_seen"))
+        now = time.time()
+        if status != TaskStatus.QUEUED.value or now - float(queued_at or 0) < older_than:
             return False
-        rq_queue = Queue(queue or "default", connection=conn)
-        rq_id = keys.rq_job_id(task_id, int(attempts or 0) + 1)
-        if pipe.lpos(rq_queue.key, rq_id) is not None:
+        if pipe.lpos(Queue(queue or "default", connection=conn).key, rq_id) is not None:
+            return False
+        if float(seen or 0) <= float(queued_at or 0):  # first sighting since it was queued
+            pipe.multi()
+            pipe.hset(key, "unqueued_seen", str(now))
+            return False
+        if now - float(seen) < older_than:
             return False
         pipe.multi()
-        pipe.hset(key, "queued_at", str(time.time()))
-        dispatch(pipe, conn, task_id, queue or "default", int(attempts or 0) + 1)
+        pipe.hset(key, "queued_at", str(now))
+        dispatch(pipe, conn, task_id, queue or "default")
         return True
 
     return conn.transaction(txn, key, value_from_callable=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import redis
 from rq import Queue
 from rq.exceptions import DequeueTimeout
+from rq.intermediate_queue import IntermediateQueue
 
 from . import keys, logs, store
 from .backends.base import Backend, StatusUpdate, Submission
@@ -302,17 +303,20 @@ class Worker:
     # -- one task thread
     def _task_loop(self) -> None:
         executor = Executor(self.conn, self.settings, self.name, self.leaving)
+        # a worker that leaves with its job must notice quickly (Redis takes floats)
+        wait = 0.05 if self.until is not None else 1
         while not self.stopping.is_set():
             try:
-                # a worker that leaves with its job must notice quickly (Redis takes floats)
-                wait = 0.05 if self.until is not None else 1
-                found = Queue.dequeue_any(self.queues, timeout=wait,
-                                          connection=self.conn)
+                found = Queue.dequeue_any(self.queues, timeout=wait, connection=self.conn)
             except DequeueTimeout:
+                continue
+            except redis.RedisError as e:  # Redis restarting: keep this thread, try again
+                log.warning("worker %s: cannot take work: %s", self.name, e)
+                self.stopping.wait(1)
                 continue
             if found is None:
                 continue
-            rq_job, _queue = found
+            rq_job, queue = found
             with self._lock:
                 self._busy += 1
             try:
@@ -320,9 +324,20 @@ class Worker:
             except Exception:  # keep serving; the heartbeat reaper recovers the task
                 log.exception("worker %s: task thread error", self.name)
             finally:
-                rq_job.delete()
                 with self._lock:
                     self._busy -= 1
+                self._drop(rq_job.key, rq_job.id, queue.key)
+
+    def _drop(self, job_key: str, job_id: str, queue_key: str) -> None:
+        """Forget the RQ entry this thread took. Idempotent: a dispatch id is never
+        reused, and RQ (since 2.x) parks taken entries on an intermediate list."""
+        try:
+            pipe = self.conn.pipeline(transaction=False)
+            pipe.delete(job_key)
+            pipe.lrem(IntermediateQueue(queue_key, self.conn).key, 1, job_id)
+            pipe.execute()
+        except redis.RedisError as e:
+            log.warning("worker %s: could not remove RQ entry %s: %s", self.name, job_id, e)
 
 
 def run_task(task_id: str) -> str | None:

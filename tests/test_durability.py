@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from dataclasses import replace
 
 from conftest import sheepdog, wait_for
+from rq import Queue
+from rq.intermediate_queue import IntermediateQueue
 
 from sheepdog import logs, store, workflow
 from sheepdog.models import JobStatus, TaskStatus
+from sheepdog.worker import Worker
 
 FLAKY = ('if [ -e {m} ]; then echo second run; else touch {m}; echo first run; sleep 60; fi')
 
@@ -122,3 +126,26 @@ def test_job_status_moves_queued_running_success(conn, settings, workers):
     workers.start()
     wait_for(lambda: store.get_job(conn, job.id).status == "running", what="running")
     wait_for(lambda: store.get_job(conn, job.id).status == "success", what="success")
+
+
+def test_a_task_dispatched_twice_runs_once_and_leaves_no_queue_entries(conn, settings,
+                                                                        tmp_path):
+    marker = tmp_path / "runs"
+    job, tasks = workflow.command_job(["sh", "-c", f"echo x >> {marker}"], settings)
+    workflow.submit(conn, settings, job, tasks)
+    pipe = conn.pipeline()
+    pipe.multi()  # as inside store's transactions
+    store.dispatch(pipe, conn, tasks[0].id, settings.queue)  # e.g. a reaper's duplicate
+    pipe.execute()
+    later, more = workflow.command_job(["true"], settings)
+    workflow.submit(conn, settings, later, more)
+    w = Worker(conn, settings, [settings.queue], concurrency=1, burst=True, register=False)
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the worker stopped taking work after a duplicate entry"
+    assert marker.read_text() == "x\n"
+    assert store.get_job(conn, later.id).status == "success"
+    q = Queue(settings.queue, connection=conn)
+    assert conn.llen(q.key) == 0 and conn.llen(IntermediateQueue(q.key, conn).key) == 0
+    assert not [k for k in conn.keys("rq:job:*")]

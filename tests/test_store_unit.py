@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import fakeredis
 import pytest
 
@@ -96,3 +98,44 @@ def test_task_ids_are_content_addresses():
         Task(name="x", argv=["gemma"], inputs={"g": "2"}).id
     assert Task(name="x", argv=["a"], cacheable=False, nonce="j1").id != \
         Task(name="x", argv=["a"], cacheable=False, nonce="j2").id
+
+
+def _entries(fake, queue="default"):
+    return [j.decode() for j in fake.lrange(f"rq:queue:{queue}", 0, -1)]
+
+
+def test_every_dispatch_gets_its_own_queue_entry(fake):
+    a = Task(name="a", argv=["a"], retry_on_failure=True)
+    store.submit(fake, Job(id="j1", workflow="t"), [a])
+    first = _entries(fake)
+    assert first == [store.get_task(fake, a.id).rq_id]
+    fake.lpop("rq:queue:default")
+    _run(fake, a.id, code=1)  # retried: dispatched again
+    second = _entries(fake)
+    assert second == [store.get_task(fake, a.id).rq_id] and second != first
+
+
+def test_a_queue_entry_lost_by_its_taker_is_dispatched_again_after_two_sightings(fake):
+    a = Task(name="a", argv=["a"])
+    store.submit(fake, Job(id="j1", workflow="t"), [a])
+    fake.lpop("rq:queue:default")  # taken by a worker that died before claiming it
+    time.sleep(0.06)
+    # the first sighting could be a taker between taking and claiming: wait
+    assert not store.redispatch_stranded(fake, a.id, older_than=0.05)
+    assert _entries(fake) == []
+    time.sleep(0.06)
+    assert store.redispatch_stranded(fake, a.id, older_than=0.05)
+    assert _entries(fake) == [store.get_task(fake, a.id).rq_id]
+    assert _run(fake, a.id) == "success"
+
+
+def test_a_taken_and_claimed_task_is_never_dispatched_again(fake):
+    a = Task(name="a", argv=["a"])
+    store.submit(fake, Job(id="j1", workflow="t"), [a])
+    fake.lpop("rq:queue:default")
+    time.sleep(0.06)
+    assert not store.redispatch_stranded(fake, a.id, older_than=0.05)
+    assert store.claim(fake, a.id, "w1", 5) is not None
+    time.sleep(0.06)
+    assert not store.redispatch_stranded(fake, a.id, older_than=0.05)
+    assert _entries(fake) == []
