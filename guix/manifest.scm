@@ -5,7 +5,7 @@
   (list "gemma"
         "python"
         "python-numpy"
-        "python-matplotlib"
+        "python-pillow"
         "python-redis"
         "python-rq"
         "python-paramiko"

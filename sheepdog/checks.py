@@ -90,10 +90,10 @@ def _tools(conn: ssh.Connection, host: Host, tools: list[str]) -> list[Check]:
                     ("missing from " + host.guix_profile if host.guix_profile else "missing"),
                     "" if t in have else f"guix package -m guix/manifest.scm -p "
                     f"{host.guix_profile or '~/.guix-profile'}") for t in wanted]
-    code, out, _ = conn.run(_profile_prefix(host) + "python3 -c 'import numpy, matplotlib'")
+    code, out, _ = conn.run(_profile_prefix(host) + "python3 -c 'import numpy, PIL'")
     checks.append(Check("python libraries", "ok" if code == 0 else "fail",
-                        "numpy and matplotlib import" if code == 0 else "numpy/matplotlib missing",
-                        "" if code == 0 else "install python-numpy and python-matplotlib "
+                        "numpy and Pillow import" if code == 0 else "numpy/Pillow missing",
+                        "" if code == 0 else "install python-numpy and python-pillow "
                         "(guix/manifest.scm)"))
     return checks
 

@@ -127,9 +127,12 @@ def submit(
             if state == TaskStatus.SUCCESS.value and published(task.id):
                 done, cached = done + 1, cached + 1
                 continue
-            pipe.sadd(keys.task_jobs(task.id), job.id)
             if state in ACTIVE:
+                pipe.sadd(keys.task_jobs(task.id), job.id)
                 continue  # shared with the job that started it
+            # starting over: jobs of an earlier run of it have counted it already
+            pipe.delete(keys.task_jobs(task.id))
+            pipe.sadd(keys.task_jobs(task.id), job.id)
             waiting_on = [d for d in task.deps if states.get(d) != TaskStatus.SUCCESS.value]
             task.pending = len(waiting_on)
             task.status = (TaskStatus.WAITING if waiting_on else TaskStatus.QUEUED).value

@@ -80,3 +80,29 @@ def test_a_chromosome_given_twice_is_refused(tmp_path):
               _piece(tmp_path, "1", [("1", "b", 2, 0.5)])]
     with pytest.raises(GatherError, match="more than one piece"):
         merge(pieces, tmp_path / "m.txt")
+
+
+def test_the_manhattan_plot_puts_every_snp_in_genome_order_and_the_top_hit_highest(tmp_path):
+    from PIL import Image
+
+    from sheepdog.gemma import plot
+
+    rows = [("X", "rsx", 5e6, 0.5), ("10", "rs10", 1e6, 1e-6), ("2", "rs2a", 1e6, 0.01),
+            ("2", "rs2b", 9e6, 0.2), ("1", "rs1", 3e6, 0.0)]
+    assoc = tmp_path / "assoc.txt"
+    assoc.write_text("\n".join([HEADER, *(f"{c}\t{rs}\t{ps:.0f}\t0\tX\tY\t0.3\t0.1\t0.1\t1e-05"
+                                          f"\t{p}" for c, rs, ps, p in rows)]) + "\n")
+    lay = plot.layout(assoc, thresholds={"significant": 1e-4})
+    assert len(lay.points) == len(rows)
+    assert [label for _, label in lay.x_ticks] == ["1", "2", "10", "X"]
+    assert [x for x, _ in lay.x_ticks] == sorted(x for x, _ in lay.x_ticks)
+    # p = 0 (printed as 0 by GEMMA) is drawn at the top, not dropped
+    assert min(lay.points, key=lambda pt: pt[1]) == lay.points[0]
+    (line_y, name, _), = lay.lines
+    highest_label = max(float(label) for _, label in lay.y_ticks)
+    assert name == "significant" and lay.y_ticks[-1][0] < line_y < lay.y_ticks[0][0]
+    assert highest_label >= 300  # the axis reaches the highest point
+    paths = plot.manhattan(assoc, tmp_path / "m", thresholds={"significant": 1e-4})
+    assert Image.open(paths[0]).size == (plot.WIDTH, plot.HEIGHT)
+    text = paths[1].read_text()
+    assert text.count("<circle") == len(rows) and ">significant<" in text

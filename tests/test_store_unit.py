@@ -139,3 +139,16 @@ def test_a_taken_and_claimed_task_is_never_dispatched_again(fake):
     time.sleep(0.06)
     assert not store.redispatch_stranded(fake, a.id, older_than=0.05)
     assert _entries(fake) == []
+
+
+def test_a_task_run_again_belongs_only_to_the_jobs_waiting_for_it_now(fake):
+    a = Task(name="a", argv=["a"])
+    b = Task(name="b", argv=["b"], deps=[a.id])
+    store.submit(fake, Job(id="j1", workflow="t"), [a, b])
+    _run(fake, a.id)
+    fake.delete(keys.task(a.id))  # its outputs were cleared from the cache meanwhile
+    store.submit(fake, Job(id="j2", workflow="t"), [Task(name="a", argv=["a"])])
+    assert store.job_ids_of_task(fake, a.id) == ["j2"]
+    _run(fake, a.id)
+    assert store.get_job(fake, "j1").done == 1  # not counted twice for j1
+    assert store.get_job(fake, "j2").status == "success"

@@ -157,10 +157,16 @@ class LocalBackend(Backend):
         if isinstance(active[0].handle, InProcess):
             active[0].handle.thread.join(seconds)
             return
-        try:
-            active[0].handle.wait(timeout=seconds)  # wakes the moment the process exits
-        except subprocess.TimeoutExpired:
-            pass
+        # a reader ends when the process closes its output, normally at its exit: joining
+        # wakes at once, where Popen.wait with a timeout polls (up to 50 ms late)
+        deadline = time.monotonic() + seconds
+        for r in active[0].extra["readers"]:
+            r.join(max(0.0, deadline - time.monotonic()))
+        if not any(r.is_alive() for r in active[0].extra["readers"]):
+            try:
+                active[0].handle.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
 
     def _finish(self, sub: Submission, code: int) -> StatusUpdate:
         task, scratch = sub.task, sub.extra.get("scratch")

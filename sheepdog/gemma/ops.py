@@ -52,21 +52,9 @@ def loco_matrix(chromosome: str, kinship_dirs: dict[str, Path]) -> Any:
     return loco.loco_from(chromosome, ((c, kinship.read(d)) for c, d in kinship_dirs.items()))
 
 
-_warming = threading.Lock()
-
-
-def _warm_up_plotting() -> None:
-    """Import matplotlib while GEMMA keeps the cores busy, not later on the gather's
-    critical path (in a worker process that runs steps in-process)."""
-    if not _warming.acquire(blocking=False):
-        return
-    threading.Thread(target=lambda: __import__("sheepdog.gemma.plot"), daemon=True).start()
-
-
 def loco_lmm(args: argparse.Namespace, here: Path, emit: Emit, complain: Emit,
              stop: threading.Event | None) -> int:
     """Write this chromosome's LOCO kinship, then run GEMMA's LMM against it."""
-    _warm_up_plotting()
     dirs = {args.pairs[i]: Path(args.pairs[i + 1]) for i in range(0, len(args.pairs), 2)}
     loco.write_matrix(here / "loco.txt", loco_matrix(args.chromosome, dirs))
     argv = [("loco.txt" if a == "@loco" else a) for a in args.gemma]
@@ -92,20 +80,19 @@ def run_streaming(argv: list[str], here: Path, emit: Emit, complain: Emit,
                for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
     for r in readers:
         r.start()
-    while proc.poll() is None:
-        if stop is not None and stop.is_set():
-            kill_group(proc.pid)
-        try:
-            proc.wait(0.2)
-        except subprocess.TimeoutExpired:
-            pass
+    # the readers end when GEMMA exits: joining them wakes at once, where Popen.wait
+    # with a timeout polls (up to 50 ms late on every piece)
     for r in readers:
-        r.join()
+        while r.is_alive():
+            if stop is not None and stop.is_set():
+                kill_group(proc.pid)
+            r.join(0.2)
+    proc.wait()
     return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
 
 
 def gather(items: list[str], here: Path, emit: Emit) -> None:
-    from . import plot  # matplotlib is slow to import: only the step that draws pays
+    from . import plot
 
     pieces = [merge.Piece(c, a, lg) for c, a, lg in _triples(items)]
     summary = merge.merge(pieces, here / "assoc.txt")
