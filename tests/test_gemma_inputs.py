@@ -142,3 +142,21 @@ def test_windows_line_endings_and_plain_files_give_the_same_result(env, tmp_path
     assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:]
     assert (tmp_path / "crlf" / "assoc.txt").read_text() == \
         (tmp_path / "gz" / "assoc.txt").read_text()
+
+
+def test_the_split_writes_each_chromosome_as_text_for_gemma_and_as_a_matrix(tmp_path):
+    import numpy as np
+
+    from sheepdog.gemma.bimbam import split_genotypes
+    from sheepdog.gemma.kinship import read_genotypes
+
+    geno, anno = tmp_path / "g.txt", tmp_path / "a.txt"
+    geno.write_text("rs1, A, T, 0, 1.5, NA\r\nrs2, A, T, 2, 0.25, 1\nrs3, G, C, NA, 0, 2e-1\n")
+    anno.write_text("rs1 100 1\nrs2 50 2\nrs3 300 1\n")
+    split = split_genotypes(geno, anno, tmp_path / "out")
+    one = split.chromosomes["1"]
+    matrix = read_genotypes(one["matrix"])
+    assert matrix.shape == (2, 3)
+    assert np.array_equal(matrix, read_genotypes(one["geno"]), equal_nan=True)
+    assert np.array_equal(matrix, [[0, 1.5, np.nan], [np.nan, 0, 0.2]], equal_nan=True)
+    assert np.load(split.chromosomes["2"]["matrix"]).tolist() == [[2, 0.25, 1]]

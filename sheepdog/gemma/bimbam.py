@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import InputError
 
 MISSING = "NA"
+NAN = "nan"  # what NA becomes in a parsed row
 _CHROMOSOME = re.compile(r"^(chr)?([0-9]+|X|Y|M|MT|XY|Un)$", re.IGNORECASE)
 
 
@@ -83,10 +84,10 @@ def read_annotation(path: Path) -> Annotation:
     return ann
 
 
-def _numeric(tokens: list[str], path: Path, number: int, first_column: int) -> None:
-    values = [t for t in tokens if t != MISSING]
+def _numeric(tokens: list[str], path: Path, number: int, first_column: int) -> np.ndarray:
+    """The row as numbers (NaN for NA); an error names the first column that is not one."""
     try:
-        np.asarray(values, dtype=np.float64)
+        return np.asarray([NAN if t == MISSING else t for t in tokens], dtype=np.float64)
     except ValueError:
         for i, t in enumerate(tokens):
             try:
@@ -95,6 +96,32 @@ def _numeric(tokens: list[str], path: Path, number: int, first_column: int) -> N
             except ValueError:
                 raise InputError(str(path), f"column {first_column + i}: {t!r} is not a "
                                  f"number or {MISSING}", number) from None
+        raise
+
+
+class NpyRows:
+    """Rows of float64 appended one at a time to an .npy file (header written at close),
+    so a chromosome's genotype matrix reaches its kinship task without ever being held
+    in memory whole and without the text being parsed twice."""
+
+    HEADER = 128  # bytes, a multiple of 64 as the format asks
+
+    def __init__(self, path: Path, width: int) -> None:
+        self.path, self.width, self.rows = path, width, 0
+        self.file = open(path, "wb")
+        self.file.write(b"\0" * self.HEADER)
+
+    def append(self, row: np.ndarray) -> None:
+        self.file.write(row.tobytes())
+        self.rows += 1
+
+    def close(self) -> None:
+        meta = repr({"descr": "<f8", "fortran_order": False, "shape": (self.rows, self.width)})
+        head = b"\x93NUMPY\x01\x00"
+        size = self.HEADER - len(head) - 2
+        self.file.seek(0)
+        self.file.write(head + size.to_bytes(2, "little") + meta.encode().ljust(size - 1) + b"\n")
+        self.file.close()
 
 
 def geno_fields(text: str) -> list[str]:
@@ -113,7 +140,8 @@ class Split:
 
     individuals: int
     snps: int
-    chromosomes: dict[str, dict[str, object]]  # name -> {"geno": path, "anno": path, "snps": n}
+    # name -> {"geno": path, "matrix": .npy path, "anno": path, "snps": n}
+    chromosomes: dict[str, dict[str, object]]
 
     def ordered(self) -> list[str]:
         return sorted(self.chromosomes, key=chromosome_order)
@@ -124,6 +152,7 @@ def split_genotypes(geno: Path, anno_path: Path, out_dir: Path) -> Split:
     ann = read_annotation(anno_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     handles: dict[str, io.TextIOBase] = {}
+    matrices: dict[str, NpyRows] = {}
     anno_lines: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
     width = -1
@@ -143,17 +172,21 @@ def split_genotypes(geno: Path, anno_path: Path, out_dir: Path) -> Split:
             if chrom is None:
                 raise InputError(str(geno), f"SNP {rs!r} is not in the annotation file "
                                  f"{anno_path}", number)
-            _numeric(parts[3:], geno, number, 4)
+            row = _numeric(parts[3:], geno, number, 4)
             if chrom not in handles:
                 handles[chrom] = open(out_dir / f"geno.{chrom}.txt", "w")
+                matrices[chrom] = NpyRows(out_dir / f"geno.{chrom}.npy", width - 3)
                 anno_lines[chrom] = []
                 counts[chrom] = 0
             handles[chrom].write(text + "\n")
+            matrices[chrom].append(row)
             anno_lines[chrom].append(f"{rs}\t{ann.position[rs]}\t{chrom}\n")
             counts[chrom] += 1
     finally:
         for h in handles.values():
             h.close()
+        for m in matrices.values():
+            m.close()
     if width < 0:
         raise InputError(str(geno), "the genotype file is empty")
     chromosomes: dict[str, dict[str, object]] = {}
@@ -161,7 +194,7 @@ def split_genotypes(geno: Path, anno_path: Path, out_dir: Path) -> Split:
         anno_file = out_dir / f"anno.{chrom}.txt"
         anno_file.write_text("".join(rows))
         chromosomes[chrom] = {"geno": out_dir / f"geno.{chrom}.txt", "anno": anno_file,
-                              "snps": counts[chrom]}
+                              "matrix": out_dir / f"geno.{chrom}.npy", "snps": counts[chrom]}
     return Split(individuals=width - 3, snps=sum(counts.values()), chromosomes=chromosomes)
 
 

@@ -21,7 +21,11 @@ MAF_LEVEL = 0.01
 
 
 def read_genotypes(path: Path) -> np.ndarray:
-    """SNPs x individuals, NaN where the file says NA (the file was validated before)."""
+    """SNPs x individuals, NaN where the file says NA (the file was validated before):
+    the split's .npy matrix, or a BIMBAM text file."""
+    with open(path, "rb") as f:
+        if f.read(6) == b"\x93NUMPY":
+            return np.asarray(np.load(path), dtype=np.float64)
     rows = [",".join(geno_fields(text)[3:]) for _, text in lines(path)]
     if not rows:
         return np.zeros((0, 0))

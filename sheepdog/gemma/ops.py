@@ -16,6 +16,7 @@ backend calls main() in-process with that directory; elsewhere it runs as a proc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -61,13 +62,17 @@ def loco_lmm(args: argparse.Namespace, here: Path, emit: Emit, complain: Emit,
     return run_streaming(argv, here, emit, complain, stop)
 
 
+@functools.cache  # the worker's environment does not change: copy it once
+def _gemma_environment() -> dict[str, str]:
+    return dict(os.environ, **GEMMA_ENV)
+
+
 def run_streaming(argv: list[str], here: Path, emit: Emit, complain: Emit,
                   stop: threading.Event | None) -> int:
     """A GEMMA process whose stdout/stderr lines go to the task's log as they come."""
     from ..backends.local import kill_group, pump
 
-    env = dict(os.environ, **GEMMA_ENV)
-    proc = subprocess.Popen(argv, cwd=here, env=env, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(argv, cwd=here, env=_gemma_environment(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     sinks = {"stdout": emit, "stderr": complain}
@@ -131,6 +136,7 @@ def perm_gather(paths: list[str], here: Path, emit: Emit) -> None:
           f"{result['suggestive']:.4g} (-log10 {result['suggestive_minus_log10']:.2f})")
 
 
+@functools.cache  # built once per process: steps run in-process, twenty at a time
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sheepdog.gemma.ops")
     sub = parser.add_subparsers(dest="op", required=True)

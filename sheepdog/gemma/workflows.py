@@ -107,14 +107,16 @@ def _split(store: Store, geno: Path, anno: Path, geno_sha: str, anno_sha: str) -
     manifest = store.root / "splits" / f"{geno_sha[:32]}-{anno_sha[:32]}.json"
     if manifest.exists():
         known = json.loads(manifest.read_text())
-        shas = [c[k] for c in known["chromosomes"].values() for k in ("geno", "anno")]
-        if all(store.blob(s).exists() for s in shas):
+        shas = [c.get(k, "") for c in known["chromosomes"].values()
+                for k in ("geno", "matrix", "anno")]
+        if all(s and store.blob(s).exists() for s in shas):
             return dict(known)
     scratch = store.scratch("split")
     try:
         split = bimbam.split_genotypes(geno, anno, scratch)
         chromosomes = {
             name: {"geno": store.put_file(Path(info["geno"])),  # type: ignore[arg-type]
+                   "matrix": store.put_file(Path(info["matrix"])),  # type: ignore[arg-type]
                    "anno": store.put_file(Path(info["anno"])),  # type: ignore[arg-type]
                    "snps": info["snps"]}
             for name, info in split.chromosomes.items()}
@@ -170,7 +172,7 @@ def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
         c = prep.chromosomes[chrom]
         kinships[chrom] = _gemma_task(
             f"kinship chr {chrom}", [{"python": True}, *OPS, "kinship", {"input": "geno"}],
-            {"geno": c["geno"]}, [], ["kinship.npy", "kinship.json"], env, request, settings)
+            {"geno": c["matrix"]}, [], ["kinship.npy", "kinship.json"], env, request, settings)
     kinship_dirs: list[Any] = []
     for chrom, t in kinships.items():
         kinship_dirs += [chrom, {"dep": t.id, "file": "."}]
