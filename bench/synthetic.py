@@ -48,12 +48,25 @@ def generate(individuals: int, snps: int, chromosomes: int, out: Path, seed: int
     (out / "pheno.txt").write_text("\n".join(pheno) + "\n")
 
 
-def peak_rss_mb(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of a command and its children."""
+def peak_rss_mb(argv: list[str], env: dict[str, str]) -> tuple[float, float, float]:
+    """(seconds, peak RSS in MB of the process itself, of the largest process it ran).
+
+    The first is the process's own high-water mark (VmHWM, read while it runs), so a
+    GEMMA child's memory does not count as the coordinator's."""
     start = time.perf_counter()
-    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
+    own = 0.0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            own = max(own, int(status.split("VmHWM:")[1].split()[0]) / 1024)
+        except (OSError, IndexError, ValueError):
+            pass
+        time.sleep(0.1)
+    if proc.returncode:
+        raise SystemExit(f"{argv[:4]} failed with exit code {proc.returncode}")
     seconds = time.perf_counter() - start
-    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return seconds, own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -82,13 +95,15 @@ def main() -> None:
              "from sheepdog.gemma.workflows import GemmaRequest, prepare; "
              "o = Path(sys.argv[1]); prepare(GemmaRequest(geno=o / 'geno.txt.gz', "
              "pheno=o / 'pheno.txt', anno=o / 'anno.txt'), Store(o / 'probe-store'))")
-    seconds, coordinator_mb = peak_rss_mb([sys.executable, "-c", probe, str(args.out)], env)
+    seconds, coordinator_mb, _ = peak_rss_mb([sys.executable, "-c", probe, str(args.out)], env)
     print(f"coordinator (validate + split): {seconds:.1f} s, peak {coordinator_mb:.0f} MB"
           f" (the genotype matrix alone would be "
           f"{args.individuals * args.snps * 8 / 1e6:.0f} MB as doubles)")
-    seconds, job_mb = peak_rss_mb([*sd, "run", "gemma-loco", *inputs, "--out",
-                                   str(args.out / "result")], env)
-    print(f"whole LOCO scan: {seconds:.1f} s, peak {job_mb:.0f} MB in one process")
+    seconds, own_mb, largest_mb = peak_rss_mb([*sd, "run", "gemma-loco", *inputs, "--out",
+                                               str(args.out / "result")], env)
+    print(f"whole LOCO scan: {seconds:.1f} s; peak {own_mb:.0f} MB in the sheepdog process "
+          f"(it runs the kinship, LOCO and gather steps), {largest_mb:.0f} MB in the "
+          f"largest process of the run (a GEMMA)")
     subprocess.run([*sd, "redis", "stop"], env=env, stdout=subprocess.DEVNULL)
 
 

@@ -14,6 +14,7 @@ from gemma_reference import (
     PHENO,
     SINGULAR_COVARIATES,
     chromosomes,
+    gemma,
     loco_scan,
     read_assoc,
 )
@@ -131,3 +132,26 @@ def test_gemmas_own_error_text_fails_the_job_and_names_the_piece(env, tmp_path, 
     assert job.status == "error" and "piece 'lmm chr" in job.error
     assert "matrix is singular" in job.error
     assert not (tmp_path / "out" / "assoc.txt").exists()  # never a partial result
+
+
+def test_kinships_equal_gemmas_own_for_the_genome_and_by_the_loco_identity(
+        tmp_path, gemma_loco_kinships):
+    import numpy as np
+
+    from sheepdog.gemma.bimbam import split_genotypes
+    from sheepdog.gemma.kinship import BLOCK, centered_kinship, read_genotypes
+    from sheepdog.gemma.loco import loco_from
+
+    _, gemmas_loco = gemma_loco_kinships
+    gemma(["-g", str(GENO), "-p", str(PHENO), "-gk", "1", "-o", "all"], tmp_path)
+    genome, snps = centered_kinship(read_genotypes(GENO))
+    assert snps > 3 * BLOCK  # computed block by block
+    # GEMMA prints 10 significant digits of values below 1
+    np.testing.assert_allclose(genome, np.loadtxt(tmp_path / "output" / "all.cXX.txt"),
+                               rtol=0, atol=1e-9)
+    split = split_genotypes(GENO, ANNO, tmp_path / "split")
+    per_chromosome = [(c, centered_kinship(read_genotypes(info["matrix"])))
+                      for c, info in split.chromosomes.items()]
+    for c in ("1", "11", "X"):
+        np.testing.assert_allclose(loco_from(c, per_chromosome), np.loadtxt(gemmas_loco[c]),
+                                   rtol=0, atol=1e-9)

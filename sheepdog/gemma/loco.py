@@ -27,9 +27,9 @@ def read_matrix(path: Path) -> np.ndarray:
 def write_matrix(path: Path, matrix: np.ndarray) -> None:
     # 10 significant digits, as GEMMA writes its own kinship: GEMMA's `-lmm -loco c`
     # then reads (almost always) the very numbers it would have read from its own file
-    row = "\t".join(["%.10g"] * matrix.shape[1])
-    with open(path, "w") as f:  # one join: a third faster than np.savetxt's row writes
-        f.write("".join(row % tuple(r) + "\n" for r in matrix.tolist()))
+    row = "\t".join(["%.10g"] * matrix.shape[1]) + "\n"
+    with open(path, "w") as f:  # a quarter faster than np.savetxt, still row by row
+        f.writelines(row % tuple(r.tolist()) for r in matrix)
 
 
 def loco_from(chromosome: str, kinships: Iterable[tuple[str, tuple[np.ndarray, int]]]
