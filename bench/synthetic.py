@@ -102,8 +102,8 @@ def main() -> None:
     seconds, own_mb, largest_mb = peak_rss_mb([*sd, "run", "gemma-loco", *inputs, "--out",
                                                str(args.out / "result")], env)
     print(f"whole LOCO scan: {seconds:.1f} s; peak {own_mb:.0f} MB in the sheepdog process "
-          f"(it runs the kinship, LOCO and gather steps), {largest_mb:.0f} MB in the "
-          f"largest process of the run (a GEMMA)")
+          f"(it runs the kinship, LOCO and gather steps); the largest single process of the "
+          f"run (sheepdog or a GEMMA) peaked at {largest_mb:.0f} MB")
     subprocess.run([*sd, "redis", "stop"], env=env, stdout=subprocess.DEVNULL)
 
 
