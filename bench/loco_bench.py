@@ -2,7 +2,8 @@
 """LOCO on BXD end to end through `sheepdog run gemma-loco`, against baselines measured
 in the same run, printed as ratios (no timed tests: numbers depend on the machine).
 
-    python3 bench/loco_bench.py [--repeat 3] [--permutations 1000] [--synthetic]
+    python3 bench/loco_bench.py [--repeat 3] [--permutations 1000]
+    python3 bench/synthetic.py --run      (2,000 x 100,000 synthetic data: time and memory)
 
 Baselines: GEMMA's own `-gk -loco c` then `-lmm 9 -loco c` for every chromosome
 serially, and the same commands two at a time (what gemma-wrapper + GNU parallel does).
