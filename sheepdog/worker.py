@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import redis
 from rq import Queue
 from rq.exceptions import DequeueTimeout
-from rq.intermediate_queue import IntermediateQueue
 
 from . import keys, logs, store
 from .backends.base import Backend, StatusUpdate, Submission
@@ -310,7 +309,7 @@ class Worker:
                 found = Queue.dequeue_any(self.queues, timeout=wait, connection=self.conn)
             except DequeueTimeout:
                 continue
-            except redis.RedisError as e:  # Redis restarting: keep this thread, try again
+            except Exception as e:  # Redis restarting, a mangled entry: keep this thread
                 log.warning("worker %s: cannot take work: %s", self.name, e)
                 self.stopping.wait(1)
                 continue
@@ -326,15 +325,16 @@ class Worker:
             finally:
                 with self._lock:
                     self._busy -= 1
-                self._drop(rq_job.key, rq_job.id, queue.key)
+                self._drop(rq_job.key, rq_job.id, queue.intermediate_queue_key)
 
-    def _drop(self, job_key: str, job_id: str, queue_key: str) -> None:
+    def _drop(self, job_key: str, job_id: str, parked_key: str) -> None:
         """Forget the RQ entry this thread took. Idempotent: a dispatch id is never
-        reused, and RQ (since 2.x) parks taken entries on an intermediate list."""
+        reused, and RQ parks taken entries on an intermediate list for its own workers'
+        clean-up, which never comes for entries taken this way."""
         try:
             pipe = self.conn.pipeline(transaction=False)
             pipe.delete(job_key)
-            pipe.lrem(IntermediateQueue(queue_key, self.conn).key, 1, job_id)
+            pipe.lrem(parked_key, 1, job_id)
             pipe.execute()
         except redis.RedisError as e:
             log.warning("worker %s: could not remove RQ entry %s: %s", self.name, job_id, e)

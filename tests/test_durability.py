@@ -11,7 +11,6 @@ from dataclasses import replace
 
 from conftest import sheepdog, wait_for
 from rq import Queue
-from rq.intermediate_queue import IntermediateQueue
 
 from sheepdog import logs, store, workflow
 from sheepdog.models import JobStatus, TaskStatus
@@ -147,5 +146,5 @@ def test_a_task_dispatched_twice_runs_once_and_leaves_no_queue_entries(conn, set
     assert marker.read_text() == "x\n"
     assert store.get_job(conn, later.id).status == "success"
     q = Queue(settings.queue, connection=conn)
-    assert conn.llen(q.key) == 0 and conn.llen(IntermediateQueue(q.key, conn).key) == 0
+    assert conn.llen(q.key) == 0 and conn.llen(q.intermediate_queue_key) == 0
     assert not [k for k in conn.keys("rq:job:*")]
