@@ -91,10 +91,10 @@ def main() -> None:
     sd = [sys.executable, "-m", "sheepdog"]
     subprocess.run([*sd, "run", "--", "true"], env=env, check=True, stdout=subprocess.DEVNULL)
     # the coordinator's part alone, in a fresh process: validation and split
-    probe = ("import sys; from pathlib import Path; from sheepdog.cache import Store; "
+    probe = ("import sys; from pathlib import Path; from sheepdog.cache import Cache; "
              "from sheepdog.gemma.workflows import GemmaRequest, prepare; "
              "o = Path(sys.argv[1]); prepare(GemmaRequest(geno=o / 'geno.txt.gz', "
-             "pheno=o / 'pheno.txt', anno=o / 'anno.txt'), Store(o / 'probe-store'))")
+             "pheno=o / 'pheno.txt', anno=o / 'anno.txt'), Cache(o / 'probe-store'))")
     seconds, coordinator_mb, _ = peak_rss_mb([sys.executable, "-c", probe, str(args.out)], env)
     print(f"coordinator (validate + split): {seconds:.1f} s, peak {coordinator_mb:.0f} MB"
           f" (the genotype matrix alone would be "

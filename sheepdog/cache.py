@@ -1,4 +1,4 @@
-"""The content-addressed store on disk: input files by sha256, task outputs by task id.
+"""The content-addressed cache on disk: input files by sha256, task outputs by task id.
 
 Nothing partial is ever visible: a file or a task's output directory appears under its
 address only by one rename, after it is complete.
@@ -43,7 +43,7 @@ def _tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-class Store:
+class Cache:
     """Files under one root: blobs/ (inputs), tasks/ (published outputs), tmp/ (scratch)."""
 
     def __init__(self, root: Path) -> None:
@@ -138,12 +138,19 @@ class Store:
                 return True
         return False
 
-    def sweep_scratch(self, older_than: float = 24 * 3600) -> int:
-        """Delete scratch left by killed runs; it was never published, so nothing is lost."""
+    def sweep_scratch(self, older_than: float, keep: set[str] | frozenset[str] = frozenset()
+                      ) -> int:
+        """Delete scratch left by killed or failed runs, untouched for `older_than`
+        seconds; it was never published, so nothing is lost. Scratch of the task ids in
+        `keep` (pieces queued or running now) stays, however old."""
         cutoff = time.time() - older_than
         gone = 0
-        for p in self.tmp.iterdir():
-            if p.stat().st_mtime < cutoff:
+        for p in list(self.tmp.iterdir()):
+            try:
+                if p.name.split(".", 1)[0] in keep or p.lstat().st_mtime >= cutoff:
+                    continue
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-                gone += 1
+            except FileNotFoundError:
+                continue  # another sweeper or the run itself removed it first
+            gone += 1
         return gone

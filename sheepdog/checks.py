@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import ssh
+from .cache import Cache
 from .errors import SheepdogError
 from .hosts import Host
+from .remote import RemoteDir, prefix
 
-GUIX_DIR = Path(__file__).resolve().parent.parent / "guix"
+# the project's guix/ (a link in the source tree, package data in an installed wheel)
+GUIX_DIR = Path(__file__).resolve().parent / "guix"
 MIN_FREE_GB = 5.0
 
 
@@ -45,7 +49,7 @@ def manifest_tools(text: str) -> list[str]:
 
 
 def _profile_prefix(host: Host) -> str:
-    return f". {ssh.quote([host.guix_profile + '/etc/profile'])}; " if host.guix_profile else ""
+    return prefix(host.guix_profile, {})
 
 
 def _guix(conn: ssh.Connection, host: Host, pinned: dict[str, str]) -> list[Check]:
@@ -98,9 +102,22 @@ def _tools(conn: ssh.Connection, host: Host, tools: list[str]) -> list[Check]:
     return checks
 
 
+_GEMMA_VERSION = re.compile(r"GEMMA\s+(\S+(?:\s+\([0-9-]+\))?)")
+
+
+def local_gemma_version() -> str | None:
+    """This machine's GEMMA version, to compare a host's with (None: no GEMMA here)."""
+    try:
+        done = subprocess.run(["gemma"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    found = _GEMMA_VERSION.search(done.stdout + done.stderr)
+    return found.group(1) if found else None
+
+
 def _gemma(conn: ssh.Connection, host: Host, local_version: str | None) -> Check:
     _, out, _ = conn.run(_profile_prefix(host) + "gemma 2>&1 | head -5")
-    found = re.search(r"GEMMA\s+(\S+(?:\s+\([0-9-]+\))?)", out)
+    found = _GEMMA_VERSION.search(out)
     if not found:
         return Check("gemma version", "fail", "no GEMMA",
                      f"install GEMMA on {host.name} (guix/manifest.scm, or apt-get install gemma)")
@@ -132,7 +149,7 @@ def _slurm(conn: ssh.Connection, host: Host) -> Check:
                  "" if host.backend != "slurm" else f"install the Slurm client on {host.name}")
 
 
-def check_host(host: Host, local_gemma: str | None = None) -> list[Check]:
+def check_host(host: Host, cache: Cache, local_gemma: str | None = None) -> list[Check]:
     """Every verdict for a host; an unreachable host is one failed check, not an error."""
     try:
         conn = ssh.get(host)
@@ -143,9 +160,7 @@ def check_host(host: Host, local_gemma: str | None = None) -> list[Check]:
     pinned = pinned_commits((GUIX_DIR / "channels.scm").read_text())
     tools = manifest_tools((GUIX_DIR / "manifest.scm").read_text())
     try:
-        from .backends.shell import remote_workdir
-
-        workdir = remote_workdir(host, conn)
+        workdir = RemoteDir(host, cache).workdir()
         checks += _guix(conn, host, pinned)
         checks += _tools(conn, host, tools)
         checks.append(_gemma(conn, host, local_gemma))

@@ -7,67 +7,49 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from . import config, embedded, logs, progress, store, workflow
-from .cache import Store
-from .connection import connect, url_for
+from . import embedded, logs, progress, store, workflows
+from .cache import Cache
+from .clirun import conn as _conn
+from .clirun import print_json as _print_json
+from .clirun import print_line
+from .clirun import settings as _settings
+from .connection import url_for
+from .defaults import WORKER_STOP_WAIT
 from .errors import SheepdogError
 from .logs import LogLine
 from .models import JobStatus
-from .runner import follow_job, spawn_detached_worker
-from .worker import Worker, live_workers
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _settings() -> config.Settings:
-    return config.load()
-
-
-def _conn(settings: config.Settings | None = None) -> Any:
-    return connect(settings or _settings())
-
-
-def _print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str))
+from .runner import follow_job
+from .worker import Worker
 
 
 class RunGroup(click.Group):
-    """`sheepdog run WORKFLOW ...`, or `sheepdog run [OPTIONS] -- CMD ...` for a command."""
+    """`sheepdog run WORKFLOW ...`, or `sheepdog run [OPTIONS] -- CMD ...` for a command.
+
+    Each workflow brings its own command (sheepdog.workflows); only the one asked for
+    is imported.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(workflows.names())
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = workflows.find(cmd_name)
+        return found.command() if found is not None else None
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
-        if args and args[0] in self.commands:
+        if args and args[0] in workflows.names():
             return super().resolve_command(ctx, args)
-        return "command", self.commands["command"], args
+        return "command", self.get_command(ctx, "command"), args
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+        if args and args[0] not in workflows.names() and args[0] not in ("--help", "-h"):
             args = ["command", *args]
         return super().parse_args(ctx, args)
-
-
-def backend_options(fn: F) -> F:
-    """The options every `run` workflow shares."""
-    for opt in reversed([
-        click.option("--backend", default="local", show_default=True,
-                     type=click.Choice(workflow.BACKENDS), help="Where the pieces run."),
-        click.option("--host", default=None, help="Host (ssh config name) for shell/slurm."),
-        click.option("--queue", default=None, help="Queue name (default: from settings)."),
-        click.option("--detach", is_flag=True, help="Print the job id and return at once."),
-        click.option("--json", "as_json", is_flag=True, help="Print the final job as JSON."),
-        click.option("--race", default=None, metavar="H1,H2,local",
-                     help="Start the job on several hosts/backends; the first success wins."),
-        click.option("--complete-all", is_flag=True,
-                     help="With --race: let the losers finish too, to fill their caches."),
-    ]):
-        fn = opt(fn)
-    return fn
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,129 +61,6 @@ def cli() -> None:
 @cli.group(cls=RunGroup)
 def run() -> None:
     """Run a job and stream its output: `sheepdog run -- CMD ARGS` or `sheepdog run WORKFLOW`."""
-
-
-@run.command("command", context_settings={"ignore_unknown_options": True,
-                                           "allow_interspersed_args": False})
-@backend_options
-@click.option("--timeout", type=float, default=0.0, help="Kill the command after SECONDS.")
-@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
-def run_command(argv: tuple[str, ...], backend: str, host: str | None, queue: str | None,
-                detach: bool, as_json: bool, timeout: float, race: str | None,
-                complete_all: bool) -> None:
-    """Run one command as a job; exit with its exit code."""
-    settings = _settings()
-    job, tasks = workflow.command_job(list(argv), settings, backend=backend, host=host,
-                                      queue=queue, timeout=timeout)
-    if race:
-        run_race(settings, race, complete_all, queue or settings.queue,
-                 lambda: workflow.command_job(list(argv), settings, queue=queue,
-                                              timeout=timeout))
-    conn = _conn(settings)
-    workflow.submit(conn, settings, job, tasks)
-    finish(conn, settings, job.id, job.queue, detach, as_json)
-
-
-def finish(conn: Any, settings: config.Settings, job_id: str, queue: str, detach: bool,
-           as_json: bool, after_wait: Callable[[Any, config.Settings, str], None] | None = None
-           ) -> None:
-    """Shared end of every `run`: detach, or stream until the end and exit with its code."""
-    if detach:
-        if not live_workers(conn, queue):
-            spawn_detached_worker(settings, queue)
-        click.echo(job_id)
-        return
-    stream_until_done(conn, settings, job_id, queue, quiet=as_json)
-    if after_wait:
-        after_wait(conn, settings, job_id)
-    job = store.get_job(conn, job_id)
-    if as_json:
-        _print_json(progress.job_view(conn, job))
-    elif job.status == JobStatus.ERROR.value and job.error and (
-            job.workflow != "command" or job.exit_code is None):
-        click.echo(f"sheepdog: job {job.id} failed: {job.error}", err=True)
-    code = job.exit_code if job.exit_code is not None else (0 if job.status == "success" else 1)
-    sys.exit(code)
-
-
-def run_race(settings: config.Settings, spec: str, complete_all: bool, queue: str,
-             build: Callable[[], Any],
-             after: Callable[[Any, config.Settings, Any, str], None] | None = None) -> None:
-    """Run a job on several lanes, stream them all, exit with the winner's exit code."""
-    from . import race
-
-    lanes = race.parse_lanes(spec, settings.inventory)
-    conn = _conn(settings)
-    jobs = race.start(conn, settings, lanes, build)
-    for job_id, lane in jobs.items():
-        click.echo(f"[sheepdog] race lane {lane.label}: job {job_id}", err=True)
-    for lane, item in race.follow(conn, settings, jobs, queue, complete_all):
-        if isinstance(item, str):
-            click.echo(f"[sheepdog] {item}", err=True)
-        elif item.stream in ("stdout", "stderr"):
-            click.echo(f"[{lane.label}] {item.text}", err=item.stream == "stderr")
-    winner = race.winner_of(conn, jobs)
-    if winner is None:
-        sys.exit(1)
-    if after is not None:
-        after(conn, settings, winner, jobs[winner.id].label)
-    sys.exit(winner.exit_code or 0)
-
-
-class ProgressLine:
-    """A one-line status on a terminal's stderr, redrawn in place; nothing otherwise."""
-
-    def __init__(self, conn: Any, job_id: str) -> None:
-        self.conn, self.job_id = conn, job_id
-        # on a terminal only: piped output stays plain lines
-        self.enabled = sys.stdout.isatty() and sys.stderr.isatty()
-        self.last = 0.0
-        self.shown = False
-
-    def tick(self) -> None:
-        if not self.enabled or time.monotonic() - self.last < 0.5:
-            return
-        self.last = time.monotonic()
-        job = store.get_job(self.conn, self.job_id)
-        eta = progress.eta_seconds(job, time.time())
-        text = f"[{job.status}] {job.done}/{job.total} pieces"
-        if eta is not None:
-            text += f", about {eta:.0f}s left"
-        sys.stderr.write("\r\033[K" + text)
-        sys.stderr.flush()
-        self.shown = True
-
-    def clear(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-            self.shown = False
-
-
-def print_line(line: LogLine) -> None:
-    if line.stream == "stdout":
-        click.echo(line.text)
-    elif line.stream == "stderr":
-        click.echo(line.text, err=True)
-    else:
-        click.echo(click.style(f"[sheepdog] {line.text}", dim=True), err=True)
-
-
-def stream_until_done(conn: Any, settings: config.Settings, job_id: str, queue: str,
-                      quiet: bool = False) -> None:
-    bar = ProgressLine(conn, job_id)
-    try:
-        for line in follow_job(conn, settings, job_id, queue):
-            bar.clear()
-            if not quiet or line.stream != "sheepdog":
-                print_line(line) if not quiet else None
-            bar.tick()
-    except KeyboardInterrupt:
-        bar.clear()
-        store.cancel_job(conn, job_id)
-        click.echo(f"sheepdog: cancelled job {job_id}", err=True)
-        sys.exit(130)
-    bar.clear()
 
 
 @cli.command()
@@ -327,7 +186,7 @@ def serve(bind: str, local_workers: int, threads: int) -> None:
     finally:
         for h in helpers:
             h.terminate()
-            h.wait(30)
+            h.wait(WORKER_STOP_WAIT)
     sys.exit(code)
 
 
@@ -350,16 +209,11 @@ def hosts_list() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def hosts_check(host: str, as_json: bool) -> None:
     """Can sheepdog run pieces on HOST: ssh, Guix alignment, tools, GEMMA, disk, Slurm."""
-    from .checks import check_host
-    from .gemma.commands import version
+    from .checks import check_host, local_gemma_version
     from .hosts import resolve
 
     target = resolve(host, _settings().inventory)
-    try:
-        local = version()
-    except SheepdogError:
-        local = None
-    checks = check_host(target, local)
+    checks = check_host(target, Cache(_settings().cache_dir), local_gemma_version())
     if as_json:
         _print_json({"host": host, "ok": all(c.status != "fail" for c in checks),
                      "checks": [c.as_dict() for c in checks]})
@@ -379,7 +233,7 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def cache_list(as_json: bool) -> None:
     """List cached inputs and pieces with their sizes."""
-    entries = Store(_settings().store_dir).entries()
+    entries = Cache(_settings().cache_dir).entries()
     if as_json:
         _print_json([e.__dict__ for e in entries])
         return
@@ -392,7 +246,7 @@ def cache_list(as_json: bool) -> None:
 def cache_clear() -> None:
     """Remove every cached input and piece (the next run recomputes them)."""
     settings = _settings()
-    local = Store(settings.store_dir)
+    local = Cache(settings.cache_dir)
     entries = local.entries()
     for e in entries:
         local.remove(e.id)
@@ -421,9 +275,24 @@ def redis_stop() -> None:
     click.echo("stopped" if embedded.stop(home) else "not running")
 
 
-def _main() -> int:
-    from .gemma import cli as _gemma_cli  # noqa: F401  registers `run gemma-*`
+@cli.command()
+@click.argument("job_id")
+@click.option("--out", "out_dir", type=click.Path(), default=None,
+              help="Write the result files here too.")
+def result(job_id: str, out_dir: str | None) -> None:
+    """Print a finished job's result (and write its files to --out)."""
+    settings = _settings()
+    db = _conn(settings)
+    job = store.get_job(db, job_id)
+    workflow = workflows.find(job.workflow)
+    if job.status != JobStatus.SUCCESS or workflow is None:
+        raise click.ClickException(f"job {job_id} is {job.status}, not a finished job "
+                                   "with a result")
+    _print_json(workflow.export(db, settings, job, Path(out_dir)) if out_dir
+                else workflow.describe(db, settings, job))
 
+
+def _main() -> int:
     try:
         code = cli.main(standalone_mode=False)  # click's own Exit comes back as its code
         return code if isinstance(code, int) else 0

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from .errors import ConfigError
 
@@ -36,6 +35,7 @@ class Settings:
     redis_url: str | None = None
     home: Path = field(default_factory=data_dir)
     log_max_lines: int = 200_000
+    log_buffer_lines: int = 100_000  # a piece's lines kept while Redis is unreachable
     heartbeat_timeout: float = 60.0
     max_attempts: int = 3
     queue: str = "default"
@@ -44,6 +44,7 @@ class Settings:
     upload_limit_mb: int = 512
     input_roots: tuple[str, ...] = ()
     inventory: str | None = None
+    scratch_max_age: float = 2 * 24 * 3600.0  # s: abandoned scratch older than this is swept
 
     @property
     def heartbeat_interval(self) -> float:
@@ -51,12 +52,13 @@ class Settings:
         return max(0.2, min(10.0, self.heartbeat_timeout / 4))
 
     @property
-    def store_dir(self) -> Path:
+    def cache_dir(self) -> Path:
+        """The content-addressed cache (cache.Cache) of this user's data directory."""
         return self.home / "store"
 
 
-_INT = {"log_max_lines", "max_attempts", "upload_limit_mb"}
-_FLOAT = {"heartbeat_timeout"}
+_INT = {"log_max_lines", "log_buffer_lines", "max_attempts", "upload_limit_mb"}
+_FLOAT = {"heartbeat_timeout", "scratch_max_age"}
 _LIST = {"api_tokens", "cors_origins", "input_roots"}
 
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 
 class SheepdogError(Exception):
-    """Root of every error sheepdog raises; its text is meant for the user as is."""
+    """Root of every error sheepdog raises; its text is meant for the user as is.
+
+    `exit_code` is what the command line exits with, `http_status` what the web
+    service answers: both live on the error, so no caller maps class names.
+    """
 
     exit_code = 1
+    http_status = 400
 
 
 class ConfigError(SheepdogError):
@@ -19,6 +24,7 @@ class RedisUnavailable(SheepdogError):
     """The Redis server named by the settings cannot be reached."""
 
     exit_code = 2
+    http_status = 503
 
     def __init__(self, url: str, reason: str) -> None:
         super().__init__(f"cannot reach Redis at {url}: {reason}")
@@ -29,6 +35,7 @@ class UnknownJob(SheepdogError):
     """No job has this id."""
 
     exit_code = 2
+    http_status = 404
 
     def __init__(self, job_id: str) -> None:
         super().__init__(f"unknown job id {job_id!r} (see 'sheepdog list')")
@@ -51,6 +58,8 @@ class InputError(SheepdogError):
 class BackendError(SheepdogError):
     """A backend could not start, watch or stop a task."""
 
+    http_status = 502
+
     def __init__(self, message: str, host: str | None = None) -> None:
         super().__init__(f"{host}: {message}" if host else message)
         self.host = host
@@ -58,3 +67,17 @@ class BackendError(SheepdogError):
 
 class GatherError(SheepdogError):
     """The pieces of a scatter-gather job disagree; names the piece and the field."""
+
+    http_status = 422
+
+
+class FieldError(SheepdogError):
+    """A field of a request (a REST body, a CLI option) is wrong; names the field."""
+
+    exit_code = 2
+
+    def __init__(self, field: str, problem: str, http_status: int = 400) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+        self.http_status = http_status

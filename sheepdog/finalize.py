@@ -1,4 +1,5 @@
-"""Work done once when a job succeeds (exporting results), by whoever sees it first."""
+"""Work done once when a job succeeds (its workflow's gather and export), by whoever
+sees it first."""
 
 from __future__ import annotations
 
@@ -6,28 +7,30 @@ import time
 
 import redis
 
-from . import keys, logs, store
+from . import keys, logs, store, workflows
 from .config import Settings
+from .defaults import FINALIZE_LOCK, FINALIZE_WAIT
 from .errors import SheepdogError
 from .models import JobStatus
 
 
 def finalize(conn: redis.Redis, settings: Settings, job_id: str) -> None:
-    """Export a successful workflow job's result once; safe to call from several places."""
+    """Run a successful job's workflow finalize once; safe to call from several places."""
     job = store.get_job(conn, job_id)
-    if job.status != JobStatus.SUCCESS.value or job.result or not job.workflow.startswith("gemma"):
+    workflow = workflows.find(job.workflow)
+    if job.status != JobStatus.SUCCESS or job.result or workflow is None:
         return
+    if type(workflow).finalize is workflows.Workflow.finalize:
+        return  # nothing to gather: no lock, no round trips
     # a short lock: a worker and a waiting CLI may both get here; the one that loses
     # waits, so that nobody reports results that are still being written
-    if not conn.set(keys.job_finalizing(job_id), "1", nx=True, ex=60):
-        deadline = time.monotonic() + 60
+    if not conn.set(keys.job_finalizing(job_id), "1", nx=True, ex=FINALIZE_LOCK):
+        deadline = time.monotonic() + FINALIZE_LOCK
         while conn.exists(keys.job_finalizing(job_id)) and time.monotonic() < deadline:
-            time.sleep(0.02)
+            time.sleep(FINALIZE_WAIT)
         return
-    from .gemma.result import finalize as gemma_finalize
-
     try:
-        gemma_finalize(conn, settings, job)
+        workflow.finalize(conn, settings, job)
         if job.out_dir:
             logs.note(conn, job_id, f"results written to {job.out_dir}")
     except (SheepdogError, OSError, KeyError, ValueError) as e:

@@ -13,8 +13,9 @@ import threading
 
 import redis
 
-from . import logs, store, workflow
+from . import jobs, logs, store
 from .config import Settings
+from .defaults import GN3_JOB_POLL, GN3_TAKE_WAIT
 from .errors import SheepdogError
 from .models import Job, JobStatus
 
@@ -47,7 +48,7 @@ def mirror(conn: redis.Redis, cmd_id: str, job: Job) -> None:
     """Write a finished sheepdog job back into GN3's hash, as GN3's worker would."""
     out = output_text(conn, job.id, "stdout")
     err = output_text(conn, job.id, "stderr")
-    if job.status == JobStatus.SUCCESS.value and job.exit_code == 0:
+    if job.status == JobStatus.SUCCESS and job.exit_code == 0:
         conn.hset(cmd_id, mapping={"result": out, "status": "success"})
     else:
         err = err or job.error
@@ -67,7 +68,7 @@ class Gn3Server:
     def loop(self, stop: threading.Event) -> None:
         self.resync()
         while not stop.is_set():
-            item = self.conn.blpop([self.queue_name], timeout=1)
+            item = self.conn.blpop([self.queue_name], timeout=GN3_TAKE_WAIT)
             if item:
                 self.handle(_text(item[1]), stop)
 
@@ -87,7 +88,7 @@ class Gn3Server:
             argv = parse_command(_text(raw))
             env_raw = _text(self.conn.hget(cmd_id, "env"))
             env = json.loads(env_raw) if env_raw else None
-            job, tasks = workflow.command_job(
+            job, tasks = jobs.command_job(
                 argv, self.settings, env={k: str(v) for k, v in (env or {}).items()},
                 clean_env=env is not None, cwd=os.getcwd(), workflow="gn3")
         except (SheepdogError, ValueError) as e:
@@ -95,8 +96,8 @@ class Gn3Server:
                                             "result": str(e)})
             return
         job.gn3_id = cmd_id
-        workflow.submit(self.conn, self.settings, job, tasks)
-        while not stop.wait(0.05):
+        jobs.submit(self.conn, self.settings, job, tasks)
+        while not stop.wait(GN3_JOB_POLL):
             current = store.get_job(self.conn, job.id)
             if JobStatus(current.status).final:
                 mirror(self.conn, cmd_id, current)

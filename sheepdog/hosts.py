@@ -6,8 +6,8 @@ does not know:
     [hosts.octopus]
     workdir = "/export/sheepdog"     # where the cache and scratch live on the host
     backend = "slurm"                # default backend for this host
-    partition = "compute"            # Slurm partition / account
-    account = "genenetwork"
+    partition = "compute"            # the backend's own settings (here Slurm's partition
+    account = "genenetwork"          #   and account): see that backend's settings class
     guix_profile = "/gnu/var/sheepdog/profile"   # commands run inside this profile
     allow_without_guix = false       # run even when the host has no Guix
     [hosts.octopus.env]              # set for every piece run there, e.g. the CPU
@@ -17,11 +17,11 @@ does not know:
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
-import tomllib
 
 from .errors import ConfigError
 
@@ -39,11 +39,16 @@ class Host:
     proxy_jump: str = ""
     workdir: str = ""
     backend: str = "shell"
-    partition: str = ""
-    account: str = ""
     guix_profile: str = ""
     allow_without_guix: bool = False
     env: dict[str, str] = field(default_factory=dict)
+    # the rest of the host's inventory table: settings of its backend, which reads them
+    options: dict[str, object] = field(default_factory=dict)
+
+
+# inventory keys that are the Host's own; every other key belongs to the host's backend
+_HOST_KEYS = {"hostname", "port", "user", "workdir", "backend", "guix_profile",
+              "allow_without_guix", "env"}
 
 
 def ssh_config_path() -> Path:
@@ -114,9 +119,8 @@ def resolve(name: str, inventory: str | None = None) -> Host:
         proxy_jump=str(cfg.get("proxyjump") or ""),
         workdir=str(settings.get("workdir") or ""),
         backend=str(settings.get("backend") or "shell"),
-        partition=str(settings.get("partition") or ""),
-        account=str(settings.get("account") or ""),
         guix_profile=str(settings.get("guix_profile") or ""),
         allow_without_guix=bool(settings.get("allow_without_guix", False)),
         env=_env_table(settings.get("env"), name),
+        options={k: v for k, v in settings.items() if k not in _HOST_KEYS},
     )

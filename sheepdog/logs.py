@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,28 +10,40 @@ from dataclasses import dataclass
 import redis
 
 from . import keys
+from .defaults import (
+    ENDED_CHECK,
+    FOLLOW_BLOCK_MS,
+    FOLLOW_COUNT,
+    LOG_BATCH_LINES,
+    LOG_BUFFER_LINES,
+    LOG_FLUSH,
+)
 
 STREAMS = ("stdout", "stderr", "sheepdog")
 
-# Appends lines unless the job already offered `cap` of them; the first line over the
-# cap becomes one explicit marker, so a reader knows the log was cut and where.
+# Appends lines to each job's log (KEYS: log, counter, log, counter, ...) unless that
+# job already offered `cap` of them; the first line over the cap becomes one explicit
+# marker, so a reader knows the log was cut and where. One call is atomic over every job.
 _APPEND = """
 local cap = tonumber(ARGV[1])
 local added = 0
-for i = 2, #ARGV, 5 do
-  local n = redis.call('INCR', KEYS[2])
-  if n <= cap then
-    redis.call('XADD', KEYS[1], '*', 'task', ARGV[i], 'piece', ARGV[i+1],
-               'stream', ARGV[i+2], 'text', ARGV[i+3], 'time', ARGV[i+4])
-    added = added + 1
-  elseif n == cap + 1 then
-    redis.call('XADD', KEYS[1], '*', 'task', ARGV[i], 'piece', ARGV[i+1],
-               'stream', 'sheepdog', 'truncated', '1', 'time', ARGV[i+4],
-               'text', 'log truncated: more than ' .. cap .. ' lines; later lines are not kept')
+for k = 1, #KEYS, 2 do
+  for i = 2, #ARGV, 5 do
+    local n = redis.call('INCR', KEYS[k + 1])
+    if n <= cap then
+      redis.call('XADD', KEYS[k], '*', 'task', ARGV[i], 'piece', ARGV[i+1],
+                 'stream', ARGV[i+2], 'text', ARGV[i+3], 'time', ARGV[i+4])
+      added = added + 1
+    elseif n == cap + 1 then
+      redis.call('XADD', KEYS[k], '*', 'task', ARGV[i], 'piece', ARGV[i+1],
+                 'stream', 'sheepdog', 'truncated', '1', 'time', ARGV[i+4],
+                 'text', 'log truncated: more than ' .. cap .. ' lines; later lines are not kept')
+    end
   end
 end
 return added
 """
+_FIELDS = 5  # task, piece, stream, text, time: one line's arguments
 
 
 @dataclass(frozen=True)
@@ -70,63 +80,36 @@ def end_fields(status: str, exit_code: int | None, error: str = "") -> dict[str,
             "time": f"{time.time():.3f}", "end": "1"}
 
 
-class LineSplitter:
-    """Turns raw output chunks into lines; a `\\r` redraw (a progress bar) ends a line too."""
-
-    _BREAK = re.compile(r"\r\n|\n|\r")
-
-    def __init__(self) -> None:
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._partial = ""
-        self._last = ""
-
-    def feed(self, chunk: bytes) -> list[str]:
-        text = self._partial + self._decoder.decode(chunk)
-        parts = self._BREAK.split(text)
-        self._partial = parts.pop()
-        # a lone trailing \r may be the first half of \r\n: keep it for the next chunk
-        if text.endswith("\r"):
-            self._partial = parts.pop() + "\r" if parts else "\r"
-        return self._keep(parts)
-
-    def flush(self) -> list[str]:
-        rest = (self._partial + self._decoder.decode(b"", final=True)).rstrip("\r")
-        self._partial = ""
-        return self._keep([rest])
-
-    def _keep(self, parts: list[str]) -> list[str]:
-        out = []
-        for part in parts:
-            line = part.rstrip()
-            # redraws repeat the same bar: one copy is enough
-            if line.strip() and line != self._last:
-                out.append(line)
-                self._last = line
-        return out
-
-
 class LogWriter:
     """Appends one task's lines to the logs of every job waiting on it.
 
     Lines are buffered and sent at most every `flush_every` seconds (and on flush()), so
-    a chatty program costs a few round trips a second, not one per line.
+    a chatty program costs a few round trips a second, not one per line; batches go in
+    order, each at most LOG_BATCH_LINES lines. While Redis cannot be reached, lines wait
+    (up to `buffer_lines` of them) and are sent when it is back; past that, `lost` says
+    why the log is not whole, and the piece is failed or run again for it.
     """
 
     def __init__(self, conn: redis.Redis, task_id: str, piece: str, job_ids: list[str],
-                 max_lines: int, flush_every: float = 0.2) -> None:
+                 max_lines: int, flush_every: float = LOG_FLUSH,
+                 buffer_lines: int = LOG_BUFFER_LINES) -> None:
         self._conn = conn
         self._task = task_id
         self._piece = piece
         self._jobs = job_ids
+        self._keys = [k for jid in job_ids for k in (keys.job_log(jid), keys.job_log_count(jid))]
         self._cap = max_lines
         self._script = conn.register_script(_APPEND)
         self._every = flush_every
+        self._buffer = buffer_lines
         self._pending: list[object] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _pending
+        self._sending = threading.Lock()  # one batch on the wire at a time: order kept
         self._last = time.monotonic()
+        self.lost = ""
 
     def write(self, stream: str, lines: list[str]) -> None:
-        if not lines or not self._jobs:
+        if not lines or not self._jobs or self.lost:
             return
         now = f"{time.time():.3f}"
         with self._lock:
@@ -135,15 +118,31 @@ class LogWriter:
         if time.monotonic() - self._last >= self._every:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, strict: bool = False) -> None:
+        """Send what is buffered. A Redis error keeps the lines for the next flush;
+        `strict` raises it instead of waiting for better times."""
+        with self._sending:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                self._last = time.monotonic()
+            sent = 0
+            step = LOG_BATCH_LINES * _FIELDS
+            try:
+                while sent < len(batch):
+                    self._script(keys=self._keys, args=[self._cap, *batch[sent:sent + step]])
+                    sent += step
+            except redis.RedisError as e:
+                self._keep(batch[sent:], e)
+                if strict:
+                    raise
+
+    def _keep(self, unsent: list[object], error: redis.RedisError) -> None:
         with self._lock:
-            batch, self._pending = self._pending, []
-            self._last = time.monotonic()
-        if not batch:
-            return
-        for jid in self._jobs:
-            self._script(keys=[keys.job_log(jid), keys.job_log_count(jid)],
-                         args=[self._cap, *batch])
+            self._pending = unsent + self._pending
+            if len(self._pending) > self._buffer * _FIELDS and not self.lost:
+                self.lost = (f"its output could not be recorded: {len(self._pending) // _FIELDS}"
+                             f" lines waited for Redis ({type(error).__name__}: {error})")
+                self._pending = []
 
 
 def note(conn: redis.Redis, job_id: str, text: str, piece: str = "", task: str = "",
@@ -151,7 +150,7 @@ def note(conn: redis.Redis, job_id: str, text: str, piece: str = "", task: str =
     """A line from sheepdog itself (cache hits, retries, lost workers) into a job's log."""
     writer = LogWriter(conn, task, piece, [job_id], max_lines)
     writer.write("sheepdog", [text])
-    writer.flush()
+    writer.flush(strict=True)
 
 
 def decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> LogLine:
@@ -170,30 +169,46 @@ def read(conn: redis.Redis, job_id: str, after: str = "0-0", count: int = 1000) 
     return [decode(eid, fields) for eid, fields in entries]
 
 
+def tail(conn: redis.Redis, cursors: dict[str, str], block_ms: int | None = FOLLOW_BLOCK_MS,
+         count: int = FOLLOW_COUNT) -> list[tuple[str, LogLine]]:
+    """The one log follower: new lines of several jobs' logs after their cursors, as
+    (job id, line); blocks up to block_ms when nothing is new (None: not at all).
+
+    Advances `cursors` (job id -> last line id seen) past what it returns.
+    """
+    streams = {keys.job_log(jid): after or "0-0" for jid, after in cursors.items()}
+    job_of = {keys.job_log(jid): jid for jid in cursors}
+    reply = conn.xread(streams, count=count, block=block_ms)
+    got: list[tuple[str, LogLine]] = []
+    for stream, entries in reply or []:
+        jid = job_of[stream.decode() if isinstance(stream, bytes) else stream]
+        for entry_id, fields in entries:
+            line = decode(entry_id, fields)
+            got.append((jid, line))
+            cursors[jid] = line.id
+    return got
+
+
 def follow(conn: redis.Redis, job_id: str, ended: Callable[[], bool], after: str = "0-0",
-           block_ms: int = 250) -> Iterator[LogLine]:
+           block_ms: int = FOLLOW_BLOCK_MS) -> Iterator[LogLine]:
     """Replay from `after`, then follow live until the job's closing line.
 
     `ended` is asked when the stream is idle (and at least once a second): it may start
     a worker, and it covers a job that ended without a closing line.
     """
-    last = after or "0-0"
-    stream = keys.job_log(job_id)
+    cursors = {job_id: after or "0-0"}
     asked = -10.0
     while True:
         now = time.monotonic()
         finished = False
-        if now - asked > 1.0:
+        if now - asked > ENDED_CHECK:
             finished, asked = ended(), now
-        reply = conn.xread({stream: last}, count=1000, block=None if finished else block_ms)
-        lines = [decode(eid, f) for _, entries in (reply or []) for eid, f in entries]
-        for line in lines:
+        lines = tail(conn, cursors, block_ms=None if finished else block_ms)
+        for _, line in lines:
             yield line
             if line.end:
                 return
-        if lines:
-            last = lines[-1].id
-        elif finished or ended():
+        if not lines and (finished or ended()):
             asked = time.monotonic()
             if finished:
                 return

@@ -6,13 +6,13 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 FINAL_STATES = frozenset({"success", "error", "cancelled"})
 
 
-class JobStatus(str, Enum):
+class JobStatus(StrEnum):
     """A job's state, in GN3's words plus `cancelled`."""
 
     QUEUED = "queued"
@@ -26,7 +26,7 @@ class JobStatus(str, Enum):
         return self.value in FINAL_STATES
 
 
-class TaskStatus(str, Enum):
+class TaskStatus(StrEnum):
     """A task's state; `waiting` means some task it needs has not finished yet."""
 
     WAITING = "waiting"
@@ -73,7 +73,7 @@ class Task:
     nonce: str = ""  # makes an uncacheable task unique (its job id)
     id: str = ""
     # state, owned by store.py
-    status: str = TaskStatus.WAITING.value
+    status: TaskStatus = TaskStatus.WAITING
     pending: int = 0
     attempts: int = 0
     worker: str = ""
@@ -113,7 +113,7 @@ class Job:
 
     id: str
     workflow: str
-    status: str = JobStatus.QUEUED.value
+    status: JobStatus = JobStatus.QUEUED
     command: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     backend: str = "local"
@@ -152,7 +152,12 @@ def to_hash(obj: Task | Job) -> dict[str, str]:
     return out
 
 
+_ENUMS = {"TaskStatus": TaskStatus, "JobStatus": JobStatus}
+
+
 def _decode(kind: str, raw: str) -> Any:
+    if kind in _ENUMS:
+        return _ENUMS[kind](raw)
     if "list" in kind or "dict" in kind:
         return json.loads(raw) if raw else ([] if "list" in kind else {})
     if kind == "bool":

@@ -8,12 +8,12 @@ from typing import Any
 import redis
 
 from . import store
-from .models import Job, Task, TaskStatus
+from .models import Job, JobStatus, Task, TaskStatus
 
 
 def eta_seconds(job: Job, now: float) -> float | None:
     """Linear estimate from the pieces done so far; None until one is done."""
-    if job.status not in ("queued", "running") or not job.started:
+    if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING) or not job.started:
         return None
     fresh_done = job.done - job.cached
     remaining = job.total - job.done
@@ -27,7 +27,8 @@ def piece(task: Task) -> dict[str, Any]:
             "attempts": task.attempts, "exit_code": task.exit_code, "error": task.error,
             "worker": task.worker, "backend": task.backend, "host": task.host,
             "started": task.started or None,
-            "ended": task.ended or None if task.status in ("success", "error") else None}
+            "ended": task.ended or None
+            if task.status in (TaskStatus.SUCCESS, TaskStatus.ERROR) else None}
 
 
 def job_view(conn: redis.Redis, job: Job, with_pieces: bool = True) -> dict[str, Any]:
@@ -47,6 +48,6 @@ def job_view(conn: redis.Redis, job: Job, with_pieces: bool = True) -> dict[str,
     if with_pieces:
         tasks = store.job_tasks(conn, job.id)
         view["pieces"] = [piece(t) for t in tasks]
-        running = [t for t in tasks if t.status == TaskStatus.RUNNING.value]
+        running = [t for t in tasks if t.status == TaskStatus.RUNNING]
         view["progress"]["running"] = len(running)
     return view

@@ -8,13 +8,13 @@ the others are cancelled, or with complete_all run to the end so their caches fi
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import redis
 
-from . import keys, logs, store, workflow
+from . import jobs, logs, store
+from .backends import registry
 from .config import Settings
 from .errors import ConfigError
 from .hosts import resolve
@@ -34,12 +34,13 @@ class Lane:
 
 
 def parse_lanes(spec: str, inventory: str | None = None) -> list[Lane]:
-    """'h1,h2,local' -> lanes; a host runs on its inventory backend (default shell)."""
+    """'h1,h2,local' -> lanes: a backend's name that needs no host runs there; any
+    other word is a host, run on its inventory backend (default shell)."""
     lanes = []
     for word in (w.strip() for w in spec.split(",")):
         if not word:
             continue
-        if word in ("local", "slurm"):
+        if word in registry.names() and not registry.backend_class(word).needs_host:
             lanes.append(Lane(word, ""))
         else:
             lanes.append(Lane(resolve(word, inventory).backend, word))
@@ -69,51 +70,44 @@ def lane_tasks(tasks: list[Task], lane: Lane) -> tuple[list[Task], dict[str, str
 def start(conn: redis.Redis, settings: Settings, lanes: list[Lane],
           build: Callable[[], tuple[Job, list[Task]]]) -> dict[str, Lane]:
     """Submit one job per lane; returns job id -> lane."""
-    jobs = {}
+    started: dict[str, Lane] = {}
     for lane in lanes:
         job, tasks = build()
         job.backend, job.host = lane.backend, lane.host
         job.out_dir = ""  # only the winner's results are written out, once it is known
         tasks, renamed = lane_tasks(tasks, lane)
         job.final_task = renamed.get(job.final_task, job.final_task)
-        for field in ("scan_task", "permutation_task"):
-            if field in job.params:
-                job.params[field] = renamed[job.params[field]]
+        for name, value in job.params.items():  # a workflow's pointers to its tasks
+            if isinstance(value, str) and value in renamed:
+                job.params[name] = renamed[value]
         job.params["race"] = lane.label
-        workflow.submit(conn, settings, job, tasks)
-        jobs[job.id] = lane
-    return jobs
+        jobs.submit(conn, settings, job, tasks)
+        started[job.id] = lane
+    return started
 
 
 def follow(conn: redis.Redis, settings: Settings, jobs: dict[str, Lane], queue: str,
            complete_all: bool) -> Iterator[tuple[Lane, LogLine] | tuple[Lane, str]]:
     """Every lane's lines as they come; then ('winner' or 'lost' notes) until decided."""
     helpers = {jid: Helpers(conn, settings, jid, queue) for jid in jobs}
-    cursors = {keys.job_log(jid): "0-0" for jid in jobs}
-    lane_of = {keys.job_log(jid): jobs[jid] for jid in jobs}
+    cursors = dict.fromkeys(jobs, "0-0")
     winner: str | None = None
     try:
         while True:
             for h in helpers.values():
                 h.ensure()
-            reply = conn.xread(cursors, count=500, block=200)
-            for stream, entries in reply or []:
-                name = stream.decode() if isinstance(stream, bytes) else stream
-                for entry_id, fields in entries:
-                    line = logs.decode(entry_id, fields)
-                    cursors[name] = line.id
-                    yield lane_of[name], line
+            for jid, line in logs.tail(conn, cursors):
+                yield jobs[jid], line
             states = {jid: store.get_job(conn, jid) for jid in jobs}
             if winner is None:
                 winner = next((j for j, s in states.items()
-                               if s.status == JobStatus.SUCCESS.value), None)
+                               if s.status == JobStatus.SUCCESS), None)
                 if winner is not None:
                     yield from _decided(conn, jobs, states, winner, complete_all)
             if all(JobStatus(s.status).final for s in states.values()):
                 if winner is None:
                     yield next(iter(jobs.values())), "no lane succeeded"
                 return
-            time.sleep(0.01)
     finally:
         for h in helpers.values():
             h.stop()
@@ -133,5 +127,5 @@ def _decided(conn: redis.Redis, jobs: dict[str, Lane], states: dict[str, Job], w
 def winner_of(conn: redis.Redis, jobs: dict[str, Lane]) -> Job | None:
     """The lane job that succeeded first, if any."""
     done = [store.get_job(conn, j) for j in jobs]
-    wins = [j for j in done if j.status == JobStatus.SUCCESS.value]
+    wins = [j for j in done if j.status == JobStatus.SUCCESS]
     return min(wins, key=lambda j: j.ended) if wins else None

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import paramiko
 
+from .defaults import REMOTE_COMMAND_TIMEOUT, SSH_CONNECT_TIMEOUT, SSH_KEEPALIVE, SSH_READ_POLL
 from .errors import BackendError
 from .hosts import Host, resolve
 
-KEEPALIVE = 5
+KEEPALIVE = SSH_KEEPALIVE
+COMMAND_TIMEOUT = REMOTE_COMMAND_TIMEOUT
 _pool: dict[str, Connection] = {}
 _pool_lock = threading.Lock()
 
@@ -30,7 +32,7 @@ def quote(argv: Sequence[str]) -> str:
 class Connection:
     """A connected paramiko client for one host."""
 
-    def __init__(self, host: Host, timeout: float = 10.0) -> None:
+    def __init__(self, host: Host, timeout: float = SSH_CONNECT_TIMEOUT) -> None:
         self.host = host
         self.timeout = timeout
         self.client = self._connect()
@@ -103,7 +105,7 @@ class Connection:
             raise BackendError(f"cannot start a command: {e}", self.host.name) from e
         return channel
 
-    def run(self, command: str, timeout: float = 120.0,
+    def run(self, command: str, timeout: float = COMMAND_TIMEOUT,
             on_line: Callable[[str, str], None] | None = None) -> tuple[int, str, str]:
         """Run to the end: (exit code, stdout, stderr), read until EOF."""
         channel = self.start(command)
@@ -119,7 +121,7 @@ class Connection:
                 elif not self.alive():
                     raise BackendError("the ssh connection was lost", self.host.name)
                 else:
-                    channel.status_event.wait(0.05)
+                    channel.status_event.wait(SSH_READ_POLL)
             code = channel.recv_exit_status()
         except TimeoutError as e:
             channel.close()

@@ -8,20 +8,17 @@ disagrees with its tasks or a ready task that nobody will run.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import redis
 from redis.client import Pipeline
-from rq import Queue
 
-from . import keys, logs
+from . import dispatch, keys, logs
 from .errors import UnknownJob
 from .models import Job, JobStatus, Task, TaskStatus, from_hash, to_hash
 
-RUN_TASK = "sheepdog.worker.run_task"
-ACTIVE = {TaskStatus.WAITING.value, TaskStatus.QUEUED.value, TaskStatus.RUNNING.value}
+ACTIVE = {TaskStatus.WAITING, TaskStatus.QUEUED, TaskStatus.RUNNING}
 
 
 def _text(value: bytes | str | None) -> str:
@@ -32,22 +29,6 @@ def _text(value: bytes | str | None) -> str:
 
 def _texts(values: Iterable[bytes | str]) -> list[str]:
     return sorted(_text(v) for v in values)
-
-
-def dispatch(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str) -> None:
-    """Put a task on its RQ queue, inside the caller's MULTI; the task records which
-    RQ job carries it, so the reaper can tell a lost queue entry from a taken one."""
-    rq_id = keys.rq_job_id(task_id, uuid.uuid4().hex[:12])
-    pipe.hset(keys.task(task_id), "rq_id", rq_id)
-    Queue(queue, connection=conn).enqueue_call(
-        RUN_TASK,
-        args=(task_id,),
-        job_id=rq_id,
-        timeout=-1,
-        result_ttl=0,
-        failure_ttl=3600,
-        pipeline=pipe,
-    )
 
 
 # ---------------------------------------------------------------- reading
@@ -124,7 +105,7 @@ def submit(
         done = cached = 0
         for task in tasks:
             state = states[task.id]
-            if state == TaskStatus.SUCCESS.value and published(task.id):
+            if state == TaskStatus.SUCCESS and published(task.id):
                 done, cached = done + 1, cached + 1
                 continue
             if state in ACTIVE:
@@ -133,9 +114,9 @@ def submit(
             # starting over: jobs of an earlier run of it have counted it already
             pipe.delete(keys.task_jobs(task.id))
             pipe.sadd(keys.task_jobs(task.id), job.id)
-            waiting_on = [d for d in task.deps if states.get(d) != TaskStatus.SUCCESS.value]
+            waiting_on = [d for d in task.deps if states.get(d) != TaskStatus.SUCCESS]
             task.pending = len(waiting_on)
-            task.status = (TaskStatus.WAITING if waiting_on else TaskStatus.QUEUED).value
+            task.status = TaskStatus.WAITING if waiting_on else TaskStatus.QUEUED
             task.attempts, task.exit_code, task.error = 0, None, ""
             task.queued_at = now
             pipe.delete(keys.task(task.id))
@@ -145,14 +126,14 @@ def submit(
             pipe.sadd(keys.active_tasks(), task.id)
             states[task.id] = task.status
             if not waiting_on:
-                dispatch(pipe, conn, task.id, task.queue)
+                dispatch.push(pipe, conn, task.id, task.queue)
         job.total, job.done, job.cached = len(tasks), done, cached
         pipe.hset(keys.job(job.id), mapping=to_hash(job))
         if cached:
             pipe.xadd(keys.job_log(job.id), logs.note_fields(
                 f"cache hit: {cached}/{len(tasks)} pieces already computed"))
         if done == len(tasks):
-            job.status, job.ended, job.exit_code = JobStatus.SUCCESS.value, now, 0
+            job.status, job.ended, job.exit_code = JobStatus.SUCCESS, now, 0
             pipe.hset(keys.job(job.id), mapping={"status": job.status, "ended": str(now),
                                                 "exit_code": "0"})
             _close_log(pipe, job.id, job.status, 0)
@@ -181,12 +162,12 @@ def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
         if not raw:
             return None
         task: Task = from_hash(Task, raw)
-        if task.status != TaskStatus.QUEUED.value:
+        if task.status != TaskStatus.QUEUED:
             return None
         jobs = _texts(pipe.smembers(keys.task_jobs(task_id)))
         job_states = [_text(pipe.hget(keys.job(j), "status")) for j in jobs]
         now = time.time()
-        task.status, task.worker, task.started = TaskStatus.RUNNING.value, worker, now
+        task.status, task.worker, task.started = TaskStatus.RUNNING, worker, now
         task.attempts += 1
         pipe.multi()
         pipe.hset(key, mapping={"status": task.status, "worker": worker,
@@ -195,8 +176,8 @@ def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
         said = (f"{task.name}: started on {task.backend or 'local'} ({where}, worker {worker}, "
                 f"attempt {task.attempts})")
         for jid, state in zip(jobs, job_states, strict=True):
-            if state == JobStatus.QUEUED.value:
-                pipe.hset(keys.job(jid), mapping={"status": JobStatus.RUNNING.value,
+            if state == JobStatus.QUEUED:
+                pipe.hset(keys.job(jid), mapping={"status": JobStatus.RUNNING,
                                                   "started": str(now)})
             pipe.xadd(keys.job_log(jid), logs.note_fields(said, task.id, task.name))
         return task
@@ -210,7 +191,7 @@ def heartbeat(conn: redis.Redis, task_id: str, worker: str, ttl: float) -> bool:
     pipe.hmget(keys.task(task_id), "status", "worker")
     pipe.set(keys.task_heartbeat(task_id), worker, px=int(ttl * 1000), xx=True)
     (status, owner), _ = pipe.execute()
-    return _text(status) == TaskStatus.RUNNING.value and _text(owner) == worker
+    return _text(status) == TaskStatus.RUNNING and _text(owner) == worker
 
 
 def _descendants(pipe: Pipeline, task_id: str) -> list[str]:
@@ -221,7 +202,8 @@ def _descendants(pipe: Pipeline, task_id: str) -> list[str]:
         nxt = []
         for tid in frontier:
             for dep in _texts(pipe.smembers(keys.task_dependents(tid))):
-                if dep not in seen and _text(pipe.hget(keys.task(dep), "status")) == "waiting":
+                status = _text(pipe.hget(keys.task(dep), "status"))
+                if dep not in seen and status == TaskStatus.WAITING:
                     seen.append(dep)
                     nxt.append(dep)
         frontier = nxt
@@ -242,26 +224,26 @@ def _close_log(pipe: Pipeline, job_id: str, status: str, exit_code: int | None,
 def _fail_jobs(pipe: Pipeline, jobs: dict[str, dict[str, str]], task: Task,
                message: str, now: float) -> None:
     for jid, state in jobs.items():
-        if state["status"] in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+        if state["status"] in (JobStatus.QUEUED, JobStatus.RUNNING):
             pipe.hset(keys.job(jid), mapping={
-                "status": JobStatus.ERROR.value, "ended": str(now), "error": message,
+                "status": JobStatus.ERROR, "ended": str(now), "error": message,
                 "exit_code": "" if task.exit_code is None else str(task.exit_code)})
-            _close_log(pipe, jid, JobStatus.ERROR.value, task.exit_code, message)
+            _close_log(pipe, jid, JobStatus.ERROR, task.exit_code, message)
 
 
 def _succeed_jobs(pipe: Pipeline, jobs: dict[str, dict[str, str]], task: Task,
                   now: float) -> None:
     for jid, state in jobs.items():
-        if state["status"] not in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+        if state["status"] not in (JobStatus.QUEUED, JobStatus.RUNNING):
             continue
         done = int(state["done"] or 0) + 1
         fields = {"done": str(done)}
         if state["final_task"] == task.id:
             fields["exit_code"] = str(task.exit_code)
         if done >= int(state["total"] or 0):
-            fields.update(status=JobStatus.SUCCESS.value, ended=str(now))
+            fields.update(status=JobStatus.SUCCESS, ended=str(now))
             fields.setdefault("exit_code", "0")
-            _close_log(pipe, jid, JobStatus.SUCCESS.value, int(fields["exit_code"]))
+            _close_log(pipe, jid, JobStatus.SUCCESS, int(fields["exit_code"]))
         pipe.hset(keys.job(jid), mapping=fields)
 
 
@@ -275,7 +257,7 @@ def _read_jobs(pipe: Pipeline, task_id: str) -> dict[str, dict[str, str]]:
 
 
 def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
-           error: str = "", retryable: bool = False) -> str:
+           error: str = "", retryable: bool = False) -> TaskStatus:
     """Record the end of a running attempt; returns the task's new status.
 
     Success releases the tasks that were waiting on it. A failure is retried when the
@@ -285,10 +267,10 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
     """
     key = keys.task(task_id)
 
-    def txn(pipe: Pipeline) -> str:
+    def txn(pipe: Pipeline) -> TaskStatus:
         raw = pipe.hgetall(key)
         task: Task = from_hash(Task, raw)
-        if task.status != TaskStatus.RUNNING.value or task.worker != worker:
+        if task.status != TaskStatus.RUNNING or task.worker != worker:
             return task.status  # cancelled or reaped meanwhile: not ours to record
         jobs = _read_jobs(pipe, task_id)
         now = time.time()
@@ -302,7 +284,7 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
             _requeue(pipe, conn, task, now, f"attempt {task.attempts} failed: {error}")
             _say(pipe, jobs, task, f"{task.name}: attempt {task.attempts} failed {took} "
                                    f"({error}); trying again")
-            return TaskStatus.QUEUED.value
+            return TaskStatus.QUEUED
         return _record_failure(pipe, task, jobs, now, error,
                                note=f"{task.name}: error {took} ({error})")
 
@@ -310,58 +292,58 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
 
 
 def _record_success(pipe: Pipeline, conn: redis.Redis, task: Task,
-                    jobs: dict[str, dict[str, str]], now: float, note: str) -> str:
+                    jobs: dict[str, dict[str, str]], now: float, note: str) -> TaskStatus:
     dependents = _texts(pipe.smembers(keys.task_dependents(task.id)))
     if dependents:
         pipe.watch(*[keys.task(d) for d in dependents])
     dep_state = {d: [_text(v) for v in pipe.hmget(keys.task(d), "status", "pending", "queue")]
                  for d in dependents}
     pipe.multi()
-    pipe.hset(keys.task(task.id), mapping={"status": TaskStatus.SUCCESS.value,
+    pipe.hset(keys.task(task.id), mapping={"status": TaskStatus.SUCCESS,
                                            "exit_code": str(task.exit_code),
                                            "ended": str(now), "error": ""})
     pipe.srem(keys.active_tasks(), task.id)
     pipe.delete(keys.task_heartbeat(task.id), keys.task_dependents(task.id))
     for dep, (status, pending, queue) in dep_state.items():
-        if status != TaskStatus.WAITING.value:
+        if status != TaskStatus.WAITING:
             continue
         left = int(pending or 1) - 1
         if left > 0:
             pipe.hset(keys.task(dep), "pending", str(left))
             continue
-        pipe.hset(keys.task(dep), mapping={"pending": "0", "status": TaskStatus.QUEUED.value,
+        pipe.hset(keys.task(dep), mapping={"pending": "0", "status": TaskStatus.QUEUED,
                                            "queued_at": str(now)})
-        dispatch(pipe, conn, dep, queue or "default")
+        dispatch.push(pipe, conn, dep, queue or "default")
     _say(pipe, jobs, task, note)  # before any job's closing line
     _succeed_jobs(pipe, jobs, task, now)
-    return TaskStatus.SUCCESS.value
+    return TaskStatus.SUCCESS
 
 
 def _record_failure(pipe: Pipeline, task: Task, jobs: dict[str, dict[str, str]],
-                    now: float, error: str, note: str = "") -> str:
+                    now: float, error: str, note: str = "") -> TaskStatus:
     downstream = _descendants(pipe, task.id)
     message = f"piece '{task.name}' failed: {error}" if error else f"piece '{task.name}' failed"
     pipe.multi()
     if note:
         _say(pipe, jobs, task, note)
     pipe.hset(keys.task(task.id), mapping={
-        "status": TaskStatus.ERROR.value, "ended": str(now), "error": error,
+        "status": TaskStatus.ERROR, "ended": str(now), "error": error,
         "exit_code": "" if task.exit_code is None else str(task.exit_code)})
     pipe.srem(keys.active_tasks(), task.id)
     pipe.delete(keys.task_heartbeat(task.id))
     for dep in downstream:
-        pipe.hset(keys.task(dep), mapping={"status": TaskStatus.CANCELLED.value,
+        pipe.hset(keys.task(dep), mapping={"status": TaskStatus.CANCELLED,
                                            "error": f"needs '{task.name}', which failed"})
         pipe.srem(keys.active_tasks(), dep)
     _fail_jobs(pipe, jobs, task, message, now)
-    return TaskStatus.ERROR.value
+    return TaskStatus.ERROR
 
 
 def _requeue(pipe: Pipeline, conn: redis.Redis, task: Task, now: float, why: str) -> None:
-    pipe.hset(keys.task(task.id), mapping={"status": TaskStatus.QUEUED.value, "worker": "",
+    pipe.hset(keys.task(task.id), mapping={"status": TaskStatus.QUEUED, "worker": "",
                                            "queued_at": str(now), "error": why})
     pipe.delete(keys.task_heartbeat(task.id))
-    dispatch(pipe, conn, task.id, task.queue)
+    dispatch.push(pipe, conn, task.id, task.queue)
 
 
 def recover_lost(conn: redis.Redis, task_id: str) -> str | None:
@@ -376,7 +358,7 @@ def recover_lost(conn: redis.Redis, task_id: str) -> str | None:
         if not raw or pipe.exists(keys.task_heartbeat(task_id)):
             return None
         task: Task = from_hash(Task, raw)
-        if task.status != TaskStatus.RUNNING.value:
+        if task.status != TaskStatus.RUNNING:
             return None
         jobs = _read_jobs(pipe, task_id)
         now = time.time()
@@ -401,7 +383,7 @@ def release(conn: redis.Redis, task_id: str, worker: str) -> bool:
     def txn(pipe: Pipeline) -> bool:
         raw = pipe.hgetall(key)
         task: Task = from_hash(Task, raw)
-        if task.status != TaskStatus.RUNNING.value or task.worker != worker:
+        if task.status != TaskStatus.RUNNING or task.worker != worker:
             return False
         task.attempts -= 1
         pipe.multi()
@@ -425,9 +407,9 @@ def redispatch_stranded(conn: redis.Redis, task_id: str, older_than: float) -> b
         status, queued_at, queue, rq_id, seen = map(_text, pipe.hmget(
             key, "status", "queued_at", "queue", "rq_id", "unqueued_seen"))
         now = time.time()
-        if status != TaskStatus.QUEUED.value or now - float(queued_at or 0) < older_than:
+        if status != TaskStatus.QUEUED or now - float(queued_at or 0) < older_than:
             return False
-        if pipe.lpos(Queue(queue or "default", connection=conn).key, rq_id) is not None:
+        if dispatch.is_queued(conn, queue, rq_id):
             return False
         if float(seen or 0) <= float(queued_at or 0):  # first sighting since it was queued
             pipe.multi()
@@ -437,7 +419,7 @@ def redispatch_stranded(conn: redis.Redis, task_id: str, older_than: float) -> b
             return False
         pipe.multi()
         pipe.hset(key, "queued_at", str(now))
-        dispatch(pipe, conn, task_id, queue or "default")
+        dispatch.push(pipe, conn, task_id, queue or "default")
         return True
 
     return conn.transaction(txn, key, value_from_callable=True)
@@ -466,13 +448,13 @@ def cancel_job(conn: redis.Redis, job_id: str) -> bool:
         states = {t: _text(pipe.hget(keys.task(t), "status")) for t in task_ids}
         now = time.time()
         pipe.multi()
-        pipe.hset(keys.job(job_id), mapping={"status": JobStatus.CANCELLED.value,
+        pipe.hset(keys.job(job_id), mapping={"status": JobStatus.CANCELLED,
                                             "ended": str(now), "error": "cancelled by user"})
-        _close_log(pipe, job_id, JobStatus.CANCELLED.value, None)
+        _close_log(pipe, job_id, JobStatus.CANCELLED, None)
         for tid in task_ids:
             pipe.srem(keys.task_jobs(tid), job_id)
             if states[tid] in ACTIVE and not others[tid]:
-                pipe.hset(keys.task(tid), mapping={"status": TaskStatus.CANCELLED.value,
+                pipe.hset(keys.task(tid), mapping={"status": TaskStatus.CANCELLED,
                                                    "ended": str(now), "error": "cancelled"})
                 pipe.srem(keys.active_tasks(), tid)
         return True

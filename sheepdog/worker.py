@@ -19,28 +19,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
-from rq import Queue
-from rq.exceptions import DequeueTimeout
 
-from . import keys, logs, store
+from . import dispatch, keys, logs, store
+from .backends import registry
 from .backends.base import Backend, StatusUpdate, Submission
-from .backends.local import LocalBackend
-from .cache import Store
+from .cache import Cache
 from .config import Settings
+from .defaults import (
+    CANCEL_CHECK,
+    MAINTAIN_FAST,
+    REDIS_RETRY,
+    SCRATCH_SWEEP_EVERY,
+    TAKE_WAIT,
+    TAKE_WAIT_INLINE,
+    WATCH_POLL,
+)
 from .errors import SheepdogError
 from .finalize import finalize
 from .models import Task, TaskStatus
 
 log = logging.getLogger(__name__)
-
-
-def make_backend(task: Task, settings: Settings, local_store: Store) -> Backend:
-    """The backend a task asks for (remote ones are added by backends.registry)."""
-    if task.backend in ("", "local"):
-        return LocalBackend(local_store)
-    from .backends import registry
-
-    return registry.open_backend(task, settings, local_store)
 
 
 @dataclass
@@ -67,8 +65,8 @@ class Heartbeat:
 
     def _beat(self) -> None:
         conn, task_id, worker, settings = self._args
-        # at least once a second: a cancel reaches the running process that fast
-        while not self._stop.wait(min(settings.heartbeat_interval, 1.0)):
+        # a cancel reaches the running process within CANCEL_CHECK
+        while not self._stop.wait(min(settings.heartbeat_interval, CANCEL_CHECK)):
             try:
                 if not store.heartbeat(conn, task_id, worker, settings.heartbeat_timeout):
                     self.revoked.set()
@@ -94,7 +92,7 @@ class Executor:
         self.conn = conn
         self.settings = settings
         self.worker = worker
-        self.store = Store(settings.store_dir)
+        self.cache = Cache(settings.cache_dir)
         self.hostname = socket.gethostname()
 
     def execute(self, task_id: str) -> str | None:
@@ -104,7 +102,8 @@ class Executor:
         if task is None:
             return None
         jobs = store.job_ids_of_task(self.conn, task_id)
-        writer = logs.LogWriter(self.conn, task.id, task.name, jobs, self.settings.log_max_lines)
+        writer = logs.LogWriter(self.conn, task.id, task.name, jobs, self.settings.log_max_lines,
+                                buffer_lines=self.settings.log_buffer_lines)
         stderr_tail: deque[str] = deque(maxlen=6)
 
         def sink(stream: str, lines: list[str]) -> None:
@@ -115,17 +114,21 @@ class Executor:
         with Heartbeat(self.conn, task.id, self.worker, self.settings) as beat:
             outcome = self._run(task, sink, writer, beat)
         writer.flush()
+        if writer.lost and outcome.error != RELEASED:
+            # the run may be fine, but its log is not whole: a cacheable piece runs again,
+            # a command (side effects) fails saying so
+            outcome = Outcome(outcome.exit_code, writer.lost, lost=task.cacheable)
         if outcome.error == RELEASED and store.release(self.conn, task.id, self.worker):
             logs.note(self.conn, jobs[0], f"{task.name}: handed back to the queue "
                       f"(worker {self.worker} is leaving)", task=task.id) if jobs else None
-            return TaskStatus.QUEUED.value
+            return TaskStatus.QUEUED
         if outcome.exit_code not in (0, None) and not outcome.error:
             outcome.error = f"exit code {outcome.exit_code}"
         if outcome.error and stderr_tail and outcome.exit_code not in (None, 0):
             outcome.error += ": " + " | ".join(stderr_tail)
         status = store.finish(self.conn, task.id, self.worker, outcome.exit_code, outcome.error,
                               retryable=outcome.lost)
-        if status == "success":
+        if status == TaskStatus.SUCCESS:
             for jid in jobs:
                 finalize(self.conn, self.settings, jid)
         return status
@@ -133,7 +136,7 @@ class Executor:
     def _run(self, task: Task, sink: Callable[[str, list[str]], None],
              writer: logs.LogWriter, beat: Heartbeat) -> Outcome:
         try:
-            backend = make_backend(task, self.settings, self.store)
+            backend = registry.open_backend(task, self.settings, self.cache)
         except SheepdogError as e:
             return Outcome(None, str(e))
         try:
@@ -150,23 +153,42 @@ class Executor:
 
     def _watch(self, backend: Backend, sub: Submission, task: Task,
                writer: logs.LogWriter, beat: Heartbeat) -> Outcome:
+        """Watch a started piece to its end; whatever goes wrong while watching (a
+        backend error, a bug) stops the submission, so nothing runs on unwatched."""
+        try:
+            return self._watch_loop(backend, sub, task, writer, beat)
+        except BaseException:
+            try:
+                backend.cancel([sub])
+            except Exception as e:  # noqa: BLE001  the original failure is the one to report
+                log.warning("task %s: could not cancel after a failure: %s", task.id, e)
+            raise
+
+    def _watch_loop(self, backend: Backend, sub: Submission, task: Task,
+                    writer: logs.LogWriter, beat: Heartbeat) -> Outcome:
         deadline = time.monotonic() + task.timeout if task.timeout > 0 else None
         while True:
             ended: list[StatusUpdate] = list(backend.poll([sub]))
             if ended:
                 return Outcome(ended[0].exit_code, ended[0].error, ended[0].lost)
-            if beat.revoked.is_set():
+            stop = self._stop_reason(task, beat, deadline)
+            if stop:
                 backend.cancel([sub])
-                return Outcome(None, "cancelled")
-            if deadline is not None and time.monotonic() > deadline:
-                backend.cancel([sub])
-                return Outcome(None, f"timed out after {task.timeout:g}s")
-            if self.leaving.is_set():
-                backend.cancel([sub])
-                return Outcome(None, RELEASED)
+                return Outcome(None, stop)
             writer.flush()  # quiet output still reaches readers within a fraction of a second
-            wait = 0.2 if deadline is None else min(0.2, max(0.001, deadline - time.monotonic()))
+            wait = WATCH_POLL if deadline is None else min(
+                WATCH_POLL, max(0.001, deadline - time.monotonic()))
             backend.wait([sub], wait)
+
+    def _stop_reason(self, task: Task, beat: Heartbeat, deadline: float | None) -> str:
+        """Why a running piece must stop now ('' if it may go on)."""
+        if beat.revoked.is_set():
+            return "cancelled"
+        if deadline is not None and time.monotonic() > deadline:
+            return f"timed out after {task.timeout:g}s"
+        if self.leaving.is_set():
+            return RELEASED
+        return ""
 
 
 def reap(conn: redis.Redis, settings: Settings) -> list[str]:
@@ -187,17 +209,28 @@ def reap(conn: redis.Redis, settings: Settings) -> list[str]:
     for i, tid in enumerate(ids):
         (status, queued_at), beating = replies[2 * i], replies[2 * i + 1]
         status = status.decode() if status else ""
-        if status == TaskStatus.RUNNING.value and not beating:
+        if status == TaskStatus.RUNNING and not beating:
             line = store.recover_lost(conn, tid)
             if line:
                 for jid in store.job_ids_of_task(conn, tid):
                     logs.note(conn, jid, line, task=tid)
                 said.append(line)
-        elif (status == TaskStatus.QUEUED.value
+        elif (status == TaskStatus.QUEUED
               and now - float(queued_at or now) > settings.heartbeat_timeout
               and store.redispatch_stranded(conn, tid, older_than=settings.heartbeat_timeout)):
-            said.append(f"task {tid[:12]} re-dispatched: its queue entry was lost")
+            said.append(f"piece {tid[:12]} re-dispatched: its queue entry was lost")
     return said
+
+
+def sweep_scratch(conn: redis.Redis, settings: Settings) -> int:
+    """Delete scratch that killed or failed runs left, older than the setting; never
+    the scratch of a piece that is queued or running now."""
+    try:
+        active = set(store.active_task_ids(conn))
+        return Cache(settings.cache_dir).sweep_scratch(settings.scratch_max_age, keep=active)
+    except (OSError, redis.RedisError) as e:
+        log.warning("could not sweep scratch: %s", e)
+        return 0
 
 
 def live_workers(conn: redis.Redis, queue: str | None = None) -> list[dict[str, object]]:
@@ -226,7 +259,6 @@ class Worker:
         self.conn = conn
         self.settings = settings
         self.queue_names = queues
-        self.queues = [Queue(q, connection=conn) for q in queues]
         self.concurrency = max(1, concurrency)
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self.burst = burst
@@ -268,18 +300,39 @@ class Worker:
 
     def _maintain(self, threads: list[threading.Thread]) -> None:
         interval = self.settings.heartbeat_interval
-        next_round = 0.0
+        next_round = next_sweep = 0.0
+        outage = False
         while not self.stopping.is_set():
-            if time.monotonic() >= next_round:
-                next_round = time.monotonic() + interval
-                if self.register:
-                    self._announce()
-                reap(self.conn, self.settings)
-            if self._finished():
+            try:
+                if time.monotonic() >= next_round:
+                    next_round = time.monotonic() + interval
+                    self._upkeep()
+                if self.register and time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + SCRATCH_SWEEP_EVERY
+                    sweep_scratch(self.conn, self.settings)
+                finished = self._finished()
+            except redis.RedisError as e:
+                if not outage:  # once per outage, not once a second
+                    log.warning("worker %s: Redis is unreachable (%s); waiting for it",
+                                self.name, e)
+                outage = True
+                next_round = 0.0
+                self.stopping.wait(REDIS_RETRY)
+                continue
+            if outage:
+                log.warning("worker %s: Redis is reachable again", self.name)
+                outage = False
+            if finished:
                 if self.until is not None:
                     self.leaving.set()  # its job is done: don't hold others' tasks hostage
                 return
-            self.stopping.wait(min(interval, 0.1) if self.until or self.burst else interval)
+            self.stopping.wait(min(interval, MAINTAIN_FAST) if self.until or self.burst
+                               else interval)
+
+    def _upkeep(self) -> None:
+        if self.register:
+            self._announce()
+        reap(self.conn, self.settings)
 
     def _finished(self) -> bool:
         if self.until is not None and self.until():
@@ -287,7 +340,7 @@ class Worker:
         if self.burst:
             with self._lock:
                 idle = self._busy == 0
-            return idle and all(q.count == 0 for q in self.queues)
+            return idle and all(dispatch.waiting(self.conn, q) == 0 for q in self.queue_names)
         return False
 
     def _announce(self) -> None:
@@ -303,41 +356,34 @@ class Worker:
     def _task_loop(self) -> None:
         executor = Executor(self.conn, self.settings, self.name, self.leaving)
         # a worker that leaves with its job must notice quickly (Redis takes floats)
-        wait = 0.05 if self.until is not None else 1
+        wait = TAKE_WAIT_INLINE if self.until is not None else TAKE_WAIT
         while not self.stopping.is_set():
             try:
-                found = Queue.dequeue_any(self.queues, timeout=wait, connection=self.conn)
-            except DequeueTimeout:
-                continue
+                entry = dispatch.take(self.conn, self.queue_names, wait)
             except Exception as e:  # Redis restarting, a mangled entry: keep this thread
                 log.warning("worker %s: cannot take work: %s", self.name, e)
-                self.stopping.wait(1)
+                self.stopping.wait(TAKE_WAIT)
                 continue
-            if found is None:
+            if entry is None:
                 continue
-            rq_job, queue = found
             with self._lock:
                 self._busy += 1
             try:
-                executor.execute(str(rq_job.args[0]))
+                executor.execute(entry.task_id)
             except Exception:  # keep serving; the heartbeat reaper recovers the task
                 log.exception("worker %s: task thread error", self.name)
             finally:
                 with self._lock:
                     self._busy -= 1
-                self._drop(rq_job.key, rq_job.id, queue.intermediate_queue_key)
+                self._drop(entry)
 
-    def _drop(self, job_key: str, job_id: str, parked_key: str) -> None:
-        """Forget the RQ entry this thread took. Idempotent: a dispatch id is never
-        reused, and RQ parks taken entries on an intermediate list for its own workers'
-        clean-up, which never comes for entries taken this way."""
+    def _drop(self, entry: dispatch.Entry) -> None:
+        """Forget the queue entry this thread took (idempotent)."""
         try:
-            pipe = self.conn.pipeline(transaction=False)
-            pipe.delete(job_key)
-            pipe.lrem(parked_key, 1, job_id)
-            pipe.execute()
+            dispatch.acknowledge(self.conn, entry)
         except redis.RedisError as e:
-            log.warning("worker %s: could not remove RQ entry %s: %s", self.name, job_id, e)
+            log.warning("worker %s: could not remove queue entry %s: %s", self.name,
+                        entry.rq_id, e)
 
 
 def run_task(task_id: str) -> str | None:

@@ -55,6 +55,30 @@ def keygen(path: Path) -> str:
     return (path.with_suffix(".pub") if path.suffix else Path(f"{path}.pub")).read_text()
 
 
+def host_python(root: Path) -> Path:
+    """The host's own Python, as its Guix profile would have it: the interpreter with
+    numpy and Pillow and nothing else (no redis, rq, paramiko, flask, click...), so a
+    test host never borrows what was installed for the tests."""
+    import numpy
+    import PIL
+
+    venv = root / "host-python"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    wanted = {"numpy", "pil", "pillow"}  # the packages, their .libs and dist-info
+    for where in {Path(p.__file__).resolve().parent.parent for p in (numpy, PIL)}:
+        for sibling in where.iterdir():
+            if sibling.name.lower().split("-")[0].split(".")[0] in wanted:
+                (site / sibling.name).symlink_to(sibling)
+    python = venv / "bin" / "python3"
+    check = subprocess.run([str(python), "-c", "import numpy, PIL\n"
+                            "try:\n import redis\nexcept ImportError: pass\n"
+                            "else: raise SystemExit('redis leaked into the host Python')"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    return python
+
+
 def make_profile(root: Path, channels: str) -> Path:
     """A host profile as Guix would make it: bin/ with guix, gemma, python3; etc/profile."""
     profile = root / "profile"
@@ -65,7 +89,7 @@ def make_profile(root: Path, channels: str) -> Path:
     guix.write_text(RECORDED_GUIX)
     guix.chmod(0o755)
     (profile / "share" / "recorded-channels.scm").write_text(channels)
-    tools = [("gemma", shutil.which("gemma")), ("python3", sys.executable),
+    tools = [("gemma", shutil.which("gemma")), ("python3", str(host_python(root))),
              ("ls", shutil.which("ls")), ("gzip", shutil.which("gzip")),
              ("ssh", shutil.which("ssh"))]
     for name, target in tools:

@@ -8,7 +8,7 @@ import time
 
 from conftest import sheepdog, wait_for
 
-from sheepdog import store, workflow
+from sheepdog import jobs, store
 from sheepdog.models import JobStatus
 
 
@@ -72,12 +72,12 @@ def test_logs_follow_replays_then_follows_until_the_end(env, workers, conn):
 
 def test_cancel_of_a_queued_job_never_runs_it(env, workers, conn, settings, tmp_path):
     marker = tmp_path / "ran"
-    job, tasks = workflow.command_job(["touch", str(marker)], settings,
+    job, tasks = jobs.command_job(["touch", str(marker)], settings,
                                       queue="nobody-serves-this")
-    job_id = workflow.submit(conn, settings, job, tasks).id
+    job_id = jobs.submit(conn, settings, job, tasks).id
     assert store.get_job(conn, job_id).status == "queued"
     assert sheepdog("cancel", job_id, env=env).returncode == 0
-    assert store.get_job(conn, job_id).status == JobStatus.CANCELLED.value
+    assert store.get_job(conn, job_id).status == JobStatus.CANCELLED
     w = workers.start("--burst", "--queue", "nobody-serves-this")
     w.wait(30)
     assert not marker.exists()

@@ -10,9 +10,8 @@ import time
 from dataclasses import replace
 
 from conftest import sheepdog, wait_for
-from rq import Queue
 
-from sheepdog import logs, store, workflow
+from sheepdog import dispatch, jobs, logs, store
 from sheepdog.models import JobStatus, TaskStatus
 from sheepdog.worker import Worker
 
@@ -44,8 +43,8 @@ def test_a_sigkilled_worker_is_noticed_and_its_job_rerun_elsewhere(env, workers,
 
 
 def test_a_job_lost_too_often_ends_in_error_with_the_reason(env, workers, conn, settings):
-    job, tasks = workflow.command_job(["sleep", "60"], replace(settings, max_attempts=2))
-    job_id = workflow.submit(conn, settings, job, tasks).id
+    job, tasks = jobs.command_job(["sleep", "60"], replace(settings, max_attempts=2))
+    job_id = jobs.submit(conn, settings, job, tasks).id
     for attempt in (1, 2):
         w = workers.start(env=env)
         wait_for(lambda w=w: _running_on(conn, job_id, w.pid), 30, what=f"attempt {attempt}")
@@ -54,15 +53,15 @@ def test_a_job_lost_too_often_ends_in_error_with_the_reason(env, workers, conn, 
     wait_for(lambda: store.get_job(conn, job_id).status == "error", 30, what="giving up")
     job = store.get_job(conn, job_id)
     assert "gave up after 2 attempts" in job.error
-    assert store.job_tasks(conn, job_id)[0].status == TaskStatus.ERROR.value
+    assert store.job_tasks(conn, job_id)[0].status == TaskStatus.ERROR
     assert not store.active_task_ids(conn)
 
 
 def test_a_redis_restart_between_submit_and_run_loses_no_job(redis_server, conn, settings,
                                                              workers, tmp_path):
     marker = tmp_path / "ran"
-    job, tasks = workflow.command_job(["touch", str(marker)], settings)
-    workflow.submit(conn, settings, job, tasks)
+    job, tasks = jobs.command_job(["touch", str(marker)], settings)
+    jobs.submit(conn, settings, job, tasks)
     redis_server.kill9()
     redis_server.start()
     w = workers.start("--burst")
@@ -119,9 +118,9 @@ def test_a_missing_program_fails_the_job_with_its_name(env):
 
 
 def test_job_status_moves_queued_running_success(conn, settings, workers):
-    job, tasks = workflow.command_job(["sleep", "1"], settings)
-    workflow.submit(conn, settings, job, tasks)
-    assert store.get_job(conn, job.id).status == JobStatus.QUEUED.value
+    job, tasks = jobs.command_job(["sleep", "1"], settings)
+    jobs.submit(conn, settings, job, tasks)
+    assert store.get_job(conn, job.id).status == JobStatus.QUEUED
     workers.start()
     wait_for(lambda: store.get_job(conn, job.id).status == "running", what="running")
     wait_for(lambda: store.get_job(conn, job.id).status == "success", what="success")
@@ -130,14 +129,14 @@ def test_job_status_moves_queued_running_success(conn, settings, workers):
 def test_a_task_dispatched_twice_runs_once_and_leaves_no_queue_entries(conn, settings,
                                                                         tmp_path):
     marker = tmp_path / "runs"
-    job, tasks = workflow.command_job(["sh", "-c", f"echo x >> {marker}"], settings)
-    workflow.submit(conn, settings, job, tasks)
+    job, tasks = jobs.command_job(["sh", "-c", f"echo x >> {marker}"], settings)
+    jobs.submit(conn, settings, job, tasks)
     pipe = conn.pipeline()
     pipe.multi()  # as inside store's transactions
-    store.dispatch(pipe, conn, tasks[0].id, settings.queue)  # e.g. a reaper's duplicate
+    dispatch.push(pipe, conn, tasks[0].id, settings.queue)  # e.g. a reaper's duplicate
     pipe.execute()
-    later, more = workflow.command_job(["true"], settings)
-    workflow.submit(conn, settings, later, more)
+    later, more = jobs.command_job(["true"], settings)
+    jobs.submit(conn, settings, later, more)
     w = Worker(conn, settings, [settings.queue], concurrency=1, burst=True, register=False)
     t = threading.Thread(target=w.run, daemon=True)
     t.start()
@@ -145,6 +144,6 @@ def test_a_task_dispatched_twice_runs_once_and_leaves_no_queue_entries(conn, set
     assert not t.is_alive(), "the worker stopped taking work after a duplicate entry"
     assert marker.read_text() == "x\n"
     assert store.get_job(conn, later.id).status == "success"
-    q = Queue(settings.queue, connection=conn)
-    assert conn.llen(q.key) == 0 and conn.llen(q.intermediate_queue_key) == 0
+    assert conn.llen(dispatch.queue_key(conn, settings.queue)) == 0
+    assert conn.llen(dispatch.parked_key(conn, settings.queue)) == 0
     assert not [k for k in conn.keys("rq:job:*")]

@@ -9,7 +9,7 @@ import signal
 from conftest import sheepdog, wait_for
 
 from sheepdog import store
-from sheepdog.cache import Store
+from sheepdog.cache import Cache
 
 
 def test_a_run_killed_midway_leaves_nothing_partial_and_the_rerun_is_right(
@@ -27,7 +27,7 @@ def test_a_run_killed_midway_leaves_nothing_partial_and_the_rerun_is_right(
 
     wait_for(some_lmm_done, 60, every=0.01, what="the first LMM piece")
     os.killpg(w.pid, signal.SIGKILL)
-    local = Store(home / "store")
+    local = Cache(home / "store")
     for entry in local.entries():
         if entry.kind != "task":
             continue

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from conftest import BXD, sheepdog
 
-from sheepdog.cache import Store
+from sheepdog.cache import Cache
 from sheepdog.errors import InputError
 from sheepdog.gemma.workflows import GemmaRequest, prepare
 
@@ -30,7 +30,7 @@ def _check(tmp_path, geno, pheno, anno, covariates=None, column=None):
     request = GemmaRequest(geno=geno, pheno=pheno, anno=anno, covariates=covariates,
                            column=column)
     with pytest.raises(InputError) as e:
-        prepare(request, Store(tmp_path / "store"))
+        prepare(request, Cache(tmp_path / "store"))
     return str(e.value)
 
 

@@ -10,7 +10,7 @@ import sshd
 from conftest import free_port, sheepdog, wait_for
 
 from sheepdog import logs, store
-from sheepdog.backends import slurm_cmd as cmd
+from sheepdog.backends.slurm import commands as cmd
 
 
 def test_sbatch_and_squeue_and_scontrol_are_parsed_from_their_real_text():

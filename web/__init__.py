@@ -9,7 +9,7 @@ from flask_sock import Sock
 from werkzeug.exceptions import HTTPException
 
 from sheepdog import config
-from sheepdog.errors import SheepdogError
+from sheepdog.errors import FieldError, SheepdogError
 
 sock = Sock()
 
@@ -39,10 +39,12 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     def http_error(e: HTTPException) -> Any:
         return jsonify(error=e.description, status=e.code), e.code
 
+    @app.errorhandler(FieldError)
+    def field_error(e: FieldError) -> Any:
+        return jsonify(error=e.problem, field=e.field, status=e.http_status), e.http_status
+
     @app.errorhandler(SheepdogError)
     def sheepdog_error(e: SheepdogError) -> Any:
-        code = 404 if type(e).__name__ == "UnknownJob" else (
-            503 if type(e).__name__ == "RedisUnavailable" else 400)
-        return jsonify(error=str(e), status=code), code
+        return jsonify(error=str(e), status=e.http_status), e.http_status
 
     return app

@@ -9,22 +9,13 @@ from typing import Any, NoReturn
 
 from flask import Blueprint, Response, abort, jsonify, make_response, request, send_file, url_for
 
-from sheepdog import logs, progress, store, workflow
-from sheepdog.errors import ConfigError, InputError, SheepdogError
-from sheepdog.gemma.workflows import GemmaRequest, build_job
+from sheepdog import jobs, logs, progress, store, workflows
+from sheepdog.errors import FieldError, InputError, SheepdogError
 from sheepdog.models import Job, JobStatus
 
-from . import inputs, state
+from . import inputs, spec, state
 
 bp = Blueprint("api", __name__)
-
-WORKFLOWS = ("command", "gemma-loco", "gemma-permute")
-RESULT_FILES = {"assoc.txt": "text/plain", "manhattan.png": "image/png",
-                "manhattan.svg": "image/svg+xml", "permutations.json": "application/json",
-                "summary.json": "application/json"}
-PARAMS = {"lmm": int, "maf": float, "column": int, "permutations": int, "seed": int,
-          "batch_size": int, "force": bool}
-
 
 def bad(field: str, message: str, code: int = 400) -> NoReturn:
     abort(make_response(jsonify(error=message, field=field, status=code), code))
@@ -56,79 +47,23 @@ def urls(job: Job) -> dict[str, str]:
             "page": url_for("pages.job_page", job_id=job.id, token=job.read_token)}
 
 
-def _params(raw: Any) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        bad("params", "must be an object")
-    out = {}
-    for key, value in raw.items():
-        kind = PARAMS.get(key)
-        if kind is None:
-            bad(f"params.{key}", f"unknown parameter; known: {', '.join(PARAMS)}")
-        ok = isinstance(value, bool) if kind is bool else (
-            isinstance(value, (int, float)) and not isinstance(value, bool)
-            and (kind is float or float(value).is_integer()))
-        if not ok and value is not None:
-            bad(f"params.{key}", f"must be {'true/false' if kind is bool else kind.__name__}")
-        out[key] = kind(value) if value is not None else None
-    return out
-
-
-def _gemma_job(body: dict[str, Any], workflow_name: str) -> tuple[Job, list[Any]]:
+def _inputs(raw: Any, roles: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Path]:
+    """A workflow's inputs as local files: uploads, bundle members or paths under roots."""
     settings = state.settings()
-    raw_inputs = body.get("inputs", {})
-    if not isinstance(raw_inputs, dict):
-        bad("inputs", "must be an object mapping geno/pheno/anno/covariates to files")
-    params = _params(body.get("params"))  # cheap checks before any file is touched
-    files = {k: v for k, v in request.files.items()}
     try:
-        paths = inputs.resolve(raw_inputs, files, settings.input_roots, settings.home)
+        return inputs.resolve(raw, dict(request.files.items()), settings.input_roots,
+                              settings.home, roles, required)
     except InputError as e:
-        bad(e.where, e.problem)
-    if workflow_name == "gemma-permute":
-        params.setdefault("permutations", 1000)
-        if params["permutations"] < 1:
-            bad("params.permutations", "must be at least 1")
-    else:
-        params["permutations"] = 0
-    request_ = GemmaRequest(geno=paths["geno"], pheno=paths["pheno"], anno=paths["anno"],
-                            covariates=paths.get("covariates"), backend=body.get("backend")
-                            or "local", host=body.get("host") or "",
-                            queue=body.get("queue") or "", **params)
-    try:
-        return build_job(request_, settings, state.local_store())
-    except InputError as e:
-        message = str(e)
-        for role, path in paths.items():  # say which field, not where the server put it
-            message = message.replace(str(path), f"inputs.{role}")
-        bad(next((f"inputs.{r}" for r, p in paths.items() if str(p) == e.where), "inputs"),
-            message)
-    except ConfigError as e:
-        bad("params", str(e))
+        raise FieldError(e.where, e.problem) from e
 
 
 @bp.post("/jobs")
 def create_job() -> Any:
     body = _body()
-    name = body.get("workflow")
-    if name not in WORKFLOWS:
-        bad("workflow", f"unknown workflow {name!r}; choose one of {', '.join(WORKFLOWS)}")
-    if name == "command":
-        command = body.get("command")
-        if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
-            bad("command", "must be a list of strings (the program and its arguments)")
-        try:
-            job, tasks = workflow.command_job(command, state.settings(),
-                                              backend=body.get("backend") or "local",
-                                              host=body.get("host"), queue=body.get("queue"),
-                                              cwd=str(state.settings().home))
-        except ConfigError as e:
-            bad("command" if "command" in str(e) else "backend", str(e))
-    else:
-        job, tasks = _gemma_job(body, name)
+    workflow = workflows.get(body.get("workflow"))
+    job, tasks = workflow.from_request(body, _inputs, state.settings(), state.cache())
     job.read_token = secrets.token_urlsafe(24)
-    workflow.submit(state.conn(), state.settings(), job, tasks)
+    jobs.submit(state.conn(), state.settings(), job, tasks)
     return jsonify(id=job.id, status=job.status, read_token=job.read_token,
                    urls=urls(job)), 202
 
@@ -141,10 +76,10 @@ def list_jobs() -> Any:
     except ValueError:
         bad("limit", "limit and offset must be whole numbers")
     conn = state.conn()
-    jobs = [progress.job_view(conn, j, with_pieces=False) for j in
-            store.list_jobs(conn, limit=limit, offset=offset)]
+    views = [progress.job_view(conn, j, with_pieces=False) for j in
+             store.list_jobs(conn, limit=limit, offset=offset)]
     total = store.count_jobs(conn)
-    return jsonify(jobs=jobs, total=total, limit=limit, offset=offset,
+    return jsonify(jobs=views, total=total, limit=limit, offset=offset,
                    next=offset + limit if offset + limit < total else None)
 
 
@@ -179,7 +114,7 @@ def get_log(job_id: str) -> Any:
 
 def _finished(job_id: str) -> Job:
     job = store.get_job(state.conn(), job_id)
-    if job.status != JobStatus.SUCCESS.value:
+    if job.status != JobStatus.SUCCESS:
         bad("job_id", f"job {job_id} is {job.status}; results exist once it succeeded", 409)
     return job
 
@@ -187,29 +122,25 @@ def _finished(job_id: str) -> Job:
 @bp.get("/jobs/<job_id>/result")
 def get_result(job_id: str) -> Any:
     job = _finished(job_id)
-    if not job.workflow.startswith("gemma"):
+    workflow = workflows.find(job.workflow)
+    if workflow is None:
         return jsonify(id=job.id, status=job.status, exit_code=job.exit_code)
-    from sheepdog.gemma.result import describe
-
-    result = describe(state.conn(), state.settings(), job)
-    result["urls"] = {name: url_for("api.get_result_file", job_id=job_id, name=name)
-                      for name in RESULT_FILES}
+    result = workflow.describe(state.conn(), state.settings(), job)
+    if workflow.result_files:
+        result["urls"] = {name: url_for("api.get_result_file", job_id=job_id, name=name)
+                          for name in workflow.result_files}
     return jsonify(result)
 
 
 @bp.get("/jobs/<job_id>/result/<name>")
 def get_result_file(job_id: str, name: str) -> Any:
     job = _finished(job_id)
-    if name not in RESULT_FILES or not job.workflow.startswith("gemma"):
-        bad("name", f"no result file {name!r}; available: {', '.join(RESULT_FILES)}", 404)
-    if name == "permutations.json" and job.workflow != "gemma-permute":
-        bad("name", "permutations.json exists for gemma-permute jobs only", 404)
-    task = job.params["permutation_task"] if name == "permutations.json" else \
-        job.params["scan_task"]
-    path: Path = state.local_store().task_dir(task) / name
-    if not path.is_file():
-        bad("name", f"{name} is no longer in the cache", 410)
-    return send_file(path, mimetype=RESULT_FILES[name])
+    workflow = workflows.find(job.workflow)
+    if workflow is None or name not in workflow.result_files:
+        available = ", ".join(workflow.result_files) if workflow else "none"
+        bad("name", f"no result file {name!r}; available: {available}", 404)
+    path = workflow.result_file(state.settings(), job, name)
+    return send_file(path, mimetype=workflow.result_files[name])
 
 
 @bp.delete("/jobs/<job_id>")
@@ -236,4 +167,5 @@ def favicon() -> Any:
 
 @bp.get("/openapi.yaml")
 def openapi() -> Response:
-    return send_file(Path(__file__).parent / "openapi.yaml", mimetype="application/yaml")
+    """The OpenAPI document: web/openapi.yaml with every workflow's request schema."""
+    return Response(spec.document_yaml(), mimetype="application/yaml")

@@ -12,6 +12,7 @@ from flask import Blueprint, jsonify
 
 from sheepdog import store
 from sheepdog.errors import UnknownJob
+from sheepdog.models import JobStatus
 
 from . import state
 
@@ -38,10 +39,10 @@ def _state(job_id: str) -> dict[str, Any] | None:
 
     out: dict[str, Any] = {"cmd": job.command or job.workflow, "status": job.status,
            "result": "", "exit_code": job.exit_code, "workflow": job.workflow}
-    if job.status == "success":
+    if job.status == JobStatus.SUCCESS:
         out["result"] = output_text(state.conn(), job.id, "stdout") if not job.result \
             else job.result
-    elif job.status == "error":
+    elif job.status == JobStatus.ERROR:
         out["stderr"] = output_text(state.conn(), job.id, "stderr") or job.error
         out["result"] = out["stderr"]
     return out

@@ -18,9 +18,6 @@ from werkzeug.utils import secure_filename
 
 from sheepdog.errors import InputError
 
-ROLES = ("geno", "pheno", "anno", "covariates")
-REQUIRED = ("geno", "pheno", "anno")
-
 
 def upload_dir(home: Path) -> Path:
     path = home / "uploads" / uuid.uuid4().hex
@@ -61,15 +58,18 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def resolve(inputs: dict[str, Any], files: dict[str, FileStorage], roots: tuple[str, ...],
-            home: Path) -> dict[str, Path]:
-    """role -> local path for every input given; InputError names the field otherwise."""
-    unknown = set(inputs) - set(ROLES)
+            home: Path, roles: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Path]:
+    """role -> local path for every input given (the workflow says which roles exist
+    and which are required); InputError names the field otherwise."""
+    if not isinstance(inputs, dict):
+        raise InputError("inputs", "must be an object mapping input names to files")
+    unknown = set(inputs) - set(roles)
     if unknown:
-        raise InputError(f"inputs.{sorted(unknown)[0]}", f"unknown input; use {ROLES}")
+        raise InputError(f"inputs.{sorted(unknown)[0]}", f"unknown input; use {roles}")
     where: Path | None = None
     bundle: Path | None = None
     found: dict[str, Path] = {}
-    for role in ROLES:
+    for role in roles:
         if role in files:
             where = where or upload_dir(home)
             found[role] = _save_upload(files[role], where, role)
@@ -92,7 +92,7 @@ def resolve(inputs: dict[str, Any], files: dict[str, FileStorage], roots: tuple[
             raise InputError(f"inputs.{role}", f"{value!r} is not under an allowed input root "
                              "(SHEEPDOG_INPUT_ROOTS); upload the file instead")
         found[role] = path.resolve()
-    for role in REQUIRED:
+    for role in required:
         if role not in found:
             raise InputError(f"inputs.{role}", "missing: upload it or give a path")
     return found

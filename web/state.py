@@ -7,7 +7,7 @@ from typing import Any
 
 from flask import current_app
 
-from sheepdog.cache import Store
+from sheepdog.cache import Cache
 from sheepdog.config import Settings
 from sheepdog.connection import connect
 
@@ -27,5 +27,5 @@ def conn() -> Any:
     return app.extensions["REDIS"]
 
 
-def local_store() -> Store:
-    return Store(settings().store_dir)
+def cache() -> Cache:
+    return Cache(settings().cache_dir)

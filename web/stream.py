@@ -11,12 +11,10 @@ from typing import Any
 from flask import request
 from flask_sock import Sock
 
-from sheepdog import keys, progress, store
-from sheepdog.logs import decode
+from sheepdog import logs, progress, store
+from sheepdog.defaults import PROGRESS_EVERY
 
 from . import state
-
-POLL_MS = 300
 
 
 def _progress_event(conn: Any, job_id: str) -> dict[str, Any]:
@@ -30,19 +28,17 @@ def _progress_event(conn: Any, job_id: str) -> dict[str, Any]:
 def follow(ws: Any, job_id: str, after: str) -> None:
     conn = state.conn()
     store.get_job(conn, job_id)  # 404 before anything is sent
-    stream = keys.job_log(job_id)
-    last, sent, beat = after or "0-0", None, 0.0
+    cursors = {job_id: after or "0-0"}
+    sent, beat = None, 0.0
     while True:
-        reply = conn.xread({stream: last}, count=500, block=POLL_MS)
+        lines = logs.tail(conn, cursors)
         ended = False
-        for _, entries in reply or []:
-            for entry_id, fields in entries:
-                line = decode(entry_id, fields)
-                ws.send(json.dumps({"type": "line", **line.as_dict()}))
-                last = line.id
-                ended = ended or line.end
+        for _, line in lines:
+            ws.send(json.dumps({"type": "line", **line.as_dict()}))
+            ended = ended or line.end
+        last = cursors[job_id]
         now = time.monotonic()
-        if ended or reply or now - beat > 1.0:
+        if ended or lines or now - beat > PROGRESS_EVERY:
             beat = now
             event = _progress_event(conn, job_id)
             if event != sent:

@@ -1,1 +1,1 @@
-../../sheepdog/backends/templates/slurm_task.sh
+../../sheepdog/backends/slurm/templates/slurm_task.sh

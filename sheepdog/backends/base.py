@@ -13,11 +13,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..cache import Cache
+from ..config import Settings
 from ..errors import BackendError
 from ..models import ArgvItem, Task
+from ..process import OutputSink
 
-# Receives a task's output: (stream name, complete lines).
-OutputSink = Callable[[str, list[str]], None]
+__all__ = ["Backend", "OutputSink", "StatusUpdate", "Submission", "local_resolver",
+           "render_argv"]
 
 
 @dataclass
@@ -44,6 +47,13 @@ class Backend(abc.ABC):
     """Runs tasks somewhere; see the module docstring for who owns what."""
 
     name = "abstract"
+    needs_host = False  # True: a task must name the host it runs on
+
+    @classmethod
+    @abc.abstractmethod
+    def open(cls, task: Task, settings: Settings, cache: Cache) -> Backend:
+        """A backend ready for this task, built from its own settings (its settings
+        dataclass reads what it needs from the task, the settings and the inventory)."""
 
     @abc.abstractmethod
     def submit(self, task: Task, sink: OutputSink) -> Submission:
@@ -81,7 +91,7 @@ def local_resolver(task: Task, blob: Callable[[str], str], dep_dir: Callable[[st
         if "input" in item:
             name = item["input"]
             if name not in task.inputs:
-                raise BackendError(f"task '{task.name}' names unknown input {name!r}")
+                raise BackendError(f"piece '{task.name}' names unknown input {name!r}")
             return blob(task.inputs[name])
         if "dep" in item:
             return f"{dep_dir(item['dep'])}/{item['file']}"
@@ -89,6 +99,6 @@ def local_resolver(task: Task, blob: Callable[[str], str], dep_dir: Callable[[st
             return f"{scratch}/{item['out']}"
         if "python" in item:
             return python
-        raise BackendError(f"task '{task.name}' has an unknown argv placeholder {item!r}")
+        raise BackendError(f"piece '{task.name}' has an unknown argv placeholder {item!r}")
 
     return resolve

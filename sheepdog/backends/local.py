@@ -2,96 +2,57 @@
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
-import signal
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import Any
 
-from ..cache import Store
+from ..cache import Cache
+from ..config import Settings
 from ..errors import BackendError, SheepdogError
-from ..logs import LineSplitter
 from ..models import Task
+from ..process import GuardedSink, Process
 from .base import Backend, OutputSink, StatusUpdate, Submission, local_resolver, render_argv
-
-_PR_SET_PDEATHSIG = 1
-_KILL_GRACE = 3.0
-
-
-def _die_with_parent() -> None:
-    """In the child: be killed if the worker dies, so a re-run never races a ghost."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the heartbeat still notices the lost worker
-
-
-def pump(pipe: IO[bytes], stream: str, sink: OutputSink) -> None:
-    """Read a pipe to EOF (not to the exit status, so no output is lost) into sink."""
-    splitter = LineSplitter()
-    while chunk := pipe.read1(65536) if hasattr(pipe, "read1") else pipe.read(65536):
-        sink(stream, splitter.feed(chunk))
-    sink(stream, splitter.flush())
-    pipe.close()
-
-
-def kill_group(pgid: int, grace: float = _KILL_GRACE) -> None:
-    """SIGTERM the whole group, then SIGKILL whatever is left after the grace period."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-# Python steps that may run inside the worker instead of a new interpreter: saves the
-# interpreter and numpy start-up (a third of a second) on every such short piece. Long
-# ones (a batch of permutations) run as processes: they would only fight over the GIL.
-IN_PROCESS = {"sheepdog.gemma.ops": {"kinship", "loco-lmm", "gather", "perm-prepare",
-                                     "perm-gather"}}
 
 
 class InProcess:
     """A Python step running on a thread of this worker."""
 
-    def __init__(self, module: str, args: list[str], workdir: Path, sink: OutputSink) -> None:
+    def __init__(self, main: Any, args: list[str], workdir: Path, sink: OutputSink) -> None:
         self.stop = threading.Event()
         self.code: int | None = None
-        main = importlib.import_module(module).main
+        self.sink = GuardedSink(sink)
+        out = self.sink
 
         def run() -> None:
             try:
-                self.code = main(args, workdir=workdir, emit=lambda s: sink("stdout", [s]),
-                                 complain=lambda s: sink("stderr", [s]), stop=self.stop)
+                self.code = main(args, workdir=workdir, emit=lambda s: out("stdout", [s]),
+                                 complain=lambda s: out("stderr", [s]), stop=self.stop)
             except Exception as e:  # a bug in a step must fail the task, not the worker
-                sink("stderr", [f"ERROR: {type(e).__name__}: {e}"])
+                out("stderr", [f"ERROR: {type(e).__name__}: {e}"])
                 self.code = 1
 
-        self.thread = threading.Thread(target=run, name=f"step-{module}", daemon=True)
+        self.thread = threading.Thread(target=run, name="step", daemon=True)
         self.thread.start()
 
 
-def in_process_module(task: Task) -> str | None:
+def in_process_main(task: Task) -> Any:
+    """The main() of a sheepdog Python step that may run inside the worker, or None.
+
+    A step module lists such operations in its IN_PROCESS set: running them on a thread
+    saves the interpreter and numpy start-up (a third of a second) on every short
+    piece. Long ones (a batch of permutations) run as processes: they would only fight
+    over the GIL.
+    """
     argv = task.argv
-    if (task.cacheable and len(argv) > 3 and isinstance(argv[0], dict) and "python" in argv[0]
-            and argv[1] == "-m" and argv[3] in IN_PROCESS.get(str(argv[2]), ())):
-        return str(argv[2])
-    return None
+    if not (task.cacheable and len(argv) > 3 and isinstance(argv[0], dict)
+            and "python" in argv[0] and argv[1] == "-m"
+            and str(argv[2]).startswith("sheepdog.")):
+        return None
+    module = importlib.import_module(str(argv[2]))
+    return module.main if argv[3] in getattr(module, "IN_PROCESS", ()) else None
 
 
 class LocalBackend(Backend):
@@ -99,8 +60,12 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+
+    @classmethod
+    def open(cls, task: Task, settings: Settings, cache: Cache) -> LocalBackend:
+        return cls(cache)
 
     def _environment(self, task: Task) -> dict[str, str]:
         base = {} if task.clean_env else dict(os.environ)
@@ -108,78 +73,63 @@ class LocalBackend(Backend):
         return base
 
     def submit(self, task: Task, sink: OutputSink) -> Submission:
-        scratch = self.store.scratch(task.id) if task.cacheable else None
+        scratch = self.cache.scratch(task.id) if task.cacheable else None
         resolve = local_resolver(
             task,
-            blob=lambda sha: str(self.store.blob(sha)),
-            dep_dir=lambda tid: str(self.store.task_dir(tid)),
+            blob=lambda sha: str(self.cache.blob(sha)),
+            dep_dir=lambda tid: str(self.cache.task_dir(tid)),
             scratch=str(scratch or ""),
         )
         argv = render_argv(task.argv, resolve)
         cwd = str(scratch) if scratch else (task.cwd or os.getcwd())
         if not argv:
-            raise BackendError(f"task '{task.name}' has an empty command")
-        module = in_process_module(task)
-        if module and scratch:
-            step = InProcess(module, argv[3:], scratch, sink)
+            raise BackendError(f"piece '{task.name}' has an empty command")
+        main = in_process_main(task) if scratch else None
+        if main is not None and scratch:
+            step = InProcess(main, argv[3:], scratch, sink)
             return Submission(task=task, handle=step, workdir=cwd, extra={"scratch": scratch})
         try:
-            proc = subprocess.Popen(
-                argv, cwd=cwd, env=self._environment(task), stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
+            proc = Process(argv, cwd, self._environment(task), sink)
         except OSError as e:
             if scratch:
-                self.store.discard(scratch)
+                self.cache.discard(scratch)
             raise BackendError(f"cannot start {argv[0]!r}: {e.strerror or e}") from e
-        readers = [threading.Thread(target=pump, args=(pipe, name, sink), daemon=True)
-                   for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
-        for r in readers:
-            r.start()
-        return Submission(task=task, handle=proc, workdir=cwd,
-                          extra={"readers": readers, "scratch": scratch})
+        return Submission(task=task, handle=proc, workdir=cwd, extra={"scratch": scratch})
 
     def poll(self, active: list[Submission]) -> Iterator[StatusUpdate]:
         for sub in active:
             if isinstance(sub.handle, InProcess):
                 if not sub.handle.thread.is_alive():
-                    yield self._finish(sub, sub.handle.code if sub.handle.code is not None else 1)
+                    step_code = sub.handle.code if sub.handle.code is not None else 1
+                    yield self._finish(sub, step_code, sub.handle.sink.failure())
                 continue
-            proc: subprocess.Popen[bytes] = sub.handle
-            if proc.poll() is None:
-                continue
-            for r in sub.extra["readers"]:
-                r.join()
-            yield self._finish(sub, proc.returncode)
+            proc: Process = sub.handle
+            code = proc.poll()
+            if code is not None:
+                yield self._finish(sub, code, proc.failure())
 
     def wait(self, active: list[Submission], seconds: float) -> None:
         if isinstance(active[0].handle, InProcess):
             active[0].handle.thread.join(seconds)
             return
-        # a reader ends when the process closes its output, normally at its exit: joining
-        # wakes at once, where Popen.wait with a timeout polls (up to 50 ms late)
-        deadline = time.monotonic() + seconds
-        for r in active[0].extra["readers"]:
-            r.join(max(0.0, deadline - time.monotonic()))
-        if not any(r.is_alive() for r in active[0].extra["readers"]):
-            try:
-                active[0].handle.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+        active[0].handle.wait(seconds)
 
-    def _finish(self, sub: Submission, code: int) -> StatusUpdate:
+    def _finish(self, sub: Submission, exit_code: int, lost_output: str = "") -> StatusUpdate:
         task, scratch = sub.task, sub.extra.get("scratch")
-        exit_code = code if code >= 0 else 128 - code  # killed by signal N: 128+N, like a shell
+        if lost_output:  # the run itself may be fine, but its log is not whole: run again
+            if scratch is not None:
+                self.cache.discard(scratch)
+            # a command is not run twice for its log's sake: it may have side effects
+            return StatusUpdate(task.id, exit_code, lost_output, lost=task.cacheable)
         if scratch is None:
             return StatusUpdate(task.id, exit_code)
-        if code != 0:
-            self.store.discard(scratch)
+        if exit_code != 0:
+            self.cache.discard(scratch)
             return StatusUpdate(task.id, exit_code, f"exit code {exit_code}")
         try:
-            self.store.publish(task.id, Path(scratch), task.outputs, task.complete_when)
+            self.cache.publish(task.id, Path(scratch), task.outputs, task.complete_when)
         except SheepdogError as e:
-            self.store.discard(scratch)
+            self.cache.discard(scratch)
             return StatusUpdate(task.id, exit_code, str(e))
         return StatusUpdate(task.id, 0)
 
@@ -188,9 +138,11 @@ class LocalBackend(Backend):
             if isinstance(sub.handle, InProcess):
                 sub.handle.stop.set()  # steps check it between units of work
                 sub.handle.thread.join()
-                self.store.discard(sub.extra["scratch"])
+                self.cache.discard(sub.extra["scratch"])
                 continue
-            kill_group(sub.handle.pid)
-            sub.handle.wait()
+            sub.handle.kill()
             if sub.extra.get("scratch"):
-                self.store.discard(sub.extra["scratch"])
+                self.cache.discard(sub.extra["scratch"])
+
+
+BACKEND = LocalBackend

@@ -10,7 +10,9 @@
     python -m sheepdog.gemma.ops perm-gather BATCH_JSON [...]
 
 Each writes its outputs into its working directory (the task's scratch). The local
-backend calls main() in-process with that directory; elsewhere it runs as a process.
+backend calls main() in-process with that directory for the operations in IN_PROCESS;
+elsewhere it runs as a process. Only the standard library, numpy and Pillow may be
+imported from here: this code runs on hosts whose Python has nothing else.
 """
 
 from __future__ import annotations
@@ -19,17 +21,21 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..defaults import WATCH_POLL
 from ..errors import SheepdogError
+from ..process import Process
 from . import kinship, loco, merge, permute
 from .bimbam import check_covariates, read_table
 from .commands import GEMMA_ENV
+
+# short steps, run on a worker thread by the local backend (see backends/local.py)
+IN_PROCESS = frozenset({"kinship", "loco-lmm", "gather", "perm-prepare", "perm-gather"})
 
 
 def _triples(items: list[str]) -> list[tuple[str, Path, Path]]:
@@ -70,30 +76,20 @@ def _gemma_environment() -> dict[str, str]:
 def run_streaming(argv: list[str], here: Path, emit: Emit, complain: Emit,
                   stop: threading.Event | None) -> int:
     """A GEMMA process whose stdout/stderr lines go to the task's log as they come."""
-    from ..backends.local import kill_group, pump
-
-    proc = subprocess.Popen(argv, cwd=here, env=_gemma_environment(), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
     sinks = {"stdout": emit, "stderr": complain}
 
     def sink(stream: str, got: list[str]) -> None:
         for line in got:
             sinks[stream](line)
 
-    readers = [threading.Thread(target=pump, args=(pipe, name, sink), daemon=True)
-               for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))]
-    for r in readers:
-        r.start()
-    # the readers end when GEMMA exits: joining them wakes at once, where Popen.wait
-    # with a timeout polls (up to 50 ms late on every piece)
-    for r in readers:
-        while r.is_alive():
-            if stop is not None and stop.is_set():
-                kill_group(proc.pid)
-            r.join(0.2)
-    proc.wait()
-    return proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+    proc = Process(argv, str(here), _gemma_environment(), sink)
+    while (code := proc.poll()) is None:
+        if stop is not None and stop.is_set():
+            proc.kill()
+        proc.wait(WATCH_POLL)
+    if proc.failure():  # emit/complain failed: the step's log is not whole
+        raise SheepdogError(proc.failure())
+    return code
 
 
 def gather(items: list[str], here: Path, emit: Emit) -> None:

@@ -13,12 +13,12 @@ from typing import Any
 import redis
 
 from .. import store
-from ..cache import Store
+from ..cache import Cache
 from ..config import Settings
 from ..models import Job, Task
 
 
-def _piece_files(tasks: list[Task], local: Store) -> list[list[str]]:
+def _piece_files(tasks: list[Task], local: Cache) -> list[list[str]]:
     """[chromosome, log, assoc] per LMM piece, like gemma-wrapper's `files`."""
     files = []
     for t in tasks:
@@ -31,7 +31,7 @@ def _piece_files(tasks: list[Task], local: Store) -> list[list[str]]:
 
 def describe(conn: redis.Redis, settings: Settings, job: Job) -> dict[str, Any]:
     """result.json for a successful job."""
-    local = Store(settings.store_dir)
+    local = Cache(settings.cache_dir)
     tasks = store.job_tasks(conn, job.id)
     scan_dir = local.task_dir(job.params["scan_task"])
     summary = json.loads((scan_dir / "summary.json").read_text())
@@ -83,7 +83,7 @@ def _atomic_write(text: str, dst: Path) -> None:
 
 def export(conn: redis.Redis, settings: Settings, job: Job, out_dir: Path) -> dict[str, Any]:
     """Write assoc.txt, result.json, manhattan.png/.svg (and permutations.json)."""
-    local = Store(settings.store_dir)
+    local = Cache(settings.cache_dir)
     result = describe(conn, settings, job)
     out_dir.mkdir(parents=True, exist_ok=True)
     scan_dir = local.task_dir(job.params["scan_task"])

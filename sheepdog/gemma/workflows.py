@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..cache import Store, sha256_file
+from ..cache import Cache, sha256_file
 from ..config import Settings
 from ..errors import ConfigError, InputError
+from ..jobs import check_backend, new_job_id
 from ..models import Job, Task
-from ..workflow import check_backend, new_job_id
 from . import bimbam
 from .commands import COMPLETE, GEMMA_ENV, LMM_MODES, lmm_argv, version
 
@@ -84,14 +84,14 @@ def _exists(path: Path | None, role: str) -> Path | None:
     return path
 
 
-def _put(store: Store, path: Path) -> str:
+def _put(store: Cache, path: Path) -> str:
     sha = sha256_file(path)
     if not store.blob(sha).exists():
         store.put_file(path)
     return sha
 
 
-def _put_normalized(store: Store, path: Path) -> str:
+def _put_normalized(store: Cache, path: Path) -> str:
     """A plain, LF-ended copy (GEMMA would read 'NA\\r' as a number); returns its hash."""
     tmp = store.tmp / f"norm.{os.getpid()}.{threading.get_ident()}"
     with open(tmp, "w") as out:
@@ -102,7 +102,7 @@ def _put_normalized(store: Store, path: Path) -> str:
     return sha
 
 
-def _split(store: Store, geno: Path, anno: Path, geno_sha: str, anno_sha: str) -> dict[str, Any]:
+def _split(store: Cache, geno: Path, anno: Path, geno_sha: str, anno_sha: str) -> dict[str, Any]:
     """Per-chromosome files, computed once per (geno, annotation) contents."""
     manifest = store.root / "splits" / f"{geno_sha[:32]}-{anno_sha[:32]}.json"
     if manifest.exists():
@@ -130,7 +130,7 @@ def _split(store: Store, geno: Path, anno: Path, geno_sha: str, anno_sha: str) -
     return known
 
 
-def prepare(request: GemmaRequest, store: Store) -> Prepared:
+def prepare(request: GemmaRequest, store: Cache) -> Prepared:
     """Validate every input (naming file, line and problem) and stage it by hash."""
     request.check()
     geno = _exists(request.geno, "genotype")
@@ -241,7 +241,7 @@ def permutation_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
     return [prepare_task, *batches, thresholds], thresholds
 
 
-def build_job(request: GemmaRequest, settings: Settings, store: Store,
+def build_job(request: GemmaRequest, settings: Settings, store: Cache,
               job_id: str | None = None) -> tuple[Job, list[Task]]:
     """Validate, stage and expand a gemma-loco or gemma-permute request."""
     prep = prepare(request, store)

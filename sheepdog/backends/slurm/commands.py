@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from ...remote import setup_lines
+
 TEMPLATE = Path(__file__).parent / "templates" / "slurm_task.sh"
 EXIT_FILE = ".sheepdog.exit"
 OUT_FILE, ERR_FILE = ".slurm.out", ".slurm.err"
@@ -36,12 +38,7 @@ def job_script(piece: str, job_name: str, workdir: str, argv: list[str],
 
     It runs in `workdir` and leaves its exit status in `control` (default: workdir).
     """
-    setup = []
-    if profile:
-        setup.append(f". {shlex.quote(profile + '/etc/profile')}")
-    if pythonpath:
-        setup.append(f"export PYTHONPATH={shlex.quote(pythonpath)}")
-    setup += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    setup = setup_lines(profile, pythonpath, env)
     return Template(TEMPLATE.read_text()).substitute(
         job_name=re.sub(r"[^\w.-]", "_", job_name), piece=piece.replace("\n", " "),
         workdir=shlex.quote(workdir), control=shlex.quote(control or workdir),
@@ -72,6 +69,7 @@ def parse_sbatch(stdout: str) -> str:
 
 
 def squeue_argv(job_ids: list[str]) -> list[str]:
+    """One squeue for any number of jobs (all states, so ended ones still show)."""
     return ["squeue", "--states=all", "-h", "-j", ",".join(job_ids), "-o", "%i %T %r"]
 
 

@@ -10,12 +10,11 @@ from collections.abc import Sequence
 import redis
 
 from . import store
-from .cache import Store
+from .backends import registry
+from .cache import Cache
 from .config import Settings
 from .errors import ConfigError
 from .models import Job, Task
-
-BACKENDS = ("local", "shell", "slurm")
 
 
 def new_job_id() -> str:
@@ -24,10 +23,8 @@ def new_job_id() -> str:
 
 
 def check_backend(backend: str, host: str | None) -> None:
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "shell" and not host:
-        raise ConfigError("--backend shell needs --host HOST")
+    """Refuse an unknown backend, or one that needs a host without one."""
+    registry.check(backend, host)
 
 
 def command_job(argv: Sequence[str], settings: Settings, backend: str = "local",
@@ -51,7 +48,7 @@ def command_job(argv: Sequence[str], settings: Settings, backend: str = "local",
 
 def submit(conn: redis.Redis, settings: Settings, job: Job, tasks: list[Task]) -> Job:
     """Store and dispatch; cached pieces are reported in the job's log."""
-    local = Store(settings.store_dir)
+    local = Cache(settings.cache_dir)
     by_id = {t.id: t for t in tasks}
     return store.submit(conn, job, tasks,
                         published=lambda tid: not by_id[tid].cacheable or local.published(tid))

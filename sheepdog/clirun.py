@@ -1,0 +1,166 @@
+"""What every `sheepdog run WORKFLOW` shares: settings and connection, the backend
+options, waiting for the job with its output live, racing lanes, and the exit code.
+
+Helpers here return exit codes; only the click commands exit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from . import config, progress, store
+from .backends import registry
+from .connection import connect
+from .defaults import TERMINAL_REDRAW
+from .logs import LogLine
+from .models import Job, JobStatus, Task
+from .runner import follow_job, spawn_detached_worker
+from .worker import live_workers
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def settings() -> config.Settings:
+    return config.load()
+
+
+def conn(given: config.Settings | None = None) -> Any:
+    return connect(given or settings())
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def backend_options(fn: F) -> F:
+    """The options every `run` workflow shares."""
+    for opt in reversed([
+        click.option("--backend", default="local", show_default=True,
+                     help="Where the pieces run: " + ", ".join(registry.names()) + "."),
+        click.option("--host", default=None, help="Host (ssh config name) for shell/slurm."),
+        click.option("--queue", default=None, help="Queue name (default: from settings)."),
+        click.option("--detach", is_flag=True, help="Print the job id and return at once."),
+        click.option("--json", "as_json", is_flag=True, help="Print the final job as JSON."),
+        click.option("--race", default=None, metavar="H1,H2,local",
+                     help="Start the job on several hosts/backends; the first success wins."),
+        click.option("--complete-all", is_flag=True,
+                     help="With --race: let the losers finish too, to fill their caches."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def finish(db: Any, given: config.Settings, job_id: str, queue: str, detach: bool,
+           as_json: bool, after_wait: Callable[[Any, config.Settings, str], None] | None = None
+           ) -> int:
+    """Shared end of every `run`: detach, or stream until the end; returns the exit code."""
+    if detach:
+        if not live_workers(db, queue):
+            spawn_detached_worker(given, queue)
+        click.echo(job_id)
+        return 0
+    stream_until_done(db, given, job_id, queue, quiet=as_json)
+    if after_wait:
+        after_wait(db, given, job_id)
+    job = store.get_job(db, job_id)
+    if as_json:
+        print_json(progress.job_view(db, job))
+    elif job.status == JobStatus.ERROR and job.error and (
+            job.workflow != "command" or job.exit_code is None):
+        click.echo(f"sheepdog: job {job.id} failed: {job.error}", err=True)
+    if job.exit_code is not None:
+        return job.exit_code
+    return 0 if job.status == JobStatus.SUCCESS else 1
+
+
+def run_race(given: config.Settings, spec: str, complete_all: bool, queue: str,
+             build: Callable[[], tuple[Job, list[Task]]],
+             after: Callable[[Any, config.Settings, Any, str], None] | None = None) -> int:
+    """Run a job on several lanes, stream them all; returns the winner's exit code."""
+    from . import race
+
+    lanes = race.parse_lanes(spec, given.inventory)
+    db = conn(given)
+    jobs = race.start(db, given, lanes, build)
+    for job_id, lane in jobs.items():
+        click.echo(f"[sheepdog] race lane {lane.label}: job {job_id}", err=True)
+    for lane, item in race.follow(db, given, jobs, queue, complete_all):
+        if isinstance(item, str):
+            click.echo(f"[sheepdog] {item}", err=True)
+        elif item.stream in ("stdout", "stderr"):
+            click.echo(f"[{lane.label}] {item.text}", err=item.stream == "stderr")
+    winner = race.winner_of(db, jobs)
+    if winner is None:
+        return 1
+    if after is not None:
+        after(db, given, winner, jobs[winner.id].label)
+    return winner.exit_code or 0
+
+
+class ProgressLine:
+    """A one-line status on a terminal's stderr, redrawn in place; nothing otherwise."""
+
+    def __init__(self, db: Any, job_id: str) -> None:
+        self.db, self.job_id = db, job_id
+        # on a terminal only: piped output stays plain lines
+        self.enabled = sys.stdout.isatty() and sys.stderr.isatty()
+        self.last = 0.0
+        self.shown = False
+
+    def tick(self) -> None:
+        if not self.enabled or time.monotonic() - self.last < TERMINAL_REDRAW:
+            return
+        self.last = time.monotonic()
+        job = store.get_job(self.db, self.job_id)
+        eta = progress.eta_seconds(job, time.time())
+        text = f"[{job.status}] {job.done}/{job.total} pieces"
+        if eta is not None:
+            text += f", about {eta:.0f}s left"
+        sys.stderr.write("\r\033[K" + text)
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def print_line(line: LogLine) -> None:
+    if line.stream == "stdout":
+        click.echo(line.text)
+    elif line.stream == "stderr":
+        click.echo(line.text, err=True)
+    else:
+        click.echo(click.style(f"[sheepdog] {line.text}", dim=True), err=True)
+
+
+class Interrupted(click.exceptions.Exit):
+    """Ctrl-C while waiting: the job was cancelled; exit 130 like a shell."""
+
+    def __init__(self) -> None:
+        super().__init__(130)
+
+
+def stream_until_done(db: Any, given: config.Settings, job_id: str, queue: str,
+                      quiet: bool = False) -> None:
+    bar = ProgressLine(db, job_id)
+    try:
+        for line in follow_job(db, given, job_id, queue):
+            bar.clear()
+            if not quiet:
+                print_line(line)
+            bar.tick()
+    except KeyboardInterrupt:
+        bar.clear()
+        store.cancel_job(db, job_id)
+        click.echo(f"sheepdog: cancelled job {job_id}", err=True)
+        raise Interrupted() from None
+    bar.clear()

@@ -1,0 +1,48 @@
+"""Every interval, time limit and batch size sheepdog uses, named in one place.
+
+Settings (config.py) holds what a deployment tunes; these are the fixed timings the
+code is written around, each with the reason for its value.
+"""
+
+from __future__ import annotations
+
+# -- a worker and the piece it runs
+WATCH_POLL = 0.2  # s: a running piece is looked at this often (quiet output flushed too)
+CANCEL_CHECK = 1.0  # s: at most this long before a cancel or revoked lease is noticed
+TAKE_WAIT = 1.0  # s: a worker's blocking dequeue; bounds how long a stop takes
+TAKE_WAIT_INLINE = 0.05  # s: a client's own helper must notice its job ended at once
+MAINTAIN_FAST = 0.1  # s: upkeep round of a burst or inline worker
+KILL_GRACE = 3.0  # s: between SIGTERM and SIGKILL of a piece's process group
+WORKER_STOP_WAIT = 30.0  # s: `serve` waits this long for its local worker to stop
+REDIS_RETRY = 1.0  # s: a worker's upkeep tries again this often while Redis is down
+SCRATCH_SWEEP_EVERY = 3600.0  # s: a worker looks for abandoned scratch this often
+
+# -- logs
+LOG_FLUSH = 0.2  # s: buffered lines are sent at least this often (a few round trips/s)
+LOG_BATCH_LINES = 500  # lines per Lua call: one call holds Redis for a few ms at most
+LOG_BUFFER_LINES = 100_000  # lines a piece's log keeps while Redis is unreachable
+FOLLOW_BLOCK_MS = 250  # ms: a log follower's XREAD block
+FOLLOW_COUNT = 1000  # lines per XREAD of a follower
+ENDED_CHECK = 1.0  # s: a follower asks whether its job ended at least this often
+PROGRESS_EVERY = 1.0  # s: the websocket's progress event when nothing else happens
+TERMINAL_REDRAW = 0.5  # s: the terminal's progress line
+
+# -- finishing
+FINALIZE_LOCK = 60  # s: one process exports a finished job's results; others wait
+FINALIZE_WAIT = 0.02  # s: how often the others look
+
+# -- GN3's queue
+GN3_TAKE_WAIT = 1  # s: BLPOP on GN3's list
+GN3_JOB_POLL = 0.05  # s: how often a GN3 command's job is looked at
+
+# -- ssh and Slurm
+SSH_KEEPALIVE = 5  # s: a dead link is noticed within a few of these
+SSH_CONNECT_TIMEOUT = 10.0  # s
+SSH_READ_POLL = 0.05  # s: a remote command's output is looked for this often
+REMOTE_KILL_TIMEOUT = 30.0  # s: stopping a remote process group (TERM, 2 s, KILL)
+REMOTE_COMMAND_TIMEOUT = 120.0  # s: one command run on a host to its end
+SLURM_CALL_TIMEOUT = 20.0  # s: one sbatch/squeue/scancel
+SLURM_DEADLINE = 120.0  # s: transient Slurm failures are retried until then
+SLURM_FILES_EVERY = 0.25  # s: output and exit files of a host's pieces, one look for all
+SLURM_SQUEUE_EVERY = 2.0  # s: one squeue for all of a host's pieces
+SLURM_SQUEUE_MAX_PAUSE = 60.0  # s: back-off ceiling while the controller does not answer

@@ -1,0 +1,217 @@
+"""The GEMMA workflows as sheepdog sees them: `gemma-loco` and `gemma-permute`, each
+declared by its own module in sheepdog.workflows with an instance of this class."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from .. import clirun, jobs, store
+from ..cache import Cache
+from ..config import Settings
+from ..errors import ConfigError, FieldError, InputError
+from ..finalize import finalize
+from ..models import Job, JobStatus, Task
+from ..workflows.base import InputResolver, Workflow
+from . import result
+from .workflows import GemmaRequest, build_job
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bxd"
+ROLES = ("geno", "pheno", "anno", "covariates")
+REQUIRED = ("geno", "pheno", "anno")
+PARAMS = {"lmm": int, "maf": float, "column": int, "permutations": int, "seed": int,
+          "batch_size": int, "force": bool}
+SCAN_FILES = {"assoc.txt": "text/plain", "manhattan.png": "image/png",
+              "manhattan.svg": "image/svg+xml", "summary.json": "application/json"}
+
+
+def gemma_inputs(fn: Any) -> Any:
+    for opt in reversed([
+        click.option("-g", "geno", type=click.Path(path_type=Path),
+                     help="BIMBAM mean genotype file (plain or .gz)."),
+        click.option("-p", "pheno", type=click.Path(path_type=Path),
+                     help="Phenotype file, one row per individual."),
+        click.option("-a", "anno", type=click.Path(path_type=Path),
+                     help="SNP annotation: rs position chromosome."),
+        click.option("-c", "covariates", type=click.Path(path_type=Path), default=None,
+                     help="Covariates file (first column the intercept)."),
+        click.option("-n", "column", type=int, default=None, help="Phenotype column (1-based)."),
+        click.option("--lmm", type=int, default=9, show_default=True, help="GEMMA -lmm mode."),
+        click.option("--maf", type=float, default=0.1, show_default=True, help="GEMMA -maf."),
+        click.option("--example", is_flag=True,
+                     help="Use the bundled BXD example for -g/-p/-a (and -c if not given)."),
+        click.option("--out", "out_dir", type=click.Path(), default="",
+                     help="Directory for assoc.txt, result.json and the Manhattan plot."),
+        click.option("--force", is_flag=True, help="Recompute instead of using the cache."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _request(kw: dict[str, Any]) -> GemmaRequest:
+    if kw.pop("example"):
+        kw["geno"] = kw["geno"] or EXAMPLE / "BXD_geno.txt.gz"
+        kw["pheno"] = kw["pheno"] or EXAMPLE / "BXD_pheno.txt"
+        kw["anno"] = kw["anno"] or EXAMPLE / "BXD_snps.txt"
+    missing = [flag for flag, key in (("-g", "geno"), ("-p", "pheno"), ("-a", "anno"))
+               if not kw.get(key)]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)} (or use --example)")
+    kw["host"] = kw.get("host") or ""
+    kw["queue"] = kw.get("queue") or ""
+    return GemmaRequest(**kw)
+
+
+def run_cli(kw: dict[str, Any]) -> int:
+    """`sheepdog run gemma-*`: validate, submit, wait, export; returns the exit code."""
+    detach, as_json = kw.pop("detach"), kw.pop("as_json")
+    race, complete_all = kw.pop("race"), kw.pop("complete_all")
+    settings = clirun.settings()
+    request = _request(kw)
+    cache = Cache(settings.cache_dir)
+    if race:
+        out_dir = request.out_dir
+        return clirun.run_race(
+            settings, race, complete_all, request.queue or settings.queue,
+            lambda: build_job(request, settings, cache),
+            after=lambda db, s, winner, label: _race_won(db, s, winner, label, out_dir))
+    db = clirun.conn(settings)
+    job, tasks = build_job(request, settings, cache)
+    if request.force:
+        store.forget(db, [t.id for t in tasks], cache.remove)
+    jobs.submit(db, settings, job, tasks)
+    if not detach:
+        finalize(db, settings, job.id)  # a fully cached job ends right here
+    return clirun.finish(db, settings, job.id, job.queue, detach, as_json, after_wait=_after)
+
+
+def _race_won(db: Any, settings: Settings, winner: Job, label: str, out_dir: str) -> None:
+    finalize(db, settings, winner.id)  # the compact result, if no worker wrote it yet
+    if out_dir:
+        store.set_job_fields(db, winner.id, out_dir=str(Path(out_dir).resolve()))
+        result.export(db, settings, store.get_job(db, winner.id), Path(out_dir))
+    click.echo(f"results of lane {label} in {out_dir or 'the cache'}", err=True)
+
+
+def _after(db: Any, settings: Settings, job_id: str) -> None:
+    finalize(db, settings, job_id)
+    job = store.get_job(db, job_id)
+    if job.status == JobStatus.SUCCESS and job.out_dir:
+        click.echo(f"results in {job.out_dir}", err=True)
+
+
+def _params(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise FieldError("params", "must be an object")
+    out = {}
+    for key, value in raw.items():
+        kind = PARAMS.get(key)
+        if kind is None:
+            raise FieldError(f"params.{key}", f"unknown parameter; known: {', '.join(PARAMS)}")
+        ok = isinstance(value, bool) if kind is bool else (
+            isinstance(value, int | float) and not isinstance(value, bool)
+            and (kind is float or float(value).is_integer()))
+        if not ok and value is not None:
+            raise FieldError(f"params.{key}",
+                             f"must be {'true/false' if kind is bool else kind.__name__}")
+        out[key] = kind(value) if value is not None else None
+    return out
+
+
+class GemmaWorkflow(Workflow):
+    """A LOCO scan, and with `permutations` its permutation thresholds too."""
+
+    def __init__(self, name: str, summary: str, permutations: bool) -> None:
+        self.name, self.summary, self.permutations = name, summary, permutations
+        self.result_files = dict(SCAN_FILES)
+        if permutations:
+            self.result_files["permutations.json"] = "application/json"
+
+    def command(self) -> click.Command:
+        def run(**kw: Any) -> None:
+            if not self.permutations:
+                kw["permutations"] = 0
+            elif kw["permutations"] < 1:
+                raise click.UsageError("--permutations must be at least 1")
+            sys.exit(run_cli(kw))
+
+        run.__doc__ = self.summary
+        command = clirun.backend_options(gemma_inputs(run))
+        if self.permutations:
+            for opt in reversed([
+                click.option("--permutations", type=int, default=1000, show_default=True),
+                click.option("--seed", type=int, default=None,
+                             help="Makes the permutations reproducible."),
+                click.option("--batch-size", type=int, default=25, show_default=True,
+                             help="Permutations per piece."),
+            ]):
+                command = opt(command)
+        return click.command(self.name, help=self.summary)(command)
+
+    def schema(self) -> dict[str, Any]:
+        params = {k: {"type": {int: "integer", float: "number", bool: "boolean"}[t]}
+                  for k, t in PARAMS.items() if self.permutations or k not in (
+                      "permutations", "seed", "batch_size")}
+        return {"type": "object", "required": ["workflow"], "properties": {
+            "workflow": {"const": self.name},
+            "inputs": {"type": "object", "description": "file names of uploads or bundle "
+                       "members, or server paths under SHEEPDOG_INPUT_ROOTS",
+                       "properties": {r: {"type": "string"} for r in ROLES}},
+            "params": {"type": "object", "properties": params}}}
+
+    def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
+                     cache: Cache) -> tuple[Job, list[Task]]:
+        raw_inputs = body.get("inputs", {})
+        if not isinstance(raw_inputs, dict):
+            raise FieldError("inputs", "must be an object mapping geno/pheno/anno/covariates "
+                             "to files")
+        params = _params(body.get("params"))  # cheap checks before any file is touched
+        paths = inputs(raw_inputs, ROLES, REQUIRED)
+        if self.permutations:
+            params.setdefault("permutations", 1000)
+            if params["permutations"] < 1:
+                raise FieldError("params.permutations", "must be at least 1")
+        else:
+            params["permutations"] = 0
+        request = GemmaRequest(geno=paths["geno"], pheno=paths["pheno"], anno=paths["anno"],
+                               covariates=paths.get("covariates"),
+                               backend=body.get("backend") or "local",
+                               host=body.get("host") or "", queue=body.get("queue") or "",
+                               **params)
+        try:
+            return build_job(request, settings, cache)
+        except InputError as e:
+            message = str(e)
+            for role, path in paths.items():  # say which field, not where the server put it
+                message = message.replace(str(path), f"inputs.{role}")
+            field = next((f"inputs.{r}" for r, p in paths.items() if str(p) == e.where),
+                         "inputs")
+            raise FieldError(field, message) from e
+        except ConfigError as e:
+            raise FieldError("params", str(e)) from e
+
+    def finalize(self, conn: redis.Redis, settings: Settings, job: Job) -> None:
+        result.finalize(conn, settings, job)
+
+    def describe(self, conn: redis.Redis, settings: Settings, job: Job) -> dict[str, Any]:
+        return result.describe(conn, settings, job)
+
+    def export(self, conn: redis.Redis, settings: Settings, job: Job,
+               out_dir: Path) -> dict[str, Any]:
+        return result.export(conn, settings, job, out_dir)
+
+    def result_file(self, settings: Settings, job: Job, name: str) -> Path:
+        if name not in self.result_files:
+            raise FieldError("name", f"no result file {name!r}; available: "
+                             f"{', '.join(self.result_files)}", 404)
+        task = job.params["permutation_task" if name == "permutations.json" else "scan_task"]
+        path = Cache(settings.cache_dir).task_dir(task) / name
+        if not path.is_file():
+            raise FieldError("name", f"{name} is no longer in the cache", 410)
+        return path

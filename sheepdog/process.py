@@ -1,0 +1,214 @@
+"""One process pump for every piece: local processes, GEMMA inside a step, remote
+channels. Standard library only: this module runs on hosts too.
+
+A reader thread reads one output stream to EOF (not to the exit status, so no output
+is lost) and hands complete lines to a sink. If the sink fails (Redis gone for a
+moment) the reader keeps the error for the piece and goes on draining, so the program
+never blocks on a full pipe while its heartbeat makes it look alive.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .defaults import KILL_GRACE, WATCH_POLL
+
+# Receives a piece's output: (stream name, complete lines).
+OutputSink = Callable[[str, list[str]], None]
+
+CHUNK = 65536
+_PR_SET_PDEATHSIG = 1
+
+
+class LineSplitter:
+    """Turns raw output chunks into lines; a `\\r` redraw (a progress bar) ends a line too.
+
+    Only new data is searched for line breaks, so a long line costs linear time.
+    """
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pieces: list[str] = []  # the line being built (no break in it yet)
+        self._cr = False  # the last piece ends with a \r that may be half of \r\n
+        self._last = ""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        new = self._decoder.decode(chunk)
+        if not new:
+            return []
+        if not self._cr and "\n" not in new and "\r" not in new:
+            self._pieces.append(new)
+            return []
+        text = "".join(self._pieces) + new
+        parts = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        rest = parts.pop()
+        self._cr = text.endswith("\r")
+        if self._cr:  # keep the \r: the next chunk may start with its \n
+            rest = parts.pop() + "\r" if parts else "\r"
+        self._pieces = [rest] if rest else []
+        return self._keep(parts)
+
+    def flush(self) -> list[str]:
+        rest = ("".join(self._pieces) + self._decoder.decode(b"", final=True)).rstrip("\r")
+        self._pieces, self._cr = [], False
+        return self._keep([rest])
+
+    def _keep(self, parts: list[str]) -> list[str]:
+        out = []
+        for part in parts:
+            line = part.rstrip()
+            # redraws repeat the same bar: one copy is enough
+            if line.strip() and line != self._last:
+                out.append(line)
+                self._last = line
+        return out
+
+
+class GuardedSink:
+    """A sink that keeps its first failure instead of raising it into the reader (or
+    step) that called it; later lines are dropped, the piece reports the failure."""
+
+    def __init__(self, sink: OutputSink) -> None:
+        self._sink = sink
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+
+    def __call__(self, stream: str, lines: list[str]) -> None:
+        if not lines or self.error is not None:
+            return
+        try:
+            self._sink(stream, lines)
+        except Exception as e:  # noqa: BLE001  whatever it is, the piece must hear of it
+            with self._lock:
+                if self.error is None:
+                    self.error = e
+
+    def failure(self) -> str:
+        """Why output was lost, or '' if none was."""
+        if self.error is None:
+            return ""
+        return f"its output could not be recorded: {type(self.error).__name__}: {self.error}"
+
+
+class Reader(threading.Thread):
+    """Reads one stream to EOF into a guarded sink."""
+
+    def __init__(self, read: Callable[[int], bytes], stream: str, sink: GuardedSink,
+                 close: Callable[[], object] | None = None) -> None:
+        super().__init__(name=f"reader-{stream}", daemon=True)
+        self._read, self.stream, self._sink, self._close = read, stream, sink, close
+
+    def run(self) -> None:
+        splitter = LineSplitter()
+        try:
+            while True:
+                try:
+                    chunk = self._read(CHUNK)
+                except (OSError, ValueError):  # closed under us: the stream is over
+                    break
+                if not chunk:
+                    break
+                self._sink(self.stream, splitter.feed(chunk))
+            self._sink(self.stream, splitter.flush())
+        finally:
+            if self._close is not None:
+                self._close()
+
+
+def read_both(stdout: Callable[[int], bytes], stderr: Callable[[int], bytes],
+              sink: GuardedSink) -> list[Reader]:
+    """Start a reader for each of a program's two output streams."""
+    readers = [Reader(stdout, "stdout", sink), Reader(stderr, "stderr", sink)]
+    for r in readers:
+        r.start()
+    return readers
+
+
+def die_with_parent() -> None:
+    """In the child: be killed if the worker dies, so a re-run never races a ghost."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the heartbeat still notices the lost worker
+
+
+def kill_group(pgid: int, grace: float = KILL_GRACE) -> None:
+    """SIGTERM the whole group, then SIGKILL whatever is left after the grace period."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(WATCH_POLL / 4)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def shell_code(returncode: int) -> int:
+    """Killed by signal N reads as 128+N, as a shell reports it."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+class Process:
+    """A program in its own process group, its output pumped into a sink."""
+
+    def __init__(self, argv: list[str], cwd: str, env: dict[str, str] | None,
+                 sink: OutputSink) -> None:
+        self.sink = GuardedSink(sink)
+        self.popen = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
+        out: Any = self.popen.stdout  # BufferedReader: read1 returns what is there now
+        err: Any = self.popen.stderr
+        self.readers = read_both(out.read1, err.read1, self.sink)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        """The exit code once the program exited and all its output was read."""
+        if self.popen.poll() is None:
+            return None
+        for r in self.readers:
+            r.join()
+        return shell_code(self.popen.returncode)
+
+    def wait(self, seconds: float) -> None:
+        """Block up to `seconds`, returning as soon as the program ends."""
+        # a reader ends when the program closes its output, normally at its exit:
+        # joining wakes at once, where Popen.wait with a timeout polls (up to 50 ms late)
+        deadline = time.monotonic() + seconds
+        for r in self.readers:
+            r.join(max(0.0, deadline - time.monotonic()))
+        if not any(r.is_alive() for r in self.readers):
+            try:
+                self.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+
+    def kill(self, grace: float = KILL_GRACE) -> None:
+        """Stop the whole group and reap it."""
+        kill_group(self.popen.pid, grace)
+        self.popen.wait()
+        for r in self.readers:
+            r.join()
+
+    def failure(self) -> str:
+        """Why some output was lost ('' if none was)."""
+        return self.sink.failure()

@@ -1,0 +1,249 @@
+"""One place for each mechanism: the process pump, the log writer through a Redis
+outage, the watch loop's clean-up, scratch sweeping and Slurm's batched polling."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+
+from sheepdog import jobs, logs, store
+from sheepdog.backends.base import Backend, StatusUpdate, Submission
+from sheepdog.backends.slurm import SlurmBackend, SlurmSettings, monitor_for
+from sheepdog.backends.slurm import commands as cmd
+from sheepdog.cache import Cache
+from sheepdog.errors import BackendError
+from sheepdog.models import Job, JobStatus, Task, TaskStatus
+from sheepdog.process import LineSplitter, Process
+from sheepdog.worker import Executor, Heartbeat, Worker, sweep_scratch
+
+
+def _wait_code(proc: Process, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while (code := proc.poll()) is None:
+        assert time.monotonic() < deadline, "the program never ended (blocked on its pipe?)"
+        proc.wait(0.5)
+    return code
+
+
+def test_a_failing_sink_never_blocks_the_program_and_the_failure_reaches_the_piece(tmp_path):
+    def sink(stream, lines):
+        raise RuntimeError("Redis went away")
+
+    # 5 MB: far more than a pipe holds, so a reader that died would block the program
+    program = "import sys\nfor i in range(50000): sys.stdout.write('x' * 99 + '\\n')"
+    proc = Process([sys.executable, "-c", program], str(tmp_path), None, sink)
+    assert _wait_code(proc) == 0
+    assert "RuntimeError: Redis went away" in proc.failure()
+
+
+def test_lines_come_whole_across_chunks_and_redraws_collapse():
+    s = LineSplitter()
+    long_line = "y" * 3_000_000
+    got = []
+    for i in range(0, len(long_line), 65536):
+        got += s.feed(long_line[i:i + 65536].encode())
+    assert got == []  # no break yet: nothing emitted, nothing rescanned
+    got += s.feed(b"\r")
+    got += s.feed(b"\nnext\r50%\r50%\r60%\n")
+    got += s.flush()
+    assert got == [long_line, "next", "50%", "60%"]
+
+
+def _chatty_task(tmp_path: Path, queue: str, lines: int, pause: float) -> Task:
+    marker = tmp_path / "first-attempt"
+    program = (f"import os, time\nfirst = not os.path.exists({str(marker)!r})\n"
+               f"open({str(marker)!r}, 'a').close()\n"
+               f"for i in range({lines} if first else 3):\n"
+               f"    print('line', i, flush=True)\n"
+               f"    time.sleep({pause} if first else 0)\n"
+               "open('out.txt', 'w').write('done')\n")
+    return Task(name="chatty", argv=[sys.executable, "-c", program], outputs=["out.txt"],
+                queue=queue, max_attempts=3)
+
+
+def _run_through_outage(conn, redis_server, settings, task, down_after, down_for):
+    job = Job(id=jobs.new_job_id(), workflow="test", final_task=task.id, queue=task.queue)
+    jobs.submit(conn, settings, job, [task])
+    worker = Worker(conn, settings, [task.queue], register=False)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: store.get_task(conn, task.id).status == TaskStatus.RUNNING, 20,
+                 what="the piece to start")
+        time.sleep(down_after)
+        redis_server.kill9()
+        time.sleep(down_for)
+        redis_server.start()
+        wait_for(lambda: JobStatus(store.get_job(conn, job.id).status).final, 90,
+                 every=0.2, what="the job to end after the outage")
+    finally:
+        worker.stop()
+        thread.join(30)
+    assert not thread.is_alive(), "the worker did not stop"
+    return job
+
+
+def test_a_short_outage_loses_no_line(conn, redis_server, settings, tmp_path):
+    """Redis killed for 3 s while a piece prints: its lines wait and arrive in order."""
+    settings = replace(settings, heartbeat_timeout=30.0)
+    task = _chatty_task(tmp_path, settings.queue, lines=200, pause=0.03)
+    job = _run_through_outage(conn, redis_server, settings, task, down_after=1.0,
+                              down_for=3.0)
+    assert store.get_job(conn, job.id).status == JobStatus.SUCCESS
+    assert store.get_task(conn, task.id).attempts == 1
+    printed = [ln.text for ln in logs.read(conn, job.id, count=10_000) if ln.stream == "stdout"]
+    assert printed == [f"line {i}" for i in range(200)]
+
+
+def test_output_beyond_what_an_outage_can_hold_runs_the_piece_again(conn, redis_server,
+                                                                   settings, tmp_path):
+    """Redis unreachable mid-piece for longer than the log buffer lasts: the reader
+    goes on draining (no hang), the loss reaches the piece, and it runs again."""
+    settings = replace(settings, heartbeat_timeout=30.0, log_buffer_lines=20)
+    task = _chatty_task(tmp_path, settings.queue, lines=300, pause=0.02)
+    job = _run_through_outage(conn, redis_server, settings, task, down_after=0.5,
+                              down_for=3.0)
+    assert store.get_job(conn, job.id).status == JobStatus.SUCCESS
+    assert store.get_task(conn, task.id).attempts == 2
+    said = " ".join(ln.text for ln in logs.read(conn, job.id, count=10_000))
+    assert "could not be recorded" in said and "trying again" in said
+
+
+class _BrokenPoll(Backend):
+    """A backend whose status query fails once the piece started (a dropped link)."""
+
+    name = "broken"
+
+    def __init__(self) -> None:
+        self.cancelled: list[str] = []
+
+    @classmethod
+    def open(cls, task, settings, cache):  # pragma: no cover - built directly
+        return cls()
+
+    def submit(self, task, sink):
+        return Submission(task=task, handle="started")
+
+    def poll(self, active):
+        raise BackendError("squeue over a dropped ssh link", "login-node")
+        yield StatusUpdate(active[0].task.id, 0)  # pragma: no cover
+
+    def cancel(self, active):
+        self.cancelled += [s.handle for s in active]
+
+
+def test_a_failure_while_watching_cancels_the_submission(conn, settings):
+    task = Task(name="watched", argv=["true"], queue=settings.queue)
+    executor = Executor(conn, settings, "w1")
+    backend = _BrokenPoll()
+    sub = backend.submit(task, lambda *_: None)
+    writer = logs.LogWriter(conn, task.id, task.name, [], 100)
+    with pytest.raises(BackendError):
+        executor._watch(backend, sub, task, writer, Heartbeat(conn, task.id, "w1", settings))
+    assert backend.cancelled == ["started"]
+
+
+def test_abandoned_scratch_is_swept_but_never_a_running_pieces(conn, settings):
+    cache = Cache(settings.cache_dir)
+    old, active, fresh = "a" * 64, "b" * 64, "c" * 64
+    paths = {name: cache.scratch(name) for name in (old, active, fresh)}
+    for name in (old, active):
+        (paths[name] / "partial.txt").write_text("half")
+        stamp = time.time() - 3 * 24 * 3600
+        os.utime(paths[name], (stamp, stamp))
+    conn.sadd("sheepdog:tasks:active", active)
+    worker = Worker(conn, settings, [settings.queue], burst=True)
+    worker.run()  # a worker sweeps when it starts
+    assert not paths[old].exists()
+    assert paths[active].exists() and paths[fresh].exists()
+    assert sweep_scratch(conn, settings) == 0
+
+
+class CountingRunner:
+    """Slurm as a cluster answers: canned sbatch/squeue text, the pieces' files read
+    from their real control directories; every command counted."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.next_id = 1000
+        self.lock = threading.Lock()
+        self.gone: set[str] = set()
+
+    def run(self, argv):
+        with self.lock:
+            self.calls[argv[0]] = self.calls.get(argv[0], 0) + 1
+            if argv[0] == "sbatch":
+                self.next_id += 1
+                return 0, f"{self.next_id}\n", ""
+            if argv[0] == "squeue":
+                ids = argv[argv.index("-j") + 1].split(",")
+                return 0, "".join(f"{i} PENDING Resources\n" for i in ids
+                                  if i not in self.gone), ""
+            return 0, "", ""
+
+    def write(self, path, text):
+        Path(path).write_text(text)
+
+    def read_files(self, wanted):
+        with self.lock:
+            self.calls["read"] = self.calls.get("read", 0) + 1
+        out = []
+        for path, offset in wanted:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    out.append(f.read())
+            except FileNotFoundError:
+                out.append(b"")
+        return out
+
+
+def test_slurm_status_for_200_pending_pieces_is_one_query_per_cycle(settings):
+    monitor_for(None).pieces.clear()
+    runner = CountingRunner()
+    cache = Cache(settings.cache_dir)
+    backends = [SlurmBackend(SlurmSettings(), cache, runner=runner) for _ in range(8)]
+    subs: list[list[Submission]] = [[] for _ in backends]
+    for i in range(200):
+        task = Task(name=f"piece {i}", argv=["true", str(i)], queue=settings.queue)
+        subs[i % 8].append(backends[i % 8].submit(task, lambda *_: None))
+    assert runner.calls["sbatch"] == 200
+    ended: list[StatusUpdate] = []
+    stop = time.monotonic() + 4.5
+
+    def watch(backend, mine):  # one worker thread's loop: poll, then wait
+        while time.monotonic() < stop and mine:
+            for update in backend.poll(list(mine)):
+                ended.append(update)
+                mine[:] = [s for s in mine if s.task.id != update.task_id]
+            backend.wait(mine, 0.2)
+
+    finishing = [sub for mine in subs for sub in mine[: len(mine) // 2]]
+    vanishing = subs[0][-1]
+    threads = [threading.Thread(target=watch, args=(b, s))
+               for b, s in zip(backends, subs, strict=True)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    # half of the pieces finish (their scripts wrote an exit status), one vanishes
+    for sub in finishing:
+        Path(sub.workdir, cmd.EXIT_FILE).write_text("0\n")
+    runner.gone.add(vanishing.handle)
+    for t in threads:
+        t.join()
+    # 4.5 s of polling: an squeue every 2 s and a look at the files every 0.25 s, for
+    # all 200 pieces together (per-piece polling would be thousands of commands)
+    assert runner.calls["squeue"] <= 4
+    assert runner.calls["read"] <= 4.5 / 0.25 + 2 + 2  # + the vanished piece's re-checks
+    finished = [u for u in ended if not u.lost]
+    lost = [u for u in ended if u.lost]
+    assert len(finished) == len(finishing) and all(u.exit_code == 0 for u in finished)
+    assert len(lost) == 1 and "vanished" in lost[0].error
+    monitor_for(None).pieces.clear()

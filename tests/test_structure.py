@@ -1,0 +1,157 @@
+"""The shape of the code, read from its import graph: one place for each mechanism, no
+cycles, a core that names no workflow or backend, and host code that needs nothing
+but the standard library, numpy and Pillow."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGES = ("sheepdog", "web")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            if "guix" not in path.parts:
+                found[_module_name(path)] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every module this one imports (anywhere in it), absolute names."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            out.add(prefix)
+            out |= {f"{prefix}.{a.name}" for a in node.names}  # `from . import store`
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    """Internal edges only: module -> the sheepdog/web modules it imports."""
+    graph = {}
+    for name, path in MODULES.items():
+        graph[name] = {m for m in _imports(name, path) if m in MODULES and m != name}
+    return graph
+
+
+def _is_workflow(name: str) -> bool:
+    if name.startswith("sheepdog.gemma"):
+        return True
+    return name.startswith("sheepdog.workflows.") and name != "sheepdog.workflows.base"
+
+
+def _is_backend(name: str) -> bool:
+    return name.startswith("sheepdog.backends.") and name not in (
+        "sheepdog.backends.base", "sheepdog.backends.registry")
+
+
+def test_no_core_module_imports_a_workflow_or_a_backend():
+    graph = _graph()
+    core = [m for m in graph if not _is_workflow(m) and not _is_backend(m)]
+    offenders = {m: sorted(d for d in graph[m] if _is_workflow(d) or _is_backend(d))
+                 for m in core}
+    assert not {m: d for m, d in offenders.items() if d}
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    # a package's __init__ importing its own submodule is not a cycle of concepts
+    real = [c for c in cycles if not all(m.startswith(c[0] + ".") or m == c[0] for m in c)]
+    assert not real, real
+
+
+def test_only_dispatch_imports_the_queue_library():
+    users = sorted(name for name, path in MODULES.items()
+                   if any(m == "rq" or m.startswith("rq.") for m in _imports(name, path)))
+    assert users == ["sheepdog.dispatch"]
+
+
+def _closure(start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = MODULES[name]
+        for imported in _imports(name, path):
+            if imported in MODULES:
+                todo.append(imported)
+            # a package's parents run too (sheepdog/__init__.py for sheepdog.gemma.ops)
+        parent = name.rpartition(".")[0]
+        if parent in MODULES:
+            todo.append(parent)
+    return seen
+
+
+def test_code_run_on_hosts_needs_only_the_standard_library_numpy_and_pillow():
+    allowed_third_party = {"numpy", "PIL"}
+    steps = ["sheepdog.gemma.ops"]
+    for step in steps:
+        closure = _closure(step)
+        outside = set()
+        for name in closure:
+            for imported in _imports(name, MODULES[name]):
+                top = imported.split(".")[0]
+                if top in PACKAGES or top in sys.stdlib_module_names or top == "__future__":
+                    continue
+                if top not in allowed_third_party:
+                    outside.add(f"{name} imports {imported}")
+        assert not outside, sorted(outside)
+        assert "sheepdog.logs" not in closure and "sheepdog.store" not in closure
+
+
+def test_backends_and_workflows_are_found_without_being_named():
+    from sheepdog import workflows
+    from sheepdog.backends import registry
+
+    assert set(registry.names()) >= {"local", "shell", "slurm"}
+    assert set(workflows.names()) >= {"command", "gemma-loco", "gemma-permute"}
+    for name in registry.names():
+        assert registry.backend_class(name).name == name
+    for name in workflows.names():
+        assert workflows.get(name).name == name
