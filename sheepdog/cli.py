@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from . import embedded, logs, progress, store, workflows
+from . import embedded, keys, logs, progress, store, workflows
 from .cache import Cache
 from .clirun import conn as _conn
 from .clirun import print_json as _print_json
@@ -140,16 +140,18 @@ def cancel(job_id: str) -> None:
 @click.option("--queue", "queues", multiple=True, help="Queue(s) to serve (repeatable).")
 @click.option("--burst", is_flag=True, help="Exit once the queues are empty and idle.")
 @click.option("--concurrency", "-j", default=1, show_default=True, help="Tasks at once.")
-@click.option("--gn3-queue", is_flag=False, flag_value="GN3::job-queue", default=None,
-              help="Also serve GN3's Redis LIST queue (default name GN3::job-queue).")
+@click.option("--gn3-queue", "gn3_queues", multiple=True, is_flag=False,
+              flag_value=keys.GN3_DEFAULT_QUEUE, default=(),
+              help="Also serve GN3's Redis LIST queue NAME (default GN3::job-queue); "
+                   "repeat it for several, e.g. GN3's 'production::GN3::job-queue'.")
 @click.option("--name", default=None, help="Worker name (default host.pid.random).")
-def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queue: str | None,
+def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: tuple[str, ...],
            name: str | None) -> None:
     """Run tasks from the queues until stopped (SIGTERM/SIGINT finish current tasks)."""
     settings = _settings()
     conn = _conn(settings)
     w = Worker(conn, settings, list(queues) or [settings.queue], concurrency=concurrency,
-               name=name, burst=burst, gn3_queue=gn3_queue)
+               name=name, burst=burst, gn3_queues=list(gn3_queues))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: w.stop())
     click.echo(f"sheepdog worker {w.name} on {', '.join(w.queue_names)} "

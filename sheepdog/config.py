@@ -44,6 +44,9 @@ class Settings:
     upload_limit_mb: int = 512
     input_roots: tuple[str, ...] = ()
     inventory: str | None = None
+    gn3_max_attempts: int = 1  # GN3's commands have side effects: run once unless allowed
+    gn3_incomplete_wait: float = 30.0  # s: how long a GN3 id may wait for its hash fields
+    gn3_routes_open: bool = False  # GN3's two status routes answer without a token, as GN3's
     scratch_max_age: float = 2 * 24 * 3600.0  # s: abandoned scratch older than this is swept
 
     @property
@@ -57,8 +60,10 @@ class Settings:
         return self.home / "store"
 
 
-_INT = {"log_max_lines", "log_buffer_lines", "max_attempts", "upload_limit_mb"}
-_FLOAT = {"heartbeat_timeout", "scratch_max_age"}
+_INT = {"log_max_lines", "log_buffer_lines", "max_attempts", "upload_limit_mb",
+        "gn3_max_attempts"}
+_FLOAT = {"heartbeat_timeout", "scratch_max_age", "gn3_incomplete_wait"}
+_BOOL = {"gn3_routes_open"}
 _LIST = {"api_tokens", "cors_origins", "input_roots"}
 
 
@@ -70,6 +75,12 @@ def _convert(name: str, raw: object, source: str) -> object:
             return float(str(raw))
     except ValueError as e:
         raise ConfigError(f"{source}: {name} must be a number, got {raw!r}") from e
+    if name in _BOOL:
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return str(raw).lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{source}: {name} must be true or false, got {raw!r}")
     if name in _LIST:
         items = raw if isinstance(raw, list) else str(raw).split(",")
         return tuple(str(i).strip() for i in items if str(i).strip())

@@ -33,7 +33,9 @@ FINALIZE_WAIT = 0.02  # s: how often the others look
 
 # -- GN3's queue
 GN3_TAKE_WAIT = 1  # s: BLPOP on GN3's list
-GN3_JOB_POLL = 0.05  # s: how often a GN3 command's job is looked at
+GN3_JOB_POLL = 0.05  # s: how often running GN3 commands' jobs are looked at
+GN3_START_GRACE = 30.0  # s: a claimed GN3 command with no job after this lost its worker
+GN3_SETTLE = 0.05  # s: after `status` is queued, GN3 may still be writing `env`
 
 # -- ssh and Slurm
 SSH_KEEPALIVE = 5  # s: a dead link is noticed within a few of these

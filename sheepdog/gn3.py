@@ -1,33 +1,59 @@
-"""Serving GN3's existing job queue: a Redis LIST of ids of hashes with a `cmd` field.
+"""Serving GN3's existing job queue: Redis LISTs of ids of hashes with a `cmd` field.
 
-The hash moves through queued -> running -> success|error and gets `result` (stdout,
-or stderr on failure) and `stderr`, exactly as GN3's own worker leaves it; meanwhile the
-command runs as an ordinary sheepdog job, so its output streams live like any other.
+GN3's `queue_cmd` pushes the id first and writes the hash's fields after it (`cmd`,
+`result`, `status`, then `email` and `env`), so an id may arrive before its hash is
+complete: it waits (a short back-off) until `status` is `queued`, then a moment more
+for `env`. Taken ids are moved to a list of sheepdog's own until handled, so a worker
+that dies holding one loses nothing. Each command runs as an ordinary sheepdog job
+(live log, page), at most once by default, and its exact stdout/stderr bytes go back
+into the hash as GN3's own worker leaves them: `result`, `status`, `stderr`.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
+import logging
 import os
+import shlex
 import threading
+import time
+from dataclasses import dataclass, field
 
 import redis
 
-from . import jobs, logs, store
+from . import jobs, keys, logs, store
 from .config import Settings
-from .defaults import GN3_JOB_POLL, GN3_TAKE_WAIT
+from .defaults import GN3_JOB_POLL, GN3_SETTLE, GN3_START_GRACE, GN3_TAKE_WAIT
 from .errors import SheepdogError
 from .models import Job, JobStatus
 
+log = logging.getLogger(__name__)
 
-def _text(value: bytes | None) -> str:
-    return value.decode(errors="replace") if value is not None else ""
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def parse_command(raw: str) -> list[str]:
-    """GN3's `cmd` is JSON: a list is an argv; a string is a shell command line."""
-    cmd = json.loads(raw)
+    """GN3's `cmd`: JSON (a list is an argv, a string a shell line, as GN3's run_cmd
+    runs it); anything else that is a command line runs through the shell the same."""
+    try:
+        cmd = json.loads(raw)
+    except json.JSONDecodeError:
+        cmd = raw  # not JSON: a command line as given
+        try:
+            words = shlex.split(raw)
+        except ValueError as e:
+            raise SheepdogError(f"cmd is neither JSON nor a command line: {e}: "
+                                f"{raw[:80]!r}") from e
+        if not words or "\0" in raw:
+            raise SheepdogError(f"cmd is neither JSON nor a command line: {raw[:80]!r}") from None
     if isinstance(cmd, str):
+        if not cmd.strip():
+            raise SheepdogError("cmd is an empty command line")
         # GN3 itself runs string commands through the shell; this is the same, made explicit
         return ["/bin/sh", "-c", cmd]
     if isinstance(cmd, list) and cmd and all(isinstance(c, str | int | float) for c in cmd):
@@ -35,70 +61,243 @@ def parse_command(raw: str) -> list[str]:
     raise SheepdogError(f"cmd must be a JSON string or a non-empty list, got {raw[:80]!r}")
 
 
-def output_text(conn: redis.Redis, job_id: str, stream: str) -> str:
-    lines: list[str] = []
-    after = "0-0"
-    while batch := logs.read(conn, job_id, after=after):
-        lines += [ln.text for ln in batch if ln.stream == stream]
-        after = batch[-1].id
-    return "\n".join(lines) + ("\n" if lines else "")
-
-
 def mirror(conn: redis.Redis, cmd_id: str, job: Job) -> None:
-    """Write a finished sheepdog job back into GN3's hash, as GN3's worker would."""
-    out = output_text(conn, job.id, "stdout")
-    err = output_text(conn, job.id, "stderr")
+    """Write a finished sheepdog job back into GN3's hash, as GN3's worker would:
+    `result` is stdout on success, stderr on error (then `stderr` too), byte for byte."""
+    out = logs.raw_output(conn, job.final_task, "stdout")
+    err = logs.raw_output(conn, job.final_task, "stderr")
     if job.status == JobStatus.SUCCESS and job.exit_code == 0:
         conn.hset(cmd_id, mapping={"result": out, "status": "success"})
     else:
-        err = err or job.error
+        err = err or (job.error or f"job {job.status}").encode()
         conn.hset(cmd_id, mapping={"result": err, "stderr": err, "status": "error"})
 
 
-class Gn3Server:
-    """Takes ids off GN3's LIST and runs each as a sheepdog job."""
+@dataclass(order=True)
+class _Waiting:
+    """An id whose hash was not complete (or not settled) yet."""
 
-    def __init__(self, conn: redis.Redis, settings: Settings, queue_name: str,
-                 worker: str) -> None:
+    due: float
+    cmd_id: str = field(compare=False)
+    queue: str = field(compare=False)
+    first_seen: float = field(compare=False)
+    pause: float = field(compare=False, default=0.005)
+    queued_seen: bool = field(compare=False, default=False)
+
+
+class Gn3Server:
+    """Takes ids off GN3's LISTs and runs each as a sheepdog job."""
+
+    def __init__(self, conn: redis.Redis, settings: Settings, queue_names: list[str],
+                 worker: str, one_shot: bool = False) -> None:
         self.conn = conn
         self.settings = settings
-        self.queue_name = queue_name
+        self.queue_names = queue_names
         self.worker = worker
+        self.one_shot = one_shot
+        self.waiting: list[_Waiting] = []
+        self.handled = 0
+        self.started: set[str] = set()
 
+    # -- the loops
     def loop(self, stop: threading.Event) -> None:
-        self.resync()
+        """Take, settle and start commands until stopped, mirroring finished ones."""
+        self.conn.sadd(keys.gn3_queues_seen(), *self.queue_names)
+        self._recover()
+        mirroring = threading.Thread(target=self._mirror_loop, args=(stop,), name="gn3-mirror",
+                                     daemon=True)
+        mirroring.start()
         while not stop.is_set():
-            item = self.conn.blpop([self.queue_name], timeout=GN3_TAKE_WAIT)
-            if item:
-                self.handle(_text(item[1]), stop)
+            try:
+                self._take_round(stop)
+            except redis.RedisError as e:
+                log.warning("GN3 queue: Redis is unreachable (%s); waiting for it", e)
+                stop.wait(GN3_TAKE_WAIT)
+            if self.one_shot and not self.waiting and not self._own_running():
+                stop.set()  # one command run (or none was queued), as GN3's one-shot does
+        mirroring.join()
 
-    def resync(self) -> None:
-        """Finish the GN3 side of jobs whose waiting worker died before mirroring them."""
-        for job in store.list_jobs(self.conn, limit=500):
-            if job.gn3_id and JobStatus(job.status).final:
-                if _text(self.conn.hget(job.gn3_id, "status")) == "running":
-                    mirror(self.conn, job.gn3_id, job)
+    def _own_running(self) -> bool:
+        """Is a command this server started still running (one-shot waits for it)?"""
+        return any(self.conn.hexists(keys.gn3_jobs(), c) for c in self.started)
 
-    def handle(self, cmd_id: str, stop: threading.Event) -> None:
-        raw = self.conn.hget(cmd_id, "cmd")
-        if not raw or _text(self.conn.hget(cmd_id, "status")) != "queued":
-            return  # GN3 skips these too
-        self.conn.hset(cmd_id, "status", "running")
+    def _take_round(self, stop: threading.Event) -> None:
+        took = False
+        if self.one_shot and (self.handled or self.waiting):
+            self._settle_due()  # one command only: take no other
+            stop.wait(GN3_JOB_POLL if not self.waiting else 0.005)
+            return
+        for name in self.queue_names:
+            cmd_id = self.conn.lmove(name, keys.gn3_taken(name), "LEFT", "RIGHT")
+            if cmd_id is not None:
+                took = True
+                self._consider(_text(cmd_id), name, time.monotonic())
+                if self.one_shot:
+                    break
+        self._settle_due()
+        if took:
+            return
+        if self.waiting:
+            stop.wait(max(0.0, min(self.waiting[0].due - time.monotonic(), GN3_JOB_POLL)))
+            return
+        if self.one_shot:
+            return
+        # nothing anywhere: block on the first queue (the others are looked at each round)
+        first = self.queue_names[0]
+        cmd_id = self.conn.blmove(first, keys.gn3_taken(first), GN3_TAKE_WAIT, "LEFT", "RIGHT")
+        if cmd_id is not None:
+            self._consider(_text(cmd_id), first, time.monotonic())
+
+    def _mirror_loop(self, stop: threading.Event) -> None:
+        while not stop.wait(GN3_JOB_POLL):
+            try:
+                self.mirror_finished()
+            except redis.RedisError:
+                continue  # Redis is restarting: the next round catches up
+        self.mirror_finished()
+
+    def mirror_finished(self) -> int:
+        """Mirror every GN3 command whose job has ended (any worker may do it)."""
+        running = {_text(k): json.loads(v) for k, v in self.conn.hgetall(keys.gn3_jobs()).items()}
+        if not running:
+            return 0
+        pipe = self.conn.pipeline(transaction=False)
+        for claim in running.values():
+            pipe.hget(keys.job(claim["job"]), "status")
+        done = 0
+        now = time.time()
+        for (cmd_id, claim), status in zip(running.items(), pipe.execute(), strict=True):
+            job_id = claim["job"]
+            if not status and now - claim["at"] < GN3_START_GRACE:
+                continue  # claimed a moment ago: its job is being submitted
+            if not status:  # the worker died between claiming and submitting
+                self._fail(cmd_id, "", "sheepdog: the worker that took this command stopped "
+                                       "before starting it")
+            elif JobStatus(_text(status)).final:
+                mirror(self.conn, cmd_id, store.get_job(self.conn, job_id))
+                self.conn.hdel(keys.gn3_jobs(), cmd_id)
+            else:
+                continue
+            done += 1
+        return done
+
+    # -- one id
+    def _recover(self) -> None:
+        """Ids this or a dead worker took and never handled go round again."""
+        for name in self.queue_names:
+            for cmd_id in self.conn.lrange(keys.gn3_taken(name), 0, -1):
+                self._consider(_text(cmd_id), name, time.monotonic())
+
+    def _consider(self, cmd_id: str, queue: str, first_seen: float,
+                  earlier: _Waiting | None = None) -> None:
+        cmd, status = map(_text, self.conn.hmget(cmd_id, "cmd", "status"))
+        now = time.monotonic()
+        if status == "queued" and cmd:
+            if earlier is not None and earlier.queued_seen:
+                self._start(cmd_id, queue)
+                return
+            # `env` (and `email`) come after `status`: give them a moment
+            heapq.heappush(self.waiting, _Waiting(now + GN3_SETTLE, cmd_id, queue,
+                                                  first_seen, queued_seen=True))
+            return
+        if status and status != "queued":
+            self._done_with(cmd_id, queue)  # not waiting to run: someone else's (GN3 skips too)
+            return
+        if now - first_seen > self.settings.gn3_incomplete_wait:
+            self._fail(cmd_id, queue, f"sheepdog: the hash {cmd_id} was not complete "
+                       f"({'no cmd' if not cmd else 'no status'}) "
+                       f"{self.settings.gn3_incomplete_wait:g}s after its id was queued")
+            return
+        pause = min((earlier.pause * 2) if earlier else 0.005, 1.0)
+        heapq.heappush(self.waiting, _Waiting(now + pause, cmd_id, queue, first_seen, pause))
+
+    def _settle_due(self) -> None:
+        now = time.monotonic()
+        while self.waiting and self.waiting[0].due <= now:
+            item = heapq.heappop(self.waiting)
+            self._consider(item.cmd_id, item.queue, item.first_seen, item)
+
+    def _claim(self, cmd_id: str, job_id: str) -> bool:
+        """queued -> running, and the command -> job mapping, in one transaction."""
+
+        def txn(pipe: redis.client.Pipeline) -> bool:
+            if _text(pipe.hget(cmd_id, "status")) != "queued":
+                return False
+            pipe.multi()
+            pipe.hset(cmd_id, "status", "running")
+            pipe.hset(keys.gn3_jobs(), cmd_id, json.dumps({"job": job_id, "at": time.time()}))
+            return True
+
+        return bool(self.conn.transaction(txn, cmd_id, value_from_callable=True))
+
+    def _start(self, cmd_id: str, queue: str) -> None:
+        cmd, env_raw = map(_text, self.conn.hmget(cmd_id, "cmd", "env"))
         try:
-            argv = parse_command(_text(raw))
-            env_raw = _text(self.conn.hget(cmd_id, "env"))
+            argv = parse_command(cmd)
             env = json.loads(env_raw) if env_raw else None
+            if env is not None and not isinstance(env, dict):
+                raise SheepdogError(f"env must be a JSON object, got {env_raw[:80]!r}")
             job, tasks = jobs.command_job(
                 argv, self.settings, env={k: str(v) for k, v in (env or {}).items()},
-                clean_env=env is not None, cwd=os.getcwd(), workflow="gn3")
+                clean_env=env is not None, cwd=os.getcwd(), workflow="gn3", capture=True,
+                max_attempts=self.settings.gn3_max_attempts)
         except (SheepdogError, ValueError) as e:
-            self.conn.hset(cmd_id, mapping={"status": "error", "stderr": str(e),
-                                            "result": str(e)})
+            self._fail(cmd_id, queue, str(e))
             return
         job.gn3_id = cmd_id
-        jobs.submit(self.conn, self.settings, job, tasks)
-        while not stop.wait(GN3_JOB_POLL):
-            current = store.get_job(self.conn, job.id)
-            if JobStatus(current.status).final:
-                mirror(self.conn, cmd_id, current)
-                return
+        if self._claim(cmd_id, job.id):
+            jobs.submit(self.conn, self.settings, job, tasks)
+            self.started.add(cmd_id)
+        self._done_with(cmd_id, queue)
+
+    def _fail(self, cmd_id: str, queue: str, why: str) -> None:
+        self.conn.hset(cmd_id, mapping={"status": "error", "stderr": why, "result": why})
+        self.conn.hdel(keys.gn3_jobs(), cmd_id)
+        if queue:
+            self._done_with(cmd_id, queue)
+
+    def _done_with(self, cmd_id: str, queue: str) -> None:
+        self.conn.lrem(keys.gn3_taken(queue), 1, cmd_id)
+        self.handled += 1
+
+
+GN3_REDIS_DEFAULT = "redis://localhost:6379/0"  # what GN3's worker connects to: redis.Redis()
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """`python -m sheepdog.worker [--daemon] [--queue-name Q] [--log-level L]`: GN3's own
+    worker command line, served by sheepdog. Without --daemon it runs one command to
+    its end (GN3's one-shot mode, started after each queue_cmd); with it, serves until
+    stopped. Redis: SHEEPDOG_REDIS_URL, else GN3's default (localhost:6379)."""
+    import argparse
+    import signal
+
+    from . import config
+    from .connection import connect
+    from .worker import Worker
+
+    parser = argparse.ArgumentParser(prog="python -m sheepdog.worker",
+                                     description="Run GN3's queued commands with sheepdog.")
+    parser.add_argument("--daemon", action="store_true", help="serve until stopped")
+    parser.add_argument("--queue-name", action="append", default=None,
+                        help=f"GN3's Redis list (default {keys.GN3_DEFAULT_QUEUE}; repeatable)")
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error", "critical"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s sheepdog GN3 worker: %(levelname)s: %(message)s")
+    settings = config.load()
+    if not settings.redis_url:
+        settings = config.load(redis_url=GN3_REDIS_DEFAULT)
+    try:
+        conn = connect(settings)
+    except SheepdogError as e:
+        log.error("%s", e)
+        return e.exit_code
+    worker = Worker(conn, settings, [settings.queue], concurrency=os.cpu_count() or 1,
+                    gn3_queues=args.queue_name or [keys.GN3_DEFAULT_QUEUE])
+    worker.gn3_one_shot = not args.daemon
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    worker.run()
+    return 0

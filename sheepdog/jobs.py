@@ -30,8 +30,10 @@ def check_backend(backend: str, host: str | None) -> None:
 def command_job(argv: Sequence[str], settings: Settings, backend: str = "local",
                 host: str | None = None, queue: str | None = None, cwd: str | None = None,
                 env: dict[str, str] | None = None, clean_env: bool = False,
-                timeout: float = 0.0, workflow: str = "command") -> tuple[Job, list[Task]]:
-    """A job that runs one command once (never cached: commands have side effects)."""
+                timeout: float = 0.0, workflow: str = "command", capture: bool = False,
+                max_attempts: int | None = None) -> tuple[Job, list[Task]]:
+    """A job that runs one command once (never cached: commands have side effects);
+    `capture` keeps its exact output bytes, `max_attempts` 1 runs it at most once."""
     if not argv or not str(argv[0]).strip():
         raise ConfigError("empty command: give the program to run after '--'")
     check_backend(backend, host)
@@ -39,8 +41,9 @@ def command_job(argv: Sequence[str], settings: Settings, backend: str = "local",
     q = queue or settings.queue
     task = Task(name="command", argv=[str(a) for a in argv], cacheable=False,
                 cwd=cwd if cwd is not None else os.getcwd(), env=env or {}, clean_env=clean_env,
-                timeout=timeout, max_attempts=settings.max_attempts, backend=backend,
-                host=host or "", queue=q, nonce=job_id)
+                timeout=timeout, capture=capture,
+                max_attempts=settings.max_attempts if max_attempts is None else max_attempts,
+                backend=backend, host=host or "", queue=q, nonce=job_id)
     job = Job(id=job_id, workflow=workflow, command=[str(a) for a in argv], backend=backend,
               host=host or "", queue=q, final_task=task.id)
     return job, [task]

@@ -53,6 +53,26 @@ def task_heartbeat(task_id: str) -> str:
     return f"{PREFIX}:task:{task_id}:heartbeat"
 
 
+def task_raw(task_id: str, stream: str) -> str:
+    """STRING: the exact bytes a capturing task wrote to stdout or stderr."""
+    return f"{PREFIX}:task:{task_id}:raw:{stream}"
+
+
+def gn3_taken(queue: str) -> str:
+    """LIST: ids taken off one of GN3's queues and not yet handled (survives a crash)."""
+    return f"{PREFIX}:gn3:taken:{queue}"
+
+
+def gn3_jobs() -> str:
+    """HASH: GN3 command id -> the sheepdog job running it, until it is mirrored back."""
+    return f"{PREFIX}:gn3:jobs"
+
+
+def gn3_queues_seen() -> str:
+    """SET: GN3 queue names some worker has served."""
+    return f"{PREFIX}:gn3:queues"
+
+
 def active_tasks() -> str:
     """SET: tasks that are queued or running, for the reaper to inspect."""
     return f"{PREFIX}:tasks:active"

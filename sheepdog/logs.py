@@ -145,6 +145,50 @@ class LogWriter:
                 self._pending = []
 
 
+class RawWriter:
+    """The exact bytes a capturing piece writes (GN3 wants its commands' stdout as is),
+    appended to keys.task_raw; kept while Redis is unreachable, like LogWriter's lines."""
+
+    def __init__(self, conn: redis.Redis, task_id: str) -> None:
+        self._conn = conn
+        self._task = task_id
+        self._pending: dict[str, bytearray] = {}
+        self._lock = threading.Lock()
+        self._sending = threading.Lock()
+
+    def reset(self) -> None:
+        """A new attempt starts from nothing."""
+        self._conn.delete(keys.task_raw(self._task, "stdout"), keys.task_raw(self._task, "stderr"))
+
+    def append(self, stream: str, chunk: bytes) -> None:
+        with self._lock:
+            self._pending.setdefault(stream, bytearray()).extend(chunk)
+
+    def flush(self, strict: bool = False) -> None:
+        with self._sending:
+            with self._lock:
+                batch, self._pending = self._pending, {}
+            if not batch:
+                return
+            pipe = self._conn.pipeline(transaction=True)  # both streams or neither
+            for stream, data in batch.items():
+                pipe.append(keys.task_raw(self._task, stream), bytes(data))
+            try:
+                pipe.execute()
+            except redis.RedisError:
+                with self._lock:
+                    for stream, data in batch.items():
+                        self._pending[stream] = data + self._pending.get(stream, bytearray())
+                if strict:
+                    raise
+
+
+def raw_output(conn: redis.Redis, task_id: str, stream: str) -> bytes:
+    """What a capturing task wrote to a stream, byte for byte (b'' if nothing)."""
+    value = conn.get(keys.task_raw(task_id, stream))
+    return bytes(value) if value else b""
+
+
 def note(conn: redis.Redis, job_id: str, text: str, piece: str = "", task: str = "",
          max_lines: int = 1_000_000) -> None:
     """A line from sheepdog itself (cache hits, retries, lost workers) into a job's log."""

@@ -62,6 +62,7 @@ class Task:
     cwd: str = ""  # only for uncacheable commands: where the user asked to run it
     env: dict[str, str] = field(default_factory=dict)
     clean_env: bool = False  # env replaces the worker's environment (GN3 semantics)
+    capture: bool = False  # keep the exact stdout/stderr bytes too (GN3's result field)
     complete_when: dict[str, str] = field(default_factory=dict)  # output -> text it must hold
     environment: str = ""  # what the result depends on beyond inputs (GEMMA version...)
     timeout: float = 0.0  # seconds; 0 means none
@@ -103,6 +104,8 @@ class Task:
             "env": self.env,
             "clean_env": self.clean_env,
         }
+        if self.capture:  # only then: ids of every other task stay as they were
+            what["capture"] = True
         blob = json.dumps(what, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from .defaults import KILL_GRACE, WATCH_POLL
 
-# Receives a piece's output: (stream name, complete lines).
+# Receives a piece's output: (stream name, complete lines). A sink may also have a
+# `raw(stream, chunk)` method: then it gets the exact bytes too, before any splitting.
 OutputSink = Callable[[str, list[str]], None]
 
 CHUNK = 65536
@@ -78,8 +79,20 @@ class GuardedSink:
 
     def __init__(self, sink: OutputSink) -> None:
         self._sink = sink
+        self._raw: Callable[[str, bytes], None] | None = getattr(sink, "raw", None)
         self._lock = threading.Lock()
         self.error: BaseException | None = None
+
+    def raw(self, stream: str, chunk: bytes) -> None:
+        """The exact bytes, for a sink that keeps them (see OutputSink)."""
+        if self._raw is None or not chunk or self.error is not None:
+            return
+        try:
+            self._raw(stream, chunk)
+        except Exception as e:  # noqa: BLE001
+            with self._lock:
+                if self.error is None:
+                    self.error = e
 
     def __call__(self, stream: str, lines: list[str]) -> None:
         if not lines or self.error is not None:
@@ -116,6 +129,7 @@ class Reader(threading.Thread):
                     break
                 if not chunk:
                     break
+                self._sink.raw(self.stream, chunk)
                 self._sink(self.stream, splitter.feed(chunk))
             self._sink(self.stream, splitter.flush())
         finally:

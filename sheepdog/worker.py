@@ -51,6 +51,32 @@ class Outcome:
 RELEASED = "released"
 
 
+class PieceOutput:
+    """Where a running piece's output goes: its jobs' logs, the stderr tail quoted in
+    its error, and for a capturing piece the exact bytes (see process.OutputSink)."""
+
+    def __init__(self, writer: logs.LogWriter, raw: logs.RawWriter | None) -> None:
+        self.writer = writer
+        self.raw_writer = raw
+        self.tail: deque[str] = deque(maxlen=6)
+        if raw is not None:
+            raw.reset()
+
+    def __call__(self, stream: str, lines: list[str]) -> None:
+        if stream == "stderr":
+            self.tail.extend(lines)
+        self.writer.write(stream, lines)
+
+    def raw(self, stream: str, chunk: bytes) -> None:
+        if self.raw_writer is not None:
+            self.raw_writer.append(stream, chunk)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.raw_writer is not None:
+            self.raw_writer.flush()
+
+
 class Heartbeat:
     """Keeps a running task's heartbeat alive from its own thread, so a long blocking
     backend call (staging inputs, fetching outputs) cannot make the task look lost.
@@ -104,28 +130,26 @@ class Executor:
         jobs = store.job_ids_of_task(self.conn, task_id)
         writer = logs.LogWriter(self.conn, task.id, task.name, jobs, self.settings.log_max_lines,
                                 buffer_lines=self.settings.log_buffer_lines)
-        stderr_tail: deque[str] = deque(maxlen=6)
-
-        def sink(stream: str, lines: list[str]) -> None:
-            if stream == "stderr":
-                stderr_tail.extend(lines)
-            writer.write(stream, lines)
-
+        output = PieceOutput(writer, logs.RawWriter(self.conn, task.id) if task.capture else None)
         with Heartbeat(self.conn, task.id, self.worker, self.settings) as beat:
-            outcome = self._run(task, sink, writer, beat)
-        writer.flush()
+            outcome = self._run(task, output, beat)
+        output.flush()
         if writer.lost and outcome.error != RELEASED:
             # the run may be fine, but its log is not whole: a cacheable piece runs again,
             # a command (side effects) fails saying so
             outcome = Outcome(outcome.exit_code, writer.lost, lost=task.cacheable)
+        if outcome.error == RELEASED and not task.cacheable and task.max_attempts <= 1:
+            # run at most once (GN3's commands): stopped midway is an error, not a retry
+            outcome = Outcome(None, f"worker {self.worker} stopped while it ran; not run "
+                                    "again (it runs at most once)")
         if outcome.error == RELEASED and store.release(self.conn, task.id, self.worker):
             logs.note(self.conn, jobs[0], f"{task.name}: handed back to the queue "
                       f"(worker {self.worker} is leaving)", task=task.id) if jobs else None
             return TaskStatus.QUEUED
         if outcome.exit_code not in (0, None) and not outcome.error:
             outcome.error = f"exit code {outcome.exit_code}"
-        if outcome.error and stderr_tail and outcome.exit_code not in (None, 0):
-            outcome.error += ": " + " | ".join(stderr_tail)
+        if outcome.error and output.tail and outcome.exit_code not in (None, 0):
+            outcome.error += ": " + " | ".join(output.tail)
         status = store.finish(self.conn, task.id, self.worker, outcome.exit_code, outcome.error,
                               retryable=outcome.lost)
         if status == TaskStatus.SUCCESS:
@@ -133,15 +157,14 @@ class Executor:
                 finalize(self.conn, self.settings, jid)
         return status
 
-    def _run(self, task: Task, sink: Callable[[str, list[str]], None],
-             writer: logs.LogWriter, beat: Heartbeat) -> Outcome:
+    def _run(self, task: Task, output: PieceOutput, beat: Heartbeat) -> Outcome:
         try:
             backend = registry.open_backend(task, self.settings, self.cache)
         except SheepdogError as e:
             return Outcome(None, str(e))
         try:
-            sub = backend.submit(task, sink)
-            return self._watch(backend, sub, task, writer, beat)
+            sub = backend.submit(task, output)
+            return self._watch(backend, sub, task, output, beat)
         except SheepdogError as e:
             return Outcome(None, str(e))
         except Exception as e:  # a backend's bug fails the piece, loudly, not the worker
@@ -152,11 +175,11 @@ class Executor:
             backend.close()
 
     def _watch(self, backend: Backend, sub: Submission, task: Task,
-               writer: logs.LogWriter, beat: Heartbeat) -> Outcome:
+               output: PieceOutput, beat: Heartbeat) -> Outcome:
         """Watch a started piece to its end; whatever goes wrong while watching (a
         backend error, a bug) stops the submission, so nothing runs on unwatched."""
         try:
-            return self._watch_loop(backend, sub, task, writer, beat)
+            return self._watch_loop(backend, sub, task, output, beat)
         except BaseException:
             try:
                 backend.cancel([sub])
@@ -165,7 +188,7 @@ class Executor:
             raise
 
     def _watch_loop(self, backend: Backend, sub: Submission, task: Task,
-                    writer: logs.LogWriter, beat: Heartbeat) -> Outcome:
+                    output: PieceOutput, beat: Heartbeat) -> Outcome:
         deadline = time.monotonic() + task.timeout if task.timeout > 0 else None
         while True:
             ended: list[StatusUpdate] = list(backend.poll([sub]))
@@ -175,7 +198,7 @@ class Executor:
             if stop:
                 backend.cancel([sub])
                 return Outcome(None, stop)
-            writer.flush()  # quiet output still reaches readers within a fraction of a second
+            output.flush()  # quiet output still reaches readers within a fraction of a second
             wait = WATCH_POLL if deadline is None else min(
                 WATCH_POLL, max(0.001, deadline - time.monotonic()))
             backend.wait([sub], wait)
@@ -254,7 +277,7 @@ class Worker:
 
     def __init__(self, conn: redis.Redis, settings: Settings, queues: list[str],
                  concurrency: int = 1, name: str | None = None, burst: bool = False,
-                 until: Callable[[], bool] | None = None, gn3_queue: str | None = None,
+                 until: Callable[[], bool] | None = None, gn3_queues: list[str] | None = None,
                  register: bool = True) -> None:
         self.conn = conn
         self.settings = settings
@@ -263,7 +286,8 @@ class Worker:
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self.burst = burst
         self.until = until
-        self.gn3_queue = gn3_queue
+        self.gn3_queues = list(gn3_queues or [])
+        self.gn3_one_shot = False  # `python -m sheepdog.worker` without --daemon
         self.register = register
         self.stopping = threading.Event()
         self.leaving = threading.Event()  # set: running tasks go back to the queue
@@ -277,10 +301,11 @@ class Worker:
             return  # nothing to wait for: take no piece at all
         threads = [threading.Thread(target=self._task_loop, name=f"task-{i}", daemon=True)
                    for i in range(self.concurrency)]
-        if self.gn3_queue:
+        if self.gn3_queues:
             from .gn3 import Gn3Server
 
-            gn3 = Gn3Server(self.conn, self.settings, self.gn3_queue, self.name)
+            gn3 = Gn3Server(self.conn, self.settings, self.gn3_queues, self.name,
+                            one_shot=self.gn3_one_shot)
             threads.append(threading.Thread(target=gn3.loop, args=(self.stopping,),
                                             name="gn3", daemon=True))
         for t in threads:
@@ -395,3 +420,11 @@ def run_task(task_id: str) -> str | None:
     conn = connect(settings)
     name = f"rq.{socket.gethostname()}.{os.getpid()}"
     return Executor(conn, settings, name).execute(task_id)
+
+
+if __name__ == "__main__":  # GN3 starts its queue worker as `python -m sheepdog.worker`
+    import sys
+
+    from sheepdog.gn3 import worker_main
+
+    sys.exit(worker_main())

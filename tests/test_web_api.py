@@ -197,6 +197,9 @@ def test_gn3_endpoints_answer_in_gn3_shapes(client, conn, workers):
     legacy = client.get("/api/async_commands/state/cmd::2026-x", headers=AUTH).get_json()
     assert legacy == {"cmd": '["true"]', "status": "queued", "result": ""}
     r = client.get("/api/gemma/status/nope", headers=AUTH)
+    assert r.status_code == 500  # GN3's own answer to an unknown id
+    conforms(r.get_json(), "Gn3UnknownId")
+    r = client.get("/api/async_commands/state/cmd::nope", headers=AUTH)
     assert r.status_code == 404
     conforms(r.get_json(), "Gn3Error")
 

@@ -296,7 +296,10 @@ class SlurmBackend(Backend):
 
     def _deliver(self, sub: Submission, out: bytes, err: bytes, final: bool = False) -> None:
         """New output bytes into the job log, as they are written."""
+        raw = getattr(sub.extra["sink"], "raw", None)
         for name, stream, chunk in ((cmd.OUT_FILE, "stdout", out), (cmd.ERR_FILE, "stderr", err)):
+            if raw is not None and chunk:
+                raw(stream, chunk)
             lines = sub.extra["splitters"][name].feed(chunk)
             if final:
                 lines += sub.extra["splitters"][name].flush()
