@@ -39,6 +39,8 @@ class Settings:
     heartbeat_timeout: float = 60.0
     max_attempts: int = 3
     queue: str = "default"
+    backend: str = "local"  # where pieces run when a command does not say (gemma-wrapper's)
+    host: str = ""  # the host for that backend
     api_tokens: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
     upload_limit_mb: int = 512

@@ -47,8 +47,9 @@ def test_the_wheel_carries_the_guix_files_and_the_example(installed):
 
 def test_the_installed_command_checks_a_host_and_runs_the_bxd_loco(installed, env, tmp_path):
     _, venv, work = installed
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # only what the venv has
     where = subprocess.run([str(venv / "bin" / "python"), "-c",
-                            "import sheepdog; print(sheepdog.__file__)"], cwd=work,
+                            "import sheepdog; print(sheepdog.__file__)"], cwd=work, env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(str(venv)), where  # not the source tree's
     host = sshd.start(tmp_path / "testhost", free_port(), channels=CHANNELS)

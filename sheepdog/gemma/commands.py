@@ -62,8 +62,40 @@ def _probe(path: str) -> str:
     return found.group(1)
 
 
+# GEMMA flags that would break the split, each with what to do instead
+REFUSED_FLAGS = {
+    "-loco": "sheepdog splits the scan by chromosome itself",
+    "-o": "sheepdog names the outputs (use --out for the merged result)",
+    "-outdir": "sheepdog names the outputs (use --out for the merged result)",
+    "-k": "sheepdog computes each chromosome's LOCO kinship",
+    "-gk": "sheepdog computes the kinship pieces",
+    "-ks": "sheepdog computes the kinship pieces",
+    "-g": "give the genotypes as -g", "-p": "give the phenotypes as -p",
+    "-a": "give the annotation as -a", "-c": "give the covariates as -c",
+    "-n": "give the phenotype column as -n", "-lmm": "use --lmm", "-maf": "use --maf",
+    "-bfile": "PLINK input is not supported: use BIMBAM (or GN .geno / R/qtl2)",
+    "-eigen": "the eigen decomposition is per LOCO kinship, inside each piece",
+    "-d": "the eigen decomposition is per LOCO kinship, inside each piece",
+    "-u": "the eigen decomposition is per LOCO kinship, inside each piece",
+    "-predict": "prediction is not a LOCO scan", "-bslmm": "BSLMM is not a LOCO scan",
+    "-vc": "variance components are not a LOCO scan", "-gxe": "GxE is not supported yet",
+}
+
+
+def check_gemma_flags(flags: list[str]) -> list[str]:
+    """Extra GEMMA flags for the LMM pieces; ConfigError names one that would break the
+    split and says what to do instead."""
+    for word in flags:
+        if not isinstance(word, str) or "\0" in word or "\n" in word:
+            raise ConfigError(f"GEMMA flag {word!r} is not a plain word")
+        if word in REFUSED_FLAGS:
+            raise ConfigError(f"GEMMA flag {word} is not allowed here: {REFUSED_FLAGS[word]}")
+    return list(flags)
+
+
 def lmm_argv(geno: Any, pheno: Any, anno: Any, kinship: Any, lmm: int, maf: float | None,
-             covariates: Any = None, column: int | None = None) -> list[Any]:
+             covariates: Any = None, column: int | None = None,
+             extra: list[str] | None = None) -> list[Any]:
     """The LMM of one chromosome's SNPs against its LOCO kinship."""
     argv: list[Any] = ["gemma", "-g", geno, "-p", pheno, "-a", anno, "-k", kinship,
                        "-lmm", str(lmm)]
@@ -73,7 +105,7 @@ def lmm_argv(geno: Any, pheno: Any, anno: Any, kinship: Any, lmm: int, maf: floa
         argv += ["-c", covariates]
     if column is not None:
         argv += ["-n", str(column)]
-    return argv + ["-outdir", "output", "-o", "lmm"]
+    return argv + list(extra or []) + ["-outdir", "output", "-o", "lmm"]
 
 
 _LOG_FIELDS = {

@@ -113,15 +113,21 @@ def hit(header: list[str], cols: list[str], pcol: int) -> dict[str, Any]:
             "minus_log10_p": -math.log10(p) if p > 0 else math.inf}
 
 
-def read_min_p(assoc: Path) -> tuple[float, str, str]:
-    """(smallest p, its chromosome, its SNP) of one assoc file."""
+def read_min_p(assoc: Path, rule: str = "sheepdog") -> tuple[float, str, str]:
+    """(smallest p, its chromosome, its SNP) of one assoc file.
+
+    rule "sheepdog": the mode's p column, every value (a p that underflowed to 0 is the
+    strongest signal); "gemma-wrapper": the last column, only p > 0, as gemma-wrapper
+    takes its permutation minima.
+    """
     with open(assoc) as f:
         header = f.readline().rstrip("\n").split("\t")
-        pcol = header.index(p_column(header))
+        wrapper = rule == "gemma-wrapper"
+        pcol = len(header) - 1 if wrapper else header.index(p_column(header))
         best = (math.inf, "", "")
         for line in f:
             cols = line.rstrip("\n").split("\t")
             p = float(cols[pcol])
-            if p < best[0]:
+            if p < best[0] and (p > 0 or not wrapper):
                 best = (p, cols[0], cols[1])
     return best

@@ -151,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("--seed", "--first", "--count", "--total", "--lmm"):
         batch.add_argument(name, type=int, required=True)
     batch.add_argument("--maf", type=float)
+    batch.add_argument("--min-rule", default="sheepdog")
+    batch.add_argument("--gemma-flags", default="[]", help="JSON list of more GEMMA flags")
     sub.add_parser("perm-gather").add_argument("items", nargs="+")
     return parser
 
@@ -190,7 +192,8 @@ def main(argv: list[str] | None = None, workdir: Path | None = None, emit: Emit 
             perm_prepare(args, here, emit)
         elif args.op == "perm-batch":
             permute.run_batch(Path(args.prepared), args.seed, args.first, args.count,
-                              args.total, args.lmm, args.maf, here, emit, stop)
+                              args.total, args.lmm, args.maf, here, emit, stop,
+                              args.min_rule, json.loads(args.gemma_flags))
         else:
             perm_gather(args.items, here, emit)
     except (SheepdogError, OSError, ValueError, KeyError) as e:

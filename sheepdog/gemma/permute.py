@@ -101,8 +101,12 @@ def prepare(pheno: list[str], covariates: list[list[str]] | None,
     (out / "meta.json").write_text(json.dumps(meta))
 
 
+MIN_RULES = ("sheepdog", "gemma-wrapper")
+
+
 def run_permutation(prepared: Path, values: list[str], lmm: int, maf: float | None,
-                    work: Path) -> dict[str, Any]:
+                    work: Path, min_rule: str = "sheepdog",
+                    extra: list[str] | None = None) -> dict[str, Any]:
     """GEMMA on every chromosome for one permuted phenotype; its genome-wide minimum."""
     meta = json.loads((prepared / "meta.json").read_text())
     pheno = work / "pheno.txt"
@@ -113,13 +117,13 @@ def run_permutation(prepared: Path, values: list[str], lmm: int, maf: float | No
     for chrom in meta["chromosomes"]:
         argv = lmm_argv(str(prepared / f"geno.{chrom}.txt"), str(pheno),
                         str(prepared / f"anno.{chrom}.txt"), str(prepared / f"kin.{chrom}.txt"),
-                        lmm, maf, covariates=str(cov) if cov else None)
+                        lmm, maf, covariates=str(cov) if cov else None, extra=extra)
         done = subprocess.run(argv, cwd=work, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, errors="replace")
         if done.returncode != 0:
             raise SheepdogError(f"GEMMA failed on chromosome {chrom} (exit "
                                 f"{done.returncode}): {done.stderr.strip()[-500:]}")
-        found = read_min_p(work / "output" / "lmm.assoc.txt")
+        found = read_min_p(work / "output" / "lmm.assoc.txt", min_rule)
         if found[0] < best[0]:
             best = found
     return {"min_p": best[0], "chr": best[1], "rs": best[2]}
@@ -127,7 +131,8 @@ def run_permutation(prepared: Path, values: list[str], lmm: int, maf: float | No
 
 def run_batch(prepared: Path, seed: int, first: int, count: int, total: int, lmm: int,
               maf: float | None, out: Path, emit: Callable[[str], None] = print,
-              stop: threading.Event | None = None) -> None:
+              stop: threading.Event | None = None, min_rule: str = "sheepdog",
+              extra: list[str] | None = None) -> None:
     """Permutations first..first+count-1; says progress i/N; writes batch.json."""
     values = (prepared / "pheno.txt").read_text().split()
     results = []
@@ -136,7 +141,7 @@ def run_batch(prepared: Path, seed: int, first: int, count: int, total: int, lmm
             if stop is not None and stop.is_set():
                 raise SheepdogError("cancelled")
             found = run_permutation(prepared, permuted(values, seed, index), lmm, maf,
-                                    Path(tmp))
+                                    Path(tmp), min_rule, extra)
             found["index"] = index
             results.append(found)
             emit(f"permutation {index + 1}/{total}: min p {found['min_p']:.4g} "

@@ -23,8 +23,12 @@ from .workflows import GemmaRequest, build_job
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bxd"
 ROLES = ("geno", "pheno", "anno", "covariates")
 REQUIRED = ("geno", "pheno", "anno")
-PARAMS = {"lmm": int, "maf": float, "column": int, "permutations": int, "seed": int,
-          "batch_size": int, "force": bool}
+PARAMS: dict[str, type] = {"lmm": int, "maf": float, "column": int, "permutations": int,
+                           "seed": int, "batch_size": int, "force": bool, "gemma_flags": list,
+                           "min_rule": str}
+_SCHEMA_TYPES = {int: {"type": "integer"}, float: {"type": "number"},
+                 bool: {"type": "boolean"}, str: {"type": "string"},
+                 list: {"type": "array", "items": {"type": "string"}}}
 SCAN_FILES = {"assoc.txt": "text/plain", "manhattan.png": "image/png",
               "manhattan.svg": "image/svg+xml", "summary.json": "application/json"}
 
@@ -41,12 +45,16 @@ def gemma_inputs(fn: Any) -> Any:
                      help="Covariates file (first column the intercept)."),
         click.option("-n", "column", type=int, default=None, help="Phenotype column (1-based)."),
         click.option("--lmm", type=int, default=9, show_default=True, help="GEMMA -lmm mode."),
-        click.option("--maf", type=float, default=0.1, show_default=True, help="GEMMA -maf."),
+        click.option("--maf", type=float, default=0.01, show_default=True,
+                     help="GEMMA -maf (GEMMA's own default, as GN passes it)."),
         click.option("--example", is_flag=True,
                      help="Use the bundled BXD example for -g/-p/-a (and -c if not given)."),
         click.option("--out", "out_dir", type=click.Path(), default="",
                      help="Directory for assoc.txt, result.json and the Manhattan plot."),
         click.option("--force", is_flag=True, help="Recompute instead of using the cache."),
+        click.option("--lmdb", default="", metavar="FILE",
+                     help="Also write the merged scan as gemma2lmdb's LMDB file."),
+        click.argument("gemma_flags", nargs=-1, type=click.UNPROCESSED),
     ]):
         fn = opt(fn)
     return fn
@@ -63,6 +71,7 @@ def _request(kw: dict[str, Any]) -> GemmaRequest:
         raise click.UsageError(f"missing {', '.join(missing)} (or use --example)")
     kw["host"] = kw.get("host") or ""
     kw["queue"] = kw.get("queue") or ""
+    kw["gemma_flags"] = list(kw.get("gemma_flags") or [])
     return GemmaRequest(**kw)
 
 
@@ -114,14 +123,24 @@ def _params(raw: Any) -> dict[str, Any]:
         kind = PARAMS.get(key)
         if kind is None:
             raise FieldError(f"params.{key}", f"unknown parameter; known: {', '.join(PARAMS)}")
-        ok = isinstance(value, bool) if kind is bool else (
-            isinstance(value, int | float) and not isinstance(value, bool)
-            and (kind is float or float(value).is_integer()))
-        if not ok and value is not None:
-            raise FieldError(f"params.{key}",
-                             f"must be {'true/false' if kind is bool else kind.__name__}")
+        if value is not None and not _is_kind(value, kind):
+            raise FieldError(f"params.{key}", f"must be {_KIND_WORDS.get(kind, kind.__name__)}")
         out[key] = kind(value) if value is not None else None
     return out
+
+
+_KIND_WORDS = {bool: "true/false", list: "a list of strings", str: "a string"}
+
+
+def _is_kind(value: Any, kind: type) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind is str:
+        return isinstance(value, str)
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and (kind is float or float(value).is_integer()))
 
 
 class GemmaWorkflow(Workflow):
@@ -150,14 +169,18 @@ class GemmaWorkflow(Workflow):
                              help="Makes the permutations reproducible."),
                 click.option("--batch-size", type=int, default=25, show_default=True,
                              help="Permutations per piece."),
+                click.option("--min-rule", type=click.Choice(["sheepdog", "gemma-wrapper"]),
+                             default="sheepdog", show_default=True,
+                             help="Each permutation's minimum: over every p (sheepdog), or "
+                                  "the last column's p > 0 (gemma-wrapper)."),
             ]):
                 command = opt(command)
         return click.command(self.name, help=self.summary)(command)
 
     def schema(self) -> dict[str, Any]:
-        params = {k: {"type": {int: "integer", float: "number", bool: "boolean"}[t]}
-                  for k, t in PARAMS.items() if self.permutations or k not in (
-                      "permutations", "seed", "batch_size")}
+        params = {k: _SCHEMA_TYPES[t] for k, t in PARAMS.items()
+                  if self.permutations or k not in ("permutations", "seed", "batch_size",
+                                                    "min_rule")}
         return {"type": "object", "required": ["workflow"], "properties": {
             "workflow": {"const": self.name},
             "inputs": {"type": "object", "description": "file names of uploads or bundle "

@@ -18,7 +18,7 @@ from ..config import Settings
 from ..models import Job, Task
 
 
-def _piece_files(tasks: list[Task], local: Cache) -> list[list[str]]:
+def piece_files(tasks: list[Task], local: Cache) -> list[list[str]]:
     """[chromosome, log, assoc] per LMM piece, like gemma-wrapper's `files`."""
     files = []
     for t in tasks:
@@ -51,7 +51,7 @@ def describe(conn: redis.Redis, settings: Settings, job: Job) -> dict[str, Any]:
         "gemma_command": next((t.argv for t in tasks if t.name.startswith("lmm chr")), []),
         "inputs": job.params["inputs"],
         "options": job.params["options"],
-        "files": _piece_files(tasks, local),
+        "files": piece_files(tasks, local),
         "counts": {"individuals": job.params["individuals"],
                    "analysed_individuals": int(facts.get("individuals") or 0),
                    "snps": job.params["snps"], "analysed_snps": summary["snps"],
@@ -104,14 +104,29 @@ def _with_thresholds(assoc: Path, out_dir: Path, perm: dict[str, Any]) -> None:
               thresholds={"significant": perm["significant"], "suggestive": perm["suggestive"]})
 
 
+def write_lmdb(conn: redis.Redis, settings: Settings, job: Job, db: Path) -> dict[str, Any]:
+    """The merged scan as gemma2lmdb's LMDB (see lmdbout), the pieces' GEMMA logs in it."""
+    from . import lmdbout
+
+    local = Cache(settings.cache_dir)
+    logs = {}
+    for chrom, log, _assoc in piece_files(store.job_tasks(conn, job.id), local):
+        logs[f"chr {chrom}"] = Path(log).read_text(errors="replace")
+    return lmdbout.write(local.task_dir(job.params["scan_task"]) / "assoc.txt", db, logs)
+
+
 def finalize(conn: redis.Redis, settings: Settings, job: Job) -> None:
     """Record the compact result on the job, and export to its --out directory if any."""
     if job.out_dir:
         result = export(conn, settings, job, Path(job.out_dir))
     else:
         result = describe(conn, settings, job)
+    if job.params.get("lmdb"):
+        meta = write_lmdb(conn, settings, job, Path(job.params["lmdb"]))
+        result["lmdb"] = {"path": job.params["lmdb"], "hits": len(meta["hits"])}
     compact: dict[str, Any] = {k: result[k] for k in ("cache_hit", "counts", "top_hits",
-                                                      "p_column", "gemma_version") if k in result}
+                                                      "p_column", "gemma_version", "lmdb")
+                               if k in result}
     if "permutations" in result:
         compact["permutations"] = result["permutations"]
     store.set_job_fields(conn, job.id, result=compact)

@@ -26,7 +26,8 @@ from ..errors import ConfigError, InputError
 from ..jobs import check_backend, new_job_id
 from ..models import Job, Task
 from . import bimbam
-from .commands import COMPLETE, GEMMA_ENV, LMM_MODES, lmm_argv, version
+from .commands import COMPLETE, GEMMA_ENV, LMM_MODES, check_gemma_flags, lmm_argv, version
+from .permute import MIN_RULES
 
 OPS = ["-m", "sheepdog.gemma.ops"]
 
@@ -41,7 +42,7 @@ class GemmaRequest:
     covariates: Path | None = None
     column: int | None = None
     lmm: int = 9
-    maf: float | None = 0.1
+    maf: float | None = 0.01  # GEMMA's own default, as GN passes it
     permutations: int = 0
     seed: int | None = None
     batch_size: int = 25
@@ -50,6 +51,9 @@ class GemmaRequest:
     queue: str = ""
     out_dir: str = ""
     force: bool = False
+    gemma_flags: list[str] = field(default_factory=list)  # more GEMMA flags for the LMMs
+    min_rule: str = "sheepdog"  # permutation minimum: every p, or gemma-wrapper's p > 0
+    lmdb: str = ""  # also write the merged scan as gemma2lmdb's LMDB here
 
     def check(self) -> None:
         if self.lmm not in LMM_MODES:
@@ -60,6 +64,10 @@ class GemmaRequest:
             raise ConfigError(f"-n must be 1 or more, got {self.column}")
         if self.permutations < 0 or self.batch_size < 1:
             raise ConfigError("--permutations must be >= 0 and --batch-size >= 1")
+        if self.min_rule not in MIN_RULES:
+            raise ConfigError(f"--min-rule must be one of {', '.join(MIN_RULES)}, "
+                              f"got {self.min_rule!r}")
+        self.gemma_flags = check_gemma_flags(self.gemma_flags)
         check_backend(self.backend, self.host)
 
 
@@ -186,7 +194,7 @@ def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
         gemma = lmm_argv({"input": "geno"}, {"input": "pheno"}, {"input": "anno"}, "@loco",
                          request.lmm, request.maf,
                          {"input": "covariates"} if "covariates" in inputs else None,
-                         request.column)
+                         request.column, request.gemma_flags)
         argv = [{"python": True}, *OPS, "loco-lmm", "--chromosome", chrom, "--", *gemma, "--",
                 *kinship_dirs]
         lmms.append(_gemma_task(f"lmm chr {chrom}", argv, inputs,
@@ -231,6 +239,10 @@ def permutation_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
                             "--total", str(total), "--lmm", str(request.lmm)]
         if request.maf is not None:
             bargv += ["--maf", repr(request.maf)]
+        if request.min_rule != "sheepdog":  # only then: default pieces keep their ids
+            bargv += ["--min-rule", request.min_rule]
+        if request.gemma_flags:
+            bargv += ["--gemma-flags", json.dumps(request.gemma_flags)]
         batches.append(_gemma_task(f"permutations {first + 1}-{first + count}", bargv, {},
                                    [prepare_task.id], ["batch.json"], env, request, settings))
     gather_argv: list[Any] = [{"python": True}, *OPS, "perm-gather"]
@@ -261,10 +273,13 @@ def build_job(request: GemmaRequest, settings: Settings, store: Cache,
         "inputs": {role: {"path": str(getattr(request, role)), "sha256": sha}
                    for role, sha in prep.hashes.items()},
         "options": {"lmm": request.lmm, "maf": request.maf, "column": request.column,
+                    "gemma_flags": request.gemma_flags, "min_rule": request.min_rule,
                     "covariates": request.covariates is not None},
         "gemma_version": gemma_version, "individuals": prep.individuals, "snps": prep.snps,
         "chromosomes": prep.order, "scan_task": gather.id,
     }
+    if request.lmdb:
+        params["lmdb"] = str(Path(request.lmdb).resolve())
     if request.permutations:
         params.update(permutations=request.permutations, seed=seed,
                       batch_size=request.batch_size, permutation_task=final.id)

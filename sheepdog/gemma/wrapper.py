@@ -1,0 +1,326 @@
+"""`sheepdog-gemma-wrapper`: gemma-wrapper's command line and JSON record, computed by
+sheepdog's pieces, cache and backends — so GN2's gemma-wrapper setting can point here.
+
+    sheepdog-gemma-wrapper --json --loco 1,2,...,X -- -g G -p P -a A -gk > K.json
+    sheepdog-gemma-wrapper --json --loco --input K.json -- -g G -p P -a A -lmm 9 -maf M
+
+The first call computes the kinship pieces and writes a K record; the second runs the
+LOCO scan against them and writes a GWA record whose `files` are [chromosome, GEMMA
+log, assoc] per chromosome in genome order, as GN2's `parse_loco_output` reads them.
+Progress goes to stderr; only the JSON record goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from .. import jobs, store
+from ..cache import Cache
+from ..config import Settings, load
+from ..connection import connect
+from ..errors import ConfigError, SheepdogError
+from ..finalize import finalize
+from ..models import Job, JobStatus
+from ..runner import follow_job
+from . import result
+from .commands import check_gemma_flags, version
+from .workflows import GemmaRequest, build_job, new_job_id, prepare, scan_tasks
+
+# gemma-wrapper flags that would make a different run here, and why
+UNSUPPORTED = {
+    "--slurm": "sheepdog sends pieces to Slurm itself: set SHEEPDOG_BACKEND=slurm",
+    "--dry-run": "sheepdog-gemma-wrapper always runs",
+}
+# in the kinship call only GEMMA flags that do not change -gk's result may come along
+KINSHIP_HARMLESS = {"-debug", "-no-check", "-silence", "-gk"}
+VALUED = {"-g", "-p", "-a", "-c", "-n", "-lmm", "-maf"}
+
+
+class WrapperError(SheepdogError):
+    """A command line gemma-wrapper would take but sheepdog cannot run as asked."""
+
+
+@dataclass
+class GemmaArgs:
+    """What came after `--`: the inputs and options sheepdog knows, the rest passed on."""
+
+    values: dict[str, str] = field(default_factory=dict)
+    kinship: bool = False
+    extra: list[str] = field(default_factory=list)
+
+
+def parse_gemma(args: list[str]) -> GemmaArgs:
+    parsed = GemmaArgs()
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word in VALUED:
+            if i + 1 >= len(args):
+                raise WrapperError(f"GEMMA flag {word} needs a value")
+            parsed.values[word] = args[i + 1]
+            i += 2
+            continue
+        if word == "-gk":
+            parsed.kinship = True
+            if i + 1 < len(args) and args[i + 1].isdigit():
+                if args[i + 1] not in ("0", "1"):
+                    raise WrapperError(f"-gk {args[i + 1]}: sheepdog computes GEMMA's "
+                                       "centered kinship (-gk 1) only")
+                i += 1
+            i += 1
+            continue
+        parsed.extra.append(word)
+        i += 1
+    return parsed
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, GemmaArgs]:
+    """gemma-wrapper's options before `--`, GEMMA's after it."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    mine, gemma = argv[:cut], argv[cut + 1:]
+    for word in mine:
+        flag = word.split("=", 1)[0]
+        if flag in UNSUPPORTED:
+            raise WrapperError(f"{flag} is not supported: {UNSUPPORTED[flag]}")
+    p = argparse.ArgumentParser(prog="sheepdog-gemma-wrapper", add_help=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--loco", nargs="?", const="", default=None)
+    p.add_argument("--input")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--permutate", type=int, default=0)
+    p.add_argument("--phenotypes", "--permute-phenotypes", dest="phenotypes")
+    p.add_argument("--lmdb", nargs="?", const="", default=None)
+    p.add_argument("--parallel", action="store_true")  # sheepdog runs pieces in parallel anyway
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-d", "--debug", action="store_true")
+    p.add_argument("--q", "--quiet", dest="quiet", action="store_true")
+    options, unknown = p.parse_known_args(mine)
+    if unknown:
+        raise WrapperError(f"gemma-wrapper option {unknown[0]} is not supported by "
+                           "sheepdog-gemma-wrapper")
+    if not gemma:
+        raise WrapperError("give GEMMA's arguments after '--'")
+    return options, parse_gemma(gemma)
+
+
+def _path(gemma: GemmaArgs, flag: str, role: str) -> Path:
+    if flag not in gemma.values:
+        raise WrapperError(f"GEMMA's {flag} ({role} file) is needed")
+    return Path(gemma.values[flag])
+
+
+def _request(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings,
+             warnings: list[str]) -> GemmaRequest:
+    values = gemma.values
+    pheno = Path(options.phenotypes) if options.permutate else _path(gemma, "-p", "phenotype")
+    if options.permutate and not options.phenotypes:
+        raise WrapperError("--permutate needs --phenotypes FILE (the phenotypes to shuffle)")
+    if "-lmm" not in values and not gemma.kinship:
+        warnings.append("no -lmm given: running -lmm 9")
+    try:
+        request = GemmaRequest(
+            geno=_path(gemma, "-g", "genotype"), pheno=pheno,
+            anno=_path(gemma, "-a", "annotation"),
+            covariates=Path(values["-c"]) if "-c" in values else None,
+            column=int(values["-n"]) if "-n" in values else None,
+            lmm=int(values.get("-lmm", 9)),
+            maf=float(values["-maf"]) if "-maf" in values else 0.01,
+            permutations=options.permutate, force=options.force,
+            backend=settings.backend, host=settings.host,
+            gemma_flags=check_gemma_flags(gemma.extra))
+    except ValueError as e:
+        raise WrapperError(f"a GEMMA value is not a number: {e}") from e
+    return request
+
+
+def _wait(conn: Any, settings: Settings, job: Job, err: IO[str], quiet: bool) -> Job:
+    """Follow the job to its end, its lines on stderr (stdout is the record's)."""
+    for line in follow_job(conn, settings, job.id, job.queue):
+        if not quiet or line.stream == "stderr":
+            err.write(f"[{line.piece or 'sheepdog'}] {line.text}\n")
+    err.flush()
+    return store.get_job(conn, job.id)
+
+
+def _check_ended(job: Job) -> None:
+    if job.status != JobStatus.SUCCESS:
+        raise WrapperError(f"job {job.id} {job.status}: {job.error or 'see its log'}",)
+
+
+def kinship_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings,
+                 cache: Cache, err: IO[str]) -> dict[str, Any]:
+    """`-gk`: the kinship pieces, per chromosome with --loco; a K record."""
+    if options.loco is None:
+        raise WrapperError("sheepdog-gemma-wrapper computes LOCO kinships: add --loco "
+                           "(a full-genome K without --loco is not supported)")
+    for word in gemma.extra:
+        if word.startswith("-") and word not in KINSHIP_HARMLESS:
+            raise WrapperError(f"GEMMA flag {word} in the kinship call would change -gk's "
+                               "result, which sheepdog computes itself")
+    warnings: list[str] = []
+    gemma.extra = [w for w in gemma.extra if w in KINSHIP_HARMLESS]
+    request = _request(options, gemma, settings, warnings)
+    prep = prepare(request, cache)
+    wanted = [c for c in options.loco.split(",") if c] or prep.order
+    unknown = [c for c in wanted if c not in prep.chromosomes]
+    if unknown:
+        raise WrapperError(f"--loco names chromosome {unknown[0]!r}, which is not in "
+                           f"{request.anno}")
+    gemma_version = version(cache_dir=cache.root / "versions")
+    env = f"gemma {gemma_version}; sheepdog {_version()}; guix none"
+    kinships, _, _, _ = scan_tasks(prep, request, settings, env)
+    job = Job(id=new_job_id(), workflow="gemma-kinship", backend=request.backend,
+              host=request.host, queue=settings.queue, final_task=kinships[-1].id,
+              params={"chromosomes": prep.order})
+    conn = connect(settings)
+    if options.force:
+        store.forget(conn, [t.id for t in kinships], cache.remove)
+    jobs.submit(conn, settings, job, kinships)
+    job = _wait(conn, settings, job, err, options.quiet)
+    _check_ended(job)
+    by_chrom = dict(zip(prep.order, kinships, strict=True))
+    files = [[c, str(cache.task_dir(by_chrom[c].id) / "kinship.json"),
+              str(cache.task_dir(by_chrom[c].id) / "kinship.npy")] for c in wanted]
+    return {"type": "K", "files": files, "cache_hit": job.cached == job.total,
+            "gemma_command": f"gemma -g {request.geno} -p {request.pheno} -a {request.anno} "
+                             f"-gk 1 -loco {wanted[-1]}",
+            "gemma_version": gemma_version, "warnings": warnings,
+            "sheepdog": {"job": job.id, "geno": prep.hashes["geno"],
+                         "anno": prep.hashes["anno"],
+                         "kinship": {c: by_chrom[c].id for c in wanted},
+                         "note": "kinship pieces (GEMMA's -gk 1 per chromosome); each LMM "
+                                 "piece forms its LOCO kinship from them"}}
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _read_k(path: str | None) -> dict[str, Any]:
+    if not path:
+        raise WrapperError("the LMM call needs --input K.json (from the -gk call)")
+    try:
+        k = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise WrapperError(f"--input {path}: cannot read a K record: {e}") from e
+    if not isinstance(k, dict) or k.get("type") != "K":
+        raise WrapperError(f"JSON problem, file {path} is not -gk derived")
+    if any(rec[0] is None for rec in k.get("files", [])):
+        raise WrapperError(f"{path} holds a full-genome K: sheepdog-gemma-wrapper runs LOCO "
+                           "scans only")
+    return k
+
+
+def _publish(src: Path, dst: Path) -> None:
+    """Copy into gemma-wrapper's cache directory, whole or not at all."""
+    if dst.exists():
+        return
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def gwa_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings, cache: Cache,
+             err: IO[str]) -> dict[str, Any]:
+    """The LOCO LMMs against the K record's kinship pieces; a GWA record."""
+    k = _read_k(options.input)
+    warnings: list[str] = []
+    request = _request(options, gemma, settings, warnings)
+    job, tasks = build_job(request, settings, cache)
+    ours = job.params["inputs"]
+    if k.get("sheepdog", {}).get("geno") not in (None, ours["geno"]["sha256"]):
+        raise WrapperError(f"--input {options.input} was computed from other genotypes "
+                           f"than {request.geno}")
+    wanted = [rec[0] for rec in k["files"]]
+    missing = [c for c in wanted if c not in job.params["chromosomes"]]
+    if missing:
+        raise WrapperError(f"{options.input} names chromosome {missing[0]!r}, which is not in "
+                           f"{request.anno}")
+    conn = connect(settings)
+    if request.force:
+        store.forget(conn, [t.id for t in tasks], cache.remove)
+    jobs.submit(conn, settings, job, tasks)
+    job = _wait(conn, settings, job, err, options.quiet)
+    _check_ended(job)
+    finalize(conn, settings, job.id)
+    job = store.get_job(conn, job.id)
+    out_dir = Path(options.cache_dir or tempfile.gettempdir())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = job.params["scan_task"][:40]
+    files = []
+    by_chrom = {c: (Path(log), Path(assoc)) for c, log, assoc in
+                result.piece_files(store.job_tasks(conn, job.id), cache)}
+    for chrom in [c for c in job.params["chromosomes"] if c in wanted]:
+        log, assoc = by_chrom[chrom]
+        dst_log = out_dir / f"{stem}.{chrom}.log.txt"
+        dst_assoc = out_dir / f"{stem}.{chrom}.assoc.txt"
+        _publish(log, dst_log)
+        _publish(assoc, dst_assoc)
+        files.append([chrom, str(dst_log), str(dst_assoc)])
+    described = result.describe(conn, settings, job)
+    record: dict[str, Any] = {
+        "type": "GWA", "files": files, "cache_hit": job.cached == job.total,
+        "gemma_command": _gemma_command(request, described), "warnings": warnings,
+        "gemma_version": described["gemma_version"],
+        "sheepdog": {"job": job.id, "assoc": str(cache.task_dir(job.params["scan_task"])
+                                                 / "assoc.txt"),
+                     "top_hits": described["top_hits"]}}
+    if "permutations" in described:
+        record["permutations"] = described["permutations"]
+    if options.lmdb is not None:
+        db = Path(options.lmdb) if options.lmdb else out_dir / f"{stem}.mdb"
+        meta = result.write_lmdb(conn, settings, job, db)
+        record["lmdb"] = str(db)
+        record["lmdb_hits"] = len(meta["hits"])
+    return record
+
+
+def _gemma_command(request: GemmaRequest, described: dict[str, Any]) -> str:
+    """The GEMMA command each LMM piece ran (its LOCO kinship formed just before)."""
+    words = ["gemma", "-g", str(request.geno), "-p", str(request.pheno), "-a",
+             str(request.anno), "-k", "loco.txt", "-lmm", str(request.lmm)]
+    if request.maf is not None:
+        words += ["-maf", repr(request.maf)]
+    if request.covariates:
+        words += ["-c", str(request.covariates)]
+    if request.column:
+        words += ["-n", str(request.column)]
+    return " ".join([*words, *request.gemma_flags, "-loco", "<chromosome>"])
+
+
+def run(argv: list[str], out: IO[str], err: IO[str]) -> int:
+    record: dict[str, Any] = {"warnings": [], "errno": 0, "debug": []}
+    as_json = "--json" in argv[:argv.index("--")] if "--" in argv else "--json" in argv
+    try:
+        options, gemma = parse(argv)
+        settings = load()
+        cache = Cache(settings.cache_dir)
+        step = kinship_step if gemma.kinship else gwa_step
+        found = step(options, gemma, settings, cache, err)
+        record.update(found, warnings=record["warnings"] + found.get("warnings", []))
+    except (SheepdogError, ConfigError, OSError) as e:
+        record["errno"] = getattr(e, "exit_code", 1) or 1
+        record["error"] = str(e)
+        err.write(f"sheepdog-gemma-wrapper: {e}\n")
+    if as_json:
+        out.write(json.dumps(record) + "\n")
+    elif not record["errno"]:
+        for chrom, log, data in record.get("files", []):
+            out.write(f"{chrom}\t{log}\t{data}\n")
+    out.flush()
+    return int(record["errno"])
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:], sys.stdout, sys.stderr))
