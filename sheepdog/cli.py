@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from .clirun import conn as _conn
 from .clirun import print_json as _print_json
 from .clirun import print_line
 from .clirun import settings as _settings
-from .connection import url_for
+from .connection import connect_waiting, url_for
 from .defaults import WORKER_STOP_WAIT
 from .errors import SheepdogError
 from .logs import LogLine
@@ -149,9 +151,16 @@ def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: t
            name: str | None) -> None:
     """Run tasks from the queues until stopped (SIGTERM/SIGINT finish current tasks)."""
     settings = _settings()
-    conn = _conn(settings)
+    conn = connect_waiting(settings, lambda text: click.echo(f"sheepdog worker: {text}",
+                                                             err=True))
+    services = []
+    worker_name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+    if gn3_queues:
+        from .gn3 import Gn3Server
+
+        services.append(Gn3Server(conn, settings, list(gn3_queues), worker_name).loop)
     w = Worker(conn, settings, list(queues) or [settings.queue], concurrency=concurrency,
-               name=name, burst=burst, gn3_queues=list(gn3_queues))
+               name=worker_name, burst=burst, services=services)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: w.stop())
     click.echo(f"sheepdog worker {w.name} on {', '.join(w.queue_names)} "
@@ -267,7 +276,7 @@ def redis_status() -> None:
     conn = _conn(settings)
     info = conn.info("server")
     click.echo(f"{url_for(settings)}  redis {info.get('redis_version')}  "
-               f"pid {info.get('process_id')}")
+               f"pid {info.get('process_id')}  {info.get('executable', '')}")
 
 
 @redis_group.command("stop")

@@ -36,7 +36,7 @@ class Settings:
     home: Path = field(default_factory=data_dir)
     log_max_lines: int = 200_000
     log_buffer_lines: int = 100_000  # a piece's lines kept while Redis is unreachable
-    heartbeat_timeout: float = 60.0
+    heartbeat_timeout: float = 20.0  # a SIGKILLed remote worker's piece reruns within ~25 s
     max_attempts: int = 3
     queue: str = "default"
     backend: str = "local"  # where pieces run when a command does not say (gemma-wrapper's)
@@ -46,6 +46,9 @@ class Settings:
     upload_limit_mb: int = 512
     input_roots: tuple[str, ...] = ()
     inventory: str | None = None
+    allow_any_queue: bool = False  # POST /jobs may name a queue no worker has served yet
+    max_command_args: int = 10_000  # a command's words, at most
+    max_command_bytes: int = 1 << 20  # a command's bytes, at most (the OS allows ~2 MiB)
     gn3_max_attempts: int = 1  # GN3's commands have side effects: run once unless allowed
     gn3_incomplete_wait: float = 30.0  # s: how long a GN3 id may wait for its hash fields
     gn3_routes_open: bool = False  # GN3's two status routes answer without a token, as GN3's
@@ -63,9 +66,9 @@ class Settings:
 
 
 _INT = {"log_max_lines", "log_buffer_lines", "max_attempts", "upload_limit_mb",
-        "gn3_max_attempts"}
+        "gn3_max_attempts", "max_command_args", "max_command_bytes"}
 _FLOAT = {"heartbeat_timeout", "scratch_max_age", "gn3_incomplete_wait"}
-_BOOL = {"gn3_routes_open"}
+_BOOL = {"gn3_routes_open", "allow_any_queue"}
 _LIST = {"api_tokens", "cors_origins", "input_roots"}
 
 

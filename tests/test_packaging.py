@@ -29,6 +29,7 @@ def installed(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
                    check=True)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps",
+                    "--ignore-installed",
                     str(wheel)], check=True, cwd=work)
     return wheel, venv, work
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import redis
 from flask import Flask, jsonify
 from flask_sock import Sock
 from werkzeug.exceptions import HTTPException
 
 from sheepdog import config
-from sheepdog.errors import FieldError, SheepdogError
+from sheepdog.errors import FieldError, RedisUnavailable, SheepdogError
 
 sock = Sock()
+RETRY_AFTER = 5  # s: what a client is told to wait while Redis is unreachable
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -38,6 +40,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException) -> Any:
         return jsonify(error=e.description, status=e.code), e.code
+
+    @app.errorhandler(RedisUnavailable)
+    @app.errorhandler(redis.RedisError)
+    def redis_down(e: Exception) -> Any:
+        # the service is fine, its store is not there right now: come back shortly
+        response = jsonify(error=f"the job store (Redis) is unreachable: {e}", status=503)
+        response.status_code = 503
+        response.headers["Retry-After"] = str(RETRY_AFTER)
+        return response
 
     @app.errorhandler(FieldError)
     def field_error(e: FieldError) -> Any:

@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 from flask import Blueprint, Response, abort, jsonify, make_response, request, send_file, url_for
 
-from sheepdog import jobs, logs, progress, store, workflows
+from sheepdog import jobs, keys, logs, progress, store, workflows
 from sheepdog.errors import FieldError, InputError, SheepdogError
 from sheepdog.models import Job, JobStatus
 
@@ -57,10 +57,27 @@ def _inputs(raw: Any, roles: tuple[str, ...], required: tuple[str, ...]) -> dict
         raise FieldError(e.where, e.problem) from e
 
 
+def _check_placement(body: dict[str, Any]) -> None:
+    """backend, host, queue: strings, and a queue some worker serves (or the default),
+    so a job is never accepted that nothing will ever run."""
+    for name in ("backend", "host", "queue"):
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
+            bad(name, f"must be a string, got {type(value).__name__}")
+    queue = body.get("queue")
+    settings = state.settings()
+    if not queue or queue == settings.queue or settings.allow_any_queue:
+        return
+    if not state.conn().sismember(keys.queues_served(), queue):
+        bad("queue", f"no worker has ever served queue {queue!r}; start one "
+                     f"(sheepdog worker --queue {queue}) or leave queue out")
+
+
 @bp.post("/jobs")
 def create_job() -> Any:
     body = _body()
     workflow = workflows.get(body.get("workflow"))
+    _check_placement(body)
     job, tasks = workflow.from_request(body, _inputs, state.settings(), state.cache())
     job.read_token = secrets.token_urlsafe(24)
     jobs.submit(state.conn(), state.settings(), job, tasks)

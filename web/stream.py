@@ -5,6 +5,7 @@ it saw misses nothing and gets nothing twice (line ids only grow)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -13,6 +14,8 @@ from flask_sock import Sock
 
 from sheepdog import logs, progress, store
 from sheepdog.defaults import PROGRESS_EVERY
+from sheepdog.errors import UnknownJob
+from sheepdog.models import JobStatus
 
 from . import state
 
@@ -25,10 +28,28 @@ def _progress_event(conn: Any, job_id: str) -> dict[str, Any]:
             "error": view["error"]}
 
 
+LOG_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+POLICY_VIOLATION = 1008  # websocket close code: the request itself is wrong
+
+
+def _refuse(ws: Any, field: str, message: str) -> None:
+    """A clear error event, then a close that says why (never a traceback)."""
+    ws.send(json.dumps({"type": "error", "field": field, "error": message}))
+    ws.close(reason=POLICY_VIOLATION, message=message[:120])
+
+
 def follow(ws: Any, job_id: str, after: str) -> None:
     conn = state.conn()
-    store.get_job(conn, job_id)  # 404 before anything is sent
-    cursors = {job_id: after or "0-0"}
+    after = after or "0-0"
+    if not LOG_ID.fullmatch(after):
+        _refuse(ws, "after", f"{after[:40]!r} is not a log id (like 1700000000000-0)")
+        return
+    try:
+        store.get_job(conn, job_id)
+    except UnknownJob as e:
+        _refuse(ws, "job_id", str(e))
+        return
+    cursors = {job_id: after}
     sent, beat = None, 0.0
     while True:
         lines = logs.tail(conn, cursors)
@@ -44,6 +65,8 @@ def follow(ws: Any, job_id: str, after: str) -> None:
             if event != sent:
                 ws.send(json.dumps(event))
                 sent = event
+            # resumed past the closing line: the job's status says it ended
+            ended = ended or (not lines and JobStatus(event["status"]).final)
         if ended:
             job = store.get_job(conn, job_id)
             ws.send(json.dumps({"type": "end", "status": job.status,

@@ -89,7 +89,7 @@ class LocalBackend(Backend):
             step = InProcess(main, argv[3:], scratch, sink)
             return Submission(task=task, handle=step, workdir=cwd, extra={"scratch": scratch})
         try:
-            proc = Process(argv, cwd, self._environment(task), sink)
+            proc = Process(argv, cwd, self._environment(task), sink, whole_group=True)
         except OSError as e:
             if scratch:
                 self.cache.discard(scratch)

@@ -1,0 +1,148 @@
+"""Redis outages and killed runs, against real processes: workers come back, nothing
+runs twice, reruns do not wait for heartbeats that cannot come."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import sheepdog, wait_for
+
+from sheepdog import jobs, store
+from sheepdog.models import JobStatus, TaskStatus
+from web import create_app
+
+
+def _submit_marking_jobs(conn, settings, marks, count, seconds):
+    """Jobs whose command appends one line to its own file, then takes a while."""
+    ids = []
+    for i in range(count):
+        mark = marks / f"job{i}"
+        job, tasks = jobs.command_job(["sh", "-c", f"echo ran >> {mark}; sleep {seconds}"],
+                                      settings)
+        jobs.submit(conn, settings, job, tasks)
+        ids.append(job.id)
+    return ids
+
+
+@pytest.mark.parametrize("down", [5, 60], ids=["5s", "60s"])
+def test_workers_ride_out_a_redis_outage_and_every_job_runs_once(
+        conn, redis_server, settings, workers, tmp_path, down):
+    from sheepdog.worker import live_workers
+
+    procs = [workers.start("-j", "2"), workers.start("-j", "2")]
+    wait_for(lambda: len(live_workers(conn, settings.queue)) == 2, 30, what="both workers")
+    ids = _submit_marking_jobs(conn, settings, tmp_path, 12, 1.5)
+    wait_for(lambda: sum(store.get_job(conn, j).status == JobStatus.RUNNING for j in ids) >= 2,
+             30, what="jobs to be running")
+    redis_server.kill9()
+    time.sleep(down)
+    assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs
+                                                  if p.poll() is not None]
+    redis_server.start()
+    wait_for(lambda: all(JobStatus(store.get_job(conn, j).status).final for j in ids),
+             120 + down, every=0.5, what="every job to end after the outage")
+    assert [store.get_job(conn, j).status for j in ids] == [JobStatus.SUCCESS] * 12
+    assert [(tmp_path / f"job{i}").read_text() for i in range(12)] == ["ran\n"] * 12
+    assert all(p.poll() is None for p in procs), "a worker exited after the outage"
+    assert store.active_task_ids(conn) == []
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    stderr = "".join(p.communicate(timeout=30)[1] for p in procs)
+    assert stderr.count("Redis is unreachable") <= 2 * 2  # once per outage per loop, not per second
+
+
+def test_a_killed_workers_grandchildren_die_with_it(conn, settings, workers, tmp_path):
+    ticks = tmp_path / "ticks"
+    worker = workers.start()
+    job, tasks = jobs.command_job(
+        ["sh", "-c", f"(while :; do echo t >> {ticks}; sleep 0.1; done) & wait"], settings)
+    jobs.submit(conn, settings, job, tasks)
+    wait_for(lambda: ticks.exists() and ticks.stat().st_size > 10, 30, what="ticking")
+    os.kill(worker.pid, signal.SIGKILL)  # the worker alone, as the OOM killer would
+    worker.wait()
+    time.sleep(1.0)
+    size = ticks.stat().st_size
+    time.sleep(1.5)
+    assert ticks.stat().st_size == size, "a grandchild kept running after its worker died"
+
+
+def test_a_killed_run_is_rerun_at_once_not_after_the_heartbeat(env, tmp_path):
+    """sheepdog run killed mid-scan; the rerun on the same host knows its attempts'
+    process is gone and does not wait out the (default, 20 s) heartbeat timeout."""
+    run_env = {k: v for k, v in env.items() if k != "SHEEPDOG_HEARTBEAT_TIMEOUT"}
+    args = ["run", "gemma-loco", "--example", "--out", str(tmp_path / "o")]
+    assert sheepdog(*args, env=run_env).returncode == 0  # split and GEMMA version cached
+    started = time.perf_counter()
+    assert sheepdog(*args, "--force", env=run_env).returncode == 0
+    clean = time.perf_counter() - started
+    victim = subprocess.Popen([sys.executable, "-m", "sheepdog", *args, "--force"],
+                              env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    for line in victim.stdout:  # kill it while its LMM pieces run
+        if "lmm chr" in line and "started" in line:
+            break
+    victim.kill()
+    victim.wait()
+    started = time.perf_counter()
+    rerun = sheepdog(*args, env=run_env, timeout=120)
+    took = time.perf_counter() - started
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert took <= 2 * clean + 0.5, f"rerun took {took:.1f}s, clean run {clean:.1f}s"
+
+
+@pytest.fixture()
+def client(redis_server, home, conn, queue):
+    app = create_app({"TESTING": True, "SETTINGS": {
+        "redis_url": redis_server.url, "home": home, "api_tokens": ("t",), "queue": queue}})
+    return app.test_client()
+
+
+AUTH = {"Authorization": "Bearer t"}
+
+
+def test_while_redis_is_down_every_route_answers_503_with_retry_after(client, redis_server):
+    assert client.get("/jobs", headers=AUTH).status_code == 200  # connected once
+    redis_server.kill9()
+    try:
+        for method, path, body in (("get", "/health", None), ("get", "/jobs", None),
+                                   ("post", "/jobs", {"workflow": "command",
+                                                      "command": ["true"]}),
+                                   ("get", "/jobs/20261202-000000-abc", None),
+                                   ("get", "/api/gemma/status/cmd::x", None)):
+            r = getattr(client, method)(path, headers=AUTH, json=body)
+            assert r.status_code == 503, (path, r.status_code, r.get_data(as_text=True)[:300])
+            assert r.headers["Retry-After"].isdigit()
+            assert "Redis" in r.get_json()["error"]
+    finally:
+        redis_server.start()
+    assert client.get("/jobs", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"workflow": "command", "command": ["true"], "queue": "defualt"}, "queue"),
+    ({"workflow": "command", "command": ["true"], "queue": 5}, "queue"),
+    ({"workflow": "command", "command": ["true"], "host": ["a"]}, "host"),
+    ({"workflow": "command", "command": ["true"], "backend": 3}, "backend"),
+    ({"workflow": "command", "command": ["echo", "x" * (10 * 1024 * 1024)]}, "command"),
+    ({"workflow": "command", "command": ["echo"] + ["a"] * 1_400_000}, "command"),
+])
+def test_never_runnable_jobs_are_refused_naming_the_field(client, body, field):
+    r = client.post("/jobs", headers=AUTH, json=body)
+    assert r.status_code == 400, r.get_json()
+    assert r.get_json()["field"] == field
+
+
+def test_a_queue_a_worker_served_is_accepted(client, conn, settings):
+    from sheepdog.worker import Worker
+
+    Worker(conn, settings, ["gpu"], burst=True).run()  # it registers what it serves
+    r = client.post("/jobs", headers=AUTH, json={"workflow": "command", "command": ["true"],
+                                                 "queue": "gpu"})
+    assert r.status_code == 202
+    assert store.get_task(conn, store.job_task_ids(conn, r.get_json()["id"])[0]).status \
+        == TaskStatus.QUEUED
