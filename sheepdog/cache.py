@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError, SheepdogError
+from .errors import DiskFull, InputError, SheepdogError, is_disk_full
 
 _CHUNK = 1 << 20
 
@@ -63,12 +63,18 @@ class Cache:
         tmp = self.tmp / f"in.{uuid.uuid4().hex}"
         digest = hashlib.sha256()
         try:
-            with open(path, "rb") as src, open(tmp, "wb") as dst:
+            src = open(path, "rb")  # noqa: SIM115  closed below; its errors are the input's
+        except OSError as e:
+            raise InputError(str(path), f"cannot read: {e.strerror or e}") from e
+        try:
+            with src, open(tmp, "wb") as dst:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
                     dst.write(chunk)
         except OSError as e:
             tmp.unlink(missing_ok=True)
+            if is_disk_full(e):
+                raise DiskFull(str(self.root), f"copying {path} in") from e
             raise InputError(str(path), f"cannot read: {e.strerror or e}") from e
         sha = digest.hexdigest()
         self.put_blob_file(tmp, sha)

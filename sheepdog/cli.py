@@ -151,8 +151,10 @@ def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: t
            name: str | None) -> None:
     """Run tasks from the queues until stopped (SIGTERM/SIGINT finish current tasks)."""
     settings = _settings()
-    conn = connect_waiting(settings, lambda text: click.echo(f"sheepdog worker: {text}",
-                                                             err=True))
+    # a worker that serves until stopped waits for a Redis that is down (it may be
+    # restarting); a burst worker, a one-off, says so and exits
+    conn = _conn(settings) if burst else connect_waiting(
+        settings, lambda text: click.echo(f"sheepdog worker: {text}", err=True))
     services = []
     worker_name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
     if gn3_queues:

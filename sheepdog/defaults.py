@@ -20,7 +20,7 @@ SCRATCH_SWEEP_EVERY = 3600.0  # s: a worker looks for abandoned scratch this oft
 
 # -- logs
 LOG_FLUSH = 0.2  # s: buffered lines are sent at least this often (a few round trips/s)
-LOG_BATCH_LINES = 500  # lines per Lua call: one call holds Redis for a few ms at most
+LOG_BATCH_LINES = 200  # lines per Lua call: one call holds Redis for a few ms at most
 LOG_BUFFER_LINES = 100_000  # lines a piece's log keeps while Redis is unreachable
 FOLLOW_BLOCK_MS = 250  # ms: a log follower's XREAD block
 FOLLOW_COUNT = 1000  # lines per XREAD of a follower

@@ -82,3 +82,22 @@ class FieldError(SheepdogError):
         self.field = field
         self.problem = problem
         self.http_status = http_status
+
+
+class DiskFull(SheepdogError):
+    """A directory of sheepdog's own has no space left; names it (never the input)."""
+
+    http_status = 507  # Insufficient Storage
+
+    def __init__(self, directory: str, doing: str = "") -> None:
+        super().__init__(f"no space left on the device holding {directory}"
+                         + (f" (while {doing})" if doing else "")
+                         + ": free space there, or point SHEEPDOG_HOME elsewhere")
+        self.directory = directory
+
+
+NO_SPACE = frozenset({28, 122})  # ENOSPC, EDQUOT
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in NO_SPACE

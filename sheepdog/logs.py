@@ -23,25 +23,27 @@ STREAMS = ("stdout", "stderr", "sheepdog")
 
 # Appends lines to each job's log (KEYS: log, counter, log, counter, ...) unless that
 # job already offered `cap` of them; the first line over the cap becomes one explicit
-# marker, so a reader knows the log was cut and where. One call is atomic over every job.
+# marker, so a reader knows the log was cut and where. One call is atomic over every job;
+# it returns the room left in the roomiest log (below 0: every log is past its cap).
 _APPEND = """
 local cap = tonumber(ARGV[1])
-local added = 0
+local room = -1
 for k = 1, #KEYS, 2 do
+  local n = 0
   for i = 2, #ARGV, 5 do
-    local n = redis.call('INCR', KEYS[k + 1])
+    n = redis.call('INCR', KEYS[k + 1])
     if n <= cap then
       redis.call('XADD', KEYS[k], '*', 'task', ARGV[i], 'piece', ARGV[i+1],
                  'stream', ARGV[i+2], 'text', ARGV[i+3], 'time', ARGV[i+4])
-      added = added + 1
     elseif n == cap + 1 then
       redis.call('XADD', KEYS[k], '*', 'task', ARGV[i], 'piece', ARGV[i+1],
                  'stream', 'sheepdog', 'truncated', '1', 'time', ARGV[i+4],
                  'text', 'log truncated: more than ' .. cap .. ' lines; later lines are not kept')
     end
   end
+  room = math.max(room, cap - n)
 end
-return added
+return room
 """
 _FIELDS = 5  # task, piece, stream, text, time: one line's arguments
 
@@ -107,9 +109,10 @@ class LogWriter:
         self._sending = threading.Lock()  # one batch on the wire at a time: order kept
         self._last = time.monotonic()
         self.lost = ""
+        self.capped = False  # every log is past its cap: lines cost no round trip any more
 
     def write(self, stream: str, lines: list[str]) -> None:
-        if not lines or not self._jobs or self.lost:
+        if not lines or not self._jobs or self.lost or self.capped:
             return
         now = f"{time.time():.3f}"
         with self._lock:
@@ -128,9 +131,11 @@ class LogWriter:
             sent = 0
             step = LOG_BATCH_LINES * _FIELDS
             try:
-                while sent < len(batch):
-                    self._script(keys=self._keys, args=[self._cap, *batch[sent:sent + step]])
+                while sent < len(batch) and not self.capped:
+                    room = self._script(keys=self._keys,
+                                        args=[self._cap, *batch[sent:sent + step]])
                     sent += step
+                    self.capped = int(room) < 0
             except redis.RedisError as e:
                 self._keep(batch[sent:], e)
                 if strict:

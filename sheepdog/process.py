@@ -160,7 +160,8 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 # A piece's program runs under this shell, the leader of its process group: if the
 # worker dies, the kernel sends the shell SIGUSR2 (die_with_parent), and the shell kills
 # the whole group, grandchildren included. Otherwise it only waits and passes the code on.
-GUARD = 'trap "kill -KILL 0" USR2; "$@" & wait $!'
+# The shell would export a PWD of its own: dropped unless the environment had one ($1).
+GUARD = 'trap "kill -KILL 0" USR2; [ "$1" = 1 ] || unset PWD; shift; "$@" & wait $!'
 
 
 def _guarded(argv: list[str], cwd: str, env: dict[str, str] | None) -> list[str]:
@@ -170,7 +171,8 @@ def _guarded(argv: list[str], cwd: str, env: dict[str, str] | None) -> list[str]
     found = (os.path.join(cwd, program) if "/" in program else shutil.which(program, path=path))
     if not found or not os.access(found, os.X_OK) or os.path.isdir(found):
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
-    return ["/bin/sh", "-c", GUARD, "sheepdog-piece", *argv]
+    had_pwd = "1" if "PWD" in (os.environ if env is None else env) else "0"
+    return ["/bin/sh", "-c", GUARD, "sheepdog-piece", had_pwd, *argv]
 
 
 def kill_group(pgid: int, grace: float = KILL_GRACE) -> None:

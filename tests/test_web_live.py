@@ -92,6 +92,32 @@ def test_the_stream_replays_then_follows_and_a_reconnect_misses_nothing(server):
     assert full == ids  # a late reader replays exactly the same
 
 
+def test_resuming_after_the_closing_line_gets_end_and_bad_ids_a_clear_close(server):
+    job = api(server, "POST", "/jobs", {"workflow": "command", "command": ["echo", "done"]})
+    full = read_stream(server, job["id"])
+    closing = [m for m in full if m["type"] == "line"][-1]
+    assert closing["end"]
+    again = read_stream(server, job["id"], after=closing["id"])
+    assert [m["type"] for m in again if m["type"] != "progress"] == ["end"]
+    assert again[-1]["status"] == "success"
+    for bad, field in (("garbage", "after"), ("0-0&x=1", None)):
+        ws = Client.connect(f"{server.replace('http', 'ws')}/jobs/{job['id']}/stream"
+                            f"?after={bad}&token={TOKEN}")
+        if field is None:  # after=0-0 then a stray parameter: a normal replay
+            assert json.loads(ws.receive(timeout=30))["type"] == "line"
+            ws.close()
+            continue
+        message = json.loads(ws.receive(timeout=30))
+        assert message == {**message, "type": "error", "field": field}
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.receive(timeout=30)
+        assert closed.value.reason == 1008 and "not a log id" in closed.value.message
+    ws = Client.connect(f"{server.replace('http', 'ws')}/jobs/20261202-000000-nope/stream"
+                        f"?token={TOKEN}")
+    message = json.loads(ws.receive(timeout=30))
+    assert message["type"] == "error" and "unknown job id" in message["error"]
+
+
 def test_a_websocket_without_a_token_is_refused(server):
     job = api(server, "POST", "/jobs", {"workflow": "command", "command": ["true"]})
     with pytest.raises((ConnectionClosed, ConnectionError, OSError, RuntimeError)):

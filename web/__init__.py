@@ -29,13 +29,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
     sock.init_app(app)
 
-    from . import api, auth, gn3, pages, stream
+    from . import api, auth, gn3, inputs, pages, stream
 
     auth.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(gn3.bp)
     app.register_blueprint(pages.bp)
     stream.register(sock)
+    app.teardown_request(lambda _error: inputs.discard_uploads())
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException) -> Any:

@@ -8,27 +8,49 @@ names never leave their directory; paths outside the roots are refused.
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 import uuid
 from pathlib import Path
 from typing import Any
 
+from flask import g
 from werkzeug.datastructures import FileStorage
 from werkzeug.utils import secure_filename
 
-from sheepdog.errors import InputError
+from sheepdog.errors import DiskFull, InputError, is_disk_full
 
 
 def upload_dir(home: Path) -> Path:
+    """A new directory for one request's uploads; the request removes it when done
+    (its inputs are in the content-addressed cache by then, or it failed)."""
     path = home / "uploads" / uuid.uuid4().hex
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(str(home / "uploads"), "saving an upload") from e
+        raise
+    made = g.setdefault("upload_dirs", [])
+    made.append(path)
     return path
+
+
+def discard_uploads() -> None:
+    """teardown: nothing a request uploaded outlives it."""
+    for path in g.pop("upload_dirs", []):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _save_upload(storage: FileStorage, where: Path, role: str) -> Path:
     name = secure_filename(storage.filename or "") or role
     target = where / f"{role}-{name}"
-    storage.save(target)
+    try:
+        storage.save(target)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(str(where.parent), f"saving the upload {role}") from e
+        raise
     return target
 
 
@@ -50,6 +72,10 @@ def _unpack_bundle(storage: FileStorage, where: Path) -> Path:
                     target.write_bytes(source.read())
     except tarfile.TarError as e:
         raise InputError("bundle", f"not a readable tar.gz: {e}") from e
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(str(where.parent), "unpacking the bundle") from e
+        raise
     return bundle_dir
 
 

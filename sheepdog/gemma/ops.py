@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..defaults import WATCH_POLL
-from ..errors import SheepdogError
+from ..errors import DiskFull, SheepdogError, is_disk_full
 from ..process import Process
 from . import kinship, loco, merge, permute
 from .bimbam import check_covariates, read_table
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None, workdir: Path | None = None, emit: Emit 
         else:
             perm_gather(args.items, here, emit)
     except (SheepdogError, OSError, ValueError, KeyError) as e:
+        if is_disk_full(e):
+            e = DiskFull(str(here), f"{args.op} wrote {getattr(e, 'filename', '') or 'its output'}")
         complain(f"ERROR: {e}")
         return 1
     return 0

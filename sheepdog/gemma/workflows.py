@@ -22,7 +22,7 @@ from typing import Any
 from .. import __version__
 from ..cache import Cache, sha256_file
 from ..config import Settings
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, DiskFull, InputError, is_disk_full
 from ..jobs import check_backend, new_job_id
 from ..models import Job, Task
 from . import bimbam
@@ -140,6 +140,15 @@ def _split(store: Cache, geno: Path, anno: Path, geno_sha: str, anno_sha: str) -
 
 def prepare(request: GemmaRequest, store: Cache) -> Prepared:
     """Validate every input (naming file, line and problem) and stage it by hash."""
+    try:
+        return _prepare(request, store)
+    except OSError as e:
+        if is_disk_full(e):  # the cache's disk, not the input, is the problem
+            raise DiskFull(str(store.root), "staging the inputs") from e
+        raise
+
+
+def _prepare(request: GemmaRequest, store: Cache) -> Prepared:
     request.check()
     geno = _exists(request.geno, "genotype")
     pheno = _exists(request.pheno, "phenotype")
