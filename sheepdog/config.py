@@ -46,6 +46,8 @@ class Settings:
     upload_limit_mb: int = 512
     input_roots: tuple[str, ...] = ()
     inventory: str | None = None
+    max_streams_per_job: int = 16  # open websocket streams of one job (each holds a thread)
+    max_streams_per_token: int = 24  # ... of one token: keep it below serve's --threads
     allow_any_queue: bool = False  # POST /jobs may name a queue no worker has served yet
     max_command_args: int = 10_000  # a command's words, at most
     max_command_bytes: int = 1 << 20  # a command's bytes, at most (the OS allows ~2 MiB)
@@ -66,7 +68,8 @@ class Settings:
 
 
 _INT = {"log_max_lines", "log_buffer_lines", "max_attempts", "upload_limit_mb",
-        "gn3_max_attempts", "max_command_args", "max_command_bytes"}
+        "gn3_max_attempts", "max_command_args", "max_command_bytes", "max_streams_per_job",
+        "max_streams_per_token"}
 _FLOAT = {"heartbeat_timeout", "scratch_max_age", "gn3_incomplete_wait"}
 _BOOL = {"gn3_routes_open", "allow_any_queue"}
 _LIST = {"api_tokens", "cors_origins", "input_roots"}

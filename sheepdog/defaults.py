@@ -10,7 +10,10 @@ from __future__ import annotations
 WATCH_POLL = 0.2  # s: a running piece is looked at this often (quiet output flushed too)
 CANCEL_CHECK = 1.0  # s: at most this long before a cancel or revoked lease is noticed
 TAKE_WAIT = 1.0  # s: a worker's blocking dequeue; bounds how long a stop takes
-TAKE_TO_CLAIM = 2.0  # s: a live taker claims its entry within ms; twice this unclaimed is lost
+# s: a live taker claims its entry within milliseconds of taking it; an entry unclaimed at
+# two sightings this far apart was lost with its taker (sent again: a twin is harmless,
+# only one claim can win)
+TAKE_TO_CLAIM = 0.5
 TAKE_WAIT_INLINE = 0.05  # s: a client's own helper must notice its job ended at once
 MAINTAIN_FAST = 0.1  # s: upkeep round of a burst or inline worker
 KILL_GRACE = 3.0  # s: between SIGTERM and SIGKILL of a piece's process group

@@ -14,8 +14,9 @@ from .backends import registry
 from .cache import Cache
 from .config import Settings
 from .errors import ConfigError
-from .models import Job, Task
+from .models import Job, Task, valid_job_id
 
+__all__ = ["command_job", "new_job_id", "submit", "valid_job_id"]
 
 def new_job_id() -> str:
     """Sortable, URL-safe and unique: time first, then randomness."""

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
 FINAL_STATES = frozenset({"success", "error", "cancelled"})
+# jobs.new_job_id makes UTC time then 10 hex digits; any id is a short plain word
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def valid_job_id(job_id: str) -> bool:
+    """Shaped like a job id? Checked before any Redis call, so an id never names a key
+    of another type (`<id>:tasks`)."""
+    return bool(JOB_ID.fullmatch(job_id))
 
 
 class JobStatus(StrEnum):

@@ -16,7 +16,7 @@ from redis.client import Pipeline
 
 from . import dispatch, keys, logs
 from .errors import UnknownJob
-from .models import Job, JobStatus, Task, TaskStatus, from_hash, to_hash
+from .models import Job, JobStatus, Task, TaskStatus, from_hash, to_hash, valid_job_id
 
 ACTIVE = {TaskStatus.WAITING, TaskStatus.QUEUED, TaskStatus.RUNNING}
 
@@ -35,6 +35,8 @@ def _texts(values: Iterable[bytes | str]) -> list[str]:
 
 
 def get_job(conn: redis.Redis, job_id: str) -> Job:
+    if not valid_job_id(job_id):  # never a key of another type (`<id>:tasks`)
+        raise UnknownJob(job_id)
     raw = conn.hgetall(keys.job(job_id))
     if not raw:
         raise UnknownJob(job_id)

@@ -359,6 +359,9 @@ class Worker:
 
     def _maintain(self, threads: list[threading.Thread]) -> None:
         interval = self.settings.heartbeat_interval
+        if self.until is not None:
+            # a client waiting for its job: lost entries must not keep it waiting long
+            interval = min(interval, TAKE_TO_CLAIM)
         next_round = next_sweep = reap_from = 0.0
         outage = False
         while not self.stopping.is_set():
@@ -443,12 +446,20 @@ class Worker:
                 self._drop(entry)
 
     def _drop(self, entry: dispatch.Entry) -> None:
-        """Forget the queue entry this thread took (idempotent)."""
-        try:
-            dispatch.acknowledge(self.conn, entry)
-        except redis.RedisError as e:
-            log.warning("worker %s: could not remove queue entry %s: %s", self.name,
-                        entry.rq_id, e)
+        """Forget the queue entry this thread took (idempotent); through an outage too,
+        or it would stay on RQ's taken list for good."""
+        pause = REDIS_RETRY / 8
+        while True:
+            try:
+                dispatch.acknowledge(self.conn, entry)
+                return
+            except redis.RedisError as e:
+                if self.stopping.is_set():
+                    log.warning("worker %s: could not remove queue entry %s: %s", self.name,
+                                entry.rq_id, e)
+                    return
+                self.stopping.wait(pause)
+                pause = min(pause * 2, REDIS_RETRY * 2)
 
 
 def run_task(task_id: str) -> str | None:

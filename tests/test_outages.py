@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import sheepdog, wait_for
 
-from sheepdog import jobs, store
+from sheepdog import dispatch, jobs, store
 from sheepdog.models import JobStatus, TaskStatus
 from web import create_app
 
@@ -50,6 +50,8 @@ def test_workers_ride_out_a_redis_outage_and_every_job_runs_once(
     assert [(tmp_path / f"job{i}").read_text() for i in range(12)] == ["ran\n"] * 12
     assert all(p.poll() is None for p in procs), "a worker exited after the outage"
     assert store.active_task_ids(conn) == []
+    assert conn.llen(dispatch.parked_key(conn, settings.queue)) == 0  # no stale RQ entries
+    assert conn.llen(dispatch.queue_key(conn, settings.queue)) == 0
     for p in procs:
         p.send_signal(signal.SIGTERM)
     stderr = "".join(p.communicate(timeout=30)[1] for p in procs)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -116,6 +117,30 @@ def test_resuming_after_the_closing_line_gets_end_and_bad_ids_a_clear_close(serv
                         f"?token={TOKEN}")
     message = json.loads(ws.receive(timeout=30))
     assert message["type"] == "error" and "unknown job id" in message["error"]
+
+
+def test_closed_streams_free_their_threads_and_streams_are_capped(server, conn):
+    from sheepdog import keys
+
+    conn.sadd(keys.queues_served(), "parked")  # served once, by nobody now: stays queued
+    job = api(server, "POST", "/jobs", {"workflow": "command", "command": ["true"],
+                                        "queue": "parked"})
+    url = f"{server.replace('http', 'ws')}/jobs/{job['id']}/stream?token={TOKEN}"
+    for _ in range(100):  # each opened, then closed by its client
+        ws = Client.connect(url)
+        ws.close()
+    started = time.monotonic()
+    assert urllib.request.urlopen(f"{server}/health", timeout=5).status == 200
+    assert time.monotonic() - started < 1.0
+    held = [Client.connect(url) for _ in range(16)]  # max_streams_per_job
+    try:
+        extra = Client.connect(url)
+        message = json.loads(extra.receive(timeout=10))
+        assert message["type"] == "error" and "too many open streams" in message["error"]
+        assert urllib.request.urlopen(f"{server}/health", timeout=5).status == 200
+    finally:
+        for ws in held:
+            ws.close()
 
 
 def test_a_websocket_without_a_token_is_refused(server):

@@ -43,7 +43,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         return jsonify(error=e.description, status=e.code), e.code
 
     @app.errorhandler(RedisUnavailable)
-    @app.errorhandler(redis.RedisError)
+    @app.errorhandler(redis.ConnectionError)
+    @app.errorhandler(redis.TimeoutError)
     def redis_down(e: Exception) -> Any:
         # the service is fine, its store is not there right now: come back shortly
         response = jsonify(error=f"the job store (Redis) is unreachable: {e}", status=503)

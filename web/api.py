@@ -17,6 +17,9 @@ from . import inputs, spec, state
 
 bp = Blueprint("api", __name__)
 
+MAX_OFFSET = 2**31  # beyond any job count; larger numbers are not Redis integers
+
+
 def bad(field: str, message: str, code: int = 400) -> NoReturn:
     abort(make_response(jsonify(error=message, field=field, status=code), code))
 
@@ -33,6 +36,8 @@ def _body() -> dict[str, Any]:
         body = json.loads(raw or "")
     except json.JSONDecodeError as e:
         bad("body", f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}")
+    except (ValueError, RecursionError) as e:  # a 5,000-digit number, nesting 100,000 deep
+        bad("body", f"unusable JSON: {str(e)[:120] or type(e).__name__}")
     if not isinstance(body, dict):
         bad("body", "the job description must be a JSON object")
     return body
@@ -89,7 +94,7 @@ def create_job() -> Any:
 def list_jobs() -> Any:
     try:
         limit = min(200, max(1, int(request.args.get("limit", 50))))
-        offset = max(0, int(request.args.get("offset", 0)))
+        offset = min(MAX_OFFSET, max(0, int(request.args.get("offset", 0))))
     except ValueError:
         bad("limit", "limit and offset must be whole numbers")
     conn = state.conn()

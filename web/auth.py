@@ -13,7 +13,8 @@ from typing import Any
 
 from flask import Flask, Response, abort, g, request
 
-from sheepdog import store
+from sheepdog import jobs, store
+from sheepdog.errors import UnknownJob
 
 from . import state
 
@@ -24,6 +25,11 @@ JOB_READ = {"api.get_job", "api.get_log", "api.get_result", "api.get_result_file
             "pages.job_page", "job_stream"}
 
 
+def given_token() -> str:
+    """The token the request carries (header, else ?token=), '' if none."""
+    return _given_token()
+
+
 def _given_token() -> str:
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
@@ -31,8 +37,14 @@ def _given_token() -> str:
     return request.args.get("token", "")
 
 
+def _same(given: str, token: str) -> bool:
+    """Constant-time comparison of any two strings (compare_digest refuses non-ASCII str)."""
+    return hmac.compare_digest(given.encode(errors="surrogateescape"),
+                               token.encode(errors="surrogateescape"))
+
+
 def _matches(given: str, tokens: tuple[str, ...] | list[str]) -> bool:
-    return any(hmac.compare_digest(given, t) for t in tokens if t)
+    return any(_same(given, t) for t in tokens if t)
 
 
 def check() -> None:
@@ -48,8 +60,11 @@ def check() -> None:
         return
     job_id = (request.view_args or {}).get("job_id")
     if given and job_id and endpoint in JOB_READ and request.method == "GET":
-        job = store.get_job(state.conn(), job_id)
-        if job.read_token and hmac.compare_digest(given, job.read_token):
+        try:
+            job = store.get_job(state.conn(), job_id) if jobs.valid_job_id(job_id) else None
+        except UnknownJob:
+            job = None  # the same 401 as a wrong token: no oracle for which ids exist
+        if job is not None and job.read_token and _same(given, job.read_token):
             g.job_scope = job_id
             return
     abort(401, "a valid API token is needed: Authorization: Bearer <token>")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import tarfile
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +65,32 @@ def _unpack_bundle(storage: FileStorage, where: Path) -> Path:
                 if not member.isfile():
                     continue
                 target = (bundle_dir / member.name).resolve()
-                if not target.is_relative_to(bundle_dir.resolve()):
-                    raise InputError("bundle", f"member {member.name!r} escapes the bundle")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                source = tar.extractfile(member)
-                if source is not None:
-                    target.write_bytes(source.read())
-    except tarfile.TarError as e:
-        raise InputError("bundle", f"not a readable tar.gz: {e}") from e
+                if not target.is_relative_to(bundle_dir.resolve()) or target == \
+                        bundle_dir.resolve():
+                    raise InputError("bundle", f"member {member.name[:100]!r} escapes the "
+                                     "bundle")
+                _extract(tar, member, target)
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise InputError("bundle", f"not a readable tar.gz: {str(e)[:200]}") from e
     except OSError as e:
         if is_disk_full(e):
             raise DiskFull(str(where.parent), "unpacking the bundle") from e
         raise
     return bundle_dir
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+    """One member, streamed to disk (never held whole in memory)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        source = tar.extractfile(member)
+        if source is None:
+            return
+        with source, open(target, "xb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+    except (FileExistsError, NotADirectoryError, IsADirectoryError) as e:
+        raise InputError("bundle", f"member {member.name[:100]!r} clashes with another "
+                         "member of the same name") from e
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -103,7 +117,7 @@ def resolve(inputs: dict[str, Any], files: dict[str, FileStorage], roots: tuple[
         value = inputs.get(role)
         if value is None:
             continue
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or not value or "\0" in value or len(value) > 4096:
             raise InputError(f"inputs.{role}", "must be a file name or path")
         if "bundle" in files:
             where = where or upload_dir(home)

@@ -4,9 +4,13 @@ it saw misses nothing and gets nothing twice (line ids only grow)."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import re
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from flask import request
@@ -17,7 +21,7 @@ from sheepdog.defaults import PROGRESS_EVERY
 from sheepdog.errors import UnknownJob
 from sheepdog.models import JobStatus
 
-from . import state
+from . import auth, state
 
 
 def _progress_event(conn: Any, job_id: str) -> dict[str, Any]:
@@ -51,7 +55,7 @@ def follow(ws: Any, job_id: str, after: str) -> None:
         return
     cursors = {job_id: after}
     sent, beat = None, 0.0
-    while True:
+    while ws.connected:  # a client that went away frees its thread within one round
         lines = logs.tail(conn, cursors)
         ended = False
         for _, line in lines:
@@ -75,7 +79,46 @@ def follow(ws: Any, job_id: str, after: str) -> None:
             return
 
 
+class StreamSlots:
+    """Open streams per job and per token: each holds a server thread, so neither one
+    job's watchers nor one token may take them all."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, job_id: str, token: str, per_job: int, per_token: int) -> Iterator[bool]:
+        who = "token:" + hashlib.sha256(token.encode(errors="replace")).hexdigest()
+        keys = ("job:" + job_id, who)
+        with self._lock:
+            ok = (self._open.get(keys[0], 0) < per_job and self._open.get(keys[1], 0)
+                  < per_token)
+            if ok:
+                for k in keys:
+                    self._open[k] = self._open.get(k, 0) + 1
+        try:
+            yield ok
+        finally:
+            if ok:
+                with self._lock:
+                    for k in keys:
+                        self._open[k] -= 1
+                        if not self._open[k]:
+                            del self._open[k]
+
+
+SLOTS = StreamSlots()
+
+
 def register(sock: Sock) -> None:
     @sock.route("/jobs/<job_id>/stream")
     def job_stream(ws: Any, job_id: str) -> None:
-        follow(ws, job_id, request.args.get("after", "0-0"))
+        settings = state.settings()
+        with SLOTS.hold(job_id, auth.given_token(), settings.max_streams_per_job,
+                        settings.max_streams_per_token) as ok:
+            if not ok:
+                _refuse(ws, "job_id", "too many open streams for this job or token; close "
+                                      "some and reconnect")
+                return
+            follow(ws, job_id, request.args.get("after", "0-0"))

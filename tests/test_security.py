@@ -1,0 +1,100 @@
+"""What a security review found, each case pinned: no 500 from a bad request, no
+existence oracle, tokens compared safely, the embedded Redis private to its owner."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+import tarfile
+
+import pytest
+from conftest import BXD, sheepdog
+
+from sheepdog import embedded
+from web import create_app
+
+TOKEN = "sec-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture()
+def client(redis_server, home, conn, queue):
+    app = create_app({"TESTING": True, "SETTINGS": {
+        "redis_url": redis_server.url, "home": home, "api_tokens": (TOKEN,), "queue": queue,
+        "input_roots": (str(BXD),)}})
+    return app.test_client()
+
+
+def _tar(members: dict[str, bytes | None], gz: bool = True) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _post_bundle(client, blob: bytes):
+    job = {"workflow": "gemma-loco", "inputs": {"geno": "g", "pheno": "p", "anno": "a"}}
+    return client.post("/jobs", headers=AUTH, content_type="multipart/form-data",
+                       data={"job": json.dumps(job), "bundle": (io.BytesIO(blob), "b.tgz")})
+
+
+def test_bad_requests_are_4xx_never_500(client):
+    cases = [
+        client.get("/jobs", headers={"Authorization": "Bearer tökén-ü"}),
+        client.get("/jobs/20261202-000000-abc:tasks", headers=AUTH),
+        client.post("/jobs", headers=AUTH, json={"workflow": "command", "command": ["true"],
+                                                 "queue": ["a"]}),
+        client.post("/jobs", headers=AUTH, data='{"workflow": "gemma-loco", "params": '
+                    '{"maf": 1e400}}', content_type="application/json"),
+        client.post("/jobs", headers=AUTH, data='{"workflow": "gemma-loco", "params": '
+                    '{"lmm": ' + "9" * 5000 + "}}", content_type="application/json"),
+        client.post("/jobs", headers=AUTH, data="[" * 100_000 + "]" * 100_000,
+                    content_type="application/json"),
+        client.post("/jobs", headers=AUTH, json={"workflow": "gemma-loco", "inputs": {
+            "geno": str(BXD / "BXD_geno.txt.gz") + "\0x", "pheno": "p", "anno": "a"}}),
+        client.get("/jobs?offset=1e20", headers=AUTH),
+        _post_bundle(client, _tar({".": None, "g": b"x"})),
+        _post_bundle(client, _tar({"a": b"file", "a/b": b"inside"})),
+        _post_bundle(client, _tar({"g": b"x" * 100_000})[:200]),  # a truncated gzip
+    ]
+    for r in cases:
+        assert 400 <= r.status_code < 500, (r.status_code, r.get_data(as_text=True)[:300])
+        assert "Traceback" not in r.get_data(as_text=True)
+    assert client.get("/jobs?offset=" + "9" * 30, headers=AUTH).status_code == 200
+
+
+def test_an_unknown_job_with_a_wrong_token_is_401_like_a_known_one(client):
+    job = client.post("/jobs", headers=AUTH, json={"workflow": "command",
+                                                    "command": ["true"]}).get_json()
+    known = client.get(f"/jobs/{job['id']}", headers={"Authorization": "Bearer wrong"})
+    unknown = client.get("/jobs/20261202-000000-0123456789",
+                         headers={"Authorization": "Bearer wrong"})
+    assert known.status_code == unknown.status_code == 401
+    assert known.get_json() == unknown.get_json()
+
+
+def test_the_embedded_redis_listens_only_on_an_owner_only_socket(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHEEPDOG_")}
+    env["XDG_DATA_HOME"] = str(tmp_path / "xdg")
+    home = tmp_path / "xdg" / "sheepdog"
+    try:
+        assert sheepdog("redis", "status", env=env).returncode == 0
+        sock = embedded.socket_path(home)
+        assert stat.S_ISSOCK(sock.stat().st_mode)
+        assert stat.S_IMODE(sock.stat().st_mode) & 0o077 == 0  # no group, no others
+        assert stat.S_IMODE((home / "redis").stat().st_mode) & 0o077 == 0
+        import redis
+
+        server = redis.Redis(unix_socket_path=str(sock))
+        assert server.config_get("port")["port"] == "0"  # no TCP at all
+    finally:
+        embedded.stop(home)
