@@ -190,6 +190,8 @@ def serve(bind: str, local_workers: int, threads: int) -> None:
     home = str(Path(__file__).resolve().parent.parent)
     argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--worker-class", "gthread",
             "--workers", "1", "--threads", str(threads), "--access-logfile", "-",
+            # the path without its query string (?token=...) and no referer: no token in logs
+            "--access-logformat", '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s',
             "--pythonpath", home, "web:create_app()"]
     click.echo(f"sheepdog serving on http://{bind} ({url_for(settings)})", err=True)
     try:

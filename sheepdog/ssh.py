@@ -40,7 +40,13 @@ class Connection:
     def _proxy(self) -> paramiko.Channel | None:
         if not self.host.proxy_jump:
             return None
-        jump = get(resolve(self.host.proxy_jump.split(",")[-1]))
+        hops = [h.strip() for h in self.host.proxy_jump.split(",") if h.strip()]
+        if len(hops) > 1:  # taking only one of them would silently skip a hop
+            raise BackendError(
+                f"ProxyJump {self.host.proxy_jump} has {len(hops)} hops, which sheepdog does "
+                f"not chain: give Host {hops[-1]} its own 'ProxyJump {','.join(hops[:-1])}' "
+                f"in ~/.ssh/config and use 'ProxyJump {hops[-1]}' here", self.host.name)
+        jump = get(resolve(hops[0]))
         try:
             return jump.transport.open_channel("direct-tcpip", (self.host.hostname, self.host.port),
                                                ("127.0.0.1", 0), timeout=self.timeout)

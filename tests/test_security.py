@@ -98,3 +98,54 @@ def test_the_embedded_redis_listens_only_on_an_owner_only_socket(tmp_path):
         assert server.config_get("port")["port"] == "0"  # no TCP at all
     finally:
         embedded.stop(home)
+
+
+def test_an_api_token_in_a_page_link_becomes_a_cookie_and_leaves_no_trace(client):
+    job = client.post("/jobs", headers=AUTH, json={"workflow": "command",
+                                                    "command": ["true"]}).get_json()
+    r = client.get(f"/jobs/{job['id']}/page?token={TOKEN}")
+    assert r.status_code == 303
+    assert TOKEN not in r.headers["Location"]
+    cookie = r.headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    page = client.get(r.headers["Location"])  # the test client keeps the cookie
+    assert page.status_code == 200 and TOKEN not in page.get_data(as_text=True)
+    index = client.get("/")
+    assert index.status_code == 200 and TOKEN not in index.get_data(as_text=True)
+    shared = client.get(job["urls"]["page"])  # the read-token link works, and only shows it
+    assert job["read_token"] in shared.get_data(as_text=True)
+
+
+def test_a_read_token_view_shows_no_server_paths_or_hosts(client, conn, home):
+    body = {"workflow": "command", "command": ["true"]}
+    job = client.post("/jobs", headers=AUTH, json=body).get_json()
+    full = client.get(f"/jobs/{job['id']}", headers=AUTH).get_json()
+    assert "host" in full
+    shared = client.get(f"/jobs/{job['id']}?token={job['read_token']}", headers={})
+    text = shared.get_data(as_text=True)
+    assert shared.status_code == 200 and str(home) not in text
+    view = shared.get_json()
+    assert "host" not in view and "out_dir" not in view
+    assert all("worker" not in p and "host" not in p for p in view["pieces"])
+
+
+def test_a_proxyjump_with_two_hops_is_refused_not_half_taken():
+    from sheepdog.errors import BackendError
+    from sheepdog.hosts import Host
+    from sheepdog.ssh import Connection
+
+    with pytest.raises(BackendError, match="2 hops"):
+        Connection(Host(name="far", hostname="127.0.0.1", port=1, proxy_jump="near,inner"))
+
+
+def test_names_fetched_back_and_variables_sent_are_checked():
+    from sheepdog.errors import BackendError
+    from sheepdog.remote import check_env_names, safe_name
+
+    for bad in ("../x", "a/b", "..", ".", ""):
+        with pytest.raises(BackendError):
+            safe_name(bad, "host")
+    assert safe_name("assoc.txt", "host") == "assoc.txt"
+    with pytest.raises(BackendError, match="not a valid name"):
+        check_env_names({"X; rm -rf /": "1"})
+    check_env_names({"OPENBLAS_CORETYPE": "Haswell"})

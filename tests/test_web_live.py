@@ -132,8 +132,10 @@ def test_closed_streams_free_their_threads_and_streams_are_capped(server, conn):
     started = time.monotonic()
     assert urllib.request.urlopen(f"{server}/health", timeout=5).status == 200
     assert time.monotonic() - started < 1.0
+    time.sleep(1.0)  # each closed stream's thread notices within a round (a quarter second)
     held = [Client.connect(url) for _ in range(16)]  # max_streams_per_job
     try:
+        assert all(json.loads(ws.receive(timeout=10))["type"] != "error" for ws in held)
         extra = Client.connect(url)
         message = json.loads(extra.receive(timeout=10))
         assert message["type"] == "error" and "too many open streams" in message["error"]

@@ -7,7 +7,7 @@ import secrets
 from pathlib import Path
 from typing import Any, NoReturn
 
-from flask import Blueprint, Response, abort, jsonify, make_response, request, send_file, url_for
+from flask import Blueprint, Response, abort, g, jsonify, make_response, request, send_file, url_for
 
 from sheepdog import jobs, keys, logs, progress, store, workflows
 from sheepdog.errors import FieldError, InputError, SheepdogError
@@ -62,6 +62,21 @@ def _inputs(raw: Any, roles: tuple[str, ...], required: tuple[str, ...]) -> dict
         raise FieldError(e.where, e.problem) from e
 
 
+# what a read token (a shared page link) must not show: server paths, worker host names
+_PRIVATE = {"out_dir", "path", "worker", "host", "files", "sheepdog", "lmdb", "cwd"}
+
+
+def _for_reader(view: Any) -> Any:
+    """The view as a job's read token may see it (API tokens see everything)."""
+    if g.get("job_scope") is None:
+        return view
+    if isinstance(view, dict):
+        return {k: _for_reader(v) for k, v in view.items() if k not in _PRIVATE}
+    if isinstance(view, list):
+        return [_for_reader(v) for v in view]
+    return view
+
+
 def _check_placement(body: dict[str, Any]) -> None:
     """backend, host, queue: strings, and a queue some worker serves (or the default),
     so a job is never accepted that nothing will ever run."""
@@ -111,7 +126,7 @@ def get_job(job_id: str) -> Any:
     job = store.get_job(conn, job_id)
     view = progress.job_view(conn, job)
     view["urls"] = urls(job)
-    return jsonify(view)
+    return jsonify(_for_reader(view))
 
 
 @bp.get("/jobs/<job_id>/log")
@@ -151,7 +166,7 @@ def get_result(job_id: str) -> Any:
     if workflow.result_files:
         result["urls"] = {name: url_for("api.get_result_file", job_id=job_id, name=name)
                           for name in workflow.result_files}
-    return jsonify(result)
+    return jsonify(_for_reader(result))
 
 
 @bp.get("/jobs/<job_id>/result/<name>")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hmac
 from typing import Any
+from urllib.parse import urlencode
 
-from flask import Flask, Response, abort, g, request
+from flask import Flask, Response, abort, g, redirect, request
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from sheepdog import jobs, store
 from sheepdog.errors import UnknownJob
@@ -30,11 +32,18 @@ def given_token() -> str:
     return _given_token()
 
 
+COOKIE = "sheepdog_token"  # an API token a page was opened with, kept out of its links
+
+
 def _given_token() -> str:
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
         return header[len("Bearer "):].strip()
-    return request.args.get("token", "")
+    return request.args.get("token", "") or request.cookies.get(COOKIE, "")
+
+
+def is_api_token(token: str) -> bool:
+    return bool(token) and _matches(token, state.settings().api_tokens)
 
 
 def _same(given: str, token: str) -> bool:
@@ -87,5 +96,21 @@ def init_app(app: Flask) -> None:
 
 
 def page_token() -> Any:
-    """The token to put in links a page renders (the one it was opened with)."""
-    return _given_token()
+    """The token a page may put in its links and its own requests: a job's read token
+    (made to be shared), never an API token (those travel in the HttpOnly cookie)."""
+    given = _given_token()
+    return "" if is_api_token(given) else given
+
+
+def token_to_cookie() -> WerkzeugResponse | None:
+    """A page opened with ?token=<API token>: keep the token in an HttpOnly cookie and
+    send the browser to the same page without it, so no link or history entry holds it."""
+    given = request.args.get("token", "")
+    if not is_api_token(given):
+        return None
+    args = {k: v for k, v in request.args.items() if k != "token"}
+    target = request.path + (("?" + urlencode(args)) if args else "")
+    response = redirect(target, code=303)
+    response.set_cookie(COOKIE, given, httponly=True, samesite="Strict",
+                        secure=request.is_secure, path="/")
+    return response

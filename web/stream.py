@@ -34,11 +34,13 @@ def _progress_event(conn: Any, job_id: str) -> dict[str, Any]:
 
 LOG_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 POLICY_VIOLATION = 1008  # websocket close code: the request itself is wrong
+REFUSE_LINGER = 0.1  # s between a refusal's error event and its close
 
 
 def _refuse(ws: Any, field: str, message: str) -> None:
     """A clear error event, then a close that says why (never a traceback)."""
     ws.send(json.dumps({"type": "error", "field": field, "error": message}))
+    time.sleep(REFUSE_LINGER)  # let the client read the event before the close arrives
     ws.close(reason=POLICY_VIOLATION, message=message[:120])
 
 
