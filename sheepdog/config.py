@@ -35,6 +35,7 @@ class Settings:
     redis_url: str | None = None
     home: Path = field(default_factory=data_dir)
     log_max_lines: int = 200_000
+    log_max_bytes: int = 256 << 20  # a job's log text, at most (then one truncation marker)
     log_buffer_lines: int = 100_000  # a piece's lines kept while Redis is unreachable
     heartbeat_timeout: float = 20.0  # a SIGKILLed remote worker's piece reruns within ~25 s
     max_attempts: int = 3
@@ -48,6 +49,9 @@ class Settings:
     inventory: str | None = None
     max_streams_per_job: int = 16  # open websocket streams of one job (each holds a thread)
     max_streams_per_token: int = 24  # ... of one token: keep it below serve's --threads
+    max_permutations: int = 100_000  # one gemma-permute request, at most
+    max_pieces: int = 5_000  # permutation batches of one request, at most
+    max_chromosomes: int = 100  # in one genotype set
     allow_any_queue: bool = False  # POST /jobs may name a queue no worker has served yet
     max_command_args: int = 10_000  # a command's words, at most
     max_command_bytes: int = 1 << 20  # a command's bytes, at most (the OS allows ~2 MiB)
@@ -67,9 +71,9 @@ class Settings:
         return self.home / "store"
 
 
-_INT = {"log_max_lines", "log_buffer_lines", "max_attempts", "upload_limit_mb",
+_INT = {"log_max_lines", "log_max_bytes", "log_buffer_lines", "max_attempts", "upload_limit_mb",
         "gn3_max_attempts", "max_command_args", "max_command_bytes", "max_streams_per_job",
-        "max_streams_per_token"}
+        "max_streams_per_token", "max_permutations", "max_pieces", "max_chromosomes"}
 _FLOAT = {"heartbeat_timeout", "scratch_max_age", "gn3_incomplete_wait"}
 _BOOL = {"gn3_routes_open", "allow_any_queue"}
 _LIST = {"api_tokens", "cors_origins", "input_roots"}

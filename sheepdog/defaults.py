@@ -24,12 +24,19 @@ SCRATCH_SWEEP_EVERY = 3600.0  # s: a worker looks for abandoned scratch this oft
 # -- logs
 LOG_FLUSH = 0.2  # s: buffered lines are sent at least this often (a few round trips/s)
 LOG_BATCH_LINES = 200  # lines per Lua call: one call holds Redis for a few ms at most
+LOG_MAX_BYTES = 256 << 20  # bytes of text a job's log keeps, whatever its line count
+LOG_MAX_LINE = 64 << 10  # characters of one log line; the rest is cut, saying so
 LOG_BUFFER_LINES = 100_000  # lines a piece's log keeps while Redis is unreachable
 FOLLOW_BLOCK_MS = 250  # ms: a log follower's XREAD block
 FOLLOW_COUNT = 1000  # lines per XREAD of a follower
 ENDED_CHECK = 1.0  # s: a follower asks whether its job ended at least this often
 PROGRESS_EVERY = 1.0  # s: the websocket's progress event when nothing else happens
 TERMINAL_REDRAW = 0.5  # s: the terminal's progress line
+
+# -- input
+MAX_INPUT_LINE = 8 << 20  # characters in one line of an input file (100,000 genotypes fit)
+MAX_CHROMOSOMES = 100  # per genotype set: each is two pieces and an open file in the split
+MAX_QUOTED = 300  # characters of a user's value quoted in an error message
 
 # -- finishing
 FINALIZE_LOCK = 60  # s: one process exports a finished job's results; others wait

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .defaults import MAX_QUOTED
+
 
 class SheepdogError(Exception):
     """Root of every error sheepdog raises; its text is meant for the user as is.
@@ -49,6 +51,8 @@ class InputError(SheepdogError):
     exit_code = 2
 
     def __init__(self, where: str, problem: str, line: int | None = None) -> None:
+        if len(problem) > MAX_QUOTED:  # a value quoted from a 200 MB line stays short
+            problem = problem[:MAX_QUOTED] + f"… ({len(problem):,d} characters)"
         place = f"{where}, line {line}" if line is not None else where
         super().__init__(f"{place}: {problem}")
         self.where = where

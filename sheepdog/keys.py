@@ -28,6 +28,11 @@ def job_log_count(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:log:count"
 
 
+def job_log_bytes(job_id: str) -> str:
+    """STRING counter: bytes of text offered to the job's log (for the byte cap)."""
+    return f"{PREFIX}:job:{job_id}:log:bytes"
+
+
 def jobs_index() -> str:
     """ZSET: every job id scored by its submit time."""
     return f"{PREFIX}:jobs"

@@ -17,31 +17,40 @@ from .defaults import (
     LOG_BATCH_LINES,
     LOG_BUFFER_LINES,
     LOG_FLUSH,
+    LOG_MAX_BYTES,
 )
 
 STREAMS = ("stdout", "stderr", "sheepdog")
 
-# Appends lines to each job's log (KEYS: log, counter, log, counter, ...) unless that
-# job already offered `cap` of them; the first line over the cap becomes one explicit
-# marker, so a reader knows the log was cut and where. One call is atomic over every job;
-# it returns the room left in the roomiest log (below 0: every log is past its cap).
+# Appends lines to each job's log (KEYS: log, line counter, byte counter, per job) unless
+# that job already offered `cap` lines or `bytecap` bytes; the first line over either
+# cap becomes one explicit marker, so a reader knows the log was cut and where. One call
+# is atomic over every job; it returns the room left in the roomiest log (below 0: every
+# log is past a cap).
 _APPEND = """
-local cap = tonumber(ARGV[1])
+local cap, bytecap = tonumber(ARGV[1]), tonumber(ARGV[2])
 local room = -1
-for k = 1, #KEYS, 2 do
-  local n = 0
-  for i = 2, #ARGV, 5 do
+for k = 1, #KEYS, 3 do
+  local n, b = 0, 0
+  for i = 3, #ARGV, 5 do
     n = redis.call('INCR', KEYS[k + 1])
-    if n <= cap then
+    local before = tonumber(redis.call('GET', KEYS[k + 2]) or '0')
+    if before <= bytecap then
+      b = redis.call('INCRBY', KEYS[k + 2], #ARGV[i+3])
+    else
+      b = before
+    end
+    if n <= cap and b <= bytecap then
       redis.call('XADD', KEYS[k], '*', 'task', ARGV[i], 'piece', ARGV[i+1],
                  'stream', ARGV[i+2], 'text', ARGV[i+3], 'time', ARGV[i+4])
-    elseif n == cap + 1 then
+    elseif n <= cap + 1 and before <= bytecap then
       redis.call('XADD', KEYS[k], '*', 'task', ARGV[i], 'piece', ARGV[i+1],
                  'stream', 'sheepdog', 'truncated', '1', 'time', ARGV[i+4],
-                 'text', 'log truncated: more than ' .. cap .. ' lines; later lines are not kept')
+                 'text', 'log truncated: more than ' .. cap .. ' lines or ' .. bytecap ..
+                 ' bytes; later lines are not kept')
     end
   end
-  room = math.max(room, cap - n)
+  room = math.max(room, math.min(cap - n, bytecap - b))
 end
 return room
 """
@@ -94,13 +103,15 @@ class LogWriter:
 
     def __init__(self, conn: redis.Redis, task_id: str, piece: str, job_ids: list[str],
                  max_lines: int, flush_every: float = LOG_FLUSH,
-                 buffer_lines: int = LOG_BUFFER_LINES) -> None:
+                 buffer_lines: int = LOG_BUFFER_LINES, max_bytes: int = LOG_MAX_BYTES) -> None:
         self._conn = conn
         self._task = task_id
         self._piece = piece
         self._jobs = job_ids
-        self._keys = [k for jid in job_ids for k in (keys.job_log(jid), keys.job_log_count(jid))]
+        self._keys = [k for jid in job_ids for k in (keys.job_log(jid), keys.job_log_count(jid),
+                                                     keys.job_log_bytes(jid))]
         self._cap = max_lines
+        self._bytecap = max_bytes
         self._script = conn.register_script(_APPEND)
         self._every = flush_every
         self._buffer = buffer_lines
@@ -132,8 +143,8 @@ class LogWriter:
             step = LOG_BATCH_LINES * _FIELDS
             try:
                 while sent < len(batch) and not self.capped:
-                    room = self._script(keys=self._keys,
-                                        args=[self._cap, *batch[sent:sent + step]])
+                    room = self._script(keys=self._keys, args=[
+                        self._cap, self._bytecap, *batch[sent:sent + step]])
                     sent += step
                     self.capped = int(room) < 0
             except redis.RedisError as e:

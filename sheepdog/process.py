@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .defaults import KILL_GRACE, WATCH_POLL
+from .defaults import KILL_GRACE, LOG_MAX_LINE, WATCH_POLL
 
 # Receives a piece's output: (stream name, complete lines). A sink may also have a
 # `raw(stream, chunk)` method: then it gets the exact bytes too, before any splitting.
@@ -38,19 +38,25 @@ class LineSplitter:
     Only new data is searched for line breaks, so a long line costs linear time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_line: int = LOG_MAX_LINE) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pieces: list[str] = []  # the line being built (no break in it yet)
+        self._size = 0  # its length, kept or not
         self._cr = False  # the last piece ends with a \r that may be half of \r\n
         self._last = ""
+        self._max = max_line
 
     def feed(self, chunk: bytes) -> list[str]:
         new = self._decoder.decode(chunk)
         if not new:
             return []
         if not self._cr and "\n" not in new and "\r" not in new:
-            self._pieces.append(new)
+            room = self._max - self._size
+            if room > 0:  # past the longest line kept, the rest is only counted
+                self._pieces.append(new[:room])
+            self._size += len(new)
             return []
+        dropped = self._size - sum(map(len, self._pieces))
         text = "".join(self._pieces) + new
         parts = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         rest = parts.pop()
@@ -58,16 +64,21 @@ class LineSplitter:
         if self._cr:  # keep the \r: the next chunk may start with its \n
             rest = parts.pop() + "\r" if parts else "\r"
         self._pieces = [rest] if rest else []
-        return self._keep(parts)
+        self._size = len(rest)
+        return self._keep(parts, dropped)
 
     def flush(self) -> list[str]:
+        dropped = self._size - sum(map(len, self._pieces))
         rest = ("".join(self._pieces) + self._decoder.decode(b"", final=True)).rstrip("\r")
-        self._pieces, self._cr = [], False
-        return self._keep([rest])
+        self._pieces, self._cr, self._size = [], False, 0
+        return self._keep([rest], dropped)
 
-    def _keep(self, parts: list[str]) -> list[str]:
+    def _keep(self, parts: list[str], dropped: int = 0) -> list[str]:
         out = []
-        for part in parts:
+        for i, part in enumerate(parts):
+            length = len(part) + (dropped if i == 0 else 0)
+            if length > self._max:
+                part = part[:self._max] + f" …[line cut: {length:,d} characters]"
             line = part.rstrip()
             # redraws repeat the same bar: one copy is enough
             if line.strip() and line != self._last:

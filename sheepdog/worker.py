@@ -136,7 +136,8 @@ class Executor:
             return None
         jobs = store.job_ids_of_task(self.conn, task_id)
         writer = logs.LogWriter(self.conn, task.id, task.name, jobs, self.settings.log_max_lines,
-                                buffer_lines=self.settings.log_buffer_lines)
+                                buffer_lines=self.settings.log_buffer_lines,
+                                max_bytes=self.settings.log_max_bytes)
         output = PieceOutput(writer, logs.RawWriter(self.conn, task.id) if task.capture else None)
         with Heartbeat(self.conn, task.id, self.worker, self.settings) as beat:
             outcome = self._run(task, output, beat)

@@ -44,7 +44,7 @@ def test_a_failing_sink_never_blocks_the_program_and_the_failure_reaches_the_pie
 
 
 def test_lines_come_whole_across_chunks_and_redraws_collapse():
-    s = LineSplitter()
+    s = LineSplitter(max_line=10_000_000)
     long_line = "y" * 3_000_000
     got = []
     for i in range(0, len(long_line), 65536):
@@ -247,3 +247,27 @@ def test_slurm_status_for_200_pending_pieces_is_one_query_per_cycle(settings):
     assert len(finished) == len(finishing) and all(u.exit_code == 0 for u in finished)
     assert len(lost) == 1 and "vanished" in lost[0].error
     monitor_for(None).pieces.clear()
+
+
+def test_a_line_longer_than_the_limit_is_cut_saying_so():
+    s = LineSplitter(max_line=1000)
+    got = []
+    for _ in range(200):  # 13 MB in one line, fed as a program would write it
+        got += s.feed(b"z" * 65536)
+    got += s.feed(b"\nnext\n")
+    assert got == ["z" * 1000 + f" …[line cut: {200 * 65536:,d} characters]", "next"]
+
+
+def test_a_jobs_log_is_bounded_in_bytes_with_one_marker(conn, settings):
+    settings = replace(settings, log_max_bytes=20_000)
+    job, tasks = jobs.command_job(
+        [sys.executable, "-c", "for i in range(2000): print(f'{i:04d}' + 'x' * 95)"], settings)
+    jobs.submit(conn, settings, job, tasks)
+    Worker(conn, settings, [settings.queue], burst=True, register=False).run()
+    lines = logs.read(conn, job.id, count=100_000)
+    kept = [ln for ln in lines if ln.stream == "stdout"]
+    assert sum(len(ln.text) for ln in kept) <= 20_000
+    assert len(kept) == 20_000 // 99
+    markers = [ln for ln in lines if ln.truncated]
+    assert len(markers) == 1 and "20000 bytes" in markers[0].text
+    assert store.get_job(conn, job.id).status == JobStatus.SUCCESS

@@ -149,3 +149,49 @@ def test_names_fetched_back_and_variables_sent_are_checked():
     with pytest.raises(BackendError, match="not a valid name"):
         check_env_names({"X; rm -rf /": "1"})
     check_env_names({"OPENBLAS_CORETYPE": "Haswell"})
+
+
+def test_a_small_gzip_of_one_huge_line_is_refused_cheaply(tmp_path):
+    import gzip
+    import resource
+
+    from sheepdog.cache import Cache
+    from sheepdog.errors import InputError
+    from sheepdog.gemma.workflows import GemmaRequest, prepare
+
+    bomb = tmp_path / "anno.txt.gz"
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        for _ in range(200):  # 200 MB of one line, a few hundred KB gzipped
+            f.write(b"r" * (1 << 20))
+    assert bomb.stat().st_size < 1_000_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InputError) as e:
+        prepare(GemmaRequest(geno=BXD / "BXD_geno.txt.gz", pheno=BXD / "BXD_pheno.txt",
+                             anno=bomb), Cache(tmp_path / "cache"))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert "line is longer than" in str(e.value) and len(str(e.value)) < 500
+    assert grown_mb < 100, f"the process grew by {grown_mb:.0f} MB"
+
+
+def test_the_work_one_request_may_ask_for_is_bounded(client, tmp_path):
+    inputs = {"geno": str(BXD / "BXD_geno.txt.gz"), "pheno": str(BXD / "BXD_pheno.txt"),
+              "anno": str(BXD / "BXD_snps.txt")}
+    for params, said in (({"permutations": 200_000}, "max_permutations"),
+                         ({"permutations": 20_000, "batch_size": 1}, "max_pieces")):
+        r = client.post("/jobs", headers=AUTH, json={"workflow": "gemma-permute",
+                                                     "inputs": inputs, "params": params})
+        assert r.status_code == 400 and said in r.get_json()["error"], r.get_json()
+        assert r.get_json()["field"] == "params"
+
+
+def test_six_hundred_chromosomes_are_refused_before_any_file_is_opened(tmp_path):
+    from sheepdog.cache import Cache
+    from sheepdog.errors import InputError
+    from sheepdog.gemma.workflows import GemmaRequest, prepare
+
+    anno = tmp_path / "anno.txt"
+    snps = [ln.split()[0] for ln in (BXD / "BXD_snps.txt").read_text().splitlines()]
+    anno.write_text("".join(f"{rs} {i * 10} {i % 600 + 1}\n" for i, rs in enumerate(snps)))
+    with pytest.raises(InputError, match="600 chromosomes; at most 100"):
+        prepare(GemmaRequest(geno=BXD / "BXD_geno.txt.gz", pheno=BXD / "BXD_pheno.txt",
+                             anno=anno), Cache(tmp_path / "cache"))

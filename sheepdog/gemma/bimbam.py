@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..defaults import MAX_CHROMOSOMES, MAX_INPUT_LINE
 from ..errors import InputError
 
 MISSING = "NA"
@@ -36,10 +37,19 @@ def open_text(path: Path) -> io.TextIOBase:
 
 
 def lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text without line ending), skipping blank lines; bad gzip named."""
+    """(line number, text without line ending), skipping blank lines; bad gzip named.
+
+    A line longer than MAX_INPUT_LINE is refused as it is read: a small gzip that
+    expands to one huge line never costs more memory than that.
+    """
     try:
         with open_text(path) as f:
-            for number, raw in enumerate(f, start=1):
+            number = 0
+            while raw := f.readline(MAX_INPUT_LINE + 1):
+                number += 1
+                if len(raw) > MAX_INPUT_LINE:
+                    raise InputError(str(path), f"line is longer than {MAX_INPUT_LINE:,d} "
+                                     "characters", number)
                 text = raw.rstrip("\r\n")
                 if text.strip():
                     yield number, text
@@ -149,9 +159,14 @@ class Split:
         return sorted(self.chromosomes, key=chromosome_order)
 
 
-def split_genotypes(geno: Path, anno_path: Path, out_dir: Path) -> Split:
+def split_genotypes(geno: Path, anno_path: Path, out_dir: Path,
+                    max_chromosomes: int = MAX_CHROMOSOMES) -> Split:
     """Validate the geno file against the annotation while writing one file per chromosome."""
     ann = read_annotation(anno_path)
+    found = len(set(ann.chromosome.values()))
+    if found > max_chromosomes:  # each is a piece and an open file while splitting
+        raise InputError(str(anno_path), f"names {found:,d} chromosomes; at most "
+                         f"{max_chromosomes:,d} (max_chromosomes)")
     out_dir.mkdir(parents=True, exist_ok=True)
     handles: dict[str, io.TextIOBase] = {}
     matrices: dict[str, NpyRows] = {}

@@ -22,6 +22,7 @@ from typing import Any
 from .. import __version__
 from ..cache import Cache, sha256_file
 from ..config import Settings
+from ..defaults import MAX_CHROMOSOMES
 from ..errors import ConfigError, DiskFull, InputError, is_disk_full
 from ..jobs import check_backend, new_job_id
 from ..models import Job, Task
@@ -110,7 +111,8 @@ def _put_normalized(store: Cache, path: Path) -> str:
     return sha
 
 
-def _split(store: Cache, geno: Path, anno: Path, geno_sha: str, anno_sha: str) -> dict[str, Any]:
+def _split(store: Cache, geno: Path, anno: Path, geno_sha: str, anno_sha: str,
+           max_chromosomes: int = MAX_CHROMOSOMES) -> dict[str, Any]:
     """Per-chromosome files, computed once per (geno, annotation) contents."""
     manifest = store.root / "splits" / f"{geno_sha[:32]}-{anno_sha[:32]}.json"
     if manifest.exists():
@@ -121,7 +123,7 @@ def _split(store: Cache, geno: Path, anno: Path, geno_sha: str, anno_sha: str) -
             return dict(known)
     scratch = store.scratch("split")
     try:
-        split = bimbam.split_genotypes(geno, anno, scratch)
+        split = bimbam.split_genotypes(geno, anno, scratch, max_chromosomes)
         chromosomes = {
             name: {"geno": store.put_file(Path(info["geno"])),  # type: ignore[arg-type]
                    "matrix": store.put_file(Path(info["matrix"])),  # type: ignore[arg-type]
@@ -138,17 +140,18 @@ def _split(store: Cache, geno: Path, anno: Path, geno_sha: str, anno_sha: str) -
     return known
 
 
-def prepare(request: GemmaRequest, store: Cache) -> Prepared:
+def prepare(request: GemmaRequest, store: Cache,
+            max_chromosomes: int = MAX_CHROMOSOMES) -> Prepared:
     """Validate every input (naming file, line and problem) and stage it by hash."""
     try:
-        return _prepare(request, store)
+        return _prepare(request, store, max_chromosomes)
     except OSError as e:
         if is_disk_full(e):  # the cache's disk, not the input, is the problem
             raise DiskFull(str(store.root), "staging the inputs") from e
         raise
 
 
-def _prepare(request: GemmaRequest, store: Cache) -> Prepared:
+def _prepare(request: GemmaRequest, store: Cache, max_chromosomes: int) -> Prepared:
     request.check()
     geno = _exists(request.geno, "genotype")
     pheno = _exists(request.pheno, "phenotype")
@@ -156,7 +159,7 @@ def _prepare(request: GemmaRequest, store: Cache) -> Prepared:
     covariates = _exists(request.covariates, "covariate")
     assert geno and pheno and anno
     hashes = {"geno": _put(store, geno), "anno": _put(store, anno)}
-    known = _split(store, geno, anno, hashes["geno"], hashes["anno"])
+    known = _split(store, geno, anno, hashes["geno"], hashes["anno"], max_chromosomes)
     n = int(known["individuals"])
     if len(known["chromosomes"]) < 2:
         raise InputError(str(anno), "LOCO needs SNPs on at least two chromosomes")
@@ -264,8 +267,17 @@ def permutation_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
 
 def build_job(request: GemmaRequest, settings: Settings, store: Cache,
               job_id: str | None = None) -> tuple[Job, list[Task]]:
-    """Validate, stage and expand a gemma-loco or gemma-permute request."""
-    prep = prepare(request, store)
+    """Validate, stage and expand a gemma-loco or gemma-permute request; the work one
+    request may ask for is bounded by the settings (permutations, pieces, chromosomes)."""
+    if request.permutations > settings.max_permutations:
+        raise ConfigError(f"--permutations {request.permutations:,d}: at most "
+                          f"{settings.max_permutations:,d} (max_permutations)")
+    batches = -(-request.permutations // max(1, request.batch_size))
+    if batches > settings.max_pieces:
+        raise ConfigError(f"{request.permutations:,d} permutations in batches of "
+                          f"{request.batch_size} make {batches:,d} pieces; at most "
+                          f"{settings.max_pieces:,d} (max_pieces): raise --batch-size")
+    prep = prepare(request, store, settings.max_chromosomes)
     gemma_version = version(cache_dir=store.root / "versions")
     # what a piece's result depends on besides its inputs: GEMMA's and sheepdog's versions
     env = f"gemma {gemma_version}; sheepdog {__version__}; guix none"
