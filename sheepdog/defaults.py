@@ -18,6 +18,7 @@ TAKE_WAIT_INLINE = 0.05  # s: a client's own helper must notice its job ended at
 MAINTAIN_FAST = 0.1  # s: upkeep round of a burst or inline worker
 KILL_GRACE = 3.0  # s: between SIGTERM and SIGKILL of a piece's process group
 WORKER_STOP_WAIT = 30.0  # s: `serve` waits this long for its local worker to stop
+BURST_OUTAGE_LIMIT = 60.0  # s: a burst (one-off) worker stops waiting for Redis after this
 REDIS_RETRY = 1.0  # s: a worker's upkeep tries again this often while Redis is down
 SCRATCH_SWEEP_EVERY = 3600.0  # s: a worker looks for abandoned scratch this often
 

@@ -28,6 +28,7 @@ from .backends.base import Backend, StatusUpdate, Submission
 from .cache import Cache
 from .config import Settings
 from .defaults import (
+    BURST_OUTAGE_LIMIT,
     CANCEL_CHECK,
     MAINTAIN_FAST,
     REDIS_RETRY,
@@ -363,7 +364,7 @@ class Worker:
         if self.until is not None:
             # a client waiting for its job: lost entries must not keep it waiting long
             interval = min(interval, TAKE_TO_CLAIM)
-        next_round = next_sweep = reap_from = 0.0
+        next_round = next_sweep = reap_from = outage_since = 0.0
         outage = False
         while not self.stopping.is_set():
             try:
@@ -378,7 +379,12 @@ class Worker:
                 if not outage:  # once per outage, not once a second
                     log.warning("worker %s: Redis is unreachable (%s); waiting for it",
                                 self.name, e)
+                    outage_since = time.monotonic()
                 outage = True
+                if self.burst and time.monotonic() - outage_since > BURST_OUTAGE_LIMIT:
+                    log.warning("worker %s: a burst worker gives up on Redis after %gs",
+                                self.name, BURST_OUTAGE_LIMIT)
+                    return  # a one-off; a daemon worker waits for as long as it takes
                 next_round = 0.0
                 self.stopping.wait(REDIS_RETRY)
                 continue
