@@ -175,6 +175,7 @@ class CountingRunner:
         self.next_id = 1000
         self.lock = threading.Lock()
         self.gone: set[str] = set()
+        self.scontrol: dict[str, str] = {}
 
     def run(self, argv):
         with self.lock:
@@ -186,6 +187,8 @@ class CountingRunner:
                 ids = argv[argv.index("-j") + 1].split(",")
                 return 0, "".join(f"{i} PENDING Resources\n" for i in ids
                                   if i not in self.gone), ""
+            if argv[0] == "scontrol":
+                return 0, self.scontrol.get(argv[-1], ""), ""
             return 0, "", ""
 
     def write(self, path, text):
@@ -246,6 +249,28 @@ def test_slurm_status_for_200_pending_pieces_is_one_query_per_cycle(settings):
     lost = [u for u in ended if u.lost]
     assert len(finished) == len(finishing) and all(u.exit_code == 0 for u in finished)
     assert len(lost) == 1 and "vanished" in lost[0].error
+    monitor_for(None).pieces.clear()
+
+
+def test_a_signal_exit_is_the_clusters_doing_only_when_the_controller_says_so(settings):
+    # Slurm kills a job's processes one by one: the script may outlive its command for
+    # long enough to record 143 for a scancel or a time limit
+    monitor_for(None).pieces.clear()
+    runner = CountingRunner()
+    backend = SlurmBackend(SlurmSettings(), Cache(settings.cache_dir), runner=runner)
+    subs = [backend.submit(Task(name=f"piece {i}", argv=["true", str(i)],
+                                queue=settings.queue), lambda *_: None) for i in range(3)]
+    states = ["TIMEOUT Reason=TimeLimit", "FAILED Reason=NonZeroExitCode", "COMPLETED"]
+    for sub, code, state in zip(subs, (143, 139, 0), states, strict=True):
+        Path(sub.workdir, cmd.EXIT_FILE).write_text(f"{code}\n")
+        runner.scontrol[sub.handle] = f"JobId={sub.handle} JobState={state}"
+    time.sleep(0.3)
+    got = {u.task_id: u for u in backend.poll(subs)}
+    timed_out, crashed, fine = (got[s.task.id] for s in subs)
+    assert timed_out.lost and f"{subs[0].handle} ended TIMEOUT (TimeLimit)" in timed_out.error
+    assert not crashed.lost and crashed.exit_code == 139  # the program's own crash
+    assert not fine.lost and fine.exit_code == 0
+    assert runner.calls["scontrol"] == 2  # asked only about the deaths by signal
     monitor_for(None).pieces.clear()
 
 

@@ -312,7 +312,11 @@ class SlurmBackend(Backend):
             self._deliver(sub, out, err, final=code is not None)
             if code is not None:
                 self.monitor.remove(sub.handle)
-                yield self._finish(sub, code)
+                killed = self._killed(sub, code)
+                if killed:
+                    yield StatusUpdate(sub.task.id, None, killed, lost=True)
+                else:
+                    yield self._finish(sub, code)
                 continue
             lost = self._lost(sub)
             if lost:
@@ -323,6 +327,24 @@ class SlurmBackend(Backend):
     def _exit_status(self, sub: Submission) -> int | None:
         raw = self.runner.read_files([(f"{sub.workdir}/{cmd.EXIT_FILE}", 0)])[0].strip()
         return int(raw) if raw.isdigit() else None
+
+    def _killed(self, sub: Submission, code: int) -> str:
+        """Why the cluster ended a piece whose script recorded a death by signal, or ''.
+
+        Slurm signals a job's processes one by one: the command may die before its
+        script does, which then records 143 for what was the cluster's doing (scancel,
+        time limit, memory). The controller has the job's final state by then.
+        """
+        if code <= 128:
+            return ""
+        try:
+            state = cmd.parse_scontrol(self.call(cmd.scontrol_argv(sub.handle), "scontrol"))
+        except SheepdogError:
+            return ""  # no word from the controller: the exit code stands
+        if state is None or state.state not in cmd.ENDED_BY_CLUSTER:
+            return ""
+        return (f"Slurm job {sub.handle} ended {state.state} ({state.reason}) before the "
+                "piece did")
 
     def _lost(self, sub: Submission) -> str:
         """Why the cluster lost a piece that wrote no exit status, or '' if it did not."""

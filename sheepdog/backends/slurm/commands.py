@@ -18,6 +18,8 @@ ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUE
           "RESIZING", "SIGNALING", "STAGE_OUT"}
 # ended without the piece itself failing: the node or the scheduler lost it
 LOST = {"NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE", "REVOKED"}
+# ended by the cluster while the piece ran: its exit status says only "a signal"
+ENDED_BY_CLUSTER = LOST | {"CANCELLED", "TIMEOUT", "OUT_OF_MEMORY"}
 # sbatch/squeue errors worth another try (the controller is busy or restarting)
 TRANSIENT = ("Socket timed out", "Unable to contact slurm controller", "Connection refused",
              "Resource temporarily unavailable", "Zero Bytes were transmitted")
