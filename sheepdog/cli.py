@@ -21,7 +21,7 @@ from .clirun import print_json as _print_json
 from .clirun import print_line
 from .clirun import settings as _settings
 from .connection import connect_waiting, url_for
-from .defaults import WORKER_STOP_WAIT
+from .defaults import PIECES_PAGE, WORKER_STOP_WAIT
 from .errors import SheepdogError
 from .logs import LogLine
 from .models import JobStatus
@@ -68,10 +68,13 @@ def run() -> None:
 @cli.command()
 @click.argument("job_id")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(job_id: str, as_json: bool) -> None:
+@click.option("--offset", default=0, type=click.IntRange(0), help="First piece to show.")
+@click.option("--limit", default=PIECES_PAGE, type=click.IntRange(1), show_default=True,
+              help="How many pieces to show.")
+def status(job_id: str, as_json: bool, offset: int, limit: int) -> None:
     """Show a job's status, progress and pieces."""
     conn = _conn()
-    view = progress.job_view(conn, store.get_job(conn, job_id))
+    view = progress.job_view(conn, store.get_job(conn, job_id), offset=offset, limit=limit)
     if as_json:
         _print_json(view)
         return
@@ -83,6 +86,9 @@ def status(job_id: str, as_json: bool) -> None:
     for piece in view["pieces"]:
         click.echo(f"  {piece['status']:<9} {piece['name']:<28} attempts={piece['attempts']}"
                    + (f"  {piece['error']}" if piece["error"] else ""))
+    if view["pieces_next"] is not None:
+        click.echo(f"  … {view['pieces_total'] - view['pieces_next']:,d} more "
+                   f"(sheepdog status {job_id} --offset {view['pieces_next']})")
 
 
 @cli.command("list")

@@ -52,6 +52,9 @@ class Settings:
     max_permutations: int = 100_000  # one gemma-permute request, at most
     max_pieces: int = 5_000  # permutation batches of one request, at most
     max_chromosomes: int = 100  # in one genotype set
+    prepare_workers: int = 2  # POST /jobs bodies validated and split at once (processes)
+    prepare_memory_mb: int = 2048  # ... each in at most this much memory
+    prepare_seconds: float = 120.0  # ... and this much CPU time
     allow_any_queue: bool = False  # POST /jobs may name a queue no worker has served yet
     max_command_args: int = 10_000  # a command's words, at most
     max_command_bytes: int = 1 << 20  # a command's bytes, at most (the OS allows ~2 MiB)
@@ -73,8 +76,9 @@ class Settings:
 
 _INT = {"log_max_lines", "log_max_bytes", "log_buffer_lines", "max_attempts", "upload_limit_mb",
         "gn3_max_attempts", "max_command_args", "max_command_bytes", "max_streams_per_job",
-        "max_streams_per_token", "max_permutations", "max_pieces", "max_chromosomes"}
-_FLOAT = {"heartbeat_timeout", "scratch_max_age", "gn3_incomplete_wait"}
+        "max_streams_per_token", "max_permutations", "max_pieces", "max_chromosomes",
+        "prepare_workers", "prepare_memory_mb"}
+_FLOAT = {"heartbeat_timeout", "scratch_max_age", "gn3_incomplete_wait", "prepare_seconds"}
 _BOOL = {"gn3_routes_open", "allow_any_queue"}
 _LIST = {"api_tokens", "cors_origins", "input_roots"}
 

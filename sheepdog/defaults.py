@@ -60,3 +60,7 @@ SLURM_DEADLINE = 120.0  # s: transient Slurm failures are retried until then
 SLURM_FILES_EVERY = 0.25  # s: output and exit files of a host's pieces, one look for all
 SLURM_SQUEUE_EVERY = 2.0  # s: one squeue for all of a host's pieces
 SLURM_SQUEUE_MAX_PAUSE = 60.0  # s: back-off ceiling while the controller does not answer
+
+# a job view lists at most this many pieces (the rest by page): the web page, the
+# websocket's progress events and `sheepdog status` stay small for any job size
+PIECES_PAGE = 200

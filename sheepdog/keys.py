@@ -18,6 +18,12 @@ def job_tasks(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:tasks"
 
 
+def job_running(job_id: str) -> str:
+    """SET: the job's tasks claimed since they last ended (a superset of its running
+    ones, so a view counts them without reading every task)."""
+    return f"{PREFIX}:job:{job_id}:running"
+
+
 def job_log(job_id: str) -> str:
     """STREAM: the job's log lines (task, stream, text, time)."""
     return f"{PREFIX}:job:{job_id}:log"

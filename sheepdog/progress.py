@@ -8,6 +8,7 @@ from typing import Any
 import redis
 
 from . import store
+from .defaults import PIECES_PAGE
 from .models import Job, JobStatus, Task, TaskStatus
 
 
@@ -31,8 +32,11 @@ def piece(task: Task) -> dict[str, Any]:
             if task.status in (TaskStatus.SUCCESS, TaskStatus.ERROR) else None}
 
 
-def job_view(conn: redis.Redis, job: Job, with_pieces: bool = True) -> dict[str, Any]:
-    """The JSON form of a job shared by the CLI (--json) and the REST API."""
+def job_view(conn: redis.Redis, job: Job, with_pieces: bool = True, offset: int = 0,
+             limit: int = PIECES_PAGE) -> dict[str, Any]:
+    """The JSON form of a job shared by the CLI (--json) and the REST API: its counts,
+    and one page of its pieces (`offset`, `limit`), so a view of a job of 100,000
+    pieces costs what a view of one of 40 does."""
     now = time.time()
     view: dict[str, Any] = {
         "id": job.id, "workflow": job.workflow, "status": job.status,
@@ -46,8 +50,9 @@ def job_view(conn: redis.Redis, job: Job, with_pieces: bool = True) -> dict[str,
         "result": job.result or None,
     }
     if with_pieces:
-        tasks = store.job_tasks(conn, job.id)
-        view["pieces"] = [piece(t) for t in tasks]
-        running = [t for t in tasks if t.status == TaskStatus.RUNNING]
-        view["progress"]["running"] = len(running)
+        view["progress"]["running"] = len(store.running_tasks(conn, job.id))
+        total = store.count_tasks(conn, job.id)
+        view["pieces"] = [piece(t) for t in store.job_tasks(conn, job.id, offset, limit)]
+        view["pieces_total"] = total
+        view["pieces_next"] = offset + limit if offset + limit < total else None
     return view

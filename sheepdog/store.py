@@ -52,12 +52,37 @@ def job_task_ids(conn: redis.Redis, job_id: str) -> list[str]:
     return [_text(t) for t in conn.lrange(keys.job_tasks(job_id), 0, -1)]
 
 
-def job_tasks(conn: redis.Redis, job_id: str) -> list[Task]:
-    ids = job_task_ids(conn, job_id)
+def job_tasks(conn: redis.Redis, job_id: str, offset: int = 0,
+              limit: int | None = None) -> list[Task]:
+    """The job's tasks in order; `offset`/`limit` for one page of a large job."""
+    if limit is not None and limit <= 0:
+        return []
+    stop = -1 if limit is None else offset + limit - 1
+    ids = [_text(t) for t in conn.lrange(keys.job_tasks(job_id), offset, stop)]
     pipe = conn.pipeline(transaction=False)
     for tid in ids:
         pipe.hgetall(keys.task(tid))
     return [from_hash(Task, raw) for raw in pipe.execute() if raw]
+
+
+def count_tasks(conn: redis.Redis, job_id: str) -> int:
+    return int(conn.llen(keys.job_tasks(job_id)))
+
+
+def running_tasks(conn: redis.Redis, job_id: str) -> list[Task]:
+    """The job's running tasks, read from its small running set (dropping those that
+    ended or went back to the queue since)."""
+    ids = _texts(conn.smembers(keys.job_running(job_id)))
+    pipe = conn.pipeline(transaction=False)
+    for tid in ids:
+        pipe.hgetall(keys.task(tid))
+    tasks = [from_hash(Task, raw) if raw else None for raw in pipe.execute()]
+    running = [t for t in tasks if t is not None and t.status == TaskStatus.RUNNING]
+    stale = [tid for tid, t in zip(ids, tasks, strict=True)
+             if t is None or t.status != TaskStatus.RUNNING]
+    if stale:
+        conn.srem(keys.job_running(job_id), *stale)
+    return running
 
 
 def list_jobs(conn: redis.Redis, limit: int = 50, offset: int = 0) -> list[Job]:
@@ -184,6 +209,7 @@ def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
             if state == JobStatus.QUEUED:
                 pipe.hset(keys.job(jid), mapping={"status": JobStatus.RUNNING,
                                                   "started": str(now)})
+            pipe.sadd(keys.job_running(jid), task.id)
             pipe.xadd(keys.job_log(jid), logs.note_fields(said, task.id, task.name))
         return task
 
@@ -229,6 +255,11 @@ def _say(pipe: Pipeline, jobs: dict[str, dict[str, str]], task: Task, text: str)
     """A note about a task into its jobs' logs, inside the transaction that changed it."""
     for jid in jobs:
         pipe.xadd(keys.job_log(jid), logs.note_fields(text, task.id, task.name))
+
+
+def _ended(pipe: Pipeline, jobs: dict[str, dict[str, str]], task_id: str) -> None:
+    for jid in jobs:
+        pipe.srem(keys.job_running(jid), task_id)
 
 
 def _close_log(pipe: Pipeline, job_id: str, status: str, exit_code: int | None,
@@ -326,6 +357,7 @@ def _record_success(pipe: Pipeline, conn: redis.Redis, task: Task,
                                            "ended": str(now), "error": ""})
     pipe.srem(keys.active_tasks(), task.id)
     pipe.delete(keys.task_heartbeat(task.id), keys.task_dependents(task.id))
+    _ended(pipe, jobs, task.id)
     for dep, (status, pending, queue) in dep_state.items():
         if status != TaskStatus.WAITING:
             continue
@@ -353,6 +385,7 @@ def _record_failure(pipe: Pipeline, task: Task, jobs: dict[str, dict[str, str]],
         "exit_code": "" if task.exit_code is None else str(task.exit_code)})
     pipe.srem(keys.active_tasks(), task.id)
     pipe.delete(keys.task_heartbeat(task.id))
+    _ended(pipe, jobs, task.id)
     for dep in downstream:
         pipe.hset(keys.task(dep), mapping={"status": TaskStatus.CANCELLED,
                                            "error": f"needs '{task.name}', which failed"})
@@ -489,6 +522,7 @@ def cancel_job(conn: redis.Redis, job_id: str) -> bool:
         pipe.hset(keys.job(job_id), mapping={"status": JobStatus.CANCELLED,
                                             "ended": str(now), "error": "cancelled by user"})
         _close_log(pipe, job_id, JobStatus.CANCELLED, None)
+        pipe.delete(keys.job_running(job_id))
         for tid in task_ids:
             pipe.srem(keys.task_jobs(tid), job_id)
             if states[tid] in ACTIVE and not others[tid]:

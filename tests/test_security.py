@@ -195,3 +195,84 @@ def test_six_hundred_chromosomes_are_refused_before_any_file_is_opened(tmp_path)
     with pytest.raises(InputError, match="600 chromosomes; at most 100"):
         prepare(GemmaRequest(geno=BXD / "BXD_geno.txt.gz", pheno=BXD / "BXD_pheno.txt",
                              anno=anno), Cache(tmp_path / "cache"))
+
+
+def test_validating_and_splitting_runs_outside_the_web_process_within_limits(
+        redis_server, home, queue, tmp_path):
+    import gzip
+    import resource
+    import threading
+    import time
+
+    # 140,000 markers: a few MB to send, seconds of CPU to validate and split
+    geno, anno = tmp_path / "big_geno.txt.gz", tmp_path / "big_snps.txt"
+    rows = gzip.open(BXD / "BXD_geno.txt.gz", "rt").read().splitlines()
+    snps = (BXD / "BXD_snps.txt").read_text().splitlines()
+    with gzip.open(geno, "wt", compresslevel=1) as g, open(anno, "w") as a:
+        for rep in range(20):
+            g.writelines(f"r{rep}_{row}\n" for row in rows)
+            a.writelines(f"r{rep}_{snp}\n" for snp in snps)
+    app = create_app({"TESTING": True, "SETTINGS": {
+        "redis_url": redis_server.url, "home": home, "api_tokens": (TOKEN,), "queue": queue,
+        "input_roots": (str(BXD), str(tmp_path)), "prepare_seconds": 1.0}})
+    client = app.test_client()
+    small = {"geno": str(BXD / "BXD_geno.txt.gz"), "pheno": str(BXD / "BXD_pheno.txt"),
+             "anno": str(BXD / "BXD_snps.txt")}
+    assert client.post("/jobs", headers=AUTH, json={"workflow": "gemma-loco",
+                                                    "inputs": small}).status_code == 202
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    answers: list = []
+    heavy = threading.Thread(target=lambda: answers.append(client.post(
+        "/jobs", headers=AUTH, json={"workflow": "gemma-loco",
+                                     "inputs": dict(small, geno=str(geno), anno=str(anno))})))
+    heavy.start()
+    health = []
+    while heavy.is_alive():  # the service answers while the heavy request is prepared
+        started = time.monotonic()
+        assert client.get("/health").status_code == 200
+        health.append(time.monotonic() - started)
+        time.sleep(0.05)
+    heavy.join()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    r = answers[0]
+    assert r.status_code == 413 and r.get_json()["field"] == "inputs", r.get_json()
+    assert "prepare_seconds" in r.get_json()["error"]
+    assert health and max(health) < 0.5, health
+    # the CPU went to a child process, not to this (the web) process
+    assert after.ru_utime - before.ru_utime < 0.5
+    # a bad input found in the child is the same clear 400 as before
+    bad = tmp_path / "bad_pheno.txt"
+    bad.write_text("1.5\nx\n")
+    r = client.post("/jobs", headers=AUTH, json={"workflow": "gemma-loco",
+                                                 "inputs": dict(small, pheno=str(bad))})
+    assert r.status_code == 400 and r.get_json()["field"] == "inputs.pheno", r.get_json()
+    assert "line 2" in r.get_json()["error"], r.get_json()
+
+
+def test_job_views_stay_small_for_a_job_of_a_thousand_pieces(client, conn, queue):
+    from sheepdog import keys, store
+    from sheepdog.models import Job, Task
+    from web.stream import _progress_event
+
+    job_id = "20261202-000000-manypieces"
+    tasks = [Task(name=f"item {i}", argv=["true", str(i)], queue=queue, cacheable=False,
+                  nonce=job_id) for i in range(1000)]
+    store.submit(conn, Job(id=job_id, workflow="command", queue=queue), tasks)
+    for t in tasks[:3]:
+        assert store.claim(conn, t.id, "w1", 30) is not None
+    store.finish(conn, tasks[0].id, "w1", 0)
+    r = client.get(f"/jobs/{job_id}", headers=AUTH)
+    view = r.get_json()
+    assert len(r.data) < 100_000
+    assert (len(view["pieces"]), view["pieces_total"], view["pieces_next"]) == (200, 1000, 200)
+    assert view["progress"]["running"] == 2 and view["progress"]["done"] == 1
+    last = client.get(f"/jobs/{job_id}?offset=900&limit=200", headers=AUTH).get_json()
+    assert [p["name"] for p in last["pieces"]] == [f"item {i}" for i in range(900, 1000)]
+    assert last["pieces_next"] is None
+    # the live page's progress events carry counts, not a thousand pieces
+    event = _progress_event(conn, job_id)
+    assert event["pieces"] == [] and event["pieces_total"] == 1000
+    assert len(json.dumps(event)) < 1000
+    # the running set holds what was claimed and not yet ended, and heals itself
+    store.finish(conn, tasks[1].id, "w1", 1, "failed")
+    assert conn.scard(keys.job_running(job_id)) <= 2

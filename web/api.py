@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import secrets
-from pathlib import Path
 from typing import Any, NoReturn
 
 from flask import Blueprint, Response, abort, g, jsonify, make_response, request, send_file, url_for
 
 from sheepdog import jobs, keys, logs, progress, store, workflows
-from sheepdog.errors import FieldError, InputError, SheepdogError
+from sheepdog.defaults import PIECES_PAGE
+from sheepdog.errors import SheepdogError
 from sheepdog.models import Job, JobStatus
 
-from . import inputs, spec, state
+from . import inputs, prepare, spec, state
 
 bp = Blueprint("api", __name__)
 
@@ -52,16 +52,6 @@ def urls(job: Job) -> dict[str, str]:
             "page": url_for("pages.job_page", job_id=job.id, token=job.read_token)}
 
 
-def _inputs(raw: Any, roles: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Path]:
-    """A workflow's inputs as local files: uploads, bundle members or paths under roots."""
-    settings = state.settings()
-    try:
-        return inputs.resolve(raw, dict(request.files.items()), settings.input_roots,
-                              settings.home, roles, required)
-    except InputError as e:
-        raise FieldError(e.where, e.problem) from e
-
-
 # what a read token (a shared page link) must not show: server paths, worker host names
 _PRIVATE = {"out_dir", "path", "worker", "host", "files", "sheepdog", "lmdb", "cwd"}
 
@@ -98,20 +88,28 @@ def create_job() -> Any:
     body = _body()
     workflow = workflows.get(body.get("workflow"))
     _check_placement(body)
-    job, tasks = workflow.from_request(body, _inputs, state.settings(), state.cache())
+    settings = state.settings()
+    where, files = inputs.save_uploads(dict(request.files.items()), settings.home)
+    job, tasks = prepare.prepare(workflow.name, body, files, where, settings)
     job.read_token = secrets.token_urlsafe(24)
     jobs.submit(state.conn(), state.settings(), job, tasks)
     return jsonify(id=job.id, status=job.status, read_token=job.read_token,
                    urls=urls(job)), 202
 
 
-@bp.get("/jobs")
-def list_jobs() -> Any:
+def _page(default: int, most: int) -> tuple[int, int]:
+    """offset and limit from the query string, clamped."""
     try:
-        limit = min(200, max(1, int(request.args.get("limit", 50))))
+        limit = min(most, max(1, int(request.args.get("limit", default))))
         offset = min(MAX_OFFSET, max(0, int(request.args.get("offset", 0))))
     except ValueError:
         bad("limit", "limit and offset must be whole numbers")
+    return offset, limit
+
+
+@bp.get("/jobs")
+def list_jobs() -> Any:
+    offset, limit = _page(50, 200)
     conn = state.conn()
     views = [progress.job_view(conn, j, with_pieces=False) for j in
              store.list_jobs(conn, limit=limit, offset=offset)]
@@ -124,7 +122,8 @@ def list_jobs() -> Any:
 def get_job(job_id: str) -> Any:
     conn = state.conn()
     job = store.get_job(conn, job_id)
-    view = progress.job_view(conn, job)
+    offset, limit = _page(PIECES_PAGE, PIECES_PAGE)  # one page of pieces
+    view = progress.job_view(conn, job, offset=offset, limit=limit)
     view["urls"] = urls(job)
     return jsonify(_for_reader(view))
 

@@ -4,6 +4,10 @@ An input is an uploaded file (multipart field named after the input), a member o
 uploaded tar.gz bundle (field `bundle`, like GN3's metadata uploads; the input's value
 names the member), or a path under one of the configured server-side roots. Uploaded
 names never leave their directory; paths outside the roots are refused.
+
+The request saves what was uploaded (`save_uploads`, streamed to disk); resolving the
+inputs, bundle unpacking included, needs no request and runs where the workflow is
+prepared (`web/prepare.py`: a bounded child process for workflows that read files).
 """
 
 from __future__ import annotations
@@ -55,12 +59,23 @@ def _save_upload(storage: FileStorage, where: Path, role: str) -> Path:
     return target
 
 
-def _unpack_bundle(storage: FileStorage, where: Path) -> Path:
+def save_uploads(files: dict[str, FileStorage], home: Path) -> tuple[Path | None,
+                                                                    dict[str, Path]]:
+    """Every uploaded field saved in this request's upload directory (None: nothing
+    uploaded); field name -> saved file."""
+    if not files:
+        return None, {}
+    where = upload_dir(home)
+    return where, {field: _save_upload(storage, where, field) for field, storage in
+                   files.items()}
+
+
+def _unpack_bundle(bundle: Path, where: Path) -> Path:
     """Extract a tar.gz of regular files only, each kept inside `where`."""
     bundle_dir = where / "bundle"
     bundle_dir.mkdir()
     try:
-        with tarfile.open(fileobj=storage.stream, mode="r:*") as tar:
+        with tarfile.open(bundle, mode="r:*") as tar:
             for member in tar.getmembers():
                 if not member.isfile():
                     continue
@@ -97,30 +112,29 @@ def _inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
-def resolve(inputs: dict[str, Any], files: dict[str, FileStorage], roots: tuple[str, ...],
-            home: Path, roles: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Path]:
+def resolve(inputs: dict[str, Any], files: dict[str, Path], where: Path | None,
+            roots: tuple[str, ...], roles: tuple[str, ...],
+            required: tuple[str, ...]) -> dict[str, Path]:
     """role -> local path for every input given (the workflow says which roles exist
-    and which are required); InputError names the field otherwise."""
+    and which are required), from the saved uploads `files` (in `where`), bundle members
+    or paths under `roots`; InputError names the field otherwise."""
     if not isinstance(inputs, dict):
         raise InputError("inputs", "must be an object mapping input names to files")
     unknown = set(inputs) - set(roles)
     if unknown:
         raise InputError(f"inputs.{sorted(unknown)[0]}", f"unknown input; use {roles}")
-    where: Path | None = None
     bundle: Path | None = None
     found: dict[str, Path] = {}
     for role in roles:
         if role in files:
-            where = where or upload_dir(home)
-            found[role] = _save_upload(files[role], where, role)
+            found[role] = files[role]
             continue
         value = inputs.get(role)
         if value is None:
             continue
         if not isinstance(value, str) or not value or "\0" in value or len(value) > 4096:
             raise InputError(f"inputs.{role}", "must be a file name or path")
-        if "bundle" in files:
-            where = where or upload_dir(home)
+        if "bundle" in files and where is not None:
             bundle = bundle or _unpack_bundle(files["bundle"], where)
             member = (bundle / value).resolve()
             if not _inside(member, bundle) or not member.is_file():

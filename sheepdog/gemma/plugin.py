@@ -146,6 +146,8 @@ def _is_kind(value: Any, kind: type) -> bool:
 class GemmaWorkflow(Workflow):
     """A LOCO scan, and with `permutations` its permutation thresholds too."""
 
+    reads_inputs = True
+
     def __init__(self, name: str, summary: str, permutations: bool) -> None:
         self.name, self.summary, self.permutations = name, summary, permutations
         self.result_files = dict(SCAN_FILES)

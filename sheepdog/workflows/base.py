@@ -32,6 +32,9 @@ class Workflow(abc.ABC):
     summary: str = ""
     # files a finished job serves at GET /jobs/<id>/result/<name>: name -> media type
     result_files: dict[str, str] = {}
+    # from_request reads and splits input files: the web service then runs it in a
+    # child process with memory and CPU limits (web/prepare.py)
+    reads_inputs: bool = False
 
     @abc.abstractmethod
     def command(self) -> click.Command:

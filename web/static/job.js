@@ -44,6 +44,13 @@
     status.className = "badge " + m.status;
     const grid = document.getElementById("grid");
     grid.innerHTML = "";
+    if (m.pieces_total > m.pieces.length) {
+      // too many pieces for one cell each: counts only (the API pages the pieces)
+      const c = document.createElement("span");
+      c.className = "counts";
+      c.textContent = `${p.total} pieces: ${p.done} done, ${p.running || 0} running`;
+      grid.appendChild(c);
+    }
     for (const piece of m.pieces) {
       const c = document.createElement("span");
       c.className = "cell " + piece.status;
