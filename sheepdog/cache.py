@@ -80,6 +80,22 @@ class Cache:
         self.put_blob_file(tmp, sha)
         return sha
 
+    def put_bytes(self, data: bytes) -> str:
+        """Store bytes under the hash of their contents (a spec, an index); the hash."""
+        sha = hashlib.sha256(data).hexdigest()
+        if self.blob(sha).exists():
+            return sha
+        tmp = self.tmp / f"in.{uuid.uuid4().hex}"
+        try:
+            tmp.write_bytes(data)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(e):
+                raise DiskFull(str(self.root), "writing a job's description") from e
+            raise
+        self.put_blob_file(tmp, sha)
+        return sha
+
     def put_blob_file(self, tmp: Path, sha: str) -> Path:
         """Move an already-hashed file to its address (dropped if it is already there)."""
         target = self.blob(sha)

@@ -54,7 +54,19 @@ class RunGroup(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class TopGroup(click.Group):
+    """The commands, plus each workflow that is a command of its own (`sheepdog map`)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is None and cmd_name in workflows.names():
+            workflow = workflows.find(cmd_name)
+            if workflow is not None and workflow.top_level:
+                return workflow.command()
+        return found
+
+
+@click.group(cls=TopGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sheepdog")
 def cli() -> None:
     """Run jobs (commands, GEMMA LOCO scans, permutations) through Redis, with live logs."""
@@ -300,13 +312,21 @@ def redis_stop() -> None:
 @click.argument("job_id")
 @click.option("--out", "out_dir", type=click.Path(), default=None,
               help="Write the result files here too.")
-def result(job_id: str, out_dir: str | None) -> None:
+@click.option("--item", "item_key", default=None, metavar="KEY",
+              help="One item's output (map jobs); an error says why it has none.")
+def result(job_id: str, out_dir: str | None, item_key: str | None) -> None:
     """Print a finished job's result (and write its files to --out)."""
     settings = _settings()
     db = _conn(settings)
     job = store.get_job(db, job_id)
     workflow = workflows.find(job.workflow)
-    if job.status != JobStatus.SUCCESS or workflow is None:
+    if workflow is None:
+        raise click.ClickException(f"job {job_id}'s workflow {job.workflow!r} is not installed")
+    if item_key is not None:
+        _print_json(workflow.item(db, settings, job, item_key))
+        return
+    # a workflow whose pieces are items keeps the results of those that succeeded
+    if job.status != JobStatus.SUCCESS and not (workflow.partial_results and job.status.final):
         raise click.ClickException(f"job {job_id} is {job.status}, not a finished job "
                                    "with a result")
     _print_json(workflow.export(db, settings, job, Path(out_dir)) if out_dir

@@ -20,7 +20,7 @@ from .connection import connect
 from .defaults import TERMINAL_REDRAW
 from .logs import LogLine
 from .models import Job, JobStatus, Task
-from .runner import follow_job, spawn_detached_worker
+from .runner import Helpers, follow_job, spawn_detached_worker
 from .worker import live_workers
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,15 +57,18 @@ def backend_options(fn: F) -> F:
 
 
 def finish(db: Any, given: config.Settings, job_id: str, queue: str, detach: bool,
-           as_json: bool, after_wait: Callable[[Any, config.Settings, str], None] | None = None
-           ) -> int:
-    """Shared end of every `run`: detach, or stream until the end; returns the exit code."""
+           as_json: bool, after_wait: Callable[[Any, config.Settings, str], None] | None = None,
+           concurrency: int | None = None, show_notes: bool = True) -> int:
+    """Shared end of every `run`: detach, or stream until the end; returns the exit code.
+    `concurrency`: pieces at once when this process runs the job itself; `show_notes`
+    False prints sheepdog's per-piece lines only when something went wrong."""
     if detach:
         if not live_workers(db, queue):
             spawn_detached_worker(given, queue)
         click.echo(job_id)
         return 0
-    stream_until_done(db, given, job_id, queue, quiet=as_json)
+    stream_until_done(db, given, job_id, queue, quiet=as_json, concurrency=concurrency,
+                      show_notes=show_notes)
     if after_wait:
         after_wait(db, given, job_id)
     job = store.get_job(db, job_id)
@@ -149,13 +152,21 @@ class Interrupted(click.exceptions.Exit):
         super().__init__(130)
 
 
+def _worth_showing(line: LogLine) -> bool:
+    """Without per-piece notes: output, and sheepdog lines that say something failed."""
+    return line.stream != "sheepdog" or line.end or any(
+        word in line.text for word in ("error", "failed", "lost", "stopped", "truncated"))
+
+
 def stream_until_done(db: Any, given: config.Settings, job_id: str, queue: str,
-                      quiet: bool = False) -> None:
+                      quiet: bool = False, concurrency: int | None = None,
+                      show_notes: bool = True) -> None:
     bar = ProgressLine(db, job_id)
+    helpers = Helpers(db, given, job_id, queue, concurrency)
     try:
-        for line in follow_job(db, given, job_id, queue):
+        for line in follow_job(db, given, job_id, queue, helpers=helpers):
             bar.clear()
-            if not quiet:
+            if not quiet and (show_notes or _worth_showing(line)):
                 print_line(line)
             bar.tick()
     except KeyboardInterrupt:

@@ -64,3 +64,10 @@ SLURM_SQUEUE_MAX_PAUSE = 60.0  # s: back-off ceiling while the controller does n
 # a job view lists at most this many pieces (the rest by page): the web page, the
 # websocket's progress events and `sheepdog status` stay small for any job size
 PIECES_PAGE = 200
+
+# sheepdog.Executor: submits go to Redis in batches, at most this many pieces at once,
+# gathered for this long after the first (one transaction instead of one per call)
+EXECUTOR_BATCH = 500
+EXECUTOR_FLUSH = 0.002  # s
+EXECUTOR_STOP_WAIT = 10.0  # s: its own workers get this long to hand back and stop
+EXECUTOR_WORKERS_CHECK = 1.0  # s: how often it looks whether its workers still live

@@ -45,6 +45,16 @@ class UnknownJob(SheepdogError):
         self.job_id = job_id
 
 
+class JobEnded(SheepdogError):
+    """The job has ended (failed or cancelled): it takes no more tasks."""
+
+    http_status = 409
+
+    def __init__(self, job_id: str, status: str) -> None:
+        super().__init__(f"job {job_id} has ended ({status}); it takes no more tasks")
+        self.job_id, self.status = job_id, status
+
+
 class InputError(SheepdogError):
     """A user's input file or field is wrong; names the file, line and problem."""
 

@@ -1,5 +1,6 @@
-"""Work done once when a job succeeds (its workflow's gather and export), by whoever
-sees it first."""
+"""Work a workflow does as its job goes: after each piece (piece_done, by the worker
+that ran it), and once when the job succeeds (its gather and export, by whoever sees
+it first)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from . import keys, logs, store, workflows
 from .config import Settings
 from .defaults import FINALIZE_LOCK, FINALIZE_WAIT
 from .errors import SheepdogError
-from .models import JobStatus
+from .models import JobStatus, Task
 
 
 def finalize(conn: redis.Redis, settings: Settings, job_id: str) -> None:
@@ -38,3 +39,18 @@ def finalize(conn: redis.Redis, settings: Settings, job_id: str) -> None:
         store.set_job_fields(conn, job_id, error=f"results not written: {e}")
     finally:
         conn.delete(keys.job_finalizing(job_id))
+
+
+def piece_done(conn: redis.Redis, settings: Settings, job_id: str, task: Task) -> None:
+    """Tell the job's workflow that one of its pieces succeeded (if it wants to know)."""
+    workflow_name = conn.hget(keys.job(job_id), "workflow")
+    workflow = workflows.find(workflow_name.decode()) if workflow_name else None
+    if workflow is None or type(workflow).piece_done is workflows.Workflow.piece_done:
+        return  # most workflows don't count: one round trip, nothing more
+    job = store.get_job(conn, job_id)
+    if job.status.final:
+        return
+    try:
+        workflow.piece_done(conn, settings, job, task)
+    except (SheepdogError, OSError, KeyError, ValueError) as e:
+        logs.note(conn, job_id, f"could not count {task.name}: {e}", task=task.id)

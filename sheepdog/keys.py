@@ -24,6 +24,16 @@ def job_running(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:running"
 
 
+def job_counts(job_id: str) -> str:
+    """HASH: a workflow's own counters for the job (items succeeded, failed...)."""
+    return f"{PREFIX}:job:{job_id}:counts"
+
+
+def job_counted(job_id: str) -> str:
+    """SET: the job's pieces already added to its counters (each counted once)."""
+    return f"{PREFIX}:job:{job_id}:counted"
+
+
 def job_log(job_id: str) -> str:
     """STREAM: the job's log lines (task, stream, text, time)."""
     return f"{PREFIX}:job:{job_id}:log"

@@ -50,8 +50,10 @@ class Helpers:
     threads in the client itself (measured faster here than helper processes, whose
     interpreter start-up lands on the job's critical path)."""
 
-    def __init__(self, conn: redis.Redis, settings: Settings, job_id: str, queue: str) -> None:
+    def __init__(self, conn: redis.Redis, settings: Settings, job_id: str, queue: str,
+                 concurrency: int | None = None) -> None:
         self.conn, self.settings, self.job_id, self.queue = conn, settings, job_id, queue
+        self.concurrency = concurrency
         self.thread: tuple[Worker, threading.Thread] | None = None
 
     def alive(self) -> bool:
@@ -63,7 +65,8 @@ class Helpers:
             return
         if JobStatus(store.get_job(self.conn, self.job_id).status).final:
             return  # a helper for an ended job would only take (and hand back) others' pieces
-        self.thread = run_inline(self.conn, self.settings, self.job_id, self.queue)
+        self.thread = run_inline(self.conn, self.settings, self.job_id, self.queue,
+                                 self.concurrency)
 
     def stop(self) -> None:
         """After the job ended: hand back whatever the threads still run, then go."""

@@ -15,7 +15,7 @@ import redis
 from redis.client import Pipeline
 
 from . import dispatch, keys, logs
-from .errors import UnknownJob
+from .errors import JobEnded, UnknownJob
 from .models import Job, JobStatus, Task, TaskStatus, from_hash, to_hash, valid_job_id
 
 ACTIVE = {TaskStatus.WAITING, TaskStatus.QUEUED, TaskStatus.RUNNING}
@@ -111,17 +111,53 @@ def set_job_fields(conn: redis.Redis, job_id: str, **values: Any) -> None:
 # ---------------------------------------------------------------- submitting
 
 
+def _add(pipe: Pipeline, conn: redis.Redis, job_id: str, tasks: list[Task],
+         states: dict[str, str], published: Callable[[str], bool], now: float) -> tuple[int, int]:
+    """Inside a MULTI: store the tasks for the job, dispatch what can run now; returns
+    (done, cached) among them."""
+    done = cached = 0
+    for task in tasks:
+        state = states[task.id]
+        if state == TaskStatus.SUCCESS and published(task.id):
+            done, cached = done + 1, cached + 1
+            continue
+        if state in ACTIVE:
+            pipe.sadd(keys.task_jobs(task.id), job_id)
+            continue  # shared with the job that started it
+        # starting over: jobs of an earlier run of it have counted it already
+        pipe.delete(keys.task_jobs(task.id))
+        pipe.sadd(keys.task_jobs(task.id), job_id)
+        waiting_on = [d for d in task.deps if states.get(d) != TaskStatus.SUCCESS]
+        task.pending = len(waiting_on)
+        task.status = TaskStatus.WAITING if waiting_on else TaskStatus.QUEUED
+        task.attempts, task.exit_code, task.error = 0, None, ""
+        task.queued_at = now
+        pipe.delete(keys.task(task.id))
+        pipe.hset(keys.task(task.id), mapping=to_hash(task))
+        for dep in waiting_on:
+            pipe.sadd(keys.task_dependents(dep), task.id)
+        pipe.sadd(keys.active_tasks(), task.id)
+        states[task.id] = task.status
+        if not waiting_on:
+            dispatch.push(pipe, conn, task.id, task.queue)
+    if tasks:
+        pipe.rpush(keys.job_tasks(job_id), *[t.id for t in tasks])
+    return done, cached
+
+
 def submit(
     conn: redis.Redis,
     job: Job,
     tasks: list[Task],
     published: Callable[[str], bool] = lambda _tid: True,
+    open_: bool = False,
 ) -> Job:
     """Store a job and its tasks (in dependency order); dispatch what can run now.
 
     A task that already succeeded (and whose outputs are still published) counts as
     done at once: that is the cache. A task still queued or running for another job
     is shared, not started twice. A task that failed or was cancelled before starts over.
+    An `open_` job takes more tasks later (add_tasks) and cannot end before close_job.
     """
     task_keys = [keys.task(t.id) for t in tasks]
 
@@ -129,48 +165,85 @@ def submit(
         states = {t.id: _text(pipe.hget(keys.task(t.id), "status")) for t in tasks}
         now = time.time()
         pipe.multi()
-        done = cached = 0
-        for task in tasks:
-            state = states[task.id]
-            if state == TaskStatus.SUCCESS and published(task.id):
-                done, cached = done + 1, cached + 1
-                continue
-            if state in ACTIVE:
-                pipe.sadd(keys.task_jobs(task.id), job.id)
-                continue  # shared with the job that started it
-            # starting over: jobs of an earlier run of it have counted it already
-            pipe.delete(keys.task_jobs(task.id))
-            pipe.sadd(keys.task_jobs(task.id), job.id)
-            waiting_on = [d for d in task.deps if states.get(d) != TaskStatus.SUCCESS]
-            task.pending = len(waiting_on)
-            task.status = TaskStatus.WAITING if waiting_on else TaskStatus.QUEUED
-            task.attempts, task.exit_code, task.error = 0, None, ""
-            task.queued_at = now
-            pipe.delete(keys.task(task.id))
-            pipe.hset(keys.task(task.id), mapping=to_hash(task))
-            for dep in waiting_on:
-                pipe.sadd(keys.task_dependents(dep), task.id)
-            pipe.sadd(keys.active_tasks(), task.id)
-            states[task.id] = task.status
-            if not waiting_on:
-                dispatch.push(pipe, conn, task.id, task.queue)
-        job.total, job.done, job.cached = len(tasks), done, cached
+        pipe.delete(keys.job_tasks(job.id))
+        done, cached = _add(pipe, conn, job.id, tasks, states, published, now)
+        # an open job counts one piece more than it has: the one close_job removes
+        job.total, job.done, job.cached = len(tasks) + open_, done, cached
         pipe.hset(keys.job(job.id), mapping=to_hash(job))
         if cached:
             pipe.xadd(keys.job_log(job.id), logs.note_fields(
                 f"cache hit: {cached}/{len(tasks)} pieces already computed"))
-        if done == len(tasks):
+        if done == job.total:
             job.status, job.ended, job.exit_code = JobStatus.SUCCESS, now, 0
             pipe.hset(keys.job(job.id), mapping={"status": job.status, "ended": str(now),
                                                 "exit_code": "0"})
             _close_log(pipe, job.id, job.status, 0)
-        pipe.delete(keys.job_tasks(job.id))
-        if tasks:
-            pipe.rpush(keys.job_tasks(job.id), *[t.id for t in tasks])
         pipe.zadd(keys.jobs_index(), {job.id: job.submitted})
 
     conn.transaction(txn, *task_keys)
     return job
+
+
+def add_tasks(conn: redis.Redis, job_id: str, tasks: list[Task],
+              published: Callable[[str], bool] = lambda _tid: True) -> None:
+    """More tasks for an open job (see submit); UnknownJob, or SheepdogError if the job
+    has ended (failed or cancelled) meanwhile."""
+    task_keys = [keys.task(t.id) for t in tasks]
+
+    def txn(pipe: Pipeline) -> None:
+        status = _text(pipe.hget(keys.job(job_id), "status"))
+        if not status:
+            raise UnknownJob(job_id)
+        if JobStatus(status).final:
+            raise JobEnded(job_id, status)
+        states = {t.id: _text(pipe.hget(keys.task(t.id), "status")) for t in tasks}
+        pipe.multi()
+        done, _ = _add(pipe, conn, job_id, tasks, states, published, time.time())
+        pipe.hincrby(keys.job(job_id), "total", len(tasks))
+        if done:
+            pipe.hincrby(keys.job(job_id), "done", done)
+            pipe.hincrby(keys.job(job_id), "cached", done)
+
+    conn.transaction(txn, keys.job(job_id), *task_keys)
+
+
+def close_job(conn: redis.Redis, job_id: str) -> None:
+    """An open job takes no more tasks: it ends when the ones it has are done."""
+    def txn(pipe: Pipeline) -> None:
+        fields = [_text(v) for v in pipe.hmget(keys.job(job_id), "status", "done", "total")]
+        if not fields[0] or JobStatus(fields[0]).final:
+            return
+        done, total = int(fields[1] or 0), int(fields[2] or 0) - 1
+        now = time.time()
+        pipe.multi()
+        pipe.hset(keys.job(job_id), "total", str(total))
+        if done >= total:
+            pipe.hset(keys.job(job_id), mapping={"status": JobStatus.SUCCESS,
+                                                "ended": str(now), "exit_code": "0"})
+            _close_log(pipe, job_id, JobStatus.SUCCESS, 0)
+
+    conn.transaction(txn, keys.job(job_id))
+
+
+def drop_task(conn: redis.Redis, job_id: str, task_id: str) -> bool:
+    """Take a task that has not started out of an open job (a cancelled future); False
+    if it is running or done, or another job waits on it too."""
+    def txn(pipe: Pipeline) -> bool:
+        status = _text(pipe.hget(keys.task(task_id), "status"))
+        jobs = _texts(pipe.smembers(keys.task_jobs(task_id)))
+        if status not in (TaskStatus.QUEUED, TaskStatus.WAITING) or jobs != [job_id]:
+            return False
+        pipe.multi()
+        pipe.hset(keys.task(task_id), mapping={"status": TaskStatus.CANCELLED,
+                                               "error": "cancelled", "ended": str(time.time())})
+        pipe.srem(keys.active_tasks(), task_id)
+        pipe.srem(keys.task_jobs(task_id), job_id)
+        pipe.lrem(keys.job_tasks(job_id), 1, task_id)
+        pipe.hincrby(keys.job(job_id), "total", -1)
+        return True
+
+    return conn.transaction(txn, keys.task(task_id), keys.task_jobs(task_id),
+                            keys.job(job_id), value_from_callable=True)
 
 
 # ---------------------------------------------------------------- running
@@ -508,6 +581,12 @@ def cancel_job(conn: redis.Redis, job_id: str) -> bool:
 
     False if the job had already ended.
     """
+    return stop_job(conn, job_id, JobStatus.CANCELLED, "cancelled by user")
+
+
+def stop_job(conn: redis.Redis, job_id: str, status: JobStatus, why: str) -> bool:
+    """End a job early with this status and reason (a cancel; too many failed items);
+    its tasks stop unless another job still waits on them. False if it had ended."""
     get_job(conn, job_id)
     task_ids = job_task_ids(conn, job_id)
     watch = [keys.job(job_id)] + [keys.task_jobs(t) for t in task_ids]
@@ -519,9 +598,9 @@ def cancel_job(conn: redis.Redis, job_id: str) -> bool:
         states = {t: _text(pipe.hget(keys.task(t), "status")) for t in task_ids}
         now = time.time()
         pipe.multi()
-        pipe.hset(keys.job(job_id), mapping={"status": JobStatus.CANCELLED,
-                                            "ended": str(now), "error": "cancelled by user"})
-        _close_log(pipe, job_id, JobStatus.CANCELLED, None)
+        pipe.hset(keys.job(job_id), mapping={"status": status, "ended": str(now),
+                                            "error": why})
+        _close_log(pipe, job_id, status, None, "" if status == JobStatus.CANCELLED else why)
         pipe.delete(keys.job_running(job_id))
         for tid in task_ids:
             pipe.srem(keys.task_jobs(tid), job_id)
@@ -532,6 +611,27 @@ def cancel_job(conn: redis.Redis, job_id: str) -> bool:
         return True
 
     return conn.transaction(txn, *watch, value_from_callable=True)
+
+
+def count(conn: redis.Redis, job_id: str, task_id: str, **amounts: int) -> dict[str, int]:
+    """Add a piece's amounts to the job's counters, once per piece; the totals."""
+    def txn(pipe: Pipeline) -> dict[str, int]:
+        fresh = not pipe.sismember(keys.job_counted(job_id), task_id)
+        pipe.multi()
+        if fresh:
+            pipe.sadd(keys.job_counted(job_id), task_id)
+            for name, amount in amounts.items():
+                pipe.hincrby(keys.job_counts(job_id), name, amount)
+        pipe.hgetall(keys.job_counts(job_id))
+        return {}
+
+    conn.transaction(txn, keys.job_counted(job_id))
+    return counts(conn, job_id)
+
+
+def counts(conn: redis.Redis, job_id: str) -> dict[str, int]:
+    """The job's workflow counters (see count)."""
+    return {_text(k): int(v) for k, v in conn.hgetall(keys.job_counts(job_id)).items()}
 
 
 def iter_final(conn: redis.Redis, job_ids: Iterable[str]) -> Iterator[str]:

@@ -39,7 +39,7 @@ from .defaults import (
     WATCH_POLL,
 )
 from .errors import SheepdogError
-from .finalize import finalize
+from .finalize import finalize, piece_done
 from .models import Task, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ class Heartbeat:
         self._thread.join()
 
 
-class Executor:
+class PieceRunner:
     """Runs one claimed task to its end, streaming its output into the jobs' logs."""
 
     def __init__(self, conn: redis.Redis, settings: Settings, worker: str,
@@ -167,6 +167,8 @@ class Executor:
             retryable=outcome.lost, attempt=task.attempts))
         if status == TaskStatus.SUCCESS:
             for jid in jobs:
+                self._until_recorded(functools.partial(piece_done, self.conn, self.settings,
+                                                       jid, task))
                 self._until_recorded(functools.partial(finalize, self.conn, self.settings, jid))
         return status
 
@@ -428,7 +430,7 @@ class Worker:
 
     # -- one task thread
     def _task_loop(self) -> None:
-        executor = Executor(self.conn, self.settings, self.name, self.leaving, self.stopping)
+        executor = PieceRunner(self.conn, self.settings, self.name, self.leaving, self.stopping)
         # a worker that leaves with its job must notice quickly (Redis takes floats)
         wait = TAKE_WAIT_INLINE if self.until is not None else TAKE_WAIT
         while not self.stopping.is_set():
@@ -477,7 +479,7 @@ def run_task(task_id: str) -> str | None:
     settings = config.load()
     conn = connect(settings)
     name = f"rq.{socket.gethostname()}.{os.getpid()}"
-    return Executor(conn, settings, name).execute(task_id)
+    return PieceRunner(conn, settings, name).execute(task_id)
 
 
 

@@ -21,7 +21,7 @@ from sheepdog.cache import Cache
 from sheepdog.errors import BackendError
 from sheepdog.models import Job, JobStatus, Task, TaskStatus
 from sheepdog.process import LineSplitter, Process
-from sheepdog.worker import Executor, Heartbeat, Worker, sweep_scratch
+from sheepdog.worker import Heartbeat, PieceRunner, Worker, sweep_scratch
 
 
 def _wait_code(proc: Process, timeout: float = 60) -> int:
@@ -141,7 +141,7 @@ class _BrokenPoll(Backend):
 
 def test_a_failure_while_watching_cancels_the_submission(conn, settings):
     task = Task(name="watched", argv=["true"], queue=settings.queue)
-    executor = Executor(conn, settings, "w1")
+    executor = PieceRunner(conn, settings, "w1")
     backend = _BrokenPoll()
     sub = backend.submit(task, lambda *_: None)
     writer = logs.LogWriter(conn, task.id, task.name, [], 100)

@@ -150,9 +150,39 @@ def get_log(job_id: str) -> Any:
 
 def _finished(job_id: str) -> Job:
     job = store.get_job(state.conn(), job_id)
-    if job.status != JobStatus.SUCCESS:
+    workflow = workflows.find(job.workflow)
+    partial = workflow is not None and workflow.partial_results and job.status.final
+    if job.status != JobStatus.SUCCESS and not partial:
         bad("job_id", f"job {job_id} is {job.status}; results exist once it succeeded", 409)
     return job
+
+
+ITEM_STATES = ("success", "failed", "timeout", "error", "queued", "running", "skipped",
+               "missing")
+
+
+@bp.get("/jobs/<job_id>/items")
+def get_items(job_id: str) -> Any:
+    """One page of a many-item job's items, in input order (?state=&after=KEY&limit=)."""
+    conn = state.conn()
+    job = store.get_job(conn, job_id)
+    item_state = request.args.get("state") or None
+    if item_state is not None and item_state not in ITEM_STATES:
+        bad("state", f"{item_state[:40]!r} is not an item state; one of "
+                     f"{', '.join(ITEM_STATES)}")
+    _, limit = _page(100, 100)
+    workflow = workflows.get(job.workflow)
+    return jsonify(_for_reader(workflow.items(conn, state.settings(), job, item_state,
+                                              request.args.get("after"), limit)))
+
+
+@bp.get("/jobs/<job_id>/items/<path:key>")
+def get_item(job_id: str, key: str) -> Any:
+    """One item by key: 200 with its output, 404 no such item, 409 not finished/failed."""
+    conn = state.conn()
+    job = store.get_job(conn, job_id)
+    workflow = workflows.get(job.workflow)
+    return jsonify(_for_reader(workflow.item(conn, state.settings(), job, key)))
 
 
 @bp.get("/jobs/<job_id>/result")

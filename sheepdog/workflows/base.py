@@ -35,6 +35,10 @@ class Workflow(abc.ABC):
     # from_request reads and splits input files: the web service then runs it in a
     # child process with memory and CPU limits (web/prepare.py)
     reads_inputs: bool = False
+    # also a top-level command: `sheepdog NAME ...` is `sheepdog run NAME ...`
+    top_level: bool = False
+    # a job that ended in error still has results (the items that succeeded)
+    partial_results: bool = False
 
     @abc.abstractmethod
     def command(self) -> click.Command:
@@ -65,3 +69,18 @@ class Workflow(abc.ABC):
     def result_file(self, settings: Settings, job: Job, name: str) -> Path:
         """The path of one result file; FieldError (404/410) when there is none."""
         raise FieldError("name", f"no result file {name!r} for {self.name} jobs", 404)
+
+    def piece_done(self, conn: redis.Redis, settings: Settings, job: Job,  # noqa: B027
+                   task: Task) -> None:
+        """After each of the job's pieces succeeded, by the worker that ran it (default:
+        nothing). May stop the job early (store.stop_job)."""
+
+    def items(self, conn: redis.Redis, settings: Settings, job: Job, state: str | None,
+              after: str | None, limit: int) -> dict[str, Any]:
+        """One page of the job's items, in input order (GET /jobs/<id>/items)."""
+        raise FieldError("items", f"{self.name} jobs have no items", 404)
+
+    def item(self, conn: redis.Redis, settings: Settings, job: Job, key: str) -> dict[str, Any]:
+        """One item's record by key; FieldError 404 (no such item) or 409 (not finished,
+        failed) otherwise, never an empty answer."""
+        raise FieldError("item", f"{self.name} jobs have no items", 404)

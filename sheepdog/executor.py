@@ -1,0 +1,360 @@
+"""`sheepdog.Executor`: a `concurrent.futures.Executor` whose calls are sheepdog pieces.
+
+    with Executor(setup="mypkg.model:load") as ex:
+        for fut in as_completed([ex.submit(score, x) for x in xs]):
+            print(fut.result())
+
+An Executor is one open job: each submit adds a piece (map with chunksize adds one per
+chunk), which workers run through sheepdog.calls like any other piece — with
+heartbeats, re-runs of a lost worker's pieces, live logs and the web page. Functions
+travel by import path, arguments and results by pickle: whoever can write the queue can
+run code as the workers, exactly as with RQ. With no worker serving its queue, the
+Executor starts worker processes of its own and stops them at shutdown.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
+from concurrent.futures._base import PENDING
+from typing import Any
+
+import redis
+
+from . import jobs, keys, logs, store
+from .cache import Cache
+from .calls import RESULT, encode, function_path
+from .config import Settings, load
+from .connection import connect, url_for
+from .defaults import (
+    EXECUTOR_BATCH,
+    EXECUTOR_FLUSH,
+    EXECUTOR_STOP_WAIT,
+    EXECUTOR_WORKERS_CHECK,
+)
+from .errors import SheepdogError
+from .models import ArgvItem, Job, JobStatus, Task, TaskStatus
+from .worker import live_workers
+
+INLINE_PAYLOAD = 16 * 1024  # bytes of pickled calls carried in the argv; more are staged
+Call = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
+class TaskFailed(SheepdogError):
+    """The piece that carried a call failed (its worker was lost too often, it was
+    cancelled...): the call's future gets this."""
+
+
+class Future(futures.Future):
+    """A call's future; cancel() takes a call that has not started out of the queue."""
+
+    def __init__(self, executor: Executor) -> None:
+        super().__init__()
+        self._executor = executor
+        self.task_id = ""
+
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state != PENDING:
+                return super().cancel()
+        if not self._executor._withdraw(self):
+            return False
+        return super().cancel()
+
+
+class Executor(futures.Executor):
+    """Runs calls on sheepdog workers (see the module docstring)."""
+
+    def __init__(self, max_workers: int | None = None, *, setup: str | None = None,
+                 queue: str | None = None, backend: str = "local", host: str | None = None,
+                 settings: Settings | None = None, start_workers: bool | None = None) -> None:
+        """`max_workers`: worker processes to start when none serves the queue (default:
+        the number of cores); `start_workers` False never starts any, True always does."""
+        self._settings = settings or load()
+        self._conn: redis.Redis = connect(self._settings)
+        self._cache = Cache(self._settings.cache_dir)
+        self._queue = queue or self._settings.queue
+        self._backend, self._host, self._setup = backend, host or "", setup
+        jobs.check_backend(backend, host)
+        self.job = Job(id=jobs.new_job_id(), workflow="python", queue=self._queue,
+                       backend=backend, host=self._host,
+                       params={"setup": setup or "", "calls": 0})
+        store.submit(self._conn, self.job, [], open_=True)
+        self._lock = threading.Lock()
+        self._seq = itertools.count(1)
+        self._buffer: list[tuple[Task, list[Future]]] = []
+        self._pending: dict[str, list[Future]] = {}
+        self._all: list[Future] = []
+        self._shutdown = False
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._processes: list[subprocess.Popen[bytes]] = []
+        wanted = start_workers if start_workers is not None else not live_workers(
+            self._conn, self._queue)
+        if wanted:
+            self._start_workers(max_workers or os.cpu_count() or 1)
+        self._threads = [threading.Thread(target=self._flusher, name="executor-flush",
+                                          daemon=True),
+                         threading.Thread(target=self._collector, name="executor-collect",
+                                          daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    # -- submitting
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        return self._submit_calls([(function_path(fn), args, kwargs)], fn)[0]
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """Results in input order; `chunksize` calls share one piece."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        path = function_path(fn)
+        calls: list[Call] = [(path, args, {}) for args in zip(*iterables, strict=False)]
+        fs = []
+        for start in range(0, len(calls), chunksize):
+            fs += self._submit_calls(calls[start:start + chunksize], fn)
+        return _in_order(fs, timeout)
+
+    def _submit_calls(self, calls: list[Call], fn: Callable[..., Any]) -> list[Future]:
+        payload = encode(calls)
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            seq = next(self._seq)
+        name = getattr(fn, "__qualname__", "call")
+        label = f"{name} #{seq}" if len(calls) == 1 else f"{name} #{seq} ({len(calls)} calls)"
+        task = self._task(label[:120], payload, seq)
+        fs = [Future(self) for _ in calls]
+        for f in fs:
+            f.task_id = task.id
+        with self._lock:
+            self._buffer.append((task, fs))
+            self._all.extend(fs)
+            full = len(self._buffer) >= EXECUTOR_BATCH
+        if full:
+            self._flush()
+        else:
+            self._wake.set()
+        return fs
+
+    def _task(self, name: str, payload: bytes, seq: int) -> Task:
+        argv: list[ArgvItem] = [{"python": True}, "-m", "sheepdog.calls", "call"]
+        inputs = {}
+        if len(payload) <= INLINE_PAYLOAD:
+            argv.append("b64:" + base64.b64encode(payload).decode())
+        else:
+            inputs["calls"] = self._cache.put_bytes(payload)
+            argv.append({"input": "calls"})
+        if self._setup:
+            argv += ["--setup", self._setup]
+        # the job id and a sequence number: every call is its own piece, never cached
+        argv += ["--", f"{self.job.id}/{seq}"]
+        return Task(name=name, argv=argv, inputs=inputs, outputs=[RESULT],
+                    max_attempts=self._settings.max_attempts, backend=self._backend,
+                    host=self._host, queue=self._queue, environment="python calls")
+
+    def _flush(self) -> None:
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+            for task, fs in batch:
+                self._pending[task.id] = fs
+        if not batch:
+            return
+        try:
+            store.add_tasks(self._conn, self.job.id, [t for t, _ in batch])
+        except SheepdogError as e:
+            for _, fs in batch:
+                self._settle(fs, error=TaskFailed(str(e)))
+
+    def _flusher(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop.wait(EXECUTOR_FLUSH):  # a burst of submits goes in one batch
+                self._flush()
+                return
+            self._flush()
+
+    def _withdraw(self, future: Future) -> bool:
+        """Take a future's call out before it starts (only a call alone in its piece)."""
+        with self._lock:
+            for i, (_task, fs) in enumerate(self._buffer):
+                if fs == [future]:
+                    del self._buffer[i]
+                    return True
+            if self._pending.get(future.task_id) != [future]:
+                return False
+        if store.drop_task(self._conn, self.job.id, future.task_id):
+            with self._lock:
+                self._pending.pop(future.task_id, None)
+            return True
+        return False
+
+    # -- collecting
+    def _collector(self) -> None:
+        cursors = {self.job.id: "0-0"}
+        looked = time.monotonic()
+        while True:
+            with self._lock:
+                if self._shutdown and not self._pending and not self._buffer:
+                    return
+            if time.monotonic() - looked > EXECUTOR_WORKERS_CHECK:
+                looked = time.monotonic()
+                self._check_workers()
+            try:
+                lines = logs.tail(self._conn, cursors, block_ms=200)
+            except redis.RedisError:
+                self._stop.wait(0.5)  # Redis is restarting: the pieces go on meanwhile
+                continue
+            touched = {line.task for _, line in lines if line.task}
+            if touched:
+                self._check(touched)
+            if any(line.end for _, line in lines):
+                self._job_ended()
+
+    def _check_workers(self) -> None:
+        """Calls waiting while the workers this Executor started have all died, and no
+        other worker serves the queue: a clear error, never a hang."""
+        if not self._processes or any(p.poll() is None for p in self._processes):
+            return
+        with self._lock:
+            waiting = bool(self._pending)
+        if not waiting or live_workers(self._conn, self._queue):
+            return
+        codes = sorted({p.returncode for p in self._processes})
+        store.stop_job(self._conn, self.job.id, JobStatus.ERROR,
+                       f"no workers left: the {len(self._processes)} worker processes this "
+                       f"Executor started exited (codes {codes})")
+
+    def _check(self, task_ids: set[str]) -> None:
+        with self._lock:
+            ids = [t for t in task_ids if t in self._pending]
+        if not ids:
+            return
+        pipe = self._conn.pipeline(transaction=False)
+        for tid in ids:
+            pipe.hmget(keys.task(tid), "status", "error")
+        for tid, (status, error) in zip(ids, pipe.execute(), strict=True):
+            state = status.decode() if status else ""
+            if state == TaskStatus.RUNNING:
+                for f in self._pending.get(tid, []):
+                    if not f.running() and not f.done():
+                        f.set_running_or_notify_cancel()
+            elif state == TaskStatus.SUCCESS:
+                self._deliver(tid)
+            elif state in (TaskStatus.ERROR, TaskStatus.CANCELLED):
+                why = error.decode() if error else state
+                self._settle(self._take(tid), error=TaskFailed(f"the piece failed: {why}"))
+
+    def _take(self, task_id: str) -> list[Future]:
+        with self._lock:
+            return self._pending.pop(task_id, [])
+
+    def _deliver(self, task_id: str) -> None:
+        fs = self._take(task_id)
+        try:
+            results = pickle.loads((self._cache.task_dir(task_id) / RESULT).read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError) as e:
+            self._settle(fs, error=TaskFailed(f"cannot read the result: {e}"))
+            return
+        for f, outcome in zip(fs, results, strict=True):
+            if outcome[0] == "ok":
+                self._settle([f], value=outcome[1])
+            else:
+                error: BaseException = outcome[1]
+                error.add_note("traceback on the worker:\n" + outcome[2].rstrip())
+                self._settle([f], error=error)
+
+    @staticmethod
+    def _settle(fs: list[Future], value: Any = None, error: BaseException | None = None) -> None:
+        for f in fs:
+            if f.done():
+                continue
+            if error is not None:
+                f.set_exception(error)
+            else:
+                f.set_result(value)
+
+    def _job_ended(self) -> None:
+        job = store.get_job(self._conn, self.job.id)
+        with self._lock:
+            left = list(self._pending)
+        self._check(set(left))  # pieces that ended with the job
+        with self._lock:
+            rest = [f for tid in list(self._pending) for f in self._pending.pop(tid)]
+            self._shutdown = self._shutdown or job.status != JobStatus.SUCCESS
+        self._settle(rest, error=TaskFailed(f"job {job.id} ended ({job.status}): "
+                                            f"{job.error or 'no reason given'}"))
+
+    # -- workers and shutdown
+    def _start_workers(self, count: int) -> None:
+        env = dict(os.environ, SHEEPDOG_REDIS_URL=url_for(self._settings),
+                   PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
+        for _ in range(count):
+            self._processes.append(subprocess.Popen(
+                [sys.executable, "-m", "sheepdog", "worker", "--queue", self._queue,
+                 "--concurrency", "1"], env=env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, start_new_session=True))
+
+    def _stop_workers(self) -> None:
+        for p in self._processes:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self._processes:
+            try:
+                p.wait(EXECUTOR_STOP_WAIT)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self._processes.clear()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            already = self._shutdown
+            self._shutdown = True
+        if not already:
+            self._flush()
+            if cancel_futures:
+                for f in list(self._all):
+                    f.cancel()
+            store.close_job(self._conn, self.job.id)
+        self._wake.set()
+        if wait:
+            futures.wait(self._all)
+            self._finish()
+        else:
+            threading.Thread(target=self._finish_later, daemon=True).start()
+
+    def _finish_later(self) -> None:
+        futures.wait(self._all)
+        self._finish()
+
+    def _finish(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
+        self._stop_workers()
+
+
+def _in_order(fs: list[Future], timeout: float | None) -> Iterator[Any]:
+    """Results in submission order, as Executor.map promises (first exception raised)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for f in fs:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            yield f.result(left)
+    finally:
+        for f in fs:
+            f.cancel()

@@ -1,0 +1,1 @@
+"""`map`: one command over many items, as a durable, distributed GNU parallel."""

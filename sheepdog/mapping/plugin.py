@@ -1,0 +1,282 @@
+"""`map` as sheepdog sees it: `sheepdog map ...` (also `sheepdog run map`), its POST
+/jobs body, its per-piece counting (--max-failures) and its items by key."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from .. import clirun, jobs, store
+from ..cache import Cache
+from ..config import Settings
+from ..errors import ConfigError, FieldError, InputError
+from ..models import Job, JobStatus, Task
+from ..workflows.base import InputResolver, Workflow
+from . import build, items, results, step
+from .build import MapRequest
+
+PAGE = 100  # items per GET /jobs/<id>/items page, at most
+
+
+def _read_items(items_file: Path | None, key: str | None, range_spec: str | None,
+                files: str | None) -> tuple[list[items.Item], list[str] | None, str]:
+    given = [x for x in (items_file, range_spec, files) if x is not None]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --items FILE, --range A:B, --files GLOB "
+                               "(or --retry-failed JOB)")
+    if items_file is not None:
+        found = items.read_items(items_file, key)
+        columns = list(found[0].columns) if found and found[0].columns else None
+        return found, columns, str(items_file)
+    if key is not None:
+        raise click.UsageError("--key needs --items FILE (a CSV/TSV with a header)")
+    if range_spec is not None:
+        return items.read_range(range_spec), None, f"--range {range_spec}"
+    assert files is not None
+    return items.read_files(files), None, f"--files {files}"
+
+
+def _retry(db: Any, settings: Settings, old_id: str, request_kw: dict[str, Any]
+           ) -> tuple[Job, list[Task]]:
+    old = store.get_job(db, old_id)
+    if old.workflow != "map":
+        raise click.UsageError(f"job {old_id} is a {old.workflow} job, not a map job")
+    if not old.status.final:
+        raise click.UsageError(f"job {old_id} is still {old.status}; retry it once it ended")
+    return build.retry_job(db, settings, Cache(settings.cache_dir), old, **request_kw)
+
+
+def _summary_line(db: Any, settings: Settings, job_id: str) -> None:
+    job = store.get_job(db, job_id)
+    try:
+        found = results.summary(db, settings, job)
+    except (FieldError, OSError, ValueError) as e:
+        click.echo(f"sheepdog: cannot summarize the items: {e}", err=True)
+        return
+    counts = ", ".join(f"{n:,d} {s}" for s, n in sorted(found["counts"].items()))
+    click.echo(f"[sheepdog] {found['items']:,d} items: {counts}", err=True)
+
+
+@click.command("map", context_settings={"ignore_unknown_options": True,
+                                         "allow_interspersed_args": False})
+@click.option("--items", "items_file", type=click.Path(path_type=Path), default=None,
+              help="One item per line, or a CSV/TSV with a header (see --key).")
+@click.option("--key", default=None, help="The CSV/TSV column that names each item.")
+@click.option("--range", "range_spec", default=None, metavar="A:B",
+              help="The whole numbers A to B (both included).")
+@click.option("--files", default=None, metavar="GLOB",
+              help="Files matching GLOB; each is staged by content wherever it runs.")
+@click.option("--chunk", type=int, default=1, show_default=True,
+              help="Items per piece (for tiny items); each is still recorded on its own.")
+@click.option("--jobs", "-j", "concurrency", type=click.IntRange(1), default=None,
+              help="Items at once on this machine, when no worker serves the queue.")
+@click.option("--cache", is_flag=True, help="Reuse items already computed (content addressed).")
+@click.option("--sample", type=int, default=None, help="Run a reproducible sample of N items.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
+@click.option("--max-failures", default="", metavar="N|P%",
+              help="Stop early once more than N items (or P% of them) failed.")
+@click.option("--retry-failed", "retry_of", default=None, metavar="JOB",
+              help="Run again only the items of JOB that did not succeed.")
+@click.option("--check", "checks", multiple=True, metavar="FIELD",
+              help="Items whose output is JSON must agree on FIELD (repeatable).")
+@click.option("--timeout", type=float, default=0.0, help="Kill an item after SECONDS.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Write DIR/items.jsonl (input order) and each item's files.")
+@click.option("--backend", default="local", show_default=True, help="Where the items run.")
+@click.option("--host", default=None, help="Host (ssh config name) for shell/slurm.")
+@click.option("--queue", default=None, help="Queue name (default: from settings).")
+@click.option("--detach", is_flag=True, help="Print the job id and return at once.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final job as JSON.")
+@click.argument("template", nargs=-1, type=click.UNPROCESSED)
+def map_command(**kw: Any) -> None:
+    """Run a command once per item, like GNU parallel, durably and anywhere.
+
+    Placeholders: {} the item, {#} its number, {/} {//} {.} {/.} its path's parts,
+    {COL} a CSV column, {file:COL} a column's file staged by content.
+    """
+    sys.exit(run_map(kw))
+
+
+def run_map(kw: dict[str, Any]) -> int:
+    settings = clirun.settings()
+    db = clirun.conn(settings)
+    template = [a for a in kw["template"] if a != "--"] if kw["template"][:1] == ("--",) \
+        else list(kw["template"])
+    common = {"backend": kw["backend"], "host": kw["host"] or "", "queue": kw["queue"] or ""}
+    if kw["retry_of"]:
+        job, tasks = _retry(db, settings, kw["retry_of"], common)
+    else:
+        found, columns, source = _read_items(kw["items_file"], kw["key"], kw["range_spec"],
+                                             kw["files"])
+        if kw["sample"] is not None:
+            found = items.sample(found, kw["sample"], kw["seed"])
+        request = MapRequest(template=template, items=found, files=kw["files"] is not None,
+                             columns=columns, chunk=kw["chunk"], cache=kw["cache"],
+                             timeout=kw["timeout"], checks=list(kw["checks"]),
+                             max_failures=kw["max_failures"], cwd=build.spec_cwd(None),
+                             source=source, **common)
+        job, tasks = build.build_job(request, settings, Cache(settings.cache_dir))
+    jobs.submit(db, settings, job, tasks)
+    code = clirun.finish(db, settings, job.id, job.queue, kw["detach"], kw["as_json"],
+                         concurrency=kw["concurrency"], show_notes=False)
+    if kw["detach"]:
+        return code
+    if kw["out_dir"] is not None:
+        written = results.export(db, settings, store.get_job(db, job.id), kw["out_dir"])
+        click.echo(f"[sheepdog] items written to {written['out']}", err=True)
+    if not kw["as_json"]:
+        _summary_line(db, settings, job.id)
+    return code
+
+
+# ---------------------------------------------------------------- POST /jobs
+
+
+def _inline_items(raw: Any, key: str | None) -> tuple[list[items.Item], list[str] | None]:
+    if not isinstance(raw, list) or not raw:
+        raise FieldError("items", "must be a non-empty list of strings or of objects")
+    if all(isinstance(x, str) for x in raw):
+        if key is not None:
+            raise FieldError("key", "needs items given as objects")
+        found = [items.Item(i, x, x, {}, f"items[{i - 1}]") for i, x in enumerate(raw, 1)]
+        return items.unique(found, "items"), None
+    if not all(isinstance(x, dict) for x in raw):
+        raise FieldError("items", "must all be strings, or all objects")
+    columns = list(raw[0])
+    made = []
+    for i, row in enumerate(raw, 1):
+        if list(row) != columns or not all(isinstance(v, str | int | float) for v in row.values()):
+            raise FieldError(f"items[{i - 1}]", f"must have the fields {columns} with "
+                             "string or number values, like items[0]")
+        cells = {k: str(v) for k, v in row.items()}
+        if key is not None and key not in cells:
+            raise FieldError("key", f"{key!r} is not a field of the items; they have {columns}")
+        made.append(items.Item(i, cells[key] if key else str(i), json.dumps(row), cells,
+                               f"items[{i - 1}]"))
+    return items.unique(made, "items"), columns
+
+
+def _under_roots(paths: list[str], roots: tuple[str, ...]) -> None:
+    for path in paths:
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(Path(r).resolve()) for r in roots):
+            raise FieldError("items", f"{path[:200]!r} is not under SHEEPDOG_INPUT_ROOTS")
+
+
+def _number(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool \
+        else isinstance(value, bool)
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok:
+        raise FieldError(name, f"must be {'true/false' if kind is bool else 'a number'}")
+    return value
+
+
+def request_from_body(body: dict[str, Any], settings: Settings) -> MapRequest:
+    command = body.get("command")
+    if not isinstance(command, list) or not command or not all(isinstance(c, str)
+                                                               for c in command):
+        raise FieldError("command", "must be a non-empty list of strings (with placeholders)")
+    key = body.get("key")
+    if key is not None and not isinstance(key, str):
+        raise FieldError("key", "must be a string (a field of the items)")
+    found, columns = _inline_items(body.get("items"), key)
+    sample = _number(body, "sample", int, None)
+    if sample is not None:
+        found = items.sample(found, sample, _number(body, "seed", int, 0))
+    checks = body.get("check", [])
+    if not isinstance(checks, list) or not all(isinstance(c, str) for c in checks):
+        raise FieldError("check", "must be a list of field names")
+    max_failures = body.get("max_failures", "")
+    if not isinstance(max_failures, str | int) or isinstance(max_failures, bool):
+        raise FieldError("max_failures", "must be a count or a share like \"5%\"")
+    return MapRequest(template=list(command), items=found, columns=columns,
+                      chunk=_number(body, "chunk", int, 1), cache=_number(body, "cache", bool,
+                                                                          False),
+                      timeout=float(_number(body, "timeout", float, 0.0)), checks=checks,
+                      max_failures=str(max_failures) if max_failures != "" else "",
+                      cwd=str(settings.home), source="POST /jobs",
+                      backend=body.get("backend") or "local", host=body.get("host") or "",
+                      queue=body.get("queue") or "")
+
+
+class MapWorkflow(Workflow):
+    name = "map"
+    summary = "one command per item (GNU parallel's placeholders), results by key"
+    top_level = True
+    partial_results = True
+
+    def command(self) -> click.Command:
+        return map_command
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "object", "required": ["workflow", "command", "items"], "properties": {
+            "workflow": {"const": self.name},
+            "command": {"type": "array", "items": {"type": "string"}, "minItems": 1,
+                        "description": "the command, with placeholders {} {#} {COL} ..."},
+            "items": {"type": "array", "minItems": 1, "description": "strings (each its own "
+                      "key) or objects (columns; see key)",
+                      "items": {"type": ["string", "object"]}},
+            "key": {"type": "string", "description": "the field of object items that names "
+                    "each (default: its number)"},
+            "chunk": {"type": "integer", "minimum": 1}, "cache": {"type": "boolean"},
+            "sample": {"type": "integer", "minimum": 1}, "seed": {"type": "integer"},
+            "max_failures": {"type": ["string", "integer"]},
+            "check": {"type": "array", "items": {"type": "string"}},
+            "timeout": {"type": "number", "minimum": 0}}}
+
+    def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
+                     cache: Cache) -> tuple[Job, list[Task]]:
+        try:
+            request = request_from_body(body, settings)
+            staged = [p for it in request.items
+                      for p in items.staged_paths(request.template, it, False).values()]
+            if staged:
+                items.check_template(request.template, request.columns, False)
+                _under_roots(staged, settings.input_roots)
+            return build.build_job(request, settings, cache)
+        except InputError as e:
+            raise FieldError(e.where if not e.where.startswith("/") else "items",
+                             e.problem) from e
+        except ConfigError as e:
+            raise FieldError("backend", str(e)) from e
+
+    def piece_done(self, conn: redis.Redis, settings: Settings, job: Job, task: Task) -> None:
+        if task.id == job.final_task:
+            return
+        path = Cache(settings.cache_dir).task_dir(task.id) / step.RESULTS
+        statuses = [json.loads(line)["status"] for line in
+                    path.read_text(encoding="utf-8").splitlines()]
+        failed = sum(s != "success" for s in statuses)
+        totals = store.count(conn, job.id, task.id, items_done=len(statuses),
+                             items_failed=failed)
+        limit = build.failure_limit(str(job.params.get("max_failures", "")),
+                                    int(job.params["items"]))
+        if limit is not None and totals.get("items_failed", 0) > limit:
+            store.stop_job(conn, job.id, JobStatus.ERROR,
+                           f"stopped early: {totals['items_failed']:,d} items failed, more "
+                           f"than --max-failures {job.params['max_failures']}")
+
+    def describe(self, conn: redis.Redis, settings: Settings, job: Job) -> dict[str, Any]:
+        return {"id": job.id, "status": job.status, "exit_code": job.exit_code,
+                "error": job.error or None, **results.summary(conn, settings, job)}
+
+    def export(self, conn: redis.Redis, settings: Settings, job: Job,
+               out_dir: Path) -> dict[str, Any]:
+        return results.export(conn, settings, job, out_dir)
+
+    def items(self, conn: redis.Redis, settings: Settings, job: Job, state: str | None,
+              after: str | None, limit: int) -> dict[str, Any]:
+        return results.page(conn, settings, job, state, after, min(limit, PAGE))
+
+    def item(self, conn: redis.Redis, settings: Settings, job: Job, key: str) -> dict[str, Any]:
+        return results.item(conn, settings, job, key)

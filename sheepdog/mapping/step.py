@@ -1,0 +1,274 @@
+"""The Python steps of `map`, run as task processes (or in-process by the local backend):
+
+    python -m sheepdog.mapping.step run SPEC [--cwd DIR] [--input NAME PATH ...]
+    python -m sheepdog.mapping.step gather INDEX [--check FIELD ...] CHUNK_DIR ...
+
+`run` runs a chunk's items one after another, each in its own process group, and
+writes `results.jsonl` (one record per item, in order) and each item's files under
+`files/<n>/` ($SHEEPDOG_ITEM_DIR). A failing item is recorded, never fatal: the step
+exits 0 unless it could not run at all. `gather` checks every item is accounted for
+exactly once and that JSON outputs agree on the --check fields, and exits 1 naming
+the items that failed or disagree. Only the standard library is imported from here:
+this code runs on hosts whose Python has nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..defaults import WATCH_POLL
+from ..errors import SheepdogError
+from ..process import Process
+
+IN_PROCESS = frozenset({"run", "gather"})
+OUTPUT_MAX = 1 << 20  # bytes of an item's stdout kept in its record
+STDERR_TAIL = 20  # lines of an item's stderr kept in its record
+RESULTS = "results.jsonl"
+Emit = Callable[[str], None]
+
+
+class ItemOutput:
+    """One item's output: lines to the job's log, stdout bytes and a stderr tail kept."""
+
+    def __init__(self, emit: Emit, complain: Emit) -> None:
+        self.emit, self.complain = emit, complain
+        self.stdout = bytearray()
+        self.truncated = False
+        self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
+
+    def __call__(self, stream: str, lines: list[str]) -> None:
+        for line in lines:
+            if stream == "stdout":
+                self.emit(line)
+            else:
+                self.stderr.append(line)
+                self.complain(line)
+
+    def raw(self, stream: str, chunk: bytes) -> None:
+        if stream != "stdout":
+            return
+        room = OUTPUT_MAX - len(self.stdout)
+        if len(chunk) > room:
+            self.truncated = True
+        self.stdout += chunk[:max(0, room)]
+
+
+def _argv(parts: list[list[Any]], inputs: dict[str, str]) -> list[str]:
+    out = []
+    for arg in parts:
+        text = ""
+        for part in arg:
+            if isinstance(part, str):
+                text += part
+            elif part.get("input") in inputs:
+                text += inputs[part["input"]]
+            else:
+                raise SheepdogError(f"the item names input {part!r}, which was not staged")
+        out.append(text)
+    return out
+
+
+def run_item(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
+             output: ItemOutput, stop: threading.Event) -> tuple[str, int | None]:
+    """Run one item to its end: (status, exit code)."""
+    try:
+        proc = Process(argv, cwd, env, output, whole_group=True)
+    except OSError as e:
+        output.complain(f"cannot start {argv[0]!r}: {e.strerror or e}")
+        return "failed", 127
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    while True:
+        code = proc.poll()
+        if code is not None:
+            return ("success" if code == 0 else "failed"), code
+        if stop.is_set():
+            proc.kill()
+            return "cancelled", None
+        if deadline is not None and time.monotonic() > deadline:
+            proc.kill()
+            output.complain(f"timed out after {timeout:g}s")
+            return "timeout", None
+        proc.wait(WATCH_POLL if deadline is None
+                  else max(0.001, min(WATCH_POLL, deadline - time.monotonic())))
+
+
+def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, here: Path,
+              emit: Emit, complain: Emit, stop: threading.Event) -> None:
+    """Every item of the chunk, one record each into results.jsonl."""
+    timeout = float(spec.get("timeout") or 0)
+    base_env = dict(os.environ, **{k: str(v) for k, v in spec.get("env", {}).items()})
+    partial = here / (RESULTS + ".part")
+    with open(partial, "w", encoding="utf-8") as out:
+        for n, item in enumerate(spec["items"]):
+            files = here / "files" / str(n)
+            files.mkdir(parents=True)
+            env = dict(base_env, SHEEPDOG_ITEM_DIR=str(files), SHEEPDOG_ITEM_KEY=item["key"])
+            output = ItemOutput(emit, complain)
+            started = time.monotonic()
+            status, code = run_item(_argv(item["argv"], inputs), cwd or str(files), env,
+                                    timeout, output, stop)
+            if status == "cancelled":
+                raise SheepdogError("cancelled")
+            record = {"status": status, "exit_code": code,
+                      "output": output.stdout.decode("utf-8", errors="replace"),
+                      "stderr": "\n".join(output.stderr),
+                      "seconds": round(time.monotonic() - started, 4),
+                      "files": sorted(str(p.relative_to(files)) for p in files.rglob("*")
+                                      if p.is_file())}
+            if output.truncated:
+                record["output_truncated"] = True
+            out.write(json.dumps(record) + "\n")
+    partial.rename(here / RESULTS)
+
+
+# ---------------------------------------------------------------- merging
+
+
+def records(index: dict[str, Any], chunk_dirs: list[Path | None],
+            states: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Every item's record in input order, with its key and 1-based index. A later chunk
+    overrides an earlier one for the same item (a retry); the items of a chunk with no
+    directory yet take its state (`states`, e.g. "queued"), or `missing`."""
+    keys: list[str] = index["keys"]
+    if len(chunk_dirs) != len(index["chunks"]):
+        raise SheepdogError(f"{len(chunk_dirs)} chunk directories for "
+                            f"{len(index['chunks'])} chunks")
+    found: list[tuple[int, int] | None] = [None] * len(keys)
+    lines: dict[int, list[str]] = {}
+    for chunk, (directory, positions) in enumerate(zip(chunk_dirs, index["chunks"],
+                                                       strict=True)):
+        if directory is None:
+            continue
+        text = (directory / RESULTS).read_text(encoding="utf-8").splitlines()
+        if len(text) != len(positions):
+            raise SheepdogError(f"{directory / RESULTS}: {len(text)} records for "
+                                f"{len(positions)} items")
+        lines[chunk] = text
+        for line_no, position in enumerate(positions):
+            found[position] = (chunk, line_no)
+    owner = _owners(index) if None in chunk_dirs else []
+    for position, where in enumerate(found):
+        head = {"key": keys[position], "index": index["indices"][position]}
+        if where is None:
+            state = (states[owner[position]] if states and owner else "missing")
+            yield {**head, "status": state, "exit_code": None, "output": "", "stderr": "",
+                   "files": []}
+            continue
+        chunk, line_no = where
+        directory = chunk_dirs[chunk]
+        record = json.loads(lines[chunk][line_no])
+        record["files_dir"] = str(directory / "files" / str(line_no)) if directory else ""
+        yield {**head, **record}
+
+
+def _owners(index: dict[str, Any]) -> list[int]:
+    """position -> the last chunk that holds it."""
+    owner = [0] * len(index["keys"])
+    for chunk, positions in enumerate(index["chunks"]):
+        for position in positions:
+            owner[position] = chunk
+    return owner
+
+
+def disagreements(field: str, values: dict[str, list[str]]) -> str:
+    """'FIELD: "a" in items k1, k2; "b" in item k3' when items disagree."""
+    parts = []
+    for value, keys in sorted(values.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+        parts.append(f"{value} in item{'s' if len(keys) > 1 else ''} {shown}")
+    return f"items disagree on {field!r}: " + "; ".join(parts)
+
+
+def summarize(index: dict[str, Any], chunk_dirs: list[Path | None], checks: list[str],
+              states: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Counts by status, the failed items' keys, and the --check disagreements."""
+    counts: dict[str, int] = {}
+    failed: list[str] = []
+    seen: dict[str, dict[str, list[str]]] = {f: {} for f in checks}
+    for record in records(index, chunk_dirs, states):
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+        if record["status"] != "success":
+            if record["status"] not in ("queued", "running", "skipped"):
+                failed.append(record["key"])
+            continue
+        if checks:
+            try:
+                value = json.loads(record["output"])
+            except ValueError:
+                continue  # only JSON outputs are checked
+            if isinstance(value, dict):
+                for f in checks:
+                    if f in value:
+                        seen[f].setdefault(json.dumps(value[f]), []).append(record["key"])
+    problems = [disagreements(f, v) for f, v in seen.items() if len(v) > 1]
+    summary = {"items": len(index["keys"]), "counts": counts, "failed": failed[:1000],
+               "failed_total": len(failed), "disagreements": problems}
+    return summary, problems
+
+
+def gather(index_path: Path, chunk_dirs: list[Path | None], checks: list[str], here: Path,
+           emit: Emit, complain: Emit) -> int:
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    summary, problems = summarize(index, chunk_dirs, checks)
+    (here / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    bad = summary["failed_total"]
+    if bad:
+        shown = ", ".join(summary["failed"][:10]) + (" …" if bad > 10 else "")
+        complain(f"ERROR: {bad:,d} of {summary['items']:,d} items failed: {shown}")
+    for problem in problems:
+        complain(f"ERROR: {problem}")
+    return 1 if bad or problems else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sheepdog.mapping.step")
+    sub = parser.add_subparsers(dest="op", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("spec")
+    run.add_argument("--cwd", default=None)
+    run.add_argument("--input", nargs=2, action="append", default=[], metavar=("NAME", "PATH"))
+    gat = sub.add_parser("gather")
+    gat.add_argument("index")
+    gat.add_argument("--check", action="append", default=[])
+    gat.add_argument("chunks", nargs="*")
+    return parser
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _complain(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None, workdir: Path | None = None, emit: Emit = _say,
+         complain: Emit = _complain, stop: threading.Event | None = None) -> int:
+    args = _parser().parse_args(argv)
+    here = workdir or Path.cwd()
+    try:
+        if args.op == "run":
+            # short specs travel inline in the argv, long ones as a staged file
+            spec = json.loads(args.spec if args.spec.startswith("{")
+                              else Path(args.spec).read_text(encoding="utf-8"))
+            run_chunk(spec, dict(args.input), args.cwd, here, emit, complain,
+                      stop or threading.Event())
+            return 0
+        chunks: list[Path | None] = [Path(c) for c in args.chunks]
+        return gather(Path(args.index), chunks, args.check, here, emit, complain)
+    except (SheepdogError, OSError, ValueError, KeyError) as e:
+        complain(f"ERROR: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""`sheepdog map`: items, placeholders, chunks, cache, sample, failures, gather in input
+order, results by key — through the real CLI on a real Redis."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import sheepdog
+
+from sheepdog.errors import InputError
+from sheepdog.mapping import items
+
+
+def _items(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+
+
+def test_gnu_parallels_placeholders_mean_what_they_mean_there():
+    item = items.Item(7, "k", "/data/dir/sample.tar.gz", {})
+    argv = items.render(["x{}", "{#}", "{/}", "{//}", "{.}", "{/.}"], item, set())
+    assert argv == [["x/data/dir/sample.tar.gz"], ["7"], ["sample.tar.gz"], ["/data/dir"],
+                    ["/data/dir/sample.tar"], ["sample.tar"]]
+    row = items.Item(1, "a1", "a1,CCO", {"id": "a1", "smiles": "CCO"})
+    assert items.render(["model", "--id={id}", "{smiles}"], row, set()) == [
+        ["model"], ["--id=a1"], ["CCO"]]
+
+
+def test_a_command_without_placeholders_gets_the_item_last():
+    template = ["echo", "hello"]
+    items.check_template(template, None, files=False)
+    assert template == ["echo", "hello", "{}"]
+
+
+@pytest.mark.parametrize(("content", "args", "message"), [
+    (None, {}, "no such items file"),
+    (b"", {}, "the items file is empty"),
+    (b"ok\n\xff\xfe\n", {}, "line 2: not UTF-8 text"),
+    (b"a\nb\na\n", {}, "line 3: duplicate key 'a' (first at"),
+    (b"id,x\n1,2\n", {"key": "name"}, "line 1: --key 'name' is not a column"),
+    (b"id,x\n1,2\n1,3\n", {"key": "id"}, "line 3: duplicate key '1'"),
+    (b"id,x\n1,2,3\n", {"key": "id"}, "line 2: 3 fields, but the header has 2"),
+])
+def test_bad_items_files_are_named_with_file_and_line(tmp_path, content, args, message):
+    path = tmp_path / ("items.csv" if args else "items.txt")
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(message)) as e:
+        items.read_items(path, **args)
+    assert str(path) in str(e.value)
+
+
+def test_unknown_placeholders_and_oversized_samples_are_refused():
+    with pytest.raises(InputError, match=r"unknown placeholder \{itme\}: the columns are id"):
+        items.check_template(["echo", "{itme}"], ["id"], files=False)
+    with pytest.raises(InputError, match="only a CSV/TSV with a header has named columns"):
+        items.check_template(["echo", "{id}"], None, files=False)
+    with pytest.raises(InputError, match="5 is more than the 3 items"):
+        items.sample(items.read_range("1:3"), 5, 0)
+    assert items.sample(items.read_range("1:100"), 5, 7) == items.sample(
+        items.read_range("1:100"), 5, 7)
+
+
+def test_items_come_back_in_input_order_with_failures_kept(env, tmp_path):
+    (tmp_path / "traits.txt").write_text("t1\nt2\nt3\nt4\n")
+    r = sheepdog("map", "--items", "traits.txt", "--out", "out", "--",
+                 "sh", "-c", 'sleep 0.$((5 - {#})); echo "{} is {#}"; test {} != t3 || '
+                 '{ echo broke >&2; exit 3; }', env=env, cwd=str(tmp_path))
+    assert r.returncode == 1, r.stderr
+    assert "1 of 4 items failed: t3" in r.stderr
+    records = _items(tmp_path / "out")
+    assert [x["key"] for x in records] == ["t1", "t2", "t3", "t4"]
+    assert [x["status"] for x in records] == ["success", "success", "failed", "success"]
+    assert records[0]["output"] == "t1 is 1\n" and records[3]["output"] == "t4 is 4\n"
+    assert records[2]["exit_code"] == 3 and records[2]["stderr"] == "broke"
+
+
+def test_chunks_record_each_item_on_its_own(env, tmp_path):
+    r = sheepdog("map", "--range", "1:10", "--chunk", "4", "--out", "out", "--json", "--",
+                 "sh", "-c", "echo {}; exit $(({} % 3 == 0))", env=env, cwd=str(tmp_path))
+    assert r.returncode == 1
+    view = json.loads(r.stdout)
+    assert view["progress"]["total"] == 4  # three chunks and the gather
+    records = _items(tmp_path / "out")
+    assert [x["exit_code"] for x in records] == [0, 0, 1, 0, 0, 1, 0, 0, 1, 0]
+    assert [x["output"] for x in records] == [f"{n}\n" for n in range(1, 11)]
+
+
+def test_cache_reruns_only_new_or_changed_items(env, tmp_path):
+    items_file = tmp_path / "items.txt"
+    items_file.write_text("a\nb\nc\n")
+    ran = tmp_path / "ran.txt"
+    command = ["sh", "-c", f"echo {{}} >> {ran}; echo out-{{}}"]
+    assert sheepdog("map", "--items", "items.txt", "--cache", "--", *command, env=env,
+                    cwd=str(tmp_path)).returncode == 0
+    items_file.write_text("a\nb\nc\nd\n")
+    r = sheepdog("map", "--items", "items.txt", "--cache", "--out", "out", "--", *command,
+                 env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    ran_items = ran.read_text().split()
+    assert sorted(ran_items[:3]) == ["a", "b", "c"] and ran_items[3:] == ["d"]  # d alone
+    assert [x["output"] for x in _items(tmp_path / "out")] == [
+        "out-a\n", "out-b\n", "out-c\n", "out-d\n"]
+    # without --cache every item runs again
+    assert sheepdog("map", "--items", "items.txt", "--", *command, env=env,
+                    cwd=str(tmp_path)).returncode == 0
+    assert len(ran.read_text().split()) == 8
+
+
+def test_a_sample_is_reproducible_and_in_input_order(env, tmp_path):
+    outs = []
+    for name in ("one", "two"):
+        r = sheepdog("map", "--range", "1:200", "--sample", "7", "--seed", "11", "--out",
+                     name, "--", "echo", env=env, cwd=str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        outs.append([x["key"] for x in _items(tmp_path / name)])
+    assert outs[0] == outs[1] and len(outs[0]) == 7
+    assert [int(k) for k in outs[0]] == sorted(int(k) for k in outs[0])
+
+
+def test_max_failures_stops_early_and_counts_what_was_skipped(env, tmp_path):
+    r = sheepdog("map", "--range", "1:40", "-j", "1", "--max-failures", "10%", "--out",
+                 "out", "--", "sh", "-c", "test {} -lt 3", env=env, cwd=str(tmp_path))
+    assert r.returncode != 0
+    assert "stopped early: 5 items failed, more than --max-failures 10%" in r.stderr
+    counts: dict[str, int] = {}
+    for record in _items(tmp_path / "out"):
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    assert counts["success"] == 2 and counts["failed"] == 5
+    assert counts.get("skipped", 0) + counts.get("queued", 0) == 33
+    assert sum(counts.values()) == 40  # every item accounted for, exactly once
+
+
+def test_retry_failed_runs_only_the_failed_items(env, tmp_path):
+    ran = tmp_path / "ran.txt"
+    # items 2 and 4 fail until their marker exists
+    command = ["sh", "-c", f"echo {{}} >> {ran}; [ $(({{}} % 2)) = 1 ] || "
+                           f"[ -e {tmp_path}/fixed ]"]
+    first = sheepdog("map", "--range", "1:5", "--detach", "--", *command, env=env,
+                     cwd=str(tmp_path))
+    job_id = first.stdout.strip()
+    sheepdog("worker", "--burst", env=env)
+    (tmp_path / "fixed").write_text("")
+    r = sheepdog("map", "--retry-failed", job_id, "--out", "out", env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert sorted(ran.read_text().split()) == ["1", "2", "2", "3", "4", "4", "5"]
+    records = _items(tmp_path / "out")
+    assert [x["status"] for x in records] == ["success"] * 5
+    assert [x["key"] for x in records] == ["1", "2", "3", "4", "5"]
+
+
+def test_check_fields_must_agree_across_items(env, tmp_path):
+    (tmp_path / "parts.txt").write_text("a\nb\nc\n")
+    r = sheepdog("map", "--items", "parts.txt", "--check", "species", "--", "sh", "-c",
+                 'if [ {} = c ]; then s=mouse; else s=human; fi; '
+                 'printf \'{"species": "%s", "part": "{}"}\' $s', env=env, cwd=str(tmp_path))
+    assert r.returncode == 1
+    assert "items disagree on 'species'" in r.stderr
+    assert '"human" in items a, b' in r.stderr and '"mouse" in item c' in r.stderr
+    ok = sheepdog("map", "--items", "parts.txt", "--check", "species", "--", "sh", "-c",
+                  'printf \'{"species": "human"}\'', env=env, cwd=str(tmp_path))
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_slow_item_times_out_alone(env, tmp_path):
+    r = sheepdog("map", "--range", "1:3", "--timeout", "1", "--out", "out", "--",
+                 "sh", "-c", "[ {} != 2 ] || sleep 30", env=env, cwd=str(tmp_path), timeout=60)
+    assert r.returncode == 1
+    assert [x["status"] for x in _items(tmp_path / "out")] == ["success", "timeout", "success"]
+
+
+def test_files_are_staged_by_content_and_item_files_come_back(env, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, text in (("x.txt", "xx"), ("y.txt", "yyyy")):
+        (data / name).write_text(text)
+    r = sheepdog("map", "--files", "data/*.txt", "--out", "out", "--", "sh", "-c",
+                 'wc -c < {} > "$SHEEPDOG_ITEM_DIR/size"; echo {/.}', env=env,
+                 cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    records = _items(tmp_path / "out")
+    assert [x["output"] for x in records] == ["x\n", "y\n"]
+    assert records[1]["files"] == ["files/2/size"]
+    assert (tmp_path / "out" / "files" / "2" / "size").read_text().strip() == "4"
+
+
+def test_one_item_by_key_and_explicit_answers_when_there_is_none(env, tmp_path):
+    (tmp_path / "ids.txt").write_text("good\nbad\n")
+    r = sheepdog("map", "--items", "ids.txt", "--detach", "--", "sh", "-c",
+                 "echo result-{}; [ {} = good ]", env=env, cwd=str(tmp_path))
+    job_id = r.stdout.strip()
+    pending = sheepdog("result", job_id, "--item", "good", env=env)
+    sheepdog("worker", "--burst", env=env)
+    good = sheepdog("result", job_id, "--item", "good", env=env)
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["output"] == "result-good\n"
+    bad = sheepdog("result", job_id, "--item", "bad", env=env)
+    assert bad.returncode != 0 and "item 'bad' failed: exit code 1" in bad.stderr
+    missing = sheepdog("result", job_id, "--item", "nope", env=env)
+    assert missing.returncode != 0 and "no such item 'nope'" in missing.stderr
+    assert pending.returncode != 0 and "not finished" in pending.stderr
