@@ -123,6 +123,11 @@ class ProgressLine:
         job = store.get_job(self.db, self.job_id)
         eta = progress.eta_seconds(job, time.time())
         text = f"[{job.status}] {job.done}/{job.total} pieces"
+        items = progress.items_progress(job, store.counts(self.db, self.job_id), time.time())
+        if items is not None:
+            eta = items["eta_seconds"]
+            text = (f"[{job.status}] {items['done']:,d}/{items['total']:,d} items, "
+                    f"{items['failed']:,d} failed, {items['rate_per_second'] or 0:.0f}/s")
         if eta is not None:
             text += f", about {eta:.0f}s left"
         sys.stderr.write("\r\033[K" + text)

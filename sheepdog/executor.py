@@ -68,7 +68,10 @@ class Future(futures.Future):
                 return super().cancel()
         if not self._executor._withdraw(self):
             return False
-        return super().cancel()
+        cancelled = super().cancel()
+        # as a pool does when it dequeues a cancelled call: wait() counts it done now
+        self.set_running_or_notify_cancel()
+        return cancelled
 
 
 class Executor(futures.Executor):
@@ -254,6 +257,8 @@ class Executor(futures.Executor):
                 self._deliver(tid)
             elif state in (TaskStatus.ERROR, TaskStatus.CANCELLED):
                 why = error.decode() if error else state
+                if state == TaskStatus.CANCELLED:  # with its job: say why the job ended
+                    why = store.get_job(self._conn, self.job.id).error or why
                 self._settle(self._take(tid), error=TaskFailed(f"the piece failed: {why}"))
 
     def _take(self, task_id: str) -> list[Future]:
@@ -298,7 +303,10 @@ class Executor(futures.Executor):
 
     # -- workers and shutdown
     def _start_workers(self, count: int) -> None:
+        # the same store (results land in its cache) and the caller's import path
         env = dict(os.environ, SHEEPDOG_REDIS_URL=url_for(self._settings),
+                   SHEEPDOG_HOME=str(self._settings.home),
+                   SHEEPDOG_HEARTBEAT_TIMEOUT=str(self._settings.heartbeat_timeout),
                    PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
         for _ in range(count):
             self._processes.append(subprocess.Popen(

@@ -23,6 +23,21 @@ def eta_seconds(job: Job, now: float) -> float | None:
     return (now - job.started) / fresh_done * remaining
 
 
+def items_progress(job: Job, counts: dict[str, int], now: float) -> dict[str, Any] | None:
+    """Items done and failed, their rate and ETA, for a job whose workflow counts items
+    (see store.count); None for the others."""
+    if "items_total" not in counts:
+        return None
+    total, done = counts["items_total"], counts.get("items_done", 0)
+    elapsed = (job.ended or now) - job.started if job.started else 0.0
+    rate = done / elapsed if elapsed > 0 else None
+    eta = ((total - done) / rate if rate and not job.status.final and total > done
+           else None)
+    return {"total": total, "done": done, "failed": counts.get("items_failed", 0),
+            "rate_per_second": round(rate, 2) if rate else None,
+            "eta_seconds": round(eta, 1) if eta is not None else None}
+
+
 def piece(task: Task) -> dict[str, Any]:
     return {"id": task.id, "name": task.name, "status": task.status,
             "attempts": task.attempts, "exit_code": task.exit_code, "error": task.error,
@@ -49,6 +64,9 @@ def job_view(conn: redis.Redis, job: Job, with_pieces: bool = True, offset: int 
                      "eta_seconds": eta_seconds(job, now)},
         "result": job.result or None,
     }
+    items = items_progress(job, store.counts(conn, job.id), now)
+    if items is not None:
+        view["progress"]["items"] = items
     if with_pieces:
         view["progress"]["running"] = len(store.running_tasks(conn, job.id))
         total = store.count_tasks(conn, job.id)

@@ -613,11 +613,15 @@ def stop_job(conn: redis.Redis, job_id: str, status: JobStatus, why: str) -> boo
     return conn.transaction(txn, *watch, value_from_callable=True)
 
 
-def count(conn: redis.Redis, job_id: str, task_id: str, **amounts: int) -> dict[str, int]:
-    """Add a piece's amounts to the job's counters, once per piece; the totals."""
+def count(conn: redis.Redis, job_id: str, task_id: str, total: tuple[str, int] | None = None,
+          **amounts: int) -> dict[str, int]:
+    """Add a piece's amounts to the job's counters, once per piece (and set the counter
+    `total` names, if not set yet); the totals."""
     def txn(pipe: Pipeline) -> dict[str, int]:
         fresh = not pipe.sismember(keys.job_counted(job_id), task_id)
         pipe.multi()
+        if total is not None:
+            pipe.hsetnx(keys.job_counts(job_id), *total)
         if fresh:
             pipe.sadd(keys.job_counted(job_id), task_id)
             for name, amount in amounts.items():

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import sheepdog
+from conftest import sheepdog, wait_for
 
 from sheepdog.errors import InputError
 from sheepdog.mapping import items
@@ -201,3 +201,73 @@ def test_one_item_by_key_and_explicit_answers_when_there_is_none(env, tmp_path):
     missing = sheepdog("result", job_id, "--item", "nope", env=env)
     assert missing.returncode != 0 and "no such item 'nope'" in missing.stderr
     assert pending.returncode != 0 and "not finished" in pending.stderr
+
+
+def test_map_over_rest_serves_items_by_key_with_explicit_errors(redis_server, home, conn,
+                                                               queue, workers, env):
+    from web_helpers import conforms
+
+    from web import create_app
+
+    auth = {"Authorization": "Bearer t"}
+    client = create_app({"TESTING": True, "SETTINGS": {
+        "redis_url": redis_server.url, "home": home, "api_tokens": ("t",),
+        "queue": queue}}).test_client()
+    body = {"workflow": "map", "command": ["sh", "-c", 'echo "{name}={dose}"; [ {dose} != 0 ]'],
+            "items": [{"name": f"m{i}", "dose": i % 4} for i in range(250)], "key": "name",
+            "chunk": 10}
+    r = client.post("/jobs", headers=auth, json=body)
+    assert r.status_code == 202, r.get_json()
+    job_id = r.get_json()["id"]
+    early = client.get(f"/jobs/{job_id}/items/m1", headers=auth)
+    assert early.status_code == 409 and "not finished" in early.get_json()["error"]
+    workers.start("--burst", "-j", "2")
+    wait_for(lambda: client.get(f"/jobs/{job_id}", headers=auth).get_json()["status"]
+             in ("success", "error"), timeout=120, what="the map job")
+    one = client.get(f"/jobs/{job_id}/items/m5", headers=auth)
+    assert one.status_code == 200 and one.get_json()["output"] == "m5=1\n"
+    conforms(one.get_json(), "Item")
+    failed = client.get(f"/jobs/{job_id}/items/m4", headers=auth)
+    assert failed.status_code == 409 and "failed: exit code 1" in failed.get_json()["error"]
+    assert client.get(f"/jobs/{job_id}/items/zz", headers=auth).status_code == 404
+    # pages of failed items, in input order, until next_after is null
+    keys, after = [], None
+    while True:
+        query = "state=failed" + (f"&after={after}" if after else "")
+        page = client.get(f"/jobs/{job_id}/items?{query}", headers=auth).get_json()
+        conforms(page, "ItemPage")
+        keys += [item["key"] for item in page["items"]]
+        after = page["next_after"]
+        if after is None:
+            break
+    assert keys == [f"m{i}" for i in range(250) if i % 4 == 0]
+    assert client.get(f"/jobs/{job_id}/items?state=bogus", headers=auth).status_code == 400
+    bad = client.post("/jobs", headers=auth, json={**body, "command": ["echo", "{nme}"]})
+    assert bad.status_code == 400 and bad.get_json()["field"] == "command"
+    dup = client.post("/jobs", headers=auth, json={**body, "items": ["a", "b", "a"],
+                                                   "key": None, "command": ["echo"]})
+    assert dup.status_code == 400 and "duplicate key 'a'" in dup.get_json()["error"]
+
+
+def test_large_chunks_run_their_items_in_one_process_with_the_same_records(env, tmp_path):
+    """From 16 items a chunk runs as a process of its own and spawns its items cheaply:
+    the records are the same, and a timeout still kills an item's whole tree."""
+    tick = tmp_path / "tick"
+    r = sheepdog("map", "--range", "1:40", "--chunk", "20", "--timeout", "1", "--out", "out",
+                 "--", "sh", "-c", f'[ {{}} != 25 ] || {{ (while :; do date +%s%N >> {tick}; '
+                 f'sleep 0.1; done) & sleep 30; }}; echo {{}}; [ {{}} != 7 ] || exit 4',
+                 env=env, cwd=str(tmp_path), timeout=60)
+    assert r.returncode == 1
+    records = _items(tmp_path / "out")
+    assert [x["status"] for x in records].count("success") == 38
+    assert records[24]["status"] == "timeout" and "timed out after 1s" in records[24]["stderr"]
+    assert records[6]["exit_code"] == 4 and records[6]["output"] == "7\n"
+    import time
+    before = tick.read_text().count("\n")
+    time.sleep(0.5)
+    assert tick.read_text().count("\n") == before  # the grandchild died with its item
+    missing = sheepdog("map", "--range", "1:20", "--chunk", "20", "--out", "o2", "--",
+                       "no-such-program", env=env, cwd=str(tmp_path))
+    assert missing.returncode == 1
+    first = _items(tmp_path / "o2")[0]
+    assert first["exit_code"] == 127 and "cannot start 'no-such-program'" in first["stderr"]

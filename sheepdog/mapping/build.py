@@ -25,6 +25,7 @@ from .items import Item, check_template, render, staged_paths
 STEP = "sheepdog.mapping.step"
 INLINE_SPEC = 64 * 1024  # bytes: a longer chunk spec travels as a staged file
 MAX_CHUNK = 100_000
+MANY = 16  # items in a chunk from which it runs as a process of its own (step.py)
 
 
 @dataclass
@@ -95,7 +96,8 @@ def _chunk_task(request: MapRequest, chunk: list[Item], settings: Settings, cach
         specs.append({"key": item.key, "argv": parts})
     spec = json.dumps({"items": specs, "timeout": request.timeout, "env": request.env,
                        "nonce": nonce}, separators=(",", ":"), sort_keys=True)
-    argv: list[ArgvItem] = [{"python": True}, "-m", STEP, "run"]
+    argv: list[ArgvItem] = [{"python": True}, "-m", STEP,
+                            "run-many" if len(chunk) >= MANY else "run"]
     if len(spec) <= INLINE_SPEC:
         argv.append(spec)
     else:

@@ -258,7 +258,7 @@ class MapWorkflow(Workflow):
                     path.read_text(encoding="utf-8").splitlines()]
         failed = sum(s != "success" for s in statuses)
         totals = store.count(conn, job.id, task.id, items_done=len(statuses),
-                             items_failed=failed)
+                             items_failed=failed, total=("items_total", int(job.params["items"])))
         limit = build.failure_limit(str(job.params.get("max_failures", "")),
                                     int(job.params["items"]))
         if limit is not None and totals.get("items_failed", 0) > limit:

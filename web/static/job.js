@@ -34,11 +34,16 @@
 
   function showProgress(m) {
     const p = m.progress;
-    const pct = p.total ? Math.round(100 * p.done / p.total) : 0;
+    const it = p.items;
+    const pct = it && it.total ? Math.floor(100 * it.done / it.total)
+      : p.total ? Math.round(100 * p.done / p.total) : 0;
+    const eta = it ? it.eta_seconds : p.eta_seconds;
     document.getElementById("bar-fill").style.width = pct + "%";
-    document.getElementById("bar-text").textContent = `${pct}% — ${p.done}/${p.total} pieces`;
-    document.getElementById("eta").textContent =
-      p.eta_seconds != null ? `about ${Math.ceil(p.eta_seconds)} s left` : "";
+    document.getElementById("bar-text").textContent = it
+      ? `${pct}% — ${it.done.toLocaleString()}/${it.total.toLocaleString()} items`
+      : `${pct}% — ${p.done}/${p.total} pieces`;
+    document.getElementById("eta").textContent = eta != null ? `about ${Math.ceil(eta)} s left` : "";
+    if (it) showItems(it, p.running || 0);
     const status = document.getElementById("status");
     status.textContent = m.status;
     status.className = "badge " + m.status;
@@ -60,6 +65,35 @@
       if (sections[piece.name]) sections[piece.name].className = piece.status;
     }
     if (m.error) showError(m.error);
+  }
+
+  // many items: counts, rate and the failed ones on demand (never an element per item)
+  function showItems(it, running) {
+    const box = document.getElementById("items");
+    box.hidden = false;
+    document.getElementById("items-counts").textContent =
+      `${it.done.toLocaleString()} done, ${it.failed.toLocaleString()} failed, ` +
+      `${running} pieces running` + (it.rate_per_second ? `, ${it.rate_per_second}/s` : "");
+    document.getElementById("show-failed").hidden = it.failed === 0;
+  }
+
+  async function showFailed(after) {
+    const list = document.getElementById("failed-items");
+    const r = await fetch(root.dataset.items + q(Object.assign({state: "failed"},
+                                                              after ? {after} : {})));
+    if (!r.ok) return;
+    const page = await r.json();
+    if (!after) list.innerHTML = "";
+    for (const item of page.items) {
+      const li = document.createElement("li");
+      li.textContent = `${item.key}: ${item.status}` +
+        (item.exit_code != null ? ` (exit ${item.exit_code})` : "") +
+        (item.stderr ? ` — ${item.stderr.split("\n").pop()}` : "");
+      list.appendChild(li);
+    }
+    const more = document.getElementById("more-failed");
+    more.hidden = page.next_after == null;
+    more.onclick = () => showFailed(page.next_after);
   }
 
   function showError(text) {
@@ -112,5 +146,6 @@
     };
     ws.onclose = () => { if (!done) setTimeout(connect, 1000); };
   }
+  document.getElementById("show-failed").onclick = () => showFailed(null);
   connect();
 })();
