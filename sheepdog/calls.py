@@ -22,6 +22,7 @@ import os
 import pickle
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +100,8 @@ def _portable(error: BaseException) -> BaseException:
 
 
 def run_calls(payload: bytes, setup: str | None) -> list[tuple[Any, ...]]:
-    """Each call's ("ok", value) or ("raised", exception, traceback text)."""
+    """Each call's ("ok", value, seconds) or ("raised", exception, traceback, seconds);
+    the seconds let the Executor size its pieces."""
     calls = pickle.loads(payload)
     results: list[tuple[Any, ...]] = []
     ready: Any = None
@@ -107,15 +109,17 @@ def run_calls(payload: bytes, setup: str | None) -> list[tuple[Any, ...]]:
         ready = context(setup) if setup else None
     except Exception as e:  # noqa: BLE001  every call reports the setup's failure
         failed = (_portable(e), "setup " + str(setup) + " failed:\n" + traceback.format_exc())
-        return [("raised", *failed) for _ in calls]
+        return [("raised", *failed, 0.0) for _ in calls]
     for path, args, kwargs in calls:
+        started = time.perf_counter()
         try:
             fn = resolve(path)
             value = fn(*args, **(dict(kwargs, context=ready) if setup else kwargs))
             pickle.dumps(value)  # an unpicklable value is this call's error, not the batch's
-            results.append(("ok", value))
+            results.append(("ok", value, time.perf_counter() - started))
         except Exception as e:  # noqa: BLE001  the caller gets it as the future's exception
-            results.append(("raised", _portable(e), traceback.format_exc()))
+            results.append(("raised", _portable(e), traceback.format_exc(),
+                            time.perf_counter() - started))
     return results
 
 

@@ -65,9 +65,11 @@ SLURM_SQUEUE_MAX_PAUSE = 60.0  # s: back-off ceiling while the controller does n
 # websocket's progress events and `sheepdog status` stay small for any job size
 PIECES_PAGE = 200
 
-# sheepdog.Executor: submits go to Redis in batches, at most this many pieces at once,
-# gathered for this long after the first (one transaction instead of one per call)
-EXECUTOR_BATCH = 500
+# sheepdog.Executor: submits gathered this long go to Redis in one transaction
 EXECUTOR_FLUSH = 0.002  # s
+EXECUTOR_AHEAD = 4  # pieces sent ahead per worker thread; the rest wait in the client
+EXECUTOR_PIECE_SECONDS = 0.1  # s of calls a packed piece aims at (joblib aims at 0.2-2)
+EXECUTOR_MAX_PACK = 1000  # calls in one packed piece, at most
+EXECUTOR_THREADS = 4  # task threads of each worker it starts (they wait on Redis)
 EXECUTOR_STOP_WAIT = 10.0  # s: its own workers get this long to hand back and stop
 EXECUTOR_WORKERS_CHECK = 1.0  # s: how often it looks whether its workers still live

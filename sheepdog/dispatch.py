@@ -78,6 +78,15 @@ def is_queued(conn: redis.Redis, queue: str, rq_id: str) -> bool:
     return conn.lpos(_queue(conn, queue).key, rq_id) is not None
 
 
+def waiting_ids(conn: redis.Redis, queues: set[str]) -> set[str]:
+    """The entry ids waiting on these queues, in one round trip (a reaper's snapshot: an
+    entry missing from it may have been taken since, so check again before acting)."""
+    pipe = conn.pipeline(transaction=False)
+    for name in sorted(queues):
+        pipe.lrange(_queue(conn, name).key, 0, -1)
+    return {(e.decode() if isinstance(e, bytes) else e) for ids in pipe.execute() for e in ids}
+
+
 def waiting(conn: redis.Redis, queue: str) -> int:
     """How many entries wait on a queue."""
     return int(_queue(conn, queue).count)

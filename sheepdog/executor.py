@@ -4,9 +4,13 @@
         for fut in as_completed([ex.submit(score, x) for x in xs]):
             print(fut.result())
 
-An Executor is one open job: each submit adds a piece (map with chunksize adds one per
-chunk), which workers run through sheepdog.calls like any other piece — with
-heartbeats, re-runs of a lost worker's pieces, live logs and the web page. Functions
+An Executor is one open job whose pieces workers run through sheepdog.calls like any
+other piece — with heartbeats, re-runs of a lost worker's pieces, live logs and the web
+page. Tiny calls are packed into pieces as joblib's batch_size="auto" does: the first
+pieces carry one call each, later ones as many as fill about a tenth of a second at the
+measured call time, and only a few pieces per worker thread are sent ahead, so a piece
+never holds calls another worker could be running. map(chunksize=n) makes pieces of
+exactly n calls; batch_size=n packs every piece to n. Functions
 travel by import path, arguments and results by pickle: whoever can write the queue can
 run code as the workers, exactly as with RQ. With no worker serving its queue, the
 Executor starts worker processes of its own and stops them at shutdown.
@@ -15,6 +19,7 @@ Executor starts worker processes of its own and stops them at shutdown.
 from __future__ import annotations
 
 import base64
+import collections
 import itertools
 import os
 import pickle
@@ -26,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from concurrent.futures._base import PENDING
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -36,9 +42,12 @@ from .calls import RESULT, encode, function_path
 from .config import Settings, load
 from .connection import connect, url_for
 from .defaults import (
-    EXECUTOR_BATCH,
+    EXECUTOR_AHEAD,
     EXECUTOR_FLUSH,
+    EXECUTOR_MAX_PACK,
+    EXECUTOR_PIECE_SECONDS,
     EXECUTOR_STOP_WAIT,
+    EXECUTOR_THREADS,
     EXECUTOR_WORKERS_CHECK,
 )
 from .errors import SheepdogError
@@ -47,6 +56,16 @@ from .worker import live_workers
 
 INLINE_PAYLOAD = 16 * 1024  # bytes of pickled calls carried in the argv; more are staged
 Call = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
+@dataclass
+class Unit:
+    """Calls waiting to be sent: one submit, or a map chunk that stays one piece (fixed)."""
+
+    calls: list[Call]
+    futures: list[Future]
+    name: str
+    fixed: bool = False
 
 
 class TaskFailed(SheepdogError):
@@ -79,9 +98,11 @@ class Executor(futures.Executor):
 
     def __init__(self, max_workers: int | None = None, *, setup: str | None = None,
                  queue: str | None = None, backend: str = "local", host: str | None = None,
-                 settings: Settings | None = None, start_workers: bool | None = None) -> None:
+                 settings: Settings | None = None, start_workers: bool | None = None,
+                 batch_size: int | str = "auto") -> None:
         """`max_workers`: worker processes to start when none serves the queue (default:
-        the number of cores); `start_workers` False never starts any, True always does."""
+        the number of cores); `start_workers` False never starts any, True always does;
+        `batch_size`: calls per piece, "auto" to size pieces from measured call times."""
         self._settings = settings or load()
         self._conn: redis.Redis = connect(self._settings)
         self._cache = Cache(self._settings.cache_dir)
@@ -92,10 +113,15 @@ class Executor(futures.Executor):
                        backend=backend, host=self._host,
                        params={"setup": setup or "", "calls": 0})
         store.submit(self._conn, self.job, [], open_=True)
+        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError("batch_size must be 'auto' or a whole number >= 1")
+        self._batch = batch_size
+        self._call_seconds: float | None = None  # measured, for batch_size="auto"
         self._lock = threading.Lock()
         self._seq = itertools.count(1)
-        self._buffer: list[tuple[Task, list[Future]]] = []
+        self._units: collections.deque[Unit] = collections.deque()
         self._pending: dict[str, list[Future]] = {}
+        self._slots, self._slots_seen = 1, 0.0
         self._all: list[Future] = []
         self._shutdown = False
         self._wake = threading.Event()
@@ -125,30 +151,64 @@ class Executor(futures.Executor):
         calls: list[Call] = [(path, args, {}) for args in zip(*iterables, strict=False)]
         fs = []
         for start in range(0, len(calls), chunksize):
-            fs += self._submit_calls(calls[start:start + chunksize], fn)
+            fs += self._submit_calls(calls[start:start + chunksize], fn, fixed=chunksize > 1)
         return _in_order(fs, timeout)
 
-    def _submit_calls(self, calls: list[Call], fn: Callable[..., Any]) -> list[Future]:
-        payload = encode(calls)
+    def _submit_calls(self, calls: list[Call], fn: Callable[..., Any],
+                      fixed: bool = False) -> list[Future]:
+        fs = [Future(self) for _ in calls]
+        unit = Unit(calls, fs, getattr(fn, "__qualname__", "call"), fixed)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            seq = next(self._seq)
-        name = getattr(fn, "__qualname__", "call")
-        label = f"{name} #{seq}" if len(calls) == 1 else f"{name} #{seq} ({len(calls)} calls)"
-        task = self._task(label[:120], payload, seq)
-        fs = [Future(self) for _ in calls]
-        for f in fs:
-            f.task_id = task.id
-        with self._lock:
-            self._buffer.append((task, fs))
+            self._units.append(unit)
             self._all.extend(fs)
-            full = len(self._buffer) >= EXECUTOR_BATCH
-        if full:
-            self._flush()
-        else:
-            self._wake.set()
+        self._wake.set()
         return fs
+
+    def _pack_size(self, waiting_calls: int) -> int:
+        """Calls per piece: the set size, or (auto) enough to fill EXECUTOR_PIECE_SECONDS
+        at the measured call time — but never so many that workers would sit idle."""
+        if self._batch != "auto":
+            return int(self._batch)
+        if self._call_seconds is None:
+            return 1  # nothing measured yet
+        size = int(EXECUTOR_PIECE_SECONDS / max(self._call_seconds, 1e-6))
+        spread = -(-waiting_calls // self._slots)  # each worker thread gets a share
+        return max(1, min(EXECUTOR_MAX_PACK, size, spread))
+
+    def _refresh_slots(self) -> None:
+        """Worker threads serving the queue (the pieces worth sending ahead scale with it)."""
+        if time.monotonic() - self._slots_seen < EXECUTOR_WORKERS_CHECK:
+            return
+        self._slots_seen = time.monotonic()
+        threads = sum(int(str(w.get("concurrency", 1))) for w in
+                      live_workers(self._conn, self._queue))
+        self._slots = max(1, threads, len(self._processes) * EXECUTOR_THREADS)
+
+    def _take_pieces(self) -> list[tuple[Task, list[Future]]]:
+        """Units packed into pieces, as many as may go ahead of the workers now."""
+        pieces = []
+        with self._lock:
+            room = EXECUTOR_AHEAD * self._slots - len(self._pending)
+            while self._units and room > 0:
+                unit = self._units.popleft()
+                calls, fs, name = list(unit.calls), list(unit.futures), unit.name
+                if not unit.fixed:
+                    size = self._pack_size(len(self._units) + 1)
+                    while (len(calls) < size and self._units and not self._units[0].fixed):
+                        more = self._units.popleft()
+                        calls += more.calls
+                        fs += more.futures
+                seq = next(self._seq)
+                label = f"{name} #{seq}" + (f" ({len(calls)} calls)" if len(calls) > 1 else "")
+                task = self._task(label[:120], encode(calls), seq)
+                for f in fs:
+                    f.task_id = task.id
+                self._pending[task.id] = fs
+                pieces.append((task, fs))
+                room -= 1
+        return pieces
 
     def _task(self, name: str, payload: bytes, seq: int) -> Task:
         argv: list[ArgvItem] = [{"python": True}, "-m", "sheepdog.calls", "call"]
@@ -160,40 +220,41 @@ class Executor(futures.Executor):
             argv.append({"input": "calls"})
         if self._setup:
             argv += ["--setup", self._setup]
-        # the job id and a sequence number: every call is its own piece, never cached
+        # the job id and a sequence number: every piece is its own, never cached
         argv += ["--", f"{self.job.id}/{seq}"]
         return Task(name=name, argv=argv, inputs=inputs, outputs=[RESULT],
                     max_attempts=self._settings.max_attempts, backend=self._backend,
                     host=self._host, queue=self._queue, environment="python calls")
 
     def _flush(self) -> None:
-        with self._lock:
-            batch, self._buffer = self._buffer, []
-            for task, fs in batch:
-                self._pending[task.id] = fs
-        if not batch:
+        self._refresh_slots()
+        pieces = self._take_pieces()
+        if not pieces:
             return
         try:
-            store.add_tasks(self._conn, self.job.id, [t for t, _ in batch])
+            store.add_tasks(self._conn, self.job.id, [t for t, _ in pieces])
         except SheepdogError as e:
-            for _, fs in batch:
+            for task, fs in pieces:
+                self._take(task.id)
                 self._settle(fs, error=TaskFailed(str(e)))
 
     def _flusher(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait()
+            self._wake.wait(EXECUTOR_WORKERS_CHECK)
             self._wake.clear()
             if self._stop.wait(EXECUTOR_FLUSH):  # a burst of submits goes in one batch
-                self._flush()
                 return
-            self._flush()
+            try:
+                self._flush()
+            except redis.RedisError:
+                self._stop.wait(0.5)  # Redis is restarting: the calls wait here meanwhile
 
     def _withdraw(self, future: Future) -> bool:
         """Take a future's call out before it starts (only a call alone in its piece)."""
         with self._lock:
-            for i, (_task, fs) in enumerate(self._buffer):
-                if fs == [future]:
-                    del self._buffer[i]
+            for unit in self._units:
+                if unit.futures == [future]:
+                    self._units.remove(unit)
                     return True
             if self._pending.get(future.task_id) != [future]:
                 return False
@@ -209,7 +270,7 @@ class Executor(futures.Executor):
         looked = time.monotonic()
         while True:
             with self._lock:
-                if self._shutdown and not self._pending and not self._buffer:
+                if self._shutdown and not self._pending and not self._units:
                     return
             if time.monotonic() - looked > EXECUTOR_WORKERS_CHECK:
                 looked = time.monotonic()
@@ -263,7 +324,9 @@ class Executor(futures.Executor):
 
     def _take(self, task_id: str) -> list[Future]:
         with self._lock:
-            return self._pending.pop(task_id, [])
+            fs = self._pending.pop(task_id, [])
+        self._wake.set()
+        return fs
 
     def _deliver(self, task_id: str) -> None:
         fs = self._take(task_id)
@@ -272,6 +335,12 @@ class Executor(futures.Executor):
         except (OSError, pickle.UnpicklingError, EOFError) as e:
             self._settle(fs, error=TaskFailed(f"cannot read the result: {e}"))
             return
+        seconds = [outcome[-1] for outcome in results]
+        if seconds:
+            mean = sum(seconds) / len(seconds)
+            self._call_seconds = (mean if self._call_seconds is None
+                                  else (self._call_seconds + mean) / 2)
+        self._wake.set()  # room for another piece
         for f, outcome in zip(fs, results, strict=True):
             if outcome[0] == "ok":
                 self._settle([f], value=outcome[1])
@@ -297,7 +366,10 @@ class Executor(futures.Executor):
         self._check(set(left))  # pieces that ended with the job
         with self._lock:
             rest = [f for tid in list(self._pending) for f in self._pending.pop(tid)]
-            self._shutdown = self._shutdown or job.status != JobStatus.SUCCESS
+            if job.status != JobStatus.SUCCESS:
+                rest += [f for unit in self._units for f in unit.futures]
+                self._units.clear()
+                self._shutdown = True
         self._settle(rest, error=TaskFailed(f"job {job.id} ended ({job.status}): "
                                             f"{job.error or 'no reason given'}"))
 
@@ -311,7 +383,7 @@ class Executor(futures.Executor):
         for _ in range(count):
             self._processes.append(subprocess.Popen(
                 [sys.executable, "-m", "sheepdog", "worker", "--queue", self._queue,
-                 "--concurrency", "1"], env=env, stdin=subprocess.DEVNULL,
+                 "--concurrency", str(EXECUTOR_THREADS)], env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, start_new_session=True))
 
     def _stop_workers(self) -> None:
@@ -330,20 +402,25 @@ class Executor(futures.Executor):
         with self._lock:
             already = self._shutdown
             self._shutdown = True
-        if not already:
-            self._flush()
-            if cancel_futures:
-                for f in list(self._all):
-                    f.cancel()
-            store.close_job(self._conn, self.job.id)
+        if not already and cancel_futures:
+            for f in list(self._all):
+                f.cancel()
         self._wake.set()
         if wait:
-            futures.wait(self._all)
-            self._finish()
+            self._close_when_sent()
         else:
-            threading.Thread(target=self._finish_later, daemon=True).start()
+            threading.Thread(target=self._close_when_sent, daemon=True).start()
 
-    def _finish_later(self) -> None:
+    def _close_when_sent(self) -> None:
+        """Close the job once every call went out (pieces are sent a few at a time), then
+        wait for the answers and stop what this Executor started."""
+        while True:
+            with self._lock:
+                if not self._units:
+                    break
+            self._wake.set()
+            self._stop.wait(EXECUTOR_FLUSH * 10)
+        store.close_job(self._conn, self.job.id)
         futures.wait(self._all)
         self._finish()
 

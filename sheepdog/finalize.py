@@ -12,12 +12,14 @@ from . import keys, logs, store, workflows
 from .config import Settings
 from .defaults import FINALIZE_LOCK, FINALIZE_WAIT
 from .errors import SheepdogError
-from .models import JobStatus, Task
+from .models import Job, JobStatus, Task
 
 
-def finalize(conn: redis.Redis, settings: Settings, job_id: str) -> None:
-    """Run a successful job's workflow finalize once; safe to call from several places."""
-    job = store.get_job(conn, job_id)
+def finalize(conn: redis.Redis, settings: Settings, job_id: str, job: Job | None = None
+             ) -> None:
+    """Run a successful job's workflow finalize once; safe to call from several places
+    (`job`: already read)."""
+    job = job or store.get_job(conn, job_id)
     workflow = workflows.find(job.workflow)
     if job.status != JobStatus.SUCCESS or job.result or workflow is None:
         return
@@ -41,16 +43,16 @@ def finalize(conn: redis.Redis, settings: Settings, job_id: str) -> None:
         conn.delete(keys.job_finalizing(job_id))
 
 
-def piece_done(conn: redis.Redis, settings: Settings, job_id: str, task: Task) -> None:
-    """Tell the job's workflow that one of its pieces succeeded (if it wants to know)."""
-    workflow_name = conn.hget(keys.job(job_id), "workflow")
-    workflow = workflows.find(workflow_name.decode()) if workflow_name else None
-    if workflow is None or type(workflow).piece_done is workflows.Workflow.piece_done:
-        return  # most workflows don't count: one round trip, nothing more
+def after_success(conn: redis.Redis, settings: Settings, job_id: str, task: Task) -> None:
+    """After a piece succeeded, for each of its jobs: tell the workflow (if it wants to
+    know), then finalize the job if that was its last piece."""
     job = store.get_job(conn, job_id)
-    if job.status.final:
-        return
-    try:
-        workflow.piece_done(conn, settings, job, task)
-    except (SheepdogError, OSError, KeyError, ValueError) as e:
-        logs.note(conn, job_id, f"could not count {task.name}: {e}", task=task.id)
+    workflow = workflows.find(job.workflow)
+    if (workflow is not None and not job.status.final
+            and type(workflow).piece_done is not workflows.Workflow.piece_done):
+        try:
+            workflow.piece_done(conn, settings, job, task)
+        except (SheepdogError, OSError, KeyError, ValueError) as e:
+            logs.note(conn, job_id, f"could not count {task.name}: {e}", task=task.id)
+        job = store.get_job(conn, job_id)
+    finalize(conn, settings, job_id, job)

@@ -111,6 +111,15 @@ def set_job_fields(conn: redis.Redis, job_id: str, **values: Any) -> None:
 # ---------------------------------------------------------------- submitting
 
 
+def _statuses(conn: redis.Redis, task_ids: list[str]) -> dict[str, str]:
+    """The tasks' statuses in one round trip. Called while a transaction watches their
+    keys: the reads may take another connection, the EXEC still fails if one changed."""
+    pipe = conn.pipeline(transaction=False)
+    for tid in task_ids:
+        pipe.hget(keys.task(tid), "status")
+    return {tid: _text(v) for tid, v in zip(task_ids, pipe.execute(), strict=True)}
+
+
 def _add(pipe: Pipeline, conn: redis.Redis, job_id: str, tasks: list[Task],
          states: dict[str, str], published: Callable[[str], bool], now: float) -> tuple[int, int]:
     """Inside a MULTI: store the tasks for the job, dispatch what can run now; returns
@@ -162,7 +171,7 @@ def submit(
     task_keys = [keys.task(t.id) for t in tasks]
 
     def txn(pipe: Pipeline) -> None:
-        states = {t.id: _text(pipe.hget(keys.task(t.id), "status")) for t in tasks}
+        states = _statuses(conn, [t.id for t in tasks])
         now = time.time()
         pipe.multi()
         pipe.delete(keys.job_tasks(job.id))
@@ -196,7 +205,7 @@ def add_tasks(conn: redis.Redis, job_id: str, tasks: list[Task],
             raise UnknownJob(job_id)
         if JobStatus(status).final:
             raise JobEnded(job_id, status)
-        states = {t.id: _text(pipe.hget(keys.task(t.id), "status")) for t in tasks}
+        states = _statuses(conn, [t.id for t in tasks])
         pipe.multi()
         done, _ = _add(pipe, conn, job_id, tasks, states, published, time.time())
         pipe.hincrby(keys.job(job_id), "total", len(tasks))
@@ -260,14 +269,20 @@ def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
     key = keys.task(task_id)
 
     def txn(pipe: Pipeline) -> Task | None:
-        raw = pipe.hgetall(key)
+        read = conn.pipeline(transaction=False)  # watched keys, read in one round trip
+        read.hgetall(key)
+        read.smembers(keys.task_jobs(task_id))
+        raw, job_set = read.execute()
         if not raw:
             return None
         task: Task = from_hash(Task, raw)
         if task.status != TaskStatus.QUEUED:
             return None
-        jobs = _texts(pipe.smembers(keys.task_jobs(task_id)))
-        job_states = [_text(pipe.hget(keys.job(j), "status")) for j in jobs]
+        jobs = _texts(job_set)
+        read = conn.pipeline(transaction=False)
+        for j in jobs:
+            read.hget(keys.job(j), "status")
+        job_states = [_text(v) for v in read.execute()] if jobs else []
         now = time.time()
         task.status, task.worker, task.started = TaskStatus.RUNNING, worker, now
         task.attempts += 1
@@ -366,12 +381,15 @@ def _succeed_jobs(pipe: Pipeline, jobs: dict[str, dict[str, str]], task: Task,
         pipe.hset(keys.job(jid), mapping=fields)
 
 
+_JOB_FIELDS = ("status", "done", "total", "final_task")
+
+
 def _read_jobs(pipe: Pipeline, task_id: str) -> dict[str, dict[str, str]]:
     jobs = _texts(pipe.smembers(keys.task_jobs(task_id)))
     if jobs:
         pipe.watch(*[keys.job(j) for j in jobs])
-    names = ("status", "done", "total", "final_task")
-    return {j: dict(zip(names, map(_text, pipe.hmget(keys.job(j), *names)), strict=True))
+    return {j: dict(zip(_JOB_FIELDS, map(_text, pipe.hmget(keys.job(j), *_JOB_FIELDS)),
+                        strict=True))
             for j in jobs}
 
 
@@ -392,18 +410,25 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
     key = keys.task(task_id)
 
     def txn(pipe: Pipeline) -> TaskStatus:
-        raw = pipe.hgetall(key)
+        # watched: the task and its job set; read in one round trip with its dependents
+        read = conn.pipeline(transaction=False)
+        read.hgetall(key)
+        read.smembers(keys.task_jobs(task_id))
+        read.smembers(keys.task_dependents(task_id))
+        raw, job_set, dependent_set = read.execute()
         task: Task = from_hash(Task, raw)
         reclaimed = (task.status == TaskStatus.QUEUED and task.requeued_from == worker
                      and attempt and task.attempts == attempt)
         if not reclaimed and (task.status != TaskStatus.RUNNING or task.worker != worker):
             return task.status  # cancelled or reaped meanwhile: not ours to record
-        jobs = _read_jobs(pipe, task_id)
+        success = exit_code == 0 and not error
+        jobs, dep_state = _read_around(pipe, conn, _texts(job_set),
+                                       _texts(dependent_set) if success else [])
         now = time.time()
         task.exit_code = exit_code
         took = f"in {now - task.started:.2f}s"
-        if exit_code == 0 and not error:
-            return _record_success(pipe, conn, task, jobs, now,
+        if success:
+            return _record_success(pipe, conn, task, jobs, dep_state, now,
                                    note=f"{task.name}: success {took}")
         if (task.retry_on_failure or retryable) and task.attempts < task.max_attempts:
             pipe.multi()
@@ -417,13 +442,31 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
     return conn.transaction(txn, key, keys.task_jobs(task_id), value_from_callable=True)
 
 
+def _read_around(pipe: Pipeline, conn: redis.Redis, job_ids: list[str],
+                 dependents: list[str]) -> tuple[dict[str, dict[str, str]],
+                                                 dict[str, list[str]]]:
+    """Watch a task's jobs and dependents, then read what finishing it needs of them in
+    one round trip: (job -> status/done/total/final_task, dependent -> status/pending/queue)."""
+    watched = [keys.job(j) for j in job_ids] + [keys.task(d) for d in dependents]
+    if not watched:
+        return {}, {}
+    pipe.watch(*watched)
+    read = conn.pipeline(transaction=False)
+    for j in job_ids:
+        read.hmget(keys.job(j), *_JOB_FIELDS)
+    for d in dependents:
+        read.hmget(keys.task(d), "status", "pending", "queue")
+    values = read.execute()
+    jobs = {j: dict(zip(_JOB_FIELDS, map(_text, v), strict=True))
+            for j, v in zip(job_ids, values, strict=False)}
+    deps = {d: [_text(x) for x in v] for d, v in zip(dependents, values[len(job_ids):],
+                                                     strict=True)}
+    return jobs, deps
+
+
 def _record_success(pipe: Pipeline, conn: redis.Redis, task: Task,
-                    jobs: dict[str, dict[str, str]], now: float, note: str) -> TaskStatus:
-    dependents = _texts(pipe.smembers(keys.task_dependents(task.id)))
-    if dependents:
-        pipe.watch(*[keys.task(d) for d in dependents])
-    dep_state = {d: [_text(v) for v in pipe.hmget(keys.task(d), "status", "pending", "queue")]
-                 for d in dependents}
+                    jobs: dict[str, dict[str, str]], dep_state: dict[str, list[str]],
+                    now: float, note: str) -> TaskStatus:
     pipe.multi()
     pipe.hset(keys.task(task.id), mapping={"status": TaskStatus.SUCCESS,
                                            "exit_code": str(task.exit_code),

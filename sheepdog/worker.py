@@ -39,7 +39,7 @@ from .defaults import (
     WATCH_POLL,
 )
 from .errors import SheepdogError
-from .finalize import finalize, piece_done
+from .finalize import after_success
 from .models import Task, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -167,9 +167,8 @@ class PieceRunner:
             retryable=outcome.lost, attempt=task.attempts))
         if status == TaskStatus.SUCCESS:
             for jid in jobs:
-                self._until_recorded(functools.partial(piece_done, self.conn, self.settings,
-                                                       jid, task))
-                self._until_recorded(functools.partial(finalize, self.conn, self.settings, jid))
+                self._until_recorded(functools.partial(after_success, self.conn,
+                                                       self.settings, jid, task))
         return status
 
     def _until_recorded(self, write: Callable[[], T]) -> T:
@@ -256,14 +255,22 @@ def reap_lost(conn: redis.Redis, settings: Settings) -> list[str]:
         return []
     pipe = conn.pipeline(transaction=False)
     for tid in ids:
-        pipe.hmget(keys.task(tid), "status", "queued_at", "process", "taken_by")
+        pipe.hmget(keys.task(tid), "status", "queued_at", "process", "taken_by", "rq_id",
+                   "queue")
         pipe.exists(keys.task_heartbeat(tid))
     replies = pipe.execute()
+    # one look at the queues, not one search of a queue per waiting task (which made a
+    # round cost the square of the pieces waiting)
+    queues = {(r[5] or b"default").decode() for r in replies[::2] if r[0] == b"queued"}
+    on_queue = dispatch.waiting_ids(conn, queues) if queues else set()
     now = time.time()
     said = []
     for i, tid in enumerate(ids):
-        (status, queued_at, process, taker), beating = replies[2 * i], replies[2 * i + 1]
+        (status, queued_at, process, taker, rq_id, _), beating = (replies[2 * i],
+                                                                  replies[2 * i + 1])
         status = status.decode() if status else ""
+        if status == TaskStatus.QUEUED and not taker and rq_id and rq_id.decode() in on_queue:
+            continue  # waiting its turn
         if status == TaskStatus.RUNNING and beating and liveness.gone(
                 process.decode() if process else ""):
             # its worker ran here and is dead: no need to wait out its heartbeat

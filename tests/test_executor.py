@@ -26,7 +26,7 @@ def call_env(env):
 
 
 def test_futures_work_with_as_completed_wait_and_map(settings, conn):
-    with Executor(max_workers=2, settings=settings) as ex:
+    with Executor(max_workers=2, settings=settings, batch_size=1) as ex:
         fs = [ex.submit(calls.square, x) for x in range(20)]
         done = {f.result() for f in concurrent.futures.as_completed(fs, timeout=60)}
         assert done == {x * x for x in range(20)}
@@ -37,6 +37,25 @@ def test_futures_work_with_as_completed_wait_and_map(settings, conn):
     job = store.get_job(conn, job_id)
     assert job.workflow == "python" and job.status == JobStatus.SUCCESS
     assert job.total == job.done == 20 + 3 + 1  # one piece per call, per chunk of map
+
+
+def test_tiny_calls_are_packed_into_few_pieces_each_keeping_its_own_outcome(settings, conn):
+    with Executor(max_workers=2, settings=settings) as ex:
+        fs = [ex.submit(calls.square, x) if x % 500 else ex.submit(calls.fail, f"call {x}")
+              for x in range(3000)]
+        concurrent.futures.wait(fs, timeout=120)
+        job_id = ex.job.id
+    for x, f in enumerate(fs):
+        if x % 500:
+            assert f.result() == x * x
+        else:
+            with pytest.raises(ValueError, match=f"^call {x}$"):
+                f.result()
+    job = store.get_job(conn, job_id)
+    assert job.status == JobStatus.SUCCESS
+    assert job.total < 300  # 3,000 calls in far fewer pieces
+    with pytest.raises(ValueError, match="batch_size"):
+        Executor(settings=settings, start_workers=False, batch_size=0)
 
 
 def test_an_exception_comes_back_with_the_workers_traceback(settings):
