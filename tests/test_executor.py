@@ -49,8 +49,9 @@ def test_tiny_calls_are_packed_into_few_pieces_each_keeping_its_own_outcome(sett
         if x % 500:
             assert f.result() == x * x
         else:
-            with pytest.raises(ValueError, match=f"^call {x}$"):
+            with pytest.raises(ValueError) as e:
                 f.result()
+            assert str(e.value) == f"call {x}"  # its own exception, not a neighbour's
     job = store.get_job(conn, job_id)
     assert job.status == JobStatus.SUCCESS
     assert job.total < 300  # 3,000 calls in far fewer pieces
