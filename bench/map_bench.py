@@ -1,0 +1,160 @@
+"""Many-task throughput: sheepdog.Executor and `sheepdog map` against plain RQ doing the
+same work, all on one redis-server (AOF, fsync always, as deploy/redis.conf) started
+here, 2 workers each; and 100,000 chunked items with Redis memory per finished item.
+
+    python3 bench/map_bench.py [--n 10000] [--big 100000] [--chunk 1000]
+
+(a) --n no-op Python calls through sheepdog.Executor (2 `sheepdog worker` processes)
+    against RQ's SimpleWorker and forking Worker (2 `rq worker --burst` each) running a
+    no-op function; --n `true` items through `sheepdog map` without --chunk against RQ
+    running a function that runs `true`. Time from the first enqueue to the last result.
+    Target: at least 3x RQ's SimpleWorker.
+(b) --big `true` items through `sheepdog map --chunk` (target: <= 60 s), and the Redis
+    memory the finished job keeps per item (INFO used_memory; target: <= 500 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+from rq import Queue
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import rq_tasks  # noqa: E402
+from conftest import RedisServer, free_port  # noqa: E402
+
+from sheepdog import Executor, store  # noqa: E402
+from sheepdog.config import Settings  # noqa: E402
+
+WORKERS = 2
+
+
+def _env(server: RedisServer, home: Path) -> dict[str, str]:
+    return dict(os.environ, SHEEPDOG_REDIS_URL=server.url, SHEEPDOG_HOME=str(home),
+                PYTHONPATH=os.pathsep.join([str(ROOT / "bench"), str(ROOT)]))
+
+
+def rq_rate(server: RedisServer, n: int, function: str, worker_class: str) -> float:
+    """Jobs/s of plain RQ: enqueue n jobs, run 2 burst workers until the queue is empty."""
+    conn = redis.Redis.from_url(server.url)
+    conn.flushdb()
+    queue = Queue("bench", connection=conn)
+    started = time.perf_counter()
+    with conn.pipeline() as pipe:
+        for i in range(n):
+            queue.enqueue(function, i, result_ttl=0, pipeline=pipe)
+        pipe.execute()
+    workers = [subprocess.Popen(
+        [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", server.url,
+         "--worker-class", worker_class, "--quiet", "bench"],
+        env=_env(server, Path(tempfile.gettempdir())), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL) for _ in range(WORKERS)]
+    for w in workers:
+        w.wait()
+    return n / (time.perf_counter() - started)
+
+
+def sheepdog_workers(server: RedisServer, home: Path, queue: str) -> list[subprocess.Popen]:
+    procs = [subprocess.Popen([sys.executable, "-m", "sheepdog", "worker", "--queue", queue,
+                               "-j", "4"], env=_env(server, home), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(WORKERS)]
+    conn = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + 30
+    while len(conn.smembers("sheepdog:workers")) < WORKERS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(30)
+
+
+def executor_rate(server: RedisServer, home: Path, n: int) -> float:
+    redis.Redis.from_url(server.url).flushdb()
+    procs = sheepdog_workers(server, home, "ex")
+    try:
+        settings = Settings(redis_url=server.url, home=home, queue="ex")
+        with Executor(settings=settings, start_workers=False) as ex:
+            started = time.perf_counter()
+            fs = [ex.submit(rq_tasks.noop, i) for i in range(n)]
+            concurrent.futures.wait(fs)
+            took = time.perf_counter() - started
+        assert all(f.exception() is None for f in fs)
+        return n / took
+    finally:
+        stop(procs)
+
+
+def map_run(server: RedisServer, home: Path, n: int, chunk: int) -> tuple[float, str]:
+    """Seconds for n `true` items through `sheepdog map` on 2 workers, and the job id."""
+    env = _env(server, home)
+    procs = sheepdog_workers(server, home, "map")
+    try:
+        started = time.perf_counter()
+        out = subprocess.run([sys.executable, "-m", "sheepdog", "map", "--queue", "map",
+                              "--range", f"1:{n}", "--chunk", str(chunk), "--json", "--",
+                              "true"], env=env, capture_output=True, text=True, check=True)
+        took = time.perf_counter() - started
+        import json
+        return took, json.loads(out.stdout)["id"]
+    finally:
+        stop(procs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--big", type=int, default=100_000)
+    parser.add_argument("--chunk", type=int, default=1000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(free_port(), Path(tmp))
+        server.start()
+        try:
+            home = Path(tmp) / "home"
+            print(f"(a) {args.n:,d} tasks, {WORKERS} workers each (jobs/s, higher is better)")
+            simple = rq_rate(server, args.n, "rq_tasks.noop", "rq.worker.SimpleWorker")
+            forking = rq_rate(server, args.n, "rq_tasks.noop", "rq.worker.Worker")
+            ours = executor_rate(server, home, args.n)
+            print(f"  no-op calls: RQ SimpleWorker {simple:8.0f}/s   RQ Worker {forking:8.0f}/s"
+                  f"   sheepdog.Executor {ours:8.0f}/s   = {ours / simple:.1f}x SimpleWorker"
+                  f" (target 3x)")
+            simple_t = rq_rate(server, args.n, "rq_tasks.run_true", "rq.worker.SimpleWorker")
+            forking_t = rq_rate(server, args.n, "rq_tasks.run_true", "rq.worker.Worker")
+            redis.Redis.from_url(server.url).flushdb()
+            took, _ = map_run(server, home, args.n, 1)
+            rate = args.n / took
+            print(f"  `true` items: RQ SimpleWorker {simple_t:7.0f}/s   RQ Worker "
+                  f"{forking_t:8.0f}/s   sheepdog map      {rate:8.0f}/s   = "
+                  f"{rate / simple_t:.1f}x SimpleWorker (target 3x)")
+            conn = redis.Redis.from_url(server.url)
+            conn.flushdb()
+            before = int(conn.info("memory")["used_memory"])
+            took, job_id = map_run(server, home, args.big, args.chunk)
+            after = int(conn.info("memory")["used_memory"])
+            job = store.get_job(conn, job_id)
+            print(f"(b) {args.big:,d} `true` items, --chunk {args.chunk}: {took:.1f} s "
+                  f"({args.big / took:,.0f} items/s; target <= 60 s), job {job.status}; "
+                  f"Redis keeps {(after - before) / args.big:.0f} bytes per finished item "
+                  f"(target <= 500)")
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
