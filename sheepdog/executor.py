@@ -96,13 +96,18 @@ class Future(futures.Future):
 class Executor(futures.Executor):
     """Runs calls on sheepdog workers (see the module docstring)."""
 
-    def __init__(self, max_workers: int | None = None, *, setup: str | None = None,
+    def __init__(self, max_workers: int | None = None, *,
+                 setup: str | Callable[[], Any] | None = None,
                  queue: str | None = None, backend: str = "local", host: str | None = None,
                  settings: Settings | None = None, start_workers: bool | None = None,
                  batch_size: int | str = "auto") -> None:
         """`max_workers`: worker processes to start when none serves the queue (default:
         the number of cores); `start_workers` False never starts any, True always does;
-        `batch_size`: calls per piece, "auto" to size pieces from measured call times."""
+        `batch_size`: calls per piece, "auto" to size pieces from measured call times;
+        `setup`: MODULE:FUNCTION (or the function) run once per worker process, whose
+        value reaches every call as `context=`."""
+        if setup is not None and not isinstance(setup, str):
+            setup = function_path(setup)
         self._settings = settings or load()
         self._conn: redis.Redis = connect(self._settings)
         self._cache = Cache(self._settings.cache_dir)
@@ -372,6 +377,11 @@ class Executor(futures.Executor):
                 self._shutdown = True
         self._settle(rest, error=TaskFailed(f"job {job.id} ended ({job.status}): "
                                             f"{job.error or 'no reason given'}"))
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """The worker processes this Executor started (none if others serve its queue)."""
+        return [p.pid for p in self._processes if p.poll() is None]
 
     # -- workers and shutdown
     def _start_workers(self, count: int) -> None:

@@ -312,6 +312,8 @@ def live_workers(conn: redis.Redis, queue: str | None = None) -> list[dict[str, 
             conn.srem(keys.workers(), name)
             continue
         info = json.loads(raw)
+        if liveness.gone(str(info.get("process", ""))):
+            continue  # killed on this host: its registration only has not expired yet
         if queue is None or queue in info.get("queues", []):
             found.append(info)
     return found
@@ -427,7 +429,8 @@ class Worker:
 
     def _announce(self) -> None:
         info = {"name": self.name, "queues": self.queue_names, "host": socket.gethostname(),
-                "pid": os.getpid(), "concurrency": self.concurrency, "seen": time.time()}
+                "pid": os.getpid(), "process": liveness.this_process(),
+                "concurrency": self.concurrency, "seen": time.time()}
         ttl = max(1, int(self.settings.heartbeat_timeout))
         pipe = self.conn.pipeline()
         pipe.set(keys.worker(self.name), json.dumps(info), ex=ttl)

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import sheepdog, wait_for
 
-from sheepdog import dispatch, jobs, store
+from sheepdog import dispatch, jobs, keys, store
 from sheepdog.models import JobStatus, TaskStatus
 from web import create_app
 
@@ -148,3 +148,17 @@ def test_a_queue_a_worker_served_is_accepted(client, conn, settings):
     assert r.status_code == 202
     assert store.get_task(conn, store.job_task_ids(conn, r.get_json()["id"])[0]).status \
         == TaskStatus.QUEUED
+
+
+def test_a_killed_workers_registration_does_not_count_as_a_live_worker(conn, settings, env,
+                                                                        workers):
+    from sheepdog.worker import live_workers
+
+    proc = workers.start("--queue", settings.queue)
+    wait_for(lambda: live_workers(conn, settings.queue), timeout=30, what="the worker")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # its registration lives on for a heartbeat timeout, but this host knows it is dead:
+    # `run --detach` and waiting clients start a worker instead of trusting it
+    assert conn.smembers(keys.workers())
+    assert live_workers(conn, settings.queue) == []
