@@ -271,3 +271,30 @@ def test_large_chunks_run_their_items_in_one_process_with_the_same_records(env, 
     assert missing.returncode == 1
     first = _items(tmp_path / "o2")[0]
     assert first["exit_code"] == 127 and "cannot start 'no-such-program'" in first["stderr"]
+
+
+def test_map_items_may_be_an_uploaded_csv(redis_server, home, conn, queue, workers):
+    import io
+
+    from web import create_app
+
+    auth = {"Authorization": "Bearer t"}
+    client = create_app({"TESTING": True, "SETTINGS": {
+        "redis_url": redis_server.url, "home": home, "api_tokens": ("t",),
+        "queue": queue}}).test_client()
+    csv_text = b"sample,reads\ns1,10\ns2,20\ns3,30\n"
+    body = {"workflow": "map", "command": ["sh", "-c", "echo $(({reads} * 2))"],
+            "inputs": {"items": "samples.csv"}, "key": "sample"}
+    r = client.post("/jobs", headers=auth, content_type="multipart/form-data", data={
+        "job": json.dumps(body), "items": (io.BytesIO(csv_text), "samples.csv")})
+    assert r.status_code == 202, r.get_json()
+    job_id = r.get_json()["id"]
+    workers.start("--burst")
+    wait_for(lambda: client.get(f"/jobs/{job_id}", headers=auth).get_json()["status"]
+             == "success", timeout=60, what="the map job")
+    assert client.get(f"/jobs/{job_id}/items/s2", headers=auth).get_json()["output"] == "40\n"
+    bad = client.post("/jobs", headers=auth, content_type="multipart/form-data", data={
+        "job": json.dumps({**body, "key": "nope"}),
+        "items": (io.BytesIO(csv_text), "samples.csv")})
+    assert bad.status_code == 400 and bad.get_json()["field"] == "inputs.items"
+    assert "--key 'nope' is not a column" in bad.get_json()["error"]

@@ -181,7 +181,24 @@ def _number(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
     return value
 
 
-def request_from_body(body: dict[str, Any], settings: Settings) -> MapRequest:
+def _uploaded_items(body: dict[str, Any], inputs: InputResolver,
+                    key: str | None) -> tuple[list[items.Item], list[str] | None]:
+    """Items from a file: an upload (multipart field `items`), a bundle member or a path
+    under SHEEPDOG_INPUT_ROOTS, named by `inputs.items`; read as on the command line."""
+    raw = body.get("inputs")
+    if not isinstance(raw, dict):
+        raise FieldError("inputs", "must be an object: {\"items\": FILE}")
+    path = inputs(raw, ("items",), ("items",))["items"]
+    try:
+        found = items.read_items(path, key)
+    except InputError as e:
+        raise FieldError("inputs.items", e.problem if e.line is None
+                         else f"line {e.line}: {e.problem}") from e
+    return found, (list(found[0].columns) if found[0].columns else None)
+
+
+def request_from_body(body: dict[str, Any], settings: Settings,
+                      inputs: InputResolver | None = None) -> MapRequest:
     command = body.get("command")
     if not isinstance(command, list) or not command or not all(isinstance(c, str)
                                                                for c in command):
@@ -189,7 +206,10 @@ def request_from_body(body: dict[str, Any], settings: Settings) -> MapRequest:
     key = body.get("key")
     if key is not None and not isinstance(key, str):
         raise FieldError("key", "must be a string (a field of the items)")
-    found, columns = _inline_items(body.get("items"), key)
+    if body.get("items") is None and inputs is not None and "inputs" in body:
+        found, columns = _uploaded_items(body, inputs, key)
+    else:
+        found, columns = _inline_items(body.get("items"), key)
     sample = _number(body, "sample", int, None)
     if sample is not None:
         found = items.sample(found, sample, _number(body, "seed", int, 0))
@@ -214,20 +234,25 @@ class MapWorkflow(Workflow):
     summary = "one command per item (GNU parallel's placeholders), results by key"
     top_level = True
     partial_results = True
+    reads_inputs = True  # an items file, and {file:COL} files hashed into the cache
 
     def command(self) -> click.Command:
         return map_command
 
     def schema(self) -> dict[str, Any]:
-        return {"type": "object", "required": ["workflow", "command", "items"], "properties": {
+        return {"type": "object", "required": ["workflow", "command"], "properties": {
             "workflow": {"const": self.name},
             "command": {"type": "array", "items": {"type": "string"}, "minItems": 1,
                         "description": "the command, with placeholders {} {#} {COL} ..."},
             "items": {"type": "array", "minItems": 1, "description": "strings (each its own "
                       "key) or objects (columns; see key)",
                       "items": {"type": ["string", "object"]}},
-            "key": {"type": "string", "description": "the field of object items that names "
-                    "each (default: its number)"},
+            "inputs": {"type": "object", "description": "instead of items: a file of items "
+                       "(one per line, or CSV/TSV with a header), uploaded as `items` or a "
+                       "path under SHEEPDOG_INPUT_ROOTS",
+                       "properties": {"items": {"type": "string"}}},
+            "key": {"type": "string", "description": "the field (or CSV column) that names "
+                    "each item (default: its number; a line file's lines are their keys)"},
             "chunk": {"type": "integer", "minimum": 1}, "cache": {"type": "boolean"},
             "sample": {"type": "integer", "minimum": 1}, "seed": {"type": "integer"},
             "max_failures": {"type": ["string", "integer"]},
@@ -237,7 +262,7 @@ class MapWorkflow(Workflow):
     def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
                      cache: Cache) -> tuple[Job, list[Task]]:
         try:
-            request = request_from_body(body, settings)
+            request = request_from_body(body, settings, inputs)
             staged = [p for it in request.items
                       for p in items.staged_paths(request.template, it, False).values()]
             if staged:
