@@ -57,6 +57,13 @@ class RunGroup(click.Group):
 class TopGroup(click.Group):
     """The commands, plus each workflow that is a command of its own (`sheepdog map`)."""
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        # --help only: finding which workflows are commands imports them
+        own = super().list_commands(ctx)
+        extra = [n for n in workflows.names()
+                 if n not in own and (w := workflows.find(n)) is not None and w.top_level]
+        return sorted(own + extra)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         found = super().get_command(ctx, cmd_name)
         if found is None and cmd_name in workflows.names():

@@ -269,8 +269,8 @@ def reap_lost(conn: redis.Redis, settings: Settings) -> list[str]:
         (status, queued_at, process, taker, rq_id, _), beating = (replies[2 * i],
                                                                   replies[2 * i + 1])
         status = status.decode() if status else ""
-        if status == TaskStatus.QUEUED and not taker and rq_id and rq_id.decode() in on_queue:
-            continue  # waiting its turn
+        if status == TaskStatus.QUEUED and rq_id and rq_id.decode() in on_queue:
+            continue  # its entry waits its turn (a taken_by left from before is stale)
         if status == TaskStatus.RUNNING and beating and liveness.gone(
                 process.decode() if process else ""):
             # its worker ran here and is dead: no need to wait out its heartbeat

@@ -224,3 +224,29 @@ def test_the_index_lists_recent_jobs_with_links(server, browser):
     link.click()
     page.wait_for_selector("#job")
     assert job["id"] in page.inner_text("h1")
+
+
+def test_a_page_of_a_thousand_items_stays_small_and_lists_failures_on_demand(server,
+                                                                           browser):
+    items = [f"s{i:04d}" for i in range(1000)]
+    job = api(server, "POST", "/jobs", {
+        "workflow": "map", "items": items,
+        "command": ["sh", "-c", 'echo "done {}"; case {} in *00) exit 3;; esac']})
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.goto(f"{server}{job['urls']['page']}")
+    page.wait_for_function("document.getElementById('job').dataset.ended === 'error'",
+                           timeout=180_000)
+    page.wait_for_selector("#items:not([hidden])", timeout=10_000)
+    wait_for(lambda: "1,000/1,000 items" in page.inner_text("#bar-text"), timeout=15,
+             what="the item counts")
+    counts = page.inner_text("#items-counts")
+    assert "1,000 done" in counts and "10 failed" in counts
+    # no element per piece or per item: counts, one shared log section, capped lines
+    assert page.locator("#grid .cell").count() == 0
+    assert page.locator("#log details").count() <= 2
+    assert page.locator("#log .line").count() <= 2 * 2000
+    page.click("#show-failed")
+    page.wait_for_selector("#failed-items li", timeout=10_000)
+    failed = page.locator("#failed-items li").all_inner_texts()
+    assert [f.split(":")[0] for f in failed] == [k for k in items if k.endswith("00")]
+    assert "exit 3" in failed[0]

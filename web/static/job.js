@@ -6,9 +6,13 @@
   let last = "0-0";
   let done = false;
   const sections = {};
+  // a job of many pieces (a map of 100,000 items) shares one log section, and a
+  // section keeps its last MAX_LINES lines: the page costs the same for any job size
+  const MAX_LINES = 2000;
+  let manyPieces = false;
 
   function section(piece) {
-    const name = piece || "sheepdog";
+    const name = manyPieces ? "output" : (piece || "sheepdog");
     if (!sections[name]) {
       const d = document.createElement("details");
       d.open = true;
@@ -27,14 +31,23 @@
     const d = section(m.piece);
     const span = document.createElement("span");
     span.className = "line " + m.stream;
-    span.textContent = (m.stream === "stderr" ? "! " : "") + m.text + "\n";
-    d.querySelector("pre").appendChild(span);
+    span.textContent = (manyPieces && m.piece ? `[${m.piece}] ` : "") +
+      (m.stream === "stderr" ? "! " : "") + m.text + "\n";
+    const pre = d.querySelector("pre");
+    pre.appendChild(span);
+    if (pre.childElementCount > MAX_LINES) {
+      pre.removeChild(pre.firstElementChild);
+      d.dataset.trimmed = "1";
+      d.querySelector("summary").textContent =
+        `${d.dataset.piece} (last ${MAX_LINES} lines; the whole log: sheepdog logs JOB)`;
+    }
     last = m.id;
   }
 
   function showProgress(m) {
     const p = m.progress;
     const it = p.items;
+    manyPieces = manyPieces || m.pieces_total > m.pieces.length;
     const pct = it && it.total ? Math.floor(100 * it.done / it.total)
       : p.total ? Math.round(100 * p.done / p.total) : 0;
     const eta = it ? it.eta_seconds : p.eta_seconds;
