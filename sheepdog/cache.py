@@ -138,6 +138,20 @@ class Cache:
             shutil.rmtree(scratch, ignore_errors=True)
         return target
 
+    def adopt(self, task_id: str, source: Path) -> Path:
+        """Publish a copy of another task's published outputs as this task's (a twin's
+        for its original), whole or not at all; kept as is if already there."""
+        target = self.task_dir(task_id)
+        if target.exists():
+            return target
+        tmp = self.tmp / f"{task_id}.adopt.{uuid.uuid4().hex[:8]}"
+        shutil.copytree(source, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # published meanwhile
+        return target
+
     def discard(self, scratch: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -160,7 +160,8 @@ class Interrupted(click.exceptions.Exit):
 def _worth_showing(line: LogLine) -> bool:
     """Without per-piece notes: output, and sheepdog lines that say something failed."""
     return line.stream != "sheepdog" or line.end or any(
-        word in line.text for word in ("error", "failed", "lost", "stopped", "truncated"))
+        word in line.text for word in ("error", "failed", "lost", "stopped", "truncated",
+                                       "once more"))
 
 
 def stream_until_done(db: Any, given: config.Settings, job_id: str, queue: str,

@@ -9,6 +9,7 @@ import time
 import redis
 
 from . import keys, logs, store, workflows
+from .cache import Cache
 from .config import Settings
 from .defaults import FINALIZE_LOCK, FINALIZE_WAIT
 from .errors import SheepdogError
@@ -56,3 +57,30 @@ def after_success(conn: redis.Redis, settings: Settings, job_id: str, task: Task
             logs.note(conn, job_id, f"could not count {task.name}: {e}", task=task.id)
         job = store.get_job(conn, job_id)
     finalize(conn, settings, job_id, job)
+
+
+def settle_twins(conn: redis.Redis, settings: Settings, task: Task) -> None:
+    """A task with a twin succeeded: the other one is done too — the original gets the
+    twin's outputs (identical by construction), the twin the original's verdict."""
+    if task.twin_of:
+        cache = Cache(settings.cache_dir)
+        cache.adopt(task.twin_of, cache.task_dir(task.id))
+        store.complete_twin(conn, task.twin_of, "its second run finished first")
+    elif task.twin:
+        store.complete_twin(conn, task.twin, "the first run finished first")
+
+
+def run_timers(conn: redis.Redis, settings: Settings) -> None:
+    """Call the workflows whose timers are due (each once, by one worker)."""
+    for job_id in store.due_timers(conn, time.time()):
+        try:
+            job = store.get_job(conn, job_id)
+        except SheepdogError:
+            continue
+        workflow = workflows.find(job.workflow)
+        if workflow is None or job.status.final:
+            continue
+        try:
+            workflow.on_timer(conn, settings, job)
+        except (SheepdogError, OSError, KeyError, ValueError) as e:
+            logs.note(conn, job_id, f"could not check the job's pieces: {e}")

@@ -34,6 +34,11 @@ def job_counted(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:counted"
 
 
+def timers() -> str:
+    """ZSET: job ids whose workflow asked to be called back, scored by when (Unix time)."""
+    return f"{PREFIX}:timers"
+
+
 def job_log(job_id: str) -> str:
     """STREAM: the job's log lines (task, stream, text, time)."""
     return f"{PREFIX}:job:{job_id}:log"

@@ -81,6 +81,7 @@ class Task:
     host: str = ""
     queue: str = "default"
     nonce: str = ""  # makes an uncacheable task unique (its job id)
+    twin_of: str = ""  # a second run of this straggling task; the first to succeed wins
     id: str = ""
     # state, owned by store.py
     status: TaskStatus = TaskStatus.WAITING
@@ -97,6 +98,7 @@ class Task:
     started: float = 0.0
     ended: float = 0.0
     cache_hit: bool = False
+    twin: str = ""  # the id of this task's twin, once one was started
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -117,6 +119,8 @@ class Task:
         }
         if self.capture:  # only then: ids of every other task stay as they were
             what["capture"] = True
+        if self.twin_of:
+            what["twin_of"] = self.twin_of
         blob = json.dumps(what, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()
 

@@ -430,6 +430,10 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
         if success:
             return _record_success(pipe, conn, task, jobs, dep_state, now,
                                    note=f"{task.name}: success {took}")
+        if task.twin_of and not ((task.retry_on_failure or retryable)
+                                 and task.attempts < task.max_attempts):
+            return _drop_twin(pipe, task, jobs, now, f"{task.name}: its second run failed "
+                              f"({error}); the first goes on")
         if (task.retry_on_failure or retryable) and task.attempts < task.max_attempts:
             pipe.multi()
             _requeue(pipe, conn, task, now, f"attempt {task.attempts} failed: {error}")
@@ -507,6 +511,22 @@ def _record_failure(pipe: Pipeline, task: Task, jobs: dict[str, dict[str, str]],
                                            "error": f"needs '{task.name}', which failed"})
         pipe.srem(keys.active_tasks(), dep)
     _fail_jobs(pipe, jobs, task, message, now)
+    return TaskStatus.ERROR
+
+
+def _drop_twin(pipe: Pipeline, task: Task, jobs: dict[str, dict[str, str]], now: float,
+               note: str) -> TaskStatus:
+    """A twin failed: it no longer counts in its jobs; the original decides."""
+    pipe.multi()
+    _say(pipe, jobs, task, note)
+    pipe.hset(keys.task(task.id), mapping={"status": TaskStatus.ERROR, "ended": str(now),
+                                           "exit_code": "" if task.exit_code is None
+                                           else str(task.exit_code)})
+    pipe.srem(keys.active_tasks(), task.id)
+    pipe.delete(keys.task_heartbeat(task.id))
+    _ended(pipe, jobs, task.id)
+    for jid in jobs:
+        pipe.hincrby(keys.job(jid), "total", -1)
     return TaskStatus.ERROR
 
 
@@ -679,6 +699,71 @@ def count(conn: redis.Redis, job_id: str, task_id: str, total: tuple[str, int] |
 def counts(conn: redis.Redis, job_id: str) -> dict[str, int]:
     """The job's workflow counters (see count)."""
     return {_text(k): int(v) for k, v in conn.hgetall(keys.job_counts(job_id)).items()}
+
+
+# ---------------------------------------------------------------- timers and twins
+
+
+def set_timer(conn: redis.Redis, job_id: str, due: float) -> None:
+    """Ask for the job's workflow to be called back (on_timer) at `due`, or earlier."""
+    conn.zadd(keys.timers(), {job_id: due}, lt=True)
+    conn.zadd(keys.timers(), {job_id: due}, nx=True)
+
+
+def due_timers(conn: redis.Redis, now: float) -> list[str]:
+    """Jobs whose timer is due, each handed to exactly one caller (ZREM decides)."""
+    due = _texts(conn.zrangebyscore(keys.timers(), 0, now))
+    return [j for j in due if conn.zrem(keys.timers(), j)]
+
+
+def twin_of_task(conn: redis.Redis, task_id: str) -> str:
+    """The id of the task's twin, if one was started ('' if none)."""
+    return _text(conn.hget(keys.task(task_id), "twin"))
+
+
+def add_twin(conn: redis.Redis, job_id: str, twin: Task) -> bool:
+    """Start `twin` (its twin_of a running task of the job) as a piece of that job; False
+    if the original is no longer running or already has a twin."""
+    original = keys.task(twin.twin_of)
+
+    def txn(pipe: Pipeline) -> bool:
+        state, has = map(_text, pipe.hmget(original, "status", "twin"))
+        if state != TaskStatus.RUNNING or has:
+            return False
+        states = _statuses(conn, [twin.id])
+        pipe.multi()
+        pipe.hset(original, "twin", twin.id)
+        _add(pipe, conn, job_id, [twin], states, lambda _tid: False, time.time())
+        pipe.hincrby(keys.job(job_id), "total", 1)
+        return True
+
+    return conn.transaction(txn, original, keys.job(job_id), value_from_callable=True)
+
+
+def complete_twin(conn: redis.Redis, task_id: str, why: str) -> bool:
+    """Record a task as succeeded because its twin did (its outputs are published
+    already); the attempt still running, if any, sees it is no longer its own and stops.
+    False if it had ended."""
+    key = keys.task(task_id)
+
+    def txn(pipe: Pipeline) -> bool:
+        read = conn.pipeline(transaction=False)
+        read.hgetall(key)
+        read.smembers(keys.task_jobs(task_id))
+        read.smembers(keys.task_dependents(task_id))
+        raw, job_set, dependent_set = read.execute()
+        if not raw:
+            return False
+        task: Task = from_hash(Task, raw)
+        if task.status not in (TaskStatus.QUEUED, TaskStatus.RUNNING):
+            return False
+        jobs, dep_state = _read_around(pipe, conn, _texts(job_set), _texts(dependent_set))
+        task.exit_code = 0
+        _record_success(pipe, conn, task, jobs, dep_state, time.time(),
+                        note=f"{task.name}: success ({why})")
+        return True
+
+    return conn.transaction(txn, key, keys.task_jobs(task_id), value_from_callable=True)
 
 
 def iter_final(conn: redis.Redis, job_ids: Iterable[str]) -> Iterator[str]:

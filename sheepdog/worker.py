@@ -39,7 +39,7 @@ from .defaults import (
     WATCH_POLL,
 )
 from .errors import SheepdogError
-from .finalize import after_success
+from .finalize import after_success, run_timers, settle_twins
 from .models import Task, TaskStatus
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,11 @@ class PieceRunner:
             self.conn, task.id, self.worker, outcome.exit_code, outcome.error,
             retryable=outcome.lost, attempt=task.attempts))
         if status == TaskStatus.SUCCESS:
+            # a twin of this piece may have been started while it ran
+            task.twin = self._until_recorded(lambda: store.twin_of_task(self.conn, task.id))
+            if task.twin or task.twin_of:
+                self._until_recorded(functools.partial(settle_twins, self.conn,
+                                                       self.settings, task))
             for jid in jobs:
                 self._until_recorded(functools.partial(after_success, self.conn,
                                                        self.settings, jid, task))
@@ -417,6 +422,7 @@ class Worker:
             self._announce()
         if reap:
             reap_lost(self.conn, self.settings)
+        run_timers(self.conn, self.settings)
 
     def _finished(self) -> bool:
         if self.until is not None and self.until():

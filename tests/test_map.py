@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,7 @@ def test_retry_failed_runs_only_the_failed_items(env, tmp_path):
     first = sheepdog("map", "--range", "1:5", "--detach", "--", *command, env=env,
                      cwd=str(tmp_path))
     job_id = first.stdout.strip()
-    sheepdog("worker", "--burst", env=env)
+    sheepdog("logs", job_id, "--follow", env=env)  # until it ended (a worker was started)
     (tmp_path / "fixed").write_text("")
     r = sheepdog("map", "--retry-failed", job_id, "--out", "out", env=env, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
@@ -189,10 +190,10 @@ def test_files_are_staged_by_content_and_item_files_come_back(env, tmp_path):
 def test_one_item_by_key_and_explicit_answers_when_there_is_none(env, tmp_path):
     (tmp_path / "ids.txt").write_text("good\nbad\n")
     r = sheepdog("map", "--items", "ids.txt", "--detach", "--", "sh", "-c",
-                 "echo result-{}; [ {} = good ]", env=env, cwd=str(tmp_path))
+                 "sleep 3; echo result-{}; [ {} = good ]", env=env, cwd=str(tmp_path))
     job_id = r.stdout.strip()
-    pending = sheepdog("result", job_id, "--item", "good", env=env)
-    sheepdog("worker", "--burst", env=env)
+    pending = sheepdog("result", job_id, "--item", "good", env=env)  # still sleeping
+    sheepdog("logs", job_id, "--follow", env=env)
     good = sheepdog("result", job_id, "--item", "good", env=env)
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["output"] == "result-good\n"
@@ -298,3 +299,24 @@ def test_map_items_may_be_an_uploaded_csv(redis_server, home, conn, queue, worke
         "items": (io.BytesIO(csv_text), "samples.csv")})
     assert bad.status_code == 400 and bad.get_json()["field"] == "inputs.items"
     assert "--key 'nope' is not a column" in bad.get_json()["error"]
+
+
+def test_a_straggler_is_started_once_more_and_the_first_to_finish_wins(env, tmp_path):
+    """Item 3 hangs on its first run only (as a stuck host would); once the others are
+    done it is started once more, and the second run's answer is taken."""
+    marker, tick = tmp_path / "first-run", tmp_path / "tick"
+    script = (f'if [ {{}} = 3 ] && [ ! -e {marker} ]; then touch {marker}; '
+              f'while :; do date +%s%N >> {tick}; sleep 0.2; done; fi; echo "item {{}}"')
+    started = time.monotonic()
+    r = sheepdog("map", "--range", "1:4", "-j", "3", "--straggler-after", "1", "--out", "out",
+                 "--", "sh", "-c", script, env=env, cwd=str(tmp_path), timeout=120)
+    took = time.monotonic() - started
+    assert r.returncode == 0, r.stderr
+    assert took < 30, took  # not waiting for the stuck first run
+    assert "item 3: still running after 1s while the others are done" in r.stderr
+    records = _items(tmp_path / "out")
+    assert [x["output"] for x in records] == [f"item {n}\n" for n in range(1, 5)]
+    assert [x["status"] for x in records] == ["success"] * 4
+    before = tick.read_text().count("\n")
+    time.sleep(1.0)
+    assert tick.read_text().count("\n") == before  # the stuck first run was stopped

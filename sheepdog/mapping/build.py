@@ -41,6 +41,7 @@ class MapRequest:
     timeout: float = 0.0
     checks: list[str] = field(default_factory=list)
     max_failures: str = ""  # "N" or "P%"
+    straggler_after: float = 0.0  # s; 0: never start a slow piece twice
     cwd: str = ""  # where items run on this machine (local backend); "" = their own dir
     env: dict[str, str] = field(default_factory=dict)
     source: str = ""  # where the items came from, for the job's record
@@ -130,6 +131,8 @@ def check(request: MapRequest) -> None:
         raise InputError("--chunk", f"must be between 1 and {MAX_CHUNK:,d}")
     if request.timeout < 0:
         raise InputError("--timeout", "must be 0 (none) or more seconds")
+    if request.straggler_after < 0:
+        raise InputError("--straggler-after", "must be 0 (never) or more seconds")
     check_template(request.template, request.columns, request.files)
     failure_limit(request.max_failures, len(request.items))
     for item in request.items:
@@ -168,7 +171,8 @@ def build_job(request: MapRequest, settings: Settings, cache: Cache,
         "index": index_sha, "items": len(request.items), "chunk": request.chunk,
         "chunks": len(tasks), "checks": request.checks, "cache": request.cache,
         "max_failures": request.max_failures, "source": request.source,
-        "template": request.template, "timeout": request.timeout}
+        "template": request.template, "timeout": request.timeout,
+        "straggler_after": request.straggler_after}
     job = Job(id=job_id, workflow="map", command=list(request.template), params=params,
               backend=request.backend, host=request.host, queue=queue, final_task=gather.id)
     return job, [*tasks, gather]

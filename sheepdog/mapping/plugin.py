@@ -4,18 +4,20 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 import redis
 
-from .. import clirun, jobs, store
+from .. import clirun, jobs, logs, store
 from ..cache import Cache
 from ..config import Settings
 from ..errors import ConfigError, FieldError, InputError
-from ..models import Job, JobStatus, Task
+from ..models import Job, JobStatus, Task, TaskStatus
 from ..workflows.base import InputResolver, Workflow
 from . import build, items, results, step
 from .build import MapRequest
@@ -85,6 +87,9 @@ def _summary_line(db: Any, settings: Settings, job_id: str) -> None:
 @click.option("--check", "checks", multiple=True, metavar="FIELD",
               help="Items whose output is JSON must agree on FIELD (repeatable).")
 @click.option("--timeout", type=float, default=0.0, help="Kill an item after SECONDS.")
+@click.option("--straggler-after", type=click.FloatRange(min=0), default=0.0, metavar="S",
+              help="Once the others are done, start a piece still running after S seconds "
+                   "once more elsewhere; the first to finish wins.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Write DIR/items.jsonl (input order) and each item's files.")
 @click.option("--backend", default="local", show_default=True, help="Where the items run.")
@@ -118,6 +123,7 @@ def run_map(kw: dict[str, Any]) -> int:
         request = MapRequest(template=template, items=found, files=kw["files"] is not None,
                              columns=columns, chunk=kw["chunk"], cache=kw["cache"],
                              timeout=kw["timeout"], checks=list(kw["checks"]),
+                             straggler_after=kw["straggler_after"],
                              max_failures=kw["max_failures"], cwd=build.spec_cwd(None),
                              source=source, **common)
         job, tasks = build.build_job(request, settings, Cache(settings.cache_dir))
@@ -223,6 +229,7 @@ def request_from_body(body: dict[str, Any], settings: Settings,
                       chunk=_number(body, "chunk", int, 1), cache=_number(body, "cache", bool,
                                                                           False),
                       timeout=float(_number(body, "timeout", float, 0.0)), checks=checks,
+                      straggler_after=float(_number(body, "straggler_after", float, 0.0)),
                       max_failures=str(max_failures) if max_failures != "" else "",
                       cwd=str(settings.home), source="POST /jobs",
                       backend=body.get("backend") or "local", host=body.get("host") or "",
@@ -257,7 +264,8 @@ class MapWorkflow(Workflow):
             "sample": {"type": "integer", "minimum": 1}, "seed": {"type": "integer"},
             "max_failures": {"type": ["string", "integer"]},
             "check": {"type": "array", "items": {"type": "string"}},
-            "timeout": {"type": "number", "minimum": 0}}}
+            "timeout": {"type": "number", "minimum": 0},
+            "straggler_after": {"type": "number", "minimum": 0}}}
 
     def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
                      cache: Cache) -> tuple[Job, list[Task]]:
@@ -278,11 +286,15 @@ class MapWorkflow(Workflow):
     def piece_done(self, conn: redis.Redis, settings: Settings, job: Job, task: Task) -> None:
         if task.id == job.final_task:
             return
+        straggler_after = float(job.params.get("straggler_after") or 0)
+        if straggler_after:  # look for stragglers once the others had time to be done
+            store.set_timer(conn, job.id, time.time() + straggler_after)
         path = Cache(settings.cache_dir).task_dir(task.id) / step.RESULTS
         statuses = [json.loads(line)["status"] for line in
                     path.read_text(encoding="utf-8").splitlines()]
         failed = sum(s != "success" for s in statuses)
-        totals = store.count(conn, job.id, task.id, items_done=len(statuses),
+        # a twin's items are its original's: counted once, whichever finished first
+        totals = store.count(conn, job.id, task.twin_of or task.id, items_done=len(statuses),
                              items_failed=failed, total=("items_total", int(job.params["items"])))
         limit = build.failure_limit(str(job.params.get("max_failures", "")),
                                     int(job.params["items"]))
@@ -290,6 +302,37 @@ class MapWorkflow(Workflow):
             store.stop_job(conn, job.id, JobStatus.ERROR,
                            f"stopped early: {totals['items_failed']:,d} items failed, more "
                            f"than --max-failures {job.params['max_failures']}")
+
+    def on_timer(self, conn: redis.Redis, settings: Settings, job: Job) -> None:
+        """--straggler-after: once no piece is left waiting, start each piece running
+        longer than that once more; the first of the two to finish wins."""
+        after = float(job.params.get("straggler_after") or 0)
+        if not after:
+            return
+        now = time.time()
+        chunks = results.chunk_tasks(conn, job)
+        states = results.states(conn, chunks)
+        if any(s in (TaskStatus.QUEUED, TaskStatus.WAITING) for s in states):
+            store.set_timer(conn, job.id, now + after)  # not at the end yet
+            return
+        pieces = set(chunks)
+        next_look = None
+        for task in store.running_tasks(conn, job.id):
+            if task.id not in pieces or task.twin:
+                continue
+            if now - task.started < after:
+                next_look = min(next_look or math.inf, task.started + after)
+                continue
+            twin = Task(name=f"{task.name} (again)"[:120], argv=task.argv, inputs=task.inputs,
+                        outputs=task.outputs, environment=task.environment,
+                        max_attempts=task.max_attempts, backend=task.backend,
+                        host=task.host, queue=task.queue, twin_of=task.id)
+            if store.add_twin(conn, job.id, twin):
+                logs.note(conn, job.id, f"{task.name}: still running after {after:g}s while "
+                          "the others are done; started once more (the first to finish "
+                          "wins)", task=task.id)
+        if next_look is not None:
+            store.set_timer(conn, job.id, next_look)
 
     def describe(self, conn: redis.Redis, settings: Settings, job: Job) -> dict[str, Any]:
         return {"id": job.id, "status": job.status, "exit_code": job.exit_code,

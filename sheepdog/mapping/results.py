@@ -68,7 +68,7 @@ def chunk_tasks(conn: redis.Redis, job: Job) -> list[str]:
     return store.job_task_ids(conn, job.id)[:int(job.params["chunks"])]
 
 
-def _states(conn: redis.Redis, task_ids: list[str]) -> list[str]:
+def states(conn: redis.Redis, task_ids: list[str]) -> list[str]:
     pipe = conn.pipeline(transaction=False)
     for tid in task_ids:
         pipe.hget(keys.task(tid), "status")
@@ -82,12 +82,12 @@ def sources(conn: redis.Redis, settings: Settings, job: Job
     cache = Cache(settings.cache_dir)
     ids = chunk_tasks(conn, job)
     dirs: list[Path | None] = []
-    states = []
-    for tid, state in zip(ids, _states(conn, ids), strict=True):
+    waiting = []
+    for tid, state in zip(ids, states(conn, ids), strict=True):
         ok = state == TaskStatus.SUCCESS and cache.published(tid)
         dirs.append(cache.task_dir(tid) if ok else None)
-        states.append(WAITING.get(TaskStatus(state), "missing") if state else "missing")
-    return dirs, states
+        waiting.append(WAITING.get(TaskStatus(state), "missing") if state else "missing")
+    return dirs, waiting
 
 
 def all_records(conn: redis.Redis, settings: Settings, job: Job) -> Iterator[dict[str, Any]]:

@@ -75,6 +75,10 @@ class Workflow(abc.ABC):
         """After each of the job's pieces succeeded, by the worker that ran it (default:
         nothing). May stop the job early (store.stop_job)."""
 
+    def on_timer(self, conn: redis.Redis, settings: Settings, job: Job) -> None:  # noqa: B027
+        """Called once when a timer the workflow set (store.set_timer) is due, by a
+        worker's upkeep (default: nothing)."""
+
     def items(self, conn: redis.Redis, settings: Settings, job: Job, state: str | None,
               after: str | None, limit: int) -> dict[str, Any]:
         """One page of the job's items, in input order (GET /jobs/<id>/items)."""
