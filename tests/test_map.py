@@ -231,6 +231,11 @@ def test_map_over_rest_serves_items_by_key_with_explicit_errors(redis_server, ho
     failed = client.get(f"/jobs/{job_id}/items/m4", headers=auth)
     assert failed.status_code == 409 and "failed: exit code 1" in failed.get_json()["error"]
     assert client.get(f"/jobs/{job_id}/items/zz", headers=auth).status_code == 404
+    # the job's read token opens its items too (a shared page lists the failed ones)
+    read = {"Authorization": f"Bearer {r.get_json()['read_token']}"}
+    assert client.get(f"/jobs/{job_id}/items/m5", headers=read).status_code == 200
+    assert client.get(f"/jobs/{job_id}/items?state=failed", headers=read).status_code == 200
+    assert client.get("/jobs", headers=read).status_code == 401
     # pages of failed items, in input order, until next_after is null
     keys, after = [], None
     while True:

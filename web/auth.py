@@ -24,7 +24,7 @@ PUBLIC = {"api.health", "static", "api.openapi", "api.favicon"}
 GN3_READ = {"gn3.async_command_state", "gn3.gemma_status"}  # open with gn3_routes_open
 # endpoints a job's read token may open: (endpoint, methods)
 JOB_READ = {"api.get_job", "api.get_log", "api.get_result", "api.get_result_file",
-            "pages.job_page", "job_stream"}
+            "api.get_items", "api.get_item", "pages.job_page", "job_stream"}
 
 
 def given_token() -> str:

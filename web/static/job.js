@@ -9,7 +9,7 @@
   // a job of many pieces (a map of 100,000 items) shares one log section, and a
   // section keeps its last MAX_LINES lines: the page costs the same for any job size
   const MAX_LINES = 2000;
-  let manyPieces = false;
+  let manyPieces = Number(root.dataset.pieces || 0) > 200;  // known before the first line
 
   function section(piece) {
     const name = manyPieces ? "output" : (piece || "sheepdog");
@@ -27,7 +27,14 @@
     return sections[name];
   }
 
+  // in a many-piece job's shared log, sheepdog's own lines only when something went wrong
+  const WORTH = /error|fail|lost|stopped|once more|truncated|cancel/;
+
   function addLine(m) {
+    if (manyPieces && m.stream === "sheepdog" && !WORTH.test(m.text)) {
+      last = m.id;
+      return;
+    }
     const d = section(m.piece);
     const span = document.createElement("span");
     span.className = "line " + m.stream;
@@ -85,7 +92,7 @@
     const box = document.getElementById("items");
     box.hidden = false;
     document.getElementById("items-counts").textContent =
-      `${it.done.toLocaleString()} done, ${it.failed.toLocaleString()} failed, ` +
+      `${(it.done - it.failed).toLocaleString()} succeeded, ${it.failed.toLocaleString()} failed, ` +
       `${running} pieces running` + (it.rate_per_second ? `, ${it.rate_per_second}/s` : "");
     document.getElementById("show-failed").hidden = it.failed === 0;
   }
