@@ -18,6 +18,7 @@ Executor starts worker processes of its own and stops them at shutdown.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import collections
 import itertools
@@ -106,6 +107,8 @@ class Executor(futures.Executor):
         `batch_size`: calls per piece, "auto" to size pieces from measured call times;
         `setup`: MODULE:FUNCTION (or the function) run once per worker process, whose
         value reaches every call as `context=`."""
+        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError("batch_size must be 'auto' or a whole number >= 1")
         if setup is not None and not isinstance(setup, str):
             setup = function_path(setup)
         self._settings = settings or load()
@@ -118,8 +121,6 @@ class Executor(futures.Executor):
                        backend=backend, host=self._host,
                        params={"setup": setup or "", "calls": 0})
         store.submit(self._conn, self.job, [], open_=True)
-        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError("batch_size must be 'auto' or a whole number >= 1")
         self._batch = batch_size
         self._call_seconds: float | None = None  # measured, for batch_size="auto"
         self._lock = threading.Lock()
@@ -142,6 +143,19 @@ class Executor(futures.Executor):
                                           daemon=True)]
         for t in self._threads:
             t.start()
+        # like the standard executors at interpreter exit: what was never started is
+        # cancelled, the job closed, the workers it started stopped
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        with self._lock:
+            if self._shutdown:
+                return
+        try:
+            self.shutdown(wait=True, cancel_futures=True)
+        except (redis.RedisError, SheepdogError):
+            self._stop.set()  # Redis is gone: the job stays open; stop what we started
+            self._stop_workers()
 
     # -- submitting
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
@@ -435,6 +449,7 @@ class Executor(futures.Executor):
         self._finish()
 
     def _finish(self) -> None:
+        atexit.unregister(self._at_exit)
         self._stop.set()
         self._wake.set()
         for t in self._threads:

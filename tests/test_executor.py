@@ -67,8 +67,10 @@ def test_an_exception_comes_back_with_the_workers_traceback(settings):
         assert ex.submit(calls.square, 3).result(timeout=60) == 9  # the job goes on
     notes = "\n".join(e.value.__notes__)
     assert "traceback on the worker" in notes and "executor_calls.py" in notes
+    idle = Executor(settings=settings, start_workers=False)
     with pytest.raises(TypeError, match="top level of a module"):
-        Executor(settings=settings, start_workers=False).submit(lambda: 1)
+        idle.submit(lambda: 1)
+    idle.shutdown()
 
 
 def test_setup_runs_once_per_worker_process_and_reaches_every_call(settings, tmp_path,
@@ -162,3 +164,26 @@ def test_a_script_defined_function_travels_by_its_file(settings, tmp_path):
         if saved is not None:
             main.__file__ = saved
     assert Path(script).exists()
+
+
+def test_an_executor_never_shut_down_closes_its_job_and_workers_at_exit(env, conn, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "forgetful.py"
+    script.write_text(
+        "import executor_calls\n"
+        "from sheepdog import Executor\n"
+        "ex = Executor(max_workers=1)\n"
+        "print(ex.submit(executor_calls.square, 7).result(timeout=60))\n"
+        "print(ex.job.id, *ex.worker_pids)\n")
+    r = subprocess.run([sys.executable, str(script)], env=dict(env, PYTHONPATH=TESTS),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    answer, line = r.stdout.splitlines()
+    job_id, *pids = line.split()
+    assert answer == "49" and pids
+    assert store.get_job(conn, job_id).status == JobStatus.SUCCESS
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(
+            f"/proc/{pid}/stat").read_text().split()[2]

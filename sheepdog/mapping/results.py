@@ -102,24 +102,25 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def item(conn: redis.Redis, settings: Settings, job: Job, key: str) -> dict[str, Any]:
-    """One item's record; FieldError 404 no such item, 409 not finished or failed."""
+    """One item's record; FieldError 404 no such item, 409 not finished or failed.
+    Reads its own chunk only, whatever the job's size."""
     index = load_index(settings, job)
     if key not in index.position:
         raise FieldError("item", f"no such item {key[:200]!r} in job {job.id}", 404)
     position = index.position[key]
     chunk = index.owner[position]
-    dirs, states = sources(conn, settings, job)
-    one = {**index.raw, "keys": [key], "indices": [index.raw["indices"][position]],
-           "chunks": [[0] if c == chunk else [] for c in range(len(index.raw["chunks"]))]}
-    directory = dirs[chunk]
-    if directory is not None:
-        # only this chunk's records are read
+    number = index.raw["indices"][position]
+    task_id = conn.lindex(keys.job_tasks(job.id), chunk)
+    tid = task_id.decode() if isinstance(task_id, bytes) else str(task_id or "")
+    state = states(conn, [tid])[0] if tid else ""
+    cache = Cache(settings.cache_dir)
+    if state == TaskStatus.SUCCESS and cache.published(tid):
+        lines = (cache.task_dir(tid) / step.RESULTS).read_text(encoding="utf-8").splitlines()
         positions = index.raw["chunks"][chunk]
-        text = (directory / step.RESULTS).read_text(encoding="utf-8").splitlines()
-        record = {"key": key, "index": one["indices"][0],
-                  **json.loads(text[positions.index(position)])}
+        record = {"key": key, "index": number, **json.loads(lines[positions.index(position)])}
     else:
-        record = {"key": key, "index": one["indices"][0], "status": states[chunk]}
+        waiting = WAITING.get(TaskStatus(state), "missing") if state else "missing"
+        record = {"key": key, "index": number, "status": waiting}
     status = record["status"]
     if status == FINISHED_OK:
         return public(record)
