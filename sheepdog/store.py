@@ -676,24 +676,28 @@ def stop_job(conn: redis.Redis, job_id: str, status: JobStatus, why: str) -> boo
     return conn.transaction(txn, *watch, value_from_callable=True)
 
 
+# Adds a piece's amounts to its job's counters once (the piece's id joins a set), and
+# sets the counter ARGV[2] to ARGV[3] if it has none; one call, so the pieces of a job
+# finishing at once never retry each other's transactions.
+_COUNT = """
+if ARGV[2] ~= '' then redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) end
+if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
+  for i = 4, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
+end
+return redis.call('HGETALL', KEYS[2])
+"""
+
+
 def count(conn: redis.Redis, job_id: str, task_id: str, total: tuple[str, int] | None = None,
           **amounts: int) -> dict[str, int]:
     """Add a piece's amounts to the job's counters, once per piece (and set the counter
     `total` names, if not set yet); the totals."""
-    def txn(pipe: Pipeline) -> dict[str, int]:
-        fresh = not pipe.sismember(keys.job_counted(job_id), task_id)
-        pipe.multi()
-        if total is not None:
-            pipe.hsetnx(keys.job_counts(job_id), *total)
-        if fresh:
-            pipe.sadd(keys.job_counted(job_id), task_id)
-            for name, amount in amounts.items():
-                pipe.hincrby(keys.job_counts(job_id), name, amount)
-        pipe.hgetall(keys.job_counts(job_id))
-        return {}
-
-    conn.transaction(txn, keys.job_counted(job_id))
-    return counts(conn, job_id)
+    script = conn.register_script(_COUNT)
+    args: list[str | int] = [task_id, *(total or ("", 0))]
+    for name, amount in amounts.items():
+        args += [name, amount]
+    flat = script(keys=[keys.job_counted(job_id), keys.job_counts(job_id)], args=args)
+    return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def counts(conn: redis.Redis, job_id: str) -> dict[str, int]:

@@ -325,3 +325,16 @@ def test_a_straggler_is_started_once_more_and_the_first_to_finish_wins(env, tmp_
     before = tick.read_text().count("\n")
     time.sleep(1.0)
     assert tick.read_text().count("\n") == before  # the stuck first run was stopped
+
+
+def test_a_pieces_items_are_counted_once_however_often_it_is_reported(conn):
+    from sheepdog import store
+
+    first = store.count(conn, "j1", "t1", total=("items_total", 10), items_done=4,
+                        items_failed=1)
+    again = store.count(conn, "j1", "t1", total=("items_total", 99), items_done=4,
+                        items_failed=1)  # a worker retrying through an outage
+    other = store.count(conn, "j1", "t2", items_done=6)
+    assert first == again == {"items_total": 10, "items_done": 4, "items_failed": 1}
+    assert other == {"items_total": 10, "items_done": 10, "items_failed": 1}
+    assert store.counts(conn, "j1") == other
