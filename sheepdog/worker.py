@@ -343,6 +343,7 @@ class Worker:
         self.services = list(services)
         self.register = register
         self.stopping = threading.Event()
+        self._told_to_stop = threading.Event()  # stop() was called (not burst idleness)
         self.leaving = threading.Event()  # set: running tasks go back to the queue
         self._busy = 0
         self._lock = threading.Lock()
@@ -352,6 +353,25 @@ class Worker:
         """Work until stopped, until `until()` is true, or (burst) until idle."""
         if self.until is not None and self.until():
             return  # nothing to wait for: take no piece at all
+        try:
+            while True:
+                self._serve()
+                # a burst worker decides it is idle between one of its threads taking an
+                # entry and counting itself busy, at worst: that thread still runs its
+                # piece, and what the piece made ready must not be left behind
+                if not self.burst or self._told_to_stop.is_set() or not self._work_left():
+                    break
+                self.stopping.clear()
+        finally:
+            if self.register:
+                try:
+                    self.conn.delete(keys.worker(self.name))
+                    self.conn.srem(keys.workers(), self.name)
+                except redis.RedisError:
+                    pass  # its registration expires by itself
+
+    def _serve(self) -> None:
+        """Task threads and services until the worker stops (or, burst, finds itself idle)."""
         threads = [threading.Thread(target=self._task_loop, name=f"task-{i}", daemon=True)
                    for i in range(self.concurrency)]
         for i, service in enumerate(self.services):
@@ -365,14 +385,15 @@ class Worker:
             self.stopping.set()
             for t in threads:
                 t.join()
-            if self.register:
-                try:
-                    self.conn.delete(keys.worker(self.name))
-                    self.conn.srem(keys.workers(), self.name)
-                except redis.RedisError:
-                    pass  # its registration expires by itself
+
+    def _work_left(self) -> bool:
+        try:
+            return any(dispatch.waiting(self.conn, q) for q in self.queue_names)
+        except redis.RedisError:
+            return False  # a burst worker that gave up on Redis goes
 
     def stop(self) -> None:
+        self._told_to_stop.set()
         self.stopping.set()
 
     def _maintain(self, threads: list[threading.Thread]) -> None:

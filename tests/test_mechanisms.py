@@ -296,3 +296,36 @@ def test_a_jobs_log_is_bounded_in_bytes_with_one_marker(conn, settings):
     markers = [ln for ln in lines if ln.truncated]
     assert len(markers) == 1 and "20000 bytes" in markers[0].text
     assert store.get_job(conn, job.id).status == JobStatus.SUCCESS
+
+
+def test_a_burst_worker_idle_too_early_leaves_no_ready_work_behind(conn, settings,
+                                                                  monkeypatch):
+    """A burst worker may judge itself idle between a thread taking an entry and counting
+    itself busy; that piece still runs, and what it makes ready must run too."""
+    first = Task(name="first", argv=["sleep", "0.5"], cacheable=False, nonce="race1",
+                 queue=settings.queue)
+    second = Task(name="second", argv=["true"], deps=[first.id], cacheable=False,
+                  nonce="race1", queue=settings.queue)
+    job = Job(id="20261203-000000-burstrace", workflow="command", queue=settings.queue,
+              final_task=second.id)
+    store.submit(conn, job, [first, second])
+    worker = Worker(conn, settings, [settings.queue], concurrency=1, burst=True,
+                    register=False)
+    original = Worker._finished
+    fooled = []
+
+    def idle_too_early(self: Worker) -> bool:
+        if not fooled:  # the moment of the race: the first piece taken, nothing waiting
+            wait_for(lambda: store.get_task(conn, first.id).status == TaskStatus.RUNNING,
+                     10, what="the first piece to start")
+            fooled.append(True)
+            return True
+        return original(self)
+
+    monkeypatch.setattr(Worker, "_finished", idle_too_early)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive()
+    assert fooled
+    assert store.get_job(conn, job.id).status == JobStatus.SUCCESS
