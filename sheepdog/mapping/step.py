@@ -1,19 +1,18 @@
 """The Python steps of `map`, run as task processes (or in-process by the local backend):
 
     python -m sheepdog.mapping.step run|run-many SPEC [--cwd DIR] [--input NAME PATH ...]
-    python -m sheepdog.mapping.step gather INDEX [--check FIELD ...] CHUNK_DIR ...
+    python -m sheepdog.mapping.step gather [--check FIELD ...] INDEX CHUNK_DIR ...
 
-`run` runs a chunk's items one after another, each in its own process group, and
-writes `results.jsonl` (one record per item, in order) and each item's files under
-`files/<n>/` ($SHEEPDOG_ITEM_DIR). `run` is for a few items, in-process in the worker,
-each item its own guarded process group; `run-many` runs as a process of its own (the
-worker guards its group) and starts each item inside that group by vfork, pumped by one
-selector loop: tiny items cost a millisecond, not five. A failing item is recorded,
-never fatal: the step
-exits 0 unless it could not run at all. `gather` checks every item is accounted for
-exactly once and that JSON outputs agree on the --check fields, and exits 1 naming
-the items that failed or disagree. Only the standard library is imported from here:
-this code runs on hosts whose Python has nothing else.
+`run` and `run-many` run a chunk's items one after another and write `results.jsonl`
+(one record per item, in order) and each item's files under `files/<n>/`
+($SHEEPDOG_ITEM_DIR). `run` is for a few items, in-process in the worker, each item in
+its own guarded process group; `run-many` runs as a process of its own (the worker
+guards its group) and starts each item inside that group by posix_spawn, read by one
+poll loop: a tiny item costs a millisecond, not five. A failing item is recorded, never
+fatal: the step exits 0 unless it could not run at all. `gather` checks every item is
+accounted for exactly once and that JSON outputs agree on the --check fields, and exits
+1 naming the items that failed or disagree. Only the standard library is imported from
+here: this code runs on hosts whose Python has nothing else.
 """
 
 from __future__ import annotations
