@@ -62,7 +62,8 @@ class TopGroup(click.Group):
         own = super().list_commands(ctx)
         extra = [n for n in workflows.names()
                  if n not in own and (w := workflows.find(n)) is not None and w.top_level]
-        return sorted(own + extra)
+        more = [c.name for c in _workflow_commands() if c.name and c.name not in own]
+        return sorted(own + extra + more)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         found = super().get_command(ctx, cmd_name)
@@ -70,7 +71,19 @@ class TopGroup(click.Group):
             workflow = workflows.find(cmd_name)
             if workflow is not None and workflow.top_level:
                 return workflow.command()
+        if found is None:  # a command a workflow brings (`sheepdog precompute`)
+            found = next((c for c in _workflow_commands() if c.name == cmd_name), None)
         return found
+
+
+def _workflow_commands() -> list[click.Command]:
+    """The extra commands of every workflow (imports them: only for a name not known)."""
+    found: list[click.Command] = []
+    for name in workflows.names():
+        workflow = workflows.find(name)
+        if workflow is not None:
+            found += workflow.commands()
+    return found
 
 
 @click.group(cls=TopGroup, context_settings={"help_option_names": ["-h", "--help"]})

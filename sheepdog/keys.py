@@ -123,3 +123,8 @@ def rq_job_id(task_id: str, dispatch: str) -> str:
 def job_finalizing(job_id: str) -> str:
     """STRING with a TTL: held while one process exports a finished job's results."""
     return f"{PREFIX}:job:{job_id}:finalizing"
+
+
+def precompute_datasets() -> str:
+    """HASH: precomputed dataset name -> JSON {out, job}: what `serve` serves."""
+    return f"{PREFIX}:precompute"

@@ -9,7 +9,7 @@ from flask import Flask, jsonify
 from flask_sock import Sock
 from werkzeug.exceptions import HTTPException
 
-from sheepdog import config
+from sheepdog import config, workflows
 from sheepdog.errors import FieldError, RedisUnavailable, SheepdogError
 
 sock = Sock()
@@ -35,6 +35,11 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(gn3.bp)
     app.register_blueprint(pages.bp)
+    for name in workflows.names():  # a workflow's own routes (a precompute's datasets)
+        workflow = workflows.find(name)
+        own = workflow.blueprint() if workflow is not None else None
+        if own is not None:
+            app.register_blueprint(own)
     stream.register(sock)
     app.teardown_request(lambda _error: inputs.discard_uploads())
 

@@ -8,6 +8,9 @@
     python -m sheepdog.gemma.ops perm-batch --prepared DIR --seed S --first I --count K
                                              --total N --lmm L [--maf M]
     python -m sheepdog.gemma.ops perm-gather BATCH_JSON [...]
+    python -m sheepdog.gemma.ops pc-prepare CHR GENO ANNO KINSHIP_DIR [...]
+    python -m sheepdog.gemma.ops pc-batch --prepared DIR --traits JSON --test T [--maf M]
+                                          [--covariates C] -- CHR GENO ANNO MATRIX [...]
 
 Each writes its outputs into its working directory (the task's scratch). The local
 backend calls main() in-process with that directory for the operations in IN_PROCESS;
@@ -30,12 +33,13 @@ from typing import Any
 from ..defaults import WATCH_POLL
 from ..errors import DiskFull, SheepdogError, is_disk_full
 from ..process import Process
-from . import kinship, loco, merge, permute
+from . import kinship, loco, merge, pcsteps, permute
 from .bimbam import check_covariates, read_table
 from .commands import GEMMA_ENV
 
 # short steps, run on a worker thread by the local backend (see backends/local.py)
-IN_PROCESS = frozenset({"kinship", "loco-lmm", "gather", "perm-prepare", "perm-gather"})
+IN_PROCESS = frozenset({"kinship", "loco-lmm", "gather", "perm-prepare", "perm-gather",
+                        "pc-prepare", "pc-batch", "pc-summary"})
 
 
 def _triples(items: list[str]) -> list[tuple[str, Path, Path]]:
@@ -154,6 +158,17 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--min-rule", default="sheepdog")
     batch.add_argument("--gemma-flags", default="[]", help="JSON list of more GEMMA flags")
     sub.add_parser("perm-gather").add_argument("items", nargs="+")
+    sub.add_parser("pc-prepare").add_argument("items", nargs="+")
+    sub.add_parser("pc-summary").add_argument("items", nargs="+")
+    pc = sub.add_parser("pc-batch")
+    pc.add_argument("--prepared", required=True)
+    pc.add_argument("--traits", required=True)
+    pc.add_argument("--test", choices=sorted(pcsteps.P_COLUMNS), default="lrt")
+    pc.add_argument("--maf", type=float)
+    pc.add_argument("--threshold", type=float, default=4.0)
+    pc.add_argument("--covariates")
+    pc.add_argument("--gemma-flags", default="[]", help="JSON list of more GEMMA flags")
+    pc.add_argument("items", nargs="+")
     return parser
 
 
@@ -194,6 +209,12 @@ def main(argv: list[str] | None = None, workdir: Path | None = None, emit: Emit 
             permute.run_batch(Path(args.prepared), args.seed, args.first, args.count,
                               args.total, args.lmm, args.maf, here, emit, stop,
                               args.min_rule, json.loads(args.gemma_flags))
+        elif args.op == "pc-prepare":
+            pcsteps.prepare(args.items, here, emit)
+        elif args.op == "pc-summary":
+            pcsteps.summary(args.items, here, emit)
+        elif args.op == "pc-batch":
+            pcsteps.batch(args, here, emit, stop)
         else:
             perm_gather(args.items, here, emit)
     except (SheepdogError, OSError, ValueError, KeyError) as e:

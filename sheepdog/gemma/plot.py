@@ -35,6 +35,7 @@ class Layout:
     x_ticks: list[tuple[float, str]] = field(default_factory=list)
     y_ticks: list[tuple[float, str]] = field(default_factory=list)
     lines: list[tuple[float, str, str]] = field(default_factory=list)  # y, name, colour
+    links: list[str] = field(default_factory=list)  # per point, when points are links
 
 
 def _read(assoc: Path) -> tuple[str, dict[str, tuple[list[float], list[float]]]]:
@@ -62,6 +63,14 @@ def _step(top: float) -> float:
 def layout(assoc: Path, title: str = "", thresholds: dict[str, float] | None = None) -> Layout:
     """Chromosomes side by side in genome order, -log10 p upwards."""
     name, by_chrom = _read(assoc)
+    return layout_of(by_chrom, title or "GEMMA LOCO scan", f"-log10({name})", thresholds)
+
+
+def layout_of(by_chrom: dict[str, tuple[list[float], list[float]]], title: str, y_label: str,
+              thresholds: dict[str, float] | None = None,
+              links: dict[str, list[str]] | None = None) -> Layout:
+    """The plot of points (position in bp, height) per chromosome; `links`: per
+    chromosome, one link per point (the SVG makes each point a link)."""
     lines = {k: -math.log10(p) for k, p in (thresholds or {}).items() if p > 0}
     top = max([y for _, ys in by_chrom.values() for y in ys] + list(lines.values()) + [1.0])
     step = _step(top)
@@ -80,10 +89,12 @@ def layout(assoc: Path, title: str = "", thresholds: dict[str, float] | None = N
     def py(y: float) -> float:
         return TOP + plot_h * (1 - y / top)
 
-    out = Layout(title or "GEMMA LOCO scan", f"-log10({name})")
+    out = Layout(title, y_label)
     for i, chrom in enumerate(order):
         xs, ys = by_chrom[chrom]
         out.points += [(px(starts[chrom] + x), py(y), i % 2) for x, y in zip(xs, ys, strict=True)]
+        if links is not None:
+            out.links += links[chrom]
         out.x_ticks.append((px(starts[chrom] + max(xs, default=0.0) / 2), chrom))
     ticks = int(top / step + 1e-9)
     out.y_ticks = [(py(k * step), f"{k * step:g}") for k in range(ticks + 1)]
@@ -100,8 +111,14 @@ def svg(lay: Layout) -> str:
              f'{escape(lay.title)}</text>']
     for shade in (0, 1):
         parts.append(f'<g fill="{COLOURS[shade]}">')
-        parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="1.6"/>'
-                  for x, y, c in lay.points if c == shade]
+        if lay.links:
+            parts += [f'<a href="{escape(link, {chr(34): "&quot;"})}" target="_top">'
+                      f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3"/></a>'
+                      for (x, y, c), link in zip(lay.points, lay.links, strict=True)
+                      if c == shade]
+        else:
+            parts += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="1.6"/>'
+                      for x, y, c in lay.points if c == shade]
         parts.append("</g>")
     for y, name, colour in lay.lines:
         parts.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}" '

@@ -22,7 +22,7 @@ from .workflows import GemmaRequest, build_job
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bxd"
 ROLES = ("geno", "pheno", "anno", "covariates")
-REQUIRED = ("geno", "pheno", "anno")
+REQUIRED = ("geno",)  # pheno from an R/qtl2 control file, anno for BIMBAM only
 PARAMS: dict[str, type] = {"lmm": int, "maf": float, "column": int, "permutations": int,
                            "seed": int, "batch_size": int, "force": bool, "gemma_flags": list,
                            "min_rule": str}
@@ -36,11 +36,15 @@ SCAN_FILES = {"assoc.txt": "text/plain", "manhattan.png": "image/png",
 def gemma_inputs(fn: Any) -> Any:
     for opt in reversed([
         click.option("-g", "geno", type=click.Path(path_type=Path),
-                     help="BIMBAM mean genotype file (plain or .gz)."),
+                     help="Genotypes: BIMBAM mean genotypes, GN .geno, or an R/qtl2 control "
+                          "file (YAML/JSON); plain or .gz."),
+        click.option("--control", "control", type=click.Path(path_type=Path), default=None,
+                     help="An R/qtl2 control file (the same as -g FILE.yaml)."),
         click.option("-p", "pheno", type=click.Path(path_type=Path),
-                     help="Phenotype file, one row per individual."),
+                     help="Phenotypes: one row per individual (BIMBAM), or a table with a "
+                          "header 'id, trait...' matched by id."),
         click.option("-a", "anno", type=click.Path(path_type=Path),
-                     help="SNP annotation: rs position chromosome."),
+                     help="SNP annotation for BIMBAM genotypes: rs position chromosome."),
         click.option("-c", "covariates", type=click.Path(path_type=Path), default=None,
                      help="Covariates file (first column the intercept)."),
         click.option("-n", "column", type=int, default=None, help="Phenotype column (1-based)."),
@@ -65,10 +69,13 @@ def _request(kw: dict[str, Any]) -> GemmaRequest:
         kw["geno"] = kw["geno"] or EXAMPLE / "BXD_geno.txt.gz"
         kw["pheno"] = kw["pheno"] or EXAMPLE / "BXD_pheno.txt"
         kw["anno"] = kw["anno"] or EXAMPLE / "BXD_snps.txt"
-    missing = [flag for flag, key in (("-g", "geno"), ("-p", "pheno"), ("-a", "anno"))
-               if not kw.get(key)]
-    if missing:
-        raise click.UsageError(f"missing {', '.join(missing)} (or use --example)")
+    control = kw.pop("control", None)
+    if control is not None:
+        if kw["geno"]:
+            raise click.UsageError("give -g or --control, not both")
+        kw["geno"] = control
+    if not kw.get("geno"):
+        raise click.UsageError("missing -g (or --control, or --example)")
     kw["host"] = kw.get("host") or ""
     kw["queue"] = kw.get("queue") or ""
     kw["gemma_flags"] = list(kw.get("gemma_flags") or [])
@@ -204,7 +211,8 @@ class GemmaWorkflow(Workflow):
                 raise FieldError("params.permutations", "must be at least 1")
         else:
             params["permutations"] = 0
-        request = GemmaRequest(geno=paths["geno"], pheno=paths["pheno"], anno=paths["anno"],
+        request = GemmaRequest(geno=paths["geno"], pheno=paths.get("pheno"),
+                               anno=paths.get("anno"),
                                covariates=paths.get("covariates"),
                                backend=body.get("backend") or "local",
                                host=body.get("host") or "", queue=body.get("queue") or "",

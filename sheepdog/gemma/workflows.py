@@ -26,7 +26,7 @@ from ..defaults import MAX_CHROMOSOMES
 from ..errors import ConfigError, DiskFull, InputError, is_disk_full
 from ..jobs import check_backend, new_job_id
 from ..models import Job, Task
-from . import bimbam
+from . import bimbam, formats, traits
 from .commands import COMPLETE, GEMMA_ENV, LMM_MODES, check_gemma_flags, lmm_argv, version
 from .permute import MIN_RULES
 
@@ -37,9 +37,9 @@ OPS = ["-m", "sheepdog.gemma.ops"]
 class GemmaRequest:
     """What the user asked for, as given on the command line or in POST /jobs."""
 
-    geno: Path
-    pheno: Path
-    anno: Path
+    geno: Path  # BIMBAM, GN .geno or an R/qtl2 control file
+    pheno: Path | None = None  # None: the R/qtl2 control file's pheno
+    anno: Path | None = None  # BIMBAM only
     covariates: Path | None = None
     column: int | None = None
     lmm: int = 9
@@ -151,30 +151,83 @@ def prepare(request: GemmaRequest, store: Cache,
         raise
 
 
+def genotypes(request: GemmaRequest, store: Cache, max_chromosomes: int = MAX_CHROMOSOMES
+              ) -> tuple[formats.Genotypes, dict[str, str], dict[str, Any]]:
+    """(the genotypes as BIMBAM, input hashes, their split), checked."""
+    geno = _exists(request.geno, "genotype")
+    anno = _exists(request.anno, "annotation")
+    assert geno
+    found = formats.load(store, geno, anno)
+    hashes = {"geno": _put(store, geno)}
+    if anno is not None:
+        hashes["anno"] = _put(store, anno)
+        shas = hashes["geno"], hashes["anno"]
+    else:  # converted: the blobs are named by their hashes
+        shas = found.geno.name, found.anno.name
+    known = _split(store, found.geno, found.anno, shas[0], shas[1], max_chromosomes)
+    if len(known["chromosomes"]) < 2:
+        raise InputError(str(anno or geno), "LOCO needs SNPs on at least two chromosomes")
+    return found, hashes, known
+
+
+def _put_column(store: Cache, values: Any, covariates: bool = False) -> str:
+    tmp = store.tmp / f"col.{os.getpid()}.{threading.get_ident()}"
+    (traits.covariate_file if covariates else traits.column_file)(values, tmp)
+    sha = sha256_file(tmp)
+    store.put_blob_file(tmp, sha)
+    return sha
+
+
+def _phenotypes(request: GemmaRequest, store: Cache, found: formats.Genotypes
+                ) -> tuple[list[str], str, str]:
+    """(the chosen column's values, the user's file's hash, the BIMBAM copy's hash)."""
+    pheno = _exists(request.pheno, "phenotype") or (
+        found.control.pheno if found.control else None)
+    if pheno is None:
+        raise InputError(str(found.source), "no phenotypes: give -p (the control file names "
+                         "no 'pheno' either)" if found.control else "no phenotypes: give -p")
+    column = request.column or 1
+    if found.individuals is None and not traits.has_header(pheno):
+        values = bimbam.check_phenotypes(pheno, found.count, column)
+        return values, sha256_file(pheno), _put_normalized(store, pheno)
+    table = found.traits(pheno, "phenotype")
+    if column > len(table.traits):
+        raise InputError(str(pheno), f"has {len(table.traits)} phenotype columns; -n {column} "
+                         f"asks for column {column}")
+    chosen = table.values[:, column - 1]
+    if all(v != v for v in chosen):
+        raise InputError(str(pheno), f"phenotype {table.traits[column - 1]!r} is missing for "
+                         "every genotyped individual")
+    return [traits.text(v) for v in chosen], sha256_file(pheno), _put_column(store, chosen)
+
+
+def covariate_blob(path: Path | None, store: Cache, found: formats.Genotypes
+                   ) -> tuple[str, str] | None:
+    """(the user's file's hash, the hash of GEMMA's copy), or None without covariates."""
+    path = path or (found.control.covar if found.control else None)
+    if path is None:
+        return None
+    if found.individuals is None and not traits.has_header(path):
+        bimbam.check_covariates(path, found.count)
+        return sha256_file(path), _put_normalized(store, path)
+    table = found.traits(path, "covariate")
+    return sha256_file(path), _put_column(store, table.values, covariates=True)
+
+
 def _prepare(request: GemmaRequest, store: Cache, max_chromosomes: int) -> Prepared:
     request.check()
-    geno = _exists(request.geno, "genotype")
-    pheno = _exists(request.pheno, "phenotype")
-    anno = _exists(request.anno, "annotation")
-    covariates = _exists(request.covariates, "covariate")
-    assert geno and pheno and anno
-    hashes = {"geno": _put(store, geno), "anno": _put(store, anno)}
-    known = _split(store, geno, anno, hashes["geno"], hashes["anno"], max_chromosomes)
-    n = int(known["individuals"])
-    if len(known["chromosomes"]) < 2:
-        raise InputError(str(anno), "LOCO needs SNPs on at least two chromosomes")
-    values = bimbam.check_phenotypes(pheno, n, request.column or 1)
-    hashes["pheno"] = sha256_file(pheno)
-    blobs = {"pheno": _put_normalized(store, pheno)}
+    found, hashes, known = genotypes(request, store, max_chromosomes)
+    values, hashes["pheno"], pheno_blob = _phenotypes(request, store, found)
+    blobs = {"pheno": pheno_blob}
+    covariates = covariate_blob(_exists(request.covariates, "covariate"), store, found)
     if covariates:
-        bimbam.check_covariates(covariates, n)
-        hashes["covariates"] = sha256_file(covariates)
-        blobs["covariates"] = _put_normalized(store, covariates)
+        hashes["covariates"], blobs["covariates"] = covariates
     order = sorted(known["chromosomes"], key=bimbam.chromosome_order)
-    return Prepared(n, int(known["snps"]), known["chromosomes"], hashes, blobs, values, order)
+    return Prepared(int(known["individuals"]), int(known["snps"]), known["chromosomes"],
+                    hashes, blobs, values, order)
 
 
-def _gemma_task(name: str, argv: list[Any], inputs: dict[str, str], deps: list[str],
+def gemma_task(name: str, argv: list[Any], inputs: dict[str, str], deps: list[str],
                 outputs: list[str], env: str, request: GemmaRequest, settings: Settings,
                 log: str | None = None) -> Task:
     return Task(name=name, argv=argv, inputs=inputs, deps=deps, outputs=outputs,
@@ -184,15 +237,23 @@ def _gemma_task(name: str, argv: list[Any], inputs: dict[str, str], deps: list[s
                 complete_when={log: COMPLETE} if log else {})
 
 
-def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
-               env: str) -> tuple[list[Task], list[Task], list[Task], Task]:
-    """(kinship tasks, all scan tasks in order, LMM tasks, gather task)."""
+def kinship_tasks(prep: Prepared, request: GemmaRequest, settings: Settings, env: str
+                  ) -> dict[str, Task]:
+    """One centered kinship per chromosome: they see only the genotypes, so every scan
+    and precompute of the same genotypes shares them."""
     kinships = {}
     for chrom in prep.order:
         c = prep.chromosomes[chrom]
-        kinships[chrom] = _gemma_task(
+        kinships[chrom] = gemma_task(
             f"kinship chr {chrom}", [{"python": True}, *OPS, "kinship", {"input": "geno"}],
             {"geno": c["matrix"]}, [], ["kinship.npy", "kinship.json"], env, request, settings)
+    return kinships
+
+
+def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
+               env: str) -> tuple[list[Task], list[Task], list[Task], Task]:
+    """(kinship tasks, all scan tasks in order, LMM tasks, gather task)."""
+    kinships = kinship_tasks(prep, request, settings, env)
     kinship_dirs: list[Any] = []
     for chrom, t in kinships.items():
         kinship_dirs += [chrom, {"dep": t.id, "file": "."}]
@@ -209,7 +270,7 @@ def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
                          request.column, request.gemma_flags)
         argv = [{"python": True}, *OPS, "loco-lmm", "--chromosome", chrom, "--", *gemma, "--",
                 *kinship_dirs]
-        lmms.append(_gemma_task(f"lmm chr {chrom}", argv, inputs,
+        lmms.append(gemma_task(f"lmm chr {chrom}", argv, inputs,
                                 [t.id for t in kinships.values()],
                                 ["output/lmm.assoc.txt", lmm_log, "loco.txt"], env, request,
                                 settings, lmm_log))
@@ -217,7 +278,7 @@ def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
     for chrom, t in zip(prep.order, lmms, strict=True):
         gather_argv += [chrom, {"dep": t.id, "file": "output/lmm.assoc.txt"},
                         {"dep": t.id, "file": lmm_log}]
-    gather = _gemma_task("gather", gather_argv, {}, [t.id for t in lmms],
+    gather = gemma_task("gather", gather_argv, {}, [t.id for t in lmms],
                          ["assoc.txt", "summary.json", "manhattan.png", "manhattan.svg"],
                          env, request, settings)
     kin = list(kinships.values())
@@ -239,7 +300,7 @@ def permutation_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
         inputs[f"geno.{chrom}"], inputs[f"anno.{chrom}"] = c["geno"], c["anno"]
         argv += [chrom, {"input": f"geno.{chrom}"}, {"input": f"anno.{chrom}"},
                  {"dep": kin.id, "file": "."}]
-    prepare_task = _gemma_task("permutation prep", argv, inputs, [k.id for k in kinships],
+    prepare_task = gemma_task("permutation prep", argv, inputs, [k.id for k in kinships],
                                ["meta.json"], env, request, settings)
     batches = []
     total = request.permutations
@@ -255,11 +316,11 @@ def permutation_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
             bargv += ["--min-rule", request.min_rule]
         if request.gemma_flags:
             bargv += ["--gemma-flags", json.dumps(request.gemma_flags)]
-        batches.append(_gemma_task(f"permutations {first + 1}-{first + count}", bargv, {},
+        batches.append(gemma_task(f"permutations {first + 1}-{first + count}", bargv, {},
                                    [prepare_task.id], ["batch.json"], env, request, settings))
     gather_argv: list[Any] = [{"python": True}, *OPS, "perm-gather"]
     gather_argv += [{"dep": b.id, "file": "batch.json"} for b in batches]
-    thresholds = _gemma_task("permutation thresholds", gather_argv, {},
+    thresholds = gemma_task("permutation thresholds", gather_argv, {},
                              [b.id for b in batches], ["permutations.json"], env, request,
                              settings)
     return [prepare_task, *batches, thresholds], thresholds
@@ -291,11 +352,11 @@ def build_job(request: GemmaRequest, settings: Settings, store: Cache,
         more, final = permutation_tasks(prep, request, settings, env, kinships, seed)
         tasks += more
     params = {
-        "inputs": {role: {"path": str(getattr(request, role)), "sha256": sha}
+        "inputs": {role: {"path": str(getattr(request, role) or request.geno), "sha256": sha}
                    for role, sha in prep.hashes.items()},
         "options": {"lmm": request.lmm, "maf": request.maf, "column": request.column,
                     "gemma_flags": request.gemma_flags, "min_rule": request.min_rule,
-                    "covariates": request.covariates is not None},
+                    "covariates": "covariates" in prep.blobs},
         "gemma_version": gemma_version, "individuals": prep.individuals, "snps": prep.snps,
         "chromosomes": prep.order, "scan_task": gather.id,
     }

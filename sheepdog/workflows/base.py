@@ -44,6 +44,14 @@ class Workflow(abc.ABC):
     def command(self) -> click.Command:
         """`sheepdog run NAME ...`: its options, validation and waiting."""
 
+    def commands(self) -> list[click.Command]:
+        """More top-level commands of its own (`sheepdog precompute ...`); default none."""
+        return []
+
+    def blueprint(self) -> Any:
+        """A Flask blueprint of its own routes for `sheepdog serve`, or None."""
+        return None
+
     @abc.abstractmethod
     def schema(self) -> dict[str, Any]:
         """The JSON schema of its POST /jobs body (merged into the OpenAPI document)."""

@@ -1,0 +1,337 @@
+"""`gemma-precompute` as sheepdog sees it: `sheepdog run gemma-precompute`, its POST
+/jobs body, each batch stored as it finishes, the dataset registered for `serve`, and
+`sheepdog precompute show|hits|export`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from .. import __version__, clirun, jobs, keys, store
+from ..cache import Cache
+from ..config import Settings
+from ..errors import ConfigError, FieldError, InputError
+from ..finalize import finalize
+from ..models import Job, JobStatus, Task
+from ..workflows.base import InputResolver, Workflow
+from . import pcstore
+from .precompute import PrecomputeRequest, build_job
+
+ROLES = ("geno", "pheno", "anno", "covariates")
+PAGE = 100
+
+
+# ------------------------------------------------------------------ the dataset's record
+def register(conn: redis.Redis, job: Job) -> None:
+    """`serve` serves every dataset registered in its Redis."""
+    conn.hset(keys.precompute_datasets(), job.params["dataset"],
+              json.dumps({"out": job.out_dir, "job": job.id}))
+
+
+def datasets(conn: redis.Redis) -> dict[str, dict[str, str]]:
+    return {k.decode() if isinstance(k, bytes) else k: json.loads(v)
+            for k, v in conn.hgetall(keys.precompute_datasets()).items()}
+
+
+def dataset_dir(conn: redis.Redis, name: str) -> tuple[Path, str]:
+    """(the dataset's directory, its latest job); 404 for a name never registered."""
+    entry = datasets(conn).get(name)
+    if entry is None:
+        raise FieldError("dataset", f"no precomputed dataset {name!r}", 404)
+    return Path(entry["out"]), entry["job"]
+
+
+def _meta(job: Job) -> dict[str, Any]:
+    """What every trait's metadata record says about how it was computed."""
+    return {"dataset": job.params["dataset"], "job": job.id,
+            "gemma_version": job.params["gemma_version"], "sheepdog_version": __version__,
+            "inputs": job.params["inputs"], "options": job.params["options"], "guix": "none"}
+
+
+def _store_batch(settings: Settings, job: Job, task_id: str) -> None:
+    cache = Cache(settings.cache_dir)
+    batch_dir = cache.task_dir(task_id)
+    records = pcstore.index_batch(cache, batch_dir, _meta(job))
+    snps = cache.task_dir(job.params["prepare_task"]) / "snps.npy"
+    pcstore.add(Path(job.out_dir), cache, records, snps)
+
+
+def begin(settings: Settings, job: Job, cache: Cache) -> None:
+    """The dataset's store, before any compute: queued, skipped and cached traits."""
+    entries = json.loads(cache.blob(job.params["traits_blob"]).read_text())
+    description = {k: job.params[k] for k in ("dataset", "inputs", "options", "gemma_version",
+                                               "individuals", "snps", "chromosomes",
+                                               "traits_total", "traits_chosen")}
+    description["job"] = job.id
+    pcstore.begin(Path(job.out_dir), cache, description, entries)
+
+
+# ------------------------------------------------------------------ the command line
+def _inputs(fn: Any) -> Any:
+    for opt in reversed([
+        click.option("-g", "geno", type=click.Path(path_type=Path), default=None,
+                     help="Genotypes: GN .geno, BIMBAM (with -a), or an R/qtl2 control file."),
+        click.option("--control", type=click.Path(path_type=Path), default=None,
+                     help="An R/qtl2 control file (its pheno is the trait table)."),
+        click.option("-p", "pheno", type=click.Path(path_type=Path), default=None,
+                     help="Trait table: 'id, trait1, trait2...' (TSV/CSV, NA missing)."),
+        click.option("-a", "anno", type=click.Path(path_type=Path), default=None,
+                     help="SNP annotation, for BIMBAM genotypes."),
+        click.option("-c", "covariates", type=click.Path(path_type=Path), default=None,
+                     help="Covariates: 'id, cov1...' (an intercept is added) or BIMBAM."),
+        click.option("--traits", "trait_list", default="", metavar="ID,...",
+                     help="Only these traits."),
+        click.option("--sample", type=int, default=None, help="A reproducible sample of N "
+                                                                "traits."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--maf", type=float, default=0.01, show_default=True),
+        click.option("--test", type=click.Choice(["lrt", "wald", "score"]), default="lrt",
+                     show_default=True, help="The p-value stored and used for peaks."),
+        click.option("--threshold", type=float, default=4.0, show_default=True,
+                     help="-log10 p of a peak."),
+        click.option("--min-values", type=int, default=10, show_default=True,
+                     help="Skip traits measured on fewer individuals."),
+        click.option("--batch-size", type=int, default=25, show_default=True,
+                     help="Traits per piece."),
+        click.option("--name", default="", help="Dataset name (default: --out's name)."),
+        click.option("--out", "out_dir", type=click.Path(), required=True,
+                     help="The dataset's directory (SQLite store, vectors, hits.tsv)."),
+        click.option("--force", is_flag=True, help="Recompute traits already computed."),
+        click.argument("gemma_flags", nargs=-1, type=click.UNPROCESSED),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _request(kw: dict[str, Any]) -> PrecomputeRequest:
+    control = kw.pop("control")
+    if control is not None and kw["geno"] is not None:
+        raise click.UsageError("give -g or --control, not both")
+    kw["geno"] = kw["geno"] or control
+    if kw["geno"] is None:
+        raise click.UsageError("missing -g GENOTYPES (or --control FILE)")
+    wanted = [t.strip() for t in kw.pop("trait_list").split(",") if t.strip()]
+    return PrecomputeRequest(traits=wanted, host=kw.pop("host") or "",
+                             queue=kw.pop("queue") or "",
+                             gemma_flags=list(kw.pop("gemma_flags")), **kw)
+
+
+def run_cli(kw: dict[str, Any]) -> int:
+    detach, as_json = kw.pop("detach"), kw.pop("as_json")
+    if kw.pop("race") or kw.pop("complete_all"):
+        raise click.UsageError("--race is for single scans, not a precompute")
+    settings = clirun.settings()
+    request = _request(kw)
+    cache = Cache(settings.cache_dir)
+    db = clirun.conn(settings)
+    job, tasks = build_job(request, settings, cache)
+    begin(settings, job, cache)
+    register(db, job)
+    p = job.params
+    click.echo(f"[sheepdog] {p['traits_chosen']:,d} of {p['traits_total']:,d} traits; "
+               f"{p['traits_to_run']:,d} to scan, the rest stored or skipped"
+               + (f"; {p['genotyped_without_values']} genotyped individuals have no values"
+                  if p["genotyped_without_values"] else ""), err=True)
+    jobs.submit(db, settings, job, tasks)
+    if not detach:
+        finalize(db, settings, job.id)  # a fully stored dataset ends right here
+    code = clirun.finish(db, settings, job.id, job.queue, detach, as_json, after_wait=finalize)
+    if not detach:
+        counts = pcstore.counts(Path(job.out_dir))
+        click.echo(f"[sheepdog] dataset {p['dataset']} in {job.out_dir}: "
+                   + ", ".join(f"{n:,d} {s}" for s, n in sorted(counts.items())), err=True)
+    return code
+
+
+def _out(path: str) -> Path:
+    out = Path(path)
+    if not (out / pcstore.DB).is_file():
+        raise click.UsageError(f"{out} holds no precomputed dataset ({pcstore.DB})")
+    return out
+
+
+@click.group("precompute")
+def precompute_group() -> None:
+    """Read a precomputed dataset: a trait's scan, the traits with a QTL in a region."""
+
+
+@precompute_group.command("show")
+@click.argument("out")
+@click.argument("trait")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--vector", is_flag=True, help="Every SNP: rs chr ps logp beta se af.")
+def show_cmd(out: str, trait: str, as_json: bool, vector: bool) -> None:
+    """A trait's metadata and peaks (with --vector, its full scan)."""
+    try:
+        found = pcstore.show(_out(out), trait, vector)
+    except FieldError as e:
+        click.echo(f"sheepdog: {e.problem}", err=True)
+        sys.exit(1 if e.http_status == 409 else 2)
+    if as_json:
+        clirun.print_json(found)
+        return
+    top = found["top"]
+    click.echo(f"{trait}: n {found['n']}; top {top['locus']} chr {top['chr']} "
+               f"{top['mb']:.3f} Mb -log10 p {top['logp']:.2f} effect {top['effect']:.4g}")
+    for p in found["peaks"]:
+        click.echo(f"  peak chr {p['chr']} {p['locus']} {p['mb']:.3f} Mb  {p['logp']:.2f}")
+    for s in found.get("snps", []):
+        click.echo(f"{s['rs']}\t{s['chr']}\t{s['ps']}\t{s['logp']}\t{s['beta']}\t{s['se']}\t"
+                   f"{s['af']}")
+
+
+@precompute_group.command("hits")
+@click.argument("out")
+@click.option("--chr", "chrom", default=None)
+@click.option("--start", type=float, default=None, help="Mb")
+@click.option("--end", type=float, default=None, help="Mb")
+@click.option("--min", "minimum", type=float, default=None, help="-log10 p at least")
+@click.option("--limit", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def hits_cmd(out: str, chrom: str | None, start: float | None, end: float | None,
+             minimum: float | None, limit: int, as_json: bool) -> None:
+    """Traits with a peak in a region, strongest first."""
+    found = pcstore.hits(_out(out), chrom, start, end, minimum, limit)
+    if as_json:
+        clirun.print_json(found)
+        return
+    for h in found["hits"]:
+        click.echo(f"{h['trait']}\t{h['locus']}\t{h['chr']}\t{h['mb']:.6f}\t{h['logp']:.4f}\t"
+                   f"{h['effect']:.6g}")
+
+
+@precompute_group.command("export")
+@click.argument("out")
+def export_cmd(out: str) -> None:
+    """Rewrite OUT/hits.tsv from the dataset's store."""
+    rows = pcstore.export_hits(_out(out))
+    click.echo(f"{rows:,d} traits written to {Path(out) / 'hits.tsv'}")
+
+
+# ------------------------------------------------------------------ the workflow
+def _typed(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise FieldError(f"params.{name}", "has the wrong type")
+    return value
+
+
+class PrecomputeWorkflow(Workflow):
+    """GEMMA LOCO scans of every trait of a dataset, stored and served by key."""
+
+    name = "gemma-precompute"
+    summary = "GEMMA LOCO scans of every trait of a dataset, stored and served by trait."
+    reads_inputs = True
+    result_files = {"hits.tsv": "text/tab-separated-values"}
+
+    def command(self) -> click.Command:
+        def run(**kw: Any) -> None:
+            sys.exit(run_cli(kw))
+
+        run.__doc__ = self.summary
+        return click.command(self.name, help=self.summary)(clirun.backend_options(_inputs(run)))
+
+    def commands(self) -> list[click.Command]:
+        return [precompute_group]
+
+    def blueprint(self) -> Any:
+        from .pcweb import bp
+
+        return bp
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "object", "required": ["workflow", "name"], "properties": {
+            "workflow": {"const": self.name},
+            "name": {"type": "string", "description": "the dataset's name; stored under "
+                     "SHEEPDOG_HOME/precompute/NAME"},
+            "inputs": {"type": "object", "properties": {r: {"type": "string"} for r in ROLES}},
+            "params": {"type": "object", "properties": {
+                "traits": {"type": "array", "items": {"type": "string"}},
+                "sample": {"type": "integer"}, "seed": {"type": "integer"},
+                "maf": {"type": "number"}, "test": {"enum": ["lrt", "wald", "score"]},
+                "threshold": {"type": "number"}, "batch_size": {"type": "integer"},
+                "min_values": {"type": "integer"}, "force": {"type": "boolean"}}}}}
+
+    def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
+                     cache: Cache) -> tuple[Job, list[Task]]:
+        name = body.get("name")
+        if not isinstance(name, str) or not pcstore.valid_name(name):
+            raise FieldError("name", "must be a dataset name: letters, digits, '.', '_', '-'")
+        raw = body.get("params") or {}
+        if not isinstance(raw, dict):
+            raise FieldError("params", "must be an object")
+        known = {"traits", "sample", "seed", "maf", "test", "threshold", "batch_size",
+                 "min_values", "force"}
+        for key in raw:
+            if key not in known:
+                raise FieldError(f"params.{key}", f"unknown; known: {', '.join(sorted(known))}")
+        paths = inputs(body.get("inputs", {}), ROLES, ("geno",))
+        wanted = _typed(raw, "traits", list, [])
+        if not all(isinstance(t, str) for t in wanted):
+            raise FieldError("params.traits", "must be a list of trait ids")
+        request = PrecomputeRequest(
+            geno=paths["geno"], pheno=paths.get("pheno"), anno=paths.get("anno"),
+            covariates=paths.get("covariates"), traits=wanted,
+            sample=_typed(raw, "sample", int, None), seed=_typed(raw, "seed", int, 0),
+            maf=_typed(raw, "maf", (int, float), 0.01), test=_typed(raw, "test", str, "lrt"),
+            threshold=_typed(raw, "threshold", (int, float), 4.0),
+            batch_size=_typed(raw, "batch_size", int, 25),
+            min_values=_typed(raw, "min_values", int, 10), force=_typed(raw, "force", bool, False),
+            name=name, out_dir=str(settings.home / "precompute" / name),
+            backend=body.get("backend") or "local", host=body.get("host") or "",
+            queue=body.get("queue") or "")
+        try:
+            job, tasks = build_job(request, settings, cache)
+        except InputError as e:
+            message = str(e)
+            for role, path in paths.items():
+                message = message.replace(str(path), f"inputs.{role}")
+            raise FieldError("inputs", message) from e
+        except ConfigError as e:
+            raise FieldError("params", str(e)) from e
+        begin(settings, job, cache)
+        return job, tasks
+
+    def piece_done(self, conn: redis.Redis, settings: Settings, job: Job, task: Task) -> None:
+        register(conn, job)
+        if task.id in job.params["batches"]:
+            _store_batch(settings, job, task.id)
+
+    def finalize(self, conn: redis.Redis, settings: Settings, job: Job) -> None:
+        for task_id in job.params["batches"]:
+            _store_batch(settings, job, task_id)  # again: idempotent, and cheap
+        register(conn, job)
+        out = Path(job.out_dir)
+        rows = pcstore.export_hits(out)
+        store.set_job_fields(conn, job.id, result={"dataset": job.params["dataset"],
+                                                   "out": job.out_dir, "hits": rows,
+                                                   "traits": pcstore.counts(out)})
+
+    def describe(self, conn: redis.Redis, settings: Settings, job: Job) -> dict[str, Any]:
+        out = Path(job.out_dir)
+        return {"id": job.id, "status": job.status, "dataset": job.params["dataset"],
+                "out": job.out_dir, "traits": pcstore.counts(out) if out.is_dir() else {},
+                "result": job.result}
+
+    def export(self, conn: redis.Redis, settings: Settings, job: Job,
+               out_dir: Path) -> dict[str, Any]:
+        if out_dir.resolve() != Path(job.out_dir):
+            raise FieldError("out", f"a precompute's store is {job.out_dir}; copy that "
+                             "directory (it holds everything)")
+        pcstore.export_hits(out_dir)
+        return self.describe(conn, settings, job)
+
+    def result_file(self, settings: Settings, job: Job, name: str) -> Path:
+        if name != "hits.tsv":
+            raise FieldError("name", f"no result file {name!r}; available: hits.tsv", 404)
+        path = Path(job.out_dir) / "hits.tsv"
+        if job.status != JobStatus.SUCCESS or not path.is_file():
+            raise FieldError("name", "hits.tsv is written when the job succeeds", 404)
+        return path

@@ -1,0 +1,261 @@
+"""The pieces of a precompute, run as task steps (see ops.py):
+
+    pc-prepare CHR GENO ANNO KINSHIP_DIR ...      LOCO kinship files and the SNP table,
+                                                  once per genotype set
+    pc-batch --prepared DIR --traits FILE ... -- CHR GENO ANNO MATRIX ...
+                                                  GEMMA's LOCO LMM for a batch of traits
+
+A batch runs GEMMA per trait and chromosome, as a serial `gemma -loco` does, but tests
+each distinct genotype pattern among the trait's measured individuals once: GEMMA tests
+SNPs independently (same genotypes, same statistics), and GN's traits are mostly
+measured on a subset of strains, where many SNPs coincide. Traits measured on the same
+individuals share the cut files. The results are expanded back to every SNP.
+
+Only the standard library and numpy: this code runs on hosts that have nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SheepdogError
+from .bimbam import geno_fields, lines
+from .commands import GEMMA_ENV, lmm_argv, parse_log
+from .loco import write_matrix
+
+Emit = Callable[[str], None]
+# one SNP of a trait's vector: -log10 p signed by the effect's direction, and the rest
+VECTOR = np.dtype([("logp", "<f4"), ("beta", "<f4"), ("se", "<f4"), ("af", "<f4"),
+                   ("p", "<f8")])
+SNPS = np.dtype([("rs", "U64"), ("chr", "U8"), ("ps", "<i8")])
+P_COLUMNS = {"lrt": "p_lrt", "wald": "p_wald", "score": "p_score"}
+FLOOR = 300.0  # -log10 of a p GEMMA printed as 0
+
+
+def prepare(items: list[str], here: Path, emit: Emit) -> None:
+    """Per chromosome its LOCO kinship as GEMMA reads it; the SNP table in vector order."""
+    from .ops import loco_matrix
+
+    quads = [items[i:i + 4] for i in range(0, len(items), 4)]
+    dirs = {q[0]: Path(q[3]) for q in quads}
+    rows: list[tuple[str, str, int]] = []
+    counts = {}
+    for chrom, _geno, anno, _kin in quads:
+        write_matrix(here / f"kin.{chrom}.txt", loco_matrix(chrom, dirs))
+        before = len(rows)
+        for _, text in lines(Path(anno)):
+            rs, pos, c = text.split("\t")[:3]
+            rows.append((rs, c, int(pos)))
+        counts[chrom] = len(rows) - before
+    np.save(here / "snps.npy", np.array(rows, dtype=SNPS))
+    (here / "meta.json").write_text(json.dumps({"chromosomes": list(counts),
+                                                "snps": counts}))
+    emit(f"LOCO kinships of {len(counts)} chromosomes; {len(rows):,d} SNPs")
+
+
+@dataclass
+class Chromosome:
+    name: str
+    geno: Path  # BIMBAM text, the split's
+    anno: Path
+    matrix: Path  # .npy, SNPs x individuals
+    kinship: Path  # LOCO, text
+
+
+def _cut(chrom: Chromosome, measured: np.ndarray, work: Path) -> tuple[Path, Path, np.ndarray,
+                                                                      list[str]]:
+    """(geno, anno) holding one SNP per distinct genotype pattern among the measured
+    individuals, each SNP's pattern number, and the kept SNPs' names in file order."""
+    matrix = np.load(chrom.matrix, mmap_mode="r")
+    _, first, pattern = np.unique(np.ascontiguousarray(matrix[:, measured]), axis=0,
+                                  return_index=True, return_inverse=True)
+    keep = np.sort(first)
+    renumber = np.empty(len(first), dtype=np.int64)
+    renumber[np.argsort(first)] = np.arange(len(first))  # pattern -> position in keep
+    wanted = set(keep.tolist())
+    geno, anno = work / f"g.{chrom.name}", work / f"a.{chrom.name}"
+    names = []
+    with open(geno, "w") as g:
+        for i, (_, text) in enumerate(lines(chrom.geno)):
+            if i in wanted:
+                g.write(text + "\n")
+                names.append(geno_fields(text)[0])
+    with open(anno, "w") as a:
+        for i, (_, text) in enumerate(lines(chrom.anno)):
+            if i in wanted:
+                a.write(text + "\n")
+    return geno, anno, renumber[np.asarray(pattern).reshape(-1)], names
+
+
+@dataclass
+class Options:
+    test: str
+    maf: float | None
+    threshold: float
+    covariates: Path | None
+    extra: list[str]
+
+
+def _read_assoc(path: Path, column: str) -> dict[str, tuple[float, float, float, float]]:
+    """rs -> (p, beta, se, af) as GEMMA printed them."""
+    out = {}
+    with open(path) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        at = [header.index(c) for c in (column, "beta", "se", "af")]
+        rs = header.index("rs")
+        for line in f:
+            cols = line.rstrip("\n").split("\t")
+            out[cols[rs]] = tuple(float(cols[i]) for i in at)
+    return out  # type: ignore[return-value]
+
+
+def _gemma(argv: list[str], work: Path) -> tuple[int, str]:
+    done = subprocess.run(argv, cwd=work, env=_ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace")
+    return done.returncode, done.stdout
+
+
+_ENV = dict(os.environ, **GEMMA_ENV)
+
+
+def scan_trait(values: list[str], chromosomes: list[tuple[Chromosome, Path, Path, np.ndarray,
+                                                          list[str]]],
+               total: int, options: Options, work: Path,
+               stop: threading.Event | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """One trait's LOCO scan: its vector over every SNP and what GEMMA's log says."""
+    pheno = work / "pheno.txt"
+    pheno.write_text("".join(v + "\n" for v in values))
+    vector = np.zeros(total, dtype=VECTOR)
+    vector[:] = (np.nan, np.nan, np.nan, np.nan, np.nan)
+    facts: dict[str, Any] = {}
+    offset = 0
+    for chrom, geno, anno, pattern, names in chromosomes:
+        if stop is not None and stop.is_set():
+            raise SheepdogError("cancelled")
+        argv = lmm_argv(str(geno), str(pheno), str(anno), str(chrom.kinship), 9, options.maf,
+                        str(options.covariates) if options.covariates else None,
+                        extra=options.extra)
+        argv[argv.index("-o") + 1] = "t"
+        code, out = _gemma(argv, work)
+        if code != 0:
+            problem = next((ln for ln in out.splitlines() if "ERROR" in ln), out[-300:])
+            raise SheepdogError(f"GEMMA failed on chromosome {chrom.name}: {problem.strip()}")
+        found = _read_assoc(work / "output" / "t.assoc.txt", P_COLUMNS[options.test])
+        if not facts:
+            facts = parse_log((work / "output" / "t.log.txt").read_text(errors="replace"))
+        kept = np.full((len(names), 5), np.nan)
+        for i, rs in enumerate(names):
+            row = found.get(rs)
+            if row is not None:
+                p, beta, se, af = row
+                logp = -math.log10(p) if p > 0 else FLOOR
+                kept[i] = (math.copysign(logp, beta), beta, se, af, p)
+        rows = kept[pattern]
+        part = vector[offset:offset + len(pattern)]
+        for j, name in enumerate(VECTOR.names or ()):
+            part[name] = rows[:, j]
+        offset += len(pattern)
+    return vector, facts
+
+
+def peaks(vector: np.ndarray, snps: np.ndarray, threshold: float) -> tuple[list[dict[str, Any]],
+                                                                           dict[str, Any] | None]:
+    """(the top SNP of each chromosome at or above the threshold, the genome-wide top)."""
+    strength = np.abs(vector["logp"].astype(np.float64))
+    strength[np.isnan(strength)] = -1.0
+    found = []
+    top: dict[str, Any] | None = None
+    for chrom in dict.fromkeys(snps["chr"].tolist()):
+        idx = np.flatnonzero(snps["chr"] == chrom)
+        best = int(idx[np.argmax(strength[idx])])
+        if strength[best] < 0:
+            continue
+        hit: dict[str, Any] = {"locus": str(snps["rs"][best]), "chr": str(chrom),
+               "mb": float(snps["ps"][best]) / 1e6, "logp": float(strength[best]),
+               "effect": float(vector["beta"][best]), "p": float(vector["p"][best])}
+        if top is None or hit["logp"] > top["logp"]:
+            top = hit
+        if hit["logp"] >= threshold:
+            found.append(hit)
+    return found, top
+
+
+def batch(args: Any, here: Path, emit: Emit, stop: threading.Event | None) -> None:
+    """GEMMA's LOCO LMM for every trait of the batch: vectors.npy (traits x SNPs) and
+    batch.json (each trait's status, peaks and facts). A trait GEMMA refuses is recorded
+    as failed with GEMMA's reason; the others go on."""
+    prepared = Path(args.prepared)
+    spec = json.loads(Path(args.traits).read_text())
+    snps = np.load(prepared / "snps.npy")
+    items = args.items
+    chroms = [Chromosome(items[i], Path(items[i + 1]), Path(items[i + 2]), Path(items[i + 3]),
+                         prepared / f"kin.{items[i]}.txt") for i in range(0, len(items), 4)]
+    options = Options(args.test, args.maf, args.threshold,
+                      Path(args.covariates) if args.covariates else None,
+                      json.loads(args.gemma_flags))
+    vectors = np.zeros((len(spec["keys"]), len(snps)), dtype=VECTOR)
+    records: list[dict[str, Any]] = [{} for _ in spec["keys"]]
+    groups: dict[tuple[bool, ...], list[int]] = {}
+    for t, values in enumerate(spec["values"]):
+        groups.setdefault(tuple(v != "NA" for v in values), []).append(t)
+    with tempfile.TemporaryDirectory(dir=here.resolve()) as tmp:
+        work = Path(tmp)
+        for mask, members in groups.items():
+            measured = np.flatnonzero(np.array(mask))
+            cut = [(c, *_cut(c, measured, work)) for c in chroms]
+            for t in members:
+                records[t] = _one(spec, t, cut, len(snps), options, work, stop, snps,
+                                  vectors, emit)
+    np.save(here / "vectors.npy", vectors)
+    (here / "batch.json").write_text(json.dumps({"traits": records}))
+
+
+def _one(spec: dict[str, Any], t: int, cut: list[Any], total: int, options: Options,
+         work: Path, stop: threading.Event | None, snps: np.ndarray, vectors: np.ndarray,
+         emit: Emit) -> dict[str, Any]:
+    trait, key = spec["ids"][t], spec["keys"][t]
+    started = time.time()
+    record: dict[str, Any] = {"id": trait, "key": key, "started": started,
+                              "host": socket.gethostname()}
+    try:
+        vector, facts = scan_trait(spec["values"][t], cut, total, options, work, stop)
+    except SheepdogError as e:
+        if stop is not None and stop.is_set():
+            raise
+        emit(f"trait {trait}: failed: {e}")
+        return {**record, "status": "failed", "reason": str(e), "finished": time.time()}
+    vectors[t] = vector
+    found, top = peaks(vector, snps, options.threshold)
+    record.update(status="done", n=int(facts.get("individuals", 0)), peaks=found, top=top,
+                  pve=facts.get("pve"), vg=facts.get("vg"), ve=facts.get("ve"),
+                  finished=time.time())
+    emit(f"trait {trait}: n {record['n']}, " + (
+        f"top {top['locus']} chr {top['chr']} -log10 p {top['logp']:.2f}" if top else
+        "no SNP tested") + f" ({record['finished'] - started:.2f} s)")
+    return record
+
+
+def summary(items: list[str], here: Path, emit: Emit) -> None:
+    """The batches' counts (the dataset's store is written by the workflow's finalize)."""
+    meta = json.loads(Path(items[0]).read_text())
+    counts: dict[str, int] = {}
+    for path in items[1:]:
+        for record in json.loads(Path(path).read_text())["traits"]:
+            counts[record["status"]] = counts.get(record["status"], 0) + 1
+    (here / "summary.json").write_text(json.dumps({"snps": sum(meta["snps"].values()),
+                                                   "scanned": counts}))
+    emit(f"{sum(counts.values())} traits scanned in {len(items) - 1} batches: "
+         + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none to run"))

@@ -1,0 +1,7 @@
+"""`gemma-precompute`: GEMMA LOCO scans of every trait of a dataset, stored and served."""
+
+from __future__ import annotations
+
+from ..gemma.pcplugin import PrecomputeWorkflow
+
+WORKFLOW = PrecomputeWorkflow()
