@@ -12,7 +12,7 @@ from typing import Any
 import click
 import redis
 
-from .. import __version__, clirun, jobs, keys, store
+from .. import __version__, clirun, jobs, store
 from ..cache import Cache
 from ..config import Settings
 from ..errors import ConfigError, FieldError, InputError
@@ -20,32 +20,13 @@ from ..finalize import finalize
 from ..models import Job, JobStatus, Task
 from ..workflows.base import InputResolver, Workflow
 from . import pcstore
+from .pcregistry import register
 from .precompute import PrecomputeRequest, build_job
 
 ROLES = ("geno", "pheno", "anno", "covariates")
-PAGE = 100
 
 
 # ------------------------------------------------------------------ the dataset's record
-def register(conn: redis.Redis, job: Job) -> None:
-    """`serve` serves every dataset registered in its Redis."""
-    conn.hset(keys.precompute_datasets(), job.params["dataset"],
-              json.dumps({"out": job.out_dir, "job": job.id}))
-
-
-def datasets(conn: redis.Redis) -> dict[str, dict[str, str]]:
-    return {k.decode() if isinstance(k, bytes) else k: json.loads(v)
-            for k, v in conn.hgetall(keys.precompute_datasets()).items()}
-
-
-def dataset_dir(conn: redis.Redis, name: str) -> tuple[Path, str]:
-    """(the dataset's directory, its latest job); 404 for a name never registered."""
-    entry = datasets(conn).get(name)
-    if entry is None:
-        raise FieldError("dataset", f"no precomputed dataset {name!r}", 404)
-    return Path(entry["out"]), entry["job"]
-
-
 def _meta(job: Job) -> dict[str, Any]:
     """What every trait's metadata record says about how it was computed."""
     return {"dataset": job.params["dataset"], "job": job.id,
@@ -137,6 +118,8 @@ def run_cli(kw: dict[str, Any]) -> int:
                f"{p['traits_to_run']:,d} to scan, the rest stored or skipped"
                + (f"; {p['genotyped_without_values']} genotyped individuals have no values"
                   if p["genotyped_without_values"] else ""), err=True)
+    if request.force:  # the batches too, not only the traits' own results
+        store.forget(db, job.params["batches"], cache.remove)
     jobs.submit(db, settings, job, tasks)
     if not detach:
         finalize(db, settings, job.id)  # a fully stored dataset ends right here

@@ -32,9 +32,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import SheepdogError
+from . import kinship
 from .bimbam import geno_fields, lines
 from .commands import GEMMA_ENV, lmm_argv, parse_log
-from .loco import write_matrix
+from .loco import loco_from, read_matrix, write_matrix
 
 Emit = Callable[[str], None]
 # one SNP of a trait's vector: -log10 p signed by the effect's direction, and the rest
@@ -47,14 +48,14 @@ FLOOR = 300.0  # -log10 of a p GEMMA printed as 0
 
 def prepare(items: list[str], here: Path, emit: Emit) -> None:
     """Per chromosome its LOCO kinship as GEMMA reads it; the SNP table in vector order."""
-    from .ops import loco_matrix
-
     quads = [items[i:i + 4] for i in range(0, len(items), 4)]
     dirs = {q[0]: Path(q[3]) for q in quads}
     rows: list[tuple[str, str, int]] = []
     counts = {}
     for chrom, _geno, anno, _kin in quads:
-        write_matrix(here / f"kin.{chrom}.txt", loco_matrix(chrom, dirs))
+        # one chromosome's kinship at a time, as loco-lmm reads them
+        matrix = loco_from(chrom, ((c, kinship.read(d)) for c, d in dirs.items()))
+        write_matrix(here / f"kin.{chrom}.txt", matrix)
         before = len(rows)
         for _, text in lines(Path(anno)):
             rs, pos, c = text.split("\t")[:3]
@@ -75,10 +76,12 @@ class Chromosome:
     kinship: Path  # LOCO, text
 
 
-def _cut(chrom: Chromosome, measured: np.ndarray, work: Path) -> tuple[Path, Path, np.ndarray,
-                                                                      list[str]]:
-    """(geno, anno) holding one SNP per distinct genotype pattern among the measured
-    individuals, each SNP's pattern number, and the kept SNPs' names in file order."""
+def _cut(chrom: Chromosome, measured: np.ndarray, work: Path) -> tuple[Path, Path, Path,
+                                                                      np.ndarray, list[str]]:
+    """GEMMA's inputs cut to the measured individuals (GEMMA drops the others itself, so
+    the numbers are the same, and it reads a third of the text), with one SNP per
+    distinct genotype pattern among them: (geno, anno, kinship), each SNP's pattern
+    number, and the kept SNPs' names in file order."""
     matrix = np.load(chrom.matrix, mmap_mode="r")
     _, first, pattern = np.unique(np.ascontiguousarray(matrix[:, measured]), axis=0,
                                   return_index=True, return_inverse=True)
@@ -86,18 +89,32 @@ def _cut(chrom: Chromosome, measured: np.ndarray, work: Path) -> tuple[Path, Pat
     renumber = np.empty(len(first), dtype=np.int64)
     renumber[np.argsort(first)] = np.arange(len(first))  # pattern -> position in keep
     wanted = set(keep.tolist())
+    columns = (measured + 3).tolist()
     geno, anno = work / f"g.{chrom.name}", work / f"a.{chrom.name}"
+    kinship = work / f"k.{chrom.name}"
     names = []
     with open(geno, "w") as g:
         for i, (_, text) in enumerate(lines(chrom.geno)):
             if i in wanted:
-                g.write(text + "\n")
-                names.append(geno_fields(text)[0])
+                cells = geno_fields(text)
+                g.write(", ".join(cells[:3] + [cells[j] for j in columns]) + "\n")
+                names.append(cells[0])
     with open(anno, "w") as a:
         for i, (_, text) in enumerate(lines(chrom.anno)):
             if i in wanted:
                 a.write(text + "\n")
-    return geno, anno, renumber[np.asarray(pattern).reshape(-1)], names
+    # the same decimal text for every kept entry: GEMMA reads the very same numbers
+    write_matrix(kinship, read_matrix(chrom.kinship)[np.ix_(measured, measured)])
+    return geno, anno, kinship, renumber[np.asarray(pattern).reshape(-1)], names
+
+
+def _cut_rows(path: Path | None, measured: np.ndarray, out: Path) -> Path | None:
+    """A covariate file's rows of the measured individuals."""
+    if path is None:
+        return None
+    rows = [text for _, text in lines(path)]
+    out.write_text("".join(rows[i] + "\n" for i in measured.tolist()))
+    return out
 
 
 @dataclass
@@ -131,23 +148,25 @@ def _gemma(argv: list[str], work: Path) -> tuple[int, str]:
 _ENV = dict(os.environ, **GEMMA_ENV)
 
 
-def scan_trait(values: list[str], chromosomes: list[tuple[Chromosome, Path, Path, np.ndarray,
-                                                          list[str]]],
-               total: int, options: Options, work: Path,
-               stop: threading.Event | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """One trait's LOCO scan: its vector over every SNP and what GEMMA's log says."""
+Cut = tuple[Chromosome, Path, Path, Path, np.ndarray, list[str]]
+
+
+def scan_trait(values: list[str], chromosomes: list[Cut], total: int, options: Options,
+               covariates: Path | None, work: Path, stop: threading.Event | None
+               ) -> tuple[np.ndarray, dict[str, Any]]:
+    """One trait's LOCO scan (values of the measured individuals, in the cut files'
+    order): its vector over every SNP and what GEMMA's log says."""
     pheno = work / "pheno.txt"
     pheno.write_text("".join(v + "\n" for v in values))
     vector = np.zeros(total, dtype=VECTOR)
     vector[:] = (np.nan, np.nan, np.nan, np.nan, np.nan)
     facts: dict[str, Any] = {}
     offset = 0
-    for chrom, geno, anno, pattern, names in chromosomes:
+    for chrom, geno, anno, cut_kinship, pattern, names in chromosomes:
         if stop is not None and stop.is_set():
             raise SheepdogError("cancelled")
-        argv = lmm_argv(str(geno), str(pheno), str(anno), str(chrom.kinship), 9, options.maf,
-                        str(options.covariates) if options.covariates else None,
-                        extra=options.extra)
+        argv = lmm_argv(str(geno), str(pheno), str(anno), str(cut_kinship), 9, options.maf,
+                        str(covariates) if covariates else None, extra=options.extra)
         argv[argv.index("-o") + 1] = "t"
         code, out = _gemma(argv, work)
         if code != 0:
@@ -215,23 +234,25 @@ def batch(args: Any, here: Path, emit: Emit, stop: threading.Event | None) -> No
         work = Path(tmp)
         for mask, members in groups.items():
             measured = np.flatnonzero(np.array(mask))
-            cut = [(c, *_cut(c, measured, work)) for c in chroms]
+            cut: list[Cut] = [(c, *_cut(c, measured, work)) for c in chroms]
+            covariates = _cut_rows(options.covariates, measured, work / "covariates.txt")
             for t in members:
-                records[t] = _one(spec, t, cut, len(snps), options, work, stop, snps,
-                                  vectors, emit)
+                records[t] = _one(spec, t, cut, len(snps), options, covariates, work, stop,
+                                  snps, vectors, emit)
     np.save(here / "vectors.npy", vectors)
     (here / "batch.json").write_text(json.dumps({"traits": records}))
 
 
-def _one(spec: dict[str, Any], t: int, cut: list[Any], total: int, options: Options,
-         work: Path, stop: threading.Event | None, snps: np.ndarray, vectors: np.ndarray,
-         emit: Emit) -> dict[str, Any]:
+def _one(spec: dict[str, Any], t: int, cut: list[Cut], total: int, options: Options,
+         covariates: Path | None, work: Path, stop: threading.Event | None, snps: np.ndarray,
+         vectors: np.ndarray, emit: Emit) -> dict[str, Any]:
     trait, key = spec["ids"][t], spec["keys"][t]
     started = time.time()
     record: dict[str, Any] = {"id": trait, "key": key, "started": started,
                               "host": socket.gethostname()}
     try:
-        vector, facts = scan_trait(spec["values"][t], cut, total, options, work, stop)
+        measured = [v for v in spec["values"][t] if v != "NA"]
+        vector, facts = scan_trait(measured, cut, total, options, covariates, work, stop)
     except SheepdogError as e:
         if stop is not None and stop.is_set():
             raise

@@ -13,9 +13,10 @@ from flask import Blueprint, Response, jsonify, render_template_string, request,
 from .. import store
 from ..errors import FieldError, UnknownJob
 from . import pcstore, plot
-from .pcplugin import PAGE, dataset_dir, datasets
+from .pcregistry import dataset_dir, datasets
 
 bp = Blueprint("precompute", __name__, url_prefix="/precompute")
+PAGE = 100  # hits per page unless ?limit= says otherwise
 
 
 def _conn() -> Any:

@@ -17,7 +17,7 @@ from ..errors import ConfigError, FieldError, InputError
 from ..finalize import finalize
 from ..models import Job, JobStatus, Task
 from ..workflows.base import InputResolver, Workflow
-from . import result
+from . import formats, result
 from .workflows import GemmaRequest, build_job
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bxd"
@@ -205,6 +205,12 @@ class GemmaWorkflow(Workflow):
                              "to files")
         params = _params(body.get("params"))  # cheap checks before any file is touched
         paths = inputs(raw_inputs, ROLES, REQUIRED)
+        kind = formats.kind_of(paths["geno"])
+        for role, needed in (("pheno", kind != formats.QTL2), ("anno", kind == formats.BIMBAM)):
+            if needed and role not in paths:
+                raise FieldError(f"inputs.{role}", "is required with "
+                                 f"{'BIMBAM' if kind == formats.BIMBAM else 'GN .geno'} "
+                                 "genotypes")
         if self.permutations:
             params.setdefault("permutations", 1000)
             if params["permutations"] < 1:
