@@ -154,3 +154,21 @@ def test_a_geno_run_with_an_unknown_individual_fails_before_any_piece(env, tmp_p
     assert r.returncode == 2
     last = len(traits_file.read_text().splitlines())
     assert f"{traits_file}, line {last}: individual 'BXD_999' is not in the genotypes" in r.stderr
+
+
+def test_n_picks_a_column_of_an_id_keyed_table_and_permutations_match_too(env, tmp_path):
+    geno, one = write_geno(tmp_path)
+    lines = one.read_text().splitlines()
+    two = tmp_path / "two.tsv"  # another trait first: -n 2 is GEMMA's phenotype
+    two.write_text("id\tother\ttrait\n" + "".join(
+        f"{ln.split()[0]}\t{i}\t{ln.split()[1]}\n" for i, ln in enumerate(lines[1:])))
+    runs = {}
+    for name, args in (("bimbam", ["--example"]),
+                       ("geno", ["-g", str(geno), "-p", str(two), "-n", "2"])):
+        r = sheepdog("run", "gemma-permute", *args, "--permutations", "3", "--seed", "11",
+                     "--batch-size", "3", "--out", str(tmp_path / name), env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs[name] = json.loads((tmp_path / name / "permutations.json").read_text())
+    assert (tmp_path / "geno" / "assoc.txt").read_bytes() == \
+        (tmp_path / "bimbam" / "assoc.txt").read_bytes()
+    assert runs["geno"]["minima"] == runs["bimbam"]["minima"]

@@ -83,6 +83,9 @@ class Prepared:
     blobs: dict[str, str]  # input role -> sha256 of the normalized copy GEMMA reads
     pheno_values: list[str]
     order: list[str] = field(default_factory=list)
+    # GEMMA's -n: the user's column of a BIMBAM phenotype file; None when the column was
+    # taken out of an id-keyed table into a file of its own
+    gemma_column: int | None = None
 
 
 def _exists(path: Path | None, role: str) -> Path | None:
@@ -179,8 +182,9 @@ def _put_column(store: Cache, values: Any, covariates: bool = False) -> str:
 
 
 def _phenotypes(request: GemmaRequest, store: Cache, found: formats.Genotypes
-                ) -> tuple[list[str], str, str]:
-    """(the chosen column's values, the user's file's hash, the BIMBAM copy's hash)."""
+                ) -> tuple[list[str], str, str, bool]:
+    """(the chosen column's values, the user's file's hash, the BIMBAM copy's hash,
+    whether that copy holds the chosen column alone)."""
     pheno = _exists(request.pheno, "phenotype") or (
         found.control.pheno if found.control else None)
     if pheno is None:
@@ -189,7 +193,7 @@ def _phenotypes(request: GemmaRequest, store: Cache, found: formats.Genotypes
     column = request.column or 1
     if found.individuals is None and not traits.has_header(pheno):
         values = bimbam.check_phenotypes(pheno, found.count, column)
-        return values, sha256_file(pheno), _put_normalized(store, pheno)
+        return values, sha256_file(pheno), _put_normalized(store, pheno), False
     table = found.traits(pheno, "phenotype")
     if column > len(table.traits):
         raise InputError(str(pheno), f"has {len(table.traits)} phenotype columns; -n {column} "
@@ -198,7 +202,8 @@ def _phenotypes(request: GemmaRequest, store: Cache, found: formats.Genotypes
     if all(v != v for v in chosen):
         raise InputError(str(pheno), f"phenotype {table.traits[column - 1]!r} is missing for "
                          "every genotyped individual")
-    return [traits.text(v) for v in chosen], sha256_file(pheno), _put_column(store, chosen)
+    return ([traits.text(v) for v in chosen], sha256_file(pheno), _put_column(store, chosen),
+            True)
 
 
 def covariate_blob(path: Path | None, store: Cache, found: formats.Genotypes
@@ -217,14 +222,14 @@ def covariate_blob(path: Path | None, store: Cache, found: formats.Genotypes
 def _prepare(request: GemmaRequest, store: Cache, max_chromosomes: int) -> Prepared:
     request.check()
     found, hashes, known = genotypes(request, store, max_chromosomes)
-    values, hashes["pheno"], pheno_blob = _phenotypes(request, store, found)
+    values, hashes["pheno"], pheno_blob, alone = _phenotypes(request, store, found)
     blobs = {"pheno": pheno_blob}
     covariates = covariate_blob(_exists(request.covariates, "covariate"), store, found)
     if covariates:
         hashes["covariates"], blobs["covariates"] = covariates
     order = sorted(known["chromosomes"], key=bimbam.chromosome_order)
     return Prepared(int(known["individuals"]), int(known["snps"]), known["chromosomes"],
-                    hashes, blobs, values, order)
+                    hashes, blobs, values, order, None if alone else request.column)
 
 
 def gemma_task(name: str, argv: list[Any], inputs: dict[str, str], deps: list[str],
@@ -267,7 +272,7 @@ def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
         gemma = lmm_argv({"input": "geno"}, {"input": "pheno"}, {"input": "anno"}, "@loco",
                          request.lmm, request.maf,
                          {"input": "covariates"} if "covariates" in inputs else None,
-                         request.column, request.gemma_flags)
+                         prep.gemma_column, request.gemma_flags)
         argv = [{"python": True}, *OPS, "loco-lmm", "--chromosome", chrom, "--", *gemma, "--",
                 *kinship_dirs]
         lmms.append(gemma_task(f"lmm chr {chrom}", argv, inputs,
@@ -290,8 +295,8 @@ def permutation_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
     """(prep + batches + thresholds, the thresholds task)."""
     inputs = {"pheno": prep.blobs["pheno"]}
     argv: list[Any] = [{"python": True}, *OPS, "perm-prepare", "--pheno", {"input": "pheno"}]
-    if request.column:
-        argv += ["--column", str(request.column)]
+    if prep.gemma_column:
+        argv += ["--column", str(prep.gemma_column)]
     if "covariates" in prep.blobs:
         inputs["covariates"] = prep.blobs["covariates"]
         argv += ["--covariates", {"input": "covariates"}]
