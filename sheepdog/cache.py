@@ -101,6 +101,7 @@ class Cache:
         target = self.blob(sha)
         if target.exists():
             tmp.unlink(missing_ok=True)
+            self.touch(target)
         else:
             target.parent.mkdir(exist_ok=True)
             os.replace(tmp, target)
@@ -112,6 +113,29 @@ class Cache:
 
     def published(self, task_id: str) -> bool:
         return self.task_dir(task_id).is_dir()
+
+    def reused(self, task_id: str) -> bool:
+        """published(), and if so marked as just used (`cache gc` trims the least
+        recently used first)."""
+        found = self.published(task_id)
+        if found:
+            self.touch(self.task_dir(task_id))
+        return found
+
+    def has_blob(self, sha: str) -> bool:
+        """Is this input stored (marked as just used if so)?"""
+        path = self.blob(sha)
+        if path.exists():
+            self.touch(path)
+            return True
+        return False
+
+    @staticmethod
+    def touch(path: Path) -> None:
+        try:
+            os.utime(path)
+        except OSError:
+            pass  # removed meanwhile, or read-only: its age only guides the trimming
 
     def scratch(self, task_id: str) -> Path:
         path = self.tmp / f"{task_id}.{uuid.uuid4().hex[:8]}"

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,12 @@ import click
 
 from . import embedded, keys, logs, progress, store, workflows
 from .cache import Cache
+from .clirun import Terminated, on_sigterm, print_line
 from .clirun import conn as _conn
 from .clirun import print_json as _print_json
-from .clirun import print_line
 from .clirun import settings as _settings
 from .connection import connect_waiting, url_for
-from .defaults import PIECES_PAGE, WORKER_STOP_WAIT
+from .defaults import PIECES_PAGE, SERVE_GRACE, WORKER_STOP_WAIT
 from .errors import SheepdogError
 from .logs import LogLine
 from .models import JobStatus
@@ -201,8 +202,8 @@ def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: t
         services.append(Gn3Server(conn, settings, list(gn3_queues), worker_name).loop)
     w = Worker(conn, settings, list(queues) or [settings.queue], concurrency=concurrency,
                name=worker_name, burst=burst, services=services)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: w.stop())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # going: running pieces go back to the queue
+        signal.signal(sig, lambda *_: w.stop(release=True))
     click.echo(f"sheepdog worker {w.name} on {', '.join(w.queue_names)} "
                f"({url_for(settings)})", err=True)
     w.run()
@@ -218,29 +219,63 @@ def serve(bind: str, local_workers: int, threads: int) -> None:
     """Serve the REST API, websockets and pages (gunicorn, threaded) on the same Redis."""
     settings = _settings()
     _conn(settings)  # a down Redis is reported now, not on the first request
-    env = dict(os.environ, SHEEPDOG_REDIS_URL=url_for(settings))
-    helpers = []
-    if local_workers > 0:
-        helpers = [subprocess.Popen([sys.executable, "-m", "sheepdog", "worker", "--queue",
-                                     settings.queue, "-j", str(local_workers)], env=env)]
+    # SHEEPDOG_SERVE: the app tells its open websockets when gunicorn is told to go
+    env = dict(os.environ, SHEEPDOG_REDIS_URL=url_for(settings), SHEEPDOG_SERVE="1")
     # `web` is a short name: put the directory this install's `web` package sits in first,
     # so a stray web/ folder where the server is started cannot shadow it
     home = str(Path(__file__).resolve().parent.parent)
     argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--worker-class", "gthread",
             "--workers", "1", "--threads", str(threads), "--access-logfile", "-",
+            "--graceful-timeout", str(int(SERVE_GRACE)),
             # the path without its query string (?token=...) and no referer: no token in logs
             "--access-logformat", '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s',
             "--pythonpath", home, "web:create_app()"]
-    click.echo(f"sheepdog serving on http://{bind} ({url_for(settings)})", err=True)
+    children: list[subprocess.Popen[bytes]] = []
+
+    def going(signum: int, _frame: Any) -> None:
+        raise _Stopping(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a supervisor's stop, or Ctrl-C
+        signal.signal(sig, going)
+    code = 0
     try:
-        code = subprocess.run(argv, env=env).returncode
-    except KeyboardInterrupt:
-        code = 0
+        if local_workers > 0:
+            children.append(subprocess.Popen([sys.executable, "-m", "sheepdog", "worker",
+                                              "--queue", settings.queue, "-j",
+                                              str(local_workers)], env=env))
+        click.echo(f"sheepdog serving on http://{bind} ({url_for(settings)})", err=True)
+        children.insert(0, subprocess.Popen(argv, env=env))
+        code = children[0].wait()
+    except _Stopping as e:
+        click.echo(f"sheepdog serve: {signal.Signals(e.signum).name}: stopping", err=True)
     finally:
-        for h in helpers:
-            h.terminate()
-            h.wait(WORKER_STOP_WAIT)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # one stop at a time
+        _stop_all(children)
     sys.exit(code)
+
+
+class _Stopping(BaseException):
+    """A signal told `serve` to stop (raised in its main thread)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each (gunicorn closes its websockets and drains; a worker hands its
+    running pieces back), then SIGKILL whatever is still there after the grace."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + WORKER_STOP_WAIT
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 @cli.group()
@@ -306,6 +341,55 @@ def cache_clear() -> None:
     click.echo(f"removed {len(entries)} entries, {sum(e.size for e in entries):,d} bytes")
 
 
+def _size(text: str) -> int:
+    """10G, 500M, 2048K, 123 (bytes)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.strip().upper().rstrip("B"), ""
+    if number and number[-1] in units:
+        number, unit = number[:-1], number[-1]
+    try:
+        return int(float(number) * units[unit])
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size like 10G, 500M or 123456") from None
+
+
+def _age(text: str) -> float:
+    """30d, 12h, 45m, 90s (seconds)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    unit = text[-1:].lower() if text[-1:].isalpha() else "s"
+    try:
+        return float(text[:-1] if text[-1:].isalpha() else text) * units[unit]
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{text!r} is not an age like 30d, 12h or 45m") from None
+
+
+@cache.command("gc")
+@click.option("--max-size", default=None, metavar="SIZE",
+              help="Trim to at most SIZE (10G, 500M), least recently used first.")
+@click.option("--older-than", default=None, metavar="AGE",
+              help="Remove entries unused for AGE (30d, 12h).")
+@click.option("--json", "as_json", is_flag=True)
+def cache_gc(max_size: str | None, older_than: str | None, as_json: bool) -> None:
+    """Trim the cache; never what a queued or running piece needs."""
+    from .retention import gc, needed
+
+    if max_size is None and older_than is None:
+        raise click.UsageError("give --max-size SIZE and/or --older-than AGE")
+    settings = _settings()
+    keep = needed(_conn(settings))
+    done = gc(Cache(settings.cache_dir), keep, _size(max_size) if max_size else None,
+              _age(older_than) if older_than else None)
+    if as_json:
+        _print_json({"removed": [e.__dict__ for e in done.removed],
+                     "kept_needed": done.kept_needed, "size_before": done.size_before,
+                     "size_after": done.size_after})
+        return
+    click.echo(f"removed {len(done.removed)} entries, "
+               f"{done.size_before - done.size_after:,d} bytes; {done.size_after:,d} bytes "
+               f"left" + (f" ({done.kept_needed} kept: live pieces need them)"
+                          if done.kept_needed else ""))
+
+
 @cli.group("redis")
 def redis_group() -> None:
     """The embedded Redis server used when SHEEPDOG_REDIS_URL is not set."""
@@ -354,9 +438,12 @@ def result(job_id: str, out_dir: str | None, item_key: str | None) -> None:
 
 
 def _main() -> int:
+    on_sigterm()
     try:
         code = cli.main(standalone_mode=False)  # click's own Exit comes back as its code
         return code if isinstance(code, int) else 0
+    except Terminated:
+        return Terminated.exit_code
     except SystemExit as e:
         if isinstance(e.code, str):
             click.echo(e.code, err=True)

@@ -7,6 +7,7 @@ Helpers here return exit codes; only the click commands exit.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -157,6 +158,25 @@ class Interrupted(click.exceptions.Exit):
         super().__init__(130)
 
 
+class Terminated(BaseException):
+    """SIGTERM while a command waits (a supervisor, `kill`): raised in the main thread,
+    so every `finally` runs — worker threads started here hand their running pieces
+    back to the queue — and the command exits 143 like a shell. A BaseException, so
+    that no handler of ordinary errors swallows it."""
+
+    exit_code = 143
+
+
+def on_sigterm() -> None:
+    """Make SIGTERM raise Terminated in the main thread (commands that stop otherwise,
+    `worker` and `serve`, install their own handlers)."""
+
+    def raise_terminated(_signum: int, _frame: Any) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
 def _worth_showing(line: LogLine) -> bool:
     """Without per-piece notes: output, and sheepdog lines that say something failed."""
     return line.stream != "sheepdog" or line.end or any(
@@ -180,4 +200,9 @@ def stream_until_done(db: Any, given: config.Settings, job_id: str, queue: str,
         store.cancel_job(db, job_id)
         click.echo(f"sheepdog: cancelled job {job_id}", err=True)
         raise Interrupted() from None
+    except Terminated:
+        bar.clear()
+        click.echo(f"sheepdog: terminated; job {job_id} was left to other workers, its "
+                   f"running pieces handed back (sheepdog status {job_id})", err=True)
+        raise
     bar.clear()

@@ -44,7 +44,12 @@ class Settings:
     host: str = ""  # the host for that backend
     api_tokens: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
-    upload_limit_mb: int = 512
+    retention_days: float = 30.0  # finished jobs and their logs stay in Redis this long
+    upload_limit_mb: int = 512  # one POST /jobs request with its uploads
+    json_limit_mb: int = 16  # its JSON job description
+    bundle_max_mb: int = 4096  # a bundle's members, unpacked, together
+    bundle_member_max_mb: int = 2048  # one member, unpacked
+    bundle_max_members: int = 1000  # members of one bundle
     input_roots: tuple[str, ...] = ()
     inventory: str | None = None
     max_streams_per_job: int = 16  # open websocket streams of one job (each holds a thread)
@@ -75,10 +80,12 @@ class Settings:
 
 
 _INT = {"log_max_lines", "log_max_bytes", "log_buffer_lines", "max_attempts", "upload_limit_mb",
+        "json_limit_mb", "bundle_max_mb", "bundle_member_max_mb", "bundle_max_members",
         "gn3_max_attempts", "max_command_args", "max_command_bytes", "max_streams_per_job",
         "max_streams_per_token", "max_permutations", "max_pieces", "max_chromosomes",
         "prepare_workers", "prepare_memory_mb"}
-_FLOAT = {"heartbeat_timeout", "scratch_max_age", "gn3_incomplete_wait", "prepare_seconds"}
+_FLOAT = {"retention_days", "heartbeat_timeout", "scratch_max_age", "gn3_incomplete_wait",
+          "prepare_seconds"}
 _BOOL = {"gn3_routes_open", "allow_any_queue"}
 _LIST = {"api_tokens", "cors_origins", "input_roots"}
 

@@ -9,7 +9,7 @@ import redis
 
 from . import embedded
 from .config import Settings
-from .defaults import REDIS_RETRY
+from .defaults import REDIS_MAX_CONNECTIONS, REDIS_RETRY
 from .errors import RedisUnavailable
 
 
@@ -40,7 +40,8 @@ def connect(settings: Settings) -> redis.Redis:
     """A checked connection; RedisUnavailable names the URL when the server is down."""
     url = url_for(settings)
     try:
-        conn = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+        conn = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30,
+                                    max_connections=REDIS_MAX_CONNECTIONS)
         conn.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as e:
         raise RedisUnavailable(url, str(e) or type(e).__name__,

@@ -17,8 +17,14 @@ TAKE_TO_CLAIM = 0.5
 TAKE_WAIT_INLINE = 0.05  # s: a client's own helper must notice its job ended at once
 MAINTAIN_FAST = 0.1  # s: upkeep round of a burst or inline worker
 KILL_GRACE = 3.0  # s: between SIGTERM and SIGKILL of a piece's process group
-WORKER_STOP_WAIT = 30.0  # s: `serve` waits this long for its local worker to stop
+# s: `serve` gives gunicorn and its local worker this long to stop before SIGKILL; a
+# worker hands its pieces back within KILL_GRACE, gunicorn drains within SERVE_GRACE
+WORKER_STOP_WAIT = 8.0
+SERVE_GRACE = 5.0  # s: gunicorn's graceful timeout (websockets are told to go at once)
 BURST_OUTAGE_LIMIT = 60.0  # s: a burst (one-off) worker stops waiting for Redis after this
+# connections one process may open to Redis: each open websocket stream holds one in a
+# blocking read, and redis-py's own default cap (100) refused the 101st follower
+REDIS_MAX_CONNECTIONS = 4096
 REDIS_RETRY = 1.0  # s: a worker's upkeep tries again this often while Redis is down
 SCRATCH_SWEEP_EVERY = 3600.0  # s: a worker looks for abandoned scratch this often
 

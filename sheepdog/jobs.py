@@ -76,4 +76,4 @@ def submit(conn: redis.Redis, settings: Settings, job: Job, tasks: list[Task]) -
     local = Cache(settings.cache_dir)
     by_id = {t.id: t for t in tasks}
     return store.submit(conn, job, tasks,
-                        published=lambda tid: not by_id[tid].cacheable or local.published(tid))
+                        published=lambda tid: not by_id[tid].cacheable or local.reused(tid))

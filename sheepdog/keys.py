@@ -128,3 +128,16 @@ def job_finalizing(job_id: str) -> str:
 def precompute_datasets() -> str:
     """HASH: precomputed dataset name -> JSON {out, job}: what `serve` serves."""
     return f"{PREFIX}:precompute"
+
+
+def job_keys(job_id: str) -> list[str]:
+    """Every key of one job (for retention: a finished job goes with all of them)."""
+    return [job(job_id), job_tasks(job_id), job_running(job_id), job_counts(job_id),
+            job_counted(job_id), job_log(job_id), job_log_count(job_id),
+            job_log_bytes(job_id), job_finalizing(job_id)]
+
+
+def task_keys(task_id: str) -> list[str]:
+    """Every key of one task but its jobs set (see retention)."""
+    return [task(task_id), task_dependents(task_id), task_heartbeat(task_id),
+            task_raw(task_id, "stdout"), task_raw(task_id, "stderr")]

@@ -94,9 +94,10 @@ def end_fields(status: str, exit_code: int | None, error: str = "") -> dict[str,
 class LogWriter:
     """Appends one task's lines to the logs of every job waiting on it.
 
-    Lines are buffered and sent at most every `flush_every` seconds (and on flush()), so
-    a chatty program costs a few round trips a second, not one per line; batches go in
-    order, each at most LOG_BATCH_LINES lines. While Redis cannot be reached, lines wait
+    A line is sent as soon as no batch is on the wire; lines that arrive meanwhile wait
+    for it and go together, so a quiet program's lines arrive at once and a chatty
+    one's in a few round trips per burst, not one per line. Batches go in order, each
+    at most LOG_BATCH_LINES lines. While Redis cannot be reached, lines wait
     (up to `buffer_lines` of them) and are sent when it is back; past that, `lost` says
     why the log is not whole, and the piece is failed or run again for it.
     """
@@ -119,38 +120,55 @@ class LogWriter:
         self._lock = threading.Lock()  # guards _pending
         self._sending = threading.Lock()  # one batch on the wire at a time: order kept
         self._last = time.monotonic()
+        self._failed = False  # the last send met a Redis error
         self.lost = ""
         self.capped = False  # every log is past its cap: lines cost no round trip any more
 
     def write(self, stream: str, lines: list[str]) -> None:
+        """Buffer the lines and, unless a batch is on the wire already, send at once:
+        a line printed alone reaches readers in one round trip, and lines printed while
+        a batch is on its way go together in the next (one call per batch under load)."""
         if not lines or not self._jobs or self.lost or self.capped:
             return
         now = f"{time.time():.3f}"
         with self._lock:
             for line in lines:
                 self._pending += [self._task, self._piece, stream, line, now]
-        if time.monotonic() - self._last >= self._every:
-            self.flush()
+        if self._failed and time.monotonic() - self._last < self._every:
+            return  # Redis just refused: the lines wait for the next flush, not a storm
+        while self._sending.acquire(blocking=False):
+            try:
+                self._send()
+            finally:
+                self._sending.release()
+            with self._lock:  # lines added while this thread held the wire go now too
+                if not self._pending or self._failed:
+                    return
 
     def flush(self, strict: bool = False) -> None:
         """Send what is buffered. A Redis error keeps the lines for the next flush;
         `strict` raises it instead of waiting for better times."""
         with self._sending:
-            with self._lock:
-                batch, self._pending = self._pending, []
-                self._last = time.monotonic()
-            sent = 0
-            step = LOG_BATCH_LINES * _FIELDS
-            try:
-                while sent < len(batch) and not self.capped:
-                    room = self._script(keys=self._keys, args=[
-                        self._cap, self._bytecap, *batch[sent:sent + step]])
-                    sent += step
-                    self.capped = int(room) < 0
-            except redis.RedisError as e:
-                self._keep(batch[sent:], e)
-                if strict:
-                    raise
+            self._send(strict)
+
+    def _send(self, strict: bool = False) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+            self._last = time.monotonic()
+        sent = 0
+        step = LOG_BATCH_LINES * _FIELDS
+        try:
+            while sent < len(batch) and not self.capped:
+                room = self._script(keys=self._keys, args=[
+                    self._cap, self._bytecap, *batch[sent:sent + step]])
+                sent += step
+                self.capped = int(room) < 0
+            self._failed = False
+        except redis.RedisError as e:
+            self._failed = True
+            self._keep(batch[sent:], e)
+            if strict:
+                raise
 
     def _keep(self, unsent: list[object], error: redis.RedisError) -> None:
         with self._lock:

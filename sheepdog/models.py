@@ -99,6 +99,7 @@ class Task:
     ended: float = 0.0
     cache_hit: bool = False
     twin: str = ""  # the id of this task's twin, once one was started
+    used: float = 0.0  # when a job last took it from the cache (retention keeps it since)
 
     def __post_init__(self) -> None:
         if not self.id:

@@ -129,6 +129,7 @@ def _add(pipe: Pipeline, conn: redis.Redis, job_id: str, tasks: list[Task],
         state = states[task.id]
         if state == TaskStatus.SUCCESS and published(task.id):
             done, cached = done + 1, cached + 1
+            pipe.hset(keys.task(task.id), "used", repr(now))  # retention keeps it for this job
             continue
         if state in ACTIVE:
             pipe.sadd(keys.task_jobs(task.id), job_id)

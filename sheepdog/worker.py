@@ -41,6 +41,7 @@ from .defaults import (
 from .errors import SheepdogError
 from .finalize import after_success, run_timers, settle_twins
 from .models import Task, TaskStatus
+from .retention import expire_finished
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -306,6 +307,15 @@ def sweep_scratch(conn: redis.Redis, settings: Settings) -> int:
         return 0
 
 
+def expire_jobs(conn: redis.Redis, settings: Settings) -> int:
+    """Finished jobs past the retention setting leave Redis."""
+    try:
+        return expire_finished(conn, settings.retention_days * 86400)
+    except redis.RedisError as e:
+        log.warning("could not expire finished jobs: %s", e)
+        return 0
+
+
 def live_workers(conn: redis.Redis, queue: str | None = None) -> list[dict[str, object]]:
     """Workers whose registration has not expired, optionally only those serving queue."""
     names = [n.decode() for n in conn.smembers(keys.workers())]
@@ -392,8 +402,12 @@ class Worker:
         except redis.RedisError:
             return False  # a burst worker that gave up on Redis goes
 
-    def stop(self) -> None:
+    def stop(self, release: bool = False) -> None:
+        """Take no more pieces; `release`: also stop the running ones and hand them back
+        to the queue (a SIGTERM: the worker is going, its pieces run elsewhere)."""
         self._told_to_stop.set()
+        if release:
+            self.leaving.set()
         self.stopping.set()
 
     def _maintain(self, threads: list[threading.Thread]) -> None:
@@ -411,6 +425,7 @@ class Worker:
                 if self.register and time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SCRATCH_SWEEP_EVERY
                     sweep_scratch(self.conn, self.settings)
+                    expire_jobs(self.conn, self.settings)
                 finished = self._finished()
             except redis.RedisError as e:
                 if not outage:  # once per outage, not once a second
@@ -558,8 +573,8 @@ def gn3_main(argv: list[str] | None = None) -> int:
                        one_shot=not args.daemon)
     worker = Worker(conn, settings, [settings.queue], concurrency=os.cpu_count() or 1,
                     name=name, services=[server.loop])
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stop())
+    for sig in (signal.SIGTERM, signal.SIGINT):  # going: running pieces go back to the queue
+        signal.signal(sig, lambda *_: worker.stop(release=True))
     worker.run()
     return 0
 

@@ -24,6 +24,7 @@ def small_home(tmp_path):
     subprocess.run(["umount", "-l", str(home)], check=False)
 
 
+@pytest.mark.fault
 def test_a_full_cache_disk_is_named_not_the_input(env, small_home):
     r = sheepdog("run", "gemma-loco", "--example", env=dict(env, SHEEPDOG_HOME=str(small_home)))
     assert r.returncode != 0
@@ -33,6 +34,7 @@ def test_a_full_cache_disk_is_named_not_the_input(env, small_home):
     assert leftovers == []  # no partial copy or split left in scratch
 
 
+@pytest.mark.fault
 def test_an_upload_on_a_full_disk_gets_507_and_leaves_nothing(redis_server, conn, queue,
                                                               small_home):
     app = create_app({"TESTING": True, "SETTINGS": {

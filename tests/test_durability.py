@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import replace
 
+import pytest
 from conftest import sheepdog, wait_for
 
 from sheepdog import dispatch, jobs, logs, store
@@ -23,6 +24,7 @@ def _running_on(conn, job_id, worker_pid):
     return task.status == "running" and f".{worker_pid}." in task.worker
 
 
+@pytest.mark.fault
 def test_a_sigkilled_worker_is_noticed_and_its_job_rerun_elsewhere(env, workers, conn, tmp_path):
     a = workers.start()
     job_id = sheepdog("run", "--detach", "--", "sh", "-c",
@@ -57,6 +59,7 @@ def test_a_job_lost_too_often_ends_in_error_with_the_reason(env, workers, conn, 
     assert not store.active_task_ids(conn)
 
 
+@pytest.mark.fault
 def test_a_redis_restart_between_submit_and_run_loses_no_job(redis_server, conn, settings,
                                                              workers, tmp_path):
     marker = tmp_path / "ran"

@@ -30,6 +30,7 @@ def _submit_marking_jobs(conn, settings, marks, count, seconds):
 
 
 @pytest.mark.parametrize("down", [5, 60], ids=["5s", "60s"])
+@pytest.mark.fault
 def test_workers_ride_out_a_redis_outage_and_every_job_runs_once(
         conn, redis_server, settings, workers, tmp_path, down):
     from sheepdog.worker import live_workers
@@ -58,6 +59,7 @@ def test_workers_ride_out_a_redis_outage_and_every_job_runs_once(
     assert stderr.count("Redis is unreachable") <= 2 * 2  # once per outage per loop, not per second
 
 
+@pytest.mark.fault
 def test_a_killed_workers_grandchildren_die_with_it(conn, settings, workers, tmp_path):
     ticks = tmp_path / "ticks"
     worker = workers.start()
@@ -73,6 +75,7 @@ def test_a_killed_workers_grandchildren_die_with_it(conn, settings, workers, tmp
     assert ticks.stat().st_size == size, "a grandchild kept running after its worker died"
 
 
+@pytest.mark.fault
 def test_a_killed_run_is_rerun_at_once_not_after_the_heartbeat(env, tmp_path):
     """sheepdog run killed mid-scan; the rerun on the same host knows its attempts'
     process is gone and does not wait out the (default, 20 s) heartbeat timeout."""

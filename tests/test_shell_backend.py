@@ -71,6 +71,7 @@ def test_cancel_kills_the_remote_process_group(env_ssh, conn, workers, tmp_path)
              what="the remote background child to be killed")
 
 
+@pytest.mark.fault
 def test_a_dropped_connection_is_noticed_and_the_piece_runs_again(env_ssh, conn, workers,
                                                                   host, tmp_path):
     marker = tmp_path / "first-attempt"

@@ -93,6 +93,7 @@ def test_cancel_scancels_the_slurm_job(env_slurm, conn, workers, slurm):
         raise
 
 
+@pytest.mark.fault
 def test_a_job_the_cluster_kills_is_submitted_again(env_slurm, conn, workers, slurm, tmp_path):
     marker = tmp_path / "ran-once"
     workers.start(env=env_slurm)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 import redis
@@ -41,6 +43,9 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         if own is not None:
             app.register_blueprint(own)
     stream.register(sock)
+    app.wsgi_app = stream.own_socket(app.wsgi_app)  # type: ignore[method-assign]
+    if os.environ.get("SHEEPDOG_SERVE") and threading.current_thread() is threading.main_thread():
+        stream.on_stop_signals()  # gunicorn's worker, loading the app in its main thread
     app.teardown_request(lambda _error: inputs.discard_uploads())
 
     @app.errorhandler(HTTPException)

@@ -26,12 +26,19 @@ def bad(field: str, message: str, code: int = 400) -> NoReturn:
 
 def _body() -> dict[str, Any]:
     """The job description: a JSON body, or a multipart form's `job` field."""
+    limit = state.settings().json_limit_mb << 20
     if request.mimetype == "multipart/form-data":
         raw = request.form.get("job")
         if raw is None:
             bad("job", "multipart requests carry the job description as a JSON field 'job'")
+        if len(raw) > limit:
+            bad("job", f"the job description is over {limit:,d} bytes (json_limit_mb)", 413)
     else:
-        raw = request.get_data(as_text=True)
+        if (request.content_length or 0) > limit:
+            bad("body", f"the job description is over {limit:,d} bytes (json_limit_mb)", 413)
+        raw = request.get_data(as_text=True)  # (chunked: bounded by upload_limit_mb)
+        if len(raw) > limit:
+            bad("body", f"the job description is over {limit:,d} bytes (json_limit_mb)", 413)
     try:
         body = json.loads(raw or "")
     except json.JSONDecodeError as e:

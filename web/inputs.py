@@ -16,6 +16,7 @@ import shutil
 import tarfile
 import uuid
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from flask import g
 from werkzeug.datastructures import FileStorage
 from werkzeug.utils import secure_filename
 
-from sheepdog.errors import DiskFull, InputError, is_disk_full
+from sheepdog.errors import DiskFull, FieldError, InputError, is_disk_full
 
 
 def upload_dir(home: Path) -> Path:
@@ -70,39 +71,82 @@ def save_uploads(files: dict[str, FileStorage], home: Path) -> tuple[Path | None
                    files.items()}
 
 
-def _unpack_bundle(bundle: Path, where: Path) -> Path:
-    """Extract a tar.gz of regular files only, each kept inside `where`."""
+@dataclass(frozen=True)
+class BundleLimits:
+    """What one bundle may unpack to (settings bundle_max_mb, bundle_member_max_mb,
+    bundle_max_members): a small tar.gz must not expand into gigabytes."""
+
+    total: int = 4096 << 20
+    member: int = 2048 << 20
+    members: int = 1000
+
+    @classmethod
+    def of(cls, settings: Any) -> BundleLimits:
+        return cls(settings.bundle_max_mb << 20, settings.bundle_member_max_mb << 20,
+                   settings.bundle_max_members)
+
+
+def _too_big(what: str) -> FieldError:
+    return FieldError("bundle", what, 413)
+
+
+def _unpack_bundle(bundle: Path, where: Path, limits: BundleLimits) -> Path:
+    """Extract a tar.gz of regular files only, each kept inside `where`, streamed member
+    by member and stopped at the first limit passed (the headers' sizes are checked
+    before any byte is written, and the bytes themselves as they are written)."""
     bundle_dir = where / "bundle"
     bundle_dir.mkdir()
+    total = members = 0
     try:
-        with tarfile.open(bundle, mode="r:*") as tar:
-            for member in tar.getmembers():
+        with tarfile.open(bundle, mode="r|*") as tar:  # a stream: no index of every member
+            for member in tar:
+                members += 1
+                if members > limits.members:
+                    raise _too_big(f"more than {limits.members:,d} members "
+                                   "(bundle_max_members)")
                 if not member.isfile():
                     continue
+                if member.size > limits.member:
+                    raise _too_big(f"member {member.name[:100]!r} unpacks to "
+                                   f"{member.size:,d} bytes; at most {limits.member:,d} "
+                                   "(bundle_member_max_mb)")
+                if total + member.size > limits.total:
+                    raise _too_big(f"the members unpack to more than {limits.total:,d} bytes "
+                                   "(bundle_max_mb)")
                 target = (bundle_dir / member.name).resolve()
                 if not target.is_relative_to(bundle_dir.resolve()) or target == \
                         bundle_dir.resolve():
                     raise InputError("bundle", f"member {member.name[:100]!r} escapes the "
                                      "bundle")
-                _extract(tar, member, target)
+                total += _extract(tar, member, target, limits.member)
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise InputError("bundle", f"not a readable tar.gz: {str(e)[:200]}") from e
     except OSError as e:
         if is_disk_full(e):
             raise DiskFull(str(where.parent), "unpacking the bundle") from e
         raise
+    except FieldError:
+        shutil.rmtree(bundle_dir, ignore_errors=True)  # nothing of a refused bundle stays
+        raise
     return bundle_dir
 
 
-def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
-    """One member, streamed to disk (never held whole in memory)."""
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, most: int) -> int:
+    """One member, streamed to disk (never held whole in memory); its size."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         source = tar.extractfile(member)
         if source is None:
-            return
+            return 0
+        written = 0
         with source, open(target, "xb") as out:
-            shutil.copyfileobj(source, out, 1 << 20)
+            while chunk := source.read(1 << 20):
+                written += len(chunk)
+                if written > most:  # a header that lied about the size
+                    raise _too_big(f"member {member.name[:100]!r} unpacks to more than "
+                                   f"{most:,d} bytes (bundle_member_max_mb)")
+                out.write(chunk)
+        return written
     except (FileExistsError, NotADirectoryError, IsADirectoryError) as e:
         raise InputError("bundle", f"member {member.name[:100]!r} clashes with another "
                          "member of the same name") from e
@@ -114,7 +158,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 def resolve(inputs: dict[str, Any], files: dict[str, Path], where: Path | None,
             roots: tuple[str, ...], roles: tuple[str, ...],
-            required: tuple[str, ...]) -> dict[str, Path]:
+            required: tuple[str, ...], limits: BundleLimits | None = None) -> dict[str, Path]:
     """role -> local path for every input given (the workflow says which roles exist
     and which are required), from the saved uploads `files` (in `where`), bundle members
     or paths under `roots`; InputError names the field otherwise."""
@@ -135,7 +179,7 @@ def resolve(inputs: dict[str, Any], files: dict[str, Path], where: Path | None,
         if not isinstance(value, str) or not value or "\0" in value or len(value) > 4096:
             raise InputError(f"inputs.{role}", "must be a file name or path")
         if "bundle" in files and where is not None:
-            bundle = bundle or _unpack_bundle(files["bundle"], where)
+            bundle = bundle or _unpack_bundle(files["bundle"], where, limits or BundleLimits())
             member = (bundle / value).resolve()
             if not _inside(member, bundle) or not member.is_file():
                 raise InputError(f"inputs.{role}", f"{value!r} is not a file in the bundle")

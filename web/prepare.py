@@ -44,9 +44,10 @@ def _slot(settings: Settings) -> threading.BoundedSemaphore:
 
 
 def _resolver(files: dict[str, Path], where: Path | None, roots: tuple[str, ...],
-              raw: Any, roles: tuple[str, ...], required: tuple[str, ...]) -> dict[str, Path]:
+              limits: inputs.BundleLimits, raw: Any, roles: tuple[str, ...],
+              required: tuple[str, ...]) -> dict[str, Path]:
     try:
-        return inputs.resolve(raw, files, where, roots, roles, required)
+        return inputs.resolve(raw, files, where, roots, roles, required, limits)
     except InputError as e:
         raise FieldError(e.where, e.problem) from e
 
@@ -55,7 +56,8 @@ def build(name: str, body: dict[str, Any], files: dict[str, Path], where: Path |
           settings: Settings) -> tuple[Job, list[Task]]:
     """The job and tasks of a request whose uploads are saved (in this process)."""
     workflow = workflows.get(name)
-    resolver = partial(_resolver, files, where, settings.input_roots)
+    resolver = partial(_resolver, files, where, settings.input_roots,
+                       inputs.BundleLimits.of(settings))
     return workflow.from_request(body, resolver, settings, Cache(settings.cache_dir))
 
 

@@ -8,17 +8,19 @@ import contextlib
 import hashlib
 import json
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import redis
 from flask import request
 from flask_sock import Sock
 
 from sheepdog import logs, progress, store
 from sheepdog.defaults import PIECES_PAGE, PROGRESS_EVERY
-from sheepdog.errors import UnknownJob
+from sheepdog.errors import RedisUnavailable, UnknownJob
 from sheepdog.models import JobStatus
 
 from . import auth, state
@@ -38,6 +40,11 @@ def _progress_event(conn: Any, job_id: str) -> dict[str, Any]:
 
 LOG_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 POLICY_VIOLATION = 1008  # websocket close code: the request itself is wrong
+GOING_AWAY_CODE = 1001  # websocket close code: the server is going down
+SERVER_ERROR_CODE = 1011  # websocket close code: the server cannot go on (Redis down)
+# set when gunicorn is told to stop: every open stream says so and closes, so clients
+# reconnect (to this server restarted, or another) and resume from their last id
+GOING_AWAY = threading.Event()
 REFUSE_LINGER = 0.1  # s between a refusal's error event and its close
 
 
@@ -46,6 +53,69 @@ def _refuse(ws: Any, field: str, message: str) -> None:
     ws.send(json.dumps({"type": "error", "field": field, "error": message}))
     time.sleep(REFUSE_LINGER)  # let the client read the event before the close arrives
     ws.close(reason=POLICY_VIOLATION, message=message[:120])
+
+
+class _LockedSocket:
+    """A socket whose writes take turns: the websocket library's own thread writes
+    pings, pongs and closes on it too, and a batch written in several pieces must not
+    have a ping land in its middle (the client sees a broken frame)."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, data: bytes) -> int:
+        with self._lock:
+            self._sock.sendall(data)
+            return len(data)
+
+    def sendall(self, data: bytes) -> None:
+        with self._lock:
+            self._sock.sendall(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def _serialize_writes(ws: Any) -> None:
+    sock = getattr(ws, "sock", None)
+    if sock is not None and not isinstance(sock, _LockedSocket):
+        ws.sock = _LockedSocket(sock)
+
+
+def _send_all(ws: Any, messages: list[str]) -> None:
+    """Messages in order, as one socket write: a burst of 20,000 lines a second is
+    20,000 frames, and a system call each was what made the stream fall behind."""
+    frames = getattr(ws, "ws", None)
+    sock = getattr(ws, "sock", None)
+    if len(messages) < 2 or frames is None or sock is None or not ws.connected:
+        for message in messages:
+            ws.send(message)
+        return
+    from wsproto.events import TextMessage
+
+    sock.sendall(b"".join(frames.send(TextMessage(data=m)) for m in messages))
+
+
+def _going_away(ws: Any, last_id: str) -> None:
+    ws.send(json.dumps({"type": "going-away", "last_id": last_id,
+                        "error": "the server is going away: reconnect with ?after=last_id"}))
+    time.sleep(REFUSE_LINGER)
+    ws.close(reason=GOING_AWAY_CODE, message="server going away")
+
+
+def on_stop_signals() -> None:
+    """Under `sheepdog serve`: when gunicorn's worker is told to go (SIGTERM, SIGINT,
+    SIGQUIT), tell the open streams first, then let gunicorn's own handler run."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        previous = signal.getsignal(sig)
+
+        def handler(signum: int, frame: Any, previous: Any = previous) -> None:
+            GOING_AWAY.set()
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(sig, handler)
 
 
 def follow(ws: Any, job_id: str, after: str) -> None:
@@ -62,11 +132,12 @@ def follow(ws: Any, job_id: str, after: str) -> None:
     cursors = {job_id: after}
     sent, beat = None, 0.0
     while ws.connected:  # a client that went away frees its thread within one round
+        if GOING_AWAY.is_set():
+            _going_away(ws, cursors[job_id])
+            return
         lines = logs.tail(conn, cursors)
-        ended = False
-        for _, line in lines:
-            ws.send(json.dumps({"type": "line", **line.as_dict()}))
-            ended = ended or line.end
+        ended = any(line.end for _, line in lines)
+        _send_all(ws, [json.dumps({"type": "line", **line.as_dict()}) for _, line in lines])
         last = cursors[job_id]
         now = time.monotonic()
         if ended or lines or now - beat > PROGRESS_EVERY:
@@ -82,6 +153,9 @@ def follow(ws: Any, job_id: str, after: str) -> None:
             ws.send(json.dumps({"type": "end", "status": job.status,
                                 "exit_code": job.exit_code, "error": job.error or None,
                                 "result": job.result or None, "last_id": last}))
+            # a client that reads only now must find the events before the close: some
+            # clients drop what they buffered once the close frame is in
+            time.sleep(REFUSE_LINGER)
             return
 
 
@@ -117,9 +191,27 @@ class StreamSlots:
 SLOTS = StreamSlots()
 
 
+def own_socket(wsgi: Any) -> Any:
+    """WSGI middleware: a websocket gets its own duplicate of gunicorn's socket. The
+    websocket library closes its socket when the session ends, while gunicorn still
+    holds the same descriptor number for its keep-alive handling; under load that
+    number was already another client's connection, whose bytes gunicorn then read
+    or whose socket it closed (clients saw broken frames). With a duplicate, each
+    closes only its own descriptor."""
+
+    def middleware(environ: dict[str, Any], start_response: Any) -> Any:
+        sock = environ.get("gunicorn.socket")
+        if sock is not None and environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+            environ["gunicorn.socket"] = sock.dup()
+        return wsgi(environ, start_response)
+
+    return middleware
+
+
 def register(sock: Sock) -> None:
     @sock.route("/jobs/<job_id>/stream")
     def job_stream(ws: Any, job_id: str) -> None:
+        _serialize_writes(ws)
         settings = state.settings()
         with SLOTS.hold(job_id, auth.given_token(), settings.max_streams_per_job,
                         settings.max_streams_per_token) as ok:
@@ -127,4 +219,12 @@ def register(sock: Sock) -> None:
                 _refuse(ws, "job_id", "too many open streams for this job or token; close "
                                       "some and reconnect")
                 return
-            follow(ws, job_id, request.args.get("after", "0-0"))
+            try:
+                follow(ws, job_id, request.args.get("after", "0-0"))
+            except (redis.RedisError, RedisUnavailable) as e:
+                # after the handshake an HTTP error page would land inside the websocket
+                # as garbage: say it as an event and close, and the client reconnects
+                if ws.connected:
+                    ws.send(json.dumps({"type": "error", "field": "redis", "error":
+                                        f"the job store (Redis) is unreachable: {e}"}))
+                    ws.close(reason=SERVER_ERROR_CODE, message="job store unreachable")

@@ -98,7 +98,7 @@ def _exists(path: Path | None, role: str) -> Path | None:
 
 def _put(store: Cache, path: Path) -> str:
     sha = sha256_file(path)
-    if not store.blob(sha).exists():
+    if not store.has_blob(sha):
         store.put_file(path)
     return sha
 

@@ -1,0 +1,169 @@
+"""Clean shutdown: SIGTERM/SIGINT to `sheepdog worker`, `serve` and a waiting `run` stop
+everything they started within 10 s, hand running pieces back, and leave no process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import free_port, sheepdog, wait_for
+from simple_websocket import Client, ConnectionClosed
+
+from sheepdog import store
+
+pytestmark = pytest.mark.fault
+STOP_WITHIN = 10.0
+TOKEN = "stop-token"
+
+
+def _once_then_quick(tmp_path, tag):
+    """A piece that sleeps the first time it runs (its pid in TAG.pid) and finishes at
+    once the second."""
+    flag, pid = tmp_path / f"{tag}.ran", tmp_path / f"{tag}.pid"
+    return ["sh", "-c", f"if [ -e {flag} ]; then echo second run; else touch {flag}; "
+            f"echo first run; echo $$ > {pid}.tmp; mv {pid}.tmp {pid}; exec sleep 300; fi"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    return state != "Z"
+
+
+def _piece(tmp_path, tag) -> int:
+    """The sleeping piece's pid, once it runs."""
+    path = tmp_path / f"{tag}.pid"
+    wait_for(path.exists, 20, what="the piece to start")
+    return int(path.read_text())
+
+
+def _group_alive(pgid: int) -> list[str]:
+    out = subprocess.run(["ps", "-o", "pid=,comm=", "-g", str(pgid)], capture_output=True,
+                         text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _running_task(conn, job_id):
+    tasks = store.job_tasks(conn, job_id)
+    return tasks[0] if tasks else None
+
+
+def _submit(env, argv):
+    r = sheepdog("run", "--detach", "--", *argv, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+
+def test_sigterm_to_a_worker_hands_its_piece_back_and_it_runs_again(env, conn, tmp_path,
+                                                                   workers):
+    tag = f"w{os.getpid()}x{time.time_ns()}"
+    worker = workers.start("-j", "1")
+    job_id = _submit(env, _once_then_quick(tmp_path, tag))
+    piece = _piece(tmp_path, tag)
+    started = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(STOP_WITHIN)
+    assert time.monotonic() - started < STOP_WITHIN
+    assert not _alive(piece)
+    task = _running_task(conn, job_id)
+    assert task.status == "queued" and task.attempts == 0, task  # handed back, not failed
+    workers.start("--burst")
+    wait_for(lambda: store.get_job(conn, job_id).status == "success", 30, what="the rerun")
+    assert "second run" in sheepdog("logs", job_id, env=env).stdout
+
+
+def test_sigterm_to_a_waiting_run_leaves_the_job_to_other_workers(env, conn, tmp_path,
+                                                                 workers):
+    tag = f"r{os.getpid()}x{time.time_ns()}"
+    run = subprocess.Popen([sys.executable, "-m", "sheepdog", "run", "--",
+                            *_once_then_quick(tmp_path, tag)], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    piece = _piece(tmp_path, tag)
+    started = time.monotonic()
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=STOP_WITHIN)
+    assert run.returncode == 143 and time.monotonic() - started < STOP_WITHIN, err
+    assert "was left to other workers" in err
+    assert not _alive(piece)
+    job_id = next(line.split()[3] for line in err.splitlines() if "was left to" in line)
+    job_id = job_id.rstrip(",")
+    assert store.get_job(conn, job_id).status in ("queued", "running")
+    workers.start("--burst")
+    wait_for(lambda: store.get_job(conn, job_id).status == "success", 30, what="the rerun")
+
+
+def _serve(env, port):
+    return subprocess.Popen([sys.executable, "-m", "sheepdog", "serve", "--bind",
+                             f"127.0.0.1:{port}", "--local-workers", "1"],
+                            env=dict(env, SHEEPDOG_API_TOKENS=TOKEN),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _up(base):
+    try:
+        return urllib.request.urlopen(f"{base}/health", timeout=1).status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_server_leaves_nothing_and_its_streams_resume_after_a_restart(
+        env, conn, tmp_path, sig):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = _serve(env, port)
+    try:
+        wait_for(lambda: _up(base), 30, every=0.1, what="sheepdog serve")
+        tag = f"s{os.getpid()}x{time.time_ns()}"
+        job_id = _submit(env, _once_then_quick(tmp_path, tag))
+        piece = _piece(tmp_path, tag)
+        ws = Client.connect(f"ws://127.0.0.1:{port}/jobs/{job_id}/stream?token={TOKEN}")
+        got = []
+        while not any(m.get("type") == "line" and "first run" in m.get("text", "")
+                      for m in got):
+            got.append(json.loads(ws.receive(timeout=10)))
+        started = time.monotonic()
+        server.send_signal(sig)
+        try:
+            while True:
+                got.append(json.loads(ws.receive(timeout=10)))
+                if got[-1]["type"] == "going-away":
+                    break
+        except ConnectionClosed:
+            pass
+        server.wait(STOP_WITHIN)
+        assert time.monotonic() - started < STOP_WITHIN
+        assert got[-1]["type"] == "going-away", got[-3:]
+        last_id = got[-1]["last_id"]
+        assert not _up(base)  # the port is free, nothing answers
+        assert _group_alive(server.pid) == []  # gunicorn, its worker, the local worker
+        assert not _alive(piece)
+        assert _running_task(conn, job_id).status == "queued"  # handed back
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    again = _serve(env, port)
+    try:
+        wait_for(lambda: _up(base), 30, every=0.1, what="sheepdog serve, again")
+        ws = Client.connect(f"ws://127.0.0.1:{port}/jobs/{job_id}/stream?token={TOKEN}"
+                            f"&after={last_id}")
+        rest = []
+        while not rest or rest[-1]["type"] != "end":
+            rest.append(json.loads(ws.receive(timeout=30)))
+        seen = [m["id"] for m in got + rest if m["type"] == "line"]
+        assert len(seen) == len(set(seen))  # nothing twice
+        assert rest[-1]["status"] == "success"
+        assert any("second run" in m.get("text", "") for m in rest)
+    finally:
+        os.killpg(again.pid, signal.SIGTERM)
+        again.wait(STOP_WITHIN)
