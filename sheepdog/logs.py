@@ -17,7 +17,9 @@ from .defaults import (
     LOG_BATCH_LINES,
     LOG_BUFFER_LINES,
     LOG_FLUSH,
+    LOG_FLUSHER_IDLE,
     LOG_MAX_BYTES,
+    LOG_SEND_GAP,
 )
 
 STREAMS = ("stdout", "stderr", "sheepdog")
@@ -94,12 +96,13 @@ def end_fields(status: str, exit_code: int | None, error: str = "") -> dict[str,
 class LogWriter:
     """Appends one task's lines to the logs of every job waiting on it.
 
-    A line is sent as soon as no batch is on the wire; lines that arrive meanwhile wait
-    for it and go together, so a quiet program's lines arrive at once and a chatty
-    one's in a few round trips per burst, not one per line. Batches go in order, each
-    at most LOG_BATCH_LINES lines. While Redis cannot be reached, lines wait
-    (up to `buffer_lines` of them) and are sent when it is back; past that, `lost` says
-    why the log is not whole, and the piece is failed or run again for it.
+    A line goes out at once when the last batch left LOG_SEND_GAP (20 ms) ago; lines
+    that come sooner go together at the end of that gap. A quiet program's lines reach
+    readers in one round trip, a chatty one's cost at most 50 round trips a second,
+    not one per line. Batches go in order, each at most LOG_BATCH_LINES lines. While
+    Redis cannot be reached, lines wait (up to `buffer_lines` of them) and are sent
+    when it is back; past that, `lost` says why the log is not whole, and the piece is
+    failed or run again for it.
     """
 
     def __init__(self, conn: redis.Redis, task_id: str, piece: str, job_ids: list[str],
@@ -121,13 +124,14 @@ class LogWriter:
         self._sending = threading.Lock()  # one batch on the wire at a time: order kept
         self._last = time.monotonic()
         self._failed = False  # the last send met a Redis error
+        self._due = threading.Event()  # lines wait for the flusher thread
+        self._flusher: threading.Thread | None = None
         self.lost = ""
         self.capped = False  # every log is past its cap: lines cost no round trip any more
 
     def write(self, stream: str, lines: list[str]) -> None:
-        """Buffer the lines and, unless a batch is on the wire already, send at once:
-        a line printed alone reaches readers in one round trip, and lines printed while
-        a batch is on its way go together in the next (one call per batch under load)."""
+        """Buffer the lines; send at once if the last batch left LOG_SEND_GAP ago and
+        none is on the wire, else within that gap (one batch for all that came)."""
         if not lines or not self._jobs or self.lost or self.capped:
             return
         now = f"{time.time():.3f}"
@@ -136,14 +140,34 @@ class LogWriter:
                 self._pending += [self._task, self._piece, stream, line, now]
         if self._failed and time.monotonic() - self._last < self._every:
             return  # Redis just refused: the lines wait for the next flush, not a storm
-        while self._sending.acquire(blocking=False):
+        if time.monotonic() - self._last >= LOG_SEND_GAP and self._sending.acquire(False):
             try:
                 self._send()
             finally:
                 self._sending.release()
-            with self._lock:  # lines added while this thread held the wire go now too
-                if not self._pending or self._failed:
+            with self._lock:
+                if not self._pending:
                     return
+        self._later()
+
+    def _later(self) -> None:
+        """Have the pending lines sent LOG_SEND_GAP after the last batch, by a thread that
+        lives while lines keep coming (and goes after a quiet second)."""
+        with self._lock:
+            self._due.set()
+            if self._flusher is None or not self._flusher.is_alive():
+                self._flusher = threading.Thread(target=self._flush_later, daemon=True,
+                                                 name=f"log-{self._task[:8]}")
+                self._flusher.start()
+
+    def _flush_later(self) -> None:
+        while self._due.wait(LOG_FLUSHER_IDLE):
+            self._due.clear()
+            time.sleep(max(0.0, self._last + LOG_SEND_GAP - time.monotonic()))
+            with self._sending:
+                if self._failed and time.monotonic() - self._last < self._every:
+                    continue  # the next flush() sends them
+                self._send()
 
     def flush(self, strict: bool = False) -> None:
         """Send what is buffered. A Redis error keeps the lines for the next flush;
