@@ -50,3 +50,16 @@ def test_an_upload_on_a_full_disk_gets_507_and_leaves_nothing(redis_server, conn
     assert r.status_code == 507, r.get_json()
     assert "no space left" in r.get_json()["error"]
     assert list((small_home / "uploads").iterdir()) == []
+
+
+@pytest.mark.fault
+def test_a_piece_that_fills_the_disk_fails_saying_so_and_publishes_nothing(env, conn,
+                                                                          small_home):
+    """A cacheable piece writes past the end of the filesystem it runs on (its
+    directory and the store are on the small one)."""
+    r = sheepdog("map", "--range", "1:1", "--cache", "--", "sh", "-c",
+                 "head -c 3000000 /dev/zero > big.bin", env=dict(env, SHEEPDOG_HOME=str(
+                     small_home)), timeout=120, cwd=str(small_home))
+    assert r.returncode != 0, r.stderr
+    assert "No space left on device" in r.stderr
+    assert list((small_home / "store" / "tasks").iterdir()) == []  # nothing published
