@@ -81,9 +81,12 @@ def needed(conn: redis.Redis) -> set[str]:
     """Cache entries a job that has not ended still needs: its pieces' outputs and the
     inputs they read (a piece's id names its outputs, a sha256 its input)."""
     keep: set[str] = set()
-    for jid in conn.zrange(keys.jobs_index(), 0, -1):
-        job_id = _text(jid)
-        status = _text(conn.hget(keys.job(job_id), "status"))
+    ids = [_text(j) for j in conn.zrange(keys.jobs_index(), 0, -1)]
+    pipe = conn.pipeline(transaction=False)
+    for job_id in ids:  # one round trip for every job's status, not one each
+        pipe.hget(keys.job(job_id), "status")
+    for job_id, raw in zip(ids, pipe.execute(), strict=True):
+        status = _text(raw)
         if not status or JobStatus(status).final:
             continue
         for task in store.job_tasks(conn, job_id):
