@@ -7,6 +7,7 @@ address only by one rename, after it is complete.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -175,6 +176,67 @@ class Cache:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)  # published meanwhile
         return target
+
+    # -- files by hash (a pull worker's inputs and outputs travel this way)
+    def manifest(self, task_id: str) -> dict[str, str]:
+        """A published task's files (relative path -> sha256), each also stored as a blob
+        so it can be fetched by its hash. Worked out once per publication and kept."""
+        target = self.task_dir(task_id)
+        try:
+            st = target.stat()
+        except FileNotFoundError:
+            raise SheepdogError(f"the outputs of piece {task_id[:12]} are not published") from None
+        stamp = [st.st_dev, st.st_ino]  # published again (new directory): worked out again
+        kept = self.root / "manifests" / f"{task_id}.json"
+        try:
+            found = json.loads(kept.read_text())
+            if found.get("stamp") == stamp:
+                return dict(found["files"])
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+        files = {}
+        for path in sorted(target.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                sha = sha256_file(path)
+                files[path.relative_to(target).as_posix()] = sha
+                self.link_blob(path, sha)
+        kept.parent.mkdir(exist_ok=True)
+        tmp = self.tmp / f"manifest.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps({"stamp": stamp, "files": files}))
+        os.replace(tmp, kept)
+        return files
+
+    def link_blob(self, path: Path, sha: str) -> Path:
+        """Make a file of known hash a blob too (a hard link: no copy), if it is not one."""
+        target = self.blob(sha)
+        if target.exists():
+            return target
+        tmp = self.tmp / f"in.{uuid.uuid4().hex}"
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)  # another file system, or no hard links there
+        return self.put_blob_file(tmp, sha)
+
+    def assemble(self, task_id: str, files: dict[str, str]) -> Path:
+        """A scratch directory holding these blobs under their relative paths (hard
+        links); SheepdogError names a blob that is not stored."""
+        scratch = self.scratch(task_id)
+        try:
+            for rel, sha in files.items():
+                source = self.blob(sha)
+                if not source.is_file():
+                    raise SheepdogError(f"{rel}: blob {sha[:12]} is not stored")
+                dest = scratch / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(source, dest)
+                except OSError:
+                    shutil.copyfile(source, dest)
+        except BaseException:
+            self.discard(scratch)
+            raise
+        return scratch
 
     def discard(self, scratch: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)

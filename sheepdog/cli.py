@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from . import embedded, keys, logs, progress, store, workflows
+from . import embedded, keys, logs, progress, store, tokens, workflows
 from .cache import Cache
 from .clirun import Terminated, on_sigterm, print_line
 from .clirun import conn as _conn
@@ -186,10 +186,25 @@ def cancel(job_id: str) -> None:
               help="Also serve GN3's Redis LIST queue NAME (default GN3::job-queue); "
                    "repeat it for several, e.g. GN3's 'production::GN3::job-queue'.")
 @click.option("--name", default=None, help="Worker name (default host.pid.random).")
+@click.option("--server", default=None, metavar="URL",
+              help="Pull work from this sheepdog service over HTTPS (no Redis, no ssh: "
+                   "outbound web access is all it needs).")
+@click.option("--token", envvar="SHEEPDOG_WORKER_TOKEN", default=None,
+              help="With --server: a token with the worker role [env SHEEPDOG_WORKER_TOKEN].")
+@click.option("--ca-file", envvar="SHEEPDOG_CA_FILE", default=None, type=click.Path(),
+              help="With --server: the CA that signs the service's certificate, if it is "
+                   "not a public one [env SHEEPDOG_CA_FILE].")
 def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: tuple[str, ...],
-           name: str | None) -> None:
-    """Run tasks from the queues until stopped (SIGTERM/SIGINT finish current tasks)."""
+           name: str | None, server: str | None, token: str | None,
+           ca_file: str | None) -> None:
+    """Run tasks from the queues until stopped (SIGTERM/SIGINT hand running ones back)."""
     settings = _settings()
+    if server is not None:
+        if burst or gn3_queues:
+            raise click.UsageError("--server does not go with --burst or --gn3-queue")
+        _pull_worker(settings, server, token or "", ca_file, list(queues) or [settings.queue],
+                     concurrency, name)
+        return
     # a worker that serves until stopped waits for a Redis that is down (it may be
     # restarting); a burst worker, a one-off, says so and exits
     conn = _conn(settings) if burst else connect_waiting(
@@ -206,6 +221,25 @@ def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: t
         signal.signal(sig, lambda *_: w.stop(release=True))
     click.echo(f"sheepdog worker {w.name} on {', '.join(w.queue_names)} "
                f"({url_for(settings)})", err=True)
+    w.run()
+
+
+def _pull_worker(settings: Any, server: str, token: str, ca_file: str | None,
+                 queues: list[str], concurrency: int, name: str | None) -> None:
+    import logging
+
+    from .pull import PullWorker
+    from .pullclient import Client
+
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s sheepdog pull worker: %(levelname)s: %(message)s")
+    client = Client(server, token, ca_file,
+                    say=lambda text: click.echo(f"sheepdog worker: {text}", err=True))
+    w = PullWorker(client, settings, queues, concurrency, name)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # going: running pieces go back to the queue
+        signal.signal(sig, lambda *_: w.stop(release=True))
+    click.echo(f"sheepdog worker {w.name} pulling from {server} ({', '.join(queues)})",
+               err=True)
     w.run()
 
 
@@ -388,6 +422,49 @@ def cache_gc(max_size: str | None, older_than: str | None, as_json: bool) -> Non
                f"{done.size_before - done.size_after:,d} bytes; {done.size_after:,d} bytes "
                f"left" + (f" ({done.kept_needed} kept: live pieces need them)"
                           if done.kept_needed else ""))
+
+
+@cli.group("tokens")
+def tokens_group() -> None:
+    """API tokens with roles (read, submit, worker, admin), stored hashed."""
+
+
+@tokens_group.command("add")
+@click.option("--role", required=True, type=click.Choice(tokens.ROLES),
+              help="read: jobs, logs, results; submit: also run workflows; worker: a pull "
+                   "worker's protocol only; admin: everything, commands too.")
+@click.option("--name", default=None, help="A name to list and revoke it by.")
+def tokens_add(role: str, name: str | None) -> None:
+    """Make a token; it is printed once, alone on the last line."""
+    path = tokens.tokens_file(_settings())
+    entry, token = tokens.add(path, role, name)
+    click.echo(f"token {entry.name} (role {entry.role}) added to {path}; it is shown "
+               "only now:")
+    click.echo(token)
+
+
+@tokens_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def tokens_list(as_json: bool) -> None:
+    """The tokens' names and roles (never the tokens)."""
+    path = tokens.tokens_file(_settings())
+    found = tokens.load(path)
+    if as_json:
+        _print_json([{"name": e.name, "role": e.role, "created": e.created} for e in found])
+        return
+    for e in found:
+        made = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created))
+        click.echo(f"{e.name:24} {e.role:7} {made}")
+
+
+@tokens_group.command("revoke")
+@click.argument("name")
+def tokens_revoke(name: str) -> None:
+    """Remove a token: a running service refuses it from its next request."""
+    path = tokens.tokens_file(_settings())
+    if not tokens.revoke(path, name):
+        raise click.ClickException(f"no token named {name!r} in {path}")
+    click.echo(f"revoked {name}")
 
 
 @cli.group("redis")

@@ -42,7 +42,12 @@ class Settings:
     queue: str = "default"
     backend: str = "local"  # where pieces run when a command does not say (gemma-wrapper's)
     host: str = ""  # the host for that backend
-    api_tokens: tuple[str, ...] = ()
+    api_tokens: tuple[str, ...] = ()  # legacy tokens: every role
+    tokens_file: str = ""  # tokens with roles (default: tokens.json beside the config)
+    lease_timeout: float = 45.0  # s: a pull worker's piece runs again this long after it went
+    redis_ca: str = ""  # CA file that signs a rediss:// server's certificate
+    redis_cert: str = ""  # client certificate for rediss:// (with redis_key)
+    redis_key: str = ""
     cors_origins: tuple[str, ...] = ()
     retention_days: float = 30.0  # finished jobs and their logs stay in Redis this long
     upload_limit_mb: int = 512  # one POST /jobs request with its uploads
@@ -84,8 +89,8 @@ _INT = {"log_max_lines", "log_max_bytes", "log_buffer_lines", "max_attempts", "u
         "gn3_max_attempts", "max_command_args", "max_command_bytes", "max_streams_per_job",
         "max_streams_per_token", "max_permutations", "max_pieces", "max_chromosomes",
         "prepare_workers", "prepare_memory_mb"}
-_FLOAT = {"retention_days", "heartbeat_timeout", "scratch_max_age", "gn3_incomplete_wait",
-          "prepare_seconds"}
+_FLOAT = {"retention_days", "heartbeat_timeout", "lease_timeout", "scratch_max_age",
+          "gn3_incomplete_wait", "prepare_seconds"}
 _BOOL = {"gn3_routes_open", "allow_any_queue"}
 _LIST = {"api_tokens", "cors_origins", "input_roots"}
 

@@ -28,6 +28,17 @@ REDIS_MAX_CONNECTIONS = 4096
 REDIS_RETRY = 1.0  # s: a worker's upkeep tries again this often while Redis is down
 SCRATCH_SWEEP_EVERY = 3600.0  # s: a worker looks for abandoned scratch this often
 
+# -- pull workers (HTTPS)
+PULL_PROTOCOL = 1  # the worker protocol's version; both sides must speak the same one
+PULL_CLAIM_WAIT = 30.0  # s: a claim long-polls this long; an idle worker's one request
+PULL_TAKE_SLICE = 1.0  # s: one blocking take inside a claim (a server going down notices)
+PULL_PUT_BACK_PAUSE = 1.0  # s: after handing a piece for ssh/Slurm back to its queue
+PULL_RENEW_EVERY = 2.0  # s: a pull worker renews its leases (and hears of cancels) this often
+PULL_REPORT_DEADLINE = 20.0  # s: a request records through a Redis outage this long, then 503
+PULL_BACKOFF_MAX = 10.0  # s: a pull worker's longest pause between tries of one request
+PULL_SEGMENT = 64 << 20  # bytes of one upload request: a dropped one resumes at its start
+PULL_CHUNK = 1 << 20  # bytes read and written at a time while streaming a file
+
 # -- logs
 LOG_FLUSH = 0.2  # s: buffered lines are sent at least this often (a few round trips/s)
 # s between a piece's log batches: a line after a quiet spell goes at once (live logs

@@ -50,8 +50,9 @@ def push(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str) -> str:
     return rq_id
 
 
-def take(conn: redis.Redis, queues: list[str], timeout: float) -> Entry | None:
-    """Block up to `timeout` seconds for an entry on any of the queues (in order)."""
+def take(conn: redis.Redis, queues: list[str], timeout: float | None) -> Entry | None:
+    """Block up to `timeout` seconds for an entry on any of the queues (in order);
+    None: only an entry waiting now."""
     try:
         found = Queue.dequeue_any([_queue(conn, q) for q in queues], timeout=timeout,
                                   connection=conn)

@@ -104,6 +104,12 @@ def worker(name: str) -> str:
     return f"{PREFIX}:worker:{name}"
 
 
+def pull_upkeep() -> str:
+    """STRING with a TTL: a web process is reaping lost pieces for pull workers (one at
+    a time, one round per heartbeat interval)."""
+    return f"{PREFIX}:pull-upkeep"
+
+
 def queues_served() -> str:
     """SET: every queue some registered worker has served (POST /jobs accepts these)."""
     return f"{PREFIX}:queues"

@@ -633,6 +633,23 @@ def redispatch_stranded(conn: redis.Redis, task_id: str, older_than: float,
     return conn.transaction(txn, key, value_from_callable=True)
 
 
+def put_back(conn: redis.Redis, task_id: str) -> bool:
+    """A queued task taken by someone who cannot run it (a pull worker, a piece for
+    ssh or Slurm): onto its queue again, with a new entry. False if it is not queued."""
+    key = keys.task(task_id)
+
+    def txn(pipe: Pipeline) -> bool:
+        status, queue = map(_text, pipe.hmget(key, "status", "queue"))
+        if status != TaskStatus.QUEUED:
+            return False
+        pipe.multi()
+        pipe.hset(key, mapping={"queued_at": str(time.time()), "taken_by": ""})
+        dispatch.push(pipe, conn, task_id, queue or "default")
+        return True
+
+    return conn.transaction(txn, key, value_from_callable=True)
+
+
 def active_task_ids(conn: redis.Redis) -> list[str]:
     return _texts(conn.smembers(keys.active_tasks()))
 

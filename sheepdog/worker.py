@@ -15,16 +15,12 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import redis
 
-from . import dispatch, keys, liveness, logs, store
-from .backends import registry
-from .backends.base import Backend, StatusUpdate, Submission
+from . import dispatch, keys, liveness, logs, piece, store
 from .cache import Cache
 from .config import Settings
 from .defaults import (
@@ -36,51 +32,15 @@ from .defaults import (
     TAKE_TO_CLAIM,
     TAKE_WAIT,
     TAKE_WAIT_INLINE,
-    WATCH_POLL,
 )
 from .errors import SheepdogError
 from .finalize import after_success, run_timers, settle_twins
 from .models import Task, TaskStatus
+from .piece import RELEASED, Outcome, PieceOutput
 from .retention import expire_finished
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class Outcome:
-    exit_code: int | None
-    error: str = ""
-    lost: bool = False
-
-
-RELEASED = "released"
-
-
-class PieceOutput:
-    """Where a running piece's output goes: its jobs' logs, the stderr tail quoted in
-    its error, and for a capturing piece the exact bytes (see process.OutputSink)."""
-
-    def __init__(self, writer: logs.LogWriter, raw: logs.RawWriter | None) -> None:
-        self.writer = writer
-        self.raw_writer = raw
-        self.tail: deque[str] = deque(maxlen=6)
-        if raw is not None:
-            raw.reset()
-
-    def __call__(self, stream: str, lines: list[str]) -> None:
-        if stream == "stderr":
-            self.tail.extend(lines)
-        self.writer.write(stream, lines)
-
-    def raw(self, stream: str, chunk: bytes) -> None:
-        if self.raw_writer is not None:
-            self.raw_writer.append(stream, chunk)
-
-    def flush(self) -> None:
-        self.writer.flush()
-        if self.raw_writer is not None:
-            self.raw_writer.flush()
 
 
 class Heartbeat:
@@ -140,115 +100,91 @@ class PieceRunner:
         writer = logs.LogWriter(self.conn, task.id, task.name, jobs, self.settings.log_max_lines,
                                 buffer_lines=self.settings.log_buffer_lines,
                                 max_bytes=self.settings.log_max_bytes)
-        output = PieceOutput(writer, logs.RawWriter(self.conn, task.id) if task.capture else None)
+        raw = None
+        if task.capture:
+            raw = logs.RawWriter(self.conn, task.id)
+            raw.reset()
+        output = PieceOutput(writer, raw)
         with Heartbeat(self.conn, task.id, self.worker, self.settings) as beat:
-            outcome = self._run(task, output, beat)
+            outcome = piece.run(task, self.settings, self.cache, output, beat.revoked,
+                                self.leaving)
         output.flush()
         if writer.lost and outcome.error != RELEASED:
             # the run may be fine, but its log is not whole: a cacheable piece runs again,
             # a command (side effects) fails saying so
             outcome = Outcome(outcome.exit_code, writer.lost, lost=task.cacheable)
-        if outcome.error == RELEASED and not task.cacheable and task.max_attempts <= 1:
-            # run at most once (GN3's commands): stopped midway is an error, not a retry
-            outcome = Outcome(None, f"worker {self.worker} stopped while it ran; not run "
-                                    "again (it runs at most once)")
-        if outcome.error == RELEASED and self._until_recorded(
-                lambda: store.release(self.conn, task.id, self.worker)):
-            logs.note(self.conn, jobs[0], f"{task.name}: handed back to the queue "
-                      f"(worker {self.worker} is leaving)", task=task.id) if jobs else None
-            return TaskStatus.QUEUED
-        if outcome.exit_code not in (0, None) and not outcome.error:
-            outcome.error = f"exit code {outcome.exit_code}"
-        if outcome.error and output.tail and outcome.exit_code not in (None, 0):
-            outcome.error += ": " + " | ".join(output.tail)
-        # the outcome must be recorded, even if Redis is away for a while: a finished
-        # piece that went unrecorded would be run again
-        status = self._until_recorded(lambda: store.finish(
-            self.conn, task.id, self.worker, outcome.exit_code, outcome.error,
-            retryable=outcome.lost, attempt=task.attempts))
-        if status == TaskStatus.SUCCESS:
-            # a twin of this piece may have been started while it ran
-            task.twin = self._until_recorded(lambda: store.twin_of_task(self.conn, task.id))
-            if task.twin or task.twin_of:
-                self._until_recorded(functools.partial(settle_twins, self.conn,
-                                                       self.settings, task))
-            for jid in jobs:
-                self._until_recorded(functools.partial(after_success, self.conn,
-                                                       self.settings, jid, task))
-        return status
+        return conclude(self.conn, self.settings, self.worker, task, jobs,
+                        piece.explain(outcome, output), self.stopping)
 
-    def _until_recorded(self, write: Callable[[], T]) -> T:
-        """Retry a Redis write through an outage (backing off, saying so once); gives
-        up only when the worker is told to stop."""
-        pause, said = REDIS_RETRY / 8, False
-        while True:
-            try:
-                return write()
-            except redis.RedisError as e:
-                if self.stopping.is_set():
-                    raise
-                if not said:
-                    log.warning("worker %s: cannot record a piece's outcome yet (%s); "
-                                "retrying until Redis is back", self.worker, e)
-                    said = True
-                self.stopping.wait(pause)
-                pause = min(pause * 2, REDIS_RETRY * 2)
 
-    def _run(self, task: Task, output: PieceOutput, beat: Heartbeat) -> Outcome:
+class Deadline:
+    """A stop signal that is given by the clock: a request thread records through a
+    short outage, then answers 503 and its client asks again."""
+
+    def __init__(self, seconds: float) -> None:
+        self._at = time.monotonic() + seconds
+
+    def is_set(self) -> bool:
+        return time.monotonic() >= self._at
+
+    def wait(self, seconds: float) -> bool:
+        time.sleep(max(0.0, min(seconds, self._at - time.monotonic())))
+        return self.is_set()
+
+
+class Stop(Protocol):
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool: ...
+
+
+def until_recorded(write: Callable[[], T], stopping: Stop, who: str) -> T:
+    """Retry a Redis write through an outage (backing off, saying so once); gives up
+    only when told to stop."""
+    pause, said = REDIS_RETRY / 8, False
+    while True:
         try:
-            backend = registry.open_backend(task, self.settings, self.cache)
-        except SheepdogError as e:
-            return Outcome(None, str(e))
-        try:
-            sub = backend.submit(task, output)
-            return self._watch(backend, sub, task, output, beat)
-        except SheepdogError as e:
-            return Outcome(None, str(e))
-        except Exception as e:  # a backend's bug fails the piece, loudly, not the worker
-            log.exception("task %s failed inside sheepdog", task.id)
-            return Outcome(None, f"internal error in the {task.backend} backend: "
-                                 f"{type(e).__name__}: {e}")
-        finally:
-            backend.close()
+            return write()
+        except redis.RedisError as e:
+            if stopping.is_set():
+                raise
+            if not said:
+                log.warning("worker %s: cannot record a piece's outcome yet (%s); "
+                            "retrying until Redis is back", who, e)
+                said = True
+            stopping.wait(pause)
+            pause = min(pause * 2, REDIS_RETRY * 2)
 
-    def _watch(self, backend: Backend, sub: Submission, task: Task,
-               output: PieceOutput, beat: Heartbeat) -> Outcome:
-        """Watch a started piece to its end; whatever goes wrong while watching (a
-        backend error, a bug) stops the submission, so nothing runs on unwatched."""
-        try:
-            return self._watch_loop(backend, sub, task, output, beat)
-        except BaseException:
-            try:
-                backend.cancel([sub])
-            except Exception as e:  # noqa: BLE001  the original failure is the one to report
-                log.warning("task %s: could not cancel after a failure: %s", task.id, e)
-            raise
 
-    def _watch_loop(self, backend: Backend, sub: Submission, task: Task,
-                    output: PieceOutput, beat: Heartbeat) -> Outcome:
-        deadline = time.monotonic() + task.timeout if task.timeout > 0 else None
-        while True:
-            ended: list[StatusUpdate] = list(backend.poll([sub]))
-            if ended:
-                return Outcome(ended[0].exit_code, ended[0].error, ended[0].lost)
-            stop = self._stop_reason(task, beat, deadline)
-            if stop:
-                backend.cancel([sub])
-                return Outcome(None, stop)
-            output.flush()  # quiet output still reaches readers within a fraction of a second
-            wait = WATCH_POLL if deadline is None else min(
-                WATCH_POLL, max(0.001, deadline - time.monotonic()))
-            backend.wait([sub], wait)
+def conclude(conn: redis.Redis, settings: Settings, worker: str, task: Task, jobs: list[str],
+             outcome: Outcome, stopping: Stop) -> str:
+    """Record how a piece this worker ran ended: handed back, retried, failed or
+    succeeded (then its twin settled and its jobs told); returns its new status. The
+    outcome must be recorded even if Redis is away for a while: a finished piece that
+    went unrecorded would be run again."""
+    def record(write: Callable[[], T]) -> T:
+        return until_recorded(write, stopping, worker)
 
-    def _stop_reason(self, task: Task, beat: Heartbeat, deadline: float | None) -> str:
-        """Why a running piece must stop now ('' if it may go on)."""
-        if beat.revoked.is_set():
-            return "cancelled"
-        if deadline is not None and time.monotonic() > deadline:
-            return f"timed out after {task.timeout:g}s"
-        if self.leaving.is_set():
-            return RELEASED
-        return ""
+    if outcome.error == RELEASED and not task.cacheable and task.max_attempts <= 1:
+        # run at most once (GN3's commands): stopped midway is an error, not a retry
+        outcome = Outcome(None, f"worker {worker} stopped while it ran; not run "
+                                "again (it runs at most once)")
+    if outcome.error == RELEASED and record(lambda: store.release(conn, task.id, worker)):
+        if jobs:
+            logs.note(conn, jobs[0], f"{task.name}: handed back to the queue "
+                      f"(worker {worker} is leaving)", task=task.id)
+        return TaskStatus.QUEUED
+    status = record(lambda: store.finish(conn, task.id, worker, outcome.exit_code,
+                                         outcome.error, retryable=outcome.lost,
+                                         attempt=task.attempts))
+    if status == TaskStatus.SUCCESS:
+        # a twin of this piece may have been started while it ran
+        task.twin = record(lambda: store.twin_of_task(conn, task.id))
+        if task.twin or task.twin_of:
+            record(functools.partial(settle_twins, conn, settings, task))
+        for jid in jobs:
+            record(functools.partial(after_success, conn, settings, jid, task))
+    return status
 
 
 def reap_lost(conn: redis.Redis, settings: Settings) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from sheepdog import jobs, logs, store
+from sheepdog import jobs, logs, piece, store
 from sheepdog.backends.base import Backend, StatusUpdate, Submission
 from sheepdog.backends.slurm import SlurmBackend, SlurmSettings, monitor_for
 from sheepdog.backends.slurm import commands as cmd
@@ -21,7 +21,7 @@ from sheepdog.cache import Cache
 from sheepdog.errors import BackendError
 from sheepdog.models import Job, JobStatus, Task, TaskStatus
 from sheepdog.process import LineSplitter, Process
-from sheepdog.worker import Heartbeat, PieceRunner, Worker, sweep_scratch
+from sheepdog.worker import Worker, sweep_scratch
 
 
 def _wait_code(proc: Process, timeout: float = 60) -> int:
@@ -141,12 +141,12 @@ class _BrokenPoll(Backend):
 
 def test_a_failure_while_watching_cancels_the_submission(conn, settings):
     task = Task(name="watched", argv=["true"], queue=settings.queue)
-    executor = PieceRunner(conn, settings, "w1")
     backend = _BrokenPoll()
     sub = backend.submit(task, lambda *_: None)
     writer = logs.LogWriter(conn, task.id, task.name, [], 100)
+    stopper = piece._Stopper(task, threading.Event(), threading.Event())
     with pytest.raises(BackendError):
-        executor._watch(backend, sub, task, writer, Heartbeat(conn, task.id, "w1", settings))
+        piece._watch(backend, sub, task, piece.PieceOutput(writer, None), stopper)
     assert backend.cancelled == ["started"]
 
 

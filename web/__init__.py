@@ -31,12 +31,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
     sock.init_app(app)
 
-    from . import api, auth, gn3, inputs, pages, stream
+    from . import api, auth, gn3, inputs, pages, stream, workers
 
     auth.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(gn3.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(workers.bp)
     for name in workflows.names():  # a workflow's own routes (a precompute's datasets)
         workflow = workflows.find(name)
         own = workflow.blueprint() if workflow is not None else None

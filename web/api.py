@@ -13,7 +13,7 @@ from sheepdog.defaults import PIECES_PAGE
 from sheepdog.errors import SheepdogError
 from sheepdog.models import Job, JobStatus
 
-from . import inputs, prepare, spec, state
+from . import auth, inputs, prepare, spec, state
 
 bp = Blueprint("api", __name__)
 
@@ -94,6 +94,8 @@ def _check_placement(body: dict[str, Any]) -> None:
 def create_job() -> Any:
     body = _body()
     workflow = workflows.get(body.get("workflow"))
+    if workflow.runs_commands:
+        auth.require("admin", f"a {workflow.name} job (it runs any program as the service)")
     _check_placement(body)
     settings = state.settings()
     where, files = inputs.save_uploads(dict(request.files.items()), settings.home)

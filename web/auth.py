@@ -1,22 +1,24 @@
-"""API tokens, per-job read tokens, and CORS.
+"""API tokens and their roles, per-job read tokens, and CORS.
 
-Every endpoint but /health needs `Authorization: Bearer <token>` with a token from
-SHEEPDOG_API_TOKENS (or the config file); browsers' websockets and shared page links
-may pass it as `?token=`. A job's own read token (in its page link) opens that job's
-read-only endpoints and nothing else.
+Every endpoint but /health needs `Authorization: Bearer <token>`; browsers' websockets
+and shared page links may pass it as `?token=`. A token's role (sheepdog.tokens) must
+grant what the endpoint needs: reading (GET), submitting (POST, DELETE), a pull
+worker's protocol (the workers blueprint). Jobs that run any command also need the
+admin role (api.create_job asks). A job's own read token (in its page link) opens that
+job's read-only endpoints and nothing else.
 """
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 from urllib.parse import urlencode
 
 from flask import Flask, Response, abort, g, redirect, request
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from sheepdog import jobs, store
+from sheepdog import jobs, store, tokens
 from sheepdog.errors import UnknownJob
+from sheepdog.tokens import Identity
 
 from . import state
 
@@ -42,22 +44,36 @@ def _given_token() -> str:
     return request.args.get("token", "") or request.cookies.get(COOKIE, "")
 
 
+def identify(token: str) -> Identity | None:
+    return state.token_registry().identify(token)
+
+
 def is_api_token(token: str) -> bool:
-    return bool(token) and _matches(token, state.settings().api_tokens)
+    """A token of an API user who may read (a page keeps it in a cookie, not its links)."""
+    found = identify(token)
+    return found is not None and found.may("read")
 
 
-def _same(given: str, token: str) -> bool:
-    """Constant-time comparison of any two strings (compare_digest refuses non-ASCII str)."""
-    return hmac.compare_digest(given.encode(errors="surrogateescape"),
-                               token.encode(errors="surrogateescape"))
+WORKER_BLUEPRINT = "workers"  # the pull worker protocol: only tokens with the worker role
 
 
-def _matches(given: str, tokens: tuple[str, ...] | list[str]) -> bool:
-    return any(_same(given, t) for t in tokens if t)
+def needed_role(endpoint: str, method: str) -> str:
+    if endpoint.split(".", 1)[0] == WORKER_BLUEPRINT:
+        return "worker"
+    return "read" if method in ("GET", "HEAD") else "submit"
+
+
+def require(role: str, why: str) -> None:
+    """Abort 403 unless the request's token has this role too (inside a request that
+    passed check())."""
+    who: Identity | None = g.get("identity")
+    if who is None or not who.may(role):
+        abort(403, f"{why} needs a token with the {role} role")
 
 
 def check() -> None:
-    """before_request: 401 unless the request carries a token that opens this endpoint."""
+    """before_request: 401 unless the request carries a token that opens this endpoint,
+    403 if its role does not allow it."""
     endpoint = request.endpoint or ""
     if endpoint in PUBLIC or request.method == "OPTIONS":
         return
@@ -65,7 +81,12 @@ def check() -> None:
         return  # GN3 serves these two without a token; GN2 sends none
     given = _given_token()
     g.job_scope = None
-    if given and _matches(given, state.settings().api_tokens):
+    g.identity = identify(given)
+    if g.identity is not None:
+        need = needed_role(endpoint, request.method)
+        if not g.identity.may(need):
+            abort(403, f"this token ({g.identity.name}, role {g.identity.role}) may not "
+                       f"{request.method} {request.path}: that needs the {need} role")
         return
     job_id = (request.view_args or {}).get("job_id")
     if given and job_id and endpoint in JOB_READ and request.method == "GET":
@@ -73,7 +94,7 @@ def check() -> None:
             job = store.get_job(state.conn(), job_id) if jobs.valid_job_id(job_id) else None
         except UnknownJob:
             job = None  # the same 401 as a wrong token: no oracle for which ids exist
-        if job is not None and job.read_token and _same(given, job.read_token):
+        if job is not None and job.read_token and tokens.same(given, job.read_token):
             g.job_scope = job_id
             return
     abort(401, "a valid API token is needed: Authorization: Bearer <token>")

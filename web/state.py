@@ -10,6 +10,7 @@ from flask import current_app
 from sheepdog.cache import Cache
 from sheepdog.config import Settings
 from sheepdog.connection import connect
+from sheepdog.tokens import Registry
 
 _lock = threading.Lock()
 
@@ -25,6 +26,15 @@ def conn() -> Any:
         if "REDIS" not in app.extensions:
             app.extensions["REDIS"] = connect(settings())
     return app.extensions["REDIS"]
+
+
+def token_registry() -> Registry:
+    """The tokens this app accepts (one registry per app, reading its file on change)."""
+    app = current_app
+    with _lock:
+        if "TOKENS" not in app.extensions:
+            app.extensions["TOKENS"] = Registry(settings())
+    return app.extensions["TOKENS"]
 
 
 def cache() -> Cache:

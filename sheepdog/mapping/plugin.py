@@ -238,6 +238,7 @@ def request_from_body(body: dict[str, Any], settings: Settings,
 
 class MapWorkflow(Workflow):
     name = "map"
+    runs_commands = True
     summary = "one command per item (GNU parallel's placeholders), results by key"
     top_level = True
     partial_results = True

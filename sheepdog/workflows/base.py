@@ -39,6 +39,8 @@ class Workflow(abc.ABC):
     top_level: bool = False
     # a job that ended in error still has results (the items that succeeded)
     partial_results: bool = False
+    # its jobs run any program the request names: over HTTP only admin tokens may ask
+    runs_commands: bool = False
 
     @abc.abstractmethod
     def command(self) -> click.Command:

@@ -38,6 +38,7 @@ def run_command(argv: tuple[str, ...], backend: str, host: str | None, queue: st
 
 class Command(Workflow):
     name = "command"
+    runs_commands = True
     summary = "one program run once, as given"
 
     def command(self) -> click.Command:

@@ -1,0 +1,287 @@
+"""The service's side of pull workers: leases, files by hash, and recorded outcomes.
+
+A pull worker reaches nothing but the web service. The service does for it what a
+Redis worker does for itself: takes an entry off the queue and claims the piece (the
+claim's heartbeat is the worker's lease, renewed over HTTP), writes its log lines,
+and records its end, publishing its outputs from blobs the worker uploaded and
+the service checked by hash. web/workers.py only turns HTTP into these calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import threading
+import time
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+import redis
+
+from . import dispatch, keys, liveness, logs, store
+from .cache import Cache, sha256_file
+from .config import Settings
+from .defaults import PULL_CHUNK, PULL_PUT_BACK_PAUSE, PULL_REPORT_DEADLINE, PULL_TAKE_SLICE
+from .errors import FieldError, SheepdogError
+from .finalize import run_timers
+from .models import Task, TaskStatus
+from .piece import RELEASED, Outcome
+from .worker import Deadline, conclude, reap_lost
+
+SHA256 = re.compile(r"[0-9a-f]{64}")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class Refused(SheepdogError):
+    """The worker does not hold this piece (any more): cancelled, or run elsewhere."""
+
+    http_status = 410
+
+
+def worker_name(token_name: str, given: object) -> str:
+    """The name a pull worker's claims are made under: its token's and its own."""
+    if not isinstance(given, str) or not NAME.fullmatch(given):
+        raise FieldError("worker", "a worker name of letters, digits, '.', '_', '-' "
+                         "(at most 100) is needed")
+    return f"pull:{token_name}:{given}"
+
+
+def check_sha(sha: str) -> str:
+    if not SHA256.fullmatch(sha):
+        raise FieldError("sha256", f"{sha[:80]!r} is not a sha256 (64 lowercase hex digits)")
+    return sha
+
+
+def announce(conn: redis.Redis, settings: Settings, name: str, queues: list[str],
+             concurrency: int, host: str) -> None:
+    """Register the pull worker as a live worker of its queues (as Worker._announce)."""
+    info = {"name": name, "queues": queues, "host": host, "pid": 0, "process": "",
+            "concurrency": concurrency, "seen": time.time(), "pull": True}
+    pipe = conn.pipeline()
+    pipe.set(keys.worker(name), json.dumps(info), ex=max(1, int(settings.lease_timeout)))
+    pipe.sadd(keys.workers(), name)
+    pipe.sadd(keys.queues_served(), *queues)
+    pipe.execute()
+
+
+def upkeep(conn: redis.Redis, settings: Settings) -> None:
+    """Reap pieces lost with their workers (a killed pull worker's, after its lease), by
+    one web process at a time, once per heartbeat interval: pull workers may be the
+    only workers there are."""
+    if conn.set(keys.pull_upkeep(), "1", nx=True,
+                px=max(100, int(settings.heartbeat_interval * 1000))):
+        reap_lost(conn, settings)
+        run_timers(conn, settings)
+
+
+def _dep_ids(task: Task) -> list[str]:
+    found = list(task.deps)
+    for item in task.argv:
+        if isinstance(item, dict) and "dep" in item and item["dep"] not in found:
+            found.append(str(item["dep"]))
+    return found
+
+
+def describe(task: Task, cache: Cache) -> dict[str, Any]:
+    """What a worker needs to run a piece it was given: the task, and the hashes of
+    the files its inputs and dependencies' outputs are."""
+    return {"lease": task.id, "task": dataclasses.asdict(task),
+            "deps": {dep: cache.manifest(dep) for dep in _dep_ids(task)}}
+
+
+def claim(conn: redis.Redis, settings: Settings, cache: Cache, name: str, host: str,
+          queues: list[str], slots: int, wait: float, going: threading.Event
+          ) -> list[dict[str, Any]]:
+    """Up to `slots` pieces for this worker, waiting up to `wait` seconds for the first
+    (a long poll); [] if none came. Pieces for other backends (ssh, Slurm) go back to
+    their queue for a Redis worker."""
+    deadline = time.monotonic() + wait
+    found: list[dict[str, Any]] = []
+    while len(found) < slots:
+        left = deadline - time.monotonic()
+        if not found and (left <= 0 or going.is_set()):
+            break
+        upkeep(conn, settings)
+        # a second piece only if one is waiting right now: the first goes out at once
+        entry = dispatch.take(conn, queues, min(PULL_TAKE_SLICE, max(0.01, left))
+                              if not found else None)
+        if entry is None:
+            if found:
+                break
+            continue
+        try:
+            task = _claim_entry(conn, settings, entry, name, host)
+        finally:
+            dispatch.acknowledge(conn, entry)  # claimed or not, the lease covers it now
+        if task is None:
+            continue
+        if task.capture:
+            logs.RawWriter(conn, task.id).reset()
+        try:
+            found.append(describe(task, cache))
+        except SheepdogError as e:  # a dependency's outputs went missing meanwhile
+            conclude(conn, settings, name, task, store.job_ids_of_task(conn, task.id),
+                     Outcome(None, str(e), lost=True), Deadline(PULL_REPORT_DEADLINE))
+    return found
+
+
+def _claim_entry(conn: redis.Redis, settings: Settings, entry: dispatch.Entry, name: str,
+                 host: str) -> Task | None:
+    store.mark_taken(conn, entry.task_id, liveness.this_process())
+    backend = conn.hget(keys.task(entry.task_id), "backend")
+    if backend and backend.decode() not in ("", "local"):
+        store.put_back(conn, entry.task_id)
+        time.sleep(PULL_PUT_BACK_PAUSE)  # a Redis worker takes it meanwhile
+        return None
+    return store.claim(conn, entry.task_id, name, settings.lease_timeout,
+                       where=f"{host}, over HTTPS")
+
+
+def held(conn: redis.Redis, name: str, lease: str) -> Task:
+    """The running task this worker holds under `lease`; Refused if it holds none."""
+    task = store.get_task(conn, lease) if SHA256.fullmatch(lease) else None
+    if task is None or task.status != TaskStatus.RUNNING or task.worker != name:
+        raise Refused(f"piece {lease[:12]} is not running for worker {name} (cancelled, "
+                      "or its lease expired and it runs elsewhere)")
+    return task
+
+
+def renew(conn: redis.Redis, settings: Settings, name: str, leases: list[str]) -> list[str]:
+    """Renew the worker's leases; returns those it no longer holds (cancelled, taken)."""
+    revoked = []
+    for lease in leases:
+        if not (SHA256.fullmatch(lease)
+                and store.heartbeat(conn, lease, name, settings.lease_timeout)):
+            revoked.append(lease)
+    return revoked
+
+
+def write_log(conn: redis.Redis, settings: Settings, name: str, lease: str,
+              lines: list[tuple[str, str]], raw: dict[str, bytes]) -> None:
+    """A batch of the piece's output lines (and, for a capturing piece, its bytes)."""
+    task = held(conn, name, lease)
+    jobs = store.job_ids_of_task(conn, task.id)
+    writer = logs.LogWriter(conn, task.id, task.name, jobs, settings.log_max_lines,
+                            max_bytes=settings.log_max_bytes)
+    for stream, text in lines:
+        writer.write(stream if stream in ("stdout", "stderr") else "stderr", [text])
+    writer.flush(strict=True)
+    if raw:
+        sink = logs.RawWriter(conn, task.id)
+        for stream, data in raw.items():
+            sink.append(stream, data)
+        sink.flush(strict=True)
+
+
+def blob_for(conn: redis.Redis, cache: Cache, name: str, lease: str, sha: str) -> Path:
+    """An input or dependency output of a piece this worker holds, by hash."""
+    task = held(conn, name, lease)
+    allowed = set(task.inputs.values())
+    for dep in _dep_ids(task):
+        allowed.update(cache.manifest(dep).values())
+    if check_sha(sha) not in allowed:
+        raise Refused(f"blob {sha[:12]} is not an input of piece {lease[:12]}")
+    path = cache.blob(sha)
+    if not path.is_file():
+        raise SheepdogError(f"blob {sha[:12]} is missing from the service's store")
+    return path
+
+
+def _partial(cache: Cache, sha: str, name: str) -> Path:
+    """Where one worker's upload of one blob grows (per worker: two never mix)."""
+    return cache.tmp / f"up.{sha}.{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+
+def upload_state(cache: Cache, name: str, sha: str) -> dict[str, Any]:
+    if cache.blob(check_sha(sha)).is_file():
+        return {"complete": True, "offset": None}
+    part = _partial(cache, sha, name)
+    return {"complete": False, "offset": part.stat().st_size if part.exists() else 0}
+
+
+class OffsetMismatch(SheepdogError):
+    http_status = 409
+
+
+class HashMismatch(SheepdogError):
+    http_status = 422
+
+
+def receive(cache: Cache, name: str, sha: str, offset: int, total: int,
+            body: IO[bytes]) -> dict[str, Any]:
+    """Append one segment of an upload at `offset`, streamed to disk as it comes; when
+    the file is whole, check its hash and store it. A segment cut short leaves what
+    came, and the next one resumes there."""
+    check_sha(sha)
+    if cache.blob(sha).is_file():
+        return {"complete": True, "offset": None}
+    part = _partial(cache, sha, name)
+    have = part.stat().st_size if part.exists() else 0
+    if offset != have:
+        raise OffsetMismatch(f"upload of {sha[:12]} continues at byte {have}, not {offset}")
+    with open(part, "ab") as f:
+        for chunk in iter(lambda: body.read(PULL_CHUNK), b""):
+            f.write(chunk)
+            if f.tell() > total:
+                break
+        size = f.tell()
+    if size > total:
+        part.unlink(missing_ok=True)
+        raise FieldError("Upload-Length", f"more than the {total} bytes announced came")
+    if size < total:
+        return {"complete": False, "offset": size}
+    got = sha256_file(part)
+    if got != sha:
+        part.unlink(missing_ok=True)
+        raise HashMismatch(f"the upload's sha256 is {got}, not {sha}: refused (send it again)")
+    cache.put_blob_file(part, sha)
+    return {"complete": True, "offset": None}
+
+
+def _clean_files(files: object) -> dict[str, str]:
+    if not isinstance(files, dict):
+        raise FieldError("files", "an object of relative path -> sha256")
+    clean = {}
+    for rel, sha in files.items():
+        path = PurePosixPath(str(rel))
+        if (path.is_absolute() or not path.parts or any(p in ("", ".", "..") for p in path.parts)
+                or "\0" in str(rel)):
+            raise FieldError("files", f"{str(rel)[:80]!r} is not a plain relative path")
+        clean[path.as_posix()] = check_sha(str(sha))
+    return clean
+
+
+def finish(conn: redis.Redis, settings: Settings, cache: Cache, name: str, lease: str,
+           report: dict[str, Any]) -> dict[str, Any]:
+    """Record a piece's end. A success's output files must all be stored first:
+    {"missing": [...]} names those to upload. Asking again after it was recorded
+    answers its status, so a worker may always repeat a report it is unsure of."""
+    task = store.get_task(conn, lease) if SHA256.fullmatch(lease) else None
+    if task is None:
+        raise Refused(f"no piece {lease[:12]}")
+    if task.status != TaskStatus.RUNNING or task.worker != name:
+        return {"status": str(task.status), "recorded": False}
+    code = report.get("exit_code")
+    if code is not None and not isinstance(code, int):
+        raise FieldError("exit_code", "a whole number or null")
+    outcome = Outcome(code, str(report.get("error") or ""), bool(report.get("lost")))
+    if report.get("released"):
+        outcome = Outcome(None, RELEASED)
+    success = outcome.exit_code == 0 and not outcome.error
+    if success and task.cacheable:
+        files = _clean_files(report.get("files"))
+        missing = sorted({sha for sha in files.values() if not cache.has_blob(sha)})
+        if missing:
+            return {"missing": missing}
+        scratch = cache.assemble(task.id, files)
+        try:
+            cache.publish(task.id, scratch, task.outputs, task.complete_when)
+        except SheepdogError as e:
+            cache.discard(scratch)
+            outcome = Outcome(0, str(e))
+    jobs = store.job_ids_of_task(conn, task.id)
+    status = conclude(conn, settings, name, task, jobs, outcome,
+                      Deadline(PULL_REPORT_DEADLINE))
+    return {"status": str(status), "recorded": True}

@@ -1,0 +1,171 @@
+"""The pull worker protocol over HTTPS (sheepdog.pullwork does the work).
+
+Every request carries a token with the worker role and the protocol version in
+X-Sheepdog-Protocol; a worker speaking another version is answered 426 naming both.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request, send_file
+
+from sheepdog import __version__, pullwork
+from sheepdog.defaults import PULL_CLAIM_WAIT, PULL_PROTOCOL, PULL_RENEW_EVERY, PULL_SEGMENT
+from sheepdog.errors import FieldError
+
+from . import state, stream
+
+bp = Blueprint("workers", __name__, url_prefix="/api/v1/worker")
+HEADER = "X-Sheepdog-Protocol"
+
+
+@bp.before_request
+def same_protocol() -> Any:
+    given = request.headers.get(HEADER, "")
+    if given and given != str(PULL_PROTOCOL):
+        response = jsonify(error=f"this service speaks sheepdog worker protocol "
+                                 f"{PULL_PROTOCOL}; the worker speaks protocol {given}: "
+                                 "run the same sheepdog version on both", status=426,
+                           protocol=PULL_PROTOCOL)
+        response.status_code = 426
+        return response
+    return None
+
+
+@bp.after_request
+def say_protocol(response: Response) -> Response:
+    response.headers[HEADER] = str(PULL_PROTOCOL)
+    return response
+
+
+def _json() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise FieldError("body", "a JSON object is needed")
+    return body
+
+
+def _name(body: dict[str, Any] | None = None) -> str:
+    given = body.get("worker") if body is not None else request.args.get("worker")
+    return pullwork.worker_name(g.identity.name, given)
+
+
+def _strings(body: dict[str, Any], field: str, default: list[str]) -> list[str]:
+    value = body.get(field, default)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FieldError(field, "a list of strings")
+    return value
+
+
+def _number(body: dict[str, Any], field: str, default: float, low: float, high: float) -> float:
+    value = body.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FieldError(field, "a number")
+    return max(low, min(high, float(value)))
+
+
+@bp.get("/hello")
+def hello() -> Any:
+    settings = state.settings()
+    return jsonify(service="sheepdog", protocol=PULL_PROTOCOL, version=__version__,
+                   lease_seconds=settings.lease_timeout, renew_every=PULL_RENEW_EVERY,
+                   segment_bytes=PULL_SEGMENT, claim_wait=PULL_CLAIM_WAIT,
+                   who=g.identity.name)
+
+
+@bp.post("/claim")
+def claim() -> Any:
+    body = _json()
+    name = _name(body)
+    settings = state.settings()
+    queues = _strings(body, "queues", [settings.queue]) or [settings.queue]
+    slots = int(_number(body, "slots", 1, 1, 256))
+    wait = _number(body, "wait", PULL_CLAIM_WAIT, 0, PULL_CLAIM_WAIT)
+    host = str(body.get("host") or request.remote_addr or "?")[:200]
+    conn = state.conn()
+    pullwork.announce(conn, settings, name, queues, slots, host)
+    pieces = pullwork.claim(conn, settings, state.cache(), name, host, queues, slots, wait,
+                            stream.GOING_AWAY)
+    return jsonify(pieces=pieces, worker=name, lease_seconds=settings.lease_timeout)
+
+
+@bp.post("/renew")
+def renew() -> Any:
+    body = _json()
+    name = _name(body)
+    conn, settings = state.conn(), state.settings()
+    leases = _strings(body, "leases", [])
+    queues = _strings(body, "queues", [settings.queue])
+    pullwork.announce(conn, settings, name, queues, int(_number(body, "slots", 1, 1, 256)),
+                      str(body.get("host") or "?")[:200])
+    revoked = pullwork.renew(conn, settings, name, leases)
+    pullwork.upkeep(conn, settings)
+    return jsonify(revoked=revoked)
+
+
+@bp.post("/log")
+def log() -> Any:
+    body = _json()
+    name = _name(body)
+    lines = body.get("lines", [])
+    if not isinstance(lines, list) or not all(
+            isinstance(ln, list) and len(ln) == 2 and all(isinstance(x, str) for x in ln)
+            for ln in lines):
+        raise FieldError("lines", "a list of [stream, text] pairs")
+    raw_in = body.get("raw") or {}
+    if not isinstance(raw_in, dict):
+        raise FieldError("raw", "an object of stream -> base64 bytes")
+    try:
+        raw = {s: base64.b64decode(v, validate=True) for s, v in raw_in.items()
+               if s in ("stdout", "stderr")}
+    except (binascii.Error, TypeError) as e:
+        raise FieldError("raw", f"not base64: {e}") from e
+    pullwork.write_log(state.conn(), state.settings(), name, str(body.get("lease", "")),
+                       [(s, t) for s, t in lines], raw)
+    return jsonify(ok=True)
+
+
+@bp.get("/blobs/<sha>")
+def get_blob(sha: str) -> Any:
+    path = pullwork.blob_for(state.conn(), state.cache(), _name(),
+                             request.args.get("lease", ""), sha)
+    return send_file(path, mimetype="application/octet-stream", conditional=True,
+                     etag=sha, max_age=0)
+
+
+def _holder() -> str:
+    """The worker's name, once it is known to hold the piece named by ?lease= (only a
+    piece's holder may send files, and only while it holds it)."""
+    name = _name()
+    pullwork.held(state.conn(), name, request.args.get("lease", ""))
+    return name
+
+
+@bp.get("/uploads/<sha>")
+def upload_state(sha: str) -> Any:
+    return jsonify(pullwork.upload_state(state.cache(), _holder(), sha))
+
+
+@bp.put("/uploads/<sha>")
+def upload(sha: str) -> Any:
+    name = _holder()
+    try:
+        offset = int(request.headers.get("Upload-Offset", "0"))
+        total = int(request.headers["Upload-Length"])
+    except (KeyError, ValueError) as e:
+        raise FieldError("Upload-Length", "Upload-Offset and Upload-Length headers "
+                         "(whole numbers) are needed") from e
+    answer = pullwork.receive(state.cache(), name, sha, offset, total, request.stream)
+    return jsonify(answer), (201 if answer["complete"] else 202)
+
+
+@bp.post("/finish")
+def finish() -> Any:
+    body = _json()
+    name = _name(body)
+    answer = pullwork.finish(state.conn(), state.settings(), state.cache(), name,
+                             str(body.get("lease", "")), body)
+    return jsonify(answer), (409 if "missing" in answer else 200)
