@@ -21,7 +21,7 @@ from .clirun import Terminated, on_sigterm, print_line
 from .clirun import conn as _conn
 from .clirun import print_json as _print_json
 from .clirun import settings as _settings
-from .connection import connect_waiting, url_for
+from .connection import connect_waiting, shown, url_for
 from .defaults import PIECES_PAGE, SERVE_GRACE, WORKER_STOP_WAIT
 from .errors import SheepdogError
 from .logs import LogLine
@@ -220,7 +220,7 @@ def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: t
     for sig in (signal.SIGTERM, signal.SIGINT):  # going: running pieces go back to the queue
         signal.signal(sig, lambda *_: w.stop(release=True))
     click.echo(f"sheepdog worker {w.name} on {', '.join(w.queue_names)} "
-               f"({url_for(settings)})", err=True)
+               f"({shown(url_for(settings))})", err=True)
     w.run()
 
 
@@ -248,10 +248,23 @@ def _pull_worker(settings: Any, server: str, token: str, ca_file: str | None,
 @click.option("--local-workers", "local_workers", default=os.cpu_count() or 1, show_default=True,
               help="Tasks at once in a worker started alongside (0: rely on other workers).")
 @click.option("--threads", default=32, show_default=True,
-              help="Web threads (each open websocket holds one).")
-def serve(bind: str, local_workers: int, threads: int) -> None:
+              help="Web threads (each open websocket, each idle pull worker holds one).")
+@click.option("--certfile", envvar="SHEEPDOG_TLS_CERT", default=None, type=click.Path(),
+              help="Serve HTTPS with this certificate (PEM, with its chain) "
+                   "[env SHEEPDOG_TLS_CERT].")
+@click.option("--keyfile", envvar="SHEEPDOG_TLS_KEY", default=None, type=click.Path(),
+              help="... and this private key [env SHEEPDOG_TLS_KEY].")
+def serve(bind: str, local_workers: int, threads: int, certfile: str | None,
+          keyfile: str | None) -> None:
     """Serve the REST API, websockets and pages (gunicorn, threaded) on the same Redis."""
     settings = _settings()
+    tls: list[str] = []
+    if certfile or keyfile:
+        for option, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+            if not path or not Path(path).is_file():
+                raise click.UsageError(f"HTTPS needs both --certfile and --keyfile; "
+                                       f"{option} {path or ''} is not a file")
+        tls = ["--certfile", str(certfile), "--keyfile", str(keyfile)]
     _conn(settings)  # a down Redis is reported now, not on the first request
     # SHEEPDOG_SERVE: the app tells its open websockets when gunicorn is told to go
     env = dict(os.environ, SHEEPDOG_REDIS_URL=url_for(settings), SHEEPDOG_SERVE="1")
@@ -263,7 +276,7 @@ def serve(bind: str, local_workers: int, threads: int) -> None:
             "--graceful-timeout", str(int(SERVE_GRACE)),
             # the path without its query string (?token=...) and no referer: no token in logs
             "--access-logformat", '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s',
-            "--pythonpath", home, "web:create_app()"]
+            *tls, "--pythonpath", home, "web:create_app()"]
     children: list[subprocess.Popen[bytes]] = []
 
     def going(signum: int, _frame: Any) -> None:
@@ -277,7 +290,8 @@ def serve(bind: str, local_workers: int, threads: int) -> None:
             children.append(subprocess.Popen([sys.executable, "-m", "sheepdog", "worker",
                                               "--queue", settings.queue, "-j",
                                               str(local_workers)], env=env))
-        click.echo(f"sheepdog serving on http://{bind} ({url_for(settings)})", err=True)
+        scheme = "https" if tls else "http"
+        click.echo(f"sheepdog serving on {scheme}://{bind} ({shown(url_for(settings))})", err=True)
         children.insert(0, subprocess.Popen(argv, env=env))
         code = children[0].wait()
     except _Stopping as e:
@@ -478,7 +492,7 @@ def redis_status() -> None:
     settings = _settings()
     conn = _conn(settings)
     info = conn.info("server")
-    click.echo(f"{url_for(settings)}  redis {info.get('redis_version')}  "
+    click.echo(f"{shown(url_for(settings))}  redis {info.get('redis_version')}  "
                f"pid {info.get('process_id')}  {info.get('executable', '')}")
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from . import embedded
 from .config import Settings
 from .defaults import REDIS_MAX_CONNECTIONS, REDIS_RETRY
-from .errors import RedisUnavailable
+from .errors import ConfigError, RedisUnavailable
 
 
 def url_for(settings: Settings) -> str:
@@ -36,14 +38,56 @@ def connect_waiting(settings: Settings, say: Callable[[str], None],
             pause = min(pause * 2, REDIS_RETRY)
 
 
+def shown(url: str) -> str:
+    """The URL as it may be printed: its password hidden."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + parts.netloc.rsplit("@", 1)[1]))
+
+
+def _tls(settings: Settings, url: str) -> dict[str, object]:
+    """redis-py's TLS options for a rediss:// URL: the CA that signs the server's
+    certificate, and this client's certificate if the server asks for one."""
+    if not url.startswith("rediss://"):
+        return {}
+    for name, path in (("SHEEPDOG_REDIS_CA", settings.redis_ca),
+                       ("SHEEPDOG_REDIS_CERT", settings.redis_cert),
+                       ("SHEEPDOG_REDIS_KEY", settings.redis_key)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{name}={path}: no such file")
+    if bool(settings.redis_cert) != bool(settings.redis_key):
+        raise ConfigError("SHEEPDOG_REDIS_CERT and SHEEPDOG_REDIS_KEY go together")
+    options: dict[str, object] = {"ssl_cert_reqs": "required"}
+    if settings.redis_ca:
+        options["ssl_ca_certs"] = settings.redis_ca
+    if settings.redis_cert:
+        options.update(ssl_certfile=settings.redis_cert, ssl_keyfile=settings.redis_key)
+    return options
+
+
 def connect(settings: Settings) -> redis.Redis:
     """A checked connection; RedisUnavailable names the URL when the server is down."""
     url = url_for(settings)
     try:
         conn = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30,
-                                    max_connections=REDIS_MAX_CONNECTIONS)
+                                    max_connections=REDIS_MAX_CONNECTIONS,
+                                    **_tls(settings, url))
         conn.ping()
+    except redis.AuthenticationError as e:
+        raise RedisUnavailable(shown(url), f"{e}: check the user name and password in "
+                               "SHEEPDOG_REDIS_URL (redis://USER:PASSWORD@HOST...)",
+                               transient=False) from e
     except (redis.ConnectionError, redis.TimeoutError, OSError, ValueError) as e:
-        raise RedisUnavailable(url, str(e) or type(e).__name__,
+        reason = str(e) or type(e).__name__
+        if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate verify failed" in reason:
+            raise RedisUnavailable(shown(url), f"{reason}: the server's certificate does not "
+                                   "verify; set SHEEPDOG_REDIS_CA to the CA file that signed "
+                                   "it", transient=False) from e
+        if url.startswith("redis://") and any(
+                word in reason for word in ("Connection closed by server", "reset by peer")):
+            reason += " (a server that speaks only TLS? then use rediss://)"
+        raise RedisUnavailable(shown(url), reason,
                                transient=not isinstance(e, ValueError)) from e
     return conn

@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -201,7 +202,8 @@ def own_socket(wsgi: Any) -> Any:
 
     def middleware(environ: dict[str, Any], start_response: Any) -> Any:
         sock = environ.get("gunicorn.socket")
-        if sock is not None and environ.get("HTTP_UPGRADE", "").lower() == "websocket":
+        if (sock is not None and environ.get("HTTP_UPGRADE", "").lower() == "websocket"
+                and not isinstance(sock, ssl.SSLSocket)):  # TLS state cannot be duplicated
             environ["gunicorn.socket"] = sock.dup()
         return wsgi(environ, start_response)
 
