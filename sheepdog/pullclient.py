@@ -97,7 +97,6 @@ class Client:
             session = requests.Session()
             session.headers.update({"Authorization": f"Bearer {self.token}",
                                     HEADER: str(PULL_PROTOCOL)})
-            session.verify = self.verify
             self._local.session = session
         return session
 
@@ -110,7 +109,9 @@ class Client:
         while True:
             response: requests.Response | None
             try:
-                answer = self._session().request(method, url, timeout=(10, read_timeout), **kw)
+                # verify given each time: a session's own is overridden by REQUESTS_CA_BUNDLE
+                answer = self._session().request(method, url, timeout=(10, read_timeout),
+                                                 verify=self.verify, **kw)
             except requests.exceptions.SSLError as e:
                 raise Fatal(f"cannot verify the certificate of {self.server} ({e}). If the "
                             "service uses a certificate from its own CA, give that CA: "
@@ -247,7 +248,7 @@ class Client:
                         headers={"Upload-Offset": str(offset), "Upload-Length": str(size),
                                  "Content-Length": str(length),
                                  "Content-Type": "application/octet-stream"},
-                        timeout=(10, 300))
+                        timeout=(10, 300), verify=self.verify)
                 except requests.exceptions.SSLError as e:
                     raise Fatal(f"cannot verify the certificate of {self.server}: {e}") from e
                 except (requests.ConnectionError, requests.Timeout):

@@ -40,12 +40,13 @@ def _signed(where: Path, name: str, ca: tuple[Path, Path], san: str) -> tuple[Pa
     return cert, key
 
 
-def make(where: Path) -> Certs:
+def make(where: Path, more_ips: tuple[str, ...] = ()) -> Certs:
     assert shutil.which("openssl"), "openssl is not installed"
     where.mkdir(parents=True, exist_ok=True)
     ca = _ca(where, "ca")
     other = _ca(where, "other-ca")
-    server = _signed(where, "server", ca, "IP:127.0.0.1,DNS:localhost")
+    ips = "".join(f",IP:{ip}" for ip in more_ips)
+    server = _signed(where, "server", ca, f"IP:127.0.0.1,DNS:localhost{ips}")
     client = _signed(where, "client", ca, "DNS:sheepdog-client")
     for key in (server[1], client[1]):
         key.chmod(0o600)
