@@ -38,6 +38,11 @@ PULL_REPORT_DEADLINE = 20.0  # s: a request records through a Redis outage this 
 PULL_BACKOFF_MAX = 10.0  # s: a pull worker's longest pause between tries of one request
 PULL_SEGMENT = 64 << 20  # bytes of one upload request: a dropped one resumes at its start
 PULL_CHUNK = 1 << 20  # bytes read and written at a time while streaming a file
+# pieces a pull worker holds beyond its slots: the next one's claim and inputs travel
+# while one runs (one, not more: a long piece held back is a piece another worker could run)
+PULL_PREFETCH = 1
+PULL_LOG_EVERY = 0.5  # s between a pull worker's log batches (a short piece's go with its end)
+PULL_INLINE = 1 << 20  # bytes of small files a report or a fetch carries inside its JSON
 
 # -- logs
 LOG_FLUSH = 0.2  # s: buffered lines are sent at least this often (a few round trips/s)

@@ -110,6 +110,12 @@ def pull_upkeep() -> str:
     return f"{PREFIX}:pull-upkeep"
 
 
+def pull_leaving(worker: str) -> str:
+    """STRING with a TTL: the instance of a pull worker that said it is going; its
+    claims still waiting on the service take nothing more."""
+    return f"{PREFIX}:pull-leaving:{worker}"
+
+
 def queues_served() -> str:
     """SET: every queue some registered worker has served (POST /jobs accepts these)."""
     return f"{PREFIX}:queues"

@@ -150,6 +150,16 @@ class LogWriter:
                     return
         self._later()
 
+    def add(self, stream: str, lines: list[str]) -> None:
+        """Buffer lines to send at the next flush (a batch that came whole: a pull
+        worker's, written by the service in one call)."""
+        if not lines or not self._jobs or self.lost or self.capped:
+            return
+        now = f"{time.time():.3f}"
+        with self._lock:
+            for line in lines:
+                self._pending += [self._task, self._piece, stream, line, now]
+
     def _later(self) -> None:
         """Have the pending lines sent LOG_SEND_GAP after the last batch, by a thread that
         lives while lines keep coming (and goes after a quiet second)."""

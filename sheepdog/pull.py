@@ -11,10 +11,12 @@ expire; told to stop, it hands them back at once.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,14 @@ from typing import Any
 from . import piece
 from .cache import Cache
 from .config import Settings
-from .defaults import LOG_BATCH_LINES, PULL_CLAIM_WAIT, PULL_RENEW_EVERY
+from .defaults import (
+    LOG_BATCH_LINES,
+    PULL_CLAIM_WAIT,
+    PULL_INLINE,
+    PULL_LOG_EVERY,
+    PULL_PREFETCH,
+    PULL_RENEW_EVERY,
+)
 from .errors import SheepdogError
 from .models import Task
 from .piece import RELEASED, Outcome, PieceOutput
@@ -47,6 +56,7 @@ class HttpLog:
         self._raw: dict[str, bytearray] = {}
         self._lock = threading.Lock()
         self._sending = threading.Lock()
+        self._last = time.monotonic()
 
     def write(self, stream: str, lines: list[str]) -> None:
         with self._lock:
@@ -62,9 +72,22 @@ class HttpLog:
         with self._lock:
             self._raw.setdefault(stream, bytearray()).extend(chunk)
 
+    def take(self) -> dict[str, Any]:
+        """What waits to be sent, as a report's `lines` and `raw` (and no longer here)."""
+        with self._sending, self._lock:
+            lines, self._lines = self._lines, []
+            raw, self._raw = self._raw, {}
+        return {"lines": lines,
+                "raw": {s: base64.b64encode(bytes(d)).decode() for s, d in raw.items()}}
+
     def flush(self, give_up_after: float = 0.0) -> None:
-        """Send what waits; one try (lines are kept for the next) unless
-        `give_up_after` allows retrying that long."""
+        """Send what waits, at most every PULL_LOG_EVERY (a short piece's lines all go
+        with its report); one try (lines are kept for the next) unless `give_up_after`
+        allows retrying that long."""
+        if (not give_up_after and time.monotonic() - self._last < PULL_LOG_EVERY
+                and len(self._lines) < LINES_PER_REQUEST):
+            return
+        self._last = time.monotonic()
         with self._sending:
             while True:
                 with self._lock:
@@ -103,6 +126,7 @@ class PullWorker:
         self.concurrency = max(1, concurrency)
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self.host = socket.gethostname()
+        self.instance = uuid.uuid4().hex  # this process: its claims, and its goodbye
         self.cache = Cache(settings.cache_dir)
         self.full_name = ""  # the service's name for this worker (token name + ours)
         self.lease_seconds = settings.lease_timeout
@@ -110,6 +134,12 @@ class PullWorker:
         self.leaving = threading.Event()
         self.fatal: Fatal | None = None
         self._leases: dict[str, threading.Event] = {}
+        # pieces in hand that have not ended yet (staging, waiting for a slot, running):
+        # up to PULL_PREFETCH more than the slots, so the next piece's claim and inputs
+        # travel while one runs; its outputs and report travel after its slot is free
+        self._running: set[str] = set()
+        self._slots = threading.Semaphore(self.concurrency)
+        self._fetching: dict[str, threading.Event] = {}  # sha -> set once it is here
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)
         self._threads: list[threading.Thread] = []
@@ -130,6 +160,8 @@ class PullWorker:
         self.stopping.wait()
         if self.fatal is not None:
             self.client.stopping.set()  # refused: nothing more will be recorded
+        else:
+            self._say_goodbye()
         with self._lock:
             pieces = list(self._threads)
         for t in pieces:  # each hands its piece back (or, refused, just stops it)
@@ -153,12 +185,22 @@ class PullWorker:
         self.leaving.set()
         self.stopping.set()
 
+    def _say_goodbye(self) -> None:
+        """Tell the service this worker is going, so a claim of its still waiting there
+        takes nothing more for it (a piece leased to a gone worker waits out its lease)."""
+        try:
+            self.client.json("POST", "/api/v1/worker/leave", give_up_after=0.0,
+                             json={"worker": self.name, "instance": self.instance})
+        except SheepdogError as e:
+            log.info("pull worker %s: could not say goodbye: %s", self.name, e)
+
     def _claim_loop(self) -> None:
         while not self.stopping.is_set():
             with self._room:
-                while len(self._leases) >= self.concurrency and not self.stopping.is_set():
+                in_hand = self.concurrency + PULL_PREFETCH
+                while len(self._running) >= in_hand and not self.stopping.is_set():
                     self._room.wait(0.5)
-                free = self.concurrency - len(self._leases)
+                free = in_hand - len(self._running)
             if self.stopping.is_set():
                 return
             try:
@@ -166,7 +208,7 @@ class PullWorker:
                                           read_timeout=PULL_CLAIM_WAIT + 30, json={
                                               "worker": self.name, "queues": self.queues,
                                               "slots": free, "wait": PULL_CLAIM_WAIT,
-                                              "host": self.host})
+                                              "host": self.host, "instance": self.instance})
             except Fatal as e:
                 self._die(e)
                 return
@@ -187,6 +229,7 @@ class PullWorker:
         revoked = threading.Event()
         with self._lock:
             self._leases[lease] = revoked
+            self._running.add(lease)
             thread = threading.Thread(target=self._piece, args=(found, revoked),
                                       name=f"piece-{lease[:8]}", daemon=True)
             self._threads.append(thread)
@@ -226,6 +269,7 @@ class PullWorker:
         finally:
             with self._room:
                 self._leases.pop(lease, None)
+                self._running.discard(lease)
                 self._threads = [t for t in self._threads if t is not threading.current_thread()]
                 self._room.notify_all()
 
@@ -251,65 +295,128 @@ class PullWorker:
                                                         f"{self.client.server}: {e}", lost=True),
                              patience)
                 return
-            outcome = piece.run(task, self.settings, self.cache, output, revoked, self.leaving)
-            sink.flush(give_up_after=patience)
+            with self._slots:
+                outcome = piece.run(task, self.settings, self.cache, output, revoked,
+                                    self.leaving)
+            self._ran(lease)
             if sink.lost and outcome.error != RELEASED:
                 outcome = Outcome(outcome.exit_code, sink.lost, lost=task.cacheable)
             if revoked.is_set() and outcome.error == "cancelled":
                 return  # the service knows: it revoked the lease
-            self._report(task, lease, piece.explain(outcome, output), patience)
+            self._report(task, lease, piece.explain(outcome, output), patience, sink)
         finally:
             if scratch_cwd is not None:
                 self.cache.discard(scratch_cwd)
+
+    def _ran(self, lease: str) -> None:
+        with self._room:
+            self._running.discard(lease)
+            self._room.notify_all()
 
     def _stage(self, task: Task, deps: dict[str, dict[str, str]], lease: str,
                patience: float) -> None:
         """Inputs and dependencies' outputs into this worker's cache, each blob fetched
         once; a dependency's outputs are published here whole, like its own."""
-        for sha in task.inputs.values():
-            self._fetch(sha, lease, patience)
+        needed = set(task.inputs.values())
+        deps = {dep: files for dep, files in deps.items() if not self.cache.published(dep)}
+        for files in deps.values():
+            needed.update(files.values())
+        missing = sorted(sha for sha in needed if not self.cache.has_blob(sha))
+        # a file another piece of this worker is fetching right now is waited for, not
+        # fetched twice
+        with self._lock:
+            theirs = [self._fetching[sha] for sha in missing if sha in self._fetching]
+            mine = [sha for sha in missing if sha not in self._fetching]
+            for sha in mine:
+                self._fetching[sha] = threading.Event()
+        log.info("pull worker %s: %s: %d of its %d files here already, %d on their way; "
+                 "fetching %s", self.name, task.name, len(needed) - len(missing), len(needed),
+                 len(theirs), " ".join(sha[:12] for sha in mine) or "none")
+        try:
+            self._fetch(mine, lease, patience)
+        finally:
+            with self._lock:
+                for sha in mine:
+                    self._fetching.pop(sha).set()
+        for fetched in theirs:
+            fetched.wait()
+        self._fetch([sha for sha in missing if not self.cache.has_blob(sha)], lease, patience)
         for dep, files in deps.items():
-            if self.cache.published(dep):
-                continue
-            for sha in sorted(set(files.values())):
-                self._fetch(sha, lease, patience)
             self.cache.publish(dep, self.cache.assemble(dep, files), [])
 
-    def _fetch(self, sha: str, lease: str, patience: float) -> None:
-        if not self.cache.has_blob(sha):
-            self.client.download(sha, self.name, lease, self.cache, patience)
+    def _fetch(self, shas: list[str], lease: str, patience: float) -> None:
+        """The small ones in one request, the rest streamed one by one."""
+        if not shas:
+            return
+        for sha, data in self.client.json("POST", "/api/v1/worker/fetch", patience, json={
+                "worker": self.name, "lease": lease, "shas": shas})["blobs"].items():
+            raw = base64.b64decode(data)
+            if hashlib.sha256(raw).hexdigest() == sha:  # else it is streamed below
+                self.cache.put_bytes(raw)
+        for sha in shas:
+            if not self.cache.has_blob(sha):
+                self.client.download(sha, self.name, lease, self.cache, patience)
 
-    def _report(self, task: Task, lease: str, outcome: Outcome, patience: float) -> None:
-        """Tell the service how the piece ended; for a success, upload the outputs it
-        does not have yet (it says which) first."""
+    def _report(self, task: Task, lease: str, outcome: Outcome, patience: float,
+                sink: HttpLog | None = None) -> None:
+        """Tell the service how the piece ended; for a success, with its outputs: the
+        small ones inside the report, the rest uploaded when the service asks for them."""
         body: dict[str, Any] = {"worker": self.name, "lease": lease,
                                 "exit_code": outcome.exit_code, "error": outcome.error,
                                 "lost": outcome.lost, "released": outcome.error == RELEASED}
+        if sink is not None:  # its last lines travel with the report: one request less
+            body.update(sink.take())
         if outcome.exit_code == 0 and not outcome.error and task.cacheable:
             body["files"] = self.cache.manifest(task.id)
+            body["blobs"] = self._inline(body["files"])
         for _ in range(UPLOAD_TRIES + 1):
             try:
                 answer = self.client.json("POST", "/api/v1/worker/finish", patience,
-                                          ok=(200, 409), json=body)
+                                          ok=(200, 409, 422), json=body)
             except (Gone, Unreachable) as e:
-                log.warning("pull worker %s: piece %s: not recorded: %s", self.name,
-                            task.name, e)
+                log.warning("pull worker %s: %s: not recorded: %s", self.name, task.name, e)
                 return
-            missing = answer.get("missing")
-            if not missing:
+            for sent in ("lines", "raw", "blobs"):  # written: not sent twice
+                body.pop(sent, None)
+            if answer.get("status") == 422:  # an inline output arrived damaged
+                log.warning("pull worker %s: %s: %s", self.name, task.name, answer["error"])
+                continue  # the service lists what it lacks, sent again by upload
+            if not answer.get("missing"):
                 log.info("pull worker %s: %s: %s", self.name, task.name, answer.get("status"))
                 return
-            try:
-                for sha in missing:
-                    self.client.upload(self.cache.blob(sha), sha, self.name, lease, patience)
-            except HashMismatch as e:
-                log.warning("pull worker %s: %s: %s", self.name, task.name, e)
-            except (Gone, Unreachable) as e:
-                log.warning("pull worker %s: %s: outputs not sent: %s", self.name, task.name, e)
-                return
+            if self._upload(task, lease, answer["missing"], patience) is None:
+                return  # a damaged upload (False) is sent again on the next round
         body.update(exit_code=None, error=f"its outputs did not reach {self.client.server} "
                     "intact", lost=True, files=None)
         try:
             self.client.json("POST", "/api/v1/worker/finish", patience, json=body)
         except (Gone, Unreachable):
             pass
+
+    def _inline(self, files: dict[str, str]) -> dict[str, str]:
+        """Small outputs travel inside the report itself (base64): one request for a
+        piece's end and its files, the usual case; larger ones are uploaded after."""
+        inline: dict[str, str] = {}
+        room = PULL_INLINE
+        for sha in sorted(set(files.values())):
+            path = self.cache.blob(sha)
+            size = path.stat().st_size
+            if size <= room:
+                inline[sha] = base64.b64encode(path.read_bytes()).decode()
+                room -= size
+        return inline
+
+    def _upload(self, task: Task, lease: str, shas: list[str], patience: float
+                ) -> bool | None:
+        """Send these blobs; False if one arrived damaged (sent again on the next
+        round), None if the service cannot be reached or the piece is no longer ours."""
+        try:
+            for sha in shas:
+                self.client.upload(self.cache.blob(sha), sha, self.name, lease, patience)
+        except HashMismatch as e:
+            log.warning("pull worker %s: %s: %s", self.name, task.name, e)
+            return False
+        except (Gone, Unreachable) as e:
+            log.warning("pull worker %s: %s: outputs not sent: %s", self.name, task.name, e)
+            return None
+        return True

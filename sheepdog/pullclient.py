@@ -230,13 +230,15 @@ class Client:
             tmp.unlink(missing_ok=True)
 
     def upload(self, path: Path, sha: str, worker: str, lease: str,
-               give_up_after: float) -> None:
+               give_up_after: float, ask_first: bool = True) -> None:
         """A file to the service by its hash, in segments; a cut segment resumes at the
-        byte the service has. HashMismatch if the service got other bytes."""
+        byte the service has. HashMismatch if the service got other bytes. Without
+        `ask_first` it starts sending at once (a small file: asking costs more)."""
         size = path.stat().st_size
         where = f"/api/v1/worker/uploads/{sha}"
         params = {"worker": worker, "lease": lease}
-        state = self.json("GET", where, give_up_after, params=params)
+        state: dict[str, Any] = {"complete": False, "offset": 0} if not ask_first else \
+            self.json("GET", where, give_up_after, params=params)
         while not state["complete"]:
             offset = int(state["offset"])
             length = min(PULL_SEGMENT, size - offset)

@@ -9,12 +9,15 @@ the service checked by hash. web/workers.py only turns HTTP into these calls.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import hashlib
 import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
@@ -23,7 +26,14 @@ import redis
 from . import dispatch, keys, liveness, logs, store
 from .cache import Cache, sha256_file
 from .config import Settings
-from .defaults import PULL_CHUNK, PULL_PUT_BACK_PAUSE, PULL_REPORT_DEADLINE, PULL_TAKE_SLICE
+from .defaults import (
+    PULL_CHUNK,
+    PULL_CLAIM_WAIT,
+    PULL_INLINE,
+    PULL_PUT_BACK_PAUSE,
+    PULL_REPORT_DEADLINE,
+    PULL_TAKE_SLICE,
+)
 from .errors import FieldError, SheepdogError
 from .finalize import run_timers
 from .models import Task, TaskStatus
@@ -91,17 +101,29 @@ def describe(task: Task, cache: Cache) -> dict[str, Any]:
             "deps": {dep: cache.manifest(dep) for dep in _dep_ids(task)}}
 
 
+def leave(conn: redis.Redis, name: str, instance: str) -> None:
+    """The worker's process is going: its claims still waiting here end empty."""
+    conn.set(keys.pull_leaving(name), instance, ex=int(PULL_CLAIM_WAIT) + 10)
+
+
 def claim(conn: redis.Redis, settings: Settings, cache: Cache, name: str, host: str,
-          queues: list[str], slots: int, wait: float, going: threading.Event
+          queues: list[str], slots: int, wait: float, going: threading.Event,
+          instance: str = "", client_gone: Callable[[], bool] = lambda: False
           ) -> list[dict[str, Any]]:
     """Up to `slots` pieces for this worker, waiting up to `wait` seconds for the first
     (a long poll); [] if none came. Pieces for other backends (ssh, Slurm) go back to
-    their queue for a Redis worker."""
+    their queue for a Redis worker. A worker that went meanwhile (it said goodbye, or
+    closed the connection) gets nothing: a piece taken for it goes back at once."""
     deadline = time.monotonic() + wait
     found: list[dict[str, Any]] = []
+
+    def gone() -> bool:
+        said = instance and conn.get(keys.pull_leaving(name)) == instance.encode()
+        return bool(said) or client_gone()
+
     while len(found) < slots:
         left = deadline - time.monotonic()
-        if not found and (left <= 0 or going.is_set()):
+        if not found and (left <= 0 or going.is_set() or gone()):
             break
         upkeep(conn, settings)
         # a second piece only if one is waiting right now: the first goes out at once
@@ -112,6 +134,9 @@ def claim(conn: redis.Redis, settings: Settings, cache: Cache, name: str, host: 
                 break
             continue
         try:
+            if gone():
+                store.put_back(conn, entry.task_id)
+                break
             task = _claim_entry(conn, settings, entry, name, host)
         finally:
             dispatch.acknowledge(conn, entry)  # claimed or not, the lease covers it now
@@ -159,14 +184,16 @@ def renew(conn: redis.Redis, settings: Settings, name: str, leases: list[str]) -
 
 
 def write_log(conn: redis.Redis, settings: Settings, name: str, lease: str,
-              lines: list[tuple[str, str]], raw: dict[str, bytes]) -> None:
-    """A batch of the piece's output lines (and, for a capturing piece, its bytes)."""
-    task = held(conn, name, lease)
-    jobs = store.job_ids_of_task(conn, task.id)
+              lines: list[tuple[str, str]], raw: dict[str, bytes],
+              task: Task | None = None, jobs: list[str] | None = None) -> None:
+    """A batch of the piece's output lines (and, for a capturing piece, its bytes);
+    `task` and `jobs`: already read by the caller, who checked the lease."""
+    task = task or held(conn, name, lease)
+    jobs = jobs if jobs is not None else store.job_ids_of_task(conn, task.id)
     writer = logs.LogWriter(conn, task.id, task.name, jobs, settings.log_max_lines,
                             max_bytes=settings.log_max_bytes)
     for stream, text in lines:
-        writer.write(stream if stream in ("stdout", "stderr") else "stderr", [text])
+        writer.add(stream if stream in ("stdout", "stderr") else "stderr", [text])
     writer.flush(strict=True)
     if raw:
         sink = logs.RawWriter(conn, task.id)
@@ -187,6 +214,21 @@ def blob_for(conn: redis.Redis, cache: Cache, name: str, lease: str, sha: str) -
     if not path.is_file():
         raise SheepdogError(f"blob {sha[:12]} is missing from the service's store")
     return path
+
+
+def small_blobs(conn: redis.Redis, cache: Cache, name: str, lease: str, shas: list[str]
+                ) -> dict[str, str]:
+    """Inputs of a held piece in one answer (base64), as many small ones as fit in
+    PULL_INLINE bytes; the worker streams the rest one by one."""
+    found: dict[str, str] = {}
+    room = PULL_INLINE
+    for sha in shas:
+        path = blob_for(conn, cache, name, lease, sha)
+        size = path.stat().st_size
+        if size <= room:
+            found[sha] = base64.b64encode(path.read_bytes()).decode()
+            room -= size
+    return found
 
 
 def _partial(cache: Cache, sha: str, name: str) -> Path:
@@ -253,8 +295,26 @@ def _clean_files(files: object) -> dict[str, str]:
     return clean
 
 
+def _store_inline(cache: Cache, blobs: object) -> None:
+    """Small outputs sent inside a report (base64), each checked against its hash."""
+    if not isinstance(blobs, dict):
+        raise FieldError("blobs", "an object of sha256 -> base64 bytes")
+    for sha, data in blobs.items():
+        check_sha(str(sha))
+        try:
+            raw = base64.b64decode(str(data), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise FieldError("blobs", f"{str(sha)[:12]}: not base64: {e}") from e
+        got = hashlib.sha256(raw).hexdigest()
+        if got != sha:
+            raise HashMismatch(f"an output's sha256 is {got}, not {sha}: refused "
+                               "(send it again)")
+        cache.put_bytes(raw)
+
+
 def finish(conn: redis.Redis, settings: Settings, cache: Cache, name: str, lease: str,
-           report: dict[str, Any]) -> dict[str, Any]:
+           report: dict[str, Any], lines: list[tuple[str, str]] | None = None,
+           raw: dict[str, bytes] | None = None) -> dict[str, Any]:
     """Record a piece's end. A success's output files must all be stored first:
     {"missing": [...]} names those to upload. Asking again after it was recorded
     answers its status, so a worker may always repeat a report it is unsure of."""
@@ -263,6 +323,9 @@ def finish(conn: redis.Redis, settings: Settings, cache: Cache, name: str, lease
         raise Refused(f"no piece {lease[:12]}")
     if task.status != TaskStatus.RUNNING or task.worker != name:
         return {"status": str(task.status), "recorded": False}
+    jobs = store.job_ids_of_task(conn, task.id)
+    if lines or raw:  # the piece's last lines, before its end is told
+        write_log(conn, settings, name, lease, lines or [], raw or {}, task, jobs)
     code = report.get("exit_code")
     if code is not None and not isinstance(code, int):
         raise FieldError("exit_code", "a whole number or null")
@@ -272,6 +335,7 @@ def finish(conn: redis.Redis, settings: Settings, cache: Cache, name: str, lease
     success = outcome.exit_code == 0 and not outcome.error
     if success and task.cacheable:
         files = _clean_files(report.get("files"))
+        _store_inline(cache, report.get("blobs") or {})
         missing = sorted({sha for sha in files.values() if not cache.has_blob(sha)})
         if missing:
             return {"missing": missing}
@@ -281,7 +345,6 @@ def finish(conn: redis.Redis, settings: Settings, cache: Cache, name: str, lease
         except SheepdogError as e:
             cache.discard(scratch)
             outcome = Outcome(0, str(e))
-    jobs = store.job_ids_of_task(conn, task.id)
     status = conclude(conn, settings, name, task, jobs, outcome,
                       Deadline(PULL_REPORT_DEADLINE))
     return {"status": str(status), "recorded": True}

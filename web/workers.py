@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import select
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request, send_file
@@ -88,8 +89,28 @@ def claim() -> Any:
     conn = state.conn()
     pullwork.announce(conn, settings, name, queues, slots, host)
     pieces = pullwork.claim(conn, settings, state.cache(), name, host, queues, slots, wait,
-                            stream.GOING_AWAY)
+                            stream.GOING_AWAY, str(body.get("instance") or ""), _client_gone)
     return jsonify(pieces=pieces, worker=name, lease_seconds=settings.lease_timeout)
+
+
+def _client_gone() -> bool:
+    """Has the client closed its connection? A worker waiting for a claim's answer sends
+    nothing, so its socket turning readable means it hung up (a killed worker)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+@bp.post("/leave")
+def leave() -> Any:
+    body = _json()
+    pullwork.leave(state.conn(), _name(body), str(body.get("instance") or ""))
+    return jsonify(ok=True)
 
 
 @bp.post("/renew")
@@ -106,10 +127,8 @@ def renew() -> Any:
     return jsonify(revoked=revoked)
 
 
-@bp.post("/log")
-def log() -> Any:
-    body = _json()
-    name = _name(body)
+def _lines(body: dict[str, Any]) -> tuple[list[tuple[str, str]], dict[str, bytes]]:
+    """A request's output lines and exact bytes (log batches, and a report's last ones)."""
     lines = body.get("lines", [])
     if not isinstance(lines, list) or not all(
             isinstance(ln, list) and len(ln) == 2 and all(isinstance(x, str) for x in ln)
@@ -123,8 +142,16 @@ def log() -> Any:
                if s in ("stdout", "stderr")}
     except (binascii.Error, TypeError) as e:
         raise FieldError("raw", f"not base64: {e}") from e
+    return [(s, t) for s, t in lines], raw
+
+
+@bp.post("/log")
+def log() -> Any:
+    body = _json()
+    name = _name(body)
+    lines, raw = _lines(body)
     pullwork.write_log(state.conn(), state.settings(), name, str(body.get("lease", "")),
-                       [(s, t) for s, t in lines], raw)
+                       lines, raw)
     return jsonify(ok=True)
 
 
@@ -142,6 +169,14 @@ def _holder() -> str:
     name = _name()
     pullwork.held(state.conn(), name, request.args.get("lease", ""))
     return name
+
+
+@bp.post("/fetch")
+def fetch() -> Any:
+    body = _json()
+    shas = _strings(body, "shas", [])
+    return jsonify(blobs=pullwork.small_blobs(state.conn(), state.cache(), _name(body),
+                                              str(body.get("lease", "")), shas))
 
 
 @bp.get("/uploads/<sha>")
@@ -166,6 +201,7 @@ def upload(sha: str) -> Any:
 def finish() -> Any:
     body = _json()
     name = _name(body)
+    lines, raw = _lines(body)
     answer = pullwork.finish(state.conn(), state.settings(), state.cache(), name,
-                             str(body.get("lease", "")), body)
+                             str(body.get("lease", "")), body, lines, raw)
     return jsonify(answer), (409 if "missing" in answer else 200)
