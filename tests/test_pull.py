@@ -172,6 +172,7 @@ def _live(conn):
 # ------------------------------------------------------------- same guarantees
 
 
+@pytest.mark.fault
 def test_a_killed_pull_workers_piece_runs_again_after_its_lease(service, tokens, tmp_path,
                                                                 conn, env, pull_workers):
     wenv = worker_env(env, tmp_path / "w1", tokens["worker"])
@@ -198,6 +199,7 @@ def test_a_killed_pull_workers_piece_runs_again_after_its_lease(service, tokens,
     assert "done a" in json.dumps(item)
 
 
+@pytest.mark.fault
 def test_a_service_restart_mid_piece_is_ridden_out(service_env, certs, tokens, tmp_path, conn,
                                                    env, pull_workers):
     # the default lease: a restart (its graceful stop included) takes longer than LEASE
@@ -228,6 +230,7 @@ def test_a_service_restart_mid_piece_is_ridden_out(service_env, certs, tokens, t
         service.stop()
 
 
+@pytest.mark.fault
 def test_cancel_stops_the_remote_process_group_within_seconds(service, tokens, tmp_path, env,
                                                               pull_workers):
     worker = start_worker(service.url, worker_env(env, tmp_path / "w", tokens["worker"]),
