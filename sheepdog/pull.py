@@ -295,9 +295,9 @@ class PullWorker:
                                                         f"{self.client.server}: {e}", lost=True),
                              patience)
                 return
-            with self._slots:
-                outcome = piece.run(task, self.settings, self.cache, output, revoked,
-                                    self.leaving)
+            with self._slots:  # a prefetched piece waits here for its turn
+                outcome = Outcome(None, RELEASED) if self.leaving.is_set() else piece.run(
+                    task, self.settings, self.cache, output, revoked, self.leaving)
             self._ran(lease)
             if sink.lost and outcome.error != RELEASED:
                 outcome = Outcome(outcome.exit_code, sink.lost, lost=task.cacheable)

@@ -161,7 +161,7 @@ def _claim_entry(conn: redis.Redis, settings: Settings, entry: dispatch.Entry, n
         time.sleep(PULL_PUT_BACK_PAUSE)  # a Redis worker takes it meanwhile
         return None
     return store.claim(conn, entry.task_id, name, settings.lease_timeout,
-                       where=f"{host}, over HTTPS")
+                       where=f"{host}, pull worker")
 
 
 def held(conn: redis.Redis, name: str, lease: str) -> Task:
