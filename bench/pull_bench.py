@@ -38,7 +38,7 @@ from sheepdog.config import Settings  # noqa: E402
 from sheepdog.models import Job, JobStatus, Task  # noqa: E402
 
 
-def wait_done(conn: redis.Redis, job_id: str, timeout: float = 120) -> None:
+def wait_done(conn: redis.Redis, job_id: str, timeout: float = 400) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = store.get_job(conn, job_id).status
@@ -46,7 +46,11 @@ def wait_done(conn: redis.Redis, job_id: str, timeout: float = 120) -> None:
             assert status == JobStatus.SUCCESS, f"job {job_id} ended {status}"
             return
         time.sleep(0.01)
-    raise AssertionError(f"job {job_id} did not finish")
+    tasks = store.job_tasks(conn, job_id)
+    states: dict[str, int] = {}
+    for t in tasks:
+        states[f"{t.status}/{t.worker}"] = states.get(f"{t.status}/{t.worker}", 0) + 1
+    raise AssertionError(f"job {job_id} did not finish: {states}")
 
 
 def noop_job(conn: redis.Redis, settings: Settings, n: int, tag: str) -> float:

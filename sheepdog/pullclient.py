@@ -64,6 +64,15 @@ class _Segment:
         return data
 
 
+def _unverified(error: Exception) -> bool:
+    """A certificate that does not verify (not fixed by waiting), as opposed to a TLS
+    connection cut midway (an EOF, a reset: tried again like any dropped connection)."""
+    text = str(error)
+    return any(word in text for word in ("CERTIFICATE_VERIFY_FAILED", "certificate verify",
+                                         "doesn't match", "hostname mismatch",
+                                         "WRONG_VERSION_NUMBER"))
+
+
 def _error_text(response: requests.Response) -> str:
     try:
         return str(response.json().get("error", ""))[:300]
@@ -113,9 +122,12 @@ class Client:
                 answer = self._session().request(method, url, timeout=(10, read_timeout),
                                                  verify=self.verify, **kw)
             except requests.exceptions.SSLError as e:
-                raise Fatal(f"cannot verify the certificate of {self.server} ({e}). If the "
-                            "service uses a certificate from its own CA, give that CA: "
-                            "--ca-file CA.pem (or SHEEPDOG_CA_FILE)") from e
+                if _unverified(e):
+                    raise Fatal(f"cannot verify the certificate of {self.server} ({e}). If "
+                                "the service uses a certificate from its own CA, give that "
+                                "CA: --ca-file CA.pem (or SHEEPDOG_CA_FILE)") from e
+                problem = f"{self.server}: TLS connection broken ({e})"  # a cut connection
+                response = None
             except (requests.ConnectionError, requests.Timeout) as e:
                 problem = f"{self.server} is unreachable ({type(e).__name__})"
                 response = None
@@ -252,7 +264,11 @@ class Client:
                                  "Content-Type": "application/octet-stream"},
                         timeout=(10, 300), verify=self.verify)
                 except requests.exceptions.SSLError as e:
-                    raise Fatal(f"cannot verify the certificate of {self.server}: {e}") from e
+                    if _unverified(e):
+                        raise Fatal(f"cannot verify the certificate of {self.server}: "
+                                    f"{e}") from e
+                    state = self.json("GET", where, give_up_after, params=params)
+                    continue  # a cut TLS connection: resume where the service's copy ends
                 except (requests.ConnectionError, requests.Timeout):
                     state = self.json("GET", where, give_up_after, params=params)
                     continue  # resume where the service's copy ends

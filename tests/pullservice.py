@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -84,24 +85,34 @@ def worker_env(base: dict[str, str], home: Path, token: str) -> dict[str, str]:
 
 def start_worker(service_url: str, env: dict[str, str], *args: str, ca: Path | None = None,
                  netns: str | None = None) -> subprocess.Popen:
+    """A pull worker whose output goes to a file (a pipe nobody reads would fill and
+    stop it): `kill` returns what it said."""
     argv = [*SHEEPDOG, "worker", "--server", service_url, *args]
     if ca is not None:
         argv += ["--ca-file", str(ca)]
     if netns:
         argv = ["ip", "netns", "exec", netns, *argv]
-    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    out = tempfile.NamedTemporaryFile("w+", prefix="pull-worker-", suffix=".log", delete=False)
+    proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    proc.log_path = out.name  # type: ignore[attr-defined]
+    out.close()
+    return proc
 
 
 def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> str:
+    """Signal the process group (if it still runs), wait, and return what it said."""
     if proc.poll() is None:
         os.killpg(proc.pid, sig)
     try:
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-    return out or ""
+        proc.wait()
+    path = Path(getattr(proc, "log_path", "") or "/nonexistent")
+    said = path.read_text() if path.is_file() else ""
+    path.unlink(missing_ok=True)
+    return said
 
 
 @contextmanager
