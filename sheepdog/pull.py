@@ -80,11 +80,10 @@ class HttpLog:
         return {"lines": lines,
                 "raw": {s: base64.b64encode(bytes(d)).decode() for s, d in raw.items()}}
 
-    def flush(self, give_up_after: float = 0.0) -> None:
+    def flush(self) -> None:
         """Send what waits, at most every PULL_LOG_EVERY (a short piece's lines all go
-        with its report); one try (lines are kept for the next) unless `give_up_after`
-        allows retrying that long."""
-        if (not give_up_after and time.monotonic() - self._last < PULL_LOG_EVERY
+        with its report), in one try: through an outage the lines wait for the next."""
+        if (time.monotonic() - self._last < PULL_LOG_EVERY
                 and len(self._lines) < LINES_PER_REQUEST):
             return
         self._last = time.monotonic()
@@ -99,7 +98,7 @@ class HttpLog:
                 body = {"worker": self.worker, "lease": self.lease, "lines": lines,
                         "raw": {s: base64.b64encode(bytes(d)).decode() for s, d in raw.items()}}
                 try:
-                    self.client.json("POST", "/api/v1/worker/log", give_up_after, json=body)
+                    self.client.json("POST", "/api/v1/worker/log", 0.0, json=body)
                 except Gone:
                     self.revoked.set()
                     return
@@ -110,8 +109,6 @@ class HttpLog:
                         self._lines = lines + self._lines
                         for s, d in raw.items():
                             self._raw[s] = d + self._raw.get(s, bytearray())
-                    if give_up_after:
-                        self.lost = f"its output could not be sent: {e}"
                     return
 
 
