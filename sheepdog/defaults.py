@@ -30,6 +30,7 @@ SCRATCH_SWEEP_EVERY = 3600.0  # s: a worker looks for abandoned scratch this oft
 
 # -- pull workers (HTTPS)
 PULL_PROTOCOL = 1  # the worker protocol's version; both sides must speak the same one
+PULL_HEADER = "X-Sheepdog-Protocol"  # the header each side names its version in
 PULL_CLAIM_WAIT = 30.0  # s: a claim long-polls this long; an idle worker's one request
 PULL_TAKE_SLICE = 1.0  # s: one blocking take inside a claim (a server going down notices)
 PULL_PUT_BACK_PAUSE = 1.0  # s: after handing a piece for ssh/Slurm back to its queue

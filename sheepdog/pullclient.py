@@ -20,11 +20,10 @@ from typing import IO, Any
 import requests
 
 from .cache import Cache
-from .defaults import PULL_BACKOFF_MAX, PULL_CHUNK, PULL_PROTOCOL, PULL_SEGMENT
+from .defaults import PULL_BACKOFF_MAX, PULL_CHUNK, PULL_HEADER, PULL_PROTOCOL, PULL_SEGMENT
 from .errors import ConfigError, SheepdogError
 
 log = logging.getLogger(__name__)
-HEADER = "X-Sheepdog-Protocol"
 SERVER_ERRORS_TRIED = 5  # a 500 (a bug) is tried this often, not forever
 
 
@@ -105,7 +104,7 @@ class Client:
         if session is None:  # a Session per thread: they are not made to be shared
             session = requests.Session()
             session.headers.update({"Authorization": f"Bearer {self.token}",
-                                    HEADER: str(PULL_PROTOCOL)})
+                                    PULL_HEADER: str(PULL_PROTOCOL)})
             self._local.session = session
         return session
 

@@ -14,18 +14,23 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request, send_file
 
 from sheepdog import __version__, pullwork
-from sheepdog.defaults import PULL_CLAIM_WAIT, PULL_PROTOCOL, PULL_RENEW_EVERY, PULL_SEGMENT
+from sheepdog.defaults import (
+    PULL_CLAIM_WAIT,
+    PULL_HEADER,
+    PULL_PROTOCOL,
+    PULL_RENEW_EVERY,
+    PULL_SEGMENT,
+)
 from sheepdog.errors import FieldError
 
 from . import state, stream
 
 bp = Blueprint("workers", __name__, url_prefix="/api/v1/worker")
-HEADER = "X-Sheepdog-Protocol"
 
 
 @bp.before_request
 def same_protocol() -> Any:
-    given = request.headers.get(HEADER, "")
+    given = request.headers.get(PULL_HEADER, "")
     if given and given != str(PULL_PROTOCOL):
         response = jsonify(error=f"this service speaks sheepdog worker protocol "
                                  f"{PULL_PROTOCOL}; the worker speaks protocol {given}: "
@@ -38,7 +43,7 @@ def same_protocol() -> Any:
 
 @bp.after_request
 def say_protocol(response: Response) -> Response:
-    response.headers[HEADER] = str(PULL_PROTOCOL)
+    response.headers[PULL_HEADER] = str(PULL_PROTOCOL)
     return response
 
 
