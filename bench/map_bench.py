@@ -6,8 +6,8 @@ here, 2 workers each; and 100,000 chunked items with Redis memory per finished i
 
 (a) --n no-op Python calls through sheepdog.Executor (2 `sheepdog worker` processes)
     against RQ's SimpleWorker and forking Worker (2 `rq worker --burst` each) running a
-    no-op function; --n `true` items through `sheepdog map` without --chunk against RQ
-    running a function that runs `true`. Time from the first enqueue to the last result.
+    no-op function; --n `true` items through `sheepdog map` without --chunk (its default
+    packing), and with --chunk 1, against RQ running a function that runs `true`. Time from the first enqueue to the last result.
     Target: at least 3x RQ's SimpleWorker.
 (b) --big `true` items through `sheepdog map --chunk` (target: <= 60 s), and the Redis
     memory the finished job keeps per item (INFO used_memory; target: <= 500 bytes).
@@ -100,14 +100,16 @@ def executor_rate(server: RedisServer, home: Path, n: int) -> float:
         stop(procs)
 
 
-def map_run(server: RedisServer, home: Path, n: int, chunk: int) -> tuple[float, str]:
-    """Seconds for n `true` items through `sheepdog map` on 2 workers, and the job id."""
+def map_run(server: RedisServer, home: Path, n: int, chunk: int | None) -> tuple[float, str]:
+    """Seconds for n `true` items through `sheepdog map` on 2 workers, and the job id;
+    chunk None: map's own default (no --chunk)."""
     env = _env(server, home)
     procs = sheepdog_workers(server, home, "map")
+    chunking = [] if chunk is None else ["--chunk", str(chunk)]
     try:
         started = time.perf_counter()
         out = subprocess.run([sys.executable, "-m", "sheepdog", "map", "--queue", "map",
-                              "--range", f"1:{n}", "--chunk", str(chunk), "--json", "--",
+                              "--range", f"1:{n}", *chunking, "--json", "--",
                               "true"], env=env, capture_output=True, text=True, check=True)
         took = time.perf_counter() - started
         import json
@@ -137,11 +139,15 @@ def main() -> None:
             simple_t = rq_rate(server, args.n, "rq_tasks.run_true", "rq.worker.SimpleWorker")
             forking_t = rq_rate(server, args.n, "rq_tasks.run_true", "rq.worker.Worker")
             redis.Redis.from_url(server.url).flushdb()
-            took, _ = map_run(server, home, args.n, 1)
+            took, _ = map_run(server, home, args.n, None)
             rate = args.n / took
             print(f"  `true` items: RQ SimpleWorker {simple_t:7.0f}/s   RQ Worker "
                   f"{forking_t:8.0f}/s   sheepdog map      {rate:8.0f}/s   = "
                   f"{rate / simple_t:.1f}x SimpleWorker (target 3x)")
+            redis.Redis.from_url(server.url).flushdb()
+            took, _ = map_run(server, home, args.n, 1)
+            print(f"  the same with --chunk 1 (one piece per item): {args.n / took:.0f}/s = "
+                  f"{args.n / took / simple_t:.1f}x SimpleWorker")
             conn = redis.Redis.from_url(server.url)
             conn.flushdb()
             before = int(conn.info("memory")["used_memory"])

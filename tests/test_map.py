@@ -89,6 +89,38 @@ def test_chunks_record_each_item_on_its_own(env, tmp_path):
     assert [x["output"] for x in records] == [f"{n}\n" for n in range(1, 11)]
 
 
+def test_many_items_without_chunk_are_packed_yet_each_recorded_in_its_own_directory(
+        env, tmp_path):
+    """450 items without --chunk run as 150 pieces of 3; every item still has its own
+    record and its own (fresh, empty) directory, whose files come back as its own."""
+    script = ('echo {} $(ls -A "$SHEEPDOG_ITEM_DIR" | wc -l); '
+              '[ $(({} % 100)) != 0 ] || echo mine > "$SHEEPDOG_ITEM_DIR/f"; '
+              '[ {} != 222 ] || exit 3')
+    r = sheepdog("map", "--range", "1:450", "--out", "out", "--json", "--", "sh", "-c",
+                 script, env=env, cwd=str(tmp_path), timeout=120)
+    assert r.returncode == 1
+    view = json.loads(r.stdout)
+    assert view["progress"]["total"] == 151  # 150 pieces and the gather
+    records = _items(tmp_path / "out")
+    assert [x["output"] for x in records] == [f"{n} 0\n" for n in range(1, 451)]
+    assert [x["key"] for x in records if x["status"] != "success"] == ["222"]
+    assert [x["key"] for x in records if x["files"]] == ["100", "200", "300", "400"]
+    for n in (100, 200, 300, 400):
+        assert (tmp_path / "out" / "files" / str(n) / "f").read_text() == "mine\n"
+    assert not (tmp_path / "out" / "files" / "101").exists()
+
+
+def test_the_automatic_chunk_packs_only_beyond_200_items_and_never_with_cache():
+    from sheepdog.mapping.build import MapRequest, chunk_size
+    made = [items.Item(i + 1, str(i + 1), str(i + 1), {}) for i in range(10_000)]
+    assert chunk_size(MapRequest(["true"], made[:200])) == 1
+    assert chunk_size(MapRequest(["true"], made[:201])) == 2
+    assert chunk_size(MapRequest(["true"], made)) == 50
+    assert chunk_size(MapRequest(["true"], made * 30)) == 1000  # at most 1,000 per piece
+    assert chunk_size(MapRequest(["true"], made, cache=True)) == 1
+    assert chunk_size(MapRequest(["true"], made, chunk=7, cache=True)) == 7
+
+
 def test_cache_reruns_only_new_or_changed_items(env, tmp_path):
     items_file = tmp_path / "items.txt"
     items_file.write_text("a\nb\nc\n")

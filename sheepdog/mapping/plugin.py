@@ -73,8 +73,10 @@ def _summary_line(db: Any, settings: Settings, job_id: str) -> None:
               help="The whole numbers A to B (both included).")
 @click.option("--files", default=None, metavar="GLOB",
               help="Files matching GLOB; each is staged by content wherever it runs.")
-@click.option("--chunk", type=int, default=1, show_default=True,
-              help="Items per piece (for tiny items); each is still recorded on its own.")
+@click.option("--chunk", type=int, default=None,
+              help="Items per piece; each is still recorded on its own. Default: one "
+                   "per piece up to 200 items, beyond that 200 pieces (at most 1,000 "
+                   "items each); one per piece with --cache. --chunk 1 for long items.")
 @click.option("--jobs", "-j", "concurrency", type=click.IntRange(1), default=None,
               help="Items at once on this machine, when no worker serves the queue.")
 @click.option("--cache", is_flag=True, help="Reuse items already computed (content addressed).")
@@ -226,7 +228,7 @@ def request_from_body(body: dict[str, Any], settings: Settings,
     if not isinstance(max_failures, str | int) or isinstance(max_failures, bool):
         raise FieldError("max_failures", "must be a count or a share like \"5%\"")
     return MapRequest(template=list(command), items=found, columns=columns,
-                      chunk=_number(body, "chunk", int, 1), cache=_number(body, "cache", bool,
+                      chunk=_number(body, "chunk", int, None), cache=_number(body, "cache", bool,
                                                                           False),
                       timeout=float(_number(body, "timeout", float, 0.0)), checks=checks,
                       straggler_after=float(_number(body, "straggler_after", float, 0.0)),
@@ -261,7 +263,10 @@ class MapWorkflow(Workflow):
                        "properties": {"items": {"type": "string"}}},
             "key": {"type": "string", "description": "the field (or CSV column) that names "
                     "each item (default: its number; a line file's lines are their keys)"},
-            "chunk": {"type": "integer", "minimum": 1}, "cache": {"type": "boolean"},
+            "chunk": {"type": "integer", "minimum": 1, "description": "items per piece "
+                      "(default: one per piece up to 200 items, beyond that 200 pieces of "
+                      "at most 1,000 items; one per piece with cache)"},
+            "cache": {"type": "boolean"},
             "sample": {"type": "integer", "minimum": 1}, "seed": {"type": "integer"},
             "max_failures": {"type": ["string", "integer"]},
             "check": {"type": "array", "items": {"type": "string"}},
