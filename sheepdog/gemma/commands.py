@@ -21,16 +21,17 @@ COMPLETE = "total computation time"
 # OpenBLAS's idle threads spin for 2^28 cycles before sleeping: with two GEMMAs on two
 # cores that doubled each run's CPU time. 2^4 cycles changes no result (same threads,
 # same partition of the work; the BXD output is byte for byte the same).
+GEMMA_ENV: dict[str, str] = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 # GEMMA zeroes a fresh batch buffer of ~10 MB per run: as 4 KiB pages that is half a
-# short run's system time (perf, BXD chromosome 1 cut to 67 strains). glibc >= 2.35 then
-# asks for transparent huge pages where the kernel allows them (`madvise`), which cut
-# a run by 15-20% here with byte-identical output; older glibc ignores the setting.
-GEMMA_ENV: dict[str, str] = {"OPENBLAS_THREAD_TIMEOUT": "4",
-                             "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+# short run's system time (perf, BXD chromosome 1 cut to 67 strains). With this, glibc
+# (>= 2.35; older ones ignore it) asks for transparent huge pages where the kernel
+# allows them (`madvise`): a precompute's many short runs took 15-20% less, with
+# byte-identical output. Full-size LOCO runs showed no gain, so only precompute uses it.
+SHORT_RUN_ENV: dict[str, str] = {**GEMMA_ENV, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 # Permutation batches are throughput work: one OpenBLAS thread per GEMMA, one batch
 # per core, no oversubscription. Their minima equal a direct GEMMA run made with the
 # same setting (the test does exactly that).
-PERMUTATION_ENV = {"OPENBLAS_NUM_THREADS": "1", "GLIBC_TUNABLES": GEMMA_ENV["GLIBC_TUNABLES"]}
+PERMUTATION_ENV = {"OPENBLAS_NUM_THREADS": "1"}
 
 
 def version(binary: str = "gemma", cache_dir: Path | None = None) -> str:

@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import SheepdogError
 from . import kinship
 from .bimbam import geno_fields, lines
-from .commands import GEMMA_ENV, lmm_argv, parse_log
+from .commands import SHORT_RUN_ENV, lmm_argv, parse_log
 from .loco import loco_from, read_matrix, write_matrix
 
 Emit = Callable[[str], None]
@@ -145,7 +145,7 @@ def _gemma(argv: list[str], work: Path) -> tuple[int, str]:
     return done.returncode, done.stdout
 
 
-_ENV = dict(os.environ, **GEMMA_ENV)
+_ENV = dict(os.environ, **SHORT_RUN_ENV)
 
 
 Cut = tuple[Chromosome, Path, Path, Path, np.ndarray, list[str]]
