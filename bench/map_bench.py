@@ -7,8 +7,8 @@ here, 2 workers each; and 100,000 chunked items with Redis memory per finished i
 (a) --n no-op Python calls through sheepdog.Executor (2 `sheepdog worker` processes)
     against RQ's SimpleWorker and forking Worker (2 `rq worker --burst` each) running a
     no-op function; --n `true` items through `sheepdog map` without --chunk (its default
-    packing), and with --chunk 1, against RQ running a function that runs `true`. Time from the first enqueue to the last result.
-    Target: at least 3x RQ's SimpleWorker.
+    packing), and with --chunk 1, against RQ running a function that runs `true`. Time
+    from the first enqueue to the last result. Target: at least 3x RQ's SimpleWorker.
 (b) --big `true` items through `sheepdog map --chunk` (target: <= 60 s), and the Redis
     memory the finished job keeps per item (INFO used_memory; target: <= 500 bytes).
 """

@@ -4,11 +4,12 @@
     python -m sheepdog.mapping.step gather [--check FIELD ...] INDEX CHUNK_DIR ...
 
 `run` and `run-many` run a chunk's items one after another and write `results.jsonl`
-(one record per item, in order) and each item's files under `files/<n>/`
-($SHEEPDOG_ITEM_DIR). `run` is for a few items, in-process in the worker, each item in
-its own guarded process group; `run-many` runs as a process of its own (the worker
-guards its group) and starts each item inside that group by posix_spawn, read by one
-poll loop: a tiny item costs a millisecond, not five. A failing item is recorded, never
+(one record per item, in order) and each item's files under `files/<n>/` (an item
+writes them to $SHEEPDOG_ITEM_DIR, a fresh empty directory while it runs). `run` is
+for a few items, in-process in the worker, each item in its own guarded process group;
+`run-many` runs as a process of its own (the worker guards its group) and starts each
+item inside that group by posix_spawn, read by one poll loop: a tiny item costs under a
+millisecond, not five. A failing item is recorded, never
 fatal: the step exits 0 unless it could not run at all. `gather` checks every item is
 accounted for exactly once and that JSON outputs agree on the --check fields, and exits
 1 naming the items that failed or disagree. Only the standard library is imported from
@@ -270,8 +271,8 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
             if output.truncated:
                 record["output_truncated"] = True
             out.write(json.dumps(record) + "\n")
-    if os.path.isdir(scratch):
-        os.rmdir(scratch)
+    # what is left was written after its item ended (a straggling child): no item's
+    shutil.rmtree(scratch, ignore_errors=True)
     partial.rename(here / RESULTS)
 
 
