@@ -95,7 +95,7 @@ def test_many_items_without_chunk_are_packed_yet_each_recorded_in_its_own_direct
     record and its own (fresh, empty) directory, whose files come back as its own."""
     script = ('echo {} $(ls -A "$SHEEPDOG_ITEM_DIR" | wc -l); '
               '[ $(({} % 100)) != 0 ] || echo mine > "$SHEEPDOG_ITEM_DIR/f"; '
-              '[ {} != 222 ] || exit 3')
+              '[ {} != 222 ] || [ -e fixed ] || exit 3')
     r = sheepdog("map", "--range", "1:450", "--out", "out", "--json", "--", "sh", "-c",
                  script, env=env, cwd=str(tmp_path), timeout=120)
     assert r.returncode == 1
@@ -108,6 +108,14 @@ def test_many_items_without_chunk_are_packed_yet_each_recorded_in_its_own_direct
     for n in (100, 200, 300, 400):
         assert (tmp_path / "out" / "files" / str(n) / "f").read_text() == "mine\n"
     assert not (tmp_path / "out" / "files" / "101").exists()
+    # a retry keeps the packed pieces that succeeded and runs the failed item alone
+    (tmp_path / "fixed").write_text("")
+    again = sheepdog("map", "--retry-failed", view["id"], "--out", "out2", "--json",
+                     env=env, cwd=str(tmp_path), timeout=120)
+    assert again.returncode == 0, again.stderr
+    progress = json.loads(again.stdout)["progress"]
+    assert progress["items"]["done"] == 1 and progress["cached"] == 150
+    assert [x["status"] for x in _items(tmp_path / "out2")] == ["success"] * 450
 
 
 def test_the_automatic_chunk_packs_only_beyond_200_items_and_never_with_cache():
