@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import shlex
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import paramiko
 
-from .defaults import REMOTE_COMMAND_TIMEOUT, SSH_CONNECT_TIMEOUT, SSH_KEEPALIVE, SSH_READ_POLL
+from .defaults import (
+    REMOTE_COMMAND_TIMEOUT,
+    SSH_CONNECT_TIMEOUT,
+    SSH_EOF_GRACE,
+    SSH_EOF_POLL,
+    SSH_KEEPALIVE,
+    SSH_READ_POLL,
+)
 from .errors import BackendError
 from .hosts import Host, resolve
 
@@ -117,13 +125,23 @@ class Connection:
         channel = self.start(command)
         channel.settimeout(timeout)
         out, err = bytearray(), bytearray()
+        # sshd may send the exit status before the last of the output (it reports the
+        # child's exit while still draining its pipes), so read on until EOF; a command
+        # whose background child keeps its output open gets SSH_EOF_GRACE after its exit
+        eof_by: float | None = None
         try:
-            while not (channel.exit_status_ready() and not channel.recv_ready()
-                       and not channel.recv_stderr_ready()):
+            while True:
                 if channel.recv_ready():
                     out += channel.recv(65536)
                 elif channel.recv_stderr_ready():
                     err += channel.recv_stderr(65536)
+                elif channel.exit_status_ready():
+                    if channel.eof_received or channel.closed:
+                        break
+                    eof_by = eof_by or time.monotonic() + SSH_EOF_GRACE
+                    if time.monotonic() > eof_by:
+                        break
+                    time.sleep(SSH_EOF_POLL)
                 elif not self.alive():
                     raise BackendError("the ssh connection was lost", self.host.name)
                 else:
