@@ -33,6 +33,25 @@ def test_a_command_without_placeholders_gets_the_item_last():
     template = ["echo", "hello"]
     items.check_template(template, None, files=False)
     assert template == ["echo", "hello", "{}"]
+    as_is = ["echo", "hello"]  # -N0: GNU parallel's "read one item, insert none"
+    items.check_template(as_is, None, files=False, append=False)
+    assert as_is == ["echo", "hello"]
+
+
+def test_n0_runs_the_command_as_it_is_and_each_item_still_sees_its_key(env, tmp_path):
+    """-N0, in a chunk big enough to run as one process (one environment reused for its
+    items) and one item per piece: no argument is added, $SHEEPDOG_ITEM_KEY differs."""
+    script = 'echo "$SHEEPDOG_ITEM_KEY $#"'
+    for chunk, n0 in (("20", ["-N0"]), ("1", ["-N", "0"]), ("20", [])):
+        r = sheepdog("map", "--range", "1:20", "--chunk", chunk, *n0, "--out", f"o{chunk}{n0}",
+                     "--", "sh", "-c", script, "sh", env=env, cwd=str(tmp_path), timeout=120)
+        assert r.returncode == 0, r.stderr
+        records = _items(tmp_path / f"o{chunk}{n0}")
+        args = 0 if n0 else 1
+        assert [x["output"] for x in records] == [f"{n} {args}\n" for n in range(1, 21)]
+    wrong = sheepdog("map", "--range", "1:2", "-N", "2", "--", "true", env=env,
+                     cwd=str(tmp_path))
+    assert wrong.returncode == 2 and "-N" in wrong.stderr
 
 
 @pytest.mark.parametrize(("content", "args", "message"), [
@@ -293,6 +312,18 @@ def test_map_over_rest_serves_items_by_key_with_explicit_errors(redis_server, ho
     dup = client.post("/jobs", headers=auth, json={**body, "items": ["a", "b", "a"],
                                                    "key": None, "command": ["echo"]})
     assert dup.status_code == 400 and "duplicate key 'a'" in dup.get_json()["error"]
+    # "append": false is the CLI's -N0: the command runs as it is
+    as_is = client.post("/jobs", headers=auth, json={
+        "workflow": "map", "command": ["sh", "-c", 'echo "$SHEEPDOG_ITEM_KEY $#"'],
+        "items": ["x", "y"], "append": False})
+    assert as_is.status_code == 202, as_is.get_json()
+    as_is_id = as_is.get_json()["id"]
+    workers.start("--burst")  # the first ones may have found their queue empty and left
+    wait_for(lambda: client.get(f"/jobs/{as_is_id}", headers=auth).get_json()["status"]
+             in ("success", "error"), timeout=60, what="the -N0 map job")
+    assert client.get(f"/jobs/{as_is_id}/items/y", headers=auth).get_json()["output"] == "y 0\n"
+    flag = client.post("/jobs", headers=auth, json={**body, "append": "no"})
+    assert flag.status_code == 400 and flag.get_json()["field"] == "append"
 
 
 def test_large_chunks_run_their_items_in_one_process_with_the_same_records(env, tmp_path):

@@ -21,7 +21,7 @@ from ..cache import Cache
 from ..config import Settings
 from ..errors import FieldError, InputError
 from ..models import ArgvItem, Job, Task
-from .items import Item, check_template, render, staged_paths
+from .items import Item, check_template, placeholders, render, staged_paths
 
 STEP = "sheepdog.mapping.step"
 INLINE_SPEC = 64 * 1024  # bytes: a longer chunk spec travels as a staged file
@@ -52,6 +52,8 @@ class MapRequest:
     straggler_after: float = 0.0  # s; 0: never start a slow piece twice
     cwd: str = ""  # where items run on this machine (local backend); "" = their own dir
     env: dict[str, str] = field(default_factory=dict)
+    # False (-N0): a command without placeholders runs as it is, not with the item last
+    append: bool = True
     source: str = ""  # where the items came from, for the job's record
     backend: str = "local"
     host: str = ""
@@ -91,14 +93,21 @@ def _program_hash(template: list[str], cwd: str) -> str:
         return ""
 
 
+def _stages(request: MapRequest) -> bool:
+    """Whether items stage files (--files, {file:COL}): most do not, and 100,000 items
+    need not be asked one by one."""
+    return request.files or any(p.startswith("file:") for p in placeholders(request.template))
+
+
 def _chunk_task(request: MapRequest, chunk: list[Item], settings: Settings, cache: Cache,
                 nonce: str, environment: str, queue: str) -> Task:
     inputs: dict[str, str] = {}
     specs = []
+    stages = _stages(request)
     for n, item in enumerate(chunk):
-        names = {name: f"{n}/{name}" for name in staged_paths(request.template, item,
-                                                              request.files)}
-        for name, path in staged_paths(request.template, item, request.files).items():
+        paths = staged_paths(request.template, item, request.files) if stages else {}
+        names = {name: f"{n}/{name}" for name in paths}
+        for name, path in paths.items():
             inputs[names[name]] = cache.put_file(Path(path))
         parts = [[{"input": names[p["input"]]} if isinstance(p, dict) else p for p in arg]
                  for arg in render(request.template, item, set(names))]
@@ -152,8 +161,10 @@ def check(request: MapRequest) -> None:
         raise InputError("--timeout", "must be 0 (none) or more seconds")
     if request.straggler_after < 0:
         raise InputError("--straggler-after", "must be 0 (never) or more seconds")
-    check_template(request.template, request.columns, request.files)
+    check_template(request.template, request.columns, request.files, request.append)
     failure_limit(request.max_failures, len(request.items))
+    if not _stages(request):
+        return
     for item in request.items:
         for name, path in staged_paths(request.template, item, request.files).items():
             if not Path(path).is_file():
@@ -193,7 +204,7 @@ def build_job(request: MapRequest, settings: Settings, cache: Cache,
         "chunks": len(tasks), "checks": request.checks, "cache": request.cache,
         "max_failures": request.max_failures, "source": request.source,
         "template": request.template, "timeout": request.timeout,
-        "straggler_after": request.straggler_after}
+        "straggler_after": request.straggler_after, "append": request.append}
     job = Job(id=job_id, workflow="map", command=list(request.template), params=params,
               backend=request.backend, host=request.host, queue=queue, final_task=gather.id)
     return job, [*tasks, gather]

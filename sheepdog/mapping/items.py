@@ -195,8 +195,10 @@ def placeholders(template: list[str]) -> list[str]:
     return [m[1] or "" for arg in template for m in PLACEHOLDER.finditer(arg)]
 
 
-def check_template(template: list[str], columns: list[str] | None, files: bool) -> None:
-    """Refuse an unknown placeholder ({itme}) before anything runs."""
+def check_template(template: list[str], columns: list[str] | None, files: bool,
+                   append: bool = True) -> None:
+    """Refuse an unknown placeholder ({itme}) before anything runs; a command with none
+    gets the item last (unless `append` is off: GNU parallel's -N0)."""
     if not template:
         raise InputError("command", "give the command to run after '--'")
     known = set(columns or [])
@@ -210,7 +212,7 @@ def check_template(template: list[str], columns: list[str] | None, files: bool) 
                  else "only a CSV/TSV with a header has named columns")
         raise InputError("command", f"unknown placeholder {{{name}}}: {where}; GNU "
                          "parallel's {} {#} {/} {//} {.} {/.} work for every item")
-    if not any(PLACEHOLDER.search(arg) for arg in template) and not files:
+    if append and not files and not any(PLACEHOLDER.search(arg) for arg in template):
         # like GNU parallel: no placeholder means the item goes last
         template.append("{}")
 
@@ -250,7 +252,7 @@ def _value(name: str, item: Item, staged: set[str]) -> Part:
         return {"input": name}
     if name == "" and WHOLE in staged:
         return {"input": WHOLE}
-    if name in _path_forms(item.value):
+    if name in ("/", "//", ".", "/."):
         return _path_forms(item.value)[name]
     if name == "":
         return item.value

@@ -77,6 +77,10 @@ def _summary_line(db: Any, settings: Settings, job_id: str) -> None:
               help="Items per piece; each is still recorded on its own. Default: one "
                    "per piece up to 200 items, beyond that 200 pieces (at most 1,000 "
                    "items each); one per piece with --cache. --chunk 1 for long items.")
+@click.option("--max-args", "-N", "max_args", type=click.IntRange(0, 1), default=1,
+              help="-N0: run the command as it is for each item, without adding the item "
+                   "when it has no placeholder (GNU parallel's -N0); the item's key is in "
+                   "$SHEEPDOG_ITEM_KEY.")
 @click.option("--jobs", "-j", "concurrency", type=click.IntRange(1), default=None,
               help="Items at once on this machine, when no worker serves the queue.")
 @click.option("--cache", is_flag=True, help="Reuse items already computed (content addressed).")
@@ -127,7 +131,7 @@ def run_map(kw: dict[str, Any]) -> int:
                              timeout=kw["timeout"], checks=list(kw["checks"]),
                              straggler_after=kw["straggler_after"],
                              max_failures=kw["max_failures"], cwd=build.spec_cwd(None),
-                             source=source, **common)
+                             append=kw["max_args"] == 1, source=source, **common)
         job, tasks = build.build_job(request, settings, Cache(settings.cache_dir))
     jobs.submit(db, settings, job, tasks)
     code = clirun.finish(db, settings, job.id, job.queue, kw["detach"], kw["as_json"],
@@ -233,6 +237,7 @@ def request_from_body(body: dict[str, Any], settings: Settings,
                       timeout=float(_number(body, "timeout", float, 0.0)), checks=checks,
                       straggler_after=float(_number(body, "straggler_after", float, 0.0)),
                       max_failures=str(max_failures) if max_failures != "" else "",
+                      append=bool(_number(body, "append", bool, True)),
                       cwd=str(settings.home), source="POST /jobs",
                       backend=body.get("backend") or "local", host=body.get("host") or "",
                       queue=body.get("queue") or "")
@@ -267,6 +272,9 @@ class MapWorkflow(Workflow):
                       "(default: one per piece up to 200 items, beyond that 200 pieces of "
                       "at most 1,000 items; one per piece with cache)"},
             "cache": {"type": "boolean"},
+            "append": {"type": "boolean", "description": "false: a command without "
+                       "placeholders runs as it is, not with the item last (the CLI's -N0; "
+                       "the item's key is in $SHEEPDOG_ITEM_KEY)"},
             "sample": {"type": "integer", "minimum": 1}, "seed": {"type": "integer"},
             "max_failures": {"type": ["string", "integer"]},
             "check": {"type": "array", "items": {"type": "string"}},
@@ -280,7 +288,8 @@ class MapWorkflow(Workflow):
             staged = [p for it in request.items
                       for p in items.staged_paths(request.template, it, False).values()]
             if staged:
-                items.check_template(request.template, request.columns, False)
+                items.check_template(request.template, request.columns, False,
+                                     request.append)
                 _under_roots(staged, settings.input_roots)
             return build.build_job(request, settings, cache)
         except InputError as e:

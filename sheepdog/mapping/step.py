@@ -162,16 +162,15 @@ def _devnull() -> int:
 
 def _spawn(argv: list[str], cwd: str, env: dict[str, str]) -> tuple[int, int, int]:
     """Start an item by posix_spawn (vfork + exec: a tenth of Popen's cost here) in this
-    process's group; (pid, stdout fd, stderr fd). Only `run-many`, a single-threaded
-    process of its own, changes directory for it. Python's pipes are close-on-exec, so
-    the item keeps only the ends given to it."""
+    process's group, in the current directory (`run_chunk` moved there: only `run-many`,
+    a single-threaded process of its own, changes directory); (pid, stdout fd, stderr
+    fd). Python's pipes are close-on-exec, so the item keeps only the ends given to it."""
     found = _program(argv[0], cwd, env.get("PATH", os.defpath))
     if not found:
         raise FileNotFoundError(2, "No such file or directory", argv[0])
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        os.chdir(cwd)
         pid = os.posix_spawn(found, argv, env, setsigdef=_DEFAULT_SIGNALS, file_actions=[
             (os.POSIX_SPAWN_DUP2, _devnull(), 0),
             (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)])
@@ -188,18 +187,19 @@ def _spawn(argv: list[str], cwd: str, env: dict[str, str]) -> tuple[int, int, in
 def run_light(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
               output: ItemOutput, stop: threading.Event) -> tuple[str, int | None]:
     """run_item for `run-many`: the item stays in this step's process group (which dies
-    with the worker) and is read by one poll loop; a timeout kills its tree."""
+    with the worker) and is read by one poll loop; a timeout kills its tree. Most items
+    of a big chunk print nothing: line splitting starts with the first byte."""
     try:
         pid, out_fd, err_fd = _spawn(argv, cwd, env)
     except OSError as e:
         output("stderr", [f"cannot start {argv[0]!r}: {e.strerror or e}"])
         return "failed", 127
     streams = {out_fd: "stdout", err_fd: "stderr"}
-    splitters = {name: LineSplitter() for name in streams.values()}
+    splitters: dict[str, LineSplitter] = {}
     deadline = time.monotonic() + timeout if timeout > 0 else None
     poller = select.poll()
-    for fd in streams:
-        poller.register(fd, select.POLLIN)
+    poller.register(out_fd, select.POLLIN)
+    poller.register(err_fd, select.POLLIN)
     status: int | None = None
     try:
         while streams:
@@ -211,10 +211,12 @@ def run_light(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
                 if not chunk:
                     poller.unregister(fd)
                     del streams[fd]
-                    output(name, splitters[name].flush())
+                    if name in splitters:
+                        output(name, splitters[name].flush())
                     continue
                 output.raw(name, chunk)
-                output(name, splitters[name].feed(chunk))
+                splitter = splitters.get(name) or splitters.setdefault(name, LineSplitter())
+                output(name, splitter.feed(chunk))
             if stop.is_set():
                 _kill_tree(pid)
                 return "cancelled", None
@@ -224,8 +226,8 @@ def run_light(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
                 return "timeout", None
         status = os.waitpid(pid, 0)[1]
     finally:
-        for fd in (out_fd, err_fd):
-            os.close(fd)
+        os.close(out_fd)
+        os.close(err_fd)
     code = os.waitstatus_to_exitcode(status)
     code = code if code >= 0 else 128 - code
     return ("success" if code == 0 else "failed"), code
@@ -241,18 +243,26 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
               emit: Emit, complain: Emit, stop: threading.Event, light: bool = False) -> None:
     """Every item of the chunk, one record each into results.jsonl."""
     timeout = float(spec.get("timeout") or 0)
-    base_env = dict(os.environ, **{k: str(v) for k, v in spec.get("env", {}).items()})
     partial = here / (RESULTS + ".part")
     top = here / "files"
     top.mkdir(exist_ok=True)
     # Items run one after another in one scratch directory, renamed to files/<n> only
     # when the item left something there: a mkdir costs more than a `true` item here.
     scratch = os.path.join(top, ".item")
+    # one environment for the chunk, the item's key set in it for each (posix_spawn
+    # copies it): a fresh dict of the whole environment per item costs more than `true`
+    env = dict(os.environ, **{k: str(v) for k, v in spec.get("env", {}).items()},
+               SHEEPDOG_ITEM_DIR=scratch)
+    moved = True  # this process is not in the current scratch directory
     with open(partial, "w", encoding="utf-8") as out:
         for n, item in enumerate(spec["items"]):
             if not os.path.isdir(scratch):
                 os.mkdir(scratch)
-            env = dict(base_env, SHEEPDOG_ITEM_DIR=scratch, SHEEPDOG_ITEM_KEY=item["key"])
+                moved = True
+            if light and moved:  # run-many's items start where this process is
+                os.chdir(cwd or scratch)
+                moved = False
+            env["SHEEPDOG_ITEM_KEY"] = item["key"]
             output = ItemOutput(emit, complain)
             started = time.monotonic()
             status, code = (run_light if light else run_item)(
@@ -263,6 +273,7 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
             if os.listdir(scratch):
                 files = os.path.join(top, str(n))
                 os.rename(scratch, files)
+                moved = True
                 kept = _files(files)
             record = {"status": status, "exit_code": code,
                       "output": output.stdout.decode("utf-8", errors="replace"),
