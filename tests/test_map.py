@@ -409,3 +409,25 @@ def test_a_pieces_items_are_counted_once_however_often_it_is_reported(conn):
     assert first == again == {"items_total": 10, "items_done": 4, "items_failed": 1}
     assert other == {"items_total": 10, "items_done": 10, "items_failed": 1}
     assert store.counts(conn, "j1") == other
+
+
+def test_run_many_starts_items_in_the_scratch_directory_even_after_an_item_remade_it(
+        tmp_path, monkeypatch):
+    """Without --cwd (shell and Slurm backends) items start in their scratch directory;
+    run-many changes into it only when it changed, so an item that removes and makes it
+    again must not leave the next one in a deleted directory."""
+    monkeypatch.chdir(tmp_path)  # run-many changes this process's directory
+    from sheepdog.mapping import step
+
+    script = ('if [ "$SHEEPDOG_ITEM_KEY" = 3 ]; then rm -rf "$SHEEPDOG_ITEM_DIR"; '
+              'mkdir "$SHEEPDOG_ITEM_DIR"; else echo "$SHEEPDOG_ITEM_KEY" > ./mine; fi')
+    spec = {"items": [{"key": str(n), "argv": [["sh"], ["-c"], [script]]}
+                      for n in range(1, 21)]}
+    said: list[str] = []
+    assert step.main(["run-many", json.dumps(spec)], workdir=tmp_path, emit=said.append,
+                     complain=said.append) == 0
+    records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["success"] * 20, said
+    assert [r["files"] for r in records] == [["mine"]] * 2 + [[]] + [["mine"]] * 17
+    for n in (0, 1, *range(3, 20)):
+        assert (tmp_path / "files" / str(n) / "mine").read_text() == f"{n + 1}\n"

@@ -250,18 +250,20 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
     # when the item left something there: a mkdir costs more than a `true` item here.
     scratch = os.path.join(top, ".item")
     # one environment for the chunk, the item's key set in it for each (posix_spawn
-    # copies it): a fresh dict of the whole environment per item costs more than `true`
+    # copies it), rather than a copy of the whole environment per item
     env = dict(os.environ, **{k: str(v) for k, v in spec.get("env", {}).items()},
                SHEEPDOG_ITEM_DIR=scratch)
-    moved = True  # this process is not in the current scratch directory
+    inside = -1  # the inode of the scratch directory run-many is in (its items start there)
     with open(partial, "w", encoding="utf-8") as out:
         for n, item in enumerate(spec["items"]):
-            if not os.path.isdir(scratch):
+            try:
+                inode = os.stat(scratch).st_ino
+            except FileNotFoundError:  # renamed to its item's files, or removed by it
                 os.mkdir(scratch)
-                moved = True
-            if light and moved:  # run-many's items start where this process is
+                inode = os.stat(scratch).st_ino
+            if light and inode != inside:
                 os.chdir(cwd or scratch)
-                moved = False
+                inside = inode
             env["SHEEPDOG_ITEM_KEY"] = item["key"]
             output = ItemOutput(emit, complain)
             started = time.monotonic()
@@ -273,7 +275,6 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
             if os.listdir(scratch):
                 files = os.path.join(top, str(n))
                 os.rename(scratch, files)
-                moved = True
                 kept = _files(files)
             record = {"status": status, "exit_code": code,
                       "output": output.stdout.decode("utf-8", errors="replace"),
