@@ -33,6 +33,8 @@ from pathlib import Path
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"  # git-ignored: what a run leaves behind
+OUT.mkdir(exist_ok=True)
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -183,7 +185,7 @@ def main() -> None:
     parser.add_argument("--followers", type=int, default=200)
     parser.add_argument("--stored", type=int, default=100_000)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="sheepdog-load-"))
+    work = Path(tempfile.mkdtemp(prefix="sheepdog-load-", dir=OUT))
     server = RedisServer(free_port(), work)
     server.start()
     port = free_port()

@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"  # git-ignored: what a run leaves behind
+OUT.mkdir(exist_ok=True)
 BXD = ROOT / "sheepdog" / "examples" / "bxd"
 GENO, PHENO, ANNO = BXD / "BXD_geno.txt.gz", BXD / "BXD_pheno.txt", BXD / "BXD_snps.txt"
 
@@ -89,7 +91,7 @@ def main() -> None:
     args = parser.parse_args()
     if not shutil.which("gemma"):
         sys.exit("gemma is not installed (apt-get install gemma)")
-    home = Path(tempfile.mkdtemp(prefix="sheepdog-bench-"))
+    home = Path(tempfile.mkdtemp(prefix="sheepdog-bench-", dir=OUT))
     env = sheepdog_env(home)
     sheepdog(["run", "--", "true"], env)  # start the embedded Redis outside the timings
     serial = statistics.median(gemma_baseline(1) for _ in range(args.repeat))

@@ -26,6 +26,8 @@ from pathlib import Path
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"  # git-ignored: what a run leaves behind
+OUT.mkdir(exist_ok=True)
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -69,7 +71,7 @@ def main() -> None:
     parser.add_argument("--pieces", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="pull-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="pull-bench-", dir=OUT))
     server = RedisServer(free_port(), work)
     server.start()
     conn = redis.Redis.from_url(server.url)

@@ -30,6 +30,8 @@ from pathlib import Path
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"  # git-ignored: what a run leaves behind
+OUT.mkdir(exist_ok=True)
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -225,7 +227,7 @@ def main() -> None:
     parser.add_argument("--websocket-only", action="store_true", help="(d) alone")
     args = parser.parse_args()
     if args.websocket_only:
-        work = Path(tempfile.mkdtemp(prefix="sheepdog-stream-bench-"))
+        work = Path(tempfile.mkdtemp(prefix="sheepdog-stream-bench-", dir=OUT))
         server = RedisServer(free_port(), work)
         server.start()
         try:
@@ -234,7 +236,7 @@ def main() -> None:
             server.stop()
         _print_websocket(websocket)
         return
-    work = Path(tempfile.mkdtemp(prefix="sheepdog-stream-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="sheepdog-stream-bench-", dir=OUT))
     server = RedisServer(free_port(), work)
     server.start()
     try:

@@ -74,9 +74,14 @@ def main() -> None:
     parser.add_argument("--individuals", type=int, default=2000)
     parser.add_argument("--snps", type=int, default=100_000)
     parser.add_argument("--chromosomes", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp(prefix="synth-")))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder (default: a new one under bench/out/, git-ignored)")
     parser.add_argument("--run", action="store_true", help="also run gemma-loco on it")
     args = parser.parse_args()
+    if args.out is None:
+        out = Path(__file__).resolve().parent / "out"
+        out.mkdir(exist_ok=True)
+        args.out = Path(tempfile.mkdtemp(prefix="synth-", dir=out))
     start = time.perf_counter()
     generate(args.individuals, args.snps, args.chromosomes, args.out)
     size = (args.out / "geno.txt.gz").stat().st_size / 1e6

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,68 @@ def wait_for(predicate, timeout: float = 10.0, every: float = 0.05, what: str = 
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def pytest_configure(config) -> None:
+    # The commands the tests start (`sheepdog`, `sheepdog-gemma-wrapper`, examples'
+    # scripts) are the ones installed beside the interpreter that runs the tests, as
+    # in an activated virtualenv, even when it was started by path (.venv/bin/python).
+    scripts = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != scripts:
+        os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
+
+
+# No test writes outside its temporary directory: what /tmp (pytest's own folders
+# aside) and $HOME hold is listed when the session starts and compared when it ends.
+_TMP = Path("/tmp")
+_HOME = Path.home()
+
+
+def _tmp_entries() -> set[str]:
+    return {name for name in os.listdir(_TMP) if not name.startswith("pytest-of-")}
+
+
+def _home_files() -> set[str]:
+    found: set[str] = set()
+    for where, dirs, files in os.walk(_HOME):
+        found.update(os.path.join(where, name) for name in dirs + files)
+    return found
+
+
+_BEFORE = pytest.StashKey[tuple[set[str], set[str]]]()
+
+
+def pytest_sessionstart(session) -> None:
+    session.config.stash[_BEFORE] = (_tmp_entries(), _home_files())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus) -> None:
+    before = session.config.stash.get(_BEFORE, None)
+    if before is None:
+        return
+    gained = sorted(str(_TMP / n) for n in _tmp_entries() - before[0])
+    gained += sorted(_home_files() - before[1])
+    if gained:
+        shown = "\n  ".join(gained[:40]) + ("\n  ..." if len(gained) > 40 else "")
+        print(f"\nFAILED: the tests wrote outside their temporary directories "
+              f"({len(gained)} new):\n  {shown}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_tmpdir(tmp_path_factory) -> Iterator[Path]:
+    """TMPDIR for the whole session, under pytest's own: what the tests and the
+    programs they start put in "the temporary directory" stays in the test's tree."""
+    path = tmp_path_factory.mktemp("TMPDIR")
+    before = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(path), str(path)
+    yield path
+    if before[0] is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before[0]
+    tempfile.tempdir = before[1]
 
 
 @dataclass

@@ -7,8 +7,10 @@ answers a 2xx or a 4xx JSON error naming the field — never a 5xx."""
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import io
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,8 +45,14 @@ def table_text(draw: st.DrawFn) -> bytes:
     return text
 
 
+_ROOT: list[Path] = []  # one folder per process for every case's files, removed at exit
+
+
 def _file(data: bytes, name: str) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="sheepdog-fuzz-"))
+    if not _ROOT:
+        _ROOT.append(Path(tempfile.mkdtemp(prefix="sheepdog-fuzz-")))
+        atexit.register(shutil.rmtree, _ROOT[0], True)
+    folder = Path(tempfile.mkdtemp(dir=_ROOT[0]))
     path = folder / name
     path.write_bytes(data)
     return path

@@ -55,43 +55,55 @@ def keygen(path: Path) -> str:
     return (path.with_suffix(".pub") if path.suffix else Path(f"{path}.pub")).read_text()
 
 
-def host_python(root: Path) -> Path:
-    """The host's own Python, as its Guix profile would have it: the interpreter with
-    numpy and Pillow and nothing else (no redis, rq, paramiko, flask, click...), so a
-    test host never borrows what was installed for the tests."""
+def host_python(profile: Path) -> Path:
+    """Make `profile` the host's Python environment, as its Guix profile would be: the
+    interpreter with numpy and Pillow and nothing else (no redis, rq, paramiko, flask,
+    click...), so a test host never borrows what was installed for the tests, nor what
+    the machine's own interpreter happens to carry.
+
+    The profile is a virtualenv of the base interpreter (never the tests' venv, never
+    its system site-packages): `profile/bin/python3` finds `profile/pyvenv.cfg` the way
+    a Guix profile's python3 finds the profile's site-packages, whatever it links to."""
     import numpy
     import PIL
 
-    venv = root / "host-python"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    site = next((venv / "lib").glob("python3*/site-packages"))
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(profile)], check=True)
+    site = next((profile / "lib").glob("python3*/site-packages"))
     wanted = {"numpy", "pil", "pillow"}  # the packages, their .libs and dist-info
     for where in {Path(p.__file__).resolve().parent.parent for p in (numpy, PIL)}:
         for sibling in where.iterdir():
             if sibling.name.lower().split("-")[0].split(".")[0] in wanted:
                 (site / sibling.name).symlink_to(sibling)
-    python = venv / "bin" / "python3"
-    check = subprocess.run([str(python), "-c", "import numpy, PIL\n"
-                            "try:\n import redis\nexcept ImportError: pass\n"
-                            "else: raise SystemExit('redis leaked into the host Python')"],
-                           capture_output=True, text=True)
+    python = profile / "bin" / "python3"
+    check = subprocess.run([str(python), "-c", HOST_PYTHON_CHECK], capture_output=True,
+                           text=True, cwd=profile)
     assert check.returncode == 0, check.stderr
     return python
 
 
+# What a host's Python must and must not import (run on the host by a test, too).
+HOST_PYTHON_CHECK = """\
+import importlib.util, numpy, PIL
+leaked = [m for m in ("redis", "rq", "flask", "paramiko", "click", "sheepdog")
+          if importlib.util.find_spec(m)]
+if leaked: raise SystemExit(f"leaked into the host Python: {leaked}")
+print("numpy", numpy.__version__, "Pillow", PIL.__version__)
+"""
+
+
 def make_profile(root: Path, channels: str) -> Path:
-    """A host profile as Guix would make it: bin/ with guix, gemma, python3; etc/profile."""
+    """A host profile as Guix would make it: bin/ with guix, gemma, python3 (numpy and
+    Pillow in its site-packages); etc/profile."""
     profile = root / "profile"
-    (profile / "bin").mkdir(parents=True)
+    host_python(profile)
     (profile / "share").mkdir()
     (profile / "etc").mkdir()
     guix = profile / "bin" / "guix"
     guix.write_text(RECORDED_GUIX)
     guix.chmod(0o755)
     (profile / "share" / "recorded-channels.scm").write_text(channels)
-    tools = [("gemma", shutil.which("gemma")), ("python3", str(host_python(root))),
-             ("ls", shutil.which("ls")), ("gzip", shutil.which("gzip")),
-             ("ssh", shutil.which("ssh"))]
+    tools = [("gemma", shutil.which("gemma")), ("ls", shutil.which("ls")),
+             ("gzip", shutil.which("gzip")), ("ssh", shutil.which("ssh"))]
     for name, target in tools:
         if target:
             (profile / "bin" / name).symlink_to(target)

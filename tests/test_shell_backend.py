@@ -56,6 +56,29 @@ def test_a_remote_commands_output_is_read_to_its_end(host, monkeypatch):
         conn.close()
 
 
+def test_the_hosts_python_has_numpy_and_pillow_and_nothing_of_the_tests(host, monkeypatch):
+    """What runs on a host gets only what its Guix profile gives (python3, numpy,
+    Pillow): not redis or flask, which the tests' own environment has."""
+    from sheepdog import hosts, remote, ssh
+    for name, value in host.env().items():
+        monkeypatch.setenv(name, value)
+    target = hosts.resolve("testhost", str(host.dir / "hosts.toml"))
+    conn = ssh.Connection(target)
+    try:
+        setup = "; ".join(remote.setup_lines(target.guix_profile, "", {}))
+        code, out, err = conn.run(f"cd /; {setup}; command -v python3; "
+                                  + ssh.quote(["python3", "-c", sshd.HOST_PYTHON_CHECK]))
+        assert code == 0, err
+        assert out.splitlines()[0] == f"{host.dir}/profile/bin/python3"
+        assert out.splitlines()[1].startswith("numpy ") and "Pillow" in out
+        for module in ("redis", "flask"):
+            code, _, err = conn.run(f"cd /; {setup}; "
+                                    + ssh.quote(["python3", "-c", f"import {module}"]))
+            assert code == 1 and f"No module named '{module}'" in err
+    finally:
+        conn.close()
+
+
 def test_gemma_loco_on_the_host_equals_the_local_run_and_resends_nothing(env_ssh, tmp_path,
                                                                          conn):
     local_env = dict(env_ssh, SHEEPDOG_HOME=str(tmp_path / "local-home"))

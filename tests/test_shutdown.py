@@ -101,6 +101,18 @@ def test_sigterm_to_a_waiting_run_leaves_the_job_to_other_workers(env, conn, tmp
     wait_for(lambda: store.get_job(conn, job_id).status == "success", 30, what="the rerun")
 
 
+def _receive(ws, within: float, waiting_for: str) -> dict:
+    """The next event of a stream, waiting at most `within` seconds in all (a loaded
+    machine may take its time; a silent stream fails saying what it waited for)."""
+    deadline = time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0:
+        raw = ws.receive(timeout=left)
+        if raw is not None:
+            return json.loads(raw)
+    raise AssertionError(f"the stream said nothing for {within:g}s while waiting for "
+                         f"{waiting_for}")
+
+
 def _serve(env, port):
     return subprocess.Popen([sys.executable, "-m", "sheepdog", "serve", "--bind",
                              f"127.0.0.1:{port}", "--local-workers", "1"],
@@ -131,12 +143,12 @@ def test_a_stopped_server_leaves_nothing_and_its_streams_resume_after_a_restart(
         got = []
         while not any(m.get("type") == "line" and "first run" in m.get("text", "")
                       for m in got):
-            got.append(json.loads(ws.receive(timeout=10)))
+            got.append(_receive(ws, 60, "the piece's first line"))
         started = time.monotonic()
         server.send_signal(sig)
         try:
             while True:
-                got.append(json.loads(ws.receive(timeout=10)))
+                got.append(_receive(ws, STOP_WITHIN, "going-away"))
                 if got[-1]["type"] == "going-away":
                     break
         except ConnectionClosed:
@@ -159,7 +171,7 @@ def test_a_stopped_server_leaves_nothing_and_its_streams_resume_after_a_restart(
                             f"&after={last_id}")
         rest = []
         while not rest or rest[-1]["type"] != "end":
-            rest.append(json.loads(ws.receive(timeout=30)))
+            rest.append(_receive(ws, 60, "the rest of the job's stream"))
         seen = [m["id"] for m in got + rest if m["type"] == "line"]
         assert len(seen) == len(set(seen))  # nothing twice
         assert rest[-1]["status"] == "success"
