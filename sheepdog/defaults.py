@@ -75,6 +75,7 @@ FINALIZE_WAIT = 0.02  # s: how often the others look
 GN3_TAKE_WAIT = 1  # s: BLPOP on GN3's list
 GN3_JOB_POLL = 0.05  # s: how often running GN3 commands' jobs are looked at
 GN3_START_GRACE = 30.0  # s: a claimed GN3 command with no job after this lost its worker
+GN3_RECOVER_EVERY = 5.0  # s: a serving GN3 worker looks for dead workers' taken ids
 GN3_SETTLE = 0.05  # s: after `status` is queued, GN3 may still be writing `env`
 
 # -- ssh and Slurm

@@ -3,10 +3,12 @@
 GN3's `queue_cmd` pushes the id first and writes the hash's fields after it (`cmd`,
 `result`, `status`, then `email` and `env`), so an id may arrive before its hash is
 complete: it waits (a short back-off) until `status` is `queued`, then a moment more
-for `env`. Taken ids are moved to a list of sheepdog's own until handled, so a worker
-that dies holding one loses nothing. Each command runs as an ordinary sheepdog job
-(live log, page), at most once by default, and its exact stdout/stderr bytes go back
-into the hash as GN3's own worker leaves them: `result`, `status`, `stderr`.
+for `env`. Taken ids are moved to a list of the taking worker's own until handled, so a
+worker that dies holding one loses nothing, and only a dead worker's list is taken back
+(GN3 starts one one-shot worker per command, many at once: none may take another's).
+Each command runs as an ordinary sheepdog job (live log, page), at most once by
+default, and its output goes back into the hash as GN3's `run_cmd` leaves it:
+`result`, `status`, `stderr`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from dataclasses import dataclass, field
 
 import redis
 
-from . import jobs, keys, logs, store
+from . import jobs, keys, liveness, logs, store
 from .config import Settings
-from .defaults import GN3_JOB_POLL, GN3_SETTLE, GN3_START_GRACE, GN3_TAKE_WAIT
+from .defaults import GN3_JOB_POLL, GN3_RECOVER_EVERY, GN3_SETTLE, GN3_START_GRACE, GN3_TAKE_WAIT
 from .errors import SheepdogError
 from .models import Job, JobStatus
 
@@ -61,16 +63,29 @@ def parse_command(raw: str) -> list[str]:
     raise SheepdogError(f"cmd must be a JSON string or a non-empty list, got {raw[:80]!r}")
 
 
+def gn3_text(raw: bytes) -> str:
+    """A command's output as GN3's fields hold it: text that GN3's own readers
+    (`decode_responses=True` clients) can read, invalid UTF-8 replaced. The exact bytes
+    stay in sheepdog's own record of the piece (`sheepdog result`)."""
+    return raw.decode("utf-8", errors="replace")
+
+
 def mirror(conn: redis.Redis, cmd_id: str, job: Job) -> None:
-    """Write a finished sheepdog job back into GN3's hash, as GN3's worker would:
-    `result` is stdout on success, stderr on error (then `stderr` too), byte for byte."""
+    """Write a finished sheepdog job back into GN3's hash as GN3's `run_cmd` does:
+    `result` is stdout on success; a command that exited non-zero gets its stderr in
+    `result` and `stderr`, exactly (empty stays empty: GN2 parses a non-empty result as
+    JSON). sheepdog's own account of it is in the job's log. A command that never gave
+    an exit status (lost, cancelled) has sheepdog's reason there instead."""
     out = logs.raw_output(conn, job.final_task, "stdout")
     err = logs.raw_output(conn, job.final_task, "stderr")
     if job.status == JobStatus.SUCCESS and job.exit_code == 0:
-        conn.hset(cmd_id, mapping={"result": out, "status": "success"})
+        conn.hset(cmd_id, mapping={"result": gn3_text(out), "status": "success"})
+        return
+    if job.exit_code is not None and job.exit_code > 0:
+        text = gn3_text(err)
     else:
-        err = err or (job.error or f"job {job.status}").encode()
-        conn.hset(cmd_id, mapping={"result": err, "stderr": err, "status": "error"})
+        text = gn3_text(err) or (job.error or f"job {job.status}")
+    conn.hset(cmd_id, mapping={"result": text, "stderr": text, "status": "error"})
 
 
 @dataclass(order=True)
@@ -98,10 +113,14 @@ class Gn3Server:
         self.waiting: list[_Waiting] = []
         self.handled = 0
         self.started: set[str] = set()
+        self.taken = {name: keys.gn3_taken(name, worker) for name in queue_names}
+        self.next_recovery = 0.0
+        self.took_turn = False  # one-shot: it looked at GN3's queue once (took one or none)
 
     # -- the loops
     def loop(self, stop: threading.Event) -> None:
         """Take, settle and start commands until stopped, mirroring finished ones."""
+        self._register()
         self._recover()
         mirroring = threading.Thread(target=self._mirror_loop, args=(stop,), name="gn3-mirror",
                                      daemon=True)
@@ -115,6 +134,7 @@ class Gn3Server:
             if self.one_shot and not self.waiting and not self._own_running():
                 stop.set()  # one command run (or none was queued), as GN3's one-shot does
         mirroring.join()
+        self._unregister()
 
     def _own_running(self) -> bool:
         """Is a command this server started still running (one-shot waits for it)?"""
@@ -122,12 +142,15 @@ class Gn3Server:
 
     def _take_round(self, stop: threading.Event) -> None:
         took = False
-        if self.one_shot and (self.handled or self.waiting):
+        if self.one_shot and self.took_turn:
             self._settle_due()  # one command only: take no other
             stop.wait(GN3_JOB_POLL if not self.waiting else 0.005)
             return
+        if not self.one_shot and time.monotonic() >= self.next_recovery:
+            self._recover()
         for name in self.queue_names:
-            cmd_id = self.conn.lmove(name, keys.gn3_taken(name), "LEFT", "RIGHT")
+            cmd_id = self.conn.lmove(name, self.taken[name], "LEFT", "RIGHT")
+            self.took_turn = True
             if cmd_id is not None:
                 took = True
                 self._consider(_text(cmd_id), name, time.monotonic())
@@ -143,7 +166,7 @@ class Gn3Server:
             return
         # nothing anywhere: block on the first queue (the others are looked at each round)
         first = self.queue_names[0]
-        cmd_id = self.conn.blmove(first, keys.gn3_taken(first), GN3_TAKE_WAIT, "LEFT", "RIGHT")
+        cmd_id = self.conn.blmove(first, self.taken[first], GN3_TAKE_WAIT, "LEFT", "RIGHT")
         if cmd_id is not None:
             self._consider(_text(cmd_id), first, time.monotonic())
 
@@ -181,11 +204,52 @@ class Gn3Server:
         return done
 
     # -- one id
-    def _recover(self) -> None:
-        """Ids this or a dead worker took and never handled go round again."""
+    def _register(self) -> None:
+        """Say which process holds this worker's taken lists, before taking anything."""
+        me = json.dumps({"process": liveness.this_process(), "at": time.time()})
+        pipe = self.conn.pipeline(transaction=False)
         for name in self.queue_names:
-            for cmd_id in self.conn.lrange(keys.gn3_taken(name), 0, -1):
-                self._consider(_text(cmd_id), name, time.monotonic())
+            pipe.hset(keys.gn3_takers(name), self.worker, me)
+        pipe.execute()
+
+    def _unregister(self) -> None:
+        try:
+            for name in self.queue_names:
+                if not self.conn.llen(self.taken[name]):
+                    self.conn.hdel(keys.gn3_takers(name), self.worker)
+        except redis.RedisError:
+            pass  # a later worker's recovery finds the list empty and forgets it
+
+    def _dead(self, worker: str, info: dict[str, object]) -> bool:
+        """Is the worker that holds a taken list gone? On this host, known at once by its
+        process; elsewhere, once its registration expired and it said nothing for two
+        heartbeat timeouts."""
+        process = str(info.get("process", ""))
+        if liveness.gone(process):
+            return True
+        if process.split(" ")[0] == liveness.this_process().split(" ")[0]:
+            return False  # on this host and alive
+        quiet = time.time() - float(str(info.get("at", 0))) > 2 * self.settings.heartbeat_timeout
+        return quiet and not self.conn.exists(keys.worker(worker))
+
+    def _recover(self) -> None:
+        """Ids that a dead worker took and never handled (and those of the shared list of
+        earlier versions) become this worker's; then every id it holds goes round again."""
+        self.next_recovery = time.monotonic() + GN3_RECOVER_EVERY
+        for name in self.queue_names:
+            held = [keys.gn3_taken(name)]
+            for raw_worker, raw in self.conn.hgetall(keys.gn3_takers(name)).items():
+                worker = _text(raw_worker)
+                if worker != self.worker and self._dead(worker, json.loads(raw)):
+                    held.append(keys.gn3_taken(name, worker))
+                    self.conn.hdel(keys.gn3_takers(name), worker)
+            for source in held:
+                while self.conn.lmove(source, self.taken[name], "LEFT", "RIGHT") is not None:
+                    pass
+            queued = {w.cmd_id for w in self.waiting}
+            for cmd_id in self.conn.lrange(self.taken[name], 0, -1):
+                if _text(cmd_id) not in queued:
+                    self._consider(_text(cmd_id), name, time.monotonic())
 
     def _consider(self, cmd_id: str, queue: str, first_seen: float,
                   earlier: _Waiting | None = None) -> None:
@@ -256,6 +320,6 @@ class Gn3Server:
             self._done_with(cmd_id, queue)
 
     def _done_with(self, cmd_id: str, queue: str) -> None:
-        self.conn.lrem(keys.gn3_taken(queue), 1, cmd_id)
+        self.conn.lrem(self.taken[queue], 1, cmd_id)
         self.handled += 1
 

@@ -84,9 +84,18 @@ def task_raw(task_id: str, stream: str) -> str:
     return f"{PREFIX}:task:{task_id}:raw:{stream}"
 
 
-def gn3_taken(queue: str) -> str:
-    """LIST: ids taken off one of GN3's queues and not yet handled (survives a crash)."""
-    return f"{PREFIX}:gn3:taken:{queue}"
+def gn3_taken(queue: str, worker: str | None = None) -> str:
+    """LIST: ids one worker took off one of GN3's queues and has not yet handled
+    (survives a crash; taken back only once that worker is dead). Without a worker: the
+    one list all workers shared before 0.2, still emptied by recovery."""
+    base = f"{PREFIX}:gn3:taken:{queue}"
+    return base if worker is None else f"{base}@{worker}"
+
+
+def gn3_takers(queue: str) -> str:
+    """HASH: worker name -> JSON {process, at} of every worker that may hold ids of
+    `queue` in its own taken list."""
+    return f"{PREFIX}:gn3:takers:{queue}"
 
 
 def gn3_jobs() -> str:

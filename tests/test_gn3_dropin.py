@@ -149,6 +149,93 @@ def test_python_m_sheepdog_worker_runs_one_command_as_gn3s_one_shot(conn, env):
     assert job.status == "success"
 
 
+def test_gn3s_launch_path_one_shot_worker_per_command_runs_every_command_once(conn, env,
+                                                                             tmp_path):
+    """run_async_cmd as GN3 has it: queue_cmd, then one `python -m sheepdog.worker` per
+    command, all at once. Each one-shot takes its own id; none takes back what a live
+    one holds; every command ends with GN3's status and result, once."""
+    n = 200
+    ledger = tmp_path / "ledger"
+    ids = [f"cmd::launch-{i:03d}" for i in range(n)]
+    procs = []
+    try:
+        for i, cmd_id in enumerate(ids):
+            queue_cmd_as_gn3(conn, "GN3::job-queue", cmd_id,
+                             ["sh", "-c", f'echo "$0" >> {ledger}; echo "out $0"', str(i)])
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "sheepdog.worker", "--queue-name", "GN3::job-queue",
+                 "--log-level", "info"], env=env, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 600
+        for p in procs:
+            assert p.wait(max(1, deadline - time.monotonic())) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    statuses = {cmd_id: _field(conn, cmd_id, "status") for cmd_id in ids}
+    assert list(statuses.values()) == ["success"] * n, {
+        cmd_id: s for cmd_id, s in statuses.items() if s != "success"}
+    assert [_field(conn, cmd_id, "result") for cmd_id in ids] == [f"out {i}\n" for i in range(n)]
+    assert sorted(ledger.read_text().split(), key=int) == [str(i) for i in range(n)]  # once each
+    assert conn.llen("GN3::job-queue") == 0
+    assert not [k for k in conn.keys("sheepdog:gn3:taken:*") if conn.llen(k)]
+
+
+def test_a_taken_id_goes_back_only_when_its_worker_is_dead(conn, settings):
+    """Recovery takes ids from a dead worker's list, never from a live one's."""
+    from sheepdog import keys, liveness
+    from sheepdog.gn3 import Gn3Server
+
+    queue_cmd_as_gn3(conn, "GN3::q3", "cmd::held-alive", ["true"])
+    queue_cmd_as_gn3(conn, "GN3::q3", "cmd::held-dead", ["true"])
+    for worker, process in (
+            ("alive", liveness.this_process()),
+            ("dead", f"{liveness.this_process().split()[0]} 999999999 1")):
+        conn.lmove("GN3::q3", keys.gn3_taken("GN3::q3", worker), "LEFT", "RIGHT")
+        conn.hset(keys.gn3_takers("GN3::q3"), worker,
+                  json.dumps({"process": process, "at": time.time()}))
+    server = Gn3Server(conn, settings, ["GN3::q3"], "me")
+    server._register()
+    server._recover()
+    assert conn.lrange(keys.gn3_taken("GN3::q3", "alive"), 0, -1) == [b"cmd::held-alive"]
+    assert conn.lrange(keys.gn3_taken("GN3::q3", "me"), 0, -1) == [b"cmd::held-dead"]
+    assert [w.cmd_id for w in server.waiting] == ["cmd::held-dead"]
+    assert set(conn.hkeys(keys.gn3_takers("GN3::q3"))) == {b"alive", b"me"}
+
+
+def test_gn3_fields_are_run_cmds_exactly_on_error_and_readable_when_not_utf8(conn, workers):
+    """An error with empty stderr leaves result and stderr empty (GN2 json.loads a
+    non-empty result); bytes that are not UTF-8 are readable by GN3's decoding clients,
+    and the exact bytes stay in sheepdog's own record."""
+    import redis as redis_lib
+
+    from sheepdog import logs
+    workers.start("--gn3-queue")
+    queue_cmd_as_gn3(conn, "GN3::job-queue", "cmd::quiet-fail", ["sh", "-c", "exit 1"])
+    queue_cmd_as_gn3(conn, "GN3::job-queue", "cmd::loud-fail",
+                     ["sh", "-c", "echo out; printf 'bad\\n  spaced' >&2; exit 3"])
+    queue_cmd_as_gn3(conn, "GN3::job-queue", "cmd::latin1",
+                     ["sh", "-c", "printf 'caf\\351 \\377\\n'"])
+    for cmd_id in ("cmd::quiet-fail", "cmd::loud-fail", "cmd::latin1"):
+        wait_for(lambda c=cmd_id: _field(conn, c, "status") in ("success", "error"), 60,
+                 what=cmd_id)
+    gn3 = redis_lib.Redis(connection_pool=redis_lib.ConnectionPool(
+        **conn.connection_pool.connection_kwargs, decode_responses=True))
+    assert gn3.hgetall("cmd::quiet-fail") == {
+        "cmd": json.dumps(["sh", "-c", "exit 1"]), "result": "", "stderr": "",
+        "status": "error"}
+    assert gn3.hget("cmd::loud-fail", "result") == "bad\n  spaced"
+    assert gn3.hget("cmd::loud-fail", "stderr") == "bad\n  spaced"
+    assert gn3.hget("cmd::latin1", "status") == "success"
+    assert gn3.hget("cmd::latin1", "result") == "caf\ufffd \ufffd\n"
+    job = next(j for j in store.list_jobs(conn) if j.gn3_id == "cmd::latin1")
+    assert logs.raw_output(conn, job.final_task, "stdout") == b"caf\xe9 \xff\n"
+    failed = next(j for j in store.list_jobs(conn) if j.gn3_id == "cmd::quiet-fail")
+    assert any("exit code 1" in line.text for line in logs.read(conn, failed.id))
+
+
 def test_python_m_sheepdog_worker_daemon_serves_until_stopped(conn, env):
     proc = subprocess.Popen([sys.executable, "-m", "sheepdog.worker", "--daemon",
                              "--queue-name", "GN3::q2"], env=env, stdout=subprocess.DEVNULL,
