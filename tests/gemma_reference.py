@@ -56,3 +56,16 @@ def loco_scan(work: Path, kinships: dict[str, Path], pheno: Path = PHENO,
         gemma(argv, work, env)
         merged.update(read_assoc(work / "output" / f"{tag}{c}.assoc.txt"))
     return merged
+
+
+def full_scan(work: Path, pheno: Path = PHENO, covariates: Path | None = None,
+              tag: str = "f") -> dict[str, dict[str, str]]:
+    """GEMMA without LOCO, serially: `-gk 1` over all SNPs, then `-lmm 9` against it."""
+    gemma(["-g", str(GENO), "-p", str(pheno), "-a", str(ANNO), "-gk", "1", "-o", f"{tag}k"],
+          work)
+    argv = ["-g", str(GENO), "-p", str(pheno), "-a", str(ANNO), "-k",
+            str(work / "output" / f"{tag}k.cXX.txt"), "-lmm", "9", "-o", f"{tag}gwa"]
+    if covariates:
+        argv += ["-c", str(covariates)]
+    gemma(argv, work)
+    return read_assoc(work / "output" / f"{tag}gwa.assoc.txt")

@@ -12,7 +12,16 @@ from pathlib import Path
 import lmdb
 import pytest
 from conftest import sheepdog
-from gemma_reference import ANNO, GENO, PHENO, chromosomes, loco_scan
+from gemma_reference import (
+    ANNO,
+    COVARIATES,
+    GENO,
+    PHENO,
+    chromosomes,
+    full_scan,
+    loco_scan,
+    read_assoc,
+)
 
 from sheepdog.gemma.merge import read_min_p
 
@@ -88,6 +97,125 @@ def test_gn2s_two_calls_give_the_record_gn2_parses_with_gemmas_p_values(
     assert json.loads(again.stdout)["cache_hit"] is True
 
 
+def gn2_run_gemma(use_loco: bool, covariates: Path | None, tmp: Path) -> tuple[str, str, Path]:
+    """The two command lines GN2's run_gemma builds (gemma_mapping.py, as is, GEMMAOPTS
+    "-debug", no --cache-dir: gemma-wrapper's default, the temporary directory)."""
+    q = shlex.quote
+    geno, pheno, snps = q(str(GENO)), q(str(PHENO)), q(str(ANNO))
+    k_json, gwa_json = q(str(tmp / "K.json")), tmp / "GWA.json"
+    if use_loco:
+        k_cmd = (f"{WRAPPER} --json --loco {','.join(chromosomes())} -- -debug -g {geno} -p "
+                 f"{pheno} -a {snps} -gk > {k_json}")
+        gwa = f"{WRAPPER} --json --loco --input {k_json} -- -debug -g {geno} -p {pheno} "
+        if covariates:
+            gwa += f"-c {q(str(covariates))} -a {snps} -lmm 9 -maf 0.01 > {q(str(gwa_json))}"
+        else:
+            gwa += f"-a {snps} -lmm 9 -maf 0.01 > {q(str(gwa_json))}"
+    else:
+        k_cmd = f"{WRAPPER} --json -- -debug  -g {geno} -p {pheno} -a {snps} -gk > {k_json}"
+        gwa = (f"{WRAPPER} --json --input {k_json} -- -debug -a {snps} -lmm 9 -g {geno} "
+               f"-p {pheno} ")
+        if covariates:
+            gwa += f" -c {q(str(covariates))} > {q(str(gwa_json))}"
+        else:
+            gwa += f" > {q(str(gwa_json))}"
+    return k_cmd, gwa, gwa_json
+
+
+@pytest.mark.parametrize("use_loco", [True, False], ids=["loco", "no-loco"])
+@pytest.mark.parametrize("covariates", [None, COVARIATES], ids=["plain", "covariates"])
+def test_gn2s_four_gemma_paths_give_records_gn2_reads_with_gemmas_p_values(
+        env, tmp_path, gemma_loco_kinships, use_loco, covariates):
+    """LOCO with GN2's chromosome list and not, with covariates and not: each record
+    read as parse_loco_output reads it gives GEMMA's own serial p-values."""
+    k_cmd, gwa_cmd, gwa_json = gn2_run_gemma(use_loco, covariates, tmp_path)
+    _gn2(k_cmd, env)
+    k = json.loads((tmp_path / "K.json").read_text())
+    assert k["type"] == "K" and k["errno"] == 0
+    assert [f[0] for f in k["files"]] == (chromosomes() if use_loco else [None])
+    _gn2(gwa_cmd, env)
+    record = json.loads(gwa_json.read_text())
+    assert record["type"] == "GWA" and record["errno"] == 0, record
+    assert [f[0] for f in record["files"]] == (chromosomes() if use_loco else [None])
+    markers = gn2_parse_loco_output(gwa_json)
+    if use_loco:
+        work, kinships = gemma_loco_kinships
+        theirs = loco_scan(work, kinships, covariates=covariates,
+                           tag="gn2c" if covariates else "gn2p")
+    else:
+        theirs = full_scan(tmp_path, covariates=covariates)
+        assert read_assoc(Path(record["files"][0][2])) == theirs  # the file, every column
+    assert len(markers) == len(theirs) > 7300  # GN2 read every chromosome, in order
+    for m in markers:  # GEMMA's `nan` is a nan here too
+        assert repr(m["p_value"]) == repr(float(theirs[m["name"]]["p_lrt"])), m["name"]
+
+
+def gn3_compose_gemma_cmd(gemma_wrapper_cmd: str, gemma_wrapper_kwargs: dict | None,
+                          gemma_kwargs: dict, gemma_args: list) -> str:
+    """GN3's gn3.commands.compose_gemma_cmd, as is."""
+    cmd = f"{gemma_wrapper_cmd} --json"
+    if gemma_wrapper_kwargs:
+        cmd += " "
+        cmd += " ".join([f"--{key} {val}" for key, val in gemma_wrapper_kwargs.items()])
+    cmd += " -- "
+    if gemma_kwargs:
+        cmd += " ".join([f"-{key} {val}" for key, val in gemma_kwargs.items()])
+    if gemma_args:
+        cmd += " "
+        cmd += " ".join([f"{arg}" for arg in gemma_args])
+    return cmd
+
+
+def test_gn3s_k_compute_and_gwa_command_lines_all_run(env, tmp_path, conn, workers):
+    """GN3's /api/gemma routes queue generate_gemma_cmd's lines (each ends `-gk > OUT`,
+    so gemma-wrapper computes a K record for every one); through GN3's queue and a
+    sheepdog worker, every line ends `success` with a K record."""
+    from test_gn3_dropin import queue_cmd_as_gn3
+
+    token = tmp_path / "token"
+    token.mkdir()
+    files = {"g": str(GENO), "p": str(PHENO), "a": str(ANNO)}
+
+    def line(name: str, wrapper: dict | None = None, **more) -> tuple[str, str]:
+        out = token / f"{name}-output.json"
+        return name, gn3_compose_gemma_cmd(WRAPPER, wrapper, {**files, **more},
+                                           ["-gk", ">", str(out)])
+
+    k_json = token / "k-compute-output.json"
+    lines = [
+        line("k-compute"),
+        line("k-compute-loco", {"loco": ",".join(chromosomes())}),
+        line("gwa-compute", {"input": str(k_json)}, lmm=9),
+        line("gwa-compute-covars", {"input": str(k_json)}, c=str(COVARIATES), lmm=9),
+        line("gwa-loco-maf", {"loco": f"--input {k_json}"}, lmm=9, maf=0.05),
+        line("gwa-loco-covars-maf", {"loco": f"--input {k_json}"}, c=str(COVARIATES), lmm=9,
+             maf=0.05),
+    ]
+    k_gwa = [line("k-gwa-k")[1], line("k-gwa-gwa", {"input": str(k_json)}, lmm=9)[1]]
+    lines.append(("k-gwa", " && ".join(k_gwa)))
+    workers.start("--gn3-queue", "-j", "3")
+    for name, cmd in lines:
+        queue_cmd_as_gn3(conn, "GN3::job-queue", f"cmd::{name}", cmd)
+        wait = 300 if name == "k-compute" else 120
+        deadline_ok = _wait_gn3(conn, f"cmd::{name}", wait)
+        assert deadline_ok == "success", (name, cmd, conn.hget(f"cmd::{name}", "stderr"))
+        out = "k-gwa-gwa" if name == "k-gwa" else name
+        record = json.loads((token / f"{out}-output.json").read_text())
+        assert record["type"] == "K" and record["errno"] == 0, (name, record)
+
+
+def _wait_gn3(conn, cmd_id: str, timeout: float) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = (conn.hget(cmd_id, "status") or b"").decode()
+        if status in ("success", "error"):
+            return status
+        time.sleep(0.1)
+    return "timeout"
+
+
 @pytest.mark.parametrize("args,named", [
     (["--json", "--slurm", "--", "-g", "x", "-gk"], "--slurm"),
     (["--json", "--frobnicate", "--", "-g", "x", "-gk"], "--frobnicate"),
@@ -95,7 +223,8 @@ def test_gn2s_two_calls_give_the_record_gn2_parses_with_gemmas_p_values(
       "2"], "-gk 2"),
     (["--json", "--loco", "--", "-g", str(GENO), "-p", str(PHENO), "-a", str(ANNO), "-gk",
       "-miss", "0.1"], "-miss"),
-    (["--json", "--", "-g", str(GENO), "-p", str(PHENO), "-a", str(ANNO), "-gk"], "--loco"),
+    (["--json", "--input", "K.json", "--", "-g", str(GENO), "-p", str(PHENO), "-a",
+      str(ANNO), "-lmm", "9"], "K.json"),
 ])
 def test_what_sheepdog_cannot_run_as_asked_is_refused_naming_it(env, args, named):
     r = subprocess.run([WRAPPER, *args], env=env, capture_output=True, text=True, timeout=60)

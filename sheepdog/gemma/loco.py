@@ -1,4 +1,4 @@
-"""LOCO kinships from per-chromosome kinships, by GEMMA's own averaging.
+"""LOCO and whole-genome kinships from per-chromosome kinships, by GEMMA's own averaging.
 
 GEMMA's centered kinship is a mean over SNPs, so with K_c and p_c the kinship and SNP
 count of chromosome c alone, the kinship leaving c out is
@@ -55,6 +55,22 @@ def loco_from(chromosome: str, kinships: Iterable[tuple[str, tuple[np.ndarray, i
     if total - own[1] <= 0:
         raise GatherError(f"no SNPs left for the LOCO kinship of chromosome {chromosome}")
     return (weighted - own[1] * own[0]) / (total - own[1])
+
+
+def full_from(kinships: Iterable[tuple[str, tuple[np.ndarray, int]]]) -> np.ndarray:
+    """The kinship of all SNPs (GEMMA's -gk 1 over the whole genome), from (name, (K, p))
+    pairs given one at a time: sum_d p_d K_d / sum_d p_d."""
+    weighted: np.ndarray | None = None
+    total = 0
+    for name, (k, p) in kinships:
+        if weighted is not None and k.shape != weighted.shape:
+            raise GatherError(f"kinship of chromosome {name} is {k.shape}, others "
+                              f"{weighted.shape}")
+        weighted = k * p if weighted is None else weighted + k * p
+        total += p
+    if weighted is None or total <= 0:
+        raise GatherError("no SNPs for the kinship")
+    return weighted / total
 
 
 def loco_kinships(per_chromosome: dict[str, tuple[np.ndarray, int]],

@@ -1,7 +1,7 @@
 """The Python steps of the GEMMA workflows, run as task processes:
 
     python -m sheepdog.gemma.ops kinship GENO
-    python -m sheepdog.gemma.ops loco-lmm --chromosome C -- GEMMA-ARGS -- CHR KINSHIP_DIR ...
+    python -m sheepdog.gemma.ops loco-lmm --chromosome C [--full] -- GEMMA-ARGS -- CHR KINSHIP_DIR ...
     python -m sheepdog.gemma.ops gather CHR ASSOC LOG [...]
     python -m sheepdog.gemma.ops perm-prepare --pheno P [--column N] [--covariates C]
                                                CHR GENO ANNO KINSHIP_DIR [...]
@@ -65,9 +65,14 @@ def loco_matrix(chromosome: str, kinship_dirs: dict[str, Path]) -> Any:
 
 def loco_lmm(args: argparse.Namespace, here: Path, emit: Emit, complain: Emit,
              stop: threading.Event | None) -> int:
-    """Write this chromosome's LOCO kinship, then run GEMMA's LMM against it."""
+    """Write this chromosome's LOCO kinship (--full: the kinship of all SNPs), then run
+    GEMMA's LMM on the chromosome's SNPs against it."""
     dirs = {args.pairs[i]: Path(args.pairs[i + 1]) for i in range(0, len(args.pairs), 2)}
-    loco.write_matrix(here / "loco.txt", loco_matrix(args.chromosome, dirs))
+    if args.full:
+        matrix = loco.full_from((c, kinship.read(d)) for c, d in dirs.items())
+    else:
+        matrix = loco_matrix(args.chromosome, dirs)
+    loco.write_matrix(here / "loco.txt", matrix)
     argv = [("loco.txt" if a == "@loco" else a) for a in args.gemma]
     return run_streaming(argv, here, emit, complain, stop)
 
@@ -143,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("kinship").add_argument("geno")
     lmm = sub.add_parser("loco-lmm")
     lmm.add_argument("--chromosome", required=True)
+    lmm.add_argument("--full", action="store_true", help="the kinship of all SNPs, not LOCO")
     lmm.add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("gather").add_argument("items", nargs="+")
     prep = sub.add_parser("perm-prepare")

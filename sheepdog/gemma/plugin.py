@@ -1,5 +1,6 @@
-"""The GEMMA workflows as sheepdog sees them: `gemma-loco` and `gemma-permute`, each
-declared by its own module in sheepdog.workflows with an instance of this class."""
+"""The GEMMA workflows as sheepdog sees them: `gemma-loco`, `gemma` (no LOCO) and
+`gemma-permute`, each declared by its own module in sheepdog.workflows with an instance
+of this class."""
 
 from __future__ import annotations
 
@@ -151,18 +152,21 @@ def _is_kind(value: Any, kind: type) -> bool:
 
 
 class GemmaWorkflow(Workflow):
-    """A LOCO scan, and with `permutations` its permutation thresholds too."""
+    """A LOCO scan (or, `loco` False, a scan against the kinship of all SNPs), and with
+    `permutations` its permutation thresholds too."""
 
     reads_inputs = True
 
-    def __init__(self, name: str, summary: str, permutations: bool) -> None:
+    def __init__(self, name: str, summary: str, permutations: bool, loco: bool = True) -> None:
         self.name, self.summary, self.permutations = name, summary, permutations
+        self.loco = loco
         self.result_files = dict(SCAN_FILES)
         if permutations:
             self.result_files["permutations.json"] = "application/json"
 
     def command(self) -> click.Command:
         def run(**kw: Any) -> None:
+            kw["loco"] = self.loco
             if not self.permutations:
                 kw["permutations"] = 0
             elif kw["permutations"] < 1:
@@ -222,7 +226,7 @@ class GemmaWorkflow(Workflow):
                                covariates=paths.get("covariates"),
                                backend=body.get("backend") or "local",
                                host=body.get("host") or "", queue=body.get("queue") or "",
-                               **params)
+                               loco=self.loco, **params)
         try:
             return build_job(request, settings, cache)
         except InputError as e:

@@ -1,7 +1,9 @@
-"""GEMMA LOCO scans and permutation runs as graphs of content-addressed tasks.
+"""GEMMA LOCO scans, whole-genome scans and permutation runs as graphs of
+content-addressed tasks.
 
     split (here, while validating) -> kinship per chromosome
-        -> LMM per chromosome (its LOCO kinship by the identity, then GEMMA) -> gather
+        -> LMM per chromosome (its LOCO kinship by the identity, or without LOCO the
+           kinship of all SNPs, then GEMMA on that chromosome's SNPs) -> gather
     kinships -> permutation prep (LOCO kinships cut to the analysed individuals)
         -> permutation batches -> thresholds
 
@@ -55,6 +57,7 @@ class GemmaRequest:
     gemma_flags: list[str] = field(default_factory=list)  # more GEMMA flags for the LMMs
     min_rule: str = "sheepdog"  # permutation minimum: every p, or gemma-wrapper's p > 0
     lmdb: str = ""  # also write the merged scan as gemma2lmdb's LMDB here
+    loco: bool = True  # False: one kinship of all SNPs for every chromosome's LMM
 
     def check(self) -> None:
         if self.lmm not in LMM_MODES:
@@ -68,6 +71,8 @@ class GemmaRequest:
         if self.min_rule not in MIN_RULES:
             raise ConfigError(f"--min-rule must be one of {', '.join(MIN_RULES)}, "
                               f"got {self.min_rule!r}")
+        if self.permutations and not self.loco:
+            raise ConfigError("permutations run LOCO scans: use gemma-permute")
         self.gemma_flags = check_gemma_flags(self.gemma_flags)
         check_backend(self.backend, self.host)
 
@@ -154,8 +159,8 @@ def prepare(request: GemmaRequest, store: Cache,
         raise
 
 
-def genotypes(request: GemmaRequest, store: Cache, max_chromosomes: int = MAX_CHROMOSOMES
-              ) -> tuple[formats.Genotypes, dict[str, str], dict[str, Any]]:
+def genotypes(request: GemmaRequest, store: Cache, max_chromosomes: int = MAX_CHROMOSOMES,
+              loco: bool = True) -> tuple[formats.Genotypes, dict[str, str], dict[str, Any]]:
     """(the genotypes as BIMBAM, input hashes, their split), checked."""
     geno = _exists(request.geno, "genotype")
     anno = _exists(request.anno, "annotation")
@@ -168,7 +173,7 @@ def genotypes(request: GemmaRequest, store: Cache, max_chromosomes: int = MAX_CH
     else:  # converted: the blobs are named by their hashes
         shas = found.geno.name, found.anno.name
     known = _split(store, found.geno, found.anno, shas[0], shas[1], max_chromosomes)
-    if len(known["chromosomes"]) < 2:
+    if loco and len(known["chromosomes"]) < 2:
         raise InputError(str(anno or geno), "LOCO needs SNPs on at least two chromosomes")
     return found, hashes, known
 
@@ -221,7 +226,7 @@ def covariate_blob(path: Path | None, store: Cache, found: formats.Genotypes
 
 def _prepare(request: GemmaRequest, store: Cache, max_chromosomes: int) -> Prepared:
     request.check()
-    found, hashes, known = genotypes(request, store, max_chromosomes)
+    found, hashes, known = genotypes(request, store, max_chromosomes, request.loco)
     values, hashes["pheno"], pheno_blob, alone = _phenotypes(request, store, found)
     blobs = {"pheno": pheno_blob}
     covariates = covariate_blob(_exists(request.covariates, "covariate"), store, found)
@@ -273,8 +278,8 @@ def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
                          request.lmm, request.maf,
                          {"input": "covariates"} if "covariates" in inputs else None,
                          prep.gemma_column, request.gemma_flags)
-        argv = [{"python": True}, *OPS, "loco-lmm", "--chromosome", chrom, "--", *gemma, "--",
-                *kinship_dirs]
+        argv = [{"python": True}, *OPS, "loco-lmm", "--chromosome", chrom,
+                *([] if request.loco else ["--full"]), "--", *gemma, "--", *kinship_dirs]
         lmms.append(gemma_task(f"lmm chr {chrom}", argv, inputs,
                                 [t.id for t in kinships.values()],
                                 ["output/lmm.assoc.txt", lmm_log, "loco.txt"], env, request,
@@ -348,7 +353,7 @@ def build_job(request: GemmaRequest, settings: Settings, store: Cache,
     # what a piece's result depends on besides its inputs: GEMMA's and sheepdog's versions
     env = f"gemma {gemma_version}; sheepdog {__version__}; guix none"
     kinships, tasks, _lmms, gather = scan_tasks(prep, request, settings, env)
-    workflow = "gemma-loco"
+    workflow = "gemma-loco" if request.loco else "gemma"
     final = gather
     seed = request.seed
     if request.permutations:
@@ -361,7 +366,7 @@ def build_job(request: GemmaRequest, settings: Settings, store: Cache,
                    for role, sha in prep.hashes.items()},
         "options": {"lmm": request.lmm, "maf": request.maf, "column": request.column,
                     "gemma_flags": request.gemma_flags, "min_rule": request.min_rule,
-                    "covariates": "covariates" in prep.blobs},
+                    "covariates": "covariates" in prep.blobs, "loco": request.loco},
         "gemma_version": gemma_version, "individuals": prep.individuals, "snps": prep.snps,
         "chromosomes": prep.order, "scan_task": gather.id,
     }

@@ -3,16 +3,21 @@ sheepdog's pieces, cache and backends — so GN2's gemma-wrapper setting can poi
 
     sheepdog-gemma-wrapper --json --loco 1,2,...,X -- -g G -p P -a A -gk > K.json
     sheepdog-gemma-wrapper --json --loco --input K.json -- -g G -p P -a A -lmm 9 -maf M
+    sheepdog-gemma-wrapper --json -- -g G -p P -a A -gk > K.json          (no LOCO)
+    sheepdog-gemma-wrapper --json --input K.json -- -g G -p P -a A -lmm 9
 
 The first call computes the kinship pieces and writes a K record; the second runs the
 LOCO scan against them and writes a GWA record whose `files` are [chromosome, GEMMA
 log, assoc] per chromosome in genome order, as GN2's `parse_loco_output` reads them.
+Without --loco the K record names one kinship of all SNPs (GEMMA's text, `.cXX.txt`)
+and the GWA record one merged assoc file, chromosome `null`, as gemma-wrapper's.
 Progress goes to stderr; only the JSON record goes to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -158,10 +163,8 @@ def _check_ended(job: Job) -> None:
 
 def kinship_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings,
                  cache: Cache, err: IO[str]) -> dict[str, Any]:
-    """`-gk`: the kinship pieces, per chromosome with --loco; a K record."""
-    if options.loco is None:
-        raise WrapperError("sheepdog-gemma-wrapper computes LOCO kinships: add --loco "
-                           "(a full-genome K without --loco is not supported)")
+    """`-gk`: the kinship pieces, per chromosome; a K record of them with --loco, of the
+    kinship of all SNPs (formed from them) without."""
     for word in gemma.extra:
         if word.startswith("-") and word not in KINSHIP_HARMLESS:
             raise WrapperError(f"GEMMA flag {word} in the kinship call would change -gk's "
@@ -169,8 +172,9 @@ def kinship_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settin
     warnings: list[str] = []
     gemma.extra = [w for w in gemma.extra if w in KINSHIP_HARMLESS]
     request = _request(options, gemma, settings, warnings)
+    request.loco = options.loco is not None
     prep = prepare(request, cache)
-    wanted = [c for c in options.loco.split(",") if c] or prep.order
+    wanted = [c for c in (options.loco or "").split(",") if c] or prep.order
     unknown = [c for c in wanted if c not in prep.chromosomes]
     if unknown:
         raise WrapperError(f"--loco names chromosome {unknown[0]!r}, which is not in "
@@ -188,17 +192,49 @@ def kinship_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settin
     job = _wait(conn, settings, job, err, options.quiet)
     _check_ended(job)
     by_chrom = dict(zip(prep.order, kinships, strict=True))
-    files = [[c, str(cache.task_dir(by_chrom[c].id) / "kinship.json"),
-              str(cache.task_dir(by_chrom[c].id) / "kinship.npy")] for c in wanted]
-    return {"type": "K", "files": files, "cache_hit": job.cached == job.total,
-            "gemma_command": f"gemma -g {request.geno} -p {request.pheno} -a {request.anno} "
-                             f"-gk 1 -loco {wanted[-1]}",
-            "gemma_version": gemma_version, "warnings": warnings,
-            "sheepdog": {"job": job.id, "geno": prep.hashes["geno"],
-                         "anno": prep.hashes["anno"],
-                         "kinship": {c: by_chrom[c].id for c in wanted},
-                         "note": "kinship pieces (GEMMA's -gk 1 per chromosome); each LMM "
-                                 "piece forms its LOCO kinship from them"}}
+    record: dict[str, Any] = {
+        "type": "K", "cache_hit": job.cached == job.total, "gemma_version": gemma_version,
+        "warnings": warnings,
+        "sheepdog": {"job": job.id, "geno": prep.hashes["geno"], "anno": prep.hashes["anno"],
+                     "kinship": {c: by_chrom[c].id for c in wanted}}}
+    inputs = f"gemma -g {request.geno} -p {request.pheno} -a {request.anno} -gk 1"
+    if request.loco:
+        record["files"] = [[c, str(cache.task_dir(by_chrom[c].id) / "kinship.json"),
+                            str(cache.task_dir(by_chrom[c].id) / "kinship.npy")] for c in wanted]
+        record["gemma_command"] = f"{inputs} -loco {wanted[-1]}"
+        record["sheepdog"]["note"] = ("kinship pieces (GEMMA's -gk 1 per chromosome); each "
+                                      "LMM piece forms its LOCO kinship from them")
+        return record
+    record["files"] = [[None, *map(str, _full_kinship(options, cache, by_chrom, job.id))]]
+    record["gemma_command"] = inputs
+    record["sheepdog"]["note"] = ("the kinship of all SNPs, formed from the per-chromosome "
+                                  "kinship pieces (GEMMA's -gk 1 of each) by their SNP counts")
+    return record
+
+
+def _full_kinship(options: argparse.Namespace, cache: Cache, by_chrom: dict[str, Any],
+                  job_id: str) -> tuple[Path, Path]:
+    """(log, kinship) in gemma-wrapper's cache directory: the kinship of all SNPs as
+    GEMMA's -gk 1 writes it (.cXX.txt), named by the pieces it came from."""
+    from .kinship import read as read_kinship
+    from .loco import full_from, write_matrix
+
+    out_dir = Path(options.cache_dir or tempfile.gettempdir())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = hashlib.sha256("".join(t.id for t in by_chrom.values()).encode()).hexdigest()[:40]
+    kin, log = out_dir / f"{stem}.cXX.txt", out_dir / f"{stem}.log.txt"
+    if not (kin.exists() and log.exists()):
+        parts = [(c, read_kinship(cache.task_dir(t.id))) for c, t in by_chrom.items()]
+        tmp = out_dir / f".{kin.name}.{os.getpid()}.tmp"
+        write_matrix(tmp, full_from(parts))
+        os.replace(tmp, kin)
+        snps = sum(p for _, (_, p) in parts)
+        text = (f"## sheepdog job {job_id}: the centered kinship (-gk 1) of all {snps} "
+                f"SNPs of {len(parts)} chromosomes, from sheepdog's kinship pieces\n")
+        tmp = out_dir / f".{log.name}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, log)
+    return log, kin
 
 
 def _version() -> str:
@@ -216,9 +252,8 @@ def _read_k(path: str | None) -> dict[str, Any]:
         raise WrapperError(f"--input {path}: cannot read a K record: {e}") from e
     if not isinstance(k, dict) or k.get("type") != "K":
         raise WrapperError(f"JSON problem, file {path} is not -gk derived")
-    if any(rec[0] is None for rec in k.get("files", [])):
-        raise WrapperError(f"{path} holds a full-genome K: sheepdog-gemma-wrapper runs LOCO "
-                           "scans only")
+    if not isinstance(k.get("files"), list) or not k["files"]:
+        raise WrapperError(f"{path}: the K record names no kinship files")
     return k
 
 
@@ -233,16 +268,25 @@ def _publish(src: Path, dst: Path) -> None:
 
 def gwa_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings, cache: Cache,
              err: IO[str]) -> dict[str, Any]:
-    """The LOCO LMMs against the K record's kinship pieces; a GWA record."""
+    """The LMMs against the K record's kinship: LOCO (with --loco) or the kinship of all
+    SNPs (without, as the record says); a GWA record."""
     k = _read_k(options.input)
+    loco = options.loco is not None
+    if loco != (k["files"][0][0] is not None):
+        raise WrapperError(f"--input {options.input} holds "
+                           f"{'a full-genome K' if loco else 'LOCO kinships'}: "
+                           f"{'drop' if not loco else 'add'} --loco "
+                           f"{'in' if loco else 'to'} the kinship call, or "
+                           f"{'drop' if loco else 'add'} it here")
     warnings: list[str] = []
     request = _request(options, gemma, settings, warnings)
+    request.loco = loco
     job, tasks = build_job(request, settings, cache)
     ours = job.params["inputs"]
     if k.get("sheepdog", {}).get("geno") not in (None, ours["geno"]["sha256"]):
         raise WrapperError(f"--input {options.input} was computed from other genotypes "
                            f"than {request.geno}")
-    wanted = [rec[0] for rec in k["files"]]
+    wanted = [rec[0] for rec in k["files"]] if loco else job.params["chromosomes"]
     missing = [c for c in wanted if c not in job.params["chromosomes"]]
     if missing:
         raise WrapperError(f"{options.input} names chromosome {missing[0]!r}, which is not in "
@@ -258,24 +302,17 @@ def gwa_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings, 
     out_dir = Path(options.cache_dir or tempfile.gettempdir())
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = job.params["scan_task"][:40]
-    files = []
     by_chrom = {c: (Path(log), Path(assoc)) for c, log, assoc in
                 result.piece_files(store.job_tasks(conn, job.id), cache)}
-    for chrom in [c for c in job.params["chromosomes"] if c in wanted]:
-        log, assoc = by_chrom[chrom]
-        dst_log = out_dir / f"{stem}.{chrom}.log.txt"
-        dst_assoc = out_dir / f"{stem}.{chrom}.assoc.txt"
-        _publish(log, dst_log)
-        _publish(assoc, dst_assoc)
-        files.append([chrom, str(dst_log), str(dst_assoc)])
+    merged = cache.task_dir(job.params["scan_task"]) / "assoc.txt"
+    files = _gwa_files(out_dir, stem, [c for c in job.params["chromosomes"] if c in wanted],
+                       by_chrom, None if loco else merged)
     described = result.describe(conn, settings, job)
     record: dict[str, Any] = {
         "type": "GWA", "files": files, "cache_hit": job.cached == job.total,
         "gemma_command": _gemma_command(request, described), "warnings": warnings,
         "gemma_version": described["gemma_version"],
-        "sheepdog": {"job": job.id, "assoc": str(cache.task_dir(job.params["scan_task"])
-                                                 / "assoc.txt"),
-                     "top_hits": described["top_hits"]}}
+        "sheepdog": {"job": job.id, "assoc": str(merged), "top_hits": described["top_hits"]}}
     if "permutations" in described:
         record["permutations"] = described["permutations"]
     if options.lmdb is not None:
@@ -286,17 +323,46 @@ def gwa_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings, 
     return record
 
 
+def _gwa_files(out_dir: Path, stem: str, chromosomes: list[str],
+               by_chrom: dict[str, tuple[Path, Path]], merged: Path | None) -> list[list[Any]]:
+    """The record's [chromosome, log, assoc] in gemma-wrapper's cache directory: one per
+    chromosome (LOCO), or one merged assoc with every piece's GEMMA log (`merged`)."""
+    if merged is None:
+        files: list[list[Any]] = []
+        for chrom in chromosomes:
+            log, assoc = by_chrom[chrom]
+            dst_log = out_dir / f"{stem}.{chrom}.log.txt"
+            dst_assoc = out_dir / f"{stem}.{chrom}.assoc.txt"
+            _publish(log, dst_log)
+            _publish(assoc, dst_assoc)
+            files.append([chrom, str(dst_log), str(dst_assoc)])
+        return files
+    dst_log, dst_assoc = out_dir / f"{stem}.log.txt", out_dir / f"{stem}.assoc.txt"
+    if not dst_log.exists():
+        tmp = out_dir / f".{dst_log.name}.{os.getpid()}.tmp"
+        with open(tmp, "w") as out:
+            for chrom in chromosomes:
+                out.write(f"## sheepdog: GEMMA's log of chromosome {chrom}'s SNPs\n")
+                out.write(by_chrom[chrom][0].read_text())
+        os.replace(tmp, dst_log)
+    _publish(merged, dst_assoc)
+    return [[None, str(dst_log), str(dst_assoc)]]
+
+
 def _gemma_command(request: GemmaRequest, described: dict[str, Any]) -> str:
-    """The GEMMA command each LMM piece ran (its LOCO kinship formed just before)."""
+    """The GEMMA command each LMM piece ran (its kinship formed just before: LOCO, or of
+    all SNPs)."""
     words = ["gemma", "-g", str(request.geno), "-p", str(request.pheno), "-a",
-             str(request.anno), "-k", "loco.txt", "-lmm", str(request.lmm)]
+             str(request.anno), "-k", "loco.txt" if request.loco else "kinship.cXX.txt",
+             "-lmm", str(request.lmm)]
     if request.maf is not None:
         words += ["-maf", repr(request.maf)]
     if request.covariates:
         words += ["-c", str(request.covariates)]
     if request.column:
         words += ["-n", str(request.column)]
-    return " ".join([*words, *request.gemma_flags, "-loco", "<chromosome>"])
+    return " ".join([*words, *request.gemma_flags,
+                     *(["-loco", "<chromosome>"] if request.loco else [])])
 
 
 def run(argv: list[str], out: IO[str], err: IO[str]) -> int:

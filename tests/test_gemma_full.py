@@ -1,0 +1,64 @@
+"""`sheepdog run gemma` (no LOCO: one kinship of all SNPs) on real BXD data with real
+GEMMA: equal to GEMMA's own serial `-gk 1` then `-lmm 9`, SNP by SNP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import BXD, sheepdog, wait_for
+from gemma_reference import ANNO, COVARIATES, GENO, PHENO, full_scan, read_assoc
+
+from web import create_app
+
+AUTH = {"Authorization": "Bearer t"}
+
+
+def finished(client, job_id, timeout=120):
+    def done():
+        body = client.get(f"/jobs/{job_id}", headers=AUTH).get_json()
+        return body if body["status"] in ("success", "error", "cancelled") else None
+    return wait_for(done, timeout, every=0.1, what=f"job {job_id} to end")
+
+
+@pytest.mark.parametrize("covariates", [False, True], ids=["plain", "covariates"])
+def test_every_column_equals_gemmas_own_serial_full_genome_scan(env, tmp_path, covariates):
+    extra = ["-c", str(COVARIATES)] if covariates else []
+    r = sheepdog("run", "gemma", "-g", str(GENO), "-p", str(PHENO), "-a", str(ANNO),
+                 "--out", str(tmp_path / "out"), *extra, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours = read_assoc(tmp_path / "out" / "assoc.txt")
+    theirs = full_scan(tmp_path, covariates=COVARIATES if covariates else None)
+    assert set(ours) == set(theirs) and len(ours) > 7300
+    for rs, row in theirs.items():
+        assert ours[rs] == row, (rs, ours[rs], row)  # every printed digit of every column
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["workflow"] == "gemma" and result["options"]["loco"] is False
+
+
+def test_it_shares_the_kinship_pieces_with_loco_and_runs_from_rest(env, tmp_path, conn,
+                                                                   redis_server, home, queue,
+                                                                   workers):
+    """The per-chromosome kinships are the same pieces as gemma-loco's (cached); the
+    LMM pieces are its own. POST /jobs takes the workflow as the CLI does."""
+    loco = sheepdog("run", "gemma-loco", "--example", "--json", env=env, timeout=300)
+    assert loco.returncode == 0, loco.stderr[-2000:]
+    full = sheepdog("run", "gemma", "--example", "--json", env=env, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    ids = [{p["name"]: p["id"] for p in json.loads(r.stdout)["pieces"]} for r in (loco, full)]
+    kinships = [n for n in ids[0] if n.startswith("kinship chr")]
+    assert len(kinships) == 20 and all(ids[0][n] == ids[1][n] for n in kinships)
+    assert all(ids[0][f"lmm chr {c}"] != ids[1][f"lmm chr {c}"] for c in ("1", "X"))
+    app = create_app({"TESTING": True, "SETTINGS": {
+        "redis_url": redis_server.url, "home": home, "api_tokens": ("t",), "queue": queue,
+        "input_roots": (str(BXD),)}})
+    client = app.test_client()
+    r = client.post("/jobs", headers=AUTH, json={
+        "workflow": "gemma", "inputs": {"geno": str(GENO), "pheno": str(PHENO),
+                                        "anno": str(ANNO)}, "params": {"force": False}})
+    assert r.status_code == 202, r.get_json()
+    workers.start("-j", "2")
+    job = finished(client, r.get_json()["id"])
+    assert job["status"] == "success" and job["workflow"] == "gemma", job
+    result = client.get(f"/jobs/{job['id']}/result", headers=AUTH).get_json()
+    assert result["counts"]["analysed_snps"] == 7320
