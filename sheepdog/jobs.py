@@ -72,8 +72,12 @@ def command_job(argv: Sequence[str], settings: Settings, backend: str = "local",
 
 
 def submit(conn: redis.Redis, settings: Settings, job: Job, tasks: list[Task]) -> Job:
-    """Store and dispatch; cached pieces are reported in the job's log."""
+    """Store and dispatch; cached pieces are reported in the job's log. The pieces a
+    workflow names in `params["forced"]` (--force, REST "force": true) are computed
+    again, whatever the cache holds."""
     local = Cache(settings.cache_dir)
+    if job.params.get("forced"):
+        store.forget(conn, list(job.params["forced"]), local.remove)
     by_id = {t.id: t for t in tasks}
     return store.submit(conn, job, tasks,
                         published=lambda tid: not by_id[tid].cacheable or local.reused(tid))

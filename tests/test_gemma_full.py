@@ -62,3 +62,39 @@ def test_it_shares_the_kinship_pieces_with_loco_and_runs_from_rest(env, tmp_path
     assert job["status"] == "success" and job["workflow"] == "gemma", job
     result = client.get(f"/jobs/{job['id']}/result", headers=AUTH).get_json()
     assert result["counts"]["analysed_snps"] == 7320
+
+
+def test_gemmas_nan_is_missing_in_every_reader_and_never_a_hit(env, tmp_path):
+    """GEMMA prints `p_lrt nan` for two BXD SNPs in the plain scan: the merged file keeps
+    GEMMA's lines, and every reader (top hits, permutation minimum, precompute, plot,
+    LMDB hits, the wrapper's record) takes them as missing, never as p = 0."""
+    import math
+
+    from sheepdog.gemma import lmdbout, merge, pcsteps, plot
+    from sheepdog.gemma.commands import p_value
+
+    out = tmp_path / "out"
+    r = sheepdog("run", "gemma", "--example", "--out", str(out), "--lmdb",
+                 str(tmp_path / "scan.mdb"), env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_assoc(out / "assoc.txt")
+    nan = {rs for rs, row in rows.items() if row["p_lrt"] in ("nan", "-nan")}
+    assert nan == {"rs29680149", "rs33754543"}  # GEMMA's own output
+    finite = {rs: float(row["p_lrt"]) for rs, row in rows.items() if rs not in nan}
+    best = min(finite, key=finite.__getitem__)
+    result = json.loads((out / "result.json").read_text())
+    assert result["top_hits"][0]["rs"] == best
+    assert not nan & {h["rs"] for h in result["top_hits"]}
+    assert merge.read_min_p(out / "assoc.txt")[2] == best
+    assert merge.read_min_p(out / "assoc.txt", "gemma-wrapper")[2] == best
+    precompute = pcsteps._read_assoc(out / "assoc.txt", "p_lrt")
+    assert not nan & set(precompute) and len(precompute) == len(finite)
+    _, by_chrom = plot._read(out / "assoc.txt")
+    heights = [y for _, ys in by_chrom.values() for y in ys]
+    assert len(heights) == len(finite) and max(heights) < 10
+    meta, records = lmdbout.read(tmp_path / "scan.mdb")
+    assert len(records) == len(rows) and sum(math.isnan(v[-1]) for v in records.values()) == 2
+    assert not nan & {h[2] for h in meta["hits"]}
+    for text in ("nan", "-nan", "inf", "-inf", "NaN", "x"):
+        assert p_value(text) is None, text
+    assert p_value("0") == 0.0 and p_value("1.5e-300") == 1.5e-300

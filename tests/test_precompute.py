@@ -271,3 +271,41 @@ def test_precompute_commands_read_a_dataset_directory(env, tmp_path):
     assert len((out / "hits.tsv").read_text().splitlines()) == 4
     missing = sheepdog("precompute", "hits", str(tmp_path / "none"), env=env)
     assert missing.returncode == 2 and "holds no precomputed dataset" in missing.stderr
+
+
+def test_traits_keep_their_own_ids_whatever_their_values(env, tmp_path):
+    """Results are cached by a trait's values and filed by its id: two identical traits
+    in one dataset, and a later dataset whose traits equal an earlier one's, are stored,
+    shown and listed under their own ids."""
+    liver = (BXD / "BXD_pheno.txt").read_text().split()
+    first = _run(env, tmp_path, write_traits(tmp_path / "a.tsv", {"twin": liver}),
+                 tmp_path / "first")
+    assert first.returncode == 0, first.stderr[-3000:]
+    for trait in ("liver", "twin"):  # within one dataset: one key, two ids
+        shown = json.loads(_show(env, tmp_path / "first", trait).stdout)
+        assert shown["trait"] == trait
+    traits = ["copyA", "copyB", "other"]
+    table = tmp_path / "b.tsv"  # another dataset: two copies of liver, and a new trait
+    other = [f"{v:.3f}" for v in np.random.default_rng(3).normal(size=len(liver))]
+    table.write_text("id\t" + "\t".join(traits) + "\n" + "".join(
+        f"{name}\t{liver[i]}\t{liver[i]}\t{other[i]}\n"
+        for i, name in enumerate(ids(len(liver)))))
+    second = _run(env, tmp_path, table, tmp_path / "second")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "3 of 3 traits; 1 to scan" in second.stderr  # the copies came from the cache
+    keys = {}
+    for trait in traits:
+        shown = _show(env, tmp_path / "second", trait)
+        assert shown.returncode == 0, (trait, shown.stderr)
+        found = json.loads(shown.stdout)
+        assert found["trait"] == trait and found["metadata"]["id"] == trait
+        assert found["metadata"]["dataset"] == "second"
+        keys[trait] = found["key"]
+    assert keys["copyA"] == keys["copyB"] != keys["other"]
+    assert json.loads(_show(env, tmp_path / "second", "copyA").stdout)["metadata"][
+        "computed_by"]["dataset"] == "first"
+    hits = (tmp_path / "second" / "hits.tsv").read_text().splitlines()[1:]
+    assert sorted(h.split("\t")[0] for h in hits) == traits
+    assert _show(env, tmp_path / "second", "liver").returncode == 2  # not this dataset's
+    with sqlite3.connect(tmp_path / "second" / "precompute.sqlite") as db:
+        assert sorted(r[0] for r in db.execute("SELECT id FROM traits")) == traits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -135,6 +136,22 @@ def parse_log(text: str) -> dict[str, str]:
             found[name] = m.group(1).strip()
     found["complete"] = "1" if COMPLETE in text else "0"
     return found
+
+
+def p_value(text: str) -> float | None:
+    """A p GEMMA printed, or None where it printed no usable one: `nan`, `-nan`, `inf`
+    (a SNP whose test failed) are missing values, never the strongest signal. A p that
+    underflowed to 0 stays 0."""
+    try:
+        p = float(text)
+    except ValueError:
+        return None
+    return p if 0.0 <= p <= 1.0 else None
+
+
+def minus_log10(p: float, floor: float) -> float:
+    """-log10 p, with `floor` standing for a p printed as 0."""
+    return -math.log10(p) if p > 0 else floor
 
 
 def p_column(header: list[str]) -> str:

@@ -15,6 +15,7 @@ import struct
 from pathlib import Path
 
 from ..errors import SheepdogError
+from .commands import minus_log10, p_value
 
 KEY_FORMAT = ">cL"
 REC_FORMAT = "=fffff"
@@ -63,9 +64,8 @@ def write(assoc: Path, db: Path, logs: dict[str, str] | None = None,
                 if not txn.put(k, struct.pack(REC_FORMAT, *values), overwrite=False):
                     raise SheepdogError(f"{assoc}: two SNPs at {cols[at['chr']]}:"
                                         f"{cols[at['ps']]} (gemma2lmdb keys by position)")
-                p = values[-1]
-                lod = math.inf if p <= 0 else -math.log10(p)
-                if lod >= hit_lod:
+                p = p_value(cols[at["p_lrt"]])  # GEMMA's nan is stored, never a hit
+                if p is not None and minus_log10(p, math.inf) >= hit_lod:
                     hits.append([chromosome_byte(cols[at["chr"]]), int(cols[at["ps"]]),
                                  cols[at["rs"]], cols[at["p_lrt"]]])
         meta["hits"] = hits

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import GatherError
 from .bimbam import chromosome_order
-from .commands import p_column, parse_log
+from .commands import p_column, p_value, parse_log
 
 # What every piece of one scan must have in common, as its GEMMA log states it.
 AGREE = ("version", "individuals", "total_individuals")
@@ -98,7 +98,8 @@ def merge(pieces: list[Piece], out: Path) -> dict[str, Any]:
         for *_, cols in rows:
             f.write("\t".join(cols) + "\n")
     pcol = header.index(p_column(header))
-    top = sorted(rows, key=lambda r: float(r[4][pcol]))[:10]
+    tested = [(p, r) for r in rows if (p := p_value(r[4][pcol])) is not None]
+    top = [r for _, r in sorted(tested, key=lambda pr: pr[0])[:10]]  # nan is never a hit
     return {
         "header": header, "p_column": header[pcol], "snps": len(rows), "facts": facts,
         "chromosomes": [p.chromosome for p in sorted(pieces, key=lambda p:
@@ -127,7 +128,7 @@ def read_min_p(assoc: Path, rule: str = "sheepdog") -> tuple[float, str, str]:
         best = (math.inf, "", "")
         for line in f:
             cols = line.rstrip("\n").split("\t")
-            p = float(cols[pcol])
-            if p < best[0] and (p > 0 or not wrapper):
+            p = p_value(cols[pcol])
+            if p is not None and p < best[0] and (p > 0 or not wrapper):
                 best = (p, cols[0], cols[1])
     return best

@@ -1,7 +1,8 @@
 """The Python steps of the GEMMA workflows, run as task processes:
 
     python -m sheepdog.gemma.ops kinship GENO
-    python -m sheepdog.gemma.ops loco-lmm --chromosome C [--full] -- GEMMA-ARGS -- CHR KINSHIP_DIR ...
+    python -m sheepdog.gemma.ops loco-lmm --chromosome C [--full] -- GEMMA-ARGS --
+                                          CHR KINSHIP_DIR ...
     python -m sheepdog.gemma.ops gather CHR ASSOC LOG [...]
     python -m sheepdog.gemma.ops perm-prepare --pheno P [--column N] [--covariates C]
                                                CHR GENO ANNO KINSHIP_DIR [...]

@@ -49,7 +49,7 @@ def begin(settings: Settings, job: Job, cache: Cache) -> None:
                                                "individuals", "snps", "chromosomes",
                                                "traits_total", "traits_chosen")}
     description["job"] = job.id
-    pcstore.begin(Path(job.out_dir), cache, description, entries)
+    pcstore.begin(Path(job.out_dir), cache, description, entries, _meta(job))
 
 
 # ------------------------------------------------------------------ the command line
@@ -118,9 +118,7 @@ def run_cli(kw: dict[str, Any]) -> int:
                f"{p['traits_to_run']:,d} to scan, the rest stored or skipped"
                + (f"; {p['genotyped_without_values']} genotyped individuals have no values"
                   if p["genotyped_without_values"] else ""), err=True)
-    if request.force:  # the batches too, not only the traits' own results
-        store.forget(db, job.params["batches"], cache.remove)
-    jobs.submit(db, settings, job, tasks)
+    jobs.submit(db, settings, job, tasks)  # with --force, forgets the batches first
     if not detach:
         finalize(db, settings, job.id)  # a fully stored dataset ends right here
     code = clirun.finish(db, settings, job.id, job.queue, detach, as_json, after_wait=finalize)

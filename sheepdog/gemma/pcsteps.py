@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import SheepdogError
 from . import kinship
 from .bimbam import geno_fields, lines
-from .commands import SHORT_RUN_ENV, lmm_argv, parse_log
+from .commands import SHORT_RUN_ENV, lmm_argv, minus_log10, p_value, parse_log
 from .loco import loco_from, read_matrix, write_matrix
 
 Emit = Callable[[str], None]
@@ -127,7 +127,8 @@ class Options:
 
 
 def _read_assoc(path: Path, column: str) -> dict[str, tuple[float, float, float, float]]:
-    """rs -> (p, beta, se, af) as GEMMA printed them."""
+    """rs -> (p, beta, se, af) as GEMMA printed them; a SNP whose p GEMMA printed as
+    `nan` or `inf` is left out, as one it did not test (missing, never a peak)."""
     out = {}
     with open(path) as f:
         header = f.readline().rstrip("\n").split("\t")
@@ -135,7 +136,9 @@ def _read_assoc(path: Path, column: str) -> dict[str, tuple[float, float, float,
         rs = header.index("rs")
         for line in f:
             cols = line.rstrip("\n").split("\t")
-            out[cols[rs]] = tuple(float(cols[i]) for i in at)
+            p = p_value(cols[at[0]])
+            if p is not None:
+                out[cols[rs]] = (p, *(float(cols[i]) for i in at[1:]))
     return out  # type: ignore[return-value]
 
 
@@ -180,7 +183,7 @@ def scan_trait(values: list[str], chromosomes: list[Cut], total: int, options: O
             row = found.get(rs)
             if row is not None:
                 p, beta, se, af = row
-                logp = -math.log10(p) if p > 0 else FLOOR
+                logp = minus_log10(p, FLOOR)
                 kept[i] = (math.copysign(logp, beta), beta, se, af, p)
         rows = kept[pattern]
         part = vector[offset:offset + len(pattern)]

@@ -139,8 +139,19 @@ def _put_trait(db: sqlite3.Connection, record: dict[str, Any]) -> None:
         for p in record.get("peaks") or []])
 
 
+def reused(record: dict[str, Any], entry: dict[str, Any], meta: dict[str, Any]
+           ) -> dict[str, Any]:
+    """A cached result filed under this dataset's trait: results come by the trait's
+    values (its key), the name and the dataset's record from this run, never from the
+    run that computed them (which is kept as `computed_by`)."""
+    return {**record, **meta, "id": entry["id"], "n": entry["n"],
+            "computed_by": {"dataset": record.get("dataset"), "job": record.get("job"),
+                            "trait": record.get("id")}}
+
+
 def begin(out: Path, cache: Cache, description: dict[str, Any],
-          entries: list[dict[str, Any]], snps: Path | None = None) -> None:
+          entries: list[dict[str, Any]], meta: dict[str, Any] | None = None,
+          snps: Path | None = None) -> None:
     """Describe the dataset; each chosen trait queued, skipped, or done from the cache."""
     with connect(out) as db:
         db.executemany("INSERT OR REPLACE INTO dataset VALUES (?, ?)",
@@ -149,7 +160,7 @@ def begin(out: Path, cache: Cache, description: dict[str, Any],
             if entry.get("status") == "skipped":
                 _put_trait(db, entry)
             elif cached(cache, entry["key"]):
-                _put_trait(db, cached_record(cache, entry["key"]))
+                _put_trait(db, reused(cached_record(cache, entry["key"]), entry, meta or {}))
                 _link(_indexed(cache, entry["key"])[0], out / "vectors" / f"{entry['key']}.npy")
             else:
                 row = db.execute("SELECT key, status FROM traits WHERE id = ?",

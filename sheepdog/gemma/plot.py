@@ -15,7 +15,7 @@ from xml.sax.saxutils import escape
 from PIL import Image, ImageDraw, ImageFont
 
 from .bimbam import chromosome_order
-from .commands import p_column
+from .commands import minus_log10, p_column, p_value
 
 WIDTH, HEIGHT = 1200, 400
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 36, 50
@@ -46,10 +46,12 @@ def _read(assoc: Path) -> tuple[str, dict[str, tuple[list[float], list[float]]]]
         pcol, chrcol, poscol = header.index(name), header.index("chr"), header.index("ps")
         for line in f:
             cols = line.split("\t")
-            p = float(cols[pcol])
             xs, ys = by_chrom.setdefault(cols[chrcol], ([], []))
+            p = p_value(cols[pcol])
+            if p is None:
+                continue  # GEMMA's nan: no point (its chromosome still has its place)
             xs.append(float(cols[poscol]))
-            ys.append(-math.log10(p) if p > 0 else FLOOR)
+            ys.append(minus_log10(p, FLOOR))
     return name, by_chrom
 
 

@@ -98,9 +98,7 @@ def run_cli(kw: dict[str, Any]) -> int:
             after=lambda db, s, winner, label: _race_won(db, s, winner, label, out_dir))
     db = clirun.conn(settings)
     job, tasks = build_job(request, settings, cache)
-    if request.force:
-        store.forget(db, [t.id for t in tasks], cache.remove)
-    jobs.submit(db, settings, job, tasks)
+    jobs.submit(db, settings, job, tasks)  # with --force, forgets the pieces first
     if not detach:
         finalize(db, settings, job.id)  # a fully cached job ends right here
     return clirun.finish(db, settings, job.id, job.queue, detach, as_json, after_wait=_after)

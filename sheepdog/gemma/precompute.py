@@ -174,6 +174,8 @@ def build_job(request: PrecomputeRequest, settings: Settings, cache: Cache,
         "prepare_task": tasks[len(order)].id, "batches": batch_tasks,
         "environment": env,
     }
+    if request.force:  # the batches too, not only the traits' own results
+        params["forced"] = list(batch_tasks)
     job = Job(id=job_id or new_job_id(), workflow="gemma-precompute", params=params,
               backend=request.backend, host=request.host,
               queue=request.queue or settings.queue,

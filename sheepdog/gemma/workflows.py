@@ -370,6 +370,8 @@ def build_job(request: GemmaRequest, settings: Settings, store: Cache,
         "gemma_version": gemma_version, "individuals": prep.individuals, "snps": prep.snps,
         "chromosomes": prep.order, "scan_task": gather.id,
     }
+    if request.force:
+        params["forced"] = [t.id for t in tasks]
     if request.lmdb:
         params["lmdb"] = str(Path(request.lmdb).resolve())
     if request.permutations:

@@ -292,9 +292,7 @@ def gwa_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings, 
         raise WrapperError(f"{options.input} names chromosome {missing[0]!r}, which is not in "
                            f"{request.anno}")
     conn = connect(settings)
-    if request.force:
-        store.forget(conn, [t.id for t in tasks], cache.remove)
-    jobs.submit(conn, settings, job, tasks)
+    jobs.submit(conn, settings, job, tasks)  # with --force, forgets the pieces first
     job = _wait(conn, settings, job, err, options.quiet)
     _check_ended(job)
     finalize(conn, settings, job.id)
