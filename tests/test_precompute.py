@@ -309,3 +309,20 @@ def test_traits_keep_their_own_ids_whatever_their_values(env, tmp_path):
     assert _show(env, tmp_path / "second", "liver").returncode == 2  # not this dataset's
     with sqlite3.connect(tmp_path / "second" / "precompute.sqlite") as db:
         assert sorted(r[0] for r in db.execute("SELECT id FROM traits")) == traits
+
+
+def test_the_bundled_example_runs_and_equals_the_loco_scan(env, tmp_path):
+    """`gemma-precompute --example`: the BXD .geno and trait table shipped in the package;
+    its liver trait is the gemma-loco --example scan, p for p."""
+    r = sheepdog("run", "gemma-precompute", "--example", "--out", str(tmp_path / "pc"),
+                 env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 of 2 traits; 2 to scan" in r.stderr and "2 done" in r.stderr
+    loco = sheepdog("run", "gemma-loco", "--example", "--out", str(tmp_path / "loco"),
+                    env=env, timeout=300)
+    assert loco.returncode == 0, loco.stderr[-3000:]
+    shown = json.loads(_show(env, tmp_path / "pc", "liver", "--vector").stdout)
+    ours = {s["rs"]: s["p"] for s in shown["snps"]}
+    theirs = {line.split("\t")[1]: float(line.split("\t")[10])
+              for line in (tmp_path / "loco" / "assoc.txt").read_text().splitlines()[1:]}
+    assert ours == theirs

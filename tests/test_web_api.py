@@ -237,3 +237,20 @@ def test_the_spec_lists_every_route(client):
               if not str(rule).startswith("/static")}
     assert routes - {"/", "/jobs/{job_id}/page", "/openapi.yaml", "/favicon.ico"} <= documented
     time.sleep(0)
+
+
+def test_force_in_a_request_recomputes_as_the_cli_does(client, workers):
+    """`"force": true` forgets the job's pieces before they are dispatched: nothing of the
+    second, identical job comes from the cache."""
+    body = {"workflow": "gemma-loco",
+            "inputs": {"geno": str(BXD / "BXD_geno.txt.gz"), "pheno": str(BXD / "BXD_pheno.txt"),
+                       "anno": str(BXD / "BXD_snps.txt")}}
+    workers.start("-j", "2")
+    first = client.post("/jobs", headers=AUTH, json=body).get_json()
+    assert _finished(client, first["id"])["status"] == "success"
+    again = client.post("/jobs", headers=AUTH, json=body).get_json()
+    assert _finished(client, again["id"])["progress"]["cached"] == 41  # all of it cached
+    forced = client.post("/jobs", headers=AUTH, json={**body, "params": {"force": True}})
+    assert forced.status_code == 202, forced.get_json()
+    job = _finished(client, forced.get_json()["id"])
+    assert job["status"] == "success" and job["progress"]["cached"] == 0, job["progress"]

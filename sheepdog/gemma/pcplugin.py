@@ -83,13 +83,22 @@ def _inputs(fn: Any) -> Any:
         click.option("--out", "out_dir", type=click.Path(), required=True,
                      help="The dataset's directory (SQLite store, vectors, hits.tsv)."),
         click.option("--force", is_flag=True, help="Recompute traits already computed."),
+        click.option("--example", is_flag=True,
+                     help="Use the bundled BXD example: a GN .geno and a trait table of "
+                          "two traits (-g/-p)."),
         click.argument("gemma_flags", nargs=-1, type=click.UNPROCESSED),
     ]):
         fn = opt(fn)
     return fn
 
 
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bxd"
+
+
 def _request(kw: dict[str, Any]) -> PrecomputeRequest:
+    if kw.pop("example"):
+        kw["geno"] = kw["geno"] or EXAMPLE / "BXD.geno.gz"
+        kw["pheno"] = kw["pheno"] or EXAMPLE / "BXD_traits.tsv"
     control = kw.pop("control")
     if control is not None and kw["geno"] is not None:
         raise click.UsageError("give -g or --control, not both")
