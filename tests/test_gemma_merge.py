@@ -106,3 +106,28 @@ def test_the_manhattan_plot_puts_every_snp_in_genome_order_and_the_top_hit_highe
     assert Image.open(paths[0]).size == (plot.WIDTH, plot.HEIGHT)
     text = paths[1].read_text()
     assert text.count("<circle") == len(rows) and ">significant<" in text
+
+
+def test_the_legend_covers_no_threshold_line_and_every_chromosome_has_its_label(tmp_path):
+    """A permutation plot's thresholds near the top of the axis stay visible (the legend
+    is above the plot); chromosomes without points keep their place and label."""
+    import re
+
+    from sheepdog.gemma import plot
+
+    rows = [("1", "rs1", 3e6, 2e-4), ("2", "rs2", 1e6, 0.3)]
+    assoc = tmp_path / "assoc.txt"
+    assoc.write_text("\n".join([HEADER, *(f"{c}\t{rs}\t{ps:.0f}\t0\tX\tY\t0.3\t0.1\t0.1\t1e-05"
+                                          f"\t{p}" for c, rs, ps, p in rows)]) + "\n")
+    thresholds = {"significant": 1.9e-4, "suggestive": 2.1e-4}  # at the very top of the axis
+    lay = plot.layout(assoc, thresholds=thresholds)
+    text = plot.svg(lay)
+    keys = [float(y) for y in re.findall(r'<line x1="[\d.]+" y1="([\d.]+)" x2="[\d.]+" '
+                                         r'y2="\1" stroke="#[0-9a-f]+" stroke-dasharray="6 4"/>',
+                                         text)]
+    assert len(keys) == 2 and all(k + 6 < plot.TOP for k in keys)  # legend above the plot
+    assert all(y >= plot.TOP for y, _, _ in lay.lines)
+    spread = plot.layout_of({"4": ([5e6], [3.0])}, "map", "-log10 p",
+                            extents={"1": 190e6, "4": 150e6, "X": 170e6, "19": 60e6})
+    assert [label for _, label in spread.x_ticks] == ["1", "4", "19", "X"]
+    assert max(float(label) for _, label in spread.y_ticks) < 5  # the axis fits the data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -232,7 +233,11 @@ def test_a_dataset_posted_to_the_service_is_served_by_trait_and_region(server, t
     assert status == 400 and bad["field"] == "start"
     assert get(server, "/precompute/bxd-liver/hits", token="wrong")[0] == 401
     status, svg = get(server, "/precompute/bxd-liver/map.svg")
+    assert status == 200, svg
     assert svg.count("<a href=") == 3 and "/precompute/bxd-liver/manhattan/liver" in svg
+    labels = [m for m in re.findall(r'text-anchor="middle">([^<]+)</text>', svg)
+              if m not in ("chromosome", "-log10 p") and ":" not in m]
+    assert labels == [*map(str, range(1, 20)), "X"]  # every chromosome, hits or not
     page = browser.new_page()
     page.goto(f"{server}/precompute/bxd-liver/page?token={TOKEN}")
     page.wait_for_selector("#map:not([hidden])", timeout=15_000)

@@ -283,6 +283,18 @@ def hits(out: Path, chrom: str | None = None, start: float | None = None,
             "next_offset": following if following < total else None}
 
 
+def chromosome_lengths(out: Path) -> dict[str, float]:
+    """Each chromosome's last SNP position (bp), from the dataset's SNP table."""
+    path = out / "snps.npy"
+    if not path.is_file():
+        return {}
+    snps = np.load(path)
+    lengths: dict[str, float] = {}
+    for chrom, ps in zip(snps["chr"].tolist(), snps["ps"].tolist(), strict=True):
+        lengths[chrom] = max(lengths.get(chrom, 0.0), float(ps))
+    return lengths
+
+
 def top_hits(out: Path) -> list[dict[str, Any]]:
     """Every scanned trait's genome-wide top hit (for the dataset's QTL map)."""
     db = open_existing(out)

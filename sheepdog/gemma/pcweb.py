@@ -121,7 +121,8 @@ def qtl_map(name: str) -> Any:
         ys.append(hit["logp"])
         links.setdefault(hit["chr"], []).append(
             url_for("precompute.trait_manhattan", name=name, trait=hit["trait"]))
-    lay = plot.layout_of(by_chrom, f"{name}: each trait's top peak", "-log10 p", links=links)
+    lay = plot.layout_of(by_chrom, f"{name}: each trait's top peak", "-log10 p", links=links,
+                         extents=pcstore.chromosome_lengths(out))
     return _svg(plot.svg(lay))
 
 

@@ -70,18 +70,23 @@ def layout(assoc: Path, title: str = "", thresholds: dict[str, float] | None = N
 
 def layout_of(by_chrom: dict[str, tuple[list[float], list[float]]], title: str, y_label: str,
               thresholds: dict[str, float] | None = None,
-              links: dict[str, list[str]] | None = None) -> Layout:
+              links: dict[str, list[str]] | None = None,
+              extents: dict[str, float] | None = None) -> Layout:
     """The plot of points (position in bp, height) per chromosome; `links`: per
-    chromosome, one link per point (the SVG makes each point a link)."""
+    chromosome, one link per point (the SVG makes each point a link); `extents`: every
+    chromosome's length in bp, so each has its place and label, points or not."""
     lines = {k: -math.log10(p) for k, p in (thresholds or {}).items() if p > 0}
     top = max([y for _, ys in by_chrom.values() for y in ys] + list(lines.values()) + [1.0])
     step = _step(top)
     top = math.ceil(top * 1.05 / step) * step
+    extents = extents or {}
+    by_chrom = {**{c: ([], []) for c in extents}, **by_chrom}
+    length = {c: max([extents.get(c, 0.0), *by_chrom[c][0]]) for c in by_chrom}
     order = sorted(by_chrom, key=chromosome_order)
     starts, offset = {}, 0.0
     for chrom in order:
         starts[chrom] = offset
-        offset += max(by_chrom[chrom][0], default=0.0) + GAP
+        offset += length[chrom] + GAP
     span = max(offset - GAP, 1.0)
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
@@ -96,12 +101,18 @@ def layout_of(by_chrom: dict[str, tuple[list[float], list[float]]], title: str, 
         xs, ys = by_chrom[chrom]
         out.points += [(px(starts[chrom] + x), py(y), i % 2) for x, y in zip(xs, ys, strict=True)]
         if links is not None:
-            out.links += links[chrom]
-        out.x_ticks.append((px(starts[chrom] + max(xs, default=0.0) / 2), chrom))
+            out.links += links.get(chrom, [])
+        out.x_ticks.append((px(starts[chrom] + length[chrom] / 2), chrom))
     ticks = int(top / step + 1e-9)
     out.y_ticks = [(py(k * step), f"{k * step:g}") for k in range(ticks + 1)]
     out.lines = [(py(y), k, THRESHOLD_COLOURS.get(k, "#c00000")) for k, y in lines.items()]
     return out
+
+
+def _key_y(row: int) -> float:
+    """The legend's rows sit in the margin above the plot, right of the title: a
+    threshold line (inside the plot) is never under them."""
+    return 10 + 13 * row
 
 
 def svg(lay: Layout) -> str:
@@ -139,7 +150,7 @@ def svg(lay: Layout) -> str:
     parts.append(f'<text transform="translate(18 {(TOP + bottom) / 2}) rotate(-90)" '
                  f'text-anchor="middle">{escape(lay.y_label)}</text>')
     for i, (_, name, colour) in enumerate(lay.lines):
-        key_y = TOP + 12 + 16 * i
+        key_y = _key_y(i)
         parts.append(f'<line x1="{right - 120}" y1="{key_y}" x2="{right - 96}" y2="{key_y}" '
                      f'stroke="{colour}" stroke-dasharray="6 4"/><text x="{right - 90}" '
                      f'y="{key_y + 4}">{escape(name)}</text>')
@@ -171,7 +182,7 @@ def png(lay: Layout, path: Path) -> None:
     turned = sideways.rotate(90, expand=True)
     image.paste(turned, (8, int((TOP + bottom) / 2 - turned.height / 2)))
     for i, (_, name, colour) in enumerate(lay.lines):
-        key_y = TOP + 12 + 16 * i
+        key_y = _key_y(i)
         _dashed(draw, right - 120, right - 96, key_y, colour)
         draw.text((right - 90, key_y), name, fill="black", font=font, anchor="lm")
     image.save(path, optimize=False)
