@@ -99,7 +99,8 @@ def test_every_trait_is_stored_exactly_as_serial_gemma_loco(env, tmp_path, gemma
     assert sorted(h.split("\t")[0] for h in hits[1:]) == ["full", "liver", "liver2"]
     key = json.loads(_show(env, out, "liver").stdout)["key"]
     vector = np.load(out / "vectors" / f"{key}.npy")  # numpy alone reads the store
-    assert vector.dtype.names == ("logp", "beta", "se", "af", "p") and len(vector) == 7320
+    assert vector.dtype.names == ("logp", "beta", "se", "af", "p", "l_mle")
+    assert len(vector) == 7320
     assert np.load(out / "snps.npy")["rs"][0] == "rs31443144"
     with sqlite3.connect(out / "precompute.sqlite") as db:
         plan = db.execute("EXPLAIN QUERY PLAN SELECT trait FROM peaks WHERE chr = '4' "
@@ -217,7 +218,8 @@ def test_a_dataset_posted_to_the_service_is_served_by_trait_and_region(server, t
     assert status == 200 and liver["top"]["locus"] and "snps" not in liver
     status, with_vector = get(server, "/precompute/bxd-liver/traits/liver?vector=1")
     assert len(with_vector["snps"]) == 7320
-    assert set(with_vector["snps"][0]) == {"rs", "chr", "ps", "logp", "beta", "se", "af", "p"}
+    assert set(with_vector["snps"][0]) == {"rs", "chr", "ps", "logp", "beta", "se", "af", "p",
+                                           "l_mle"}
     assert get(server, "/precompute/bxd-liver/traits/nope") == (
         404, {"error": "no such trait 'nope' in bxd-liver", "field": "trait", "status": 404})
     status, skipped = get(server, "/precompute/bxd-liver/traits/flat")
@@ -331,3 +333,27 @@ def test_the_bundled_example_runs_and_equals_the_loco_scan(env, tmp_path):
     theirs = {line.split("\t")[1]: float(line.split("\t")[10])
               for line in (tmp_path / "loco" / "assoc.txt").read_text().splitlines()[1:]}
     assert ours == theirs
+
+
+def test_lmdb_writes_each_trait_as_gemma2lmdb_does(env, tmp_path):
+    """--lmdb DIR: one gemma2lmdb file per scanned trait, its records GEMMA's printed
+    af, beta, se, l_mle, p_lrt (float32) for the SNPs GEMMA tested, keyed by chromosome
+    byte and position; the same as gemma-loco --lmdb gives for the same trait."""
+    from sheepdog.gemma import lmdbout
+
+    r = sheepdog("run", "gemma-precompute", "--example", "--out", str(tmp_path / "pc"),
+                 "--lmdb", str(tmp_path / "mdb"), env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "mdb").iterdir()) == ["liver.mdb", "pheno2.mdb"]
+    loco = sheepdog("run", "gemma-loco", "--example", "--out", str(tmp_path / "loco"),
+                    "--lmdb", str(tmp_path / "loco.mdb"), env=env, timeout=300)
+    assert loco.returncode == 0, loco.stderr[-3000:]
+    meta, records = lmdbout.read(tmp_path / "mdb" / "liver.mdb")
+    theirs_meta, theirs = lmdbout.read(tmp_path / "loco.mdb")
+    assert records == theirs and len(records) == 7320
+    assert meta["key-format"] == ">cL" and meta["rec-format"] == "=fffff"
+    assert meta["hits"] == theirs_meta["hits"]
+    assert meta["sheepdog"]["id"] == "liver" and meta["sheepdog"]["dataset"] == "pc"
+    again = sheepdog("precompute", "lmdb", str(tmp_path / "pc"), str(tmp_path / "mdb2"),
+                     env=env)
+    assert again.returncode == 0 and "2 traits written" in again.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import SheepdogError
@@ -37,37 +38,54 @@ def key(chromosome: str, position: int) -> bytes:
     return struct.pack(KEY_FORMAT, bytes([chromosome_byte(chromosome)]), position)
 
 
+# one SNP: chromosome, position, rs, (af, beta, se, l_mle, p) and p as GEMMA printed it
+Row = tuple[str, int, str, tuple[float, ...], str]
+
+
 def write(assoc: Path, db: Path, logs: dict[str, str] | None = None,
           hit_lod: float = HIT_LOD) -> dict[str, object]:
     """Write one assoc.txt (an -lmm 9 scan) into a new LMDB file; returns its meta."""
+    with open(assoc) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        missing = [c for c in ("chr", "ps", "rs", *_COLUMNS) if c not in header]
+        if missing:
+            raise SheepdogError(f"{assoc}: no {', '.join(missing)} column (an LMDB "
+                                "needs GEMMA's -lmm 9 output)")
+        at = {name: header.index(name) for name in header}
+
+        def rows() -> Iterator[Row]:
+            for line in f:
+                cols = line.rstrip("\n").split("\t")
+                yield (cols[at["chr"]], int(cols[at["ps"]]), cols[at["rs"]],
+                       tuple(float(cols[at[c]]) for c in _COLUMNS), cols[at["p_lrt"]])
+
+        return write_rows(rows(), db, str(assoc), assoc.stat().st_size * 4, logs, hit_lod)
+
+
+def write_rows(rows: Iterable[Row], db: Path, source: str, size_hint: int = 0,
+               logs: dict[str, str] | None = None, hit_lod: float = HIT_LOD,
+               extra: dict[str, object] | None = None) -> dict[str, object]:
+    """Write SNP rows into a new LMDB file, whole or not at all; returns its meta."""
     import lmdb  # only needed when an LMDB is asked for
 
     meta: dict[str, object] = {"type": "gemma-assoc", "version": 1.0,
-                               "key-format": KEY_FORMAT, "rec-format": REC_FORMAT}
+                               "key-format": KEY_FORMAT, "rec-format": REC_FORMAT,
+                               **(extra or {})}
     hits: list[list[object]] = []
     db.parent.mkdir(parents=True, exist_ok=True)
     tmp = db.with_name(f".{db.name}.tmp")
     tmp.unlink(missing_ok=True)
-    size = max(1 << 24, assoc.stat().st_size * 4)
-    with lmdb.open(str(tmp), subdir=False, map_size=size, lock=False) as env:
-        with env.begin(write=True) as txn, open(assoc) as f:
-            header = f.readline().rstrip("\n").split("\t")
-            missing = [c for c in ("chr", "rs", "ps", *_COLUMNS) if c not in header]
-            if missing:
-                raise SheepdogError(f"{assoc}: no {', '.join(missing)} column (an LMDB "
-                                    "needs GEMMA's -lmm 9 output)")
-            at = {name: header.index(name) for name in header}
-            for line in f:
-                cols = line.rstrip("\n").split("\t")
-                k = key(cols[at["chr"]], int(cols[at["ps"]]))
-                values = [float(cols[at[c]]) for c in _COLUMNS]
-                if not txn.put(k, struct.pack(REC_FORMAT, *values), overwrite=False):
-                    raise SheepdogError(f"{assoc}: two SNPs at {cols[at['chr']]}:"
-                                        f"{cols[at['ps']]} (gemma2lmdb keys by position)")
-                p = p_value(cols[at["p_lrt"]])  # GEMMA's nan is stored, never a hit
+    with lmdb.open(str(tmp), subdir=False, map_size=max(1 << 24, size_hint),
+                   lock=False) as env:
+        with env.begin(write=True) as txn:
+            for chrom, pos, rs, values, printed in rows:
+                if not txn.put(key(chrom, pos), struct.pack(REC_FORMAT, *values),
+                               overwrite=False):
+                    raise SheepdogError(f"{source}: two SNPs at {chrom}:{pos} (gemma2lmdb "
+                                        "keys by position)")
+                p = p_value(printed)  # GEMMA's nan is stored, never a hit
                 if p is not None and minus_log10(p, math.inf) >= hit_lod:
-                    hits.append([chromosome_byte(cols[at["chr"]]), int(cols[at["ps"]]),
-                                 cols[at["rs"]], cols[at["p_lrt"]]])
+                    hits.append([chromosome_byte(chrom), pos, rs, printed])
         meta["hits"] = hits
         meta["log"] = dict(logs or {})
         with env.begin(write=True) as txn:

@@ -86,6 +86,9 @@ def _inputs(fn: Any) -> Any:
         click.option("--example", is_flag=True,
                      help="Use the bundled BXD example: a GN .geno and a trait table of "
                           "two traits (-g/-p)."),
+        click.option("--lmdb", default="", metavar="DIR",
+                     help="Also write each scanned trait as gemma2lmdb's LMDB file, "
+                          "DIR/<trait>.mdb."),
         click.argument("gemma_flags", nargs=-1, type=click.UNPROCESSED),
     ]):
         fn = opt(fn)
@@ -112,9 +115,12 @@ def _request(kw: dict[str, Any]) -> PrecomputeRequest:
 
 
 def run_cli(kw: dict[str, Any]) -> int:
-    detach, as_json = kw.pop("detach"), kw.pop("as_json")
+    detach, as_json, lmdb = kw.pop("detach"), kw.pop("as_json"), kw.pop("lmdb")
     if kw.pop("race") or kw.pop("complete_all"):
         raise click.UsageError("--race is for single scans, not a precompute")
+    if lmdb and detach:
+        raise click.UsageError("--lmdb writes when the job ends: not with --detach (run "
+                               "`sheepdog precompute lmdb OUT DIR` after it)")
     settings = clirun.settings()
     request = _request(kw)
     cache = Cache(settings.cache_dir)
@@ -135,6 +141,9 @@ def run_cli(kw: dict[str, Any]) -> int:
         counts = pcstore.counts(Path(job.out_dir))
         click.echo(f"[sheepdog] dataset {p['dataset']} in {job.out_dir}: "
                    + ", ".join(f"{n:,d} {s}" for s, n in sorted(counts.items())), err=True)
+    if lmdb and code == 0:
+        written = pcstore.write_lmdb(Path(job.out_dir), Path(lmdb))
+        click.echo(f"[sheepdog] {len(written)} traits as gemma2lmdb files in {lmdb}", err=True)
     return code
 
 
@@ -201,6 +210,15 @@ def export_cmd(out: str) -> None:
     """Rewrite OUT/hits.tsv from the dataset's store."""
     rows = pcstore.export_hits(_out(out))
     click.echo(f"{rows:,d} traits written to {Path(out) / 'hits.tsv'}")
+
+
+@precompute_group.command("lmdb")
+@click.argument("out")
+@click.argument("folder")
+def lmdb_cmd(out: str, folder: str) -> None:
+    """Write each scanned trait of OUT as gemma2lmdb's LMDB file, FOLDER/<trait>.mdb."""
+    written = pcstore.write_lmdb(_out(out), Path(folder))
+    click.echo(f"{len(written):,d} traits written to {folder}")
 
 
 # ------------------------------------------------------------------ the workflow

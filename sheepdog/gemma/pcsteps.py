@@ -39,8 +39,9 @@ from .loco import loco_from, read_matrix, write_matrix
 
 Emit = Callable[[str], None]
 # one SNP of a trait's vector: -log10 p signed by the effect's direction, and the rest
+# (l_mle too: gemma2lmdb's records carry it). A change here changes every trait's key.
 VECTOR = np.dtype([("logp", "<f4"), ("beta", "<f4"), ("se", "<f4"), ("af", "<f4"),
-                   ("p", "<f8")])
+                   ("p", "<f8"), ("l_mle", "<f4")])
 SNPS = np.dtype([("rs", "U64"), ("chr", "U8"), ("ps", "<i8")])
 P_COLUMNS = {"lrt": "p_lrt", "wald": "p_wald", "score": "p_score"}
 FLOOR = 300.0  # -log10 of a p GEMMA printed as 0
@@ -126,20 +127,22 @@ class Options:
     extra: list[str]
 
 
-def _read_assoc(path: Path, column: str) -> dict[str, tuple[float, float, float, float]]:
-    """rs -> (p, beta, se, af) as GEMMA printed them; a SNP whose p GEMMA printed as
-    `nan` or `inf` is left out, as one it did not test (missing, never a peak)."""
+def _read_assoc(path: Path, column: str) -> dict[str, tuple[float, ...]]:
+    """rs -> (p, beta, se, af, l_mle) as GEMMA printed them; a SNP whose p GEMMA printed
+    as `nan` or `inf` is left out, as one it did not test (missing, never a peak)."""
     out = {}
     with open(path) as f:
         header = f.readline().rstrip("\n").split("\t")
         at = [header.index(c) for c in (column, "beta", "se", "af")]
+        l_mle = header.index("l_mle") if "l_mle" in header else None
         rs = header.index("rs")
         for line in f:
             cols = line.rstrip("\n").split("\t")
             p = p_value(cols[at[0]])
             if p is not None:
-                out[cols[rs]] = (p, *(float(cols[i]) for i in at[1:]))
-    return out  # type: ignore[return-value]
+                out[cols[rs]] = (p, *(float(cols[i]) for i in at[1:]),
+                                 float(cols[l_mle]) if l_mle is not None else math.nan)
+    return out
 
 
 def _gemma(argv: list[str], work: Path) -> tuple[int, str]:
@@ -162,7 +165,7 @@ def scan_trait(values: list[str], chromosomes: list[Cut], total: int, options: O
     pheno = work / "pheno.txt"
     pheno.write_text("".join(v + "\n" for v in values))
     vector = np.zeros(total, dtype=VECTOR)
-    vector[:] = (np.nan, np.nan, np.nan, np.nan, np.nan)
+    vector[:] = (np.nan,) * len(VECTOR.names or ())
     facts: dict[str, Any] = {}
     offset = 0
     for chrom, geno, anno, cut_kinship, pattern, names in chromosomes:
@@ -178,13 +181,13 @@ def scan_trait(values: list[str], chromosomes: list[Cut], total: int, options: O
         found = _read_assoc(work / "output" / "t.assoc.txt", P_COLUMNS[options.test])
         if not facts:
             facts = parse_log((work / "output" / "t.log.txt").read_text(errors="replace"))
-        kept = np.full((len(names), 5), np.nan)
+        kept = np.full((len(names), len(VECTOR.names or ())), np.nan)
         for i, rs in enumerate(names):
             row = found.get(rs)
             if row is not None:
-                p, beta, se, af = row
+                p, beta, se, af, l_mle = row
                 logp = minus_log10(p, FLOOR)
-                kept[i] = (math.copysign(logp, beta), beta, se, af, p)
+                kept[i] = (math.copysign(logp, beta), beta, se, af, p, l_mle)
         rows = kept[pattern]
         part = vector[offset:offset + len(pattern)]
         for j, name in enumerate(VECTOR.names or ()):

@@ -5,7 +5,8 @@ results in the cache.
                             and position), the dataset's description
     OUT/snps.npy            the SNPs in vector order: rs (U64), chr (U8), ps (int64)
     OUT/vectors/KEY.npy     one trait's vector: per SNP logp (float32, -log10 p signed
-                            by the effect's direction), beta, se, af (float32), p (float64)
+                            by the effect's direction), beta, se, af (float32), p (float64),
+                            l_mle (float32)
     OUT/hits.tsv            trait locus chr mb logp effect n: each trait's top hit
 
 numpy alone reads the .npy files (`np.load(path)`). A trait's results are also kept in
@@ -247,7 +248,8 @@ def vector_rows(out: Path, key: str) -> Iterator[dict[str, Any]]:
     values = np.load(out / "vectors" / f"{key}.npy")
     for s, v in zip(snps.tolist(), values.tolist(), strict=True):
         yield {"rs": s[0], "chr": s[1], "ps": s[2], "logp": _clean(v[0]), "beta": _clean(v[1]),
-               "se": _clean(v[2]), "af": _clean(v[3]), "p": _clean(v[4])}
+               "se": _clean(v[2]), "af": _clean(v[3]), "p": _clean(v[4]),
+               "l_mle": _clean(v[5]) if len(v) > 5 else None}
 
 
 def hits(out: Path, chrom: str | None = None, start: float | None = None,
@@ -293,6 +295,33 @@ def chromosome_lengths(out: Path) -> dict[str, float]:
     for chrom, ps in zip(snps["chr"].tolist(), snps["ps"].tolist(), strict=True):
         lengths[chrom] = max(lengths.get(chrom, 0.0), float(ps))
     return lengths
+
+
+def write_lmdb(out: Path, folder: Path) -> list[Path]:
+    """Every scanned trait as gemma-wrapper's gemma2lmdb.py writes a scan, one file per
+    trait, `FOLDER/<trait id>.mdb` (a trait id that is not a plain file name gets its
+    key instead): the SNPs GEMMA tested, in genome order, and the trait's record."""
+    from .lmdbout import write_rows
+
+    db = open_existing(out)
+    try:
+        rows = db.execute("SELECT id, key, meta FROM traits WHERE status = 'done' "
+                          "ORDER BY rowid").fetchall()
+    finally:
+        db.close()
+    snps = np.load(out / "snps.npy")
+    written = []
+    for row in rows:
+        name = row["id"] if NAME.fullmatch(row["id"]) else row["key"]
+        path = folder / f"{name}.mdb"
+        snp_rows = ((s["chr"], s["ps"], s["rs"],
+                     (s["af"], s["beta"], s["se"], s["l_mle"] or math.nan, s["p"]),
+                     f"{s['p']:.6e}") for s in vector_rows(out, row["key"])
+                    if s["p"] is not None)
+        write_rows(snp_rows, path, f"trait {row['id']}", len(snps) * 64,
+                   extra={"sheepdog": json.loads(row["meta"])})
+        written.append(path)
+    return written
 
 
 def top_hits(out: Path) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ from ..jobs import check_backend, new_job_id
 from ..models import Job, Task
 from . import bimbam, pcstore, traits
 from .commands import check_gemma_flags, version
-from .pcsteps import P_COLUMNS
+from .pcsteps import P_COLUMNS, VECTOR
 from .workflows import OPS, GemmaRequest, Prepared, covariate_blob, gemma_task, genotypes
 from .workflows import kinship_tasks as make_kinship_tasks
 
@@ -146,7 +146,8 @@ def build_job(request: PrecomputeRequest, settings: Settings, cache: Cache,
                "gemma_flags": request.gemma_flags, "lmm": 9}
     basis = json.dumps({"chromosomes": {c: known["chromosomes"][c]["geno"] for c in order},
                         "covariates": covariates[1] if covariates else None,
-                        "options": options, "env": env}, sort_keys=True)
+                        "options": options, "env": env,
+                        "vector": VECTOR.descr}, sort_keys=True)
     entries, todo = [], []
     for column in chosen:
         values = table.values[:, column]
