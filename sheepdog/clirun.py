@@ -21,8 +21,8 @@ from .connection import connect
 from .defaults import TERMINAL_REDRAW
 from .logs import LogLine
 from .models import Job, JobStatus, Task
+from .registration import live_workers
 from .runner import Helpers, follow_job, spawn_detached_worker
-from .worker import live_workers
 
 F = TypeVar("F", bound=Callable[..., Any])
 

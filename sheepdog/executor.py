@@ -53,7 +53,7 @@ from .defaults import (
 )
 from .errors import SheepdogError
 from .models import ArgvItem, Job, JobStatus, Task, TaskStatus
-from .worker import live_workers
+from .registration import live_workers
 
 INLINE_PAYLOAD = 16 * 1024  # bytes of pickled calls carried in the argv; more are staged
 Call = tuple[str, tuple[Any, ...], dict[str, Any]]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from . import jobs, keys, liveness, logs, store
+from . import jobs, keys, liveness, logs, registration, store
 from .config import Settings
 from .defaults import GN3_JOB_POLL, GN3_RECOVER_EVERY, GN3_SETTLE, GN3_START_GRACE, GN3_TAKE_WAIT
 from .errors import SheepdogError
@@ -230,7 +230,7 @@ class Gn3Server:
         if process.split(" ")[0] == liveness.this_process().split(" ")[0]:
             return False  # on this host and alive
         quiet = time.time() - float(str(info.get("at", 0))) > 2 * self.settings.heartbeat_timeout
-        return quiet and not self.conn.exists(keys.worker(worker))
+        return quiet and not registration.registered(self.conn, worker)
 
     def _recover(self) -> None:
         """Ids that a dead worker took and never handled (and those of the shared list of

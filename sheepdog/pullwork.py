@@ -13,7 +13,6 @@ import base64
 import binascii
 import dataclasses
 import hashlib
-import json
 import re
 import threading
 import time
@@ -23,7 +22,7 @@ from typing import IO, Any
 
 import redis
 
-from . import dispatch, keys, liveness, logs, store
+from . import dispatch, keys, liveness, logs, registration, store
 from .cache import Cache, sha256_file
 from .config import Settings
 from .defaults import (
@@ -36,9 +35,10 @@ from .defaults import (
 )
 from .errors import FieldError, SheepdogError
 from .finalize import run_timers
+from .maintenance import reap_lost
 from .models import Task, TaskStatus
+from .outcome import Deadline, conclude
 from .piece import RELEASED, Outcome
-from .worker import Deadline, conclude, reap_lost
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -66,14 +66,9 @@ def check_sha(sha: str) -> str:
 
 def announce(conn: redis.Redis, settings: Settings, name: str, queues: list[str],
              concurrency: int, host: str) -> None:
-    """Register the pull worker as a live worker of its queues (as Worker._announce)."""
-    info = {"name": name, "queues": queues, "host": host, "pid": 0, "process": "",
-            "concurrency": concurrency, "seen": time.time(), "pull": True}
-    pipe = conn.pipeline()
-    pipe.set(keys.worker(name), json.dumps(info), ex=max(1, int(settings.lease_timeout)))
-    pipe.sadd(keys.workers(), name)
-    pipe.sadd(keys.queues_served(), *queues)
-    pipe.execute()
+    """Register the pull worker as a live worker of its queues, for a lease's time."""
+    registration.announce(conn, name, queues, settings.lease_timeout, host=host, pid=0,
+                          process="", concurrency=concurrency, pull=True)
 
 
 def upkeep(conn: redis.Redis, settings: Settings) -> None:

@@ -15,7 +15,8 @@ from .config import Settings
 from .connection import url_for
 from .logs import LogLine
 from .models import JobStatus
-from .worker import Worker, live_workers
+from .registration import live_workers
+from .worker import Worker
 
 
 def job_ended(conn: redis.Redis, job_id: str) -> Callable[[], bool]:

@@ -7,8 +7,6 @@ expired was lost with its worker and is run again, or failed when out of attempt
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import os
 import socket
@@ -16,11 +14,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import redis
 
-from . import dispatch, keys, liveness, logs, piece, store
+from . import dispatch, keys, liveness, logs, piece, registration, store
 from .cache import Cache
 from .config import Settings
 from .defaults import (
@@ -34,10 +32,10 @@ from .defaults import (
     TAKE_WAIT_INLINE,
 )
 from .errors import SheepdogError
-from .finalize import after_success, run_timers, settle_twins
-from .models import Task, TaskStatus
+from .finalize import run_timers
+from .maintenance import expire_jobs, reap_lost, sweep_scratch
+from .outcome import conclude
 from .piece import RELEASED, Outcome, PieceOutput
-from .retention import expire_finished
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,159 +115,6 @@ class PieceRunner:
                         piece.explain(outcome, output), self.stopping)
 
 
-class Deadline:
-    """A stop signal that is given by the clock: a request thread records through a
-    short outage, then answers 503 and its client asks again."""
-
-    def __init__(self, seconds: float) -> None:
-        self._at = time.monotonic() + seconds
-
-    def is_set(self) -> bool:
-        return time.monotonic() >= self._at
-
-    def wait(self, seconds: float) -> bool:
-        time.sleep(max(0.0, min(seconds, self._at - time.monotonic())))
-        return self.is_set()
-
-
-class Stop(Protocol):
-    def is_set(self) -> bool: ...
-
-    def wait(self, timeout: float) -> bool: ...
-
-
-def until_recorded(write: Callable[[], T], stopping: Stop, who: str) -> T:
-    """Retry a Redis write through an outage (backing off, saying so once); gives up
-    only when told to stop."""
-    pause, said = REDIS_RETRY / 8, False
-    while True:
-        try:
-            return write()
-        except redis.RedisError as e:
-            if stopping.is_set():
-                raise
-            if not said:
-                log.warning("worker %s: cannot record a piece's outcome yet (%s); "
-                            "retrying until Redis is back", who, e)
-                said = True
-            stopping.wait(pause)
-            pause = min(pause * 2, REDIS_RETRY * 2)
-
-
-def conclude(conn: redis.Redis, settings: Settings, worker: str, task: Task, jobs: list[str],
-             outcome: Outcome, stopping: Stop) -> str:
-    """Record how a piece this worker ran ended: handed back, retried, failed or
-    succeeded (then its twin settled and its jobs told); returns its new status. The
-    outcome must be recorded even if Redis is away for a while: a finished piece that
-    went unrecorded would be run again."""
-    def record(write: Callable[[], T]) -> T:
-        return until_recorded(write, stopping, worker)
-
-    if outcome.error == RELEASED and not task.cacheable and task.max_attempts <= 1:
-        # run at most once (GN3's commands): stopped midway is an error, not a retry
-        outcome = Outcome(None, f"worker {worker} stopped while it ran; not run "
-                                "again (it runs at most once)")
-    if outcome.error == RELEASED and record(lambda: store.release(conn, task.id, worker)):
-        if jobs:
-            logs.note(conn, jobs[0], f"{task.name}: handed back to the queue "
-                      f"(worker {worker} is leaving)", task=task.id)
-        return TaskStatus.QUEUED
-    status = record(lambda: store.finish(conn, task.id, worker, outcome.exit_code,
-                                         outcome.error, retryable=outcome.lost,
-                                         attempt=task.attempts))
-    if status == TaskStatus.SUCCESS:
-        # a twin of this piece may have been started while it ran
-        task.twin = record(lambda: store.twin_of_task(conn, task.id))
-        if task.twin or task.twin_of:
-            record(functools.partial(settle_twins, conn, settings, task))
-        for jid in jobs:
-            record(functools.partial(after_success, conn, settings, jid, task))
-    return status
-
-
-def reap_lost(conn: redis.Redis, settings: Settings) -> list[str]:
-    """Recover tasks lost with their workers; returns what was done, for logging.
-
-    One pipelined look at every active task; transactions only for the suspicious ones.
-    """
-    ids = store.active_task_ids(conn)
-    if not ids:
-        return []
-    pipe = conn.pipeline(transaction=False)
-    for tid in ids:
-        pipe.hmget(keys.task(tid), "status", "queued_at", "process", "taken_by", "rq_id",
-                   "queue")
-        pipe.exists(keys.task_heartbeat(tid))
-    replies = pipe.execute()
-    # one look at the queues, not one search of a queue per waiting task (which made a
-    # round cost the square of the pieces waiting)
-    queues = {(r[5] or b"default").decode() for r in replies[::2] if r[0] == b"queued"}
-    on_queue = dispatch.waiting_ids(conn, queues) if queues else set()
-    now = time.time()
-    said = []
-    for i, tid in enumerate(ids):
-        (status, queued_at, process, taker, rq_id, _), beating = (replies[2 * i],
-                                                                  replies[2 * i + 1])
-        status = status.decode() if status else ""
-        if status == TaskStatus.QUEUED and rq_id and rq_id.decode() in on_queue:
-            continue  # its entry waits its turn (a taken_by left from before is stale)
-        if status == TaskStatus.RUNNING and beating and liveness.gone(
-                process.decode() if process else ""):
-            # its worker ran here and is dead: no need to wait out its heartbeat
-            conn.delete(keys.task_heartbeat(tid))
-            beating = False
-        if status == TaskStatus.RUNNING and not beating:
-            line = store.recover_lost(conn, tid)
-            if line:
-                for jid in store.job_ids_of_task(conn, tid):
-                    logs.note(conn, jid, line, task=tid)
-                said.append(line)
-        elif (status == TaskStatus.QUEUED
-              and (taker or now - float(queued_at or now) > TAKE_TO_CLAIM)
-              and store.redispatch_stranded(conn, tid, older_than=TAKE_TO_CLAIM,
-                                            taker_gone=liveness.gone)):
-            said.append(f"piece {tid[:12]} re-dispatched: its queue entry was lost")
-    return said
-
-
-def sweep_scratch(conn: redis.Redis, settings: Settings) -> int:
-    """Delete scratch that killed or failed runs left, older than the setting; never
-    the scratch of a piece that is queued or running now."""
-    try:
-        active = set(store.active_task_ids(conn))
-        return Cache(settings.cache_dir).sweep_scratch(settings.scratch_max_age, keep=active)
-    except (OSError, redis.RedisError) as e:
-        log.warning("could not sweep scratch: %s", e)
-        return 0
-
-
-def expire_jobs(conn: redis.Redis, settings: Settings) -> int:
-    """Finished jobs past the retention setting leave Redis."""
-    try:
-        return expire_finished(conn, settings.retention_days * 86400)
-    except redis.RedisError as e:
-        log.warning("could not expire finished jobs: %s", e)
-        return 0
-
-
-def live_workers(conn: redis.Redis, queue: str | None = None) -> list[dict[str, object]]:
-    """Workers whose registration has not expired, optionally only those serving queue."""
-    names = [n.decode() for n in conn.smembers(keys.workers())]
-    if not names:
-        return []
-    found = []
-    for name, raw in zip(names, conn.mget([keys.worker(n) for n in names]), strict=True):
-        if raw is None:
-            conn.srem(keys.workers(), name)
-            continue
-        info = json.loads(raw)
-        if liveness.gone(str(info.get("process", ""))):
-            continue  # killed on this host: its registration only has not expired yet
-        if queue is None or queue in info.get("queues", []):
-            found.append(info)
-    return found
-
-
 class Worker:
     """A pool of task threads on one or more queues, plus heartbeats and reaping."""
 
@@ -310,11 +155,7 @@ class Worker:
                 self.stopping.clear()
         finally:
             if self.register:
-                try:
-                    self.conn.delete(keys.worker(self.name))
-                    self.conn.srem(keys.workers(), self.name)
-                except redis.RedisError:
-                    pass  # its registration expires by itself
+                registration.unregister(self.conn, self.name)
 
     def _serve(self) -> None:
         """Task threads and services until the worker stops (or, burst, finds itself idle)."""
@@ -406,15 +247,10 @@ class Worker:
         return False
 
     def _announce(self) -> None:
-        info = {"name": self.name, "queues": self.queue_names, "host": socket.gethostname(),
-                "pid": os.getpid(), "process": liveness.this_process(),
-                "concurrency": self.concurrency, "seen": time.time()}
-        ttl = max(1, int(self.settings.heartbeat_timeout))
-        pipe = self.conn.pipeline()
-        pipe.set(keys.worker(self.name), json.dumps(info), ex=ttl)
-        pipe.sadd(keys.workers(), self.name)
-        pipe.sadd(keys.queues_served(), *self.queue_names)
-        pipe.execute()
+        registration.announce(self.conn, self.name, self.queue_names,
+                              self.settings.heartbeat_timeout, host=socket.gethostname(),
+                              pid=os.getpid(), process=liveness.this_process(),
+                              concurrency=self.concurrency)
 
     # -- one task thread
     def _task_loop(self) -> None:

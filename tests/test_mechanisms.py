@@ -19,9 +19,10 @@ from sheepdog.backends.slurm import SlurmBackend, SlurmSettings, monitor_for
 from sheepdog.backends.slurm import commands as cmd
 from sheepdog.cache import Cache
 from sheepdog.errors import BackendError
+from sheepdog.maintenance import sweep_scratch
 from sheepdog.models import Job, JobStatus, Task, TaskStatus
 from sheepdog.process import LineSplitter, Process
-from sheepdog.worker import Worker, sweep_scratch
+from sheepdog.worker import Worker
 
 
 def _wait_code(proc: Process, timeout: float = 60) -> int:

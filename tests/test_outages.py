@@ -33,7 +33,7 @@ def _submit_marking_jobs(conn, settings, marks, count, seconds):
 @pytest.mark.fault
 def test_workers_ride_out_a_redis_outage_and_every_job_runs_once(
         conn, redis_server, settings, workers, tmp_path, down):
-    from sheepdog.worker import live_workers
+    from sheepdog.registration import live_workers
 
     procs = [workers.start("-j", "2"), workers.start("-j", "2")]
     wait_for(lambda: len(live_workers(conn, settings.queue)) == 2, 30, what="both workers")
@@ -155,7 +155,7 @@ def test_a_queue_a_worker_served_is_accepted(client, conn, settings):
 
 def test_a_killed_workers_registration_does_not_count_as_a_live_worker(conn, settings, env,
                                                                         workers):
-    from sheepdog.worker import live_workers
+    from sheepdog.registration import live_workers
 
     proc = workers.start("--queue", settings.queue)
     wait_for(lambda: live_workers(conn, settings.queue), timeout=30, what="the worker")

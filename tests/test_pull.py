@@ -164,7 +164,7 @@ def test_a_worker_in_a_network_namespace_runs_a_bxd_loco_scan(env, conn, tmp_pat
 
 
 def _live(conn):
-    from sheepdog.worker import live_workers
+    from sheepdog.registration import live_workers
 
     return live_workers(conn)
 

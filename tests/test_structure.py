@@ -178,3 +178,13 @@ def test_host_steps_import_and_run_without_redis_py(tmp_path):
         capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "results.jsonl").read_text())["output"] == "hi\n"
+
+
+def test_the_web_service_loads_no_worker_loop():
+    """Registration, maintenance and recording an outcome are modules of their own (as
+    rq splits its worker): the web service and the pull worker protocol use them without
+    importing the Redis worker's loop."""
+    for start in ("web", "web.workers", "web.api", "sheepdog.pullwork", "sheepdog.pull"):
+        assert "sheepdog.worker" not in _closure(start), start
+    users = {name for name in MODULES if "sheepdog.registration" in _graph()[name]}
+    assert {"sheepdog.worker", "sheepdog.pullwork"} <= users

@@ -1,0 +1,93 @@
+"""Recording how a piece ended, the same for Redis and pull workers: through a Redis
+outage (a finished piece that went unrecorded would run again), handed back, retried,
+failed or succeeded (then its twin settled and its jobs told)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import redis
+
+from . import logs, store
+from .config import Settings
+from .defaults import REDIS_RETRY
+from .finalize import after_success, settle_twins
+from .models import Task, TaskStatus
+from .piece import RELEASED, Outcome
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Deadline:
+    """A stop signal that is given by the clock: a request thread records through a
+    short outage, then answers 503 and its client asks again."""
+
+    def __init__(self, seconds: float) -> None:
+        self._at = time.monotonic() + seconds
+
+    def is_set(self) -> bool:
+        return time.monotonic() >= self._at
+
+    def wait(self, seconds: float) -> bool:
+        time.sleep(max(0.0, min(seconds, self._at - time.monotonic())))
+        return self.is_set()
+
+
+class Stop(Protocol):
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool: ...
+
+
+def until_recorded(write: Callable[[], T], stopping: Stop, who: str) -> T:
+    """Retry a Redis write through an outage (backing off, saying so once); gives up
+    only when told to stop."""
+    pause, said = REDIS_RETRY / 8, False
+    while True:
+        try:
+            return write()
+        except redis.RedisError as e:
+            if stopping.is_set():
+                raise
+            if not said:
+                log.warning("worker %s: cannot record a piece's outcome yet (%s); "
+                            "retrying until Redis is back", who, e)
+                said = True
+            stopping.wait(pause)
+            pause = min(pause * 2, REDIS_RETRY * 2)
+
+
+def conclude(conn: redis.Redis, settings: Settings, worker: str, task: Task, jobs: list[str],
+             outcome: Outcome, stopping: Stop) -> str:
+    """Record how a piece this worker ran ended: handed back, retried, failed or
+    succeeded (then its twin settled and its jobs told); returns its new status. The
+    outcome must be recorded even if Redis is away for a while: a finished piece that
+    went unrecorded would be run again."""
+    def record(write: Callable[[], T]) -> T:
+        return until_recorded(write, stopping, worker)
+
+    if outcome.error == RELEASED and not task.cacheable and task.max_attempts <= 1:
+        # run at most once (GN3's commands): stopped midway is an error, not a retry
+        outcome = Outcome(None, f"worker {worker} stopped while it ran; not run "
+                                "again (it runs at most once)")
+    if outcome.error == RELEASED and record(lambda: store.release(conn, task.id, worker)):
+        if jobs:
+            logs.note(conn, jobs[0], f"{task.name}: handed back to the queue "
+                      f"(worker {worker} is leaving)", task=task.id)
+        return TaskStatus.QUEUED
+    status = record(lambda: store.finish(conn, task.id, worker, outcome.exit_code,
+                                         outcome.error, retryable=outcome.lost,
+                                         attempt=task.attempts))
+    if status == TaskStatus.SUCCESS:
+        # a twin of this piece may have been started while it ran
+        task.twin = record(lambda: store.twin_of_task(conn, task.id))
+        if task.twin or task.twin_of:
+            record(functools.partial(settle_twins, conn, settings, task))
+        for jid in jobs:
+            record(functools.partial(after_success, conn, settings, jid, task))
+    return status
