@@ -26,6 +26,7 @@ from .defaults import PIECES_PAGE, SERVE_GRACE, WORKER_STOP_WAIT
 from .errors import SheepdogError
 from .logs import LogLine
 from .models import JobStatus
+from .pool import Pool, stop_all
 from .runner import follow_job
 from .worker import Worker
 
@@ -287,9 +288,8 @@ def serve(bind: str, local_workers: int, threads: int, certfile: str | None,
     code = 0
     try:
         if local_workers > 0:
-            children.append(subprocess.Popen([sys.executable, "-m", "sheepdog", "worker",
-                                              "--queue", settings.queue, "-j",
-                                              str(local_workers)], env=env))
+            children += Pool(settings, {"SHEEPDOG_SERVE": "1"}).start(
+                1, settings.queue, concurrency=local_workers, session=False)
         scheme = "https" if tls else "http"
         click.echo(f"sheepdog serving on {scheme}://{bind} ({shown(url_for(settings))})", err=True)
         children.insert(0, subprocess.Popen(argv, env=env))
@@ -314,16 +314,7 @@ class _Stopping(BaseException):
 def _stop_all(children: list[subprocess.Popen[bytes]]) -> None:
     """SIGTERM to each (gunicorn closes its websockets and drains; a worker hands its
     running pieces back), then SIGKILL whatever is still there after the grace."""
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    deadline = time.monotonic() + WORKER_STOP_WAIT
-    for child in children:
-        try:
-            child.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    stop_all(children, WORKER_STOP_WAIT)
 
 
 @cli.group()

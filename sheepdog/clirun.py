@@ -21,7 +21,7 @@ from .connection import connect
 from .defaults import TERMINAL_REDRAW
 from .logs import LogLine
 from .models import Job, JobStatus, Task
-from .registration import live_workers
+from .pool import unserved
 from .runner import Helpers, follow_job, spawn_detached_worker
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -64,7 +64,7 @@ def finish(db: Any, given: config.Settings, job_id: str, queue: str, detach: boo
     `concurrency`: pieces at once when this process runs the job itself; `show_notes`
     False prints sheepdog's per-piece lines only when something went wrong."""
     if detach:
-        if not live_workers(db, queue):
+        if unserved(db, queue):
             spawn_detached_worker(given, queue)
         click.echo(job_id)
         return 0

@@ -24,8 +24,6 @@ import collections
 import itertools
 import os
 import pickle
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -41,7 +39,7 @@ from . import jobs, keys, logs, store
 from .cache import Cache
 from .calls import RESULT, encode, function_path
 from .config import Settings, load
-from .connection import connect, url_for
+from .connection import connect
 from .defaults import (
     EXECUTOR_AHEAD,
     EXECUTOR_FLUSH,
@@ -53,6 +51,7 @@ from .defaults import (
 )
 from .errors import SheepdogError
 from .models import ArgvItem, Job, JobStatus, Task, TaskStatus
+from .pool import Pool, unserved
 from .registration import live_workers
 
 INLINE_PAYLOAD = 16 * 1024  # bytes of pickled calls carried in the argv; more are staged
@@ -132,8 +131,11 @@ class Executor(futures.Executor):
         self._shutdown = False
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._processes: list[subprocess.Popen[bytes]] = []
-        wanted = start_workers if start_workers is not None else not live_workers(
+        self._pool = Pool(self._settings, {
+            "SHEEPDOG_HOME": str(self._settings.home),
+            "SHEEPDOG_HEARTBEAT_TIMEOUT": str(self._settings.heartbeat_timeout),
+            "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)})
+        wanted = start_workers if start_workers is not None else unserved(
             self._conn, self._queue)
         if wanted:
             self._start_workers(max_workers or os.cpu_count() or 1)
@@ -203,7 +205,7 @@ class Executor(futures.Executor):
         self._slots_seen = time.monotonic()
         threads = sum(int(str(w.get("concurrency", 1))) for w in
                       live_workers(self._conn, self._queue))
-        self._slots = max(1, threads, len(self._processes) * EXECUTOR_THREADS)
+        self._slots = max(1, threads, len(self._pool.processes) * EXECUTOR_THREADS)
 
     def _take_pieces(self) -> list[tuple[Task, list[Future]]]:
         """Units packed into pieces, as many as may go ahead of the workers now."""
@@ -308,15 +310,15 @@ class Executor(futures.Executor):
     def _check_workers(self) -> None:
         """Calls waiting while the workers this Executor started have all died, and no
         other worker serves the queue: a clear error, never a hang."""
-        if not self._processes or any(p.poll() is None for p in self._processes):
+        if not self._pool.processes or any(p.poll() is None for p in self._pool.processes):
             return
         with self._lock:
             waiting = bool(self._pending)
-        if not waiting or live_workers(self._conn, self._queue):
+        if not waiting or not unserved(self._conn, self._queue):
             return
-        codes = sorted({p.returncode for p in self._processes})
+        codes = sorted({p.returncode for p in self._pool.processes})
         store.stop_job(self._conn, self.job.id, JobStatus.ERROR,
-                       f"no workers left: the {len(self._processes)} worker processes this "
+                       f"no workers left: the {len(self._pool.processes)} worker processes this "
                        f"Executor started exited (codes {codes})")
 
     def _check(self, task_ids: set[str]) -> None:
@@ -395,32 +397,15 @@ class Executor(futures.Executor):
     @property
     def worker_pids(self) -> list[int]:
         """The worker processes this Executor started (none if others serve its queue)."""
-        return [p.pid for p in self._processes if p.poll() is None]
+        return [p.pid for p in self._pool.processes if p.poll() is None]
 
     # -- workers and shutdown
     def _start_workers(self, count: int) -> None:
         # the same store (results land in its cache) and the caller's import path
-        env = dict(os.environ, SHEEPDOG_REDIS_URL=url_for(self._settings),
-                   SHEEPDOG_HOME=str(self._settings.home),
-                   SHEEPDOG_HEARTBEAT_TIMEOUT=str(self._settings.heartbeat_timeout),
-                   PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
-        for _ in range(count):
-            self._processes.append(subprocess.Popen(
-                [sys.executable, "-m", "sheepdog", "worker", "--queue", self._queue,
-                 "--concurrency", str(EXECUTOR_THREADS)], env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, start_new_session=True))
+        self._pool.start(count, self._queue, concurrency=EXECUTOR_THREADS, quiet="stdout")
 
     def _stop_workers(self) -> None:
-        for p in self._processes:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self._processes:
-            try:
-                p.wait(EXECUTOR_STOP_WAIT)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self._processes.clear()
+        self._pool.stop(EXECUTOR_STOP_WAIT)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 
@@ -12,10 +10,9 @@ import redis
 
 from . import logs, store
 from .config import Settings
-from .connection import url_for
 from .logs import LogLine
 from .models import JobStatus
-from .registration import live_workers
+from .pool import Pool, unserved
 from .worker import Worker
 
 
@@ -39,11 +36,8 @@ def run_inline(conn: redis.Redis, settings: Settings, job_id: str, queue: str,
 
 def spawn_detached_worker(settings: Settings, queue: str) -> int:
     """A background `sheepdog worker --burst` for --detach when no worker is running."""
-    env = dict(os.environ, SHEEPDOG_REDIS_URL=url_for(settings))
-    argv = [sys.executable, "-m", "sheepdog", "worker", "--queue", queue, "--burst",
-            "--concurrency", str(os.cpu_count() or 1)]
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=env).pid
+    return Pool(settings).start(1, queue, concurrency=os.cpu_count() or 1, burst=True,
+                                quiet="all")[0].pid
 
 
 class Helpers:
@@ -62,7 +56,7 @@ class Helpers:
 
     def ensure(self) -> None:
         """Start worker threads here if the job still needs someone to run it."""
-        if self.alive() or live_workers(self.conn, self.queue):
+        if self.alive() or not unserved(self.conn, self.queue):
             return
         if JobStatus(store.get_job(self.conn, self.job_id).status).final:
             return  # a helper for an ended job would only take (and hand back) others' pieces

@@ -119,7 +119,7 @@ def test_a_lost_workers_call_runs_again_elsewhere(settings, workers, call_env, t
 def test_no_workers_left_is_a_clear_error_not_a_hang(settings):
     ex = Executor(max_workers=1, settings=settings)
     future = ex.submit(calls.slow, 30.0, "/dev/null")
-    for p in ex._processes:
+    for p in ex._pool.processes:
         wait_for(lambda p=p: p.poll() is not None or future.running(), timeout=30)
         p.kill()
     with pytest.raises(TaskFailed, match="no workers left"):

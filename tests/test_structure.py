@@ -188,3 +188,16 @@ def test_the_web_service_loads_no_worker_loop():
         assert "sheepdog.worker" not in _closure(start), start
     users = {name for name in MODULES if "sheepdog.registration" in _graph()[name]}
     assert {"sheepdog.worker", "sheepdog.pullwork"} <= users
+
+
+def test_one_pool_starts_workers_and_one_rule_says_when_they_are_needed():
+    """`serve`, a detached `run` and the Executor start `sheepdog worker` processes
+    through pool.Pool only; "nobody serves this queue" is pool.unserved only."""
+    spawners = sorted(name for name, path in MODULES.items()
+                      if '"sheepdog", "worker"' in path.read_text())
+    assert spawners == ["sheepdog.pool"]
+    for name in ("sheepdog.cli", "sheepdog.runner", "sheepdog.executor", "sheepdog.clirun"):
+        assert "sheepdog.pool" in _graph()[name], name
+    asking = sorted(name for name, path in MODULES.items()
+                    if "not live_workers(" in path.read_text())
+    assert asking == ["sheepdog.pool"]

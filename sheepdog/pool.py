@@ -1,0 +1,72 @@
+"""Worker processes on this machine, started and stopped together, and the one rule for
+when they are needed: `serve`'s local workers, the burst worker a detached `run`
+leaves behind, an Executor's workers. (A waiting `run` with nobody to serve it runs
+its job in threads of its own instead: runner.Helpers, by the same rule.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import redis
+
+from .config import Settings
+from .connection import url_for
+from .registration import live_workers
+
+
+def unserved(conn: redis.Redis, queue: str) -> bool:
+    """No live worker serves `queue`: whoever waits on it must bring its own."""
+    return not live_workers(conn, queue)
+
+
+class Pool:
+    """`sheepdog worker` processes on one queue."""
+
+    def __init__(self, settings: Settings, env: dict[str, str] | None = None) -> None:
+        # the same Redis (an embedded one by its URL), plus what the caller adds
+        self.env = dict(os.environ, SHEEPDOG_REDIS_URL=url_for(settings), **(env or {}))
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self, count: int, queue: str, concurrency: int = 1, burst: bool = False,
+              quiet: str = "", session: bool = True) -> list[subprocess.Popen[bytes]]:
+        """`count` workers of `concurrency` threads each. `quiet`: "all" sends their
+        output to /dev/null (a worker nobody watches), "stdout" only their stdout (the
+        caller's stdout is its own; their warnings still show); `session`: each in a
+        session of its own (False: in the caller's process group, as `serve`'s are, so
+        a signal to the group reaches them too)."""
+        argv = [sys.executable, "-m", "sheepdog", "worker", "--queue", queue,
+                "--concurrency", str(concurrency), *(["--burst"] if burst else [])]
+        out = subprocess.DEVNULL if quiet in ("all", "stdout") else None
+        err = subprocess.DEVNULL if quiet == "all" else None
+        started = [subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=err, start_new_session=session)
+                   for _ in range(count)]
+        self.processes += started
+        return started
+
+    def alive(self) -> bool:
+        return any(p.poll() is None for p in self.processes)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM to each (a worker hands its running pieces back and goes), then
+        SIGKILL to whatever is still there after `grace` seconds."""
+        stop_all(self.processes, grace)
+        self.processes.clear()
+
+
+def stop_all(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM to each, then SIGKILL what is still there after `grace` seconds in all."""
+    for p in processes:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in processes:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
