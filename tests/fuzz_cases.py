@@ -17,7 +17,7 @@ from pathlib import Path
 from hypothesis import strategies as st
 
 from sheepdog.errors import InputError
-from sheepdog.gemma import bimbam, genofile, traits
+from sheepdog.gemma.formats import bimbam, genofile, traits
 
 TOKENS = ["0", "1", "0.5", "2", "-1", "1e5", "nan", "inf", "NA", "rs1", "rs2", "X", "Y",
           "chr1", "1", "19", "MT", "Un", "B", "D", "H", "U", "@mat:B", "@het:H", "#", "id",

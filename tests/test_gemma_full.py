@@ -70,8 +70,9 @@ def test_gemmas_nan_is_missing_in_every_reader_and_never_a_hit(env, tmp_path):
     LMDB hits, the wrapper's record) takes them as missing, never as p = 0."""
     import math
 
-    from sheepdog.gemma import lmdbout, merge, pcsteps, plot
     from sheepdog.gemma.commands import p_value
+    from sheepdog.gemma.precompute import steps as pcsteps
+    from sheepdog.gemma.scan import lmdbout, merge, plot
 
     out = tmp_path / "out"
     r = sheepdog("run", "gemma", "--example", "--out", str(out), "--lmdb",

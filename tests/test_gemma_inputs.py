@@ -10,7 +10,7 @@ from conftest import BXD, sheepdog
 
 from sheepdog.cache import Cache
 from sheepdog.errors import InputError
-from sheepdog.gemma.workflows import GemmaRequest, prepare
+from sheepdog.gemma.scan.build import GemmaRequest, prepare
 
 GENO, PHENO, ANNO = BXD / "BXD_geno.txt.gz", BXD / "BXD_pheno.txt", BXD / "BXD_snps.txt"
 
@@ -147,8 +147,8 @@ def test_windows_line_endings_and_plain_files_give_the_same_result(env, tmp_path
 def test_the_split_writes_each_chromosome_as_text_for_gemma_and_as_a_matrix(tmp_path):
     import numpy as np
 
-    from sheepdog.gemma.bimbam import split_genotypes
-    from sheepdog.gemma.kinship import read_genotypes
+    from sheepdog.gemma.formats.bimbam import split_genotypes
+    from sheepdog.gemma.scan.kinship import read_genotypes
 
     geno, anno = tmp_path / "g.txt", tmp_path / "a.txt"
     geno.write_text("rs1, A, T, 0, 1.5, NA\r\nrs2, A, T, 2, 0.25, 1\nrs3, G, C, NA, 0, 2e-1\n")

@@ -20,7 +20,7 @@ from gemma_reference import (
 )
 
 from sheepdog import store
-from sheepdog.gemma.bimbam import chromosome_order
+from sheepdog.gemma.formats.bimbam import chromosome_order
 
 
 def _loco(env, out, *extra):
@@ -138,9 +138,9 @@ def test_kinships_equal_gemmas_own_for_the_genome_and_by_the_loco_identity(
         tmp_path, gemma_loco_kinships):
     import numpy as np
 
-    from sheepdog.gemma.bimbam import split_genotypes
-    from sheepdog.gemma.kinship import BLOCK, centered_kinship, read_genotypes
-    from sheepdog.gemma.loco import loco_from
+    from sheepdog.gemma.formats.bimbam import split_genotypes
+    from sheepdog.gemma.scan.kinship import BLOCK, centered_kinship, read_genotypes
+    from sheepdog.gemma.scan.loco import loco_from
 
     _, gemmas_loco = gemma_loco_kinships
     gemma(["-g", str(GENO), "-p", str(PHENO), "-gk", "1", "-o", "all"], tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sheepdog.errors import GatherError
-from sheepdog.gemma.merge import Piece, merge
+from sheepdog.gemma.scan.merge import Piece, merge
 
 HEADER = "chr\trs\tps\tn_miss\tallele1\tallele0\taf\tbeta\tse\tl_mle\tp_lrt"
 
@@ -85,7 +85,7 @@ def test_a_chromosome_given_twice_is_refused(tmp_path):
 def test_the_manhattan_plot_puts_every_snp_in_genome_order_and_the_top_hit_highest(tmp_path):
     from PIL import Image
 
-    from sheepdog.gemma import plot
+    from sheepdog.gemma.scan import plot
 
     rows = [("X", "rsx", 5e6, 0.5), ("10", "rs10", 1e6, 1e-6), ("2", "rs2a", 1e6, 0.01),
             ("2", "rs2b", 9e6, 0.2), ("1", "rs1", 3e6, 0.0)]
@@ -113,7 +113,7 @@ def test_the_legend_covers_no_threshold_line_and_every_chromosome_has_its_label(
     is above the plot); chromosomes without points keep their place and label."""
     import re
 
-    from sheepdog.gemma import plot
+    from sheepdog.gemma.scan import plot
 
     rows = [("1", "rs1", 3e6, 2e-4), ("2", "rs2", 1e6, 0.3)]
     assoc = tmp_path / "assoc.txt"

@@ -10,7 +10,7 @@ from conftest import BXD, sheepdog
 from gemma_reference import loco_scan
 
 from sheepdog.gemma.commands import PERMUTATION_ENV
-from sheepdog.gemma.permute import permuted, thresholds
+from sheepdog.gemma.scan.permute import permuted, thresholds
 
 PHENO_VALUES = (BXD / "BXD_pheno.txt").read_text().split()
 

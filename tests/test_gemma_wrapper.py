@@ -23,7 +23,7 @@ from gemma_reference import (
     read_assoc,
 )
 
-from sheepdog.gemma.merge import read_min_p
+from sheepdog.gemma.scan.merge import read_min_p
 
 WRAPPER = "sheepdog-gemma-wrapper"
 

@@ -13,7 +13,8 @@ from gnformats import write_geno, write_qtl2
 
 from sheepdog.cache import Cache
 from sheepdog.errors import InputError
-from sheepdog.gemma import formats, genofile, qtl2, traits
+from sheepdog.gemma.formats import convert as formats
+from sheepdog.gemma.formats import genofile, qtl2, traits
 
 GENO = """# a tiny GN genotype file
 @name:TINY

@@ -339,7 +339,7 @@ def test_lmdb_writes_each_trait_as_gemma2lmdb_does(env, tmp_path):
     """--lmdb DIR: one gemma2lmdb file per scanned trait, its records GEMMA's printed
     af, beta, se, l_mle, p_lrt (float32) for the SNPs GEMMA tested, keyed by chromosome
     byte and position; the same as gemma-loco --lmdb gives for the same trait."""
-    from sheepdog.gemma import lmdbout
+    from sheepdog.gemma.scan import lmdbout
 
     r = sheepdog("run", "gemma-precompute", "--example", "--out", str(tmp_path / "pc"),
                  "--lmdb", str(tmp_path / "mdb"), env=env, timeout=300)

@@ -18,14 +18,7 @@ from pathlib import Path
 import pytest
 import tlscerts
 from conftest import free_port, sheepdog, wait_for
-from pullservice import (
-    Service,
-    add_token,
-    kill,
-    network_namespace,
-    start_worker,
-    worker_env,
-)
+from pullservice import Service, add_token, kill, network_namespace, start_worker, worker_env
 from web_helpers import conforms
 
 from sheepdog import store

@@ -157,7 +157,7 @@ def test_a_small_gzip_of_one_huge_line_is_refused_cheaply(tmp_path):
 
     from sheepdog.cache import Cache
     from sheepdog.errors import InputError
-    from sheepdog.gemma.workflows import GemmaRequest, prepare
+    from sheepdog.gemma.scan.build import GemmaRequest, prepare
 
     bomb = tmp_path / "anno.txt.gz"
     with gzip.open(bomb, "wb", compresslevel=9) as f:
@@ -187,7 +187,7 @@ def test_the_work_one_request_may_ask_for_is_bounded(client, tmp_path):
 def test_six_hundred_chromosomes_are_refused_before_any_file_is_opened(tmp_path):
     from sheepdog.cache import Cache
     from sheepdog.errors import InputError
-    from sheepdog.gemma.workflows import GemmaRequest, prepare
+    from sheepdog.gemma.scan.build import GemmaRequest, prepare
 
     anno = tmp_path / "anno.txt"
     snps = [ln.split()[0] for ln in (BXD / "BXD_snps.txt").read_text().splitlines()]

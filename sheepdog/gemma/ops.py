@@ -34,9 +34,10 @@ from typing import Any
 from ..defaults import WATCH_POLL
 from ..errors import DiskFull, SheepdogError, is_disk_full
 from ..process import Process
-from . import kinship, loco, merge, pcsteps, permute
-from .bimbam import check_covariates, read_table
 from .commands import GEMMA_ENV
+from .formats.bimbam import check_covariates, read_table
+from .precompute import steps as pcsteps
+from .scan import kinship, loco, merge, permute
 
 # short steps, run on a worker thread by the local backend (see backends/local.py)
 IN_PROCESS = frozenset({"kinship", "loco-lmm", "gather", "perm-prepare", "perm-gather",
@@ -103,7 +104,7 @@ def run_streaming(argv: list[str], here: Path, emit: Emit, complain: Emit,
 
 
 def gather(items: list[str], here: Path, emit: Emit) -> None:
-    from . import plot
+    from .scan import plot
 
     pieces = [merge.Piece(c, a, lg) for c, a, lg in _triples(items)]
     summary = merge.merge(pieces, here / "assoc.txt")

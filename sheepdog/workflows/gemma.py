@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ..gemma.plugin import GemmaWorkflow
+from ..gemma.scan.plugin import GemmaWorkflow
 
 WORKFLOW = GemmaWorkflow(
     "gemma", "A GEMMA genome scan against the kinship of all SNPs (no LOCO), split per "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..gemma.plugin import GemmaWorkflow
+from ..gemma.scan.plugin import GemmaWorkflow
 
 WORKFLOW = GemmaWorkflow(
     "gemma-loco", "A GEMMA LOCO genome scan, split per chromosome, cached, merged into --out.",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..gemma.plugin import GemmaWorkflow
+from ..gemma.scan.plugin import GemmaWorkflow
 
 WORKFLOW = GemmaWorkflow(
     "gemma-permute", "Permutation thresholds (significant 95%, suggestive 67%) for a LOCO scan.",

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from ..gemma.pcplugin import PrecomputeWorkflow
+from ..gemma.precompute.plugin import PrecomputeWorkflow
 
 WORKFLOW = PrecomputeWorkflow()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import redis
 
-from .. import keys
-from ..errors import FieldError
-from ..models import Job
+from ... import keys
+from ...errors import FieldError
+from ...models import Job
 
 
 def register(conn: redis.Redis, job: Job) -> None:

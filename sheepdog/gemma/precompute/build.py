@@ -22,17 +22,18 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
-from ..cache import Cache
-from ..config import Settings
-from ..errors import ConfigError, InputError
-from ..jobs import check_backend, new_job_id
-from ..models import Job, Task
-from . import bimbam, pcstore, traits
-from .commands import check_gemma_flags, version
-from .pcsteps import P_COLUMNS, VECTOR
-from .workflows import OPS, GemmaRequest, Prepared, covariate_blob, gemma_task, genotypes
-from .workflows import kinship_tasks as make_kinship_tasks
+from ... import __version__
+from ...cache import Cache
+from ...config import Settings
+from ...errors import ConfigError, InputError
+from ...jobs import check_backend, new_job_id
+from ...models import Job, Task
+from ..commands import check_gemma_flags, version
+from ..formats import bimbam, traits
+from ..scan.build import OPS, GemmaRequest, Prepared, covariate_blob, gemma_task, genotypes
+from ..scan.build import kinship_tasks as make_kinship_tasks
+from . import store as pcstore
+from .steps import P_COLUMNS, VECTOR
 
 MIN_VALUES = 10  # fewer measured individuals than this: skipped, not scanned
 
@@ -185,7 +186,7 @@ def build_job(request: PrecomputeRequest, settings: Settings, cache: Cache,
 
 
 def _sha(path: Path) -> str:
-    from ..cache import sha256_file
+    from ...cache import sha256_file
 
     return sha256_file(path)
 

@@ -15,8 +15,8 @@ import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..errors import SheepdogError
-from .commands import minus_log10, p_value
+from ...errors import SheepdogError
+from ..commands import minus_log10, p_value
 
 KEY_FORMAT = ">cL"
 REC_FORMAT = "=fffff"

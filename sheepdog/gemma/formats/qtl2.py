@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from ..errors import InputError
+from ...errors import InputError
 from .bimbam import MISSING, lines
 
 # crosstype -> R/qtl2 genotype number -> dosage of the first allele

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..defaults import MAX_CHROMOSOMES, MAX_INPUT_LINE
-from ..errors import InputError
+from ...defaults import MAX_CHROMOSOMES, MAX_INPUT_LINE
+from ...errors import InputError
 
 MISSING = "NA"
 NAN = "nan"  # what NA becomes in a parsed row

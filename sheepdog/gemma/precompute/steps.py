@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SheepdogError
-from . import kinship
-from .bimbam import geno_fields, lines
-from .commands import SHORT_RUN_ENV, lmm_argv, minus_log10, p_value, parse_log
-from .loco import loco_from, read_matrix, write_matrix
+from ...errors import SheepdogError
+from ..commands import SHORT_RUN_ENV, lmm_argv, minus_log10, p_value, parse_log
+from ..formats.bimbam import geno_fields, lines
+from ..scan import kinship
+from ..scan.loco import loco_from, read_matrix, write_matrix
 
 Emit = Callable[[str], None]
 # one SNP of a trait's vector: -log10 p signed by the effect's direction, and the rest

@@ -14,8 +14,8 @@ from xml.sax.saxutils import escape
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .bimbam import chromosome_order
-from .commands import minus_log10, p_column, p_value
+from ..commands import minus_log10, p_column, p_value
+from ..formats.bimbam import chromosome_order
 
 WIDTH, HEIGHT = 1200, 400
 LEFT, RIGHT, TOP, BOTTOM = 70, 20, 36, 50

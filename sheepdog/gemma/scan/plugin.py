@@ -11,17 +11,18 @@ from typing import Any
 import click
 import redis
 
-from .. import clirun, jobs, store
-from ..cache import Cache
-from ..config import Settings
-from ..errors import ConfigError, FieldError, InputError
-from ..finalize import finalize
-from ..models import Job, JobStatus, Task
-from ..workflows.base import InputResolver, Workflow
-from . import formats, result
-from .workflows import GemmaRequest, build_job
+from ... import clirun, jobs, store
+from ...cache import Cache
+from ...config import Settings
+from ...errors import ConfigError, FieldError, InputError
+from ...finalize import finalize
+from ...models import Job, JobStatus, Task
+from ...workflows.base import InputResolver, Workflow
+from ..formats import convert as formats
+from . import result
+from .build import GemmaRequest, build_job
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bxd"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bxd"
 ROLES = ("geno", "pheno", "anno", "covariates")
 REQUIRED = ("geno",)  # pheno from an R/qtl2 control file, anno for BIMBAM only
 PARAMS: dict[str, type] = {"lmm": int, "maf": float, "column": int, "permutations": int,

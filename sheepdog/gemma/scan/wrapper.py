@@ -27,17 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from .. import jobs, store
-from ..cache import Cache
-from ..config import Settings, load
-from ..connection import connect
-from ..errors import ConfigError, SheepdogError
-from ..finalize import finalize
-from ..models import Job, JobStatus
-from ..runner import follow_job
+from ... import jobs, store
+from ...cache import Cache
+from ...config import Settings, load
+from ...connection import connect
+from ...errors import ConfigError, SheepdogError
+from ...finalize import finalize
+from ...models import Job, JobStatus
+from ...runner import follow_job
+from ..commands import check_gemma_flags, version
 from . import result
-from .commands import check_gemma_flags, version
-from .workflows import GemmaRequest, build_job, new_job_id, prepare, scan_tasks
+from .build import GemmaRequest, build_job, new_job_id, prepare, scan_tasks
 
 # gemma-wrapper flags that would make a different run here, and why
 UNSUPPORTED = {
@@ -238,7 +238,7 @@ def _full_kinship(options: argparse.Namespace, cache: Cache, by_chrom: dict[str,
 
 
 def _version() -> str:
-    from .. import __version__
+    from ... import __version__
 
     return __version__
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ..cache import Cache
-from ..errors import FieldError
+from ...cache import Cache
+from ...errors import FieldError
 
 DB = "precompute.sqlite"
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -301,7 +301,7 @@ def write_lmdb(out: Path, folder: Path) -> list[Path]:
     """Every scanned trait as gemma-wrapper's gemma2lmdb.py writes a scan, one file per
     trait, `FOLDER/<trait id>.mdb` (a trait id that is not a plain file name gets its
     key instead): the SNPs GEMMA tested, in genome order, and the trait's record."""
-    from .lmdbout import write_rows
+    from ..scan.lmdbout import write_rows
 
     db = open_existing(out)
     try:

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import SheepdogError
-from .bimbam import MISSING, geno_fields, lines
-from .commands import PERMUTATION_ENV, lmm_argv
+from ...errors import SheepdogError
+from ..commands import PERMUTATION_ENV, lmm_argv
+from ..formats.bimbam import MISSING, geno_fields, lines
 from .loco import write_matrix
 from .merge import read_min_p
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache import Cache, sha256_file
-from ..errors import InputError
+from ...cache import Cache, sha256_file
+from ...errors import InputError
 from . import genofile, qtl2, traits
 
 BIMBAM, GENO, QTL2 = "bimbam", "geno", "qtl2"

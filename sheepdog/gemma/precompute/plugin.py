@@ -12,16 +12,17 @@ from typing import Any
 import click
 import redis
 
-from .. import __version__, clirun, jobs, store
-from ..cache import Cache
-from ..config import Settings
-from ..errors import ConfigError, FieldError, InputError
-from ..finalize import finalize
-from ..models import Job, JobStatus, Task
-from ..workflows.base import InputResolver, Workflow
-from . import pcstore
-from .pcregistry import register
-from .precompute import PrecomputeRequest, build_job
+from ... import __version__, clirun, jobs, store
+from ...cache import Cache
+from ...config import Settings
+from ...errors import ConfigError, FieldError, InputError
+from ...finalize import finalize
+from ...models import Job, JobStatus, Task
+from ...workflows.base import InputResolver, Workflow
+from ..scan.plugin import EXAMPLE
+from . import store as pcstore
+from .build import PrecomputeRequest, build_job
+from .registry import register
 
 ROLES = ("geno", "pheno", "anno", "covariates")
 
@@ -93,9 +94,6 @@ def _inputs(fn: Any) -> Any:
     ]):
         fn = opt(fn)
     return fn
-
-
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "bxd"
 
 
 def _request(kw: dict[str, Any]) -> PrecomputeRequest:
@@ -250,7 +248,7 @@ class PrecomputeWorkflow(Workflow):
         return [precompute_group]
 
     def blueprint(self) -> Any:
-        from .pcweb import bp
+        from .web import bp
 
         return bp
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import redis
 
-from .. import store
-from ..cache import Cache
-from ..config import Settings
-from ..models import Job, Task
+from ... import store
+from ...cache import Cache
+from ...config import Settings
+from ...models import Job, Task
 
 
 def piece_files(tasks: list[Task], local: Cache) -> list[list[str]]:

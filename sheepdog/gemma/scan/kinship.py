@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bimbam import MISSING, geno_fields, lines
+from ..formats.bimbam import MISSING, geno_fields, lines
 
 MISS_LEVEL = 0.05
 MAF_LEVEL = 0.01

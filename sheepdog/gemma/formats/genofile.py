@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from ..errors import InputError
+from ...errors import InputError
 from .bimbam import MISSING, lines
 
 HEADER_KEYS = ("name", "type", "mat", "pat", "het", "unk")

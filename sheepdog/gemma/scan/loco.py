@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GatherError
+from ...errors import GatherError
 
 
 def read_matrix(path: Path) -> np.ndarray:

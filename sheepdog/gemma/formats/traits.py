@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ...errors import InputError
 from .bimbam import MISSING, lines
 
 NA_STRINGS = frozenset({"NA", "", "-", "NaN", "nan", "x"})

@@ -21,15 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..cache import Cache, sha256_file
-from ..config import Settings
-from ..defaults import MAX_CHROMOSOMES
-from ..errors import ConfigError, DiskFull, InputError, is_disk_full
-from ..jobs import check_backend, new_job_id
-from ..models import Job, Task
-from . import bimbam, formats, traits
-from .commands import COMPLETE, GEMMA_ENV, LMM_MODES, check_gemma_flags, lmm_argv, version
+from ... import __version__
+from ...cache import Cache, sha256_file
+from ...config import Settings
+from ...defaults import MAX_CHROMOSOMES
+from ...errors import ConfigError, DiskFull, InputError, is_disk_full
+from ...jobs import check_backend, new_job_id
+from ...models import Job, Task
+from ..commands import COMPLETE, GEMMA_ENV, LMM_MODES, check_gemma_flags, lmm_argv, version
+from ..formats import bimbam, traits
+from ..formats import convert as formats
 from .permute import MIN_RULES
 
 OPS = ["-m", "sheepdog.gemma.ops"]

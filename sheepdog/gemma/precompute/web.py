@@ -10,10 +10,11 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, render_template_string, request, url_for
 
-from .. import store
-from ..errors import FieldError, UnknownJob
-from . import pcstore, plot
-from .pcregistry import dataset_dir, datasets
+from ... import store
+from ...errors import FieldError, UnknownJob
+from ..scan import plot
+from . import store as pcstore
+from .registry import dataset_dir, datasets
 
 bp = Blueprint("precompute", __name__, url_prefix="/precompute")
 PAGE = 100  # hits per page unless ?limit= says otherwise

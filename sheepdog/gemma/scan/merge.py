@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import GatherError
-from .bimbam import chromosome_order
-from .commands import p_column, p_value, parse_log
+from ...errors import GatherError
+from ..commands import p_column, p_value, parse_log
+from ..formats.bimbam import chromosome_order
 
 # What every piece of one scan must have in common, as its GEMMA log states it.
 AGREE = ("version", "individuals", "total_individuals")

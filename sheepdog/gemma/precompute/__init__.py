@@ -1,0 +1,1 @@
+"""gemma-precompute: every trait of a dataset scanned, stored and served."""

@@ -1,0 +1,1 @@
+"""GEMMA scans (LOCO, whole-genome, permutations) and what reads their output."""
