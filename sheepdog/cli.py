@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from . import embedded, keys, logs, progress, store, tokens, workflows
+from . import clirun, embedded, keys, logs, progress, store, tokens, workflows
 from .cache import Cache
 from .clirun import Terminated, on_sigterm, print_line
 from .clirun import conn as _conn
@@ -43,7 +43,7 @@ class RunGroup(click.Group):
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         found = workflows.find(cmd_name)
-        return found.command() if found is not None else None
+        return found.command(clirun) if found is not None else None
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
         if args and args[0] in workflows.names():
@@ -72,7 +72,7 @@ class TopGroup(click.Group):
         if found is None and cmd_name in workflows.names():
             workflow = workflows.find(cmd_name)
             if workflow is not None and workflow.top_level:
-                return workflow.command()
+                return workflow.command(clirun)
         if found is None:  # a command a workflow brings (`sheepdog precompute`)
             found = next((c for c in _workflow_commands() if c.name == cmd_name), None)
         return found
@@ -84,7 +84,7 @@ def _workflow_commands() -> list[click.Command]:
     for name in workflows.names():
         workflow = workflows.find(name)
         if workflow is not None:
-            found += workflow.commands()
+            found += workflow.commands(clirun)
     return found
 
 

@@ -19,6 +19,7 @@ from . import config, progress, store
 from .backends import registry
 from .connection import connect
 from .defaults import TERMINAL_REDRAW
+from .finalize import finalize as finalize  # a workflow's command line gets it from here
 from .logs import LogLine
 from .models import Job, JobStatus, Task
 from .pool import unserved

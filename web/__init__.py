@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from types import SimpleNamespace
 from typing import Any
 
 import redis
@@ -31,16 +32,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
     sock.init_app(app)
 
-    from . import api, auth, gn3, inputs, pages, stream, workers
+    from . import api, auth, gn3, inputs, pages, state, stream, workers
 
     auth.init_app(app)
+    # what a workflow's own routes get from the service, instead of importing it
+    services = SimpleNamespace(conn=state.conn, token_to_cookie=auth.token_to_cookie)
     app.register_blueprint(api.bp)
     app.register_blueprint(gn3.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(workers.bp)
     for name in workflows.names():  # a workflow's own routes (a precompute's datasets)
         workflow = workflows.find(name)
-        own = workflow.blueprint() if workflow is not None else None
+        own = workflow.blueprint(services) if workflow is not None else None
         if own is not None:
             app.register_blueprint(own)
     stream.register(sock)

@@ -13,12 +13,12 @@ from typing import Any
 import click
 import redis
 
-from .. import clirun, jobs, logs, store
+from .. import jobs, logs, store
 from ..cache import Cache
 from ..config import Settings
 from ..errors import ConfigError, FieldError, InputError
 from ..models import Job, JobStatus, Task, TaskStatus
-from ..workflows.base import InputResolver, Workflow
+from ..workflows.base import CliServices, InputResolver, Workflow
 from . import build, items, results, step
 from .build import MapRequest
 
@@ -64,58 +64,61 @@ def _summary_line(db: Any, settings: Settings, job_id: str) -> None:
     click.echo(f"[sheepdog] {found['items']:,d} items: {counts}", err=True)
 
 
-@click.command("map", context_settings={"ignore_unknown_options": True,
-                                         "allow_interspersed_args": False})
-@click.option("--items", "items_file", type=click.Path(path_type=Path), default=None,
-              help="One item per line, or a CSV/TSV with a header (see --key).")
-@click.option("--key", default=None, help="The CSV/TSV column that names each item.")
-@click.option("--range", "range_spec", default=None, metavar="A:B",
-              help="The whole numbers A to B (both included).")
-@click.option("--files", default=None, metavar="GLOB",
-              help="Files matching GLOB; each is staged by content wherever it runs.")
-@click.option("--chunk", type=int, default=None,
-              help="Items per piece; each is still recorded on its own. Default: one "
-                   "per piece up to 200 items, beyond that 200 pieces (at most 1,000 "
-                   "items each); one per piece with --cache. --chunk 1 for long items.")
-@click.option("--max-args", "-N", "max_args", type=click.IntRange(0, 1), default=1,
-              help="-N0: run the command as it is for each item, without adding the item "
-                   "when it has no placeholder (GNU parallel's -N0); the item's key is in "
-                   "$SHEEPDOG_ITEM_KEY.")
-@click.option("--jobs", "-j", "concurrency", type=click.IntRange(1), default=None,
-              help="Items at once on this machine, when no worker serves the queue.")
-@click.option("--cache", is_flag=True, help="Reuse items already computed (content addressed).")
-@click.option("--sample", type=int, default=None, help="Run a reproducible sample of N items.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
-@click.option("--max-failures", default="", metavar="N|P%",
-              help="Stop early once more than N items (or P% of them) failed.")
-@click.option("--retry-failed", "retry_of", default=None, metavar="JOB",
-              help="Run again only the items of JOB that did not succeed.")
-@click.option("--check", "checks", multiple=True, metavar="FIELD",
-              help="Items whose output is JSON must agree on FIELD (repeatable).")
-@click.option("--timeout", type=float, default=0.0, help="Kill an item after SECONDS.")
-@click.option("--straggler-after", type=click.FloatRange(min=0), default=0.0, metavar="S",
-              help="Once the others are done, start a piece still running after S seconds "
-                   "once more elsewhere; the first to finish wins.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Write DIR/items.jsonl (input order) and each item's files.")
-@click.option("--backend", default="local", show_default=True, help="Where the items run.")
-@click.option("--host", default=None, help="Host (ssh config name) for shell/slurm.")
-@click.option("--queue", default=None, help="Queue name (default: from settings).")
-@click.option("--detach", is_flag=True, help="Print the job id and return at once.")
-@click.option("--json", "as_json", is_flag=True, help="Print the final job as JSON.")
-@click.argument("template", nargs=-1, type=click.UNPROCESSED)
-def map_command(**kw: Any) -> None:
-    """Run a command once per item, like GNU parallel, durably and anywhere.
+def command_line(cli: CliServices) -> click.Command:
+    @click.command("map", context_settings={"ignore_unknown_options": True,
+                                             "allow_interspersed_args": False})
+    @click.option("--items", "items_file", type=click.Path(path_type=Path), default=None,
+                  help="One item per line, or a CSV/TSV with a header (see --key).")
+    @click.option("--key", default=None, help="The CSV/TSV column that names each item.")
+    @click.option("--range", "range_spec", default=None, metavar="A:B",
+                  help="The whole numbers A to B (both included).")
+    @click.option("--files", default=None, metavar="GLOB",
+                  help="Files matching GLOB; each is staged by content wherever it runs.")
+    @click.option("--chunk", type=int, default=None,
+                  help="Items per piece; each is still recorded on its own. Default: one "
+                       "per piece up to 200 items, beyond that 200 pieces (at most 1,000 "
+                       "items each); one per piece with --cache. --chunk 1 for long items.")
+    @click.option("--max-args", "-N", "max_args", type=click.IntRange(0, 1), default=1,
+                  help="-N0: run the command as it is for each item, without adding the item "
+                       "when it has no placeholder (GNU parallel's -N0); the item's key is in "
+                       "$SHEEPDOG_ITEM_KEY.")
+    @click.option("--jobs", "-j", "concurrency", type=click.IntRange(1), default=None,
+                  help="Items at once on this machine, when no worker serves the queue.")
+    @click.option("--cache", is_flag=True, help="Reuse items already computed (content addressed).")
+    @click.option("--sample", type=int, default=None, help="Run a reproducible sample of N items.")
+    @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
+    @click.option("--max-failures", default="", metavar="N|P%",
+                  help="Stop early once more than N items (or P% of them) failed.")
+    @click.option("--retry-failed", "retry_of", default=None, metavar="JOB",
+                  help="Run again only the items of JOB that did not succeed.")
+    @click.option("--check", "checks", multiple=True, metavar="FIELD",
+                  help="Items whose output is JSON must agree on FIELD (repeatable).")
+    @click.option("--timeout", type=float, default=0.0, help="Kill an item after SECONDS.")
+    @click.option("--straggler-after", type=click.FloatRange(min=0), default=0.0, metavar="S",
+                  help="Once the others are done, start a piece still running after S seconds "
+                       "once more elsewhere; the first to finish wins.")
+    @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+                  help="Write DIR/items.jsonl (input order) and each item's files.")
+    @click.option("--backend", default="local", show_default=True, help="Where the items run.")
+    @click.option("--host", default=None, help="Host (ssh config name) for shell/slurm.")
+    @click.option("--queue", default=None, help="Queue name (default: from settings).")
+    @click.option("--detach", is_flag=True, help="Print the job id and return at once.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the final job as JSON.")
+    @click.argument("template", nargs=-1, type=click.UNPROCESSED)
+    def map_command(**kw: Any) -> None:
+        """Run a command once per item, like GNU parallel, durably and anywhere.
 
-    Placeholders: {} the item, {#} its number, {/} {//} {.} {/.} its path's parts,
-    {COL} a CSV column, {file:COL} a column's file staged by content.
-    """
-    sys.exit(run_map(kw))
+        Placeholders: {} the item, {#} its number, {/} {//} {.} {/.} its path's parts,
+        {COL} a CSV column, {file:COL} a column's file staged by content.
+        """
+        sys.exit(run_map(cli, kw))
+
+    return map_command
 
 
-def run_map(kw: dict[str, Any]) -> int:
-    settings = clirun.settings()
-    db = clirun.conn(settings)
+def run_map(cli: CliServices, kw: dict[str, Any]) -> int:
+    settings = cli.settings()
+    db = cli.conn(settings)
     template = [a for a in kw["template"] if a != "--"] if kw["template"][:1] == ("--",) \
         else list(kw["template"])
     common = {"backend": kw["backend"], "host": kw["host"] or "", "queue": kw["queue"] or ""}
@@ -134,8 +137,8 @@ def run_map(kw: dict[str, Any]) -> int:
                              append=kw["max_args"] == 1, source=source, **common)
         job, tasks = build.build_job(request, settings, Cache(settings.cache_dir))
     jobs.submit(db, settings, job, tasks)
-    code = clirun.finish(db, settings, job.id, job.queue, kw["detach"], kw["as_json"],
-                         concurrency=kw["concurrency"], show_notes=False)
+    code = cli.finish(db, settings, job.id, job.queue, kw["detach"], kw["as_json"],
+                      concurrency=kw["concurrency"], show_notes=False)
     if kw["detach"]:
         return code
     if kw["out_dir"] is not None:
@@ -251,8 +254,8 @@ class MapWorkflow(Workflow):
     partial_results = True
     reads_inputs = True  # an items file, and {file:COL} files hashed into the cache
 
-    def command(self) -> click.Command:
-        return map_command
+    def command(self, cli: CliServices) -> click.Command:
+        return command_line(cli)
 
     def schema(self) -> dict[str, Any]:
         return {"type": "object", "required": ["workflow", "command"], "properties": {

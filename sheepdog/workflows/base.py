@@ -1,7 +1,10 @@
 """The workflow contract: how a workflow is asked for, becomes tasks, and is gathered.
 
 The core (store, worker, runner, finalize, cli, web) calls these and names no
-workflow; a workflow may use every core module.
+workflow. A workflow uses the core's lower layers (store, jobs, cache, ...), never the
+presentation: its command line gets the CLI's services (`CliServices`, the clirun
+module) and its routes the web service's (`WebServices`) passed in, so no import
+arrow points from a workflow up to the CLI or the web service.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import click
 import redis
@@ -23,6 +26,42 @@ from ..models import Job, Task
 # roles it must name) -> role -> path. The web service provides it (uploads, bundles,
 # server-side roots), raising FieldError naming the input.
 InputResolver = Callable[[Any, tuple[str, ...], tuple[str, ...]], dict[str, Path]]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliServices(Protocol):
+    """What a workflow's command line may ask of the CLI (sheepdog.clirun gives it)."""
+
+    def settings(self) -> Settings: ...
+
+    def conn(self, given: Settings | None = None) -> Any: ...
+
+    def backend_options(self, fn: F) -> F:
+        """A decorator: --backend, --host, --queue, --detach, --json, --race."""
+
+    def finish(self, db: Any, given: Settings, job_id: str, queue: str, detach: bool,
+               as_json: bool, after_wait: Callable[[Any, Settings, str], None] | None = None,
+               concurrency: int | None = None, show_notes: bool = True) -> int:
+        """Detach, or follow the job to its end; returns the exit code."""
+
+    def run_race(self, given: Settings, spec: str, complete_all: bool, queue: str,
+                 build: Callable[[], tuple[Job, list[Task]]],
+                 after: Callable[[Any, Settings, Any, str], None] | None = None) -> int: ...
+
+    def print_json(self, value: Any) -> None: ...
+
+    def finalize(self, conn: Any, settings: Settings, job_id: str) -> None:
+        """The job's result, once it ended."""
+
+
+class WebServices(Protocol):
+    """What a workflow's routes may ask of the web service (web/__init__.py gives it)."""
+
+    def conn(self) -> Any:
+        """The service's Redis client."""
+
+    def token_to_cookie(self) -> Any:
+        """A page opened with ?token=: the redirect that moves it into a cookie, or None."""
 
 
 class Workflow(abc.ABC):
@@ -43,14 +82,14 @@ class Workflow(abc.ABC):
     runs_commands: bool = False
 
     @abc.abstractmethod
-    def command(self) -> click.Command:
+    def command(self, cli: CliServices) -> click.Command:
         """`sheepdog run NAME ...`: its options, validation and waiting."""
 
-    def commands(self) -> list[click.Command]:
+    def commands(self, cli: CliServices) -> list[click.Command]:
         """More top-level commands of its own (`sheepdog precompute ...`); default none."""
         return []
 
-    def blueprint(self) -> Any:
+    def blueprint(self, web: WebServices) -> Any:
         """A Flask blueprint of its own routes for `sheepdog serve`, or None."""
         return None
 

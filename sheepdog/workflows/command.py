@@ -7,33 +7,36 @@ from typing import Any
 
 import click
 
-from .. import clirun, jobs
+from .. import jobs
 from ..cache import Cache
 from ..config import Settings
 from ..errors import ConfigError, FieldError
 from ..models import Job, Task
-from .base import InputResolver, Workflow
+from .base import CliServices, InputResolver, Workflow
 
 
-@click.command("command", context_settings={"ignore_unknown_options": True,
-                                             "allow_interspersed_args": False})
-@clirun.backend_options
-@click.option("--timeout", type=float, default=0.0, help="Kill the command after SECONDS.")
-@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
-def run_command(argv: tuple[str, ...], backend: str, host: str | None, queue: str | None,
-                detach: bool, as_json: bool, timeout: float, race: str | None,
-                complete_all: bool) -> None:
-    """Run one command as a job; exit with its exit code."""
-    settings = clirun.settings()
-    job, tasks = jobs.command_job(list(argv), settings, backend=backend, host=host,
-                                  queue=queue, timeout=timeout)
-    if race:
-        sys.exit(clirun.run_race(settings, race, complete_all, queue or settings.queue,
-                                 lambda: jobs.command_job(list(argv), settings, queue=queue,
-                                                          timeout=timeout)))
-    db = clirun.conn(settings)
-    jobs.submit(db, settings, job, tasks)
-    sys.exit(clirun.finish(db, settings, job.id, job.queue, detach, as_json))
+def command_line(cli: CliServices) -> click.Command:
+    @click.command("command", context_settings={"ignore_unknown_options": True,
+                                                 "allow_interspersed_args": False})
+    @cli.backend_options
+    @click.option("--timeout", type=float, default=0.0, help="Kill the command after SECONDS.")
+    @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+    def run_command(argv: tuple[str, ...], backend: str, host: str | None, queue: str | None,
+                    detach: bool, as_json: bool, timeout: float, race: str | None,
+                    complete_all: bool) -> None:
+        """Run one command as a job; exit with its exit code."""
+        settings = cli.settings()
+        job, tasks = jobs.command_job(list(argv), settings, backend=backend, host=host,
+                                      queue=queue, timeout=timeout)
+        if race:
+            sys.exit(cli.run_race(settings, race, complete_all, queue or settings.queue,
+                                  lambda: jobs.command_job(list(argv), settings, queue=queue,
+                                                           timeout=timeout)))
+        db = cli.conn(settings)
+        jobs.submit(db, settings, job, tasks)
+        sys.exit(cli.finish(db, settings, job.id, job.queue, detach, as_json))
+
+    return run_command
 
 
 class Command(Workflow):
@@ -41,8 +44,8 @@ class Command(Workflow):
     runs_commands = True
     summary = "one program run once, as given"
 
-    def command(self) -> click.Command:
-        return run_command
+    def command(self, cli: CliServices) -> click.Command:
+        return command_line(cli)
 
     def schema(self) -> dict[str, Any]:
         return {"type": "object", "required": ["workflow", "command"], "properties": {

@@ -13,7 +13,7 @@ from ..cache import Cache
 from ..config import Settings
 from ..errors import FieldError
 from ..models import Job, Task
-from .base import InputResolver, Workflow
+from .base import CliServices, InputResolver, Workflow
 
 
 @click.command("python")
@@ -45,7 +45,7 @@ class Python(Workflow):
     name = "python"
     summary = "Python calls (sheepdog.Executor); one call from the command line"
 
-    def command(self) -> click.Command:
+    def command(self, cli: CliServices) -> click.Command:
         return run_python
 
     def schema(self) -> dict[str, Any]:

@@ -12,13 +12,12 @@ from typing import Any
 import click
 import redis
 
-from ... import __version__, clirun, jobs, store
+from ... import __version__, jobs, store
 from ...cache import Cache
 from ...config import Settings
 from ...errors import ConfigError, FieldError, InputError
-from ...finalize import finalize
 from ...models import Job, JobStatus, Task
-from ...workflows.base import InputResolver, Workflow
+from ...workflows.base import CliServices, InputResolver, WebServices, Workflow
 from ..scan.plugin import EXAMPLE
 from . import store as pcstore
 from .build import PrecomputeRequest, build_job
@@ -112,17 +111,17 @@ def _request(kw: dict[str, Any]) -> PrecomputeRequest:
                              gemma_flags=list(kw.pop("gemma_flags")), **kw)
 
 
-def run_cli(kw: dict[str, Any]) -> int:
+def run_cli(cli: CliServices, kw: dict[str, Any]) -> int:
     detach, as_json, lmdb = kw.pop("detach"), kw.pop("as_json"), kw.pop("lmdb")
     if kw.pop("race") or kw.pop("complete_all"):
         raise click.UsageError("--race is for single scans, not a precompute")
     if lmdb and detach:
         raise click.UsageError("--lmdb writes when the job ends: not with --detach (run "
                                "`sheepdog precompute lmdb OUT DIR` after it)")
-    settings = clirun.settings()
+    settings = cli.settings()
     request = _request(kw)
     cache = Cache(settings.cache_dir)
-    db = clirun.conn(settings)
+    db = cli.conn(settings)
     job, tasks = build_job(request, settings, cache)
     begin(settings, job, cache)
     register(db, job)
@@ -133,8 +132,9 @@ def run_cli(kw: dict[str, Any]) -> int:
                   if p["genotyped_without_values"] else ""), err=True)
     jobs.submit(db, settings, job, tasks)  # with --force, forgets the batches first
     if not detach:
-        finalize(db, settings, job.id)  # a fully stored dataset ends right here
-    code = clirun.finish(db, settings, job.id, job.queue, detach, as_json, after_wait=finalize)
+        cli.finalize(db, settings, job.id)  # a fully stored dataset ends right here
+    code = cli.finish(db, settings, job.id, job.queue, detach, as_json,
+                      after_wait=cli.finalize)
     if not detach:
         counts = pcstore.counts(Path(job.out_dir))
         click.echo(f"[sheepdog] dataset {p['dataset']} in {job.out_dir}: "
@@ -152,71 +152,75 @@ def _out(path: str) -> Path:
     return out
 
 
-@click.group("precompute")
-def precompute_group() -> None:
-    """Read a precomputed dataset: a trait's scan, the traits with a QTL in a region."""
+def command_group(cli: CliServices) -> click.Group:
+    """`sheepdog precompute show|hits|export|lmdb`: reading a dataset's directory."""
+    @click.group("precompute")
+    def precompute_group() -> None:
+        """Read a precomputed dataset: a trait's scan, the traits with a QTL in a region."""
 
 
-@precompute_group.command("show")
-@click.argument("out")
-@click.argument("trait")
-@click.option("--json", "as_json", is_flag=True)
-@click.option("--vector", is_flag=True, help="Every SNP: rs chr ps logp beta se af.")
-def show_cmd(out: str, trait: str, as_json: bool, vector: bool) -> None:
-    """A trait's metadata and peaks (with --vector, its full scan)."""
-    try:
-        found = pcstore.show(_out(out), trait, vector)
-    except FieldError as e:
-        click.echo(f"sheepdog: {e.problem}", err=True)
-        sys.exit(1 if e.http_status == 409 else 2)
-    if as_json:
-        clirun.print_json(found)
-        return
-    top = found["top"]
-    click.echo(f"{trait}: n {found['n']}; top {top['locus']} chr {top['chr']} "
-               f"{top['mb']:.3f} Mb -log10 p {top['logp']:.2f} effect {top['effect']:.4g}")
-    for p in found["peaks"]:
-        click.echo(f"  peak chr {p['chr']} {p['locus']} {p['mb']:.3f} Mb  {p['logp']:.2f}")
-    for s in found.get("snps", []):
-        click.echo(f"{s['rs']}\t{s['chr']}\t{s['ps']}\t{s['logp']}\t{s['beta']}\t{s['se']}\t"
-                   f"{s['af']}")
+    @precompute_group.command("show")
+    @click.argument("out")
+    @click.argument("trait")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--vector", is_flag=True, help="Every SNP: rs chr ps logp beta se af.")
+    def show_cmd(out: str, trait: str, as_json: bool, vector: bool) -> None:
+        """A trait's metadata and peaks (with --vector, its full scan)."""
+        try:
+            found = pcstore.show(_out(out), trait, vector)
+        except FieldError as e:
+            click.echo(f"sheepdog: {e.problem}", err=True)
+            sys.exit(1 if e.http_status == 409 else 2)
+        if as_json:
+            cli.print_json(found)
+            return
+        top = found["top"]
+        click.echo(f"{trait}: n {found['n']}; top {top['locus']} chr {top['chr']} "
+                   f"{top['mb']:.3f} Mb -log10 p {top['logp']:.2f} effect {top['effect']:.4g}")
+        for p in found["peaks"]:
+            click.echo(f"  peak chr {p['chr']} {p['locus']} {p['mb']:.3f} Mb  {p['logp']:.2f}")
+        for s in found.get("snps", []):
+            click.echo(f"{s['rs']}\t{s['chr']}\t{s['ps']}\t{s['logp']}\t{s['beta']}\t{s['se']}\t"
+                       f"{s['af']}")
 
 
-@precompute_group.command("hits")
-@click.argument("out")
-@click.option("--chr", "chrom", default=None)
-@click.option("--start", type=float, default=None, help="Mb")
-@click.option("--end", type=float, default=None, help="Mb")
-@click.option("--min", "minimum", type=float, default=None, help="-log10 p at least")
-@click.option("--limit", type=click.IntRange(1), default=1000, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-def hits_cmd(out: str, chrom: str | None, start: float | None, end: float | None,
-             minimum: float | None, limit: int, as_json: bool) -> None:
-    """Traits with a peak in a region, strongest first."""
-    found = pcstore.hits(_out(out), chrom, start, end, minimum, limit)
-    if as_json:
-        clirun.print_json(found)
-        return
-    for h in found["hits"]:
-        click.echo(f"{h['trait']}\t{h['locus']}\t{h['chr']}\t{h['mb']:.6f}\t{h['logp']:.4f}\t"
-                   f"{h['effect']:.6g}")
+    @precompute_group.command("hits")
+    @click.argument("out")
+    @click.option("--chr", "chrom", default=None)
+    @click.option("--start", type=float, default=None, help="Mb")
+    @click.option("--end", type=float, default=None, help="Mb")
+    @click.option("--min", "minimum", type=float, default=None, help="-log10 p at least")
+    @click.option("--limit", type=click.IntRange(1), default=1000, show_default=True)
+    @click.option("--json", "as_json", is_flag=True)
+    def hits_cmd(out: str, chrom: str | None, start: float | None, end: float | None,
+                 minimum: float | None, limit: int, as_json: bool) -> None:
+        """Traits with a peak in a region, strongest first."""
+        found = pcstore.hits(_out(out), chrom, start, end, minimum, limit)
+        if as_json:
+            cli.print_json(found)
+            return
+        for h in found["hits"]:
+            click.echo(f"{h['trait']}\t{h['locus']}\t{h['chr']}\t{h['mb']:.6f}\t{h['logp']:.4f}\t"
+                       f"{h['effect']:.6g}")
 
 
-@precompute_group.command("export")
-@click.argument("out")
-def export_cmd(out: str) -> None:
-    """Rewrite OUT/hits.tsv from the dataset's store."""
-    rows = pcstore.export_hits(_out(out))
-    click.echo(f"{rows:,d} traits written to {Path(out) / 'hits.tsv'}")
+    @precompute_group.command("export")
+    @click.argument("out")
+    def export_cmd(out: str) -> None:
+        """Rewrite OUT/hits.tsv from the dataset's store."""
+        rows = pcstore.export_hits(_out(out))
+        click.echo(f"{rows:,d} traits written to {Path(out) / 'hits.tsv'}")
 
 
-@precompute_group.command("lmdb")
-@click.argument("out")
-@click.argument("folder")
-def lmdb_cmd(out: str, folder: str) -> None:
-    """Write each scanned trait of OUT as gemma2lmdb's LMDB file, FOLDER/<trait>.mdb."""
-    written = pcstore.write_lmdb(_out(out), Path(folder))
-    click.echo(f"{len(written):,d} traits written to {folder}")
+    @precompute_group.command("lmdb")
+    @click.argument("out")
+    @click.argument("folder")
+    def lmdb_cmd(out: str, folder: str) -> None:
+        """Write each scanned trait of OUT as gemma2lmdb's LMDB file, FOLDER/<trait>.mdb."""
+        written = pcstore.write_lmdb(_out(out), Path(folder))
+        click.echo(f"{len(written):,d} traits written to {folder}")
+
+    return precompute_group
 
 
 # ------------------------------------------------------------------ the workflow
@@ -237,20 +241,20 @@ class PrecomputeWorkflow(Workflow):
     reads_inputs = True
     result_files = {"hits.tsv": "text/tab-separated-values"}
 
-    def command(self) -> click.Command:
+    def command(self, cli: CliServices) -> click.Command:
         def run(**kw: Any) -> None:
-            sys.exit(run_cli(kw))
+            sys.exit(run_cli(cli, kw))
 
         run.__doc__ = self.summary
-        return click.command(self.name, help=self.summary)(clirun.backend_options(_inputs(run)))
+        return click.command(self.name, help=self.summary)(cli.backend_options(_inputs(run)))
 
-    def commands(self) -> list[click.Command]:
-        return [precompute_group]
+    def commands(self, cli: CliServices) -> list[click.Command]:
+        return [command_group(cli)]
 
-    def blueprint(self) -> Any:
-        from .web import bp
+    def blueprint(self, web: WebServices) -> Any:
+        from .web import routes
 
-        return bp
+        return routes(web)
 
     def schema(self) -> dict[str, Any]:
         return {"type": "object", "required": ["workflow", "name"], "properties": {

@@ -12,6 +12,7 @@ from flask import Blueprint, Response, jsonify, render_template_string, request,
 
 from ... import store
 from ...errors import FieldError, UnknownJob
+from ...workflows.base import WebServices
 from ..scan import plot
 from . import store as pcstore
 from .registry import dataset_dir, datasets
@@ -20,10 +21,17 @@ bp = Blueprint("precompute", __name__, url_prefix="/precompute")
 PAGE = 100  # hits per page unless ?limit= says otherwise
 
 
-def _conn() -> Any:
-    from web import state  # the web service's one Redis client
+_SERVICES: list[WebServices] = []  # given by the web service when it takes the routes
 
-    return state.conn()
+
+def routes(web: WebServices) -> Blueprint:
+    """The blueprint, using the web service's Redis client and cookie handling."""
+    _SERVICES[:] = [web]
+    return bp
+
+
+def _conn() -> Any:
+    return _SERVICES[0].conn()
 
 
 def _number(name: str) -> float | None:
@@ -174,9 +182,7 @@ PAGE_HTML = """{% extends "base.html" %}
 
 @bp.get("/<name>/page")
 def dataset_page(name: str) -> Any:
-    from web import auth
-
-    moved = auth.token_to_cookie()
+    moved = _SERVICES[0].token_to_cookie()
     if moved is not None:
         return moved
     dataset_dir(_conn(), name)  # 404 for an unknown dataset

@@ -11,13 +11,12 @@ from typing import Any
 import click
 import redis
 
-from ... import clirun, jobs, store
+from ... import jobs, store
 from ...cache import Cache
 from ...config import Settings
 from ...errors import ConfigError, FieldError, InputError
-from ...finalize import finalize
 from ...models import Job, JobStatus, Task
-from ...workflows.base import InputResolver, Workflow
+from ...workflows.base import CliServices, InputResolver, Workflow
 from ..formats import convert as formats
 from . import result
 from .build import GemmaRequest, build_job
@@ -84,37 +83,39 @@ def _request(kw: dict[str, Any]) -> GemmaRequest:
     return GemmaRequest(**kw)
 
 
-def run_cli(kw: dict[str, Any]) -> int:
+def run_cli(cli: CliServices, kw: dict[str, Any]) -> int:
     """`sheepdog run gemma-*`: validate, submit, wait, export; returns the exit code."""
     detach, as_json = kw.pop("detach"), kw.pop("as_json")
     race, complete_all = kw.pop("race"), kw.pop("complete_all")
-    settings = clirun.settings()
+    settings = cli.settings()
     request = _request(kw)
     cache = Cache(settings.cache_dir)
     if race:
         out_dir = request.out_dir
-        return clirun.run_race(
+        return cli.run_race(
             settings, race, complete_all, request.queue or settings.queue,
             lambda: build_job(request, settings, cache),
-            after=lambda db, s, winner, label: _race_won(db, s, winner, label, out_dir))
-    db = clirun.conn(settings)
+            after=lambda db, s, winner, label: _race_won(cli, db, s, winner, label, out_dir))
+    db = cli.conn(settings)
     job, tasks = build_job(request, settings, cache)
     jobs.submit(db, settings, job, tasks)  # with --force, forgets the pieces first
     if not detach:
-        finalize(db, settings, job.id)  # a fully cached job ends right here
-    return clirun.finish(db, settings, job.id, job.queue, detach, as_json, after_wait=_after)
+        cli.finalize(db, settings, job.id)  # a fully cached job ends right here
+    return cli.finish(db, settings, job.id, job.queue, detach, as_json,
+                      after_wait=lambda db, s, job_id: _after(cli, db, s, job_id))
 
 
-def _race_won(db: Any, settings: Settings, winner: Job, label: str, out_dir: str) -> None:
-    finalize(db, settings, winner.id)  # the compact result, if no worker wrote it yet
+def _race_won(cli: CliServices, db: Any, settings: Settings, winner: Job, label: str,
+              out_dir: str) -> None:
+    cli.finalize(db, settings, winner.id)  # the compact result, if no worker wrote it yet
     if out_dir:
         store.set_job_fields(db, winner.id, out_dir=str(Path(out_dir).resolve()))
         result.export(db, settings, store.get_job(db, winner.id), Path(out_dir))
     click.echo(f"results of lane {label} in {out_dir or 'the cache'}", err=True)
 
 
-def _after(db: Any, settings: Settings, job_id: str) -> None:
-    finalize(db, settings, job_id)
+def _after(cli: CliServices, db: Any, settings: Settings, job_id: str) -> None:
+    cli.finalize(db, settings, job_id)
     job = store.get_job(db, job_id)
     if job.status == JobStatus.SUCCESS and job.out_dir:
         click.echo(f"results in {job.out_dir}", err=True)
@@ -163,17 +164,17 @@ class GemmaWorkflow(Workflow):
         if permutations:
             self.result_files["permutations.json"] = "application/json"
 
-    def command(self) -> click.Command:
+    def command(self, cli: CliServices) -> click.Command:
         def run(**kw: Any) -> None:
             kw["loco"] = self.loco
             if not self.permutations:
                 kw["permutations"] = 0
             elif kw["permutations"] < 1:
                 raise click.UsageError("--permutations must be at least 1")
-            sys.exit(run_cli(kw))
+            sys.exit(run_cli(cli, kw))
 
         run.__doc__ = self.summary
-        command = clirun.backend_options(gemma_inputs(run))
+        command = cli.backend_options(gemma_inputs(run))
         if self.permutations:
             for opt in reversed([
                 click.option("--permutations", type=int, default=1000, show_default=True),
