@@ -99,3 +99,53 @@ def test_gemmas_nan_is_missing_in_every_reader_and_never_a_hit(env, tmp_path):
     for text in ("nan", "-nan", "inf", "-inf", "NaN", "x"):
         assert p_value(text) is None, text
     assert p_value("0") == 0.0 and p_value("1.5e-300") == 1.5e-300
+
+
+def test_a_parameter_declared_once_reaches_help_openapi_requests_and_the_record(
+        monkeypatch, redis_server, home, queue):
+    """Adding a parameter to a workflow's declaration is the one edit: it is then an
+    option in --help, in the OpenAPI document with its bounds, accepted in a POST /jobs
+    body (and kept in the job's record), and refused out of bounds naming the field."""
+    import click.testing
+    import yaml
+
+    from sheepdog import clirun, workflows
+    from sheepdog.config import Settings
+    from sheepdog.errors import FieldError
+    from sheepdog.params import Param
+    from web import prepare
+
+    workflow = workflows.get("gemma-loco")
+    window = Param("window", int, 3, "Markers on either side of a peak.", minimum=1,
+                   maximum=10)
+    monkeypatch.setattr(workflow, "params", workflow.params.plus(window))  # the one edit
+    shown = click.testing.CliRunner().invoke(workflow.command(clirun), ["--help"])
+    assert "--window" in shown.output and "Markers on either side" in shown.output
+    app = create_app({"TESTING": True, "SETTINGS": {
+        "redis_url": redis_server.url, "home": home, "api_tokens": ("t",), "queue": queue}})
+    spec = yaml.safe_load(app.test_client().get("/openapi.yaml").get_data(as_text=True))
+    found = [s for s in _schemas(spec) if "window" in s.get("properties", {})]
+    assert found and found[0]["properties"]["window"] == {
+        "type": "integer", "description": "Markers on either side of a peak.", "default": 3,
+        "minimum": 1, "maximum": 10}
+    settings = Settings(redis_url=redis_server.url, home=home, queue=queue,
+                        input_roots=(str(GENO.parent),))
+    body = {"workflow": "gemma-loco", "inputs": {"geno": str(GENO), "pheno": str(PHENO),
+                                                 "anno": str(ANNO)}, "params": {"window": 5}}
+    job, _ = prepare.build("gemma-loco", body, {}, None, settings)  # POST /jobs' own path
+    assert job.params["options"]["window"] == 5
+    with pytest.raises(FieldError) as refused:
+        prepare.build("gemma-loco", {**body, "params": {"window": 11}}, {}, None, settings)
+    assert (refused.value.field, refused.value.problem) == ("params.window",
+                                                           "must be at most 10")
+    assert "window" not in json.dumps(workflows.get("gemma-permute").schema())  # its own
+
+
+def _schemas(node):
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _schemas(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _schemas(value)

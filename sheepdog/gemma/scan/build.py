@@ -28,12 +28,33 @@ from ...defaults import MAX_CHROMOSOMES
 from ...errors import ConfigError, DiskFull, InputError, is_disk_full
 from ...jobs import check_backend, new_job_id
 from ...models import Job, Task
+from ...params import Param, Params
 from ..commands import COMPLETE, GEMMA_ENV, LMM_MODES, check_gemma_flags, lmm_argv, version
 from ..formats import bimbam, traits
 from ..formats import convert as formats
 from .permute import MIN_RULES
 
 OPS = ["-m", "sheepdog.gemma.ops"]
+
+# The scans' request parameters, each declared once: the CLI options, the POST /jobs
+# schema and parsing, the checks and the job's record come from here.
+MAF = Param("maf", float, 0.01, "GEMMA -maf (GEMMA's own default, as GN passes it).",
+            minimum=0, below=0.5)
+SCAN_PARAMS = Params(
+    Param("column", int, None, "Phenotype column (1-based).", minimum=1, flags=("-n",)),
+    Param("lmm", int, 9, "GEMMA -lmm mode.", choices=LMM_MODES),
+    MAF,
+    Param("force", bool, False, "Recompute instead of using the cache.", recorded=False),
+    Param("gemma_flags", list, [], "More GEMMA flags for the LMM pieces (on the command "
+          "line: after --).", cli=False),
+)
+PERMUTATION_PARAMS = Params(
+    Param("permutations", int, 1000, "How many permutations.", minimum=1, recorded=False),
+    Param("seed", int, None, "Makes the permutations reproducible.", recorded=False),
+    Param("batch_size", int, 25, "Permutations per piece.", minimum=1, recorded=False),
+    Param("min_rule", str, "sheepdog", "Each permutation's minimum: over every p "
+          "(sheepdog), or the last column's p > 0 (gemma-wrapper).", choices=MIN_RULES),
+)
 
 
 @dataclass
@@ -59,19 +80,29 @@ class GemmaRequest:
     min_rule: str = "sheepdog"  # permutation minimum: every p, or gemma-wrapper's p > 0
     lmdb: str = ""  # also write the merged scan as gemma2lmdb's LMDB here
     loco: bool = True  # False: one kinship of all SNPs for every chromosome's LMM
+    # every declared parameter's value as asked (SCAN_PARAMS, PERMUTATION_PARAMS): the
+    # job's record of its options comes from here, a parameter declared later included
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def declared(self) -> dict[str, Any]:
+        return {**{p.name: getattr(self, p.name, None) for p in SCAN_PARAMS},
+                **{p.name: getattr(self, p.name, None) for p in PERMUTATION_PARAMS},
+                **self.options}
+
+    def record(self) -> dict[str, Any]:
+        """The job's record of its options: the declared ones as declared, and any other
+        the request's workflow declares (a parameter added to it, say) as asked."""
+        known = {p.name for p in (*SCAN_PARAMS, *PERMUTATION_PARAMS)}
+        return {**SCAN_PARAMS.record(self.declared()),
+                **PERMUTATION_PARAMS.record(self.declared()),
+                **{k: v for k, v in self.options.items() if k not in known}}
 
     def check(self) -> None:
-        if self.lmm not in LMM_MODES:
-            raise ConfigError(f"--lmm must be one of {LMM_MODES}, got {self.lmm}")
-        if self.maf is not None and not 0 <= self.maf < 0.5:
-            raise ConfigError(f"--maf must be in [0, 0.5), got {self.maf}")
-        if self.column is not None and self.column < 1:
-            raise ConfigError(f"-n must be 1 or more, got {self.column}")
-        if self.permutations < 0 or self.batch_size < 1:
-            raise ConfigError("--permutations must be >= 0 and --batch-size >= 1")
-        if self.min_rule not in MIN_RULES:
-            raise ConfigError(f"--min-rule must be one of {', '.join(MIN_RULES)}, "
-                              f"got {self.min_rule!r}")
+        SCAN_PARAMS.check(self.declared())
+        if self.permutations:
+            PERMUTATION_PARAMS.check(self.declared())
+        elif self.permutations < 0:
+            raise ConfigError(f"--permutations must be at least 1, got {self.permutations}")
         if self.permutations and not self.loco:
             raise ConfigError("permutations run LOCO scans: use gemma-permute")
         self.gemma_flags = check_gemma_flags(self.gemma_flags)
@@ -365,9 +396,8 @@ def build_job(request: GemmaRequest, settings: Settings, store: Cache,
     params = {
         "inputs": {role: {"path": str(getattr(request, role) or request.geno), "sha256": sha}
                    for role, sha in prep.hashes.items()},
-        "options": {"lmm": request.lmm, "maf": request.maf, "column": request.column,
-                    "gemma_flags": request.gemma_flags, "min_rule": request.min_rule,
-                    "covariates": "covariates" in prep.blobs, "loco": request.loco},
+        "options": {**request.record(), "covariates": "covariates" in prep.blobs,
+                    "loco": request.loco},
         "gemma_version": gemma_version, "individuals": prep.individuals, "snps": prep.snps,
         "chromosomes": prep.order, "scan_task": gather.id,
     }

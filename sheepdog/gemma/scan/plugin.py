@@ -19,17 +19,11 @@ from ...models import Job, JobStatus, Task
 from ...workflows.base import CliServices, InputResolver, Workflow
 from ..formats import convert as formats
 from . import result
-from .build import GemmaRequest, build_job
+from .build import PERMUTATION_PARAMS, SCAN_PARAMS, GemmaRequest, build_job
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "bxd"
 ROLES = ("geno", "pheno", "anno", "covariates")
 REQUIRED = ("geno",)  # pheno from an R/qtl2 control file, anno for BIMBAM only
-PARAMS: dict[str, type] = {"lmm": int, "maf": float, "column": int, "permutations": int,
-                           "seed": int, "batch_size": int, "force": bool, "gemma_flags": list,
-                           "min_rule": str}
-_SCHEMA_TYPES = {int: {"type": "integer"}, float: {"type": "number"},
-                 bool: {"type": "boolean"}, str: {"type": "string"},
-                 list: {"type": "array", "items": {"type": "string"}}}
 SCAN_FILES = {"assoc.txt": "text/plain", "manhattan.png": "image/png",
               "manhattan.svg": "image/svg+xml", "summary.json": "application/json"}
 
@@ -48,15 +42,10 @@ def gemma_inputs(fn: Any) -> Any:
                      help="SNP annotation for BIMBAM genotypes: rs position chromosome."),
         click.option("-c", "covariates", type=click.Path(path_type=Path), default=None,
                      help="Covariates file (first column the intercept)."),
-        click.option("-n", "column", type=int, default=None, help="Phenotype column (1-based)."),
-        click.option("--lmm", type=int, default=9, show_default=True, help="GEMMA -lmm mode."),
-        click.option("--maf", type=float, default=0.01, show_default=True,
-                     help="GEMMA -maf (GEMMA's own default, as GN passes it)."),
         click.option("--example", is_flag=True,
                      help="Use the bundled BXD example for -g/-p/-a (and -c if not given)."),
         click.option("--out", "out_dir", type=click.Path(), default="",
                      help="Directory for assoc.txt, result.json and the Manhattan plot."),
-        click.option("--force", is_flag=True, help="Recompute instead of using the cache."),
         click.option("--lmdb", default="", metavar="FILE",
                      help="Also write the merged scan as gemma2lmdb's LMDB file."),
         click.argument("gemma_flags", nargs=-1, type=click.UNPROCESSED),
@@ -80,7 +69,10 @@ def _request(kw: dict[str, Any]) -> GemmaRequest:
     kw["host"] = kw.get("host") or ""
     kw["queue"] = kw.get("queue") or ""
     kw["gemma_flags"] = list(kw.get("gemma_flags") or [])
-    return GemmaRequest(**kw)
+    fields = set(GemmaRequest.__dataclass_fields__)
+    declared = {p.name for p in (*SCAN_PARAMS, *PERMUTATION_PARAMS)}
+    return GemmaRequest(**{k: v for k, v in kw.items() if k in fields},
+                        options={k: v for k, v in kw.items() if k in declared})
 
 
 def run_cli(cli: CliServices, kw: dict[str, Any]) -> int:
@@ -121,36 +113,6 @@ def _after(cli: CliServices, db: Any, settings: Settings, job_id: str) -> None:
         click.echo(f"results in {job.out_dir}", err=True)
 
 
-def _params(raw: Any) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise FieldError("params", "must be an object")
-    out = {}
-    for key, value in raw.items():
-        kind = PARAMS.get(key)
-        if kind is None:
-            raise FieldError(f"params.{key}", f"unknown parameter; known: {', '.join(PARAMS)}")
-        if value is not None and not _is_kind(value, kind):
-            raise FieldError(f"params.{key}", f"must be {_KIND_WORDS.get(kind, kind.__name__)}")
-        out[key] = kind(value) if value is not None else None
-    return out
-
-
-_KIND_WORDS = {bool: "true/false", list: "a list of strings", str: "a string"}
-
-
-def _is_kind(value: Any, kind: type) -> bool:
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is list:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    if kind is str:
-        return isinstance(value, str)
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and (kind is float or float(value).is_integer()))
-
-
 class GemmaWorkflow(Workflow):
     """A LOCO scan (or, `loco` False, a scan against the kinship of all SNPs), and with
     `permutations` its permutation thresholds too."""
@@ -160,6 +122,7 @@ class GemmaWorkflow(Workflow):
     def __init__(self, name: str, summary: str, permutations: bool, loco: bool = True) -> None:
         self.name, self.summary, self.permutations = name, summary, permutations
         self.loco = loco
+        self.params = SCAN_PARAMS.plus(*PERMUTATION_PARAMS) if permutations else SCAN_PARAMS
         self.result_files = dict(SCAN_FILES)
         if permutations:
             self.result_files["permutations.json"] = "application/json"
@@ -169,37 +132,24 @@ class GemmaWorkflow(Workflow):
             kw["loco"] = self.loco
             if not self.permutations:
                 kw["permutations"] = 0
-            elif kw["permutations"] < 1:
-                raise click.UsageError("--permutations must be at least 1")
+            else:
+                try:  # here too: 0 permutations would quietly be a plain scan
+                    PERMUTATION_PARAMS.check(kw)
+                except ConfigError as e:
+                    raise click.UsageError(str(e)) from e
             sys.exit(run_cli(cli, kw))
 
         run.__doc__ = self.summary
-        command = cli.backend_options(gemma_inputs(run))
-        if self.permutations:
-            for opt in reversed([
-                click.option("--permutations", type=int, default=1000, show_default=True),
-                click.option("--seed", type=int, default=None,
-                             help="Makes the permutations reproducible."),
-                click.option("--batch-size", type=int, default=25, show_default=True,
-                             help="Permutations per piece."),
-                click.option("--min-rule", type=click.Choice(["sheepdog", "gemma-wrapper"]),
-                             default="sheepdog", show_default=True,
-                             help="Each permutation's minimum: over every p (sheepdog), or "
-                                  "the last column's p > 0 (gemma-wrapper)."),
-            ]):
-                command = opt(command)
+        command = cli.backend_options(gemma_inputs(self.params.options(run)))
         return click.command(self.name, help=self.summary)(command)
 
     def schema(self) -> dict[str, Any]:
-        params = {k: _SCHEMA_TYPES[t] for k, t in PARAMS.items()
-                  if self.permutations or k not in ("permutations", "seed", "batch_size",
-                                                    "min_rule")}
         return {"type": "object", "required": ["workflow"], "properties": {
             "workflow": {"const": self.name},
             "inputs": {"type": "object", "description": "file names of uploads or bundle "
                        "members, or server paths under SHEEPDOG_INPUT_ROOTS",
                        "properties": {r: {"type": "string"} for r in ROLES}},
-            "params": {"type": "object", "properties": params}}}
+            "params": self.params.schema()}}
 
     def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
                      cache: Cache) -> tuple[Job, list[Task]]:
@@ -207,7 +157,7 @@ class GemmaWorkflow(Workflow):
         if not isinstance(raw_inputs, dict):
             raise FieldError("inputs", "must be an object mapping geno/pheno/anno/covariates "
                              "to files")
-        params = _params(body.get("params"))  # cheap checks before any file is touched
+        params = self.params.parse(body.get("params"))  # before any file is touched
         paths = inputs(raw_inputs, ROLES, REQUIRED)
         kind = formats.kind_of(paths["geno"])
         for role, needed in (("pheno", kind != formats.QTL2), ("anno", kind == formats.BIMBAM)):
@@ -215,18 +165,14 @@ class GemmaWorkflow(Workflow):
                 raise FieldError(f"inputs.{role}", "is required with "
                                  f"{'BIMBAM' if kind == formats.BIMBAM else 'GN .geno'} "
                                  "genotypes")
-        if self.permutations:
-            params.setdefault("permutations", 1000)
-            if params["permutations"] < 1:
-                raise FieldError("params.permutations", "must be at least 1")
-        else:
-            params["permutations"] = 0
+        fields = set(GemmaRequest.__dataclass_fields__)
         request = GemmaRequest(geno=paths["geno"], pheno=paths.get("pheno"),
                                anno=paths.get("anno"),
                                covariates=paths.get("covariates"),
                                backend=body.get("backend") or "local",
                                host=body.get("host") or "", queue=body.get("queue") or "",
-                               loco=self.loco, **params)
+                               loco=self.loco, options=params,
+                               **{k: v for k, v in params.items() if k in fields})
         try:
             return build_job(request, settings, cache)
         except InputError as e:
