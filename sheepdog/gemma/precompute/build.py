@@ -28,14 +28,30 @@ from ...config import Settings
 from ...errors import ConfigError, InputError
 from ...jobs import check_backend, new_job_id
 from ...models import Job, Task
+from ...params import Param, Params
 from ..commands import check_gemma_flags, version
 from ..formats import bimbam, traits
-from ..scan.build import OPS, GemmaRequest, Prepared, covariate_blob, gemma_task, genotypes
+from ..scan.build import MAF, OPS, GemmaRequest, Prepared, covariate_blob, gemma_task, genotypes
 from ..scan.build import kinship_tasks as make_kinship_tasks
 from . import store as pcstore
 from .steps import P_COLUMNS, VECTOR
 
 MIN_VALUES = 10  # fewer measured individuals than this: skipped, not scanned
+# a precompute's request parameters, each declared once (see sheepdog.params)
+PRECOMPUTE_PARAMS = Params(
+    Param("traits", list, [], "Only these traits (their ids; on the command line "
+          "--traits ID,...).", cli=False),
+    Param("sample", int, None, "A reproducible sample of N traits.", minimum=1),
+    Param("seed", int, 0, "The seed of --sample."),
+    MAF,
+    Param("test", str, "lrt", "The p-value stored and used for peaks.",
+          choices=tuple(P_COLUMNS)),
+    Param("threshold", float, 4.0, "-log10 p of a peak."),
+    Param("min_values", int, MIN_VALUES, "Skip traits measured on fewer individuals.",
+          minimum=2),
+    Param("batch_size", int, 25, "Traits per piece.", minimum=1),
+    Param("force", bool, False, "Recompute traits already computed.", recorded=False),
+)
 
 
 @dataclass
@@ -63,14 +79,7 @@ class PrecomputeRequest:
     queue: str = ""
 
     def check(self) -> None:
-        if self.test not in P_COLUMNS:
-            raise ConfigError(f"--test must be one of {', '.join(P_COLUMNS)}, got {self.test!r}")
-        if self.maf is not None and not 0 <= self.maf < 0.5:
-            raise ConfigError(f"--maf must be in [0, 0.5), got {self.maf}")
-        if self.batch_size < 1 or self.min_values < 2:
-            raise ConfigError("--batch-size must be >= 1 and --min-values >= 2")
-        if self.sample is not None and self.sample < 1:
-            raise ConfigError(f"--sample must be at least 1, got {self.sample}")
+        PRECOMPUTE_PARAMS.check(vars(self))
         if not self.out_dir:
             raise ConfigError("--out DIR is needed: the dataset's store is written there")
         if not pcstore.valid_name(self.dataset_name()):

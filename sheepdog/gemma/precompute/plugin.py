@@ -20,7 +20,7 @@ from ...models import Job, JobStatus, Task
 from ...workflows.base import CliServices, InputResolver, WebServices, Workflow
 from ..scan.plugin import EXAMPLE
 from . import store as pcstore
-from .build import PrecomputeRequest, build_job
+from .build import PRECOMPUTE_PARAMS, PrecomputeRequest, build_job
 from .registry import register
 
 ROLES = ("geno", "pheno", "anno", "covariates")
@@ -67,22 +67,10 @@ def _inputs(fn: Any) -> Any:
                      help="Covariates: 'id, cov1...' (an intercept is added) or BIMBAM."),
         click.option("--traits", "trait_list", default="", metavar="ID,...",
                      help="Only these traits."),
-        click.option("--sample", type=int, default=None, help="A reproducible sample of N "
-                                                                "traits."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--maf", type=float, default=0.01, show_default=True),
-        click.option("--test", type=click.Choice(["lrt", "wald", "score"]), default="lrt",
-                     show_default=True, help="The p-value stored and used for peaks."),
-        click.option("--threshold", type=float, default=4.0, show_default=True,
-                     help="-log10 p of a peak."),
-        click.option("--min-values", type=int, default=10, show_default=True,
-                     help="Skip traits measured on fewer individuals."),
-        click.option("--batch-size", type=int, default=25, show_default=True,
-                     help="Traits per piece."),
+        PRECOMPUTE_PARAMS.options,
         click.option("--name", default="", help="Dataset name (default: --out's name)."),
         click.option("--out", "out_dir", type=click.Path(), required=True,
                      help="The dataset's directory (SQLite store, vectors, hits.tsv)."),
-        click.option("--force", is_flag=True, help="Recompute traits already computed."),
         click.option("--example", is_flag=True,
                      help="Use the bundled BXD example: a GN .geno and a trait table of "
                           "two traits (-g/-p)."),
@@ -224,15 +212,6 @@ def command_group(cli: CliServices) -> click.Group:
 
 
 # ------------------------------------------------------------------ the workflow
-def _typed(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-        raise FieldError(f"params.{name}", "has the wrong type")
-    return value
-
-
 class PrecomputeWorkflow(Workflow):
     """GEMMA LOCO scans of every trait of a dataset, stored and served by key."""
 
@@ -262,38 +241,18 @@ class PrecomputeWorkflow(Workflow):
             "name": {"type": "string", "description": "the dataset's name; stored under "
                      "SHEEPDOG_HOME/precompute/NAME"},
             "inputs": {"type": "object", "properties": {r: {"type": "string"} for r in ROLES}},
-            "params": {"type": "object", "properties": {
-                "traits": {"type": "array", "items": {"type": "string"}},
-                "sample": {"type": "integer"}, "seed": {"type": "integer"},
-                "maf": {"type": "number"}, "test": {"enum": ["lrt", "wald", "score"]},
-                "threshold": {"type": "number"}, "batch_size": {"type": "integer"},
-                "min_values": {"type": "integer"}, "force": {"type": "boolean"}}}}}
+            "params": PRECOMPUTE_PARAMS.schema()}}
 
     def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
                      cache: Cache) -> tuple[Job, list[Task]]:
         name = body.get("name")
         if not isinstance(name, str) or not pcstore.valid_name(name):
             raise FieldError("name", "must be a dataset name: letters, digits, '.', '_', '-'")
-        raw = body.get("params") or {}
-        if not isinstance(raw, dict):
-            raise FieldError("params", "must be an object")
-        known = {"traits", "sample", "seed", "maf", "test", "threshold", "batch_size",
-                 "min_values", "force"}
-        for key in raw:
-            if key not in known:
-                raise FieldError(f"params.{key}", f"unknown; known: {', '.join(sorted(known))}")
+        params = PRECOMPUTE_PARAMS.parse(body.get("params"))  # before any file is opened
         paths = inputs(body.get("inputs", {}), ROLES, ("geno",))
-        wanted = _typed(raw, "traits", list, [])
-        if not all(isinstance(t, str) for t in wanted):
-            raise FieldError("params.traits", "must be a list of trait ids")
         request = PrecomputeRequest(
             geno=paths["geno"], pheno=paths.get("pheno"), anno=paths.get("anno"),
-            covariates=paths.get("covariates"), traits=wanted,
-            sample=_typed(raw, "sample", int, None), seed=_typed(raw, "seed", int, 0),
-            maf=_typed(raw, "maf", (int, float), 0.01), test=_typed(raw, "test", str, "lrt"),
-            threshold=_typed(raw, "threshold", (int, float), 4.0),
-            batch_size=_typed(raw, "batch_size", int, 25),
-            min_values=_typed(raw, "min_values", int, 10), force=_typed(raw, "force", bool, False),
+            covariates=paths.get("covariates"), **params,
             name=name, out_dir=str(settings.home / "precompute" / name),
             backend=body.get("backend") or "local", host=body.get("host") or "",
             queue=body.get("queue") or "")
