@@ -32,13 +32,15 @@ def write_matrix(path: Path, matrix: np.ndarray) -> None:
         f.writelines(row % tuple(r.tolist()) for r in matrix)
 
 
-def loco_from(chromosome: str, kinships: Iterable[tuple[str, tuple[np.ndarray, int]]]
-              ) -> np.ndarray:
-    """The LOCO kinship of one chromosome, from (name, (K, p)) pairs given one at a time."""
+Kinships = Iterable[tuple[str, tuple[np.ndarray, int]]]
+
+
+def _weighted(kinships: Kinships, keep: str | None = None
+              ) -> tuple[np.ndarray | None, int, int, tuple[np.ndarray, int] | None]:
+    """(sum_d p_d K_d, sum_d p_d, how many, `keep`'s (K, p)), one kinship at a time."""
     weighted: np.ndarray | None = None
-    total = 0
-    own: tuple[np.ndarray, int] | None = None
-    count = 0
+    total = count = 0
+    kept: tuple[np.ndarray, int] | None = None
     for name, (k, p) in kinships:
         if weighted is not None and k.shape != weighted.shape:
             raise GatherError(f"kinship of chromosome {name} is {k.shape}, others "
@@ -46,8 +48,14 @@ def loco_from(chromosome: str, kinships: Iterable[tuple[str, tuple[np.ndarray, i
         weighted = k * p if weighted is None else weighted + k * p
         total += p
         count += 1
-        if name == chromosome:
-            own = (k, p)
+        if name == keep:
+            kept = (k, p)
+    return weighted, total, count, kept
+
+
+def loco_from(chromosome: str, kinships: Kinships) -> np.ndarray:
+    """The LOCO kinship of one chromosome, from (name, (K, p)) pairs given one at a time."""
+    weighted, total, count, own = _weighted(kinships, chromosome)
     if count < 2 or weighted is None:
         raise GatherError("LOCO needs at least two chromosomes")
     if own is None:
@@ -57,17 +65,10 @@ def loco_from(chromosome: str, kinships: Iterable[tuple[str, tuple[np.ndarray, i
     return (weighted - own[1] * own[0]) / (total - own[1])
 
 
-def full_from(kinships: Iterable[tuple[str, tuple[np.ndarray, int]]]) -> np.ndarray:
+def full_from(kinships: Kinships) -> np.ndarray:
     """The kinship of all SNPs (GEMMA's -gk 1 over the whole genome), from (name, (K, p))
     pairs given one at a time: sum_d p_d K_d / sum_d p_d."""
-    weighted: np.ndarray | None = None
-    total = 0
-    for name, (k, p) in kinships:
-        if weighted is not None and k.shape != weighted.shape:
-            raise GatherError(f"kinship of chromosome {name} is {k.shape}, others "
-                              f"{weighted.shape}")
-        weighted = k * p if weighted is None else weighted + k * p
-        total += p
+    weighted, total, _, _ = _weighted(kinships)
     if weighted is None or total <= 0:
         raise GatherError("no SNPs for the kinship")
     return weighted / total
