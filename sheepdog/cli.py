@@ -274,7 +274,7 @@ def serve(bind: str, local_workers: int, threads: int, certfile: str | None,
     home = str(Path(__file__).resolve().parent.parent)
     argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--worker-class", "gthread",
             "--workers", "1", "--threads", str(threads), "--access-logfile", "-",
-            "--graceful-timeout", str(int(SERVE_GRACE)),
+            "--graceful-timeout", str(int(SERVE_GRACE)), *_no_control_socket(),
             # the path without its query string (?token=...) and no referer: no token in logs
             "--access-logformat", '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s',
             *tls, "--pythonpath", home, "web:create_app()"]
@@ -301,6 +301,14 @@ def serve(bind: str, local_workers: int, threads: int, certfile: str | None,
             signal.signal(sig, signal.SIG_IGN)  # one stop at a time
         _stop_all(children)
     sys.exit(code)
+
+
+def _no_control_socket() -> list[str]:
+    """gunicorn 25.1 and later open a control socket, by default in ~/.gunicorn: `serve`
+    stops its own gunicorn, and two services on one machine must not share one socket."""
+    import gunicorn
+
+    return ["--no-control-socket"] if gunicorn.version_info >= (25, 1) else []
 
 
 class _Stopping(BaseException):

@@ -89,15 +89,23 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def private_tmpdir(tmp_path_factory) -> Iterator[Path]:
     """TMPDIR for the whole session, under pytest's own: what the tests and the
-    programs they start put in "the temporary directory" stays in the test's tree."""
+    programs they start put in "the temporary directory" stays in the test's tree. So do
+    the per-user runtime and cache folders programs fall back to $HOME for (Chromium's
+    dconf, for one), as a desktop session would give them."""
     path = tmp_path_factory.mktemp("TMPDIR")
-    before = os.environ.get("TMPDIR"), tempfile.tempdir
-    os.environ["TMPDIR"], tempfile.tempdir = str(path), str(path)
+    private = {"TMPDIR": path, "XDG_RUNTIME_DIR": tmp_path_factory.mktemp("runtime"),
+               "XDG_CACHE_HOME": tmp_path_factory.mktemp("cache")}
+    before = {name: os.environ.get(name) for name in private}, tempfile.tempdir
+    for name, where in private.items():
+        where.chmod(0o700)
+        os.environ[name] = str(where)
+    tempfile.tempdir = str(path)
     yield path
-    if before[0] is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = before[0]
+    for name, value in before[0].items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     tempfile.tempdir = before[1]
 
 

@@ -179,3 +179,19 @@ def test_a_stopped_server_leaves_nothing_and_its_streams_resume_after_a_restart(
     finally:
         os.killpg(again.pid, signal.SIGTERM)
         again.wait(STOP_WITHIN)
+
+
+def test_serve_keeps_nothing_in_the_users_home(env, tmp_path):
+    """gunicorn 25.1+ opens a control socket in ~/.gunicorn unless told not to: `serve`
+    runs its own gunicorn and tells it not to (two services would share one socket)."""
+    port = free_port()
+    home = tmp_path / "user"  # the user's $HOME (tmp_path/home is SHEEPDOG_HOME)
+    home.mkdir()
+    bare = {k: v for k, v in env.items() if k != "XDG_RUNTIME_DIR"}
+    server = _serve(dict(bare, HOME=str(home)), port)
+    try:
+        wait_for(lambda: _up(f"http://127.0.0.1:{port}"), 30, every=0.1, what="sheepdog serve")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(STOP_WITHIN)
+    assert sorted(p.name for p in home.iterdir()) == []
