@@ -90,11 +90,13 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 def private_tmpdir(tmp_path_factory) -> Iterator[Path]:
     """TMPDIR for the whole session, under pytest's own: what the tests and the
     programs they start put in "the temporary directory" stays in the test's tree. So do
-    the per-user runtime and cache folders programs fall back to $HOME for (Chromium's
-    dconf, for one), as a desktop session would give them."""
+    the per-user runtime, cache and config folders programs fall back to $HOME for
+    (Chromium's dconf and crash reports, for two), as a desktop session would give them."""
     path = tmp_path_factory.mktemp("TMPDIR")
     private = {"TMPDIR": path, "XDG_RUNTIME_DIR": tmp_path_factory.mktemp("runtime"),
-               "XDG_CACHE_HOME": tmp_path_factory.mktemp("cache")}
+               "XDG_CACHE_HOME": tmp_path_factory.mktemp("cache"),
+               # Chromium's crash reports; and no user's ~/.config/sheepdog reaches a test
+               "XDG_CONFIG_HOME": tmp_path_factory.mktemp("config")}
     before = {name: os.environ.get(name) for name in private}, tempfile.tempdir
     for name, where in private.items():
         where.chmod(0o700)
