@@ -48,9 +48,6 @@ class Pool:
         self.processes += started
         return started
 
-    def alive(self) -> bool:
-        return any(p.poll() is None for p in self.processes)
-
     def stop(self, grace: float) -> None:
         """SIGTERM to each (a worker hands its running pieces back and goes), then
         SIGKILL to whatever is still there after `grace` seconds."""
