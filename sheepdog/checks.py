@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from . import ssh
 from .cache import Cache
 from .errors import SheepdogError
 from .hosts import Host
+from .process import capture
 from .remote import RemoteDir, prefix
 
 # the project's guix/ (a link in the source tree, package data in an installed wheel)
@@ -108,10 +108,10 @@ _GEMMA_VERSION = re.compile(r"GEMMA\s+(\S+(?:\s+\([0-9-]+\))?)")
 def local_gemma_version() -> str | None:
     """This machine's GEMMA version, to compare a host's with (None: no GEMMA here)."""
     try:
-        done = subprocess.run(["gemma"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        _, out, _ = capture(["gemma"], together=True, timeout=30)
+    except OSError:  # TimeoutError included
         return None
-    found = _GEMMA_VERSION.search(done.stdout + done.stderr)
+    found = _GEMMA_VERSION.search(out)
     return found.group(1) if found else None
 
 

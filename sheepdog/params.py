@@ -35,6 +35,7 @@ class Param:
     flags: tuple[str, ...] = ()  # command-line spellings; default --name-with-dashes
     cli: bool = True  # False: not an option (a list given as trailing arguments, say)
     recorded: bool = True  # kept in the job's record of its options
+    gemma: str = ""  # the GEMMA flag it becomes, if any (e.g. -maf)
 
     def problem(self, value: Any) -> str:
         """What is wrong with a value of the right type ('' when nothing is)."""
@@ -66,6 +67,8 @@ class Param:
         flags = self.flags or (f"--{self.name.replace('_', '-')}",)
         if self.kind is bool:
             return click.option(*flags, self.name, is_flag=True, help=self.help)
+        if self.kind is list:  # on the command line: the option once per value
+            return click.option(*flags, self.name, multiple=True, help=self.help)
         kind: Any = click.Choice(self.choices) if self.choices and self.kind is str else (
             self.kind)
         return click.option(*flags, self.name, type=kind, default=self.default,
@@ -111,33 +114,39 @@ class Params:
             fn = param.option()(fn)
         return fn
 
+    def fields(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The declared fields of a body whose other fields are not parameters (map's,
+        a worker's claim): parsed as `parse` does, named without a prefix."""
+        return self.parse({k: v for k, v in body.items() if k in self.by_name}, prefix="")
+
     def schema(self) -> dict[str, Any]:
         """`params` in a POST /jobs body, as JSON schema."""
         return {"type": "object", "additionalProperties": False,
                 "properties": {p.name: p.schema() for p in self.all}}
 
-    def parse(self, raw: Any) -> dict[str, Any]:
-        """A body's `params`: every value typed and in bounds, the defaults filled in;
-        FieldError (400) names the parameter."""
+    def parse(self, raw: Any, prefix: str = "params.") -> dict[str, Any]:
+        """A body's `params` (or, `prefix` "", the declared fields of a body): every
+        value typed and in bounds, the defaults filled in; FieldError (400) names the
+        parameter."""
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            raise FieldError("params", "must be an object")
+            raise FieldError(prefix.rstrip(".") or "body", "must be an object")
         values = {p.name: p.default for p in self.all}
         for key, value in raw.items():
             param = self.by_name.get(key)
             if param is None:
-                raise FieldError(f"params.{key}",
+                raise FieldError(f"{prefix}{key}",
                                  f"unknown parameter; known: {', '.join(self.by_name)}")
             if not param.typed(value):
-                raise FieldError(f"params.{key}", f"must be {_WORDS[param.kind]}")
+                raise FieldError(f"{prefix}{key}", f"must be {_WORDS[param.kind]}")
             if value is not None and param.kind is float:
                 value = float(value)
             elif value is not None and param.kind is int:
                 value = int(value)
             problem = param.problem(value)
             if problem:
-                raise FieldError(f"params.{key}", problem)
+                raise FieldError(f"{prefix}{key}", problem)
             values[key] = value
         return values
 
@@ -149,6 +158,28 @@ class Params:
             if problem:
                 flag = (param.flags or (f"--{param.name.replace('_', '-')}",))[0]
                 raise ConfigError(f"{flag} {problem}, got {values.get(param.name)}")
+
+    def gemma_flags(self, values: dict[str, Any]) -> list[str]:
+        """The GEMMA flags of the parameters that are GEMMA's own (`gemma`), as GEMMA is
+        given them; a parameter left None is left out (GEMMA's default)."""
+        out: list[str] = []
+        for p in self.all:
+            value = values.get(p.name, p.default)
+            if p.gemma and value is not None:
+                out += [p.gemma, repr(value) if p.kind is float else str(value)]
+        return out
+
+    def gemma_advice(self) -> dict[str, str]:
+        """For a GEMMA flag given among free-form flags though it is a parameter: how
+        to give it instead."""
+        return {p.gemma: f"use {(p.flags or ('--' + p.name.replace('_', '-'),))[0]} "
+                f"(params.{p.name} over HTTP)" for p in self.all if p.gemma}
+
+    def from_gemma(self, flags: dict[str, str]) -> dict[str, Any]:
+        """The parameters given as GEMMA flags on a GEMMA command line (GN's), typed; the
+        others at their defaults. ValueError for a value of the wrong kind."""
+        return {p.name: p.kind(flags[p.gemma]) if p.gemma in flags else p.default
+                for p in self.all if p.gemma}
 
     def record(self, values: dict[str, Any]) -> dict[str, Any]:
         """What the job keeps of them."""

@@ -71,3 +71,84 @@ def test_the_precompute_declares_what_its_requests_take():
                                               "force"}
     with pytest.raises(FieldError, match="must be at least 2"):
         PRECOMPUTE_PARAMS.parse({"min_values": 1})
+
+
+# Added to the scans' declaration before anything reads it, in every Python process the
+# check starts (the CLI, the web app, and the child that prepares a request): the one
+# place a new parameter is written.
+ADD_WINDOW = """
+import sheepdog.gemma.scan.build as build
+from sheepdog.params import Param
+build.SCAN_PARAMS = build.SCAN_PARAMS.plus(
+    Param("window", int, 5, "A made-up window, in SNPs.", minimum=1, maximum=10))
+"""
+THROUGH_THE_WEB = """
+import json, sys, yaml
+from pathlib import Path
+from web import create_app
+home, url, bxd = sys.argv[1:4]
+client = create_app({"TESTING": True, "SETTINGS": {"redis_url": url, "home": Path(home),
+    "api_tokens": ("t",), "input_roots": (bxd,)}}).test_client()
+auth = {"Authorization": "Bearer t"}
+doc = yaml.safe_load(client.get("/openapi.yaml").data)
+body = {"workflow": "gemma-loco", "inputs": {"geno": bxd + "/BXD_geno.txt.gz",
+        "pheno": bxd + "/BXD_pheno.txt", "anno": bxd + "/BXD_snps.txt"}}
+out = {"schema": doc["components"]["schemas"]["GemmaLocoJob"]["properties"]["params"]}
+for value in (11, 7):
+    r = client.post("/jobs", headers=auth, json={**body, "params": {"window": value}})
+    out[str(value)] = [r.status_code, r.get_json()]
+print(json.dumps(out))
+"""
+
+
+def test_a_parameter_added_in_one_place_reaches_help_openapi_requests_and_the_record(
+        env, conn, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import BXD, sheepdog
+
+    from sheepdog import store
+
+    (tmp_path / "sitecustomize.py").write_text(ADD_WINDOW)
+    env = dict(env, PYTHONPATH=str(tmp_path))
+    shown = sheepdog("run", "gemma-loco", "--help", env=env)
+    assert "--window" in shown.stdout and "A made-up window, in SNPs." in shown.stdout
+    bad = sheepdog("run", "gemma-loco", "--example", "--window", "11", env=env)
+    assert bad.returncode == 2 and "--window must be at most 10" in bad.stderr
+    web = subprocess.run([sys.executable, "-c", THROUGH_THE_WEB, env["SHEEPDOG_HOME"],
+                          env["SHEEPDOG_REDIS_URL"], str(BXD)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert web.returncode == 0, web.stderr[-2000:]
+    out = json.loads(web.stdout)
+    assert out["schema"]["properties"]["window"] == {
+        "type": "integer", "description": "A made-up window, in SNPs.", "default": 5,
+        "minimum": 1, "maximum": 10}
+    status, answer = out["11"]
+    assert status == 400, (answer, web.stderr[-3000:])
+    assert answer["field"] == "params.window"
+    assert answer["error"] == "must be at most 10"
+    status, answer = out["7"]
+    assert status == 202, answer
+    job = store.get_job(conn, answer["id"])
+    assert job.params["options"]["window"] == 7 and job.params["options"]["maf"] == 0.01
+    plain = sheepdog("run", "gemma-loco", "--help", env={**env, "PYTHONPATH": ""})
+    assert "--window" not in plain.stdout  # the parameter came from that one place
+
+
+def test_maf_is_declared_once_and_becomes_gemmas_flag_in_one_place():
+    """The request field in one declaration; GEMMA's `-maf` named where GEMMA's flags are
+    (what a scan passes on, and what it refuses in the free-form flags)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    field = re.compile(r"(?<![-\w])maf\b")
+    places = [str(p.relative_to(root)) for d in ("sheepdog", "web") for p in
+              sorted((root / d).rglob("*.py")) if field.search(p.read_text())]
+    assert places == ["sheepdog/gemma/scan/build.py"], places
+    gemma_flag = re.compile(r"[\"']-maf[\"']")
+    flagged = [str(p.relative_to(root)) for d in ("sheepdog", "web") for p in
+               sorted((root / d).rglob("*.py")) if gemma_flag.search(p.read_text())]
+    assert len(flagged) <= 2, flagged

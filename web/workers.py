@@ -22,6 +22,7 @@ from sheepdog.defaults import (
     PULL_SEGMENT,
 )
 from sheepdog.errors import FieldError
+from sheepdog.params import Param, Params
 
 from . import state, stream
 
@@ -59,18 +60,17 @@ def _name(body: dict[str, Any] | None = None) -> str:
     return pullwork.worker_name(g.identity.name, given)
 
 
-def _strings(body: dict[str, Any], field: str, default: list[str]) -> list[str]:
-    value = body.get(field, default)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise FieldError(field, "a list of strings")
-    return value
-
-
-def _number(body: dict[str, Any], field: str, default: float, low: float, high: float) -> float:
-    value = body.get(field, default)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise FieldError(field, "a number")
-    return max(low, min(high, float(value)))
+CLAIM_MOST = 256  # pieces one claim hands out, however many slots a worker has
+# the fields of the worker protocol's bodies, each declared once (see sheepdog.params)
+FIELDS = Params(
+    Param("queues", list, [], "The queues the worker serves (default: the service's)."),
+    Param("slots", int, 1, "Pieces the worker can take now (one claim takes at most "
+          f"{CLAIM_MOST}).", minimum=0),
+    Param("wait", float, PULL_CLAIM_WAIT, "Seconds to wait for a piece.", minimum=0,
+          maximum=PULL_CLAIM_WAIT),
+    Param("leases", list, [], "The leases the worker holds."),
+    Param("shas", list, [], "The blobs asked for."),
+)
 
 
 @bp.get("/hello")
@@ -87,9 +87,9 @@ def claim() -> Any:
     body = _json()
     name = _name(body)
     settings = state.settings()
-    queues = _strings(body, "queues", [settings.queue]) or [settings.queue]
-    slots = int(_number(body, "slots", 1, 1, 256))
-    wait = _number(body, "wait", PULL_CLAIM_WAIT, 0, PULL_CLAIM_WAIT)
+    given = FIELDS.fields(body)
+    queues = given["queues"] or [settings.queue]
+    slots, wait = min(max(1, given["slots"]), CLAIM_MOST), given["wait"]
     host = str(body.get("host") or request.remote_addr or "?")[:200]
     conn = state.conn()
     pullwork.announce(conn, settings, name, queues, slots, host)
@@ -123,9 +123,9 @@ def renew() -> Any:
     body = _json()
     name = _name(body)
     conn, settings = state.conn(), state.settings()
-    leases = _strings(body, "leases", [])
-    queues = _strings(body, "queues", [settings.queue])
-    pullwork.announce(conn, settings, name, queues, int(_number(body, "slots", 1, 1, 256)),
+    given = FIELDS.fields(body)
+    leases, queues = given["leases"], given["queues"] or [settings.queue]
+    pullwork.announce(conn, settings, name, queues, min(max(1, given["slots"]), CLAIM_MOST),
                       str(body.get("host") or "?")[:200])
     revoked = pullwork.renew(conn, settings, name, leases)
     pullwork.upkeep(conn, settings)
@@ -179,7 +179,7 @@ def _holder() -> str:
 @bp.post("/fetch")
 def fetch() -> Any:
     body = _json()
-    shas = _strings(body, "shas", [])
+    shas = FIELDS.fields(body)["shas"]
     return jsonify(blobs=pullwork.small_blobs(state.conn(), state.cache(), _name(body),
                                               str(body.get("lease", "")), shas))
 

@@ -7,12 +7,12 @@ import math
 import os
 import re
 import shutil
-import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..process import capture
 
 LMM_MODES = (1, 2, 3, 4, 9)
 COMPLETE = "total computation time"
@@ -62,7 +62,7 @@ def version(binary: str = "gemma", cache_dir: Path | None = None) -> str:
 
 @lru_cache(maxsize=4)
 def _probe(path: str) -> str:
-    out = subprocess.run([path], capture_output=True, text=True, timeout=30).stdout
+    out = capture([path], timeout=30)[1]
     found = re.search(r"GEMMA\s+(\S+(?:\s+\([0-9-]+\))?)", out)
     if not found:
         raise ConfigError(f"{path} did not print a GEMMA version line")
@@ -79,7 +79,7 @@ REFUSED_FLAGS = {
     "-ks": "sheepdog computes the kinship pieces",
     "-g": "give the genotypes as -g", "-p": "give the phenotypes as -p",
     "-a": "give the annotation as -a", "-c": "give the covariates as -c",
-    "-n": "give the phenotype column as -n", "-lmm": "use --lmm", "-maf": "use --maf",
+    "-n": "give the phenotype column as -n", "-lmm": "use --lmm",
     "-bfile": "PLINK input is not supported: use BIMBAM (or GN .geno / R/qtl2)",
     "-eigen": "the eigen decomposition is per LOCO kinship, inside each piece",
     "-d": "the eigen decomposition is per LOCO kinship, inside each piece",
@@ -89,25 +89,56 @@ REFUSED_FLAGS = {
 }
 
 
-def check_gemma_flags(flags: list[str]) -> list[str]:
-    """Extra GEMMA flags for the LMM pieces; ConfigError names one that would break the
-    split and says what to do instead."""
-    for word in flags:
+# The GEMMA flags a request may add to its LMM pieces, by allow list: none names a file
+# (a flag that did, like -snps FILE, would open a server path) or changes the analysis
+# into one sheepdog does not split. Each of these takes one number...
+NUMBER_FLAGS = frozenset({"-miss", "-hwe", "-r2", "-lmin", "-lmax", "-region", "-pnr",
+                          "-emi", "-nri", "-emp", "-nrp"})
+# ... and each of these none.
+SWITCH_FLAGS = frozenset({"-notsnp", "-crt", "-check", "-no-check", "-no-fpe-check",
+                          "-strict", "-silence", "-debug", "-legacy"})
+
+
+def _number(word: str) -> bool:
+    try:
+        return math.isfinite(float(word))
+    except ValueError:
+        return False
+
+
+def check_gemma_flags(flags: list[str], declared: dict[str, str] | None = None) -> list[str]:
+    """Extra GEMMA flags for the LMM pieces, by allow list; ConfigError names the first
+    that is not allowed and says what to do instead. `declared`: GEMMA flags the request
+    has as parameters -> how to give them (e.g. -maf -> use --maf)."""
+    i = 0
+    while i < len(flags):
+        word = flags[i]
         if not isinstance(word, str) or "\0" in word or "\n" in word:
             raise ConfigError(f"GEMMA flag {word!r} is not a plain word")
-        if word in REFUSED_FLAGS:
-            raise ConfigError(f"GEMMA flag {word} is not allowed here: {REFUSED_FLAGS[word]}")
+        if word in SWITCH_FLAGS:
+            i += 1
+            continue
+        if word in NUMBER_FLAGS:
+            value = flags[i + 1] if i + 1 < len(flags) else None
+            if not isinstance(value, str) or not _number(value):
+                raise ConfigError(f"GEMMA flag {word} takes a number, got {value!r}")
+            i += 2
+            continue
+        reason = (declared or {}).get(word) or REFUSED_FLAGS.get(word) or (
+            "not among the flags a scan may pass on to GEMMA: "
+            f"{' '.join(sorted(NUMBER_FLAGS))} (each with a number), "
+            f"{' '.join(sorted(SWITCH_FLAGS))}")
+        raise ConfigError(f"GEMMA flag {word[:80]} is not allowed here: {reason}")
     return list(flags)
 
 
-def lmm_argv(geno: Any, pheno: Any, anno: Any, kinship: Any, lmm: int, maf: float | None,
+def lmm_argv(geno: Any, pheno: Any, anno: Any, kinship: Any, lmm: int, declared: list[str],
              covariates: Any = None, column: int | None = None,
              extra: list[str] | None = None) -> list[Any]:
-    """The LMM of one chromosome's SNPs against its LOCO kinship."""
+    """The LMM of one chromosome's SNPs against its LOCO kinship; `declared`: the
+    request's parameters that are GEMMA flags (Params.gemma_flags)."""
     argv: list[Any] = ["gemma", "-g", geno, "-p", pheno, "-a", anno, "-k", kinship,
-                       "-lmm", str(lmm)]
-    if maf is not None:
-        argv += ["-maf", repr(maf)]
+                       "-lmm", str(lmm), *declared]
     if covariates is not None:
         argv += ["-c", covariates]
     if column is not None:

@@ -162,7 +162,6 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--prepared", required=True)
     for name in ("--seed", "--first", "--count", "--total", "--lmm"):
         batch.add_argument(name, type=int, required=True)
-    batch.add_argument("--maf", type=float)
     batch.add_argument("--min-rule", default="sheepdog")
     batch.add_argument("--gemma-flags", default="[]", help="JSON list of more GEMMA flags")
     sub.add_parser("perm-gather").add_argument("items", nargs="+")
@@ -172,7 +171,6 @@ def _parser() -> argparse.ArgumentParser:
     pc.add_argument("--prepared", required=True)
     pc.add_argument("--traits", required=True)
     pc.add_argument("--test", choices=sorted(pcsteps.P_COLUMNS), default="lrt")
-    pc.add_argument("--maf", type=float)
     pc.add_argument("--threshold", type=float, default=4.0)
     pc.add_argument("--covariates")
     pc.add_argument("--gemma-flags", default="[]", help="JSON list of more GEMMA flags")
@@ -215,7 +213,7 @@ def main(argv: list[str] | None = None, workdir: Path | None = None, emit: Emit 
             perm_prepare(args, here, emit)
         elif args.op == "perm-batch":
             permute.run_batch(Path(args.prepared), args.seed, args.first, args.count,
-                              args.total, args.lmm, args.maf, here, emit, stop,
+                              args.total, args.lmm, here, emit, stop,
                               args.min_rule, json.loads(args.gemma_flags))
         elif args.op == "pc-prepare":
             pcsteps.prepare(args.items, here, emit)

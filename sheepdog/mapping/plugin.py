@@ -18,11 +18,30 @@ from ..cache import Cache
 from ..config import Settings
 from ..errors import ConfigError, FieldError, InputError
 from ..models import Job, JobStatus, Task, TaskStatus
+from ..params import Param, Params
 from ..workflows.base import CliServices, InputResolver, Workflow
 from . import build, items, results, step
 from .build import MapRequest
 
 PAGE = 100  # items per GET /jobs/<id>/items page, at most
+# map's request fields, each declared once: its CLI options, its POST /jobs fields (top
+# level, beside `command` and `items`) and their parsing come from here
+MAP_PARAMS = Params(
+    Param("chunk", int, None, "Items per piece; each is still recorded on its own. Default: "
+          "one per piece up to 200 items, beyond that 200 pieces (at most 1,000 items each); "
+          "one per piece with --cache. --chunk 1 for long items.", minimum=1),
+    Param("cache", bool, False, "Reuse items already computed (content addressed)."),
+    Param("sample", int, None, "Run a reproducible sample of N items.", minimum=1),
+    Param("seed", int, 0, "Seed for --sample."),
+    Param("check", list, [], "Items whose output is JSON must agree on FIELD (repeatable)."),
+    Param("timeout", float, 0.0, "Kill an item after SECONDS (0: never).", minimum=0),
+    Param("straggler_after", float, 0.0, "Once the others are done, start a piece still "
+          "running after S seconds once more elsewhere; the first to finish wins.",
+          minimum=0),
+    Param("append", bool, True, "false: a command without placeholders runs as it is, not "
+          "with the item last (the CLI's -N0; the item's key is in $SHEEPDOG_ITEM_KEY).",
+          cli=False),
+)
 
 
 def _read_items(items_file: Path | None, key: str | None, range_spec: str | None,
@@ -74,29 +93,16 @@ def command_line(cli: CliServices) -> click.Command:
                   help="The whole numbers A to B (both included).")
     @click.option("--files", default=None, metavar="GLOB",
                   help="Files matching GLOB; each is staged by content wherever it runs.")
-    @click.option("--chunk", type=int, default=None,
-                  help="Items per piece; each is still recorded on its own. Default: one "
-                       "per piece up to 200 items, beyond that 200 pieces (at most 1,000 "
-                       "items each); one per piece with --cache. --chunk 1 for long items.")
     @click.option("--max-args", "-N", "max_args", type=click.IntRange(0, 1), default=1,
                   help="-N0: run the command as it is for each item, without adding the item "
                        "when it has no placeholder (GNU parallel's -N0); the item's key is in "
                        "$SHEEPDOG_ITEM_KEY.")
     @click.option("--jobs", "-j", "concurrency", type=click.IntRange(1), default=None,
                   help="Items at once on this machine, when no worker serves the queue.")
-    @click.option("--cache", is_flag=True, help="Reuse items already computed (content addressed).")
-    @click.option("--sample", type=int, default=None, help="Run a reproducible sample of N items.")
-    @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --sample.")
     @click.option("--max-failures", default="", metavar="N|P%",
                   help="Stop early once more than N items (or P% of them) failed.")
     @click.option("--retry-failed", "retry_of", default=None, metavar="JOB",
                   help="Run again only the items of JOB that did not succeed.")
-    @click.option("--check", "checks", multiple=True, metavar="FIELD",
-                  help="Items whose output is JSON must agree on FIELD (repeatable).")
-    @click.option("--timeout", type=float, default=0.0, help="Kill an item after SECONDS.")
-    @click.option("--straggler-after", type=click.FloatRange(min=0), default=0.0, metavar="S",
-                  help="Once the others are done, start a piece still running after S seconds "
-                       "once more elsewhere; the first to finish wins.")
     @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
                   help="Write DIR/items.jsonl (input order) and each item's files.")
     @click.option("--backend", default="local", show_default=True, help="Where the items run.")
@@ -104,6 +110,7 @@ def command_line(cli: CliServices) -> click.Command:
     @click.option("--queue", default=None, help="Queue name (default: from settings).")
     @click.option("--detach", is_flag=True, help="Print the job id and return at once.")
     @click.option("--json", "as_json", is_flag=True, help="Print the final job as JSON.")
+    @MAP_PARAMS.options
     @click.argument("template", nargs=-1, type=click.UNPROCESSED)
     def map_command(**kw: Any) -> None:
         """Run a command once per item, like GNU parallel, durably and anywhere.
@@ -117,6 +124,7 @@ def command_line(cli: CliServices) -> click.Command:
 
 
 def run_map(cli: CliServices, kw: dict[str, Any]) -> int:
+    MAP_PARAMS.check(kw)
     settings = cli.settings()
     db = cli.conn(settings)
     template = [a for a in kw["template"] if a != "--"] if kw["template"][:1] == ("--",) \
@@ -131,7 +139,7 @@ def run_map(cli: CliServices, kw: dict[str, Any]) -> int:
             found = items.sample(found, kw["sample"], kw["seed"])
         request = MapRequest(template=template, items=found, files=kw["files"] is not None,
                              columns=columns, chunk=kw["chunk"], cache=kw["cache"],
-                             timeout=kw["timeout"], checks=list(kw["checks"]),
+                             timeout=kw["timeout"], checks=list(kw["check"]),
                              straggler_after=kw["straggler_after"],
                              max_failures=kw["max_failures"], cwd=build.spec_cwd(None),
                              append=kw["max_args"] == 1, source=source, **common)
@@ -183,19 +191,6 @@ def _under_roots(paths: list[str], roots: tuple[str, ...]) -> None:
             raise FieldError("items", f"{path[:200]!r} is not under SHEEPDOG_INPUT_ROOTS")
 
 
-def _number(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    ok = isinstance(value, kind) and not isinstance(value, bool) if kind is not bool \
-        else isinstance(value, bool)
-    if kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok:
-        raise FieldError(name, f"must be {'true/false' if kind is bool else 'a number'}")
-    return value
-
-
 def _uploaded_items(body: dict[str, Any], inputs: InputResolver,
                     key: str | None) -> tuple[list[items.Item], list[str] | None]:
     """Items from a file: an upload (multipart field `items`), a bundle member or a path
@@ -225,22 +220,17 @@ def request_from_body(body: dict[str, Any], settings: Settings,
         found, columns = _uploaded_items(body, inputs, key)
     else:
         found, columns = _inline_items(body.get("items"), key)
-    sample = _number(body, "sample", int, None)
-    if sample is not None:
-        found = items.sample(found, sample, _number(body, "seed", int, 0))
-    checks = body.get("check", [])
-    if not isinstance(checks, list) or not all(isinstance(c, str) for c in checks):
-        raise FieldError("check", "must be a list of field names")
+    given = MAP_PARAMS.fields(body)
+    if given["sample"] is not None:
+        found = items.sample(found, given["sample"], given["seed"])
     max_failures = body.get("max_failures", "")
     if not isinstance(max_failures, str | int) or isinstance(max_failures, bool):
         raise FieldError("max_failures", "must be a count or a share like \"5%\"")
     return MapRequest(template=list(command), items=found, columns=columns,
-                      chunk=_number(body, "chunk", int, None), cache=_number(body, "cache", bool,
-                                                                          False),
-                      timeout=float(_number(body, "timeout", float, 0.0)), checks=checks,
-                      straggler_after=float(_number(body, "straggler_after", float, 0.0)),
+                      chunk=given["chunk"], cache=given["cache"], timeout=given["timeout"],
+                      checks=given["check"], straggler_after=given["straggler_after"],
                       max_failures=str(max_failures) if max_failures != "" else "",
-                      append=bool(_number(body, "append", bool, True)),
+                      append=given["append"],
                       cwd=str(settings.home), source="POST /jobs",
                       backend=body.get("backend") or "local", host=body.get("host") or "",
                       queue=body.get("queue") or "")
@@ -271,18 +261,8 @@ class MapWorkflow(Workflow):
                        "properties": {"items": {"type": "string"}}},
             "key": {"type": "string", "description": "the field (or CSV column) that names "
                     "each item (default: its number; a line file's lines are their keys)"},
-            "chunk": {"type": "integer", "minimum": 1, "description": "items per piece "
-                      "(default: one per piece up to 200 items, beyond that 200 pieces of "
-                      "at most 1,000 items; one per piece with cache)"},
-            "cache": {"type": "boolean"},
-            "append": {"type": "boolean", "description": "false: a command without "
-                       "placeholders runs as it is, not with the item last (the CLI's -N0; "
-                       "the item's key is in $SHEEPDOG_ITEM_KEY)"},
-            "sample": {"type": "integer", "minimum": 1}, "seed": {"type": "integer"},
             "max_failures": {"type": ["string", "integer"]},
-            "check": {"type": "array", "items": {"type": "string"}},
-            "timeout": {"type": "number", "minimum": 0},
-            "straggler_after": {"type": "number", "minimum": 0}}}
+            **MAP_PARAMS.schema()["properties"]}}
 
     def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
                      cache: Cache) -> tuple[Job, list[Task]]:

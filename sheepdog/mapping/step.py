@@ -19,12 +19,9 @@ here: this code runs on hosts whose Python has nothing else.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
-import select
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -35,7 +32,7 @@ from typing import Any
 
 from ..defaults import WATCH_POLL
 from ..errors import SheepdogError
-from ..process import LineSplitter, Process
+from ..process import Process, run_light
 
 IN_PROCESS = frozenset({"run", "gather"})
 OUTPUT_MAX = 1 << 20  # bytes of an item's stdout kept in its record
@@ -107,130 +104,6 @@ def run_item(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
             return "timeout", None
         proc.wait(WATCH_POLL if deadline is None
                   else max(0.001, min(WATCH_POLL, deadline - time.monotonic())))
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below pid (from /proc), deepest last."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _kill_tree(pid: int) -> int:
-    """Kill an item and everything it started; its exit status."""
-    for target in [pid, *_descendants(pid)]:
-        try:
-            os.kill(target, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return os.waitpid(pid, 0)[1]
-
-
-# SIGPIPE is ignored in Python: an item gets the defaults, as Popen's restore_signals does
-_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
-
-
-@functools.lru_cache(maxsize=64)
-def _program(program: str, cwd: str, path: str) -> str:
-    """Where an item's program is ('' if nowhere); one PATH search per chunk, not per
-    item (fourteen stat calls each, measured): items share their working directory."""
-    found = (os.path.join(cwd, program) if "/" in program else shutil.which(program, path=path))
-    if not found or not os.access(found, os.X_OK) or os.path.isdir(found):
-        return ""
-    return found
-
-
-@functools.cache
-def _devnull() -> int:
-    """One /dev/null for every item's stdin (close-on-exec here; dup2 gives it to each)."""
-    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-
-def _spawn(argv: list[str], cwd: str, env: dict[str, str]) -> tuple[int, int, int]:
-    """Start an item by posix_spawn (vfork + exec: a tenth of Popen's cost here) in this
-    process's group, in the current directory (`run_chunk` moved there: only `run-many`,
-    a single-threaded process of its own, changes directory); (pid, stdout fd, stderr
-    fd). Python's pipes are close-on-exec, so the item keeps only the ends given to it."""
-    found = _program(argv[0], cwd, env.get("PATH", os.defpath))
-    if not found:
-        raise FileNotFoundError(2, "No such file or directory", argv[0])
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    try:
-        pid = os.posix_spawn(found, argv, env, setsigdef=_DEFAULT_SIGNALS, file_actions=[
-            (os.POSIX_SPAWN_DUP2, _devnull(), 0),
-            (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)])
-    except OSError:
-        for fd in (out_r, err_r):
-            os.close(fd)
-        raise
-    finally:
-        os.close(out_w)
-        os.close(err_w)
-    return pid, out_r, err_r
-
-
-def run_light(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
-              output: ItemOutput, stop: threading.Event) -> tuple[str, int | None]:
-    """run_item for `run-many`: the item stays in this step's process group (which dies
-    with the worker) and is read by one poll loop; a timeout kills its tree. Most items
-    of a big chunk print nothing: line splitting starts with the first byte."""
-    try:
-        pid, out_fd, err_fd = _spawn(argv, cwd, env)
-    except OSError as e:
-        output("stderr", [f"cannot start {argv[0]!r}: {e.strerror or e}"])
-        return "failed", 127
-    streams = {out_fd: "stdout", err_fd: "stderr"}
-    splitters: dict[str, LineSplitter] = {}
-    deadline = time.monotonic() + timeout if timeout > 0 else None
-    poller = select.poll()
-    poller.register(out_fd, select.POLLIN)
-    poller.register(err_fd, select.POLLIN)
-    status: int | None = None
-    try:
-        while streams:
-            wait = WATCH_POLL if deadline is None else max(
-                0.0, min(WATCH_POLL, deadline - time.monotonic()))
-            for fd, _ in poller.poll(wait * 1000):
-                chunk = os.read(fd, 65536)
-                name = streams[fd]
-                if not chunk:
-                    poller.unregister(fd)
-                    del streams[fd]
-                    if name in splitters:
-                        output(name, splitters[name].flush())
-                    continue
-                output.raw(name, chunk)
-                splitter = splitters.get(name) or splitters.setdefault(name, LineSplitter())
-                output(name, splitter.feed(chunk))
-            if stop.is_set():
-                _kill_tree(pid)
-                return "cancelled", None
-            if deadline is not None and time.monotonic() > deadline:
-                _kill_tree(pid)
-                output("stderr", [f"timed out after {timeout:g}s"])
-                return "timeout", None
-        status = os.waitpid(pid, 0)[1]
-    finally:
-        os.close(out_fd)
-        os.close(err_fd)
-    code = os.waitstatus_to_exitcode(status)
-    code = code if code >= 0 else 128 - code
-    return ("success" if code == 0 else "failed"), code
 
 
 def _files(directory: str) -> list[str]:

@@ -65,7 +65,6 @@ class PrecomputeRequest:
     traits: list[str] = field(default_factory=list)  # only these (default: every trait)
     sample: int | None = None
     seed: int = 0
-    maf: float | None = 0.01
     test: str = "lrt"
     threshold: float = 4.0
     min_values: int = MIN_VALUES
@@ -77,15 +76,31 @@ class PrecomputeRequest:
     backend: str = "local"
     host: str = ""
     queue: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # declared, not fields (-maf ...)
+
+    @classmethod
+    def of(cls, values: dict[str, Any], **given: Any) -> PrecomputeRequest:
+        """From declared values: those a field names, and the rest in `options`."""
+        fields = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in values.items() if k in fields}, **given,
+                   options={k: v for k, v in values.items() if k not in fields})
+
+    def declared(self) -> dict[str, Any]:
+        return {p.name: getattr(self, p.name, self.options.get(p.name, p.default))
+                for p in PRECOMPUTE_PARAMS}
+
+    def gemma_options(self) -> list[str]:
+        return PRECOMPUTE_PARAMS.gemma_flags(self.declared())
 
     def check(self) -> None:
-        PRECOMPUTE_PARAMS.check(vars(self))
+        PRECOMPUTE_PARAMS.check(self.declared())
         if not self.out_dir:
             raise ConfigError("--out DIR is needed: the dataset's store is written there")
         if not pcstore.valid_name(self.dataset_name()):
             raise ConfigError(f"dataset name {self.dataset_name()!r}: use letters, digits, "
                               "'.', '_' and '-' (--name)")
-        self.gemma_flags = check_gemma_flags(self.gemma_flags)
+        self.gemma_flags = check_gemma_flags(self.gemma_flags,
+                                             PRECOMPUTE_PARAMS.gemma_advice())
         check_backend(self.backend, self.host)
 
     def dataset_name(self) -> str:
@@ -152,7 +167,9 @@ def build_job(request: PrecomputeRequest, settings: Settings, cache: Cache,
                     hashes, {}, [], order)
     gemma_version = version(cache_dir=cache.root / "versions")
     env = f"gemma {gemma_version}; sheepdog {__version__}; guix none"
-    options = {"maf": request.maf, "test": request.test, "threshold": request.threshold,
+    declared = request.declared()
+    options = {**{p.name: declared[p.name] for p in PRECOMPUTE_PARAMS if p.gemma},
+               "test": request.test, "threshold": request.threshold,
                "gemma_flags": request.gemma_flags, "lmm": 9}
     basis = json.dumps({"chromosomes": {c: known["chromosomes"][c]["geno"] for c in order},
                         "covariates": covariates[1] if covariates else None,
@@ -229,13 +246,10 @@ def _tasks(prep: Prepared, todo: list[dict[str, Any]], request: PrecomputeReques
                             "--prepared", {"dep": prepare.id, "file": "."},
                             "--traits", {"input": "traits"}, "--test", request.test,
                             "--threshold", repr(request.threshold)]
-        if request.maf is not None:
-            bargv += ["--maf", repr(request.maf)]
         if covariates:
             batch_inputs["covariates"] = covariates
             bargv += ["--covariates", {"input": "covariates"}]
-        if request.gemma_flags:
-            bargv += ["--gemma-flags", json.dumps(request.gemma_flags)]
+        bargv += ["--gemma-flags", json.dumps(request.gemma_options() + request.gemma_flags)]
         bargv += ["--", *chrom_args]
         batches.append(gemma_task(
             f"traits batch {number} ({len(members)} traits: {members[0]['id']}...)", bargv,

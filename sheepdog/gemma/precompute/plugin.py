@@ -94,9 +94,9 @@ def _request(kw: dict[str, Any]) -> PrecomputeRequest:
     if kw["geno"] is None:
         raise click.UsageError("missing -g GENOTYPES (or --control FILE)")
     wanted = [t.strip() for t in kw.pop("trait_list").split(",") if t.strip()]
-    return PrecomputeRequest(traits=wanted, host=kw.pop("host") or "",
-                             queue=kw.pop("queue") or "",
-                             gemma_flags=list(kw.pop("gemma_flags")), **kw)
+    host, queue, flags = kw.pop("host") or "", kw.pop("queue") or "", kw.pop("gemma_flags")
+    return PrecomputeRequest.of(kw, traits=wanted, host=host, queue=queue,
+                                gemma_flags=list(flags))
 
 
 def run_cli(cli: CliServices, kw: dict[str, Any]) -> int:
@@ -250,9 +250,9 @@ class PrecomputeWorkflow(Workflow):
             raise FieldError("name", "must be a dataset name: letters, digits, '.', '_', '-'")
         params = PRECOMPUTE_PARAMS.parse(body.get("params"))  # before any file is opened
         paths = inputs(body.get("inputs", {}), ROLES, ("geno",))
-        request = PrecomputeRequest(
-            geno=paths["geno"], pheno=paths.get("pheno"), anno=paths.get("anno"),
-            covariates=paths.get("covariates"), **params,
+        request = PrecomputeRequest.of(
+            params, geno=paths["geno"], pheno=paths.get("pheno"), anno=paths.get("anno"),
+            covariates=paths.get("covariates"),
             name=name, out_dir=str(settings.home / "precompute" / name),
             backend=body.get("backend") or "local", host=body.get("host") or "",
             queue=body.get("queue") or "")

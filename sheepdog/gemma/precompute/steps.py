@@ -20,7 +20,6 @@ import json
 import math
 import os
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import SheepdogError
+from ...process import capture
 from ..commands import SHORT_RUN_ENV, lmm_argv, minus_log10, p_value, parse_log
 from ..formats.bimbam import geno_fields, lines
 from ..scan import kinship
@@ -121,7 +121,6 @@ def _cut_rows(path: Path | None, measured: np.ndarray, out: Path) -> Path | None
 @dataclass
 class Options:
     test: str
-    maf: float | None
     threshold: float
     covariates: Path | None
     extra: list[str]
@@ -145,10 +144,11 @@ def _read_assoc(path: Path, column: str) -> dict[str, tuple[float, ...]]:
     return out
 
 
-def _gemma(argv: list[str], work: Path) -> tuple[int, str]:
-    done = subprocess.run(argv, cwd=work, env=_ENV, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, errors="replace")
-    return done.returncode, done.stdout
+def _gemma(argv: list[str], work: Path, stop: threading.Event | None) -> tuple[int, str]:
+    code, out, _ = capture(argv, work, _ENV, together=True, stop=stop)
+    if code == -1:
+        raise SheepdogError("cancelled")
+    return code, out
 
 
 _ENV = dict(os.environ, **SHORT_RUN_ENV)
@@ -171,10 +171,10 @@ def scan_trait(values: list[str], chromosomes: list[Cut], total: int, options: O
     for chrom, geno, anno, cut_kinship, pattern, names in chromosomes:
         if stop is not None and stop.is_set():
             raise SheepdogError("cancelled")
-        argv = lmm_argv(str(geno), str(pheno), str(anno), str(cut_kinship), 9, options.maf,
+        argv = lmm_argv(str(geno), str(pheno), str(anno), str(cut_kinship), 9, [],
                         str(covariates) if covariates else None, extra=options.extra)
         argv[argv.index("-o") + 1] = "t"
-        code, out = _gemma(argv, work)
+        code, out = _gemma(argv, work, stop)
         if code != 0:
             problem = next((ln for ln in out.splitlines() if "ERROR" in ln), out[-300:])
             raise SheepdogError(f"GEMMA failed on chromosome {chrom.name}: {problem.strip()}")
@@ -228,7 +228,7 @@ def batch(args: Any, here: Path, emit: Emit, stop: threading.Event | None) -> No
     items = args.items
     chroms = [Chromosome(items[i], Path(items[i + 1]), Path(items[i + 2]), Path(items[i + 3]),
                          prepared / f"kin.{items[i]}.txt") for i in range(0, len(items), 4)]
-    options = Options(args.test, args.maf, args.threshold,
+    options = Options(args.test, args.threshold,
                       Path(args.covariates) if args.covariates else None,
                       json.loads(args.gemma_flags))
     vectors = np.zeros((len(spec["keys"]), len(snps)), dtype=VECTOR)

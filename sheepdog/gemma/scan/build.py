@@ -39,7 +39,7 @@ OPS = ["-m", "sheepdog.gemma.ops"]
 # The scans' request parameters, each declared once: the CLI options, the POST /jobs
 # schema and parsing, the checks and the job's record come from here.
 MAF = Param("maf", float, 0.01, "GEMMA -maf (GEMMA's own default, as GN passes it).",
-            minimum=0, below=0.5)
+            minimum=0, below=0.5, gemma="-maf")
 SCAN_PARAMS = Params(
     Param("column", int, None, "Phenotype column (1-based).", minimum=1, flags=("-n",)),
     Param("lmm", int, 9, "GEMMA -lmm mode.", choices=LMM_MODES),
@@ -67,7 +67,6 @@ class GemmaRequest:
     covariates: Path | None = None
     column: int | None = None
     lmm: int = 9
-    maf: float | None = 0.01  # GEMMA's own default, as GN passes it
     permutations: int = 0
     seed: int | None = None
     batch_size: int = 25
@@ -85,9 +84,15 @@ class GemmaRequest:
     options: dict[str, Any] = field(default_factory=dict)
 
     def declared(self) -> dict[str, Any]:
-        return {**{p.name: getattr(self, p.name, None) for p in SCAN_PARAMS},
-                **{p.name: getattr(self, p.name, None) for p in PERMUTATION_PARAMS},
-                **self.options}
+        """Every declared parameter's value: a field's, else as asked, else its default."""
+        return {**{p.name: getattr(self, p.name, self.options.get(p.name, p.default))
+                   for p in (*SCAN_PARAMS, *PERMUTATION_PARAMS)},
+                **{k: v for k, v in self.options.items() if not hasattr(self, k)}}
+
+    def gemma_options(self) -> list[str]:
+        """The declared parameters that are GEMMA's own flags (-maf ...), as GEMMA takes
+        them."""
+        return SCAN_PARAMS.gemma_flags(self.declared())
 
     def record(self) -> dict[str, Any]:
         """The job's record of its options: the declared ones as declared, and any other
@@ -105,7 +110,7 @@ class GemmaRequest:
             raise ConfigError(f"--permutations must be at least 1, got {self.permutations}")
         if self.permutations and not self.loco:
             raise ConfigError("permutations run LOCO scans: use gemma-permute")
-        self.gemma_flags = check_gemma_flags(self.gemma_flags)
+        self.gemma_flags = check_gemma_flags(self.gemma_flags, SCAN_PARAMS.gemma_advice())
         check_backend(self.backend, self.host)
 
 
@@ -307,7 +312,7 @@ def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
         if "covariates" in prep.blobs:
             inputs["covariates"] = prep.blobs["covariates"]
         gemma = lmm_argv({"input": "geno"}, {"input": "pheno"}, {"input": "anno"}, "@loco",
-                         request.lmm, request.maf,
+                         request.lmm, request.gemma_options(),
                          {"input": "covariates"} if "covariates" in inputs else None,
                          prep.gemma_column, request.gemma_flags)
         argv = [{"python": True}, *OPS, "loco-lmm", "--chromosome", chrom,
@@ -352,12 +357,9 @@ def permutation_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
                             "--prepared", {"dep": prepare_task.id, "file": "."},
                             "--seed", str(seed), "--first", str(first), "--count", str(count),
                             "--total", str(total), "--lmm", str(request.lmm)]
-        if request.maf is not None:
-            bargv += ["--maf", repr(request.maf)]
         if request.min_rule != "sheepdog":  # only then: default pieces keep their ids
             bargv += ["--min-rule", request.min_rule]
-        if request.gemma_flags:
-            bargv += ["--gemma-flags", json.dumps(request.gemma_flags)]
+        bargv += ["--gemma-flags", json.dumps(request.gemma_options() + request.gemma_flags)]
         batches.append(gemma_task(f"permutations {first + 1}-{first + count}", bargv, {},
                                    [prepare_task.id], ["batch.json"], env, request, settings))
     gather_argv: list[Any] = [{"python": True}, *OPS, "perm-gather"]

@@ -44,10 +44,10 @@ def _centred_block(block: np.ndarray) -> np.ndarray:
     present = n - n_miss
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(missing, 0.0, block).sum(axis=1) / present
-        maf = mean / 2.0
+        freq = mean / 2.0
         lo = np.where(missing, np.inf, block).min(axis=1)
         hi = np.where(missing, -np.inf, block).max(axis=1)
-    keep = ((n_miss / n) <= MISS_LEVEL) & (maf >= MAF_LEVEL) & (maf <= 1.0 - MAF_LEVEL) \
+    keep = ((n_miss / n) <= MISS_LEVEL) & (freq >= MAF_LEVEL) & (freq <= 1.0 - MAF_LEVEL) \
         & (present > 0) & (lo != hi)
     x = block[keep]
     return np.where(np.isnan(x), mean[keep, None], x) - mean[keep, None]

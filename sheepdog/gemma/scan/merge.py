@@ -25,17 +25,33 @@ class Piece:
     facts: dict[str, str] = field(default_factory=dict)
 
 
+# flags naming a piece's own files: whether -c was given must match, not its path
+PIECE_FILES = frozenset({"-g", "-p", "-a", "-k", "-c", "-o", "-outdir"})
+
+
 def _options(log_text: str) -> list[str]:
-    """The GEMMA options of a run that must match across pieces (-lmm, -maf, -n, -c)."""
+    """The GEMMA options of a run that must match across pieces: every flag with its
+    value, but only the presence of the per-piece files."""
     line = next((ln for ln in log_text.splitlines() if "Command Line Input" in ln), "")
-    words = line.split("=", 1)[-1].split()
+    words = line.split("=", 1)[-1].split()[1:]  # past `gemma`
     keep = []
     for i, w in enumerate(words):
-        if w in ("-lmm", "-maf", "-n", "-miss"):
-            keep += [w, words[i + 1] if i + 1 < len(words) else ""]
-        elif w == "-c":
-            keep.append("-c")
+        if not w.startswith("-") or _value(w):
+            continue
+        keep.append(w)
+        nxt = words[i + 1] if i + 1 < len(words) else ""
+        if w not in PIECE_FILES and nxt and (not nxt.startswith("-") or _value(nxt)):
+            keep.append(nxt)
     return keep
+
+
+def _value(word: str) -> bool:
+    """A negative number, not a flag."""
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 def check_agreement(pieces: list[Piece]) -> dict[str, str]:

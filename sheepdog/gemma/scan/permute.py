@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import SheepdogError
+from ...process import capture
 from ..commands import PERMUTATION_ENV, lmm_argv
 from ..formats.bimbam import MISSING, geno_fields, lines
 from .loco import write_matrix
@@ -104,9 +104,9 @@ def prepare(pheno: list[str], covariates: list[list[str]] | None,
 MIN_RULES = ("sheepdog", "gemma-wrapper")
 
 
-def run_permutation(prepared: Path, values: list[str], lmm: int, maf: float | None,
-                    work: Path, min_rule: str = "sheepdog",
-                    extra: list[str] | None = None) -> dict[str, Any]:
+def run_permutation(prepared: Path, values: list[str], lmm: int, work: Path,
+                    min_rule: str = "sheepdog", extra: list[str] | None = None,
+                    stop: threading.Event | None = None) -> dict[str, Any]:
     """GEMMA on every chromosome for one permuted phenotype; its genome-wide minimum."""
     meta = json.loads((prepared / "meta.json").read_text())
     pheno = work / "pheno.txt"
@@ -117,12 +117,13 @@ def run_permutation(prepared: Path, values: list[str], lmm: int, maf: float | No
     for chrom in meta["chromosomes"]:
         argv = lmm_argv(str(prepared / f"geno.{chrom}.txt"), str(pheno),
                         str(prepared / f"anno.{chrom}.txt"), str(prepared / f"kin.{chrom}.txt"),
-                        lmm, maf, covariates=str(cov) if cov else None, extra=extra)
-        done = subprocess.run(argv, cwd=work, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, errors="replace")
-        if done.returncode != 0:
-            raise SheepdogError(f"GEMMA failed on chromosome {chrom} (exit "
-                                f"{done.returncode}): {done.stderr.strip()[-500:]}")
+                        lmm, [], covariates=str(cov) if cov else None, extra=extra)
+        code, _, err = capture(argv, work, env, stop=stop)
+        if code == -1:
+            raise SheepdogError("cancelled")
+        if code != 0:
+            raise SheepdogError(f"GEMMA failed on chromosome {chrom} (exit {code}): "
+                                f"{err.strip()[-500:]}")
         found = read_min_p(work / "output" / "lmm.assoc.txt", min_rule)
         if found[0] < best[0]:
             best = found
@@ -130,7 +131,7 @@ def run_permutation(prepared: Path, values: list[str], lmm: int, maf: float | No
 
 
 def run_batch(prepared: Path, seed: int, first: int, count: int, total: int, lmm: int,
-              maf: float | None, out: Path, emit: Callable[[str], None] = print,
+              out: Path, emit: Callable[[str], None] = print,
               stop: threading.Event | None = None, min_rule: str = "sheepdog",
               extra: list[str] | None = None) -> None:
     """Permutations first..first+count-1; says progress i/N; writes batch.json."""
@@ -140,8 +141,8 @@ def run_batch(prepared: Path, seed: int, first: int, count: int, total: int, lmm
         for index in range(first, first + count):
             if stop is not None and stop.is_set():
                 raise SheepdogError("cancelled")
-            found = run_permutation(prepared, permuted(values, seed, index), lmm, maf,
-                                    Path(tmp), min_rule, extra)
+            found = run_permutation(prepared, permuted(values, seed, index), lmm,
+                                    Path(tmp), min_rule, extra, stop)
             found["index"] = index
             results.append(found)
             emit(f"permutation {index + 1}/{total}: min p {found['min_p']:.4g} "

@@ -16,6 +16,7 @@ from ...cache import Cache
 from ...config import Settings
 from ...errors import ConfigError, FieldError, InputError
 from ...models import Job, JobStatus, Task
+from ...params import Params
 from ...workflows.base import CliServices, InputResolver, Workflow
 from ..formats import convert as formats
 from . import result
@@ -54,7 +55,7 @@ def gemma_inputs(fn: Any) -> Any:
     return fn
 
 
-def _request(kw: dict[str, Any]) -> GemmaRequest:
+def _request(kw: dict[str, Any], params: Params) -> GemmaRequest:
     if kw.pop("example"):
         kw["geno"] = kw["geno"] or EXAMPLE / "BXD_geno.txt.gz"
         kw["pheno"] = kw["pheno"] or EXAMPLE / "BXD_pheno.txt"
@@ -70,17 +71,16 @@ def _request(kw: dict[str, Any]) -> GemmaRequest:
     kw["queue"] = kw.get("queue") or ""
     kw["gemma_flags"] = list(kw.get("gemma_flags") or [])
     fields = set(GemmaRequest.__dataclass_fields__)
-    declared = {p.name for p in (*SCAN_PARAMS, *PERMUTATION_PARAMS)}
     return GemmaRequest(**{k: v for k, v in kw.items() if k in fields},
-                        options={k: v for k, v in kw.items() if k in declared})
+                        options={k: v for k, v in kw.items() if k in params.by_name})
 
 
-def run_cli(cli: CliServices, kw: dict[str, Any]) -> int:
+def run_cli(cli: CliServices, kw: dict[str, Any], params: Params) -> int:
     """`sheepdog run gemma-*`: validate, submit, wait, export; returns the exit code."""
     detach, as_json = kw.pop("detach"), kw.pop("as_json")
     race, complete_all = kw.pop("race"), kw.pop("complete_all")
     settings = cli.settings()
-    request = _request(kw)
+    request = _request(kw, params)
     cache = Cache(settings.cache_dir)
     if race:
         out_dir = request.out_dir
@@ -129,15 +129,14 @@ class GemmaWorkflow(Workflow):
 
     def command(self, cli: CliServices) -> click.Command:
         def run(**kw: Any) -> None:
+            try:  # every declared bound, before any file is read
+                self.params.check(kw)
+            except ConfigError as e:
+                raise click.UsageError(str(e)) from e
             kw["loco"] = self.loco
             if not self.permutations:
                 kw["permutations"] = 0
-            else:
-                try:  # here too: 0 permutations would quietly be a plain scan
-                    PERMUTATION_PARAMS.check(kw)
-                except ConfigError as e:
-                    raise click.UsageError(str(e)) from e
-            sys.exit(run_cli(cli, kw))
+            sys.exit(run_cli(cli, kw, self.params))
 
         run.__doc__ = self.summary
         command = cli.backend_options(gemma_inputs(self.params.options(run)))

@@ -37,7 +37,7 @@ from ...models import Job, JobStatus
 from ...runner import follow_job
 from ..commands import check_gemma_flags, version
 from . import result
-from .build import GemmaRequest, build_job, new_job_id, prepare, scan_tasks
+from .build import SCAN_PARAMS, GemmaRequest, build_job, new_job_id, prepare, scan_tasks
 
 # gemma-wrapper flags that would make a different run here, and why
 UNSUPPORTED = {
@@ -46,7 +46,7 @@ UNSUPPORTED = {
 }
 # in the kinship call only GEMMA flags that do not change -gk's result may come along
 KINSHIP_HARMLESS = {"-debug", "-no-check", "-silence", "-gk"}
-VALUED = {"-g", "-p", "-a", "-c", "-n", "-lmm", "-maf"}
+VALUED = {"-g", "-p", "-a", "-c", "-n", "-lmm", *(p.gemma for p in SCAN_PARAMS if p.gemma)}
 
 
 class WrapperError(SheepdogError):
@@ -138,7 +138,7 @@ def _request(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings,
             covariates=Path(values["-c"]) if "-c" in values else None,
             column=int(values["-n"]) if "-n" in values else None,
             lmm=int(values.get("-lmm", 9)),
-            maf=float(values["-maf"]) if "-maf" in values else 0.01,
+            options=SCAN_PARAMS.from_gemma(values),
             permutations=options.permutate, force=options.force,
             backend=settings.backend, host=settings.host,
             gemma_flags=check_gemma_flags(gemma.extra))
@@ -353,8 +353,7 @@ def _gemma_command(request: GemmaRequest, described: dict[str, Any]) -> str:
     words = ["gemma", "-g", str(request.geno), "-p", str(request.pheno), "-a",
              str(request.anno), "-k", "loco.txt" if request.loco else "kinship.cXX.txt",
              "-lmm", str(request.lmm)]
-    if request.maf is not None:
-        words += ["-maf", repr(request.maf)]
+    words += request.gemma_options()
     if request.covariates:
         words += ["-c", str(request.covariates)]
     if request.column:
