@@ -93,6 +93,15 @@ class Future(futures.Future):
         return cancelled
 
 
+def _checked(batch_size: int | str, setup: str | Callable[[], Any] | None) -> str | None:
+    """The Executor's arguments checked; `setup` as MODULE:FUNCTION."""
+    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError("batch_size must be 'auto' or a whole number >= 1")
+    if setup is not None and not isinstance(setup, str):
+        return function_path(setup)
+    return setup
+
+
 class Executor(futures.Executor):
     """Runs calls on sheepdog workers (see the module docstring)."""
 
@@ -106,10 +115,7 @@ class Executor(futures.Executor):
         `batch_size`: calls per piece, "auto" to size pieces from measured call times;
         `setup`: MODULE:FUNCTION (or the function) run once per worker process, whose
         value reaches every call as `context=`."""
-        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
-            raise ValueError("batch_size must be 'auto' or a whole number >= 1")
-        if setup is not None and not isinstance(setup, str):
-            setup = function_path(setup)
+        setup = _checked(batch_size, setup)
         self._settings = settings or load()
         self._conn: redis.Redis = connect(self._settings)
         self._cache = Cache(self._settings.cache_dir)
@@ -135,9 +141,7 @@ class Executor(futures.Executor):
             "SHEEPDOG_HOME": str(self._settings.home),
             "SHEEPDOG_HEARTBEAT_TIMEOUT": str(self._settings.heartbeat_timeout),
             "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)})
-        wanted = start_workers if start_workers is not None else unserved(
-            self._conn, self._queue)
-        if wanted:
+        if unserved(self._conn, self._queue) if start_workers is None else start_workers:
             self._start_workers(max_workers or os.cpu_count() or 1)
         self._threads = [threading.Thread(target=self._flusher, name="executor-flush",
                                           daemon=True),
@@ -332,16 +336,21 @@ class Executor(futures.Executor):
         for tid, (status, error) in zip(ids, pipe.execute(), strict=True):
             state = status.decode() if status else ""
             if state == TaskStatus.RUNNING:
-                for f in self._pending.get(tid, []):
-                    if not f.running() and not f.done():
-                        f.set_running_or_notify_cancel()
+                self._started(tid)
             elif state == TaskStatus.SUCCESS:
                 self._deliver(tid)
             elif state in (TaskStatus.ERROR, TaskStatus.CANCELLED):
-                why = error.decode() if error else state
-                if state == TaskStatus.CANCELLED:  # with its job: say why the job ended
-                    why = store.get_job(self._conn, self.job.id).error or why
-                self._settle(self._take(tid), error=TaskFailed(f"the piece failed: {why}"))
+                self._failed(tid, state, error.decode() if error else state)
+
+    def _started(self, task_id: str) -> None:
+        for f in self._pending.get(task_id, []):
+            if not f.running() and not f.done():
+                f.set_running_or_notify_cancel()
+
+    def _failed(self, task_id: str, state: str, why: str) -> None:
+        if state == TaskStatus.CANCELLED:  # with its job: say why the job ended
+            why = store.get_job(self._conn, self.job.id).error or why
+        self._settle(self._take(task_id), error=TaskFailed(f"the piece failed: {why}"))
 
     def _take(self, task_id: str) -> list[Future]:
         with self._lock:

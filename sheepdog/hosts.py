@@ -92,34 +92,44 @@ def _env_table(raw: object, name: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in raw.items()}
 
 
+def _ssh_config(name: str) -> tuple[Path, dict[str, object]]:
+    """The ssh config's file and its settings for `name` (empty if no config)."""
+    config_path = ssh_config_path()
+    if not config_path.is_file():
+        return config_path, {}
+    return config_path, dict(paramiko.SSHConfig.from_path(str(config_path)).lookup(name))
+
+
+def _first(*values: object, default: object) -> str:
+    """The first value given (the inventory's, then ssh config's), as text."""
+    return str(next((v for v in values if v), default))
+
+
 def resolve(name: str, inventory: str | None = None) -> Host:
     """The host called `name`; ConfigError says how to define it when it is unknown."""
     if not name or any(c in name for c in " \t\n;'\"`$"):
         raise ConfigError(f"{name!r} is not a host name")
     settings = _inventory(inventory_path(inventory)).get(name, {})
-    config_path = ssh_config_path()
-    cfg: dict[str, object] = {}
-    if config_path.is_file():
-        cfg = dict(paramiko.SSHConfig.from_path(str(config_path)).lookup(name))
+    config_path, cfg = _ssh_config(name)
     if settings == {} and cfg.get("hostname", name) == name and name not in known_host_names(
             inventory):
         raise ConfigError(f"unknown host {name!r}: add a 'Host {name}' entry to "
                           f"{config_path} or a [hosts.{name}] table to "
                           f"{inventory_path(inventory)}")
     known = cfg.get("userknownhostsfile") or str(Path.home() / ".ssh" / "known_hosts")
-    known_files = tuple(os.path.expanduser(k) for k in str(known).split())
+    identities: list[object] = list(cfg.get("identityfile") or [])  # type: ignore[call-overload]
     return Host(
         name=name,
-        hostname=str(settings.get("hostname") or cfg.get("hostname") or name),
-        port=int(str(settings.get("port") or cfg.get("port") or 22)),
-        user=str(settings.get("user") or cfg.get("user") or os.environ.get("USER", "root")),
-        identity_files=tuple(os.path.expanduser(str(i))
-                             for i in list(cfg.get("identityfile") or [])),  # type: ignore[call-overload]
-        known_hosts=known_files,
-        proxy_jump=str(cfg.get("proxyjump") or ""),
-        workdir=str(settings.get("workdir") or ""),
-        backend=str(settings.get("backend") or "shell"),
-        guix_profile=str(settings.get("guix_profile") or ""),
+        hostname=_first(settings.get("hostname"), cfg.get("hostname"), default=name),
+        port=int(_first(settings.get("port"), cfg.get("port"), default=22)),
+        user=_first(settings.get("user"), cfg.get("user"), default=os.environ.get("USER",
+                                                                                  "root")),
+        identity_files=tuple(os.path.expanduser(str(i)) for i in identities),
+        known_hosts=tuple(os.path.expanduser(k) for k in str(known).split()),
+        proxy_jump=_first(cfg.get("proxyjump"), default=""),
+        workdir=_first(settings.get("workdir"), default=""),
+        backend=_first(settings.get("backend"), default="shell"),
+        guix_profile=_first(settings.get("guix_profile"), default=""),
         allow_without_guix=bool(settings.get("allow_without_guix", False)),
         env=_env_table(settings.get("env"), name),
         options={k: v for k, v in settings.items() if k not in _HOST_KEYS},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import NamedTuple
 
 import redis
 
@@ -19,6 +20,46 @@ from .retention import expire_finished
 log = logging.getLogger(__name__)
 
 
+class _Look(NamedTuple):
+    """One active task as one pipelined round saw it."""
+
+    tid: str
+    status: str
+    queued_at: float | None
+    process: str
+    taker: bool
+    rq_id: str
+    queue: str
+    beating: bool
+
+
+def _look(conn: redis.Redis, ids: list[str]) -> list[_Look]:
+    pipe = conn.pipeline(transaction=False)
+    for tid in ids:
+        pipe.hmget(keys.task(tid), "status", "queued_at", "process", "taken_by", "rq_id",
+                   "queue")
+        pipe.exists(keys.task_heartbeat(tid))
+    replies = pipe.execute()
+    out = []
+    for i, tid in enumerate(ids):
+        (status, queued_at, process, taker, rq_id, queue), beating = replies[2 * i:2 * i + 2]
+        out.append(_Look(tid, status.decode() if status else "",
+                         float(queued_at) if queued_at else None,
+                         process.decode() if process else "", bool(taker),
+                         rq_id.decode() if rq_id else "",
+                         (queue or b"default").decode(), bool(beating)))
+    return out
+
+
+def _recover(conn: redis.Redis, tid: str) -> str:
+    """A running task whose heartbeat is gone goes back to its queue; what was said."""
+    line = store.recover_lost(conn, tid)
+    if line:
+        for jid in store.job_ids_of_task(conn, tid):
+            logs.note(conn, jid, line, task=tid)
+    return line or ""
+
+
 def reap_lost(conn: redis.Redis, settings: Settings) -> list[str]:
     """Recover tasks lost with their workers; returns what was done, for logging.
 
@@ -27,41 +68,33 @@ def reap_lost(conn: redis.Redis, settings: Settings) -> list[str]:
     ids = store.active_task_ids(conn)
     if not ids:
         return []
-    pipe = conn.pipeline(transaction=False)
-    for tid in ids:
-        pipe.hmget(keys.task(tid), "status", "queued_at", "process", "taken_by", "rq_id",
-                   "queue")
-        pipe.exists(keys.task_heartbeat(tid))
-    replies = pipe.execute()
+    looks = _look(conn, ids)
     # one look at the queues, not one search of a queue per waiting task (which made a
     # round cost the square of the pieces waiting)
-    queues = {(r[5] or b"default").decode() for r in replies[::2] if r[0] == b"queued"}
+    queues = {t.queue for t in looks if t.status == TaskStatus.QUEUED}
     on_queue = dispatch.waiting_ids(conn, queues) if queues else set()
     now = time.time()
-    said = []
-    for i, tid in enumerate(ids):
-        (status, queued_at, process, taker, rq_id, _), beating = (replies[2 * i],
-                                                                  replies[2 * i + 1])
-        status = status.decode() if status else ""
-        if status == TaskStatus.QUEUED and rq_id and rq_id.decode() in on_queue:
-            continue  # its entry waits its turn (a taken_by left from before is stale)
-        if status == TaskStatus.RUNNING and beating and liveness.gone(
-                process.decode() if process else ""):
-            # its worker ran here and is dead: no need to wait out its heartbeat
-            conn.delete(keys.task_heartbeat(tid))
-            beating = False
-        if status == TaskStatus.RUNNING and not beating:
-            line = store.recover_lost(conn, tid)
-            if line:
-                for jid in store.job_ids_of_task(conn, tid):
-                    logs.note(conn, jid, line, task=tid)
-                said.append(line)
-        elif (status == TaskStatus.QUEUED
-              and (taker or now - float(queued_at or now) > TAKE_TO_CLAIM)
-              and store.redispatch_stranded(conn, tid, older_than=TAKE_TO_CLAIM,
-                                            taker_gone=liveness.gone)):
-            said.append(f"piece {tid[:12]} re-dispatched: its queue entry was lost")
-    return said
+    return [line for t in looks if (line := _tend(conn, t, on_queue, now))]
+
+
+def _tend(conn: redis.Redis, t: _Look, on_queue: set[str], now: float) -> str:
+    """Recover one task if it is lost; what was done ('' if nothing)."""
+    if t.status == TaskStatus.QUEUED:
+        if t.rq_id and t.rq_id in on_queue:
+            return ""  # its entry waits its turn (a taken_by left from before is stale)
+        if (t.taker or now - (t.queued_at or now) > TAKE_TO_CLAIM) and \
+                store.redispatch_stranded(conn, t.tid, older_than=TAKE_TO_CLAIM,
+                                          taker_gone=liveness.gone):
+            return f"piece {t.tid[:12]} re-dispatched: its queue entry was lost"
+        return ""
+    if t.status != TaskStatus.RUNNING:
+        return ""
+    if t.beating and liveness.gone(t.process):
+        # its worker ran here and is dead: no need to wait out its heartbeat
+        conn.delete(keys.task_heartbeat(t.tid))
+    elif t.beating:
+        return ""
+    return _recover(conn, t.tid)
 
 
 def sweep_scratch(conn: redis.Redis, settings: Settings) -> int:

@@ -319,13 +319,7 @@ class PullWorker:
         for files in deps.values():
             needed.update(files.values())
         missing = sorted(sha for sha in needed if not self.cache.has_blob(sha))
-        # a file another piece of this worker is fetching right now is waited for, not
-        # fetched twice
-        with self._lock:
-            theirs = [self._fetching[sha] for sha in missing if sha in self._fetching]
-            mine = [sha for sha in missing if sha not in self._fetching]
-            for sha in mine:
-                self._fetching[sha] = threading.Event()
+        mine, theirs = self._share(missing)
         log.info("pull worker %s: %s: %d of its %d files here already, %d on their way; "
                  "fetching %s", self.name, task.name, len(needed) - len(missing), len(needed),
                  len(theirs), " ".join(sha[:12] for sha in mine) or "none")
@@ -340,6 +334,16 @@ class PullWorker:
         self._fetch([sha for sha in missing if not self.cache.has_blob(sha)], lease, patience)
         for dep, files in deps.items():
             self.cache.publish(dep, self.cache.assemble(dep, files), [])
+
+    def _share(self, missing: list[str]) -> tuple[list[str], list[threading.Event]]:
+        """(the files this piece fetches, the events of those another piece of this
+        worker is fetching right now): waited for, not fetched twice."""
+        with self._lock:
+            theirs = [self._fetching[sha] for sha in missing if sha in self._fetching]
+            mine = [sha for sha in missing if sha not in self._fetching]
+            for sha in mine:
+                self._fetching[sha] = threading.Event()
+        return mine, theirs
 
     def _fetch(self, shas: list[str], lease: str, patience: float) -> None:
         """The small ones in one request, the rest streamed one by one."""

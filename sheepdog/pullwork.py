@@ -307,6 +307,34 @@ def _store_inline(cache: Cache, blobs: object) -> None:
         cache.put_bytes(raw)
 
 
+def _outcome(report: dict[str, Any]) -> Outcome:
+    """How the piece ended, as its worker reports it."""
+    if report.get("released"):
+        return Outcome(None, RELEASED)
+    code = report.get("exit_code")
+    if code is not None and not isinstance(code, int):
+        raise FieldError("exit_code", "a whole number or null")
+    return Outcome(code, str(report.get("error") or ""), bool(report.get("lost")))
+
+
+def _publish(cache: Cache, task: Task, report: dict[str, Any],
+             outcome: Outcome) -> tuple[list[str], Outcome]:
+    """A success's outputs into the cache: (the blobs still to upload, the outcome, a
+    failure if they cannot be published)."""
+    files = _clean_files(report.get("files"))
+    _store_inline(cache, report.get("blobs") or {})
+    missing = sorted({sha for sha in files.values() if not cache.has_blob(sha)})
+    if missing:
+        return missing, outcome
+    scratch = cache.assemble(task.id, files)
+    try:
+        cache.publish(task.id, scratch, task.outputs, task.complete_when)
+    except SheepdogError as e:
+        cache.discard(scratch)
+        return [], Outcome(0, str(e))
+    return [], outcome
+
+
 def finish(conn: redis.Redis, settings: Settings, cache: Cache, name: str, lease: str,
            report: dict[str, Any], lines: list[tuple[str, str]] | None = None,
            raw: dict[str, bytes] | None = None) -> dict[str, Any]:
@@ -321,25 +349,11 @@ def finish(conn: redis.Redis, settings: Settings, cache: Cache, name: str, lease
     jobs = store.job_ids_of_task(conn, task.id)
     if lines or raw:  # the piece's last lines, before its end is told
         write_log(conn, settings, name, lease, lines or [], raw or {}, task, jobs)
-    code = report.get("exit_code")
-    if code is not None and not isinstance(code, int):
-        raise FieldError("exit_code", "a whole number or null")
-    outcome = Outcome(code, str(report.get("error") or ""), bool(report.get("lost")))
-    if report.get("released"):
-        outcome = Outcome(None, RELEASED)
-    success = outcome.exit_code == 0 and not outcome.error
-    if success and task.cacheable:
-        files = _clean_files(report.get("files"))
-        _store_inline(cache, report.get("blobs") or {})
-        missing = sorted({sha for sha in files.values() if not cache.has_blob(sha)})
+    outcome = _outcome(report)
+    if outcome.exit_code == 0 and not outcome.error and task.cacheable:
+        missing, outcome = _publish(cache, task, report, outcome)
         if missing:
             return {"missing": missing}
-        scratch = cache.assemble(task.id, files)
-        try:
-            cache.publish(task.id, scratch, task.outputs, task.complete_when)
-        except SheepdogError as e:
-            cache.discard(scratch)
-            outcome = Outcome(0, str(e))
     status = conclude(conn, settings, name, task, jobs, outcome,
                       Deadline(PULL_REPORT_DEADLINE))
     return {"status": str(status), "recorded": True}

@@ -43,6 +43,14 @@ def get_job(conn: redis.Redis, job_id: str) -> Job:
     return from_hash(Job, raw)
 
 
+def job_read_token(conn: redis.Redis, job_id: str) -> str:
+    """A job's read token ('' for no such job, or none): one field, so a wrong token
+    takes as long on a job that exists as on one that does not."""
+    if not valid_job_id(job_id):
+        return ""
+    return _text(conn.hget(keys.job(job_id), "read_token") or b"")
+
+
 def get_task(conn: redis.Redis, task_id: str) -> Task | None:
     raw = conn.hgetall(keys.task(task_id))
     return from_hash(Task, raw) if raw else None

@@ -243,3 +243,34 @@ def test_the_architecture_map_names_every_module_and_only_real_ones():
     leaves = {f.rsplit("/", 1)[-1] for f in files}
     unknown = sorted(n for n in named if n not in files and n.rsplit("/", 1)[-1] not in leaves)
     assert not unknown, unknown
+
+
+def test_no_function_is_more_complex_than_15():
+    """Cyclomatic complexity as radon counts it (boolean operators included, which
+    ruff's mccabe check does not count): a function above 15 is split."""
+    from radon.complexity import cc_visit
+
+    too_complex = []
+    for path in sorted([*(ROOT / "sheepdog").rglob("*.py"), *(ROOT / "web").rglob("*.py")]):
+        for block in cc_visit(path.read_text()):
+            if block.complexity > 15:
+                too_complex.append(f"{path.relative_to(ROOT)}:{block.lineno} "
+                                   f"{block.fullname} ({block.complexity})")
+    assert not too_complex, too_complex
+
+
+def test_processes_are_spawned_pumped_and_killed_in_one_module():
+    """posix_spawn, the output pumps and the tree killers live in sheepdog.process, and
+    GEMMA runs through it: no GEMMA code starts a process of its own."""
+    machinery = ("posix_spawn(", "killpg(", "select.poll(", "/proc/{entry}", ".read1")
+    elsewhere = {}
+    for name, path in _modules().items():
+        if name == "sheepdog.process":
+            continue
+        text = path.read_text()
+        found = [m for m in machinery if m in text]
+        if name.startswith("sheepdog.gemma") and "import subprocess" in text:
+            found.append("import subprocess")
+        if found:
+            elsewhere[name] = found
+    assert not elsewhere, elsewhere

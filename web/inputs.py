@@ -156,6 +156,26 @@ def _inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
+def _named(role: str, value: Any, files: dict[str, Path], where: Path | None,
+           roots: tuple[str, ...], limits: BundleLimits | None, bundle: list[Path]) -> Path:
+    """The file an input names: a member of the uploaded bundle, or a path under an
+    input root."""
+    if not isinstance(value, str) or not value or "\0" in value or len(value) > 4096:
+        raise InputError(f"inputs.{role}", "must be a file name or path")
+    if "bundle" in files and where is not None:
+        if not bundle:
+            bundle.append(_unpack_bundle(files["bundle"], where, limits or BundleLimits()))
+        member = (bundle[0] / value).resolve()
+        if not _inside(member, bundle[0]) or not member.is_file():
+            raise InputError(f"inputs.{role}", f"{value!r} is not a file in the bundle")
+        return member
+    path = Path(value)
+    if not roots or not any(_inside(path, Path(r)) for r in roots):
+        raise InputError(f"inputs.{role}", f"{value!r} is not under an allowed input root "
+                         "(SHEEPDOG_INPUT_ROOTS); upload the file instead")
+    return path.resolve()
+
+
 def resolve(inputs: dict[str, Any], files: dict[str, Path], where: Path | None,
             roots: tuple[str, ...], roles: tuple[str, ...],
             required: tuple[str, ...], limits: BundleLimits | None = None) -> dict[str, Path]:
@@ -167,29 +187,13 @@ def resolve(inputs: dict[str, Any], files: dict[str, Path], where: Path | None,
     unknown = set(inputs) - set(roles)
     if unknown:
         raise InputError(f"inputs.{sorted(unknown)[0]}", f"unknown input; use {roles}")
-    bundle: Path | None = None
     found: dict[str, Path] = {}
+    bundle: list[Path] = []  # unpacked once, when a role first names a member
     for role in roles:
         if role in files:
             found[role] = files[role]
-            continue
-        value = inputs.get(role)
-        if value is None:
-            continue
-        if not isinstance(value, str) or not value or "\0" in value or len(value) > 4096:
-            raise InputError(f"inputs.{role}", "must be a file name or path")
-        if "bundle" in files and where is not None:
-            bundle = bundle or _unpack_bundle(files["bundle"], where, limits or BundleLimits())
-            member = (bundle / value).resolve()
-            if not _inside(member, bundle) or not member.is_file():
-                raise InputError(f"inputs.{role}", f"{value!r} is not a file in the bundle")
-            found[role] = member
-            continue
-        path = Path(value)
-        if not roots or not any(_inside(path, Path(r)) for r in roots):
-            raise InputError(f"inputs.{role}", f"{value!r} is not under an allowed input root "
-                             "(SHEEPDOG_INPUT_ROOTS); upload the file instead")
-        found[role] = path.resolve()
+        elif inputs.get(role) is not None:
+            found[role] = _named(role, inputs[role], files, where, roots, limits, bundle)
     for role in required:
         if role not in found:
             raise InputError(f"inputs.{role}", "missing: upload it or give a path")

@@ -119,16 +119,23 @@ def on_stop_signals() -> None:
         signal.signal(sig, handler)
 
 
-def follow(ws: Any, job_id: str, after: str) -> None:
-    conn = state.conn()
-    after = after or "0-0"
+def _may_follow(ws: Any, conn: Any, job_id: str, after: str) -> bool:
+    """The job exists and `after` is a log id; else the client is told which is wrong."""
     if not LOG_ID.fullmatch(after):
         _refuse(ws, "after", f"{after[:40]!r} is not a log id (like 1700000000000-0)")
-        return
+        return False
     try:
         store.get_job(conn, job_id)
     except UnknownJob as e:
         _refuse(ws, "job_id", str(e))
+        return False
+    return True
+
+
+def follow(ws: Any, job_id: str, after: str) -> None:
+    conn = state.conn()
+    after = after or "0-0"
+    if not _may_follow(ws, conn, job_id, after):
         return
     cursors = {job_id: after}
     sent, beat = None, 0.0
@@ -150,14 +157,18 @@ def follow(ws: Any, job_id: str, after: str) -> None:
             # resumed past the closing line: the job's status says it ended
             ended = ended or (not lines and JobStatus(event["status"]).final)
         if ended:
-            job = store.get_job(conn, job_id)
-            ws.send(json.dumps({"type": "end", "status": job.status,
-                                "exit_code": job.exit_code, "error": job.error or None,
-                                "result": job.result or None, "last_id": last}))
-            # a client that reads only now must find the events before the close: some
-            # clients drop what they buffered once the close frame is in
-            time.sleep(REFUSE_LINGER)
+            _end(ws, conn, job_id, last)
             return
+
+
+def _end(ws: Any, conn: Any, job_id: str, last: str) -> None:
+    job = store.get_job(conn, job_id)
+    ws.send(json.dumps({"type": "end", "status": job.status, "exit_code": job.exit_code,
+                        "error": job.error or None, "result": job.result or None,
+                        "last_id": last}))
+    # a client that reads only now must find the events before the close: some clients
+    # drop what they buffered once the close frame is in
+    time.sleep(REFUSE_LINGER)
 
 
 class StreamSlots:

@@ -99,9 +99,9 @@ def _stages(request: MapRequest) -> bool:
     return request.files or any(p.startswith("file:") for p in placeholders(request.template))
 
 
-def _chunk_task(request: MapRequest, chunk: list[Item], settings: Settings, cache: Cache,
-                nonce: str, environment: str, queue: str) -> Task:
-    inputs: dict[str, str] = {}
+def _item_specs(request: MapRequest, chunk: list[Item], cache: Cache,
+                inputs: dict[str, str]) -> list[dict[str, Any]]:
+    """Each item's key and argv; the files it stages go into `inputs` as N/NAME."""
     specs = []
     stages = _stages(request)
     for n, item in enumerate(chunk):
@@ -112,6 +112,13 @@ def _chunk_task(request: MapRequest, chunk: list[Item], settings: Settings, cach
         parts = [[{"input": names[p["input"]]} if isinstance(p, dict) else p for p in arg]
                  for arg in render(request.template, item, set(names))]
         specs.append({"key": item.key, "argv": parts})
+    return specs
+
+
+def _chunk_task(request: MapRequest, chunk: list[Item], settings: Settings, cache: Cache,
+                nonce: str, environment: str, queue: str) -> Task:
+    inputs: dict[str, str] = {}
+    specs = _item_specs(request, chunk, cache, inputs)
     spec = json.dumps({"items": specs, "timeout": request.timeout, "env": request.env,
                        "nonce": nonce}, separators=(",", ":"), sort_keys=True)
     argv: list[ArgvItem] = [{"python": True}, "-m", STEP,

@@ -13,6 +13,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from ..errors import InputError
 
@@ -107,13 +108,8 @@ def _dialect(path: Path, header: str) -> str:
     return ","
 
 
-def read_table(path: Path, key: str | None) -> list[Item]:
-    """A CSV/TSV with a header: each row an item, `key` its key column (else its number)."""
-    text = _decode(path)
-    lines = text.splitlines()
-    _check_lengths(path, lines)
-    delimiter = _dialect(path, lines[0])
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True)
+def _header(path: Path, reader: Any, key: str | None) -> list[str]:
+    """The table's column names: unique, `key` among them."""
     try:
         header = [h.strip() for h in next(reader)]
     except csv.Error as e:
@@ -124,27 +120,43 @@ def read_table(path: Path, key: str | None) -> list[Item]:
     if key is not None and key not in header:
         raise InputError(str(path), f"--key {key!r} is not a column; the header has "
                          f"{', '.join(header)}", line=1)
+    return header
+
+
+def read_table(path: Path, key: str | None) -> list[Item]:
+    """A CSV/TSV with a header: each row an item, `key` its key column (else its number)."""
+    text = _decode(path)
+    lines = text.splitlines()
+    _check_lengths(path, lines)
+    delimiter = _dialect(path, lines[0])
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter, strict=True)
+    header = _header(path, reader, key)
     items: list[Item] = []
     try:
         for row in reader:
-            n = reader.line_num
             if not any(cell.strip() for cell in row):
                 continue
-            if len(row) != len(header):
-                raise InputError(str(path), f"{len(row)} fields, but the header has "
-                                 f"{len(header)}", line=n)
-            columns = dict(zip(header, row, strict=True))
-            index = len(items) + 1
-            item_key = columns[key] if key is not None else str(index)
-            if key is not None and not item_key.strip():
-                raise InputError(str(path), f"empty key in column {key!r}", line=n)
-            value = row[0] if len(row) == 1 else delimiter.join(row)
-            items.append(Item(index, item_key, value, columns, str(path), n))
+            items.append(_row(path, header, row, key, len(items) + 1, reader.line_num,
+                              delimiter))
     except csv.Error as e:
         raise InputError(str(path), f"bad CSV: {e}", line=reader.line_num) from None
     if not items:
         raise InputError(str(path), "the items file has a header but no rows")
     return unique(items, str(path))
+
+
+def _row(path: Path, header: list[str], row: list[str], key: str | None, index: int, n: int,
+         delimiter: str) -> Item:
+    """Line n of the table, the index-th item."""
+    if len(row) != len(header):
+        raise InputError(str(path), f"{len(row)} fields, but the header has {len(header)}",
+                         line=n)
+    columns = dict(zip(header, row, strict=True))
+    item_key = columns[key] if key is not None else str(index)
+    if key is not None and not item_key.strip():
+        raise InputError(str(path), f"empty key in column {key!r}", line=n)
+    value = row[0] if len(row) == 1 else delimiter.join(row)
+    return Item(index, item_key, value, columns, str(path), n)
 
 
 def read_items(path: Path, key: str | None = None) -> list[Item]:

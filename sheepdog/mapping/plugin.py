@@ -170,6 +170,12 @@ def _inline_items(raw: Any, key: str | None) -> tuple[list[items.Item], list[str
         return items.unique(found, "items"), None
     if not all(isinstance(x, dict) for x in raw):
         raise FieldError("items", "must all be strings, or all objects")
+    return _object_items(raw, key)
+
+
+def _object_items(raw: list[dict[str, Any]], key: str | None
+                  ) -> tuple[list[items.Item], list[str] | None]:
+    """Items given as objects: their fields are the columns, alike in every item."""
     columns = list(raw[0])
     made = []
     for i, row in enumerate(raw, 1):
@@ -207,19 +213,24 @@ def _uploaded_items(body: dict[str, Any], inputs: InputResolver,
     return found, (list(found[0].columns) if found[0].columns else None)
 
 
+def _body_items(body: dict[str, Any], inputs: InputResolver | None
+                ) -> tuple[list[items.Item], list[str] | None]:
+    """The items given inline, or as a file (`inputs.items`), keyed by `key`."""
+    key = body.get("key")
+    if key is not None and not isinstance(key, str):
+        raise FieldError("key", "must be a string (a field of the items)")
+    if body.get("items") is None and inputs is not None and "inputs" in body:
+        return _uploaded_items(body, inputs, key)
+    return _inline_items(body.get("items"), key)
+
+
 def request_from_body(body: dict[str, Any], settings: Settings,
                       inputs: InputResolver | None = None) -> MapRequest:
     command = body.get("command")
     if not isinstance(command, list) or not command or not all(isinstance(c, str)
                                                                for c in command):
         raise FieldError("command", "must be a non-empty list of strings (with placeholders)")
-    key = body.get("key")
-    if key is not None and not isinstance(key, str):
-        raise FieldError("key", "must be a string (a field of the items)")
-    if body.get("items") is None and inputs is not None and "inputs" in body:
-        found, columns = _uploaded_items(body, inputs, key)
-    else:
-        found, columns = _inline_items(body.get("items"), key)
+    found, columns = _body_items(body, inputs)
     given = MAP_PARAMS.fields(body)
     if given["sample"] is not None:
         found = items.sample(found, given["sample"], given["seed"])

@@ -175,19 +175,7 @@ def build_job(request: PrecomputeRequest, settings: Settings, cache: Cache,
                         "covariates": covariates[1] if covariates else None,
                         "options": options, "env": env,
                         "vector": VECTOR.descr}, sort_keys=True)
-    entries, todo = [], []
-    for column in chosen:
-        values = table.values[:, column]
-        texts = [traits.text(v) for v in values]
-        entry: dict[str, Any] = {"id": table.traits[column], "key": _trait_key(basis, texts),
-                 "n": int(np.count_nonzero(~np.isnan(values)))}
-        reason = _skip_reason(values, request.min_values)
-        if reason:
-            entry.update(status="skipped", reason=reason)
-        elif request.force or not pcstore.cached(cache, entry["key"]):
-            todo.append({**entry, "values": texts, "mask": "".join(
-                "0" if t == "NA" else "1" for t in texts)})
-        entries.append(entry)
+    entries, todo = _entries(table, chosen, basis, request, cache)
     tasks, batch_tasks = _tasks(prep, todo, request, gemma_request, settings, cache, env,
                                 covariates[1] if covariates else None)
     params = {
@@ -209,6 +197,25 @@ def build_job(request: PrecomputeRequest, settings: Settings, cache: Cache,
               queue=request.queue or settings.queue,
               out_dir=str(Path(request.out_dir).resolve()), final_task=tasks[-1].id)
     return job, tasks
+
+
+def _entries(table: Any, chosen: list[int], basis: str, request: PrecomputeRequest,
+             cache: Cache) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(every chosen trait's entry, those to run: neither skipped nor already stored)."""
+    entries, todo = [], []
+    for column in chosen:
+        values = table.values[:, column]
+        texts = [traits.text(v) for v in values]
+        entry: dict[str, Any] = {"id": table.traits[column], "key": _trait_key(basis, texts),
+                                 "n": int(np.count_nonzero(~np.isnan(values)))}
+        reason = _skip_reason(values, request.min_values)
+        if reason:
+            entry.update(status="skipped", reason=reason)
+        elif request.force or not pcstore.cached(cache, entry["key"]):
+            todo.append({**entry, "values": texts, "mask": "".join(
+                "0" if t == "NA" else "1" for t in texts)})
+        entries.append(entry)
+    return entries, todo
 
 
 def _sha(path: Path) -> str:

@@ -157,6 +157,17 @@ _ENV = dict(os.environ, **SHORT_RUN_ENV)
 Cut = tuple[Chromosome, Path, Path, Path, np.ndarray, list[str]]
 
 
+def _rows(found: dict[str, tuple[float, ...]], names: list[str]) -> np.ndarray:
+    """One row of the vector's fields per SNP of a chromosome (NaN where GEMMA gave no p)."""
+    kept = np.full((len(names), len(VECTOR.names or ())), np.nan)
+    for i, rs in enumerate(names):
+        row = found.get(rs)
+        if row is not None:
+            p, beta, se, af, l_mle = row
+            kept[i] = (math.copysign(minus_log10(p, FLOOR), beta), beta, se, af, p, l_mle)
+    return kept
+
+
 def scan_trait(values: list[str], chromosomes: list[Cut], total: int, options: Options,
                covariates: Path | None, work: Path, stop: threading.Event | None
                ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -181,14 +192,7 @@ def scan_trait(values: list[str], chromosomes: list[Cut], total: int, options: O
         found = _read_assoc(work / "output" / "t.assoc.txt", P_COLUMNS[options.test])
         if not facts:
             facts = parse_log((work / "output" / "t.log.txt").read_text(errors="replace"))
-        kept = np.full((len(names), len(VECTOR.names or ())), np.nan)
-        for i, rs in enumerate(names):
-            row = found.get(rs)
-            if row is not None:
-                p, beta, se, af, l_mle = row
-                logp = minus_log10(p, FLOOR)
-                kept[i] = (math.copysign(logp, beta), beta, se, af, p, l_mle)
-        rows = kept[pattern]
+        rows = _rows(found, names)[pattern]
         part = vector[offset:offset + len(pattern)]
         for j, name in enumerate(VECTOR.names or ()):
             part[name] = rows[:, j]

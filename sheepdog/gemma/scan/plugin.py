@@ -113,6 +113,24 @@ def _after(cli: CliServices, db: Any, settings: Settings, job_id: str) -> None:
         click.echo(f"results in {job.out_dir}", err=True)
 
 
+def _required_with(paths: dict[str, Path]) -> None:
+    """pheno unless R/qtl2 names it, anno with BIMBAM genotypes."""
+    kind = formats.kind_of(paths["geno"])
+    for role, needed in (("pheno", kind != formats.QTL2), ("anno", kind == formats.BIMBAM)):
+        if needed and role not in paths:
+            raise FieldError(f"inputs.{role}", "is required with "
+                             f"{'BIMBAM' if kind == formats.BIMBAM else 'GN .geno'} genotypes")
+
+
+def _as_field(e: InputError, paths: dict[str, Path]) -> FieldError:
+    """An input's problem named by its field, not by where the server put the file."""
+    message = str(e)
+    for role, path in paths.items():
+        message = message.replace(str(path), f"inputs.{role}")
+    field = next((f"inputs.{r}" for r, p in paths.items() if str(p) == e.where), "inputs")
+    return FieldError(field, message)
+
+
 class GemmaWorkflow(Workflow):
     """A LOCO scan (or, `loco` False, a scan against the kinship of all SNPs), and with
     `permutations` its permutation thresholds too."""
@@ -158,12 +176,7 @@ class GemmaWorkflow(Workflow):
                              "to files")
         params = self.params.parse(body.get("params"))  # before any file is touched
         paths = inputs(raw_inputs, ROLES, REQUIRED)
-        kind = formats.kind_of(paths["geno"])
-        for role, needed in (("pheno", kind != formats.QTL2), ("anno", kind == formats.BIMBAM)):
-            if needed and role not in paths:
-                raise FieldError(f"inputs.{role}", "is required with "
-                                 f"{'BIMBAM' if kind == formats.BIMBAM else 'GN .geno'} "
-                                 "genotypes")
+        _required_with(paths)
         fields = set(GemmaRequest.__dataclass_fields__)
         request = GemmaRequest(geno=paths["geno"], pheno=paths.get("pheno"),
                                anno=paths.get("anno"),
@@ -175,12 +188,7 @@ class GemmaWorkflow(Workflow):
         try:
             return build_job(request, settings, cache)
         except InputError as e:
-            message = str(e)
-            for role, path in paths.items():  # say which field, not where the server put it
-                message = message.replace(str(path), f"inputs.{role}")
-            field = next((f"inputs.{r}" for r, p in paths.items() if str(p) == e.where),
-                         "inputs")
-            raise FieldError(field, message) from e
+            raise _as_field(e, paths) from e
         except ConfigError as e:
             raise FieldError("params", str(e)) from e
 

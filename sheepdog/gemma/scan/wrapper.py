@@ -161,24 +161,28 @@ def _check_ended(job: Job) -> None:
         raise WrapperError(f"job {job.id} {job.status}: {job.error or 'see its log'}",)
 
 
+def _known(wanted: list[str], chromosomes: Any, who: str, request: GemmaRequest) -> None:
+    unknown = [c for c in wanted if c not in chromosomes]
+    if unknown:
+        raise WrapperError(f"{who} chromosome {unknown[0]!r}, which is not in {request.anno}")
+
+
 def kinship_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings,
                  cache: Cache, err: IO[str]) -> dict[str, Any]:
     """`-gk`: the kinship pieces, per chromosome; a K record of them with --loco, of the
     kinship of all SNPs (formed from them) without."""
-    for word in gemma.extra:
-        if word.startswith("-") and word not in KINSHIP_HARMLESS:
-            raise WrapperError(f"GEMMA flag {word} in the kinship call would change -gk's "
-                               "result, which sheepdog computes itself")
+    harmful = next((w for w in gemma.extra if w.startswith("-")
+                    and w not in KINSHIP_HARMLESS), None)
+    if harmful:
+        raise WrapperError(f"GEMMA flag {harmful} in the kinship call would change -gk's "
+                           "result, which sheepdog computes itself")
     warnings: list[str] = []
     gemma.extra = [w for w in gemma.extra if w in KINSHIP_HARMLESS]
     request = _request(options, gemma, settings, warnings)
     request.loco = options.loco is not None
     prep = prepare(request, cache)
     wanted = [c for c in (options.loco or "").split(",") if c] or prep.order
-    unknown = [c for c in wanted if c not in prep.chromosomes]
-    if unknown:
-        raise WrapperError(f"--loco names chromosome {unknown[0]!r}, which is not in "
-                           f"{request.anno}")
+    _known(wanted, prep.chromosomes, "--loco names", request)
     gemma_version = version(cache_dir=cache.root / "versions")
     env = f"gemma {gemma_version}; sheepdog {_version()}; guix none"
     kinships, _, _, _ = scan_tasks(prep, request, settings, env)
@@ -198,6 +202,13 @@ def kinship_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settin
         "sheepdog": {"job": job.id, "geno": prep.hashes["geno"], "anno": prep.hashes["anno"],
                      "kinship": {c: by_chrom[c].id for c in wanted}}}
     inputs = f"gemma -g {request.geno} -p {request.pheno} -a {request.anno} -gk 1"
+    return _k_files(record, options, request, cache, by_chrom, wanted, inputs, job.id)
+
+
+def _k_files(record: dict[str, Any], options: argparse.Namespace, request: GemmaRequest,
+             cache: Cache, by_chrom: dict[str, Any], wanted: list[str], inputs: str,
+             job_id: str) -> dict[str, Any]:
+    """The K record's files: the kinship pieces (LOCO), or the kinship of all SNPs."""
     if request.loco:
         record["files"] = [[c, str(cache.task_dir(by_chrom[c].id) / "kinship.json"),
                             str(cache.task_dir(by_chrom[c].id) / "kinship.npy")] for c in wanted]
@@ -205,7 +216,7 @@ def kinship_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settin
         record["sheepdog"]["note"] = ("kinship pieces (GEMMA's -gk 1 per chromosome); each "
                                       "LMM piece forms its LOCO kinship from them")
         return record
-    record["files"] = [[None, *map(str, _full_kinship(options, cache, by_chrom, job.id))]]
+    record["files"] = [[None, *map(str, _full_kinship(options, cache, by_chrom, job_id))]]
     record["gemma_command"] = inputs
     record["sheepdog"]["note"] = ("the kinship of all SNPs, formed from the per-chromosome "
                                   "kinship pieces (GEMMA's -gk 1 of each) by their SNP counts")
@@ -272,12 +283,7 @@ def gwa_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings, 
     SNPs (without, as the record says); a GWA record."""
     k = _read_k(options.input)
     loco = options.loco is not None
-    if loco != (k["files"][0][0] is not None):
-        raise WrapperError(f"--input {options.input} holds "
-                           f"{'a full-genome K' if loco else 'LOCO kinships'}: "
-                           f"{'drop' if not loco else 'add'} --loco "
-                           f"{'in' if loco else 'to'} the kinship call, or "
-                           f"{'drop' if loco else 'add'} it here")
+    _same_kind(k, loco, options.input)
     warnings: list[str] = []
     request = _request(options, gemma, settings, warnings)
     request.loco = loco
@@ -287,10 +293,7 @@ def gwa_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings, 
         raise WrapperError(f"--input {options.input} was computed from other genotypes "
                            f"than {request.geno}")
     wanted = [rec[0] for rec in k["files"]] if loco else job.params["chromosomes"]
-    missing = [c for c in wanted if c not in job.params["chromosomes"]]
-    if missing:
-        raise WrapperError(f"{options.input} names chromosome {missing[0]!r}, which is not in "
-                           f"{request.anno}")
+    _known(wanted, job.params["chromosomes"], f"{options.input} names", request)
     conn = connect(settings)
     jobs.submit(conn, settings, job, tasks)  # with --force, forgets the pieces first
     job = _wait(conn, settings, job, err, options.quiet)
@@ -315,10 +318,19 @@ def gwa_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings, 
         record["permutations"] = described["permutations"]
     if options.lmdb is not None:
         db = Path(options.lmdb) if options.lmdb else out_dir / f"{stem}.mdb"
-        meta = result.write_lmdb(conn, settings, job, db)
-        record["lmdb"] = str(db)
-        record["lmdb_hits"] = len(meta["hits"])
+        record.update(lmdb=str(db), lmdb_hits=len(result.write_lmdb(conn, settings, job,
+                                                                    db)["hits"]))
     return record
+
+
+def _same_kind(k: dict[str, Any], loco: bool, where: str) -> None:
+    """The K record holds LOCO kinships exactly when this call is --loco."""
+    if loco != (k["files"][0][0] is not None):
+        raise WrapperError(f"--input {where} holds "
+                           f"{'a full-genome K' if loco else 'LOCO kinships'}: "
+                           f"{'drop' if not loco else 'add'} --loco "
+                           f"{'in' if loco else 'to'} the kinship call, or "
+                           f"{'drop' if loco else 'add'} it here")
 
 
 def _gwa_files(out_dir: Path, stem: str, chromosomes: list[str],
