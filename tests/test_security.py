@@ -276,3 +276,44 @@ def test_job_views_stay_small_for_a_job_of_a_thousand_pieces(client, conn, queue
     # the running set holds what was claimed and not yet ended, and heals itself
     store.finish(conn, tasks[1].id, "w1", 1, "failed")
     assert conn.scard(keys.job_running(job_id)) <= 2
+
+
+@pytest.mark.parametrize("named", ["/etc/passwd", "../../../../etc/passwd", "{secret}"])
+def test_a_control_file_cannot_name_a_server_file(client, tmp_path, named):
+    """Review 2, high: an uploaded R/qtl2 control file named /etc/passwd as its `geno`;
+    the parse error quoted the file's lines. Now refused before the file is opened, and
+    the answer names neither the file's content nor where the server keeps uploads."""
+    secret = tmp_path / "service.env"  # a file the service can read, outside every root
+    secret.write_text("SHEEPDOG_REDIS_URL=redis://:hunter2@127.0.0.1/0\n")
+    named = named.format(secret=secret)
+    control = json.dumps({"crosstype": "risib", "geno": named, "pmap": "pm.csv", "sep": "="})
+    job = {"workflow": "gemma-loco", "inputs": {"geno": "c.json", "pheno": "p.csv",
+                                                "covariates": "pm.csv"}}
+    r = client.post("/jobs", headers=AUTH, content_type="multipart/form-data", data={
+        "job": json.dumps(job), "geno": (io.BytesIO(control.encode()), "c.json"),
+        "pheno": (io.BytesIO(b"id,t\nBXD1,1\n"), "p.csv"),
+        "covariates": (io.BytesIO(b"marker,chr,pos\nm,1,1\n"), "pm.csv")})
+    text = r.get_data(as_text=True)
+    assert r.status_code == 400, text
+    assert "not beside the control file" in text
+    own = text.replace(named, "")  # what the requester sent may be quoted back
+    for leak in ("root:", "hunter2", "daemon", str(tmp_path), "/uploads", "looked for"):
+        assert leak not in own, (leak, text)
+
+
+def test_a_control_file_may_name_files_beside_it_and_under_input_roots(tmp_path):
+    from sheepdog.errors import InputError
+    from sheepdog.gemma.formats import qtl2
+
+    (tmp_path / "g.csv").write_text("id,m\nA,B\n")
+    (tmp_path / "pm.csv").write_text("marker,chr,pos\nm,1,1\n")
+    control = tmp_path / "c.json"
+    control.write_text(json.dumps({"crosstype": "f2", "geno": "g.csv", "pmap": "pm.csv"}))
+    found = qtl2.read_control(control, confine=(str(tmp_path),))
+    assert found.geno == tmp_path / "g.csv"
+    control.write_text(json.dumps({"crosstype": "f2", "geno": str(BXD / "BXD_pheno.txt"),
+                                   "pmap": "pm.csv"}))
+    assert qtl2.read_control(control, confine=(str(tmp_path), str(BXD))).geno.parent == BXD
+    with pytest.raises(InputError, match="not beside the control file"):
+        qtl2.read_control(control, confine=(str(tmp_path),))
+    assert qtl2.read_control(control).geno.parent == BXD  # a user's own command line

@@ -75,8 +75,10 @@ def _digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def load(store: Cache, geno: Path, anno: Path | None) -> Genotypes:
-    """The genotypes as BIMBAM in the store, converted once per content."""
+def load(store: Cache, geno: Path, anno: Path | None, confine: tuple[str, ...] = ()
+         ) -> Genotypes:
+    """The genotypes as BIMBAM in the store, converted once per content; `confine`: the
+    directories an R/qtl2 control file's files must be in (see qtl2.read_control)."""
     kind = kind_of(geno)
     if kind == BIMBAM:
         if anno is None:
@@ -89,7 +91,7 @@ def load(store: Cache, geno: Path, anno: Path | None) -> Genotypes:
     if anno is not None:
         raise InputError(str(anno), f"an annotation file is only for BIMBAM genotypes; "
                          f"{geno} ({'GN .geno' if kind == GENO else 'R/qtl2'}) has positions")
-    control = qtl2.read_control(geno) if kind == QTL2 else None
+    control = qtl2.read_control(geno, confine) if kind == QTL2 else None
     digest = _digest([geno, *(control.files() if control else [])])
     manifest = store.root / "converted" / f"{digest[:40]}.json"
     known = json.loads(manifest.read_text()) if manifest.exists() else None

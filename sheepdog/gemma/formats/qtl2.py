@@ -68,23 +68,31 @@ def _load(path: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) and "geno" in found else None
 
 
-def _file(path: Path, spec: dict[str, Any], key: str, required: bool) -> Path | None:
+def _file(path: Path, spec: dict[str, Any], key: str, required: bool,
+          confine: tuple[str, ...]) -> Path | None:
     value = spec.get(key)
     if value is None:
         if required:
             raise InputError(str(path), f"the control file names no {key!r} file")
         return None
-    if not isinstance(value, str):
-        raise InputError(str(path), f"{key!r} must name one file, got {value!r}")
-    found = (path.parent / value) if not Path(value).is_absolute() else Path(value)
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise InputError(str(path), f"{key!r} must name one file, got {str(value)[:80]!r}")
+    found = path.parent / value  # an absolute value stays absolute
+    if confine and not any(found.resolve().is_relative_to(Path(d).resolve())
+                           for d in confine):
+        # refused before it is opened: neither its content nor its existence is told
+        raise InputError(str(path), f"{key!r} names {value[:200]!r}, which is not beside "
+                         "the control file (in its upload or bundle, or under an input root)")
     if not found.is_file():
-        raise InputError(str(path), f"{key!r} names {value!r}, which does not exist "
-                         f"(looked for {found})")
+        raise InputError(str(path), f"{key!r} names {value[:200]!r}, which does not exist "
+                         "beside the control file")
     return found
 
 
-def read_control(path: Path) -> Control:
-    """The control file, checked: cross type, every named file present, codes sane."""
+def read_control(path: Path, confine: tuple[str, ...] = ()) -> Control:
+    """The control file, checked: cross type, every named file present, codes sane.
+    `confine`: the directories its files must be in (a request's upload and the input
+    roots; nothing for a user's own command line)."""
     if not path.is_file():
         raise InputError(str(path), "control file does not exist or is not a file")
     spec = _load(path)
@@ -94,8 +102,9 @@ def read_control(path: Path) -> Control:
     if cross not in DOSAGES:
         raise InputError(str(path), f"crosstype {cross!r}: sheepdog reads the two-allele "
                          f"crosses {', '.join(DOSAGES)}")
-    geno = _file(path, spec, "geno", True)
-    positions = _file(path, spec, "pmap", False) or _file(path, spec, "gmap", False)
+    geno = _file(path, spec, "geno", True, confine)
+    positions = (_file(path, spec, "pmap", False, confine)
+                 or _file(path, spec, "gmap", False, confine))
     if positions is None:
         raise InputError(str(path), "the control file names neither 'pmap' nor 'gmap'")
     codes = spec.get("genotypes", DEFAULT_GENOTYPES)
@@ -106,8 +115,9 @@ def read_control(path: Path) -> Control:
     na = spec.get("na.strings", list(DEFAULT_NA))
     na = [na] if isinstance(na, str) else na
     assert geno is not None
-    return Control(path, cross, geno, positions, _file(path, spec, "pheno", False),
-                   _file(path, spec, "covar", False), {str(k): v for k, v in codes.items()},
+    return Control(path, cross, geno, positions, _file(path, spec, "pheno", False, confine),
+                   _file(path, spec, "covar", False, confine),
+                   {str(k): v for k, v in codes.items()},
                    tuple(str(x) for x in na), str(spec.get("sep", ",")),
                    str(spec.get("comment.char", "#")), bool(spec.get("geno_transposed", False)))
 

@@ -77,6 +77,7 @@ class PrecomputeRequest:
     host: str = ""
     queue: str = ""
     options: dict[str, Any] = field(default_factory=dict)  # declared, not fields (-maf ...)
+    confine: tuple[str, ...] = ()  # as GemmaRequest.confine
 
     @classmethod
     def of(cls, values: dict[str, Any], **given: Any) -> PrecomputeRequest:
@@ -152,7 +153,8 @@ def build_job(request: PrecomputeRequest, settings: Settings, cache: Cache,
     request.check()
     gemma_request = GemmaRequest(geno=request.geno, pheno=request.pheno, anno=request.anno,
                                  covariates=request.covariates, backend=request.backend,
-                                 host=request.host, queue=request.queue)
+                                 host=request.host, queue=request.queue,
+                                 confine=request.confine)
     found, hashes, known = genotypes(gemma_request, cache, settings.max_chromosomes)
     pheno = request.pheno or (found.control.pheno if found.control else None)
     if pheno is None:

@@ -18,7 +18,7 @@ from ...config import Settings
 from ...errors import ConfigError, FieldError, InputError
 from ...models import Job, JobStatus, Task
 from ...workflows.base import CliServices, InputResolver, WebServices, Workflow
-from ..scan.plugin import EXAMPLE
+from ..scan.plugin import EXAMPLE, as_field, confined
 from . import store as pcstore
 from .build import PRECOMPUTE_PARAMS, PrecomputeRequest, build_job
 from .registry import register
@@ -255,14 +255,11 @@ class PrecomputeWorkflow(Workflow):
             covariates=paths.get("covariates"),
             name=name, out_dir=str(settings.home / "precompute" / name),
             backend=body.get("backend") or "local", host=body.get("host") or "",
-            queue=body.get("queue") or "")
+            queue=body.get("queue") or "", confine=confined(paths, settings))
         try:
             job, tasks = build_job(request, settings, cache)
         except InputError as e:
-            message = str(e)
-            for role, path in paths.items():
-                message = message.replace(str(path), f"inputs.{role}")
-            raise FieldError("inputs", message) from e
+            raise as_field(e, paths) from e
         except ConfigError as e:
             raise FieldError("params", str(e)) from e
         begin(settings, job, cache)

@@ -79,6 +79,9 @@ class GemmaRequest:
     min_rule: str = "sheepdog"  # permutation minimum: every p, or gemma-wrapper's p > 0
     lmdb: str = ""  # also write the merged scan as gemma2lmdb's LMDB here
     loco: bool = True  # False: one kinship of all SNPs for every chromosome's LMM
+    # the directories files named inside an input (an R/qtl2 control file's) must be in:
+    # a request's upload and the input roots; () for a user's own command line
+    confine: tuple[str, ...] = ()
     # every declared parameter's value as asked (SCAN_PARAMS, PERMUTATION_PARAMS): the
     # job's record of its options comes from here, a parameter declared later included
     options: dict[str, Any] = field(default_factory=dict)
@@ -202,7 +205,7 @@ def genotypes(request: GemmaRequest, store: Cache, max_chromosomes: int = MAX_CH
     geno = _exists(request.geno, "genotype")
     anno = _exists(request.anno, "annotation")
     assert geno
-    found = formats.load(store, geno, anno)
+    found = formats.load(store, geno, anno, request.confine)
     hashes = {"geno": _put(store, geno)}
     if anno is not None:
         hashes["anno"] = _put(store, anno)

@@ -122,11 +122,20 @@ def _required_with(paths: dict[str, Path]) -> None:
                              f"{'BIMBAM' if kind == formats.BIMBAM else 'GN .geno'} genotypes")
 
 
-def _as_field(e: InputError, paths: dict[str, Path]) -> FieldError:
+def confined(paths: dict[str, Path], settings: Settings) -> tuple[str, ...]:
+    """Where files named inside a request's inputs may be: beside those inputs (their
+    upload, bundle or root) or under an input root."""
+    return tuple(dict.fromkeys([*settings.input_roots, *(str(p.parent) for p in
+                                                         paths.values())]))
+
+
+def as_field(e: InputError, paths: dict[str, Path]) -> FieldError:
     """An input's problem named by its field, not by where the server put the file."""
     message = str(e)
     for role, path in paths.items():
         message = message.replace(str(path), f"inputs.{role}")
+    for folder in sorted({str(p.parent) for p in paths.values()}, key=len, reverse=True):
+        message = message.replace(folder + "/", "")  # a file beside them: by its name
     field = next((f"inputs.{r}" for r, p in paths.items() if str(p) == e.where), "inputs")
     return FieldError(field, message)
 
@@ -184,11 +193,12 @@ class GemmaWorkflow(Workflow):
                                backend=body.get("backend") or "local",
                                host=body.get("host") or "", queue=body.get("queue") or "",
                                loco=self.loco, options=params,
+                               confine=confined(paths, settings),
                                **{k: v for k, v in params.items() if k in fields})
         try:
             return build_job(request, settings, cache)
         except InputError as e:
-            raise _as_field(e, paths) from e
+            raise as_field(e, paths) from e
         except ConfigError as e:
             raise FieldError("params", str(e)) from e
 
