@@ -194,9 +194,9 @@ def main() -> None:
                SHEEPDOG_API_TOKENS=TOKEN, SHEEPDOG_QUEUE="load",
                SHEEPDOG_MAX_STREAMS_PER_TOKEN=str(args.followers + 10))
     web = subprocess.Popen([sys.executable, "-m", "sheepdog", "serve", "--bind",
-                            f"127.0.0.1:{port}", "--local-workers", "8", "--threads",
-                            str(args.followers + 40)], env=env, stdout=subprocess.DEVNULL,
-                           stderr=open(work / "serve.log", "w"), start_new_session=True)
+                            f"127.0.0.1:{port}", "--local-workers", "8"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=open(work / "serve.log", "w"),
+                           start_new_session=True)
     try:
         conn = redis.Redis.from_url(server.url)
         for _ in range(300):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -22,7 +23,13 @@ from .clirun import conn as _conn
 from .clirun import print_json as _print_json
 from .clirun import settings as _settings
 from .connection import connect_waiting, shown, url_for
-from .defaults import PIECES_PAGE, SERVE_GRACE, WORKER_STOP_WAIT
+from .defaults import (
+    PIECES_PAGE,
+    SERVE_CONNECTIONS,
+    SERVE_GRACE,
+    SERVE_HEAD_TIMEOUT,
+    WORKER_STOP_WAIT,
+)
 from .errors import SheepdogError
 from .logs import LogLine
 from .models import JobStatus
@@ -248,16 +255,20 @@ def _pull_worker(settings: Any, server: str, token: str, ca_file: str | None,
 @click.option("--bind", default="127.0.0.1:8080", show_default=True, help="HOST:PORT to serve on.")
 @click.option("--local-workers", "local_workers", default=os.cpu_count() or 1, show_default=True,
               help="Tasks at once in a worker started alongside (0: rely on other workers).")
-@click.option("--threads", default=32, show_default=True,
-              help="Web threads (each open websocket, each idle pull worker holds one).")
+@click.option("--connections", default=SERVE_CONNECTIONS, show_default=True,
+              type=click.IntRange(16),
+              help="Open connections at once (websockets, long polls and requests; each "
+                   "is a greenlet of the event loop, not a thread).")
+@click.option("--threads", default=None, type=int, hidden=True,
+              help="No longer used: connections are not threads (see --connections).")
 @click.option("--certfile", envvar="SHEEPDOG_TLS_CERT", default=None, type=click.Path(),
               help="Serve HTTPS with this certificate (PEM, with its chain) "
                    "[env SHEEPDOG_TLS_CERT].")
 @click.option("--keyfile", envvar="SHEEPDOG_TLS_KEY", default=None, type=click.Path(),
               help="... and this private key [env SHEEPDOG_TLS_KEY].")
-def serve(bind: str, local_workers: int, threads: int, certfile: str | None,
-          keyfile: str | None) -> None:
-    """Serve the REST API, websockets and pages (gunicorn, threaded) on the same Redis."""
+def serve(bind: str, local_workers: int, connections: int, threads: int | None,
+          certfile: str | None, keyfile: str | None) -> None:
+    """Serve the REST API, websockets and pages (gunicorn, event-driven) on the same Redis."""
     settings = _settings()
     tls: list[str] = []
     if certfile or keyfile:
@@ -272,8 +283,13 @@ def serve(bind: str, local_workers: int, threads: int, certfile: str | None,
     # `web` is a short name: put the directory this install's `web` package sits in first,
     # so a stray web/ folder where the server is started cannot shadow it
     home = str(Path(__file__).resolve().parent.parent)
-    argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--worker-class", "gthread",
-            "--workers", "1", "--threads", str(threads), "--access-logfile", "-",
+    _room_for(connections)
+    # gevent: an open websocket, a long-polling worker or a slow client costs a greenlet,
+    # not one of a few threads; a request's head must arrive within --keep-alive seconds
+    # (gevent's worker times out reading it), so a half-sent request holds nothing long
+    argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--worker-class", "gevent",
+            "--workers", "1", "--worker-connections", str(connections),
+            "--keep-alive", str(int(SERVE_HEAD_TIMEOUT)), "--access-logfile", "-",
             "--graceful-timeout", str(int(SERVE_GRACE)), *_no_control_socket(),
             # the path without its query string (?token=...) and no referer: no token in logs
             "--access-logformat", '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s',
@@ -301,6 +317,16 @@ def serve(bind: str, local_workers: int, threads: int, certfile: str | None,
             signal.signal(sig, signal.SIG_IGN)  # one stop at a time
         _stop_all(children)
     sys.exit(code)
+
+
+def _room_for(connections: int) -> None:
+    """Enough file descriptors for every connection and its Redis link (the soft limit
+    raised as far as the hard one allows; gunicorn inherits it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * connections + 256
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
 
 
 def _no_control_socket() -> list[str]:

@@ -57,8 +57,8 @@ class Settings:
     bundle_max_members: int = 1000  # members of one bundle
     input_roots: tuple[str, ...] = ()
     inventory: str | None = None
-    max_streams_per_job: int = 16  # open websocket streams of one job (each holds a thread)
-    max_streams_per_token: int = 24  # ... of one token: keep it below serve's --threads
+    max_streams_per_job: int = 128  # open websocket streams of one job
+    max_streams_per_token: int = 256  # ... of one token (each a greenlet and a Redis link)
     max_permutations: int = 100_000  # one gemma-permute request, at most
     max_pieces: int = 5_000  # permutation batches of one request, at most
     max_chromosomes: int = 100  # in one genotype set

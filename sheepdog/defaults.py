@@ -21,6 +21,8 @@ KILL_GRACE = 3.0  # s: between SIGTERM and SIGKILL of a piece's process group
 # worker hands its pieces back within KILL_GRACE, gunicorn drains within SERVE_GRACE
 WORKER_STOP_WAIT = 8.0
 SERVE_GRACE = 5.0  # s: gunicorn's graceful timeout (websockets are told to go at once)
+SERVE_CONNECTIONS = 4096  # connections `serve` holds open at once (greenlets, not threads)
+SERVE_HEAD_TIMEOUT = 5.0  # s: a request's head (and an idle keep-alive) gets this long
 BURST_OUTAGE_LIMIT = 60.0  # s: a burst (one-off) worker stops waiting for Redis after this
 # connections one process may open to Redis: each open websocket stream holds one in a
 # blocking read, and redis-py's own default cap (100) refused the 101st follower

@@ -47,7 +47,7 @@ class Service:
         out = open(Path(self.env["SHEEPDOG_HOME"]) / f"serve.{len(self.logs)}.log", "w")
         self.logs.append(out.name)
         self.proc = subprocess.Popen(
-            [*SHEEPDOG, "serve", "--bind", self.bind, "--local-workers", "0", "--threads", "16",
+            [*SHEEPDOG, "serve", "--bind", self.bind, "--local-workers", "0",
              "--certfile", str(self.certfile), "--keyfile", str(self.keyfile)],
             env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30

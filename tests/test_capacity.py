@@ -26,7 +26,7 @@ def test_130_streams_at_once_are_all_served(env, conn, settings):
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "sheepdog", "serve", "--bind", f"127.0.0.1:{port}",
-         "--local-workers", "0", "--threads", str(STREAMS + 20)],
+         "--local-workers", "0"],
         env=dict(env, SHEEPDOG_API_TOKENS=TOKEN, SHEEPDOG_MAX_STREAMS_PER_TOKEN="500",
                  SHEEPDOG_MAX_STREAMS_PER_JOB="500"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

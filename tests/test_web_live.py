@@ -15,12 +15,14 @@ from conftest import BXD, free_port, wait_for
 from simple_websocket import Client, ConnectionClosed
 
 TOKEN = "live-token"
+STREAM_CAP = 16  # max_streams_per_job, set low so the test reaches it
 
 
 @pytest.fixture()
 def server(env):
     port = free_port()
-    server_env = dict(env, SHEEPDOG_API_TOKENS=TOKEN, SHEEPDOG_INPUT_ROOTS=str(BXD))
+    server_env = dict(env, SHEEPDOG_API_TOKENS=TOKEN, SHEEPDOG_INPUT_ROOTS=str(BXD),
+                      SHEEPDOG_MAX_STREAMS_PER_JOB=str(STREAM_CAP))
     proc = subprocess.Popen([sys.executable, "-m", "sheepdog", "serve", "--bind",
                              f"127.0.0.1:{port}", "--local-workers", "2"], env=server_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -133,7 +135,7 @@ def test_closed_streams_free_their_threads_and_streams_are_capped(server, conn):
     assert urllib.request.urlopen(f"{server}/health", timeout=5).status == 200
     assert time.monotonic() - started < 1.0
     time.sleep(1.0)  # each closed stream's thread notices within a round (a quarter second)
-    held = [Client.connect(url) for _ in range(16)]  # max_streams_per_job
+    held = [Client.connect(url) for _ in range(STREAM_CAP)]  # max_streams_per_job
     try:
         assert all(json.loads(ws.receive(timeout=10))["type"] != "error" for ws in held)
         extra = Client.connect(url)

@@ -26,8 +26,31 @@ from sheepdog.models import JobStatus
 
 from . import auth, state
 
+# a job's progress event, shared by every stream of it in this process for this long:
+# a thousand watchers of one job cost one computation, not a thousand
+PROGRESS_SHARED = 0.5  # s
+STREAM_BLOCK_MS = 1000  # a stream's wait for new lines: a closed client is noticed after it
+_shared: dict[str, tuple[float, dict[str, Any]]] = {}
+_shared_lock = threading.Lock()
 
-def _progress_event(conn: Any, job_id: str) -> dict[str, Any]:
+
+def _progress_event(conn: Any, job_id: str, fresh: bool = False) -> dict[str, Any]:
+    """The job's progress event, as computed for any stream of it within the last
+    PROGRESS_SHARED seconds (`fresh`: computed now)."""
+    now = time.monotonic()
+    with _shared_lock:
+        known = _shared.get(job_id)
+        if known is not None and not fresh and now - known[0] < PROGRESS_SHARED:
+            return known[1]
+        if len(_shared) > 10_000:  # jobs nobody follows any more
+            _shared.clear()
+    event = _compute_progress(conn, job_id)
+    with _shared_lock:
+        _shared[job_id] = (now, event)
+    return event
+
+
+def _compute_progress(conn: Any, job_id: str) -> dict[str, Any]:
     """Counts, and each piece only while the whole job fits one page: a job of
     100,000 pieces sends the same few hundred bytes as a LOCO scan."""
     whole = store.count_tasks(conn, job_id) <= PIECES_PAGE
@@ -143,14 +166,14 @@ def follow(ws: Any, job_id: str, after: str) -> None:
         if GOING_AWAY.is_set():
             _going_away(ws, cursors[job_id])
             return
-        lines = logs.tail(conn, cursors)
+        lines = logs.tail(conn, cursors, block_ms=STREAM_BLOCK_MS)
         ended = any(line.end for _, line in lines)
         _send_all(ws, [json.dumps({"type": "line", **line.as_dict()}) for _, line in lines])
         last = cursors[job_id]
         now = time.monotonic()
         if ended or lines or now - beat > PROGRESS_EVERY:
             beat = now
-            event = _progress_event(conn, job_id)
+            event = _progress_event(conn, job_id, fresh=ended)
             if event != sent:
                 ws.send(json.dumps(event))
                 sent = event

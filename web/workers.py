@@ -104,11 +104,12 @@ def _client_gone() -> bool:
     sock = request.environ.get("gunicorn.socket")
     if sock is None:
         return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
+    try:  # poll, not select: a busy service has descriptors past select's 1024
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
-    return bool(readable)
 
 
 @bp.post("/leave")
