@@ -473,11 +473,19 @@ def tokens_group() -> None:
               help="read: jobs, logs, results; submit: also run workflows; worker: a pull "
                    "worker's protocol only; admin: everything, commands too.")
 @click.option("--name", default=None, help="A name to list and revoke it by.")
-def tokens_add(role: str, name: str | None) -> None:
+@click.option("--trusted", is_flag=True,
+              help="A worker whose outputs enter the shared cache, reused by every identical "
+                   "piece of every job; an untrusted worker's serve only its own job.")
+@click.option("--queue", "queues", multiple=True, metavar="NAME",
+              help="A worker token takes pieces of this queue only (repeatable; default: "
+                   "any queue).")
+def tokens_add(role: str, name: str | None, trusted: bool, queues: tuple[str, ...]) -> None:
     """Make a token; it is printed once, alone on the last line."""
     path = tokens.tokens_file(_settings())
-    entry, token = tokens.add(path, role, name)
-    click.echo(f"token {entry.name} (role {entry.role}) added to {path}; it is shown "
+    entry, token = tokens.add(path, role, name, trusted, queues)
+    extra = (", trusted" if entry.trusted else "") + (
+        f", queues {', '.join(entry.queues)}" if entry.queues else "")
+    click.echo(f"token {entry.name} (role {entry.role}{extra}) added to {path}; it is shown "
                "only now:")
     click.echo(token)
 
@@ -489,7 +497,8 @@ def tokens_list(as_json: bool) -> None:
     path = tokens.tokens_file(_settings())
     found = tokens.load(path)
     if as_json:
-        _print_json([{"name": e.name, "role": e.role, "created": e.created} for e in found])
+        _print_json([{"name": e.name, "role": e.role, "created": e.created,
+                      "trusted": e.trusted, "queues": e.queues} for e in found])
         return
     for e in found:
         made = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created))

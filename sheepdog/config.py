@@ -49,9 +49,13 @@ class Settings:
     redis_cert: str = ""  # client certificate for rediss:// (with redis_key)
     redis_key: str = ""
     cors_origins: tuple[str, ...] = ()
+    # proxies in front of `serve` whose X-Forwarded-For/-Proto/-Host it believes (nginx: 1):
+    # then a page's cookie is Secure when the browser came by HTTPS
+    trusted_proxies: int = 0
     retention_days: float = 30.0  # finished jobs and their logs stay in Redis this long
     upload_limit_mb: int = 512  # one POST /jobs request with its uploads
-    json_limit_mb: int = 16  # its JSON job description
+    json_limit_mb: int = 16  # its JSON job description (and any JSON body of a worker's)
+    worker_upload_mb: int = 8192  # one output file a pull worker uploads
     bundle_max_mb: int = 4096  # a bundle's members, unpacked, together
     bundle_member_max_mb: int = 2048  # one member, unpacked
     bundle_max_members: int = 1000  # members of one bundle
@@ -85,7 +89,8 @@ class Settings:
 
 
 _INT = {"log_max_lines", "log_max_bytes", "log_buffer_lines", "max_attempts", "upload_limit_mb",
-        "json_limit_mb", "bundle_max_mb", "bundle_member_max_mb", "bundle_max_members",
+        "json_limit_mb", "worker_upload_mb", "trusted_proxies", "bundle_max_mb",
+        "bundle_member_max_mb", "bundle_max_members",
         "gn3_max_attempts", "max_command_args", "max_command_bytes", "max_streams_per_job",
         "max_streams_per_token", "max_permutations", "max_pieces", "max_chromosomes",
         "prepare_workers", "prepare_memory_mb"}

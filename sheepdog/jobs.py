@@ -78,6 +78,9 @@ def submit(conn: redis.Redis, settings: Settings, job: Job, tasks: list[Task]) -
     local = Cache(settings.cache_dir)
     if job.params.get("forced"):
         store.forget(conn, list(job.params["forced"]), local.remove)
+    # outputs an untrusted pull worker made served its own job only: computed again
+    store.forget(conn, store.untrusted(conn, [t.id for t in tasks if t.cacheable]),
+                 local.remove)
     by_id = {t.id: t for t in tasks}
     return store.submit(conn, job, tasks,
                         published=lambda tid: not by_id[tid].cacheable or local.reused(tid))

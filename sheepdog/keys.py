@@ -103,6 +103,12 @@ def gn3_jobs() -> str:
     return f"{PREFIX}:gn3:jobs"
 
 
+def untrusted_tasks() -> str:
+    """SET: finished tasks whose outputs an untrusted pull worker made (no other job
+    reuses them)."""
+    return f"{PREFIX}:tasks:untrusted"
+
+
 def active_tasks() -> str:
     """SET: tasks that are queued or running, for the reaper to inspect."""
     return f"{PREFIX}:tasks:active"

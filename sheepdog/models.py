@@ -100,6 +100,9 @@ class Task:
     cache_hit: bool = False
     twin: str = ""  # the id of this task's twin, once one was started
     used: float = 0.0  # when a job last took it from the cache (retention keeps it since)
+    # the untrusted pull worker whose outputs these are: they serve the job they ran for,
+    # and any other job computes them again (jobs.submit)
+    untrusted: str = ""
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -140,6 +143,7 @@ class Job:
     queue: str = "default"
     out_dir: str = ""
     final_task: str = ""  # the task whose exit code becomes the job's
+    owner: str = ""  # the name of the token that sent it over HTTP ('' from the CLI)
     total: int = 0
     done: int = 0
     cached: int = 0

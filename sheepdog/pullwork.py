@@ -226,15 +226,23 @@ def small_blobs(conn: redis.Redis, cache: Cache, name: str, lease: str, shas: li
     return found
 
 
-def _partial(cache: Cache, sha: str, name: str) -> Path:
-    """Where one worker's upload of one blob grows (per worker: two never mix)."""
-    return cache.tmp / f"up.{sha}.{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+def _partial(cache: Cache, sha: str, name: str, lease: str) -> Path:
+    """Where one worker's upload of one blob for one piece grows (two never mix; the
+    piece's end removes what is left: see drop_partials)."""
+    return cache.tmp / f"up.{lease[:16]}.{sha}.{hashlib.sha256(name.encode()).hexdigest()[:12]}"
 
 
-def upload_state(cache: Cache, name: str, sha: str) -> dict[str, Any]:
+def drop_partials(cache: Cache, lease: str) -> None:
+    """Uploads a piece's worker began and did not finish: gone with the piece."""
+    if SHA256.fullmatch(lease):
+        for part in cache.tmp.glob(f"up.{lease[:16]}.*"):
+            part.unlink(missing_ok=True)
+
+
+def upload_state(cache: Cache, name: str, sha: str, lease: str) -> dict[str, Any]:
     if cache.blob(check_sha(sha)).is_file():
         return {"complete": True, "offset": None}
-    part = _partial(cache, sha, name)
+    part = _partial(cache, sha, name, lease)
     return {"complete": False, "offset": part.stat().st_size if part.exists() else 0}
 
 
@@ -247,14 +255,14 @@ class HashMismatch(SheepdogError):
 
 
 def receive(cache: Cache, name: str, sha: str, offset: int, total: int,
-            body: IO[bytes]) -> dict[str, Any]:
+            body: IO[bytes], lease: str) -> dict[str, Any]:
     """Append one segment of an upload at `offset`, streamed to disk as it comes; when
     the file is whole, check its hash and store it. A segment cut short leaves what
     came, and the next one resumes there."""
     check_sha(sha)
     if cache.blob(sha).is_file():
         return {"complete": True, "offset": None}
-    part = _partial(cache, sha, name)
+    part = _partial(cache, sha, name, lease)
     have = part.stat().st_size if part.exists() else 0
     if offset != have:
         raise OffsetMismatch(f"upload of {sha[:12]} continues at byte {have}, not {offset}")
@@ -287,6 +295,11 @@ def _clean_files(files: object) -> dict[str, str]:
                 or "\0" in str(rel)):
             raise FieldError("files", f"{str(rel)[:80]!r} is not a plain relative path")
         clean[path.as_posix()] = check_sha(str(sha))
+    folders = {p.as_posix() for rel in clean for p in PurePosixPath(rel).parents}
+    both = sorted(folders & set(clean))
+    if both:
+        raise FieldError("files", f"{both[0][:80]!r} is named both as a file and as a "
+                         "folder of another")
     return clean
 
 
@@ -337,7 +350,7 @@ def _publish(cache: Cache, task: Task, report: dict[str, Any],
 
 def finish(conn: redis.Redis, settings: Settings, cache: Cache, name: str, lease: str,
            report: dict[str, Any], lines: list[tuple[str, str]] | None = None,
-           raw: dict[str, bytes] | None = None) -> dict[str, Any]:
+           raw: dict[str, bytes] | None = None, trusted: bool = True) -> dict[str, Any]:
     """Record a piece's end. A success's output files must all be stored first:
     {"missing": [...]} names those to upload. Asking again after it was recorded
     answers its status, so a worker may always repeat a report it is unsure of."""
@@ -354,6 +367,9 @@ def finish(conn: redis.Redis, settings: Settings, cache: Cache, name: str, lease
         missing, outcome = _publish(cache, task, report, outcome)
         if missing:
             return {"missing": missing}
+        if not trusted:  # marked before it counts as done: no other job reuses it
+            store.mark_untrusted(conn, task.id, name)
     status = conclude(conn, settings, name, task, jobs, outcome,
                       Deadline(PULL_REPORT_DEADLINE))
+    drop_partials(cache, lease)  # (one the worker gave up on, or a stale one)
     return {"status": str(status), "recorded": True}

@@ -804,6 +804,29 @@ def iter_final(conn: redis.Redis, job_ids: Iterable[str]) -> Iterator[str]:
             yield jid
 
 
+def mark_untrusted(conn: redis.Redis, task_id: str, worker: str) -> None:
+    pipe = conn.pipeline(transaction=True)
+    pipe.hset(keys.task(task_id), "untrusted", worker)
+    pipe.sadd(keys.untrusted_tasks(), task_id)
+    pipe.execute()
+
+
+def untrusted(conn: redis.Redis, task_ids: list[str]) -> list[str]:
+    """The finished tasks among these whose outputs came from an untrusted worker (one
+    command when there are none, the usual case)."""
+    if not task_ids or not conn.scard(keys.untrusted_tasks()):
+        return []
+    flags = conn.smismember(keys.untrusted_tasks(), task_ids)
+    marked = [tid for tid, flag in zip(task_ids, flags, strict=True) if flag]
+    if not marked:
+        return []
+    pipe = conn.pipeline(transaction=False)
+    for tid in marked:  # the set may name a task run again since: its hash says
+        pipe.hmget(keys.task(tid), "status", "untrusted")
+    return [tid for tid, (status, who) in zip(marked, pipe.execute(), strict=True)
+            if who and _text(status) == TaskStatus.SUCCESS]
+
+
 def forget(conn: redis.Redis, task_ids: list[str],
            remove_outputs: Callable[[str], object]) -> int:
     """For --force: drop finished tasks (state and outputs) so they are computed again.
@@ -816,6 +839,7 @@ def forget(conn: redis.Redis, task_ids: list[str],
         if status in ACTIVE:
             continue
         conn.delete(keys.task(tid))
+        conn.srem(keys.untrusted_tasks(), tid)
         remove_outputs(tid)
         forgotten += 1
     return forgotten

@@ -16,7 +16,7 @@ import os
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .config import Settings, config_file
@@ -39,9 +39,16 @@ class Identity:
 
     name: str
     role: str
+    # a worker whose outputs may enter the shared cache (an admin's always do)
+    trusted: bool = False
+    queues: tuple[str, ...] = ()  # a worker token's queues (empty: any)
 
     def may(self, need: str) -> bool:
         return need in _GRANTS.get(self.role, set())
+
+    def serves(self, queue: str) -> bool:
+        """May this worker take pieces of `queue`?"""
+        return not self.queues or queue in self.queues
 
 
 @dataclass
@@ -52,6 +59,8 @@ class Entry:
     role: str
     sha256: str
     created: float
+    trusted: bool = False
+    queues: list[str] = field(default_factory=list)
 
 
 def tokens_file(settings: Settings) -> Path:
@@ -84,8 +93,12 @@ def load(path: Path) -> list[Entry]:
     found = []
     for i, item in enumerate(entries):
         try:
+            queues = item.get("queues", [])
+            if not isinstance(queues, list):
+                raise TypeError("queues")
             entry = Entry(str(item["name"]), str(item["role"]), str(item["sha256"]),
-                          float(item.get("created", 0)))
+                          float(item.get("created", 0)), bool(item.get("trusted", False)),
+                          [str(q) for q in queues])
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{path}: tokens[{i}]: missing or bad field {e}") from e
         if entry.role not in ROLES:
@@ -105,16 +118,20 @@ def _save(path: Path, entries: list[Entry]) -> None:
     os.replace(tmp, path)
 
 
-def add(path: Path, role: str, name: str | None = None) -> tuple[Entry, str]:
-    """Make a token; returns its stored entry and the token itself (shown once)."""
+def add(path: Path, role: str, name: str | None = None, trusted: bool = False,
+        queues: tuple[str, ...] = ()) -> tuple[Entry, str]:
+    """Make a token; returns its stored entry and the token itself (shown once).
+    `trusted` and `queues` are for worker tokens."""
     if role not in ROLES:
         raise ConfigError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+    if (trusted or queues) and role != "worker":
+        raise ConfigError("--trusted and --queue are for worker tokens (--role worker)")
     entries = load(path)
     name = name or f"{role}-{secrets.token_hex(3)}"
     if any(e.name == name for e in entries):
         raise ConfigError(f"a token named {name!r} exists already in {path} (revoke it first)")
     token = PREFIX + secrets.token_urlsafe(32)
-    entry = Entry(name, role, digest(token), time.time())
+    entry = Entry(name, role, digest(token), time.time(), trusted, list(queues))
     _save(path, entries + [entry])
     return entry, token
 
@@ -163,9 +180,11 @@ class Registry:
         found: Identity | None = None
         for token in self.legacy:
             if same(given, token) and found is None:
-                found = Identity("api", "admin")
+                found = Identity("api", "admin", trusted=True)
         hashed = digest(given)
         for entry in self._current():
             if same(hashed, entry.sha256) and found is None:
-                found = Identity(entry.name, entry.role)
+                found = Identity(entry.name, entry.role,
+                                 trusted=entry.trusted or entry.role == "admin",
+                                 queues=tuple(entry.queues))
         return found

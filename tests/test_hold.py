@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -160,3 +161,156 @@ def _reachable(health) -> bool:
         return True
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------- one service for the rest
+
+@pytest.fixture()
+def service(env, home):
+    """`sheepdog serve` with stored tokens: (base URL, port, tokens file, {name: token})."""
+    from sheepdog import tokens
+
+    path = home / "tokens.json"
+    made = {name: tokens.add(path, role, name)[1]
+            for name, role in (("admin", "admin"), ("watcher", "read"), ("puller", "worker"))}
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "sheepdog", "serve", "--bind", f"127.0.0.1:{port}",
+         "--local-workers", "0"], env=dict(env, SHEEPDOG_TOKENS_FILE=str(path)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def health() -> None:
+        with urllib.request.urlopen(f"{base}/health", timeout=5) as r:
+            assert r.status == 200
+
+    try:
+        wait_for(lambda: _reachable(health), 30, every=0.1, what="sheepdog serve")
+        yield base, port, path, made, server.pid
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def _web_process(serve_pid: int) -> int:
+    """The gunicorn worker below `sheepdog serve` (the process that reads bodies)."""
+    def children(pid: int) -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = open(f"/proc/{entry}/stat").read()
+                except OSError:
+                    continue
+                if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                    found.append(int(entry))
+        return found
+
+    def gunicorn(pid: int) -> bool:
+        return b"gunicorn" in open(f"/proc/{pid}/cmdline", "rb").read()
+
+    master = next(p for p in children(serve_pid) if gunicorn(p))
+    return next(p for p in children(master) if gunicorn(p))
+
+
+def _peak_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _send_chunked(port: int, path: str, token: str, megabytes: int) -> int:
+    """POST `megabytes` of JSON-ish bytes chunked (no Content-Length); the status the
+    server answered (it may answer and close before the body is all sent)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall((f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+               "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+    piece = b'"' + b"x" * (1 << 20) + b'"'
+    frame = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+    try:
+        s.sendall(b'1\r\n[\r\n')
+        for _ in range(megabytes):
+            s.sendall(frame)
+        s.sendall(b"0\r\n\r\n")
+    except OSError:
+        pass  # the server answered and closed: what it said is below
+    try:
+        answer = s.recv(4096)
+    finally:
+        s.close()
+    return int(answer.split()[1]) if answer.startswith(b"HTTP/1.1") else 0
+
+
+def test_bodies_are_bounded_while_they_are_read_chunked_or_not(service):
+    """Review 2, med: one 300 MB JSON to a worker route peaked at 1.56 GB; a chunked
+    300 MB POST /jobs reached 649 MB before its 413. Now both stop at their limit."""
+    base, port, _, made, serve_pid = service
+    web = _web_process(serve_pid)
+    before = _peak_mb(web)
+    assert _send_chunked(port, "/jobs", made["admin"], 300) == 413
+    assert _send_chunked(port, "/api/v1/worker/log", made["puller"], 300) == 413
+    declared = urllib.request.Request(f"{base}/api/v1/worker/log", b"{}", {
+        "Authorization": f"Bearer {made['puller']}", "Content-Type": "application/json",
+        "Content-Length": str(300 << 20)}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(declared, timeout=10)
+    assert e.value.code == 413
+    assert _peak_mb(web) - before < 64, (before, _peak_mb(web))  # the limit is 16 MB
+
+
+def test_revoking_a_token_closes_its_stream_and_its_claim_within_a_second(service, conn):
+    """Review 2, med: a revoked token's websocket streamed on until its job ended, and
+    a claim already waiting got a piece."""
+    from simple_websocket import Client
+
+    from sheepdog import tokens
+
+    base, port, path, made, _ = service
+    request = urllib.request.Request(f"{base}/jobs", json.dumps(
+        {"workflow": "command", "command": ["true"], "queue": "parked"}).encode(), {
+        "Authorization": f"Bearer {made['admin']}", "Content-Type": "application/json"},
+        method="POST")
+    conn.sadd(keys.queues_served(), "parked")
+    job = json.loads(urllib.request.urlopen(request, timeout=10).read())
+    ws = Client.connect(f"ws://127.0.0.1:{port}/jobs/{job['id']}/stream?token="
+                        f"{made['watcher']}")
+    claim = _claim_as(port, made["puller"], "idle")
+    try:
+        assert json.loads(ws.receive(timeout=10))["type"] in ("line", "progress")
+        time.sleep(1.0)  # both are waiting now
+        assert not _readable([claim])
+        assert tokens.revoke(path, "watcher") and tokens.revoke(path, "puller")
+        revoked = time.monotonic()
+        closed = None
+        while closed is None and time.monotonic() - revoked < 5:
+            try:
+                message = ws.receive(timeout=0.1)
+            except Exception:  # noqa: BLE001  the close itself
+                closed = time.monotonic() - revoked
+                break
+            if message and json.loads(message).get("field") == "token":
+                closed = time.monotonic() - revoked
+        assert closed is not None and closed < 1.5, closed
+        # and the claim: answered at once, with nothing, though a piece waits for it
+        request = urllib.request.Request(f"{base}/jobs", json.dumps(
+            {"workflow": "command", "command": ["true"], "queue": "idle"}).encode(), {
+            "Authorization": f"Bearer {made['admin']}", "Content-Type": "application/json"},
+            method="POST")
+        urllib.request.urlopen(request, timeout=10)
+        wait_for(lambda: _readable([claim]), 1.5, every=0.02, what="the claim to end")
+        answer = claim.recv(65536).split(b"\r\n\r\n", 1)[1]
+        assert json.loads(answer)["pieces"] == []
+    finally:
+        ws.close()
+        claim.close()
+
+
+def _claim_as(port: int, token: str, queue: str) -> socket.socket:
+    body = json.dumps({"worker": "revoked", "wait": 30, "queues": [queue]}).encode()
+    return _connect(port, (f"POST /api/v1/worker/claim HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                           f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {len(body)}\r\n\r\n").encode() + body)

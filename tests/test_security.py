@@ -3,17 +3,22 @@ existence oracle, tokens compared safely, the embedded Redis private to its owne
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import os
 import stat
 import tarfile
+from pathlib import Path
 
 import pytest
 from conftest import BXD, sheepdog
 
 from sheepdog import embedded
 from web import create_app
+
+pytestmark = pytest.mark.security
 
 TOKEN = "sec-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -317,3 +322,225 @@ def test_a_control_file_may_name_files_beside_it_and_under_input_roots(tmp_path)
     with pytest.raises(InputError, match="not beside the control file"):
         qtl2.read_control(control, confine=(str(tmp_path),))
     assert qtl2.read_control(control).geno.parent == BXD  # a user's own command line
+
+
+# ---------------------------------------------------------------- review 2, with roles
+
+@pytest.fixture()
+def roles(redis_server, home, conn, queue):
+    """A service with stored tokens of each kind: (client, {name: token})."""
+    from sheepdog import tokens
+
+    path = home / "tokens.json"
+    made = {}
+    for name, role, extra in (("admin", "admin", {}), ("sub", "submit", {}),
+                              ("other", "submit", {}), ("worker", "worker", {}),
+                              ("trusted", "worker", {"trusted": True}),
+                              ("narrow", "worker", {"queues": ("gpu",)})):
+        made[name] = tokens.add(path, role, name, **extra)[1]
+    app = create_app({"TESTING": True, "SETTINGS": {
+        "redis_url": redis_server.url, "home": home, "queue": queue, "tokens_file": str(path),
+        "input_roots": (str(BXD),), "trusted_proxies": 1}})
+    return app.test_client(), made
+
+
+def _as(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _claimed(client, made: dict[str, str], token: str, body: dict) -> str:
+    """Submit a cacheable map job and claim its item with `token` as a pull worker;
+    the lease (the item's task id)."""
+    assert client.post("/jobs", headers=_as(made["admin"]), json=body).status_code == 202
+    answer = client.post("/api/v1/worker/claim", headers=_as(token),
+                         json={"worker": "w", "wait": 5}).get_json()
+    return answer["pieces"][0]["lease"]
+
+
+def _forge(client, made: dict[str, str], token: str, body: dict) -> str:
+    """... and report made-up outputs for it."""
+    lease = _claimed(client, made, token, body)
+    forged = b'{"forged": true}\n'
+    sha = hashlib.sha256(forged).hexdigest()
+    done = client.post("/api/v1/worker/finish", headers=_as(token), json={
+        "worker": "w", "lease": lease, "exit_code": 0, "files": {"results.jsonl": sha},
+        "blobs": {sha: base64.b64encode(forged).decode()}}).get_json()
+    assert done["recorded"] and done["status"] == "success", done
+    return lease
+
+
+@pytest.mark.parametrize("worker,reused", [("worker", False), ("trusted", True)])
+def test_an_untrusted_workers_outputs_are_not_reused_by_another_job(roles, conn, worker,
+                                                                   reused):
+    """Review 2, med: a pull worker reported exit 0 with a forged output, and every
+    identical job of every user reused it. Now only a --trusted worker's outputs enter
+    the shared cache."""
+    from sheepdog import store
+
+    client, made = roles
+    body = {"workflow": "map", "command": ["echo", "{}"], "items": ["a"], "cache": True}
+    task_id = _forge(client, made, made[worker], body)
+    again = client.post("/jobs", headers=_as(made["admin"]), json=body).get_json()
+    task = store.get_task(conn, task_id)
+    assert task is not None
+    assert task_id in store.job_task_ids(conn, again["id"])
+    if reused:
+        assert task.status == "success" and not task.untrusted
+    else:
+        assert task.status == "queued" and not task.untrusted  # computed again
+
+
+def test_a_worker_token_takes_only_its_queues(roles):
+    client, made = roles
+    r = client.post("/api/v1/worker/claim", headers=_as(made["narrow"]),
+                    json={"worker": "n", "queues": ["default"], "wait": 0})
+    assert r.status_code == 403 and r.get_json()["field"] == "queues"
+    r = client.post("/api/v1/worker/renew", headers=_as(made["narrow"]),
+                    json={"worker": "n", "queues": ["cpu"], "leases": []})
+    assert r.status_code == 403
+    r = client.post("/api/v1/worker/claim", headers=_as(made["narrow"]),
+                    json={"worker": "n", "wait": 0})  # its own queue by default
+    assert r.status_code == 200 and r.get_json()["pieces"] == []
+
+
+def test_the_four_500s_of_review_2_are_4xx(roles):
+    client, made = roles
+    w = _as(made["worker"])
+    cases = [
+        client.post("/api/v1/worker/claim", headers=w, data="[" * 100_000 + "]" * 100_000,
+                    content_type="application/json"),
+        client.post("/api/v1/worker/renew", headers=w,
+                    json={"worker": "w", "queues": [], "leases": []}),
+        client.get("/precompute/none/hits?limit=²", headers=_as(made["admin"])),
+    ]
+    for r in cases:
+        assert r.status_code < 500, (r.status_code, r.get_data(as_text=True)[:300])
+    assert cases[1].status_code == 200  # no queues: the service's own
+    from sheepdog.errors import FieldError
+    from sheepdog.pullwork import _clean_files
+
+    sha = "a" * 64
+    with pytest.raises(FieldError, match="both as a file and as a folder"):
+        _clean_files({"a": sha, "a/b": sha})
+
+
+def test_a_cookie_alone_changes_nothing_from_another_page(roles):
+    """Review 2, low: a POST with only the cookie and Content-Type text/plain was
+    accepted (SameSite=Strict stops other sites, not sibling subdomains)."""
+    client, made = roles
+    r = client.get(f"/?token={made['admin']}", headers={"X-Forwarded-Proto": "https"})
+    assert r.status_code == 303
+    cookie = r.headers["Set-Cookie"]
+    assert "Secure" in cookie and "HttpOnly" in cookie  # behind a proxy that says https
+    body = '{"workflow": "command", "command": ["true"]}'
+    cross = client.post("/jobs", data=body, content_type="text/plain")
+    assert cross.status_code == 403 and "Origin" in cross.get_json()["error"]
+    sibling = client.post("/jobs", data=body, content_type="application/json",
+                          headers={"Origin": "https://evil.genenetwork.org"})
+    assert sibling.status_code == 403
+    gone = client.delete("/jobs/20261202-000000-0123456789")
+    assert gone.status_code == 403
+    own = client.post("/jobs", data=body, content_type="application/json",
+                      headers={"Origin": "http://localhost"})
+    assert own.status_code == 202, own.get_json()
+    header = client.post("/jobs", data=body, content_type="application/json",
+                         headers=_as(made["admin"]))
+    assert header.status_code == 202  # a token sent on purpose is no forgery
+
+
+def test_a_precompute_dataset_belongs_to_the_token_that_made_it(roles):
+    client, made = roles
+    example = Path(__file__).resolve().parents[1] / "sheepdog" / "examples" / "bxd"
+    body = {"workflow": "gemma-precompute", "name": "mine",
+            "inputs": {"geno": "BXD.geno.gz", "pheno": "BXD_traits.tsv"},
+            "params": {"sample": 2}}
+
+    def post(token: str):
+        files = {"geno": (io.BytesIO((example / "BXD.geno.gz").read_bytes()), "BXD.geno.gz"),
+                 "pheno": (io.BytesIO((example / "BXD_traits.tsv").read_bytes()),
+                           "BXD_traits.tsv")}
+        return client.post("/jobs", headers=_as(token), content_type="multipart/form-data",
+                           data={"job": json.dumps(body), **files})
+
+    first = post(made["sub"])
+    assert first.status_code == 202, first.get_json()
+    assert post(made["sub"]).status_code == 202  # its owner may add to it
+    other = post(made["other"])
+    assert other.status_code == 403 and other.get_json()["field"] == "name"
+
+
+def test_an_upload_is_bounded_and_its_partial_file_goes_with_the_piece(roles, home):
+    """Review 2, med: `Upload-Length: 10^12` was accepted, and a partial upload stayed
+    in store/tmp after its piece ended."""
+    client, made = roles
+    body = {"workflow": "map", "command": ["echo", "{}"], "items": ["u"], "cache": True}
+    lease = _claimed(client, made, made["worker"], body)
+    url = f"/api/v1/worker/uploads/{'c' * 64}?worker=w&lease={lease}"
+    worker = _as(made["worker"])
+    huge = client.put(url, headers={**worker, "Upload-Length": str(10**12)}, data=b"x")
+    assert huge.status_code == 413 and huge.get_json()["field"] == "Upload-Length"
+    half = client.put(url, headers={**worker, "Upload-Length": "10"}, data=b"12345")
+    assert half.status_code == 202 and half.get_json()["offset"] == 5
+    partial = list((home / "store" / "tmp").glob(f"up.{lease[:16]}.*"))
+    assert len(partial) == 1
+    done = client.post("/api/v1/worker/finish", headers=worker, json={
+        "worker": "w", "lease": lease, "exit_code": 1, "error": "gave up"})
+    assert done.status_code == 200
+    assert not partial[0].exists()
+
+
+def test_gemma_flags_pass_by_allow_list_only():
+    """Review 2, low: `gemma_flags` was a block list; `-snps FILE` and `-mk FILE` opened
+    server paths."""
+    from sheepdog.errors import ConfigError
+    from sheepdog.gemma.commands import check_gemma_flags
+    from sheepdog.gemma.scan.build import SCAN_PARAMS
+
+    assert check_gemma_flags(["-miss", "0.1", "-no-check", "-r2", "0.99"]) == [
+        "-miss", "0.1", "-no-check", "-r2", "0.99"]
+    for flags, said in ((["-snps", "/etc/passwd"], "not among the flags"),
+                        (["-mk", "/etc/shadow"], "not among the flags"),
+                        (["-miss", "/etc/passwd"], "takes a number"),
+                        (["-miss"], "takes a number"),
+                        (["-maf", "0.1"], "use --maf (params.maf over HTTP)"),
+                        (["-o", "x"], "sheepdog names the outputs")):
+        with pytest.raises(ConfigError, match=said.replace("(", r"\(").replace(")", r"\)")):
+            check_gemma_flags(flags, SCAN_PARAMS.gemma_advice())
+
+
+def test_a_wrong_token_does_the_same_work_for_a_known_and_an_unknown_job(client, monkeypatch):
+    """Review 2, low: a wrong token on a known job id answered in 3.9 ms, on an unknown
+    one in 3.0 (the known one read the whole job). Now both read one field and compare
+    the token against something: the same work, whichever the id."""
+    from sheepdog import store, tokens
+
+    job = client.post("/jobs", headers=AUTH, json={"workflow": "command",
+                                                    "command": ["true"]}).get_json()
+    work: list[tuple[str, ...]] = []
+    read, same = store.job_read_token, tokens.same
+    monkeypatch.setattr(store, "job_read_token",
+                        lambda conn, jid: work.append(("read",)) or read(conn, jid))
+    monkeypatch.setattr(tokens, "same", lambda a, b: work.append(("compare", str(len(b))))
+                        or same(a, b))
+    monkeypatch.setattr(store, "get_job", lambda *a: pytest.fail("the whole job was read"))
+    rounds = []
+    for job_id in (job["id"], "20261202-000000-0123456789"):
+        work.clear()
+        r = client.get(f"/jobs/{job_id}?token=wrong-but-long-enough-to-compare")
+        assert r.status_code == 401
+        rounds.append([w for w in work if w[0] != "compare" or w[1] != "64"])
+    assert rounds[0] == rounds[1] and ("read",) in rounds[0], rounds
+
+
+def test_a_line_length_error_names_the_field_not_the_upload_folder(client, home):
+    from sheepdog.gemma.formats.bimbam import MAX_INPUT_LINE
+
+    long_line = b"BXD1," + b"1" * (MAX_INPUT_LINE + 10) + b"\n"
+    job = {"workflow": "gemma-loco", "inputs": {"geno": "g.txt", "pheno": "p.txt",
+                                                "anno": "a.txt"}}
+    r = client.post("/jobs", headers=AUTH, content_type="multipart/form-data", data={
+        "job": json.dumps(job), "geno": (io.BytesIO(long_line), "g.txt"),
+        "pheno": (io.BytesIO(b"1\n"), "p.txt"), "anno": (io.BytesIO(b"rs1 1 1\n"), "a.txt")})
+    text = r.get_data(as_text=True)
+    assert r.status_code == 400 and "longer than" in text, text[:300]
+    assert str(home) not in text and "upload" not in text.lower(), text[:300]

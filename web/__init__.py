@@ -11,6 +11,7 @@ import redis
 from flask import Flask, jsonify
 from flask_sock import Sock
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from sheepdog import config, workflows
 from sheepdog.errors import FieldError, RedisUnavailable, SheepdogError
@@ -48,6 +49,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
             app.register_blueprint(own)
     stream.register(sock)
     app.wsgi_app = stream.own_socket(app.wsgi_app)  # type: ignore[method-assign]
+    if settings.trusted_proxies:  # the scheme and client the proxy saw, not the proxy
+        hops = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops,  # type: ignore[method-assign]
+                                x_host=hops)
     if os.environ.get("SHEEPDOG_SERVE") and threading.current_thread() is threading.main_thread():
         stream.on_stop_signals()  # gunicorn's worker, loading the app in its main thread
     app.teardown_request(lambda _error: inputs.discard_uploads())

@@ -10,10 +10,10 @@ from flask import Blueprint, Response, abort, g, jsonify, make_response, request
 
 from sheepdog import jobs, keys, logs, progress, store, workflows
 from sheepdog.defaults import PIECES_PAGE
-from sheepdog.errors import SheepdogError
+from sheepdog.errors import FieldError, SheepdogError
 from sheepdog.models import Job, JobStatus
 
-from . import auth, inputs, prepare, spec, state
+from . import auth, bodies, inputs, prepare, spec, state
 
 bp = Blueprint("api", __name__)
 
@@ -34,10 +34,9 @@ def _body() -> dict[str, Any]:
         if len(raw) > limit:
             bad("job", f"the job description is over {limit:,d} bytes (json_limit_mb)", 413)
     else:
-        if (request.content_length or 0) > limit:
-            bad("body", f"the job description is over {limit:,d} bytes (json_limit_mb)", 413)
-        raw = request.get_data(as_text=True)  # (chunked: bounded by upload_limit_mb)
-        if len(raw) > limit:
+        try:  # read in pieces, refused as soon as it passes the limit (chunked too)
+            raw = bodies.read(limit).decode(errors="replace")
+        except FieldError:
             bad("body", f"the job description is over {limit:,d} bytes (json_limit_mb)", 413)
     try:
         body = json.loads(raw or "")
@@ -99,7 +98,8 @@ def create_job() -> Any:
     _check_placement(body)
     settings = state.settings()
     where, files = inputs.save_uploads(dict(request.files.items()), settings.home)
-    job, tasks = prepare.prepare(workflow.name, body, files, where, settings)
+    job, tasks = prepare.prepare(workflow.name, body, files, where, settings,
+                                 g.identity.name)
     job.read_token = secrets.token_urlsafe(24)
     jobs.submit(state.conn(), state.settings(), job, tasks)
     return jsonify(id=job.id, status=job.status, read_token=job.read_token,

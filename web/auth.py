@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import secrets
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlparse
 
 from flask import Flask, Response, abort, g, redirect, request
 from werkzeug.wrappers import Response as WerkzeugResponse
@@ -35,6 +35,22 @@ def given_token() -> str:
 
 
 COOKIE = "sheepdog_token"  # an API token a page was opened with, kept out of its links
+
+
+def _cross_site() -> bool:
+    """A state-changing request whose only credential is the browser's cookie, from
+    anywhere but this service's own pages (SameSite=Strict keeps other sites out, not
+    sibling subdomains; a plain-text POST needs no preflight)."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return False
+    if request.headers.get("Authorization") or request.args.get("token"):
+        return False  # a token the client sent on purpose: no browser adds those
+    if not request.cookies.get(COOKIE):
+        return False
+    origin = request.headers.get("Origin")
+    if origin:
+        return urlparse(origin).netloc != request.host
+    return request.headers.get("Sec-Fetch-Site") != "same-origin"
 
 
 def _given_token() -> str:
@@ -82,6 +98,10 @@ def check() -> None:
     given = _given_token()
     g.job_scope = None
     g.identity = identify(given)
+    if g.identity is not None and _cross_site():
+        abort(403, "a request that changes something, sent with a page's cookie, must "
+                   "come from this service's own pages (its Origin); send the token in an "
+                   "Authorization header instead")
     if g.identity is not None:
         need = needed_role(endpoint, request.method)
         if not g.identity.may(need):

@@ -53,12 +53,15 @@ def _resolver(files: dict[str, Path], where: Path | None, roots: tuple[str, ...]
 
 
 def build(name: str, body: dict[str, Any], files: dict[str, Path], where: Path | None,
-          settings: Settings) -> tuple[Job, list[Task]]:
+          settings: Settings, owner: str = "") -> tuple[Job, list[Task]]:
     """The job and tasks of a request whose uploads are saved (in this process)."""
     workflow = workflows.get(name)
     resolver = partial(_resolver, files, where, settings.input_roots,
                        inputs.BundleLimits.of(settings))
-    return workflow.from_request(body, resolver, settings, Cache(settings.cache_dir))
+    job, tasks = workflow.from_request(body, resolver, settings, Cache(settings.cache_dir),
+                                       owner)
+    job.owner = owner
+    return job, tasks
 
 
 def _limit(settings: Settings) -> None:
@@ -69,15 +72,17 @@ def _limit(settings: Settings) -> None:
 
 
 def _child(send: Connection, name: str, body: dict[str, Any], files: dict[str, Path],
-           where: Path | None, settings: Settings) -> None:
+           where: Path | None, settings: Settings, owner: str) -> None:
     _limit(settings)
     try:
-        answer: tuple[Any, ...] = ("ok", *build(name, body, files, where, settings))
+        answer: tuple[Any, ...] = ("ok", *build(name, body, files, where, settings, owner))
     except MemoryError:
         answer = ("error", 413, "inputs", _too_big(settings))
     except SheepdogError as e:  # sent as plain values: not every error pickles back
-        answer = ("error", e.http_status, getattr(e, "field", None),
-                  getattr(e, "problem", None) if isinstance(e, FieldError) else str(e))
+        message = getattr(e, "problem", None) if isinstance(e, FieldError) else str(e)
+        if where is not None and message:  # an upload by its name, not where it was kept
+            message = message.replace(f"{where}/", "").replace(str(where), "the upload")
+        answer = ("error", e.http_status, getattr(e, "field", None), message)
     except Exception as e:  # a bug, not the input: say so, and keep the traceback
         traceback.print_exc()
         answer = ("error", 500, None, f"preparing the job failed: {type(e).__name__}")
@@ -92,15 +97,16 @@ def _too_big(settings: Settings) -> str:
 
 
 def prepare(name: str, body: dict[str, Any], files: dict[str, Path], where: Path | None,
-            settings: Settings) -> tuple[Job, list[Task]]:
+            settings: Settings, owner: str = "") -> tuple[Job, list[Task]]:
     """The request's job and tasks, built in a bounded child process when the
-    workflow reads inputs; its errors come back as the same 4xx/5xx."""
+    workflow reads inputs; its errors come back as the same 4xx/5xx. `owner`: the
+    sending token's name."""
     if not workflows.get(name).reads_inputs:
-        return build(name, body, files, where, settings)
+        return build(name, body, files, where, settings, owner)
     with _slot(settings):
         recv, send = _CONTEXT.Pipe(duplex=False)
         child = _CONTEXT.Process(target=_child, args=(send, name, body, files, where,
-                                                      settings), daemon=True)
+                                                      settings, owner), daemon=True)
         child.start()
         send.close()
         try:

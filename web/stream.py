@@ -12,11 +12,11 @@ import signal
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
-from flask import request
+from flask import g, request
 from flask_sock import Sock
 
 from sheepdog import logs, progress, store
@@ -155,7 +155,10 @@ def _may_follow(ws: Any, conn: Any, job_id: str, after: str) -> bool:
     return True
 
 
-def follow(ws: Any, job_id: str, after: str) -> None:
+def follow(ws: Any, job_id: str, after: str,
+           allowed: Callable[[], bool] = lambda: True) -> None:
+    """Stream the job to `ws` until it ends, the client goes, the server goes or the
+    token that opened it is revoked (`allowed` turns false: asked every round)."""
     conn = state.conn()
     after = after or "0-0"
     if not _may_follow(ws, conn, job_id, after):
@@ -165,6 +168,9 @@ def follow(ws: Any, job_id: str, after: str) -> None:
     while ws.connected:  # a client that went away frees its thread within one round
         if GOING_AWAY.is_set():
             _going_away(ws, cursors[job_id])
+            return
+        if not allowed():
+            _refuse(ws, "token", "the token that opened this stream was revoked")
             return
         lines = logs.tail(conn, cursors, block_ms=STREAM_BLOCK_MS)
         ended = any(line.end for _, line in lines)
@@ -255,8 +261,11 @@ def register(sock: Sock) -> None:
                 _refuse(ws, "job_id", "too many open streams for this job or token; close "
                                       "some and reconnect")
                 return
+            token = auth.given_token()
+            api = g.get("identity") is not None  # (else the job's own read token)
             try:
-                follow(ws, job_id, request.args.get("after", "0-0"))
+                follow(ws, job_id, request.args.get("after", "0-0"),
+                       lambda: not api or auth.identify(token) is not None)
             except (redis.RedisError, RedisUnavailable) as e:
                 # after the handshake an HTTP error page would land inside the websocket
                 # as garbage: say it as an event and close, and the client reconnects

@@ -24,7 +24,7 @@ from sheepdog.defaults import (
 from sheepdog.errors import FieldError
 from sheepdog.params import Param, Params
 
-from . import state, stream
+from . import auth, bodies, state, stream
 
 bp = Blueprint("workers", __name__, url_prefix="/api/v1/worker")
 
@@ -49,7 +49,7 @@ def say_protocol(response: Response) -> Response:
 
 
 def _json() -> dict[str, Any]:
-    body = request.get_json(silent=True)
+    body = bodies.read_json(state.settings().json_limit_mb << 20)
     if not isinstance(body, dict):
         raise FieldError("body", "a JSON object is needed")
     return body
@@ -88,14 +88,28 @@ def claim() -> Any:
     name = _name(body)
     settings = state.settings()
     given = FIELDS.fields(body)
-    queues = given["queues"] or [settings.queue]
+    queues = _queues(given["queues"], settings.queue)
     slots, wait = min(max(1, given["slots"]), CLAIM_MOST), given["wait"]
     host = str(body.get("host") or request.remote_addr or "?")[:200]
     conn = state.conn()
     pullwork.announce(conn, settings, name, queues, slots, host)
+    token = auth.given_token()
     pieces = pullwork.claim(conn, settings, state.cache(), name, host, queues, slots, wait,
-                            stream.GOING_AWAY, str(body.get("instance") or ""), _client_gone)
+                            stream.GOING_AWAY, str(body.get("instance") or ""),
+                            lambda: _client_gone() or auth.identify(token) is None)
     return jsonify(pieces=pieces, worker=name, lease_seconds=settings.lease_timeout)
+
+
+def _queues(asked: list[str], default: str) -> list[str]:
+    """The queues a worker asks to serve: its token's own if it names none; 403 for one
+    its token may not take pieces of."""
+    who = g.identity
+    queues = asked or list(who.queues) or [default]
+    refused = next((q for q in queues if not who.serves(q)), None)
+    if refused is not None:
+        raise FieldError("queues", f"token {who.name} serves only the queues "
+                         f"{', '.join(who.queues)}, not {refused[:100]!r}", 403)
+    return queues
 
 
 def _client_gone() -> bool:
@@ -125,7 +139,7 @@ def renew() -> Any:
     name = _name(body)
     conn, settings = state.conn(), state.settings()
     given = FIELDS.fields(body)
-    leases, queues = given["leases"], given["queues"] or [settings.queue]
+    leases, queues = given["leases"], _queues(given["queues"], settings.queue)
     pullwork.announce(conn, settings, name, queues, min(max(1, given["slots"]), CLAIM_MOST),
                       str(body.get("host") or "?")[:200])
     revoked = pullwork.renew(conn, settings, name, leases)
@@ -187,7 +201,8 @@ def fetch() -> Any:
 
 @bp.get("/uploads/<sha>")
 def upload_state(sha: str) -> Any:
-    return jsonify(pullwork.upload_state(state.cache(), _holder(), sha))
+    return jsonify(pullwork.upload_state(state.cache(), _holder(), sha,
+                                         request.args.get("lease", "")))
 
 
 @bp.put("/uploads/<sha>")
@@ -199,7 +214,12 @@ def upload(sha: str) -> Any:
     except (KeyError, ValueError) as e:
         raise FieldError("Upload-Length", "Upload-Offset and Upload-Length headers "
                          "(whole numbers) are needed") from e
-    answer = pullwork.receive(state.cache(), name, sha, offset, total, request.stream)
+    limit = state.settings().worker_upload_mb << 20
+    if not 0 <= offset <= total <= limit:
+        raise FieldError("Upload-Length", f"an output file is at most {limit:,d} bytes "
+                         "(worker_upload_mb), its offset within it", 413)
+    answer = pullwork.receive(state.cache(), name, sha, offset, total, request.stream,
+                              request.args.get("lease", ""))
     return jsonify(answer), (201 if answer["complete"] else 202)
 
 
@@ -209,5 +229,6 @@ def finish() -> Any:
     name = _name(body)
     lines, raw = _lines(body)
     answer = pullwork.finish(state.conn(), state.settings(), state.cache(), name,
-                             str(body.get("lease", "")), body, lines, raw)
+                             str(body.get("lease", "")), body, lines, raw,
+                             trusted=g.identity.trusted)
     return jsonify(answer), (409 if "missing" in answer else 200)

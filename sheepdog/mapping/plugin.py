@@ -276,7 +276,7 @@ class MapWorkflow(Workflow):
             **MAP_PARAMS.schema()["properties"]}}
 
     def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
-                     cache: Cache) -> tuple[Job, list[Task]]:
+                     cache: Cache, owner: str = "") -> tuple[Job, list[Task]]:
         try:
             request = request_from_body(body, settings, inputs)
             staged = [p for it in request.items

@@ -99,9 +99,10 @@ class Workflow(abc.ABC):
 
     @abc.abstractmethod
     def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
-                     cache: Cache) -> tuple[Job, list[Task]]:
+                     cache: Cache, owner: str = "") -> tuple[Job, list[Task]]:
         """Validate a POST /jobs body and expand it into a job and its tasks;
-        FieldError names the field that is wrong."""
+        FieldError names the field that is wrong. `owner`: the name of the token that
+        sent it (what it makes may belong to it)."""
 
     def finalize(self, conn: redis.Redis, settings: Settings, job: Job) -> None:  # noqa: B027
         """Once, when the job succeeded: gather and export its result (default: none)."""

@@ -54,7 +54,7 @@ class Command(Workflow):
                         "description": "the program and its arguments"}}}
 
     def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
-                     cache: Cache) -> tuple[Job, list[Task]]:
+                     cache: Cache, owner: str = "") -> tuple[Job, list[Task]]:
         command = body.get("command")
         if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
             raise FieldError("command", "must be a list of strings (the program and its "

@@ -54,7 +54,7 @@ class Python(Workflow):
                          "Python calls are pickled, and come from sheepdog.Executor"}}}
 
     def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
-                     cache: Cache) -> tuple[Job, list[Task]]:
+                     cache: Cache, owner: str = "") -> tuple[Job, list[Task]]:
         raise FieldError("workflow", "python jobs come from sheepdog.Executor (pickled calls "
                          "run code as the workers); they are not accepted over HTTP")
 

@@ -15,13 +15,14 @@ import redis
 from ... import __version__, jobs, store
 from ...cache import Cache
 from ...config import Settings
+from ...connection import connect
 from ...errors import ConfigError, FieldError, InputError
 from ...models import Job, JobStatus, Task
 from ...workflows.base import CliServices, InputResolver, WebServices, Workflow
 from ..scan.plugin import EXAMPLE, as_field, confined
 from . import store as pcstore
 from .build import PRECOMPUTE_PARAMS, PrecomputeRequest, build_job
-from .registry import register
+from .registry import check_owner, register
 
 ROLES = ("geno", "pheno", "anno", "covariates")
 
@@ -244,11 +245,13 @@ class PrecomputeWorkflow(Workflow):
             "params": PRECOMPUTE_PARAMS.schema()}}
 
     def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
-                     cache: Cache) -> tuple[Job, list[Task]]:
+                     cache: Cache, owner: str = "") -> tuple[Job, list[Task]]:
         name = body.get("name")
         if not isinstance(name, str) or not pcstore.valid_name(name):
             raise FieldError("name", "must be a dataset name: letters, digits, '.', '_', '-'")
         params = PRECOMPUTE_PARAMS.parse(body.get("params"))  # before any file is opened
+        conn = connect(settings)
+        check_owner(conn, name, owner)  # before anything is written into it
         paths = inputs(body.get("inputs", {}), ROLES, ("geno",))
         request = PrecomputeRequest.of(
             params, geno=paths["geno"], pheno=paths.get("pheno"), anno=paths.get("anno"),
@@ -262,6 +265,8 @@ class PrecomputeWorkflow(Workflow):
             raise as_field(e, paths) from e
         except ConfigError as e:
             raise FieldError("params", str(e)) from e
+        job.owner = owner
+        register(conn, job)  # the name is this token's from now on
         begin(settings, job, cache)
         return job, tasks
 

@@ -16,7 +16,15 @@ from ...models import Job
 def register(conn: redis.Redis, job: Job) -> None:
     """`serve` serves every dataset registered in its Redis."""
     conn.hset(keys.precompute_datasets(), job.params["dataset"],
-              json.dumps({"out": job.out_dir, "job": job.id}))
+              json.dumps({"out": job.out_dir, "job": job.id, "owner": job.owner}))
+
+
+def check_owner(conn: redis.Redis, name: str, owner: str) -> None:
+    """A dataset is added to only by the token that made it (403 for another)."""
+    entry = datasets(conn).get(name)
+    if entry is not None and entry.get("owner", "") != owner:
+        raise FieldError("name", f"dataset {name!r} belongs to another token; choose "
+                         "another name", 403)
 
 
 def datasets(conn: redis.Redis) -> dict[str, dict[str, str]]:

@@ -109,7 +109,7 @@ def connect(out: Path) -> Iterator[sqlite3.Connection]:
 
 def open_existing(out: Path) -> sqlite3.Connection:
     if not (out / DB).is_file():
-        raise FieldError("dataset", f"{out} holds no precomputed dataset ({DB})", 404)
+        raise FieldError("dataset", f"{out.name} holds no precomputed dataset yet", 404)
     db = sqlite3.connect(f"file:{out / DB}?mode=ro", uri=True, timeout=60)
     db.row_factory = sqlite3.Row
     return db

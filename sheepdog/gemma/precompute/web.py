@@ -5,6 +5,7 @@ genome, each point a link to that trait's Manhattan plot)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ def _whole(name: str, default: int, low: int, high: int) -> int:
     raw = request.args.get(name)
     if raw in (None, ""):
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    # ASCII digits only: str.isdigit passes '²', which int() refuses
+    if not re.fullmatch(r"[0-9]{1,12}", raw) or not low <= int(raw) <= high:
         raise FieldError(name, f"must be a whole number from {low} to {high}")
     return int(raw)
 

@@ -178,14 +178,17 @@ class GemmaWorkflow(Workflow):
             "params": self.params.schema()}}
 
     def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
-                     cache: Cache) -> tuple[Job, list[Task]]:
+                     cache: Cache, owner: str = "") -> tuple[Job, list[Task]]:
         raw_inputs = body.get("inputs", {})
         if not isinstance(raw_inputs, dict):
             raise FieldError("inputs", "must be an object mapping geno/pheno/anno/covariates "
                              "to files")
         params = self.params.parse(body.get("params"))  # before any file is touched
         paths = inputs(raw_inputs, ROLES, REQUIRED)
-        _required_with(paths)
+        try:
+            _required_with(paths)  # (reads the genotypes' first line to tell their format)
+        except InputError as e:
+            raise as_field(e, paths) from e
         fields = set(GemmaRequest.__dataclass_fields__)
         request = GemmaRequest(geno=paths["geno"], pheno=paths.get("pheno"),
                                anno=paths.get("anno"),
