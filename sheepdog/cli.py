@@ -9,12 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+import redis
 
 from . import clirun, embedded, keys, logs, progress, store, tokens, workflows
 from .cache import Cache
@@ -22,8 +25,10 @@ from .clirun import Terminated, on_sigterm, print_line
 from .clirun import conn as _conn
 from .clirun import print_json as _print_json
 from .clirun import settings as _settings
-from .connection import connect_waiting, shown, url_for
+from .connection import connect, connect_waiting, shown, url_for
 from .defaults import (
+    KILL_GRACE,
+    PARENT_WATCH,
     PIECES_PAGE,
     SERVE_CONNECTIONS,
     SERVE_GRACE,
@@ -202,9 +207,12 @@ def cancel(job_id: str) -> None:
 @click.option("--ca-file", envvar="SHEEPDOG_CA_FILE", default=None, type=click.Path(),
               help="With --server: the CA that signs the service's certificate, if it is "
                    "not a public one [env SHEEPDOG_CA_FILE].")
+@click.option("--with-parent", "parent", default=None, hidden=True, metavar="PID:JOB",
+              help="An Executor's worker: when process PID (which started it) is gone, "
+                   "however it ended, cancel its job JOB and exit.")
 def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: tuple[str, ...],
            name: str | None, server: str | None, token: str | None,
-           ca_file: str | None) -> None:
+           ca_file: str | None, parent: str | None) -> None:
     """Run tasks from the queues until stopped (SIGTERM/SIGINT hand running ones back)."""
     settings = _settings()
     if server is not None:
@@ -215,14 +223,17 @@ def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: t
         return
     # a worker that serves until stopped waits for a Redis that is down (it may be
     # restarting); a burst worker, a one-off, says so and exits
-    conn = _conn(settings) if burst else connect_waiting(
+    conn = connect(settings) if burst else connect_waiting(
         settings, lambda text: click.echo(f"sheepdog worker: {text}", err=True))
-    services = []
+    services: list[Callable[[threading.Event], None]] = []
     worker_name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
     if gn3_queues:
         from .gn3 import Gn3Server
 
         services.append(Gn3Server(conn, settings, list(gn3_queues), worker_name).loop)
+    if parent:
+        pid, _, job_id = parent.partition(":")
+        services.append(_parent_watch(int(pid), lambda: _orphaned(conn, w, job_id)))
     w = Worker(conn, settings, list(queues) or [settings.queue], concurrency=concurrency,
                name=worker_name, burst=burst, services=services)
     for sig in (signal.SIGTERM, signal.SIGINT):  # going: running pieces go back to the queue
@@ -327,6 +338,34 @@ def _room_for(connections: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < wanted:
         raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+
+
+def _parent_watch(parent: int, stop: Callable[[], None]) -> Callable[[threading.Event], None]:
+    """A worker service: `stop` once the parent process is gone (this process is then
+    another's child: a SIGKILLed parent sends no signal, and a parent-death signal would
+    follow the thread that started the worker, not the process)."""
+    def watch(stopping: threading.Event) -> None:
+        while not stopping.wait(PARENT_WATCH):
+            if os.getppid() != parent:
+                click.echo("sheepdog worker: the process that started it is gone; stopping",
+                           err=True)
+                stop()
+                return
+
+    return watch
+
+
+def _orphaned(conn: Any, w: Worker, job_id: str) -> None:
+    """An Executor's worker whose interpreter is gone: nobody waits for its job's
+    results, so the job is cancelled and the worker goes, at once (its calls run in
+    its own threads, which cannot be stopped: the process ends)."""
+    threading.Timer(KILL_GRACE, os._exit, args=(0,)).start()  # whatever happens below
+    try:
+        store.cancel_job(conn, job_id)
+    except (redis.RedisError, SheepdogError):
+        pass  # Redis is away too: the job stays open until retention takes it
+    finally:
+        w.stop(release=True)
 
 
 def _no_control_socket() -> list[str]:

@@ -17,7 +17,7 @@ import click
 
 from . import config, progress, store
 from .backends import registry
-from .connection import connect
+from .connection import connect, ride_out
 from .defaults import TERMINAL_REDRAW
 from .finalize import finalize as finalize  # a workflow's command line gets it from here
 from .logs import LogLine
@@ -33,7 +33,9 @@ def settings() -> config.Settings:
 
 
 def conn(given: config.Settings | None = None) -> Any:
-    return connect(given or settings())
+    """The command's connection: it rides out an outage of Redis, saying so once."""
+    return ride_out(connect(given or settings()),
+                    lambda said: click.echo(f"sheepdog: {said}", err=True))
 
 
 def print_json(value: Any) -> None:

@@ -44,7 +44,7 @@ class Settings:
     host: str = ""  # the host for that backend
     api_tokens: tuple[str, ...] = ()  # legacy tokens: every role
     tokens_file: str = ""  # tokens with roles (default: tokens.json beside the config)
-    lease_timeout: float = 45.0  # s: a pull worker's piece runs again this long after it went
+    lease_timeout: float = 20.0  # s: a pull worker's piece runs again this long after it went
     redis_ca: str = ""  # CA file that signs a rediss:// server's certificate
     redis_cert: str = ""  # client certificate for rediss:// (with redis_key)
     redis_key: str = ""

@@ -2,22 +2,56 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from . import embedded
 from .config import Settings
-from .defaults import REDIS_MAX_CONNECTIONS, REDIS_RETRY
+from .defaults import OUTAGE_PATIENCE, REDIS_MAX_CONNECTIONS, REDIS_RETRY
 from .errors import ConfigError, RedisUnavailable
 
 
 def url_for(settings: Settings) -> str:
     """The URL in force: SHEEPDOG_REDIS_URL, else the embedded server (started if needed)."""
     return settings.redis_url or embedded.ensure(settings.home)
+
+
+class _RideOut(Retry):
+    """redis-py's retry of a command whose connection failed, said once: a client that
+    waits for a job rides out a restart or failover of Redis instead of dying with a
+    traceback (a step inside a WATCH starts its transaction over, as on any conflict)."""
+
+    said = threading.Event()  # once per process, however many connections wait
+
+    def __init__(self, say: Callable[[str], None], patience: float) -> None:
+        super().__init__(ExponentialBackoff(cap=REDIS_RETRY, base=0.05),
+                         int(patience / REDIS_RETRY) + 8)
+        self._say = say
+
+    def call_with_retry(self, do: Any, fail: Any, *args: Any, **kwargs: Any) -> Any:
+        def told(error: Exception, *rest: Any) -> Any:
+            if not _RideOut.said.is_set():
+                _RideOut.said.set()
+                self._say(f"Redis is unreachable ({error}); waiting for it")
+            return fail(error, *rest)
+
+        return super().call_with_retry(do, told, *args, **kwargs)
+
+
+def ride_out(conn: redis.Redis, say: Callable[[str], None],
+             patience: float = OUTAGE_PATIENCE) -> redis.Redis:
+    """The connection, its commands retried through an outage of up to `patience`
+    seconds (the first connect still fails at once: a server that is down says so)."""
+    conn.set_retry(_RideOut(say, patience))
+    return conn
 
 
 def connect_waiting(settings: Settings, say: Callable[[str], None],

@@ -28,6 +28,8 @@ BURST_OUTAGE_LIMIT = 60.0  # s: a burst (one-off) worker stops waiting for Redis
 # blocking read, and redis-py's own default cap (100) refused the 101st follower
 REDIS_MAX_CONNECTIONS = 4096
 REDIS_RETRY = 1.0  # s: a worker's upkeep tries again this often while Redis is down
+PARENT_WATCH = 0.25  # s: an Executor's worker checks this often that its parent lives
+OUTAGE_PATIENCE = 600.0  # s: a waiting command (map, result, logs -f, the Executor) waits
 SCRATCH_SWEEP_EVERY = 3600.0  # s: a worker looks for abandoned scratch this often
 
 # -- pull workers (HTTPS)

@@ -36,8 +36,10 @@ def _queue(conn: redis.Redis, name: str) -> Queue:
     return Queue(name or "default", connection=conn)
 
 
-def push(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str) -> str:
+def push(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str,
+         at_front: bool = False) -> str:
     """Put a task on its queue inside the caller's MULTI; returns the entry's id.
+    `at_front`: a piece that had its turn already (lost, handed back) goes first.
 
     The task records which entry carries it, so the reaper can tell a lost entry
     from a taken one; ids are unique per dispatch, so removing an old entry never
@@ -46,7 +48,8 @@ def push(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str) -> str:
     rq_id = keys.rq_job_id(task_id, uuid.uuid4().hex[:12])
     pipe.hset(keys.task(task_id), "rq_id", rq_id)
     _queue(conn, queue).enqueue_call(RUN_TASK, args=(task_id,), job_id=rq_id, timeout=-1,
-                                     result_ttl=0, failure_ttl=3600, pipeline=pipe)
+                                     result_ttl=0, failure_ttl=3600, pipeline=pipe,
+                                     at_front=at_front)
     return rq_id
 
 

@@ -39,7 +39,7 @@ from . import jobs, keys, logs, store
 from .cache import Cache
 from .calls import RESULT, encode, function_path
 from .config import Settings, load
-from .connection import connect
+from .connection import connect, ride_out
 from .defaults import (
     EXECUTOR_AHEAD,
     EXECUTOR_FLUSH,
@@ -93,6 +93,10 @@ class Future(futures.Future):
         return cancelled
 
 
+def _warn(said: str) -> None:
+    print(f"sheepdog.Executor: {said}", file=sys.stderr, flush=True)
+
+
 def _checked(batch_size: int | str, setup: str | Callable[[], Any] | None) -> str | None:
     """The Executor's arguments checked; `setup` as MODULE:FUNCTION."""
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
@@ -117,7 +121,8 @@ class Executor(futures.Executor):
         value reaches every call as `context=`."""
         setup = _checked(batch_size, setup)
         self._settings = settings or load()
-        self._conn: redis.Redis = connect(self._settings)
+        # rides out an outage of Redis: the futures resolve when it is back
+        self._conn: redis.Redis = ride_out(connect(self._settings), _warn)
         self._cache = Cache(self._settings.cache_dir)
         self._queue = queue or self._settings.queue
         self._backend, self._host, self._setup = backend, host or "", setup
@@ -411,7 +416,8 @@ class Executor(futures.Executor):
     # -- workers and shutdown
     def _start_workers(self, count: int) -> None:
         # the same store (results land in its cache) and the caller's import path
-        self._pool.start(count, self._queue, concurrency=EXECUTOR_THREADS, quiet="stdout")
+        self._pool.start(count, self._queue, concurrency=EXECUTOR_THREADS, quiet="stdout",
+                         parent_job=self.job.id)
 
     def _stop_workers(self) -> None:
         self._pool.stop(EXECUTOR_STOP_WAIT)

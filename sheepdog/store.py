@@ -544,7 +544,7 @@ def _requeue(pipe: Pipeline, conn: redis.Redis, task: Task, now: float, why: str
                                            "queued_at": str(now), "error": why,
                                            "requeued_from": task.worker})
     pipe.delete(keys.task_heartbeat(task.id))
-    dispatch.push(pipe, conn, task.id, task.queue)
+    dispatch.push(pipe, conn, task.id, task.queue, at_front=True)  # it had its turn
 
 
 def recover_lost(conn: redis.Redis, task_id: str) -> str | None:
@@ -625,7 +625,7 @@ def redispatch_stranded(conn: redis.Redis, task_id: str, older_than: float,
         if gone:
             pipe.multi()
             pipe.hset(key, mapping={"queued_at": str(now), "taken_by": ""})
-            dispatch.push(pipe, conn, task_id, queue or "default")
+            dispatch.push(pipe, conn, task_id, queue or "default", at_front=True)
             return True
         if float(seen or 0) <= float(queued_at or 0):  # first sighting since it was queued
             pipe.multi()
@@ -635,13 +635,13 @@ def redispatch_stranded(conn: redis.Redis, task_id: str, older_than: float,
             return False
         pipe.multi()
         pipe.hset(key, "queued_at", str(now))
-        dispatch.push(pipe, conn, task_id, queue or "default")
+        dispatch.push(pipe, conn, task_id, queue or "default", at_front=True)
         return True
 
     return conn.transaction(txn, key, value_from_callable=True)
 
 
-def put_back(conn: redis.Redis, task_id: str) -> bool:
+def put_back(conn: redis.Redis, task_id: str, at_front: bool = False) -> bool:
     """A queued task taken by someone who cannot run it (a pull worker, a piece for
     ssh or Slurm): onto its queue again, with a new entry. False if it is not queued."""
     key = keys.task(task_id)
@@ -652,7 +652,7 @@ def put_back(conn: redis.Redis, task_id: str) -> bool:
             return False
         pipe.multi()
         pipe.hset(key, mapping={"queued_at": str(time.time()), "taken_by": ""})
-        dispatch.push(pipe, conn, task_id, queue or "default")
+        dispatch.push(pipe, conn, task_id, queue or "default", at_front=at_front)
         return True
 
     return conn.transaction(txn, key, value_from_callable=True)

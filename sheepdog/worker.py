@@ -7,6 +7,7 @@ expired was lost with its worker and is run again, or failed when out of attempt
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -34,6 +35,7 @@ from .defaults import (
 from .errors import SheepdogError
 from .finalize import run_timers
 from .maintenance import expire_jobs, reap_lost, sweep_scratch
+from .models import Task
 from .outcome import conclude
 from .piece import RELEASED, Outcome, PieceOutput
 
@@ -89,12 +91,17 @@ class PieceRunner:
 
     def execute(self, task_id: str) -> str | None:
         """Claim and run one task attempt; returns its recorded status, None if not ours."""
-        ttl = self.settings.heartbeat_timeout
-        task = store.claim(self.conn, task_id, self.worker, ttl, where=self.hostname,
-                           process=liveness.this_process())
-        if task is None:
-            return None
-        jobs = store.job_ids_of_task(self.conn, task_id)
+        task = self.claim(task_id)
+        return None if task is None else self.run(task)
+
+    def claim(self, task_id: str) -> Task | None:
+        """The task, now running for this worker; None if it is not ours to run."""
+        return store.claim(self.conn, task_id, self.worker, self.settings.heartbeat_timeout,
+                           where=self.hostname, process=liveness.this_process())
+
+    def run(self, task: Task) -> str:
+        """Run a claimed task's attempt to its end; its recorded status."""
+        jobs = store.job_ids_of_task(self.conn, task.id)
         writer = logs.LogWriter(self.conn, task.id, task.name, jobs, self.settings.log_max_lines,
                                 buffer_lines=self.settings.log_buffer_lines,
                                 max_bytes=self.settings.log_max_bytes)
@@ -268,28 +275,43 @@ class Worker:
                 continue
             with self._lock:
                 self._busy += 1
+            claimed: bool | None = None  # None: unknown (Redis failed before it answered)
             try:
                 store.mark_taken(self.conn, entry.task_id, liveness.this_process())
-                executor.execute(entry.task_id)
-            except Exception:  # keep serving; the heartbeat reaper recovers the task
+                task = executor.claim(entry.task_id)
+                claimed = task is not None
+                if task is not None:
+                    executor.run(task)
+            except redis.RedisError as e:  # an outage: a claimed task's heartbeat lapses
+                log.warning("worker %s: Redis went away around piece %s (%s); it runs "
+                            "again", self.name, entry.task_id[:12], e)
+            except Exception:  # keep serving; a claimed task's heartbeat lapses and it reruns
                 log.exception("worker %s: task thread error", self.name)
             finally:
                 with self._lock:
                     self._busy -= 1
+                if claimed is None:  # taken, maybe never claimed: it must not be dropped
+                    self._retry(functools.partial(store.put_back, self.conn, entry.task_id,
+                                                  at_front=True),
+                                f"hand back {entry.task_id[:12]}")
                 self._drop(entry)
 
     def _drop(self, entry: dispatch.Entry) -> None:
         """Forget the queue entry this thread took (idempotent); through an outage too,
         or it would stay on RQ's taken list for good."""
+        self._retry(functools.partial(dispatch.acknowledge, self.conn, entry),
+                    f"remove queue entry {entry.rq_id}")
+
+    def _retry(self, step: Callable[[], object], what: str) -> None:
+        """Do a Redis step, through an outage (until the worker stops)."""
         pause = REDIS_RETRY / 8
         while True:
             try:
-                dispatch.acknowledge(self.conn, entry)
+                step()
                 return
             except redis.RedisError as e:
                 if self.stopping.is_set():
-                    log.warning("worker %s: could not remove queue entry %s: %s", self.name,
-                                entry.rq_id, e)
+                    log.warning("worker %s: could not %s: %s", self.name, what, e)
                     return
                 self.stopping.wait(pause)
                 pause = min(pause * 2, REDIS_RETRY * 2)

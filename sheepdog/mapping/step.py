@@ -19,6 +19,7 @@ here: this code runs on hosts whose Python has nothing else.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -112,9 +113,36 @@ def _files(directory: str) -> list[str]:
                   if p.is_file())
 
 
+def _earlier(here: Path, top: Path) -> list[str]:
+    """The records an earlier, killed attempt of this chunk wrote (its scratch is a
+    sibling named by the same task id, its partial file no longer locked by a live
+    step), with its items' files moved here: those items are not run again."""
+    task = here.name.split(".", 1)[0]
+    best: list[str] = []
+    for sibling in here.parent.glob(f"{task}.*"):
+        part = sibling / (RESULTS + ".part")
+        if sibling == here or not part.is_file():
+            continue
+        with open(part, "rb+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live attempt (a twin): not ours to take
+            lines = f.read().decode("utf-8", errors="replace").split("\n")[:-1]  # whole ones
+        if len(lines) > len(best):
+            for n in range(len(lines)):
+                if (sibling / "files" / str(n)).is_dir():
+                    shutil.rmtree(top / str(n), ignore_errors=True)
+                    os.rename(sibling / "files" / str(n), top / str(n))
+            best = lines
+        shutil.rmtree(sibling, ignore_errors=True)
+    return best
+
+
 def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, here: Path,
               emit: Emit, complain: Emit, stop: threading.Event, light: bool = False) -> None:
-    """Every item of the chunk, one record each into results.jsonl."""
+    """Every item of the chunk, one record each into results.jsonl, each written as its
+    item ends: a rerun of a killed attempt runs only the items it had not recorded."""
     timeout = float(spec.get("timeout") or 0)
     partial = here / (RESULTS + ".part")
     top = here / "files"
@@ -128,7 +156,13 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
                SHEEPDOG_ITEM_DIR=scratch)
     inside = -1  # the inode of the scratch directory run-many is in (its items start there)
     with open(partial, "w", encoding="utf-8") as out:
+        fcntl.flock(out, fcntl.LOCK_EX)  # held while this attempt lives (see _earlier)
+        recorded = _earlier(here, top)
+        for line in recorded:
+            out.write(line + "\n")
         for n, item in enumerate(spec["items"]):
+            if n < len(recorded):
+                continue
             try:
                 inode = os.stat(scratch).st_ino
             except FileNotFoundError:  # renamed to its item's files, or removed by it
@@ -156,6 +190,7 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
             if output.truncated:
                 record["output_truncated"] = True
             out.write(json.dumps(record) + "\n")
+            out.flush()  # in the kernel's hands: a SIGKILL of this process loses nothing
     # what is left was written after its item ended (a straggling child): no item's
     shutil.rmtree(scratch, ignore_errors=True)
     partial.rename(here / RESULTS)
