@@ -86,7 +86,7 @@
       (list python-flask-sock)
       (map specification->package
            '("gemma" "redis"                           ; the scans; the embedded Redis
-             "python-click" "python-flask" "gunicorn" "python-lmdb" "python-numpy"
+             "python-click" "python-flask" "gunicorn" "python-gevent" "python-lmdb" "python-numpy"
              "python-paramiko" "python-pillow" "python-pyyaml" "python-redis"
              "python-requests" "python-rq"))))
     (home-page "https://github.com/genenetwork/sheepdog")

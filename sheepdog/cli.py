@@ -19,7 +19,7 @@ from typing import Any
 import click
 import redis
 
-from . import clirun, embedded, keys, logs, progress, store, tokens, workflows
+from . import clirun, embedded, keys, logs, progress, registration, store, tokens, workflows
 from .cache import Cache
 from .clirun import Terminated, on_sigterm, print_line
 from .clirun import conn as _conn
@@ -35,7 +35,7 @@ from .defaults import (
     SERVE_HEAD_TIMEOUT,
     WORKER_STOP_WAIT,
 )
-from .errors import SheepdogError
+from .errors import ConfigError, SheepdogError
 from .logs import LogLine
 from .models import JobStatus
 from .pool import Pool, stop_all
@@ -227,6 +227,11 @@ def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: t
         settings, lambda text: click.echo(f"sheepdog worker: {text}", err=True))
     services: list[Callable[[threading.Event], None]] = []
     worker_name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
+    running = registration.holder(conn, worker_name) if name else None
+    if running is not None:
+        raise ConfigError(f"a worker named {name} is running already (host "
+                          f"{running.get('host', '?')}, pid {running.get('pid', '?')}): give "
+                          "this one another --name")
     if gn3_queues:
         from .gn3 import Gn3Server
 

@@ -23,6 +23,17 @@ def announce(conn: redis.Redis, name: str, queues: list[str], ttl: float,
     pipe.execute()
 
 
+def holder(conn: redis.Redis, name: str) -> dict[str, object] | None:
+    """The live worker registered as `name`, if there is one: a second worker of the
+    same name would share its records (GN3's taken lists, its pieces' owner), and one
+    leaving would unregister the other."""
+    raw = conn.get(keys.worker(name))
+    if raw is None:
+        return None
+    info: dict[str, object] = json.loads(raw)
+    return None if liveness.gone(str(info.get("process", ""))) else info
+
+
 def unregister(conn: redis.Redis, name: str) -> None:
     """A worker leaving says so (else its registration expires by itself)."""
     try:

@@ -213,3 +213,67 @@ def test_a_killed_chunk_reruns_only_the_items_it_had_not_recorded(env, conn, wor
     records = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     assert [r["key"] for r in records] == [str(n) for n in range(1, 51)]
     assert all(r["output"].strip() == r["key"] for r in records)
+
+
+def test_a_second_worker_of_the_same_name_is_refused_while_the_first_lives(conn, settings,
+                                                                          workers):
+    """Two workers of one name would share GN3's taken list and their pieces' owner, and
+    one leaving would unregister the other."""
+    from sheepdog.registration import live_workers
+
+    first = workers.start("--name", "twin")
+    wait_for(lambda: live_workers(conn, settings.queue), 30, what="the first worker")
+    second = workers.start("--name", "twin")
+    assert second.wait(30) == 2
+    assert "a worker named twin is running already" in second.stderr.read()
+    os.killpg(first.pid, signal.SIGKILL)  # gone: its name is free at once on this host
+    first.wait(10)
+    third = workers.start("--name", "twin")
+    wait_for(lambda: any(w.get("pid") == third.pid for w in live_workers(conn, settings.queue)),
+             30, what="a new worker of that name")
+
+
+def test_jobs_run_once_each_beside_a_worker_whose_clock_is_an_hour_ahead(conn, settings,
+                                                                        workers, env,
+                                                                        tmp_path):
+    """Timestamps from different clocks meet in Redis (queued, started, heartbeats):
+    a worker an hour ahead must neither rerun others' pieces nor lose its own."""
+    import shutil
+
+    from sheepdog import jobs, store
+    from sheepdog.models import JobStatus
+
+    faketime = shutil.which("faketime")
+    assert faketime, "faketime is not installed (see .ci/run)"
+    # its wall clock an hour ahead; its monotonic clock true, as a real clock's jump
+    # leaves it (libfaketime would otherwise move timed waits an hour too)
+    ahead = subprocess.Popen([faketime, "-f", "+1h", sys.executable, "-m", "sheepdog",
+                              "worker", "-j", "2"],
+                             env=dict(env, FAKETIME_DONT_FAKE_MONOTONIC="1"),
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        from sheepdog.registration import live_workers
+
+        workers.start("-j", "2")
+        wait_for(lambda: len(live_workers(conn, settings.queue)) == 2, 30, what="both workers")
+        ids = []
+        for n in range(16):
+            job, tasks = jobs.command_job(
+                ["sh", "-c", f"echo ran >> {tmp_path / f'job{n}'}; sleep 0.5"], settings)
+            jobs.submit(conn, settings, job, tasks)
+            ids.append(job.id)
+        wait_for(lambda: all(JobStatus(store.get_job(conn, j).status).final for j in ids),
+                 120, every=0.2, what="every job to end")
+        assert [store.get_job(conn, j).status for j in ids] == [JobStatus.SUCCESS] * 16
+        assert [(tmp_path / f"job{n}").read_text() for n in range(16)] == ["ran\n"] * 16
+        assert ahead.poll() is None, ahead.stderr.read()[-2000:]
+        # the one an hour ahead says so in its registration (its own clock's `seen`)
+        early = {w["name"] for w in live_workers(conn, settings.queue)
+                 if float(w["seen"]) > time.time() + 1800}
+        ran_ahead = [j for j in ids
+                     if store.get_task(conn, store.job_task_ids(conn, j)[0]).worker in early]
+        assert len(early) == 1 and ran_ahead, "the worker an hour ahead ran none of them"
+    finally:
+        os.killpg(ahead.pid, signal.SIGTERM)
+        ahead.wait(30)

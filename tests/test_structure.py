@@ -262,7 +262,7 @@ def test_no_function_is_more_complex_than_15():
 def test_processes_are_spawned_pumped_and_killed_in_one_module():
     """posix_spawn, the output pumps and the tree killers live in sheepdog.process, and
     GEMMA runs through it: no GEMMA code starts a process of its own."""
-    machinery = ("posix_spawn(", "killpg(", "select.poll(", "/proc/{entry}", ".read1")
+    machinery = ("posix_spawn(", "killpg(", "os.waitpid(", "/proc/{entry}", ".read1")
     elsewhere = {}
     for name, path in _modules().items():
         if name == "sheepdog.process":

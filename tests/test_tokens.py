@@ -37,7 +37,7 @@ def test_the_registry_reads_the_file_again_when_it_changes(tmp_path):
     path = tmp_path / "tokens.json"
     registry = tokens.Registry(Settings(tokens_file=str(path), api_tokens=("old",),
                                         home=tmp_path))
-    assert registry.identify("old") == tokens.Identity("api", "admin")  # legacy: every role
+    assert registry.identify("old") == tokens.Identity("api", "admin", trusted=True)  # every role
     assert registry.identify("nope") is None and registry.identify("") is None
     _, token = tokens.add(path, "submit", "gn2")
     assert registry.identify(token) == tokens.Identity("gn2", "submit")

@@ -280,6 +280,10 @@ class PrecomputeWorkflow(Workflow):
             _store_batch(settings, job, task_id)  # again: idempotent, and cheap
         register(conn, job)
         out = Path(job.out_dir)
+        # every trait may have come from the cache (a rerun after a kill): no batch ran
+        # to put the SNPs beside their vectors
+        pcstore.add(out, Cache(settings.cache_dir), [],
+                    Cache(settings.cache_dir).task_dir(job.params["prepare_task"]) / "snps.npy")
         rows = pcstore.export_hits(out)
         store.set_job_fields(conn, job.id, result={"dataset": job.params["dataset"],
                                                    "out": job.out_dir, "hits": rows,
