@@ -44,9 +44,10 @@ def function_path(fn: Callable[..., Any]) -> str:
                         "the top level of a module (not a lambda or a nested function)")
     if module == "__main__":
         script = getattr(sys.modules["__main__"], "__file__", None)
-        if not script:
-            raise TypeError(f"{qualname} is defined in an interactive session; define it in "
-                            "a module or script file so workers can import it")
+        if not script or not os.path.isfile(script):  # a session, or `python - <<EOF`
+            raise TypeError(f"{qualname} is defined in an interactive session or a script "
+                            "read from stdin; define it in a module or script file so "
+                            "workers can import it")
         return f"{os.path.abspath(script)}:{qualname}"
     return f"{module}:{qualname}"
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import redis
@@ -147,10 +148,13 @@ def list_jobs(as_json: bool, limit: int) -> None:
     if as_json:
         _print_json([progress.job_view(conn, j, with_pieces=False) for j in jobs])
         return
+    if jobs:  # a header names the columns (and says nothing when there is nothing)
+        click.echo(f"{'JOB':<26}  {'STATUS':<9} {'EXIT':>4}  {'PIECES':<9}  WHAT")
     for j in jobs:
         what = " ".join(j.command) if j.command else j.workflow
         code = "" if j.exit_code is None else j.exit_code
-        click.echo(f"{j.id}  {j.status:<9} {code!s:>4}  {j.done}/{j.total}  {what[:60]}")
+        click.echo(f"{j.id:<26}  {j.status:<9} {code!s:>4}  {f'{j.done}/{j.total}':<9}  "
+                   f"{what[:60]}")
 
 
 @cli.command("logs")
@@ -203,7 +207,11 @@ def cancel(job_id: str) -> None:
               help="Pull work from this sheepdog service over HTTPS (no Redis, no ssh: "
                    "outbound web access is all it needs).")
 @click.option("--token", envvar="SHEEPDOG_WORKER_TOKEN", default=None,
-              help="With --server: a token with the worker role [env SHEEPDOG_WORKER_TOKEN].")
+              help="With --server: a token with the worker role [env SHEEPDOG_WORKER_TOKEN] "
+                   "(on the command line, any user's `ps` shows it: prefer the variable or "
+                   "--token-file).")
+@click.option("--token-file", default=None, type=click.Path(dir_okay=False),
+              help="With --server: read the token from this file (mode 0600).")
 @click.option("--ca-file", envvar="SHEEPDOG_CA_FILE", default=None, type=click.Path(),
               help="With --server: the CA that signs the service's certificate, if it is "
                    "not a public one [env SHEEPDOG_CA_FILE].")
@@ -211,13 +219,14 @@ def cancel(job_id: str) -> None:
               help="An Executor's worker: when process PID (which started it) is gone, "
                    "however it ended, cancel its job JOB and exit.")
 def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: tuple[str, ...],
-           name: str | None, server: str | None, token: str | None,
+           name: str | None, server: str | None, token: str | None, token_file: str | None,
            ca_file: str | None, parent: str | None) -> None:
     """Run tasks from the queues until stopped (SIGTERM/SIGINT hand running ones back)."""
     settings = _settings()
     if server is not None:
         if burst or gn3_queues:
             raise click.UsageError("--server does not go with --burst or --gn3-queue")
+        token = _worker_token(token, token_file, server)
         _pull_worker(settings, server, token or "", ca_file, list(queues) or [settings.queue],
                      concurrency, name)
         return
@@ -243,9 +252,26 @@ def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: t
                name=worker_name, burst=burst, services=services)
     for sig in (signal.SIGTERM, signal.SIGINT):  # going: running pieces go back to the queue
         signal.signal(sig, lambda *_: w.stop(release=True))
-    click.echo(f"sheepdog worker {w.name} on {', '.join(w.queue_names)} "
-               f"({shown(url_for(settings))})", err=True)
+    if not parent:  # an Executor's workers are its own business: its user's stderr is theirs
+        click.echo(f"sheepdog worker {w.name} on {', '.join(w.queue_names)} "
+                   f"({shown(url_for(settings))})", err=True)
     w.run()
+
+
+def _worker_token(token: str | None, token_file: str | None, server: str) -> str:
+    """The pull worker's token, from --token-file, the variable or --token (said to be
+    visible in `ps`); plain http:// only to this machine, where no one listens between."""
+    if token_file:
+        token = Path(token_file).read_text().strip()
+    elif click.get_current_context().get_parameter_source("token") == \
+            click.core.ParameterSource.COMMANDLINE:
+        click.echo("sheepdog worker: the token given with --token shows in `ps` to every "
+                   "user of this machine; use SHEEPDOG_WORKER_TOKEN or --token-file", err=True)
+    host = urlsplit(server).hostname or ""
+    if server.startswith("http://") and host not in ("127.0.0.1", "localhost", "::1"):
+        raise click.UsageError(f"{server}: plain http:// would send the worker token and "
+                               "every input and output in clear; use https://")
+    return token or ""
 
 
 def _pull_worker(settings: Any, server: str, token: str, ca_file: str | None,
@@ -587,7 +613,9 @@ def redis_stop() -> None:
               help="Write the result files here too.")
 @click.option("--item", "item_key", default=None, metavar="KEY",
               help="One item's output (map jobs); an error says why it has none.")
-def result(job_id: str, out_dir: str | None, item_key: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True,
+              help="All of it (without: lists cut to their first 10 entries).")
+def result(job_id: str, out_dir: str | None, item_key: str | None, as_json: bool) -> None:
     """Print a finished job's result (and write its files to --out)."""
     settings = _settings()
     db = _conn(settings)
@@ -602,8 +630,22 @@ def result(job_id: str, out_dir: str | None, item_key: str | None) -> None:
     if job.status != JobStatus.SUCCESS and not (workflow.partial_results and job.status.final):
         raise click.ClickException(f"job {job_id} is {job.status}, not a finished job "
                                    "with a result")
-    _print_json(workflow.export(db, settings, job, Path(out_dir)) if out_dir
-                else workflow.describe(db, settings, job))
+    found = (workflow.export(db, settings, job, Path(out_dir)) if out_dir
+             else workflow.describe(db, settings, job))
+    _print_json(found if as_json else _shortened(found))
+
+
+def _shortened(value: Any, most: int = 10) -> Any:
+    """A result a person reads: every list cut to its first `most` entries, saying how
+    many more there are (`--json` prints them all)."""
+    if isinstance(value, dict):
+        return {k: _shortened(v, most) for k, v in value.items()}
+    if isinstance(value, list) and len(value) > most:
+        return [*(_shortened(v, most) for v in value[:most]),
+                f"... {len(value) - most:,d} more (--json: all)"]
+    if isinstance(value, list):
+        return [_shortened(v, most) for v in value]
+    return value
 
 
 def _main() -> int:

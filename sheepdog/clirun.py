@@ -62,25 +62,24 @@ def backend_options(fn: F) -> F:
 
 def finish(db: Any, given: config.Settings, job_id: str, queue: str, detach: bool,
            as_json: bool, after_wait: Callable[[Any, config.Settings, str], None] | None = None,
-           concurrency: int | None = None, show_notes: bool = True) -> int:
+           concurrency: int | None = None, show_notes: bool = True,
+           show_output: bool = True) -> int:
     """Shared end of every `run`: detach, or stream until the end; returns the exit code.
     `concurrency`: pieces at once when this process runs the job itself; `show_notes`
-    False prints sheepdog's per-piece lines only when something went wrong."""
+    False prints sheepdog's per-piece lines only when something went wrong; `show_output`
+    False, the pieces' own lines only when they say error or warning."""
     if detach:
         if unserved(db, queue):
             spawn_detached_worker(given, queue)
         click.echo(job_id)
         return 0
     stream_until_done(db, given, job_id, queue, quiet=as_json, concurrency=concurrency,
-                      show_notes=show_notes)
+                      show_notes=show_notes, show_output=show_output)
     if after_wait:
         after_wait(db, given, job_id)
     job = store.get_job(db, job_id)
     if as_json:
         print_json(progress.job_view(db, job))
-    elif job.status == JobStatus.ERROR and job.error and (
-            job.workflow != "command" or job.exit_code is None):
-        click.echo(f"sheepdog: job {job.id} failed: {job.error}", err=True)
     if job.exit_code is not None:
         return job.exit_code
     return 0 if job.status == JobStatus.SUCCESS else 1
@@ -187,15 +186,21 @@ def _worth_showing(line: LogLine) -> bool:
                                        "once more"))
 
 
+def _says_trouble(text: str) -> bool:
+    lowered = text.lower()
+    return "error" in lowered or "warning" in lowered
+
+
 def stream_until_done(db: Any, given: config.Settings, job_id: str, queue: str,
                       quiet: bool = False, concurrency: int | None = None,
-                      show_notes: bool = True) -> None:
+                      show_notes: bool = True, show_output: bool = True) -> None:
     bar = ProgressLine(db, job_id)
     helpers = Helpers(db, given, job_id, queue, concurrency)
     try:
         for line in follow_job(db, given, job_id, queue, helpers=helpers):
             bar.clear()
-            if not quiet and (show_notes or _worth_showing(line)):
+            if not quiet and (show_notes or _worth_showing(line)) and (
+                    show_output or line.stream == "sheepdog" or _says_trouble(line.text)):
                 print_line(line)
             bar.tick()
     except KeyboardInterrupt:

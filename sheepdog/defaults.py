@@ -14,6 +14,7 @@ TAKE_WAIT = 1.0  # s: a worker's blocking dequeue; bounds how long a stop takes
 # two sightings this far apart was lost with its taker (sent again: a twin is harmless,
 # only one claim can win)
 TAKE_TO_CLAIM = 0.5
+SILENT_GRACE = 3.0  # heartbeat timeouts a live same-host piece may stay silent (an outage)
 TAKE_WAIT_INLINE = 0.05  # s: a client's own helper must notice its job ended at once
 MAINTAIN_FAST = 0.1  # s: upkeep round of a burst or inline worker
 KILL_GRACE = 3.0  # s: between SIGTERM and SIGKILL of a piece's process group

@@ -444,8 +444,16 @@ class Executor(futures.Executor):
                     break
             self._wake.set()
             self._stop.wait(EXECUTOR_FLUSH * 10)
-        store.close_job(self._conn, self.job.id)
+        if not self._all:  # nothing was ever sent: no job to list
+            store.drop_empty_job(self._conn, self.job.id)
+        else:
+            store.close_job(self._conn, self.job.id)
         futures.wait(self._all)
+        raised = [f for f in self._all if not f.cancelled() and f.exception() is not None]
+        if raised:  # the pieces ran; calls that raised make the job an error all the same
+            first = raised[0].exception()
+            store.calls_failed(self._conn, self.job.id, len(raised), len(self._all),
+                               f"{type(first).__name__}: {first}")
         self._finish()
 
     def _finish(self) -> None:

@@ -11,14 +11,20 @@ import socket
 from functools import cache
 
 
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot ('' where /proc has none)."""
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name ([] where /proc has none)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             # the command name (field 2) may hold spaces: count fields after its ')'
-            return f.read().rsplit(")", 1)[1].split()[19]
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return ""
+        return []
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot ('' where /proc has none)."""
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else ""
 
 
 @cache
@@ -26,6 +32,12 @@ def this_process() -> str:
     """This process's name for other processes to check."""
     pid = os.getpid()
     return f"{socket.gethostname()} {pid} {_start_time(pid)}"
+
+
+def alive_here(process: str) -> bool:
+    """True only when the named process ran on this host and is running still."""
+    parts = process.split()
+    return len(parts) == 3 and parts[0] == socket.gethostname() and not gone(process)
 
 
 def gone(process: str) -> bool:
@@ -41,5 +53,8 @@ def gone(process: str) -> bool:
         return True
     except PermissionError:
         pass  # alive, someone else's
-    started = _start_time(pid)
+    fields = _stat(pid)
+    if fields[:1] == ["Z"]:
+        return True  # exited: only its zombie waits for its parent to reap it
+    started = fields[19] if len(fields) > 19 else ""
     return bool(started and parts[2] and started != parts[2])

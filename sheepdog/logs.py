@@ -84,9 +84,12 @@ def note_fields(text: str, task: str = "", piece: str = "") -> dict[str, str]:
             "time": f"{time.time():.3f}"}
 
 
-def end_fields(status: str, exit_code: int | None, error: str = "") -> dict[str, str]:
-    """The closing line of a job's log; store.py adds it in the transaction that ends it."""
-    text = f"job {status}" + (f" (exit code {exit_code})" if exit_code is not None else "")
+def end_fields(status: str, exit_code: int | None, error: str = "", job_id: str = ""
+               ) -> dict[str, str]:
+    """The closing line of a job's log; store.py adds it in the transaction that ends it.
+    It names the job: what `status`, `logs` and `result` take."""
+    text = (f"job {job_id} {status}" if job_id else f"job {status}") + (
+        f" (exit code {exit_code})" if exit_code is not None else "")
     if error:
         text += f": {error}"
     return {"task": "", "piece": "", "stream": "sheepdog", "text": text,
@@ -272,6 +275,12 @@ def decode(entry_id: bytes | str, fields: dict[bytes, bytes]) -> LogLine:
                    stream=f.get("stream", ""), text=f.get("text", ""),
                    time=float(f.get("time") or 0), truncated=f.get("truncated") == "1",
                    end=f.get("end") == "1")
+
+
+def last(conn: redis.Redis, job_id: str, count: int = 200) -> list[LogLine]:
+    """A job's last `count` log lines, in order (a page drawn before its script runs)."""
+    entries = conn.xrevrange(keys.job_log(job_id), count=count)
+    return [decode(entry_id, fields) for entry_id, fields in reversed(entries)]
 
 
 def read(conn: redis.Redis, job_id: str, after: str = "0-0", count: int = 1000) -> list[LogLine]:

@@ -13,7 +13,7 @@ import redis
 from . import dispatch, keys, liveness, logs, store
 from .cache import Cache
 from .config import Settings
-from .defaults import TAKE_TO_CLAIM
+from .defaults import SILENT_GRACE, TAKE_TO_CLAIM
 from .models import TaskStatus
 from .retention import expire_finished
 
@@ -31,23 +31,26 @@ class _Look(NamedTuple):
     rq_id: str
     queue: str
     beating: bool
+    silent_since: float | None  # when a reaper first found its live process's heartbeat gone
 
 
 def _look(conn: redis.Redis, ids: list[str]) -> list[_Look]:
     pipe = conn.pipeline(transaction=False)
     for tid in ids:
         pipe.hmget(keys.task(tid), "status", "queued_at", "process", "taken_by", "rq_id",
-                   "queue")
+                   "queue", "silent_since")
         pipe.exists(keys.task_heartbeat(tid))
     replies = pipe.execute()
     out = []
     for i, tid in enumerate(ids):
-        (status, queued_at, process, taker, rq_id, queue), beating = replies[2 * i:2 * i + 2]
+        (status, queued_at, process, taker, rq_id, queue, silent), beating = \
+            replies[2 * i:2 * i + 2]
         out.append(_Look(tid, status.decode() if status else "",
                          float(queued_at) if queued_at else None,
                          process.decode() if process else "", bool(taker),
                          rq_id.decode() if rq_id else "",
-                         (queue or b"default").decode(), bool(beating)))
+                         (queue or b"default").decode(), bool(beating),
+                         float(silent) if silent else None))
     return out
 
 
@@ -74,10 +77,11 @@ def reap_lost(conn: redis.Redis, settings: Settings) -> list[str]:
     queues = {t.queue for t in looks if t.status == TaskStatus.QUEUED}
     on_queue = dispatch.waiting_ids(conn, queues) if queues else set()
     now = time.time()
-    return [line for t in looks if (line := _tend(conn, t, on_queue, now))]
+    grace = SILENT_GRACE * settings.heartbeat_timeout
+    return [line for t in looks if (line := _tend(conn, t, on_queue, now, grace))]
 
 
-def _tend(conn: redis.Redis, t: _Look, on_queue: set[str], now: float) -> str:
+def _tend(conn: redis.Redis, t: _Look, on_queue: set[str], now: float, grace: float) -> str:
     """Recover one task if it is lost; what was done ('' if nothing)."""
     if t.status == TaskStatus.QUEUED:
         if t.rq_id and t.rq_id in on_queue:
@@ -93,7 +97,15 @@ def _tend(conn: redis.Redis, t: _Look, on_queue: set[str], now: float) -> str:
         # its worker ran here and is dead: no need to wait out its heartbeat
         conn.delete(keys.task_heartbeat(t.tid))
     elif t.beating:
+        if t.silent_since is not None:  # it beats again: a later silence starts anew
+            conn.hdel(keys.task(t.tid), "silent_since")
         return ""
+    elif liveness.alive_here(t.process):
+        # its process is here and alive: an outage of Redis outlived its heartbeat's
+        # key, and it beats again once it notices; running it twice would do its side
+        # effects twice. A process that stays silent that long is stuck: run again.
+        if now - store.silent_since(conn, t.tid, now) < grace:
+            return ""
     return _recover(conn, t.tid)
 
 

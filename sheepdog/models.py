@@ -77,6 +77,9 @@ class Task:
     timeout: float = 0.0  # seconds; 0 means none
     max_attempts: int = 3
     retry_on_failure: bool = False
+    # its failure is the job's own words (map's gather: "3 of 3 items failed"), not
+    # "piece 'gather' failed"; not part of the content id
+    speaks_for_job: bool = False
     backend: str = "local"
     host: str = ""
     queue: str = "default"

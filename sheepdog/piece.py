@@ -58,10 +58,15 @@ class PieceOutput:
         self.writer = writer
         self.raw_writer = raw
         self.tail: deque[str] = deque(maxlen=6)
+        # stdout lines that say error: some programs print their own there (GEMMA's
+        # "error! unrecognized option") while stderr only has their banner
+        self.errors: deque[str] = deque(maxlen=3)
 
     def __call__(self, stream: str, lines: list[str]) -> None:
         if stream == "stderr":
             self.tail.extend(lines)
+        else:
+            self.errors.extend(line for line in lines if "error" in line.lower())
         self.writer.write(stream, lines)
 
     def raw(self, stream: str, chunk: bytes) -> None:
@@ -75,11 +80,13 @@ class PieceOutput:
 
 
 def explain(outcome: Outcome, output: PieceOutput) -> Outcome:
-    """The outcome with its error said in full: the exit code, the last stderr lines."""
+    """The outcome with its error said in full: the exit code, the program's own error
+    lines from stdout, the last stderr lines."""
     if outcome.exit_code not in (0, None) and not outcome.error:
         outcome.error = f"exit code {outcome.exit_code}"
-    if outcome.error and output.tail and outcome.exit_code not in (None, 0):
-        outcome.error += ": " + " | ".join(output.tail)
+    said = [*output.errors, *(line for line in output.tail if line not in output.errors)]
+    if outcome.error and said and outcome.exit_code not in (None, 0):
+        outcome.error += ": " + " | ".join(said)
     return outcome
 
 
@@ -102,6 +109,9 @@ def run(task: Task, settings: Settings, cache: Cache, output: PieceOutput,
                              f"{type(e).__name__}: {e}")
     finally:
         backend.close()
+
+
+TIMEOUT_CODE = 124  # what timeout(1) exits with when it killed the command
 
 
 class _Stopper:
@@ -145,7 +155,8 @@ def _watch_loop(backend: Backend, sub: Submission, output: PieceOutput,
         why = stop.reason()
         if why:
             backend.cancel([sub])
-            return Outcome(None, why)
+            # a timeout's exit code is timeout(1)'s, so `run --timeout` says it as a shell would
+            return Outcome(TIMEOUT_CODE if why.startswith("timed out") else None, why)
         output.flush()  # quiet output still reaches readers within a fraction of a second
         wait = WATCH_POLL if deadline is None else min(
             WATCH_POLL, max(0.001, deadline - time.monotonic()))

@@ -243,6 +243,27 @@ def close_job(conn: redis.Redis, job_id: str) -> None:
     conn.transaction(txn, keys.job(job_id))
 
 
+def drop_empty_job(conn: redis.Redis, job_id: str) -> bool:
+    """An open job that never got a task (an Executor nothing reached): gone, rather
+    than listed as the success of nothing."""
+    if conn.llen(keys.job_tasks(job_id)):
+        return False
+    conn.delete(*keys.job_keys(job_id))
+    conn.zrem(keys.jobs_index(), job_id)
+    return True
+
+
+def calls_failed(conn: redis.Redis, job_id: str, failed: int, total: int, first: str) -> None:
+    """An Executor's job whose pieces all ran but some of whose calls raised: an error,
+    as `list`, `status` and the page show it, naming the first exception."""
+    error = f"{failed:,d} of {total:,d} calls raised; the first: {first[:500]}"
+    pipe = conn.pipeline(transaction=True)
+    pipe.hset(keys.job(job_id), mapping={"status": JobStatus.ERROR, "error": error,
+                                        "exit_code": "1"})
+    pipe.xadd(keys.job_log(job_id), logs.note_fields(error))
+    pipe.execute()
+
+
 def drop_task(conn: redis.Redis, job_id: str, task_id: str) -> bool:
     """Take a task that has not started out of an open job (a cancelled future); False
     if it is running or done, or another job waits on it too."""
@@ -299,6 +320,7 @@ def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
         pipe.hset(key, mapping={"status": task.status, "worker": worker,
                                 "started": str(now), "attempts": str(task.attempts),
                                 "process": process, "requeued_from": ""})
+        pipe.hdel(key, "silent_since")  # a new attempt: silent from now on, if ever
         pipe.set(keys.task_heartbeat(task_id), worker, px=int(ttl * 1000))
         said = (f"{task.name}: started on {task.backend or 'local'} ({where}, worker {worker}, "
                 f"attempt {task.attempts})")
@@ -361,7 +383,7 @@ def _ended(pipe: Pipeline, jobs: dict[str, dict[str, str]], task_id: str) -> Non
 
 def _close_log(pipe: Pipeline, job_id: str, status: str, exit_code: int | None,
                error: str = "") -> None:
-    pipe.xadd(keys.job_log(job_id), logs.end_fields(status, exit_code, error))
+    pipe.xadd(keys.job_log(job_id), logs.end_fields(status, exit_code, error, job_id))
 
 
 def _fail_jobs(pipe: Pipeline, jobs: dict[str, dict[str, str]], task: Task,
@@ -439,11 +461,11 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
         if success:
             return _record_success(pipe, conn, task, jobs, dep_state, now,
                                    note=f"{task.name}: success {took}")
-        if task.twin_of and not ((task.retry_on_failure or retryable)
-                                 and task.attempts < task.max_attempts):
+        again = retryable or (task.retry_on_failure and not _its_own_failure(exit_code))
+        if task.twin_of and not (again and task.attempts < task.max_attempts):
             return _drop_twin(pipe, task, jobs, now, f"{task.name}: its second run failed "
                               f"({error}); the first goes on")
-        if (task.retry_on_failure or retryable) and task.attempts < task.max_attempts:
+        if again and task.attempts < task.max_attempts:
             pipe.multi()
             _requeue(pipe, conn, task, now, f"attempt {task.attempts} failed: {error}")
             _say(pipe, jobs, task, f"{task.name}: attempt {task.attempts} failed {took} "
@@ -453,6 +475,14 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
                                note=f"{task.name}: error {took} ({error})")
 
     return conn.transaction(txn, key, keys.task_jobs(task_id), value_from_callable=True)
+
+
+def _its_own_failure(exit_code: int | None) -> bool:
+    """The program ended by itself with a failure (an exit code, or abort()): it would
+    fail the same way again, so a piece that retries failures does not retry it. A kill
+    (the OOM killer's SIGKILL, a SIGTERM), a crash with no code, or an exit 0 whose
+    outputs were not whole may be the machine's fault: those are tried again."""
+    return exit_code is not None and (0 < exit_code < 128 or exit_code == 128 + 6)
 
 
 def _read_around(pipe: Pipeline, conn: redis.Redis, job_ids: list[str],
@@ -506,6 +536,8 @@ def _record_failure(pipe: Pipeline, task: Task, jobs: dict[str, dict[str, str]],
                     now: float, error: str, note: str = "") -> TaskStatus:
     downstream = _descendants(pipe, task.id)
     message = f"piece '{task.name}' failed: {error}" if error else f"piece '{task.name}' failed"
+    if task.speaks_for_job and error:
+        message = error.rsplit("ERROR: ", 1)[-1]  # the program's own sentence
     pipe.multi()
     if note:
         _say(pipe, jobs, task, note)
@@ -593,6 +625,16 @@ def release(conn: redis.Redis, task_id: str, worker: str) -> bool:
         return True
 
     return conn.transaction(txn, key, value_from_callable=True)
+
+
+def silent_since(conn: redis.Redis, task_id: str, now: float) -> float:
+    """When a reaper first found this running task's heartbeat gone while its process
+    lives (set now if no one had)."""
+    key = keys.task(task_id)
+    pipe = conn.pipeline(transaction=False)
+    pipe.hsetnx(key, "silent_since", repr(now))
+    pipe.hget(key, "silent_since")
+    return float(_text(pipe.execute()[1]) or repr(now))
 
 
 def mark_taken(conn: redis.Redis, task_id: str, process: str) -> None:

@@ -151,6 +151,10 @@ class Worker:
         """Work until stopped, until `until()` is true, or (burst) until idle."""
         if self.until is not None and self.until():
             return  # nothing to wait for: take no piece at all
+        try:  # pieces lost before it came go first (they had their turn), not after
+            reap_lost(self.conn, self.settings)
+        except redis.RedisError:
+            pass  # its upkeep reaps when Redis is back
         try:
             while True:
                 self._serve()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,7 +55,9 @@ def test_tiny_calls_are_packed_into_few_pieces_each_keeping_its_own_outcome(sett
                 f.result()
             assert str(e.value) == f"call {x}"  # its own exception, not a neighbour's
     job = store.get_job(conn, job_id)
-    assert job.status == JobStatus.SUCCESS
+    # every piece ran, but calls raised: the job says so (it was a green "success")
+    assert job.status == JobStatus.ERROR
+    assert job.error == "6 of 3,000 calls raised; the first: ValueError: call 0"
     assert job.total < 300  # 3,000 calls in far fewer pieces
     with pytest.raises(ValueError, match="batch_size"):
         Executor(settings=settings, start_workers=False, batch_size=0)
@@ -71,6 +75,8 @@ def test_an_exception_comes_back_with_the_workers_traceback(settings):
     with pytest.raises(TypeError, match="top level of a module"):
         idle.submit(lambda: 1)
     idle.shutdown()
+    # nothing reached it: no "success 0/0" job left to list
+    assert all(j.id != idle.job.id for j in store.list_jobs(idle._conn, limit=1000))
 
 
 def test_setup_runs_once_per_worker_process_and_reaches_every_call(settings, tmp_path,
@@ -187,3 +193,16 @@ def test_an_executor_never_shut_down_closes_its_job_and_workers_at_exit(env, con
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(
             f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_a_function_from_a_script_on_stdin_is_refused_with_why(env):
+    """It failed on the worker as `No module named '/tmp/.../<stdin>'`."""
+    script = ("from sheepdog import Executor\n"
+              "def f(x):\n    return x\n"
+              "ex = Executor(start_workers=False)\n"
+              "try:\n    ex.submit(f, 1)\nexcept TypeError as e:\n    print(e)\n"
+              "ex.shutdown()\n")
+    r = subprocess.run([sys.executable, "-"], input=script, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "read from stdin" in r.stdout and "define it in a module" in r.stdout

@@ -74,10 +74,12 @@ def _dataset(env, out) -> dict:
 
 
 def _without_when(value):
-    """A record without when, where and by which job it was computed."""
+    """A record without when, where and by which job it was computed (a rerun takes the
+    traits the killed run finished from the cache, and says so in `computed_by`)."""
     if isinstance(value, dict):
         return {k: _without_when(v) for k, v in value.items()
-                if k not in ("started", "finished", "seconds", "host", "job", "computed")}
+                if k not in ("started", "finished", "seconds", "host", "job", "computed",
+                             "computed_by")}
     if isinstance(value, list):
         return [_without_when(v) for v in value]
     return value

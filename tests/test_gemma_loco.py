@@ -126,7 +126,7 @@ def test_two_identical_submissions_at_once_share_one_computation(counting_gemma,
 
 def test_gemmas_own_error_text_fails_the_job_and_names_the_piece(env, tmp_path, conn):
     r = _loco(env, tmp_path / "out", "-c", str(SINGULAR_COVARIATES))
-    assert r.returncode != 0
+    assert r.returncode != 0, r.stderr[-4000:]
     assert "GSL ERROR: matrix is singular" in r.stderr
     job = store.list_jobs(conn, limit=1)[0]
     assert job.status == "error" and "piece 'lmm chr" in job.error

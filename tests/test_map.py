@@ -90,6 +90,9 @@ def test_items_come_back_in_input_order_with_failures_kept(env, tmp_path):
                  '{ echo broke >&2; exit 3; }', env=env, cwd=str(tmp_path))
     assert r.returncode == 1, r.stderr
     assert "1 of 4 items failed: t3" in r.stderr
+    # said by the job, not as "piece 'gather' failed", and not four times over
+    assert "piece 'gather'" not in r.stderr and r.stderr.count("items failed") <= 3
+    assert "sheepdog: job" not in r.stderr  # the log's closing line said it already
     records = _items(tmp_path / "out")
     assert [x["key"] for x in records] == ["t1", "t2", "t3", "t4"]
     assert [x["status"] for x in records] == ["success", "success", "failed", "success"]

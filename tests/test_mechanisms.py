@@ -330,3 +330,21 @@ def test_a_burst_worker_idle_too_early_leaves_no_ready_work_behind(conn, setting
     assert not runner.is_alive()
     assert fooled
     assert store.get_job(conn, job.id).status == JobStatus.SUCCESS
+
+
+def test_a_failures_message_quotes_the_programs_own_error_from_stdout():
+    """GEMMA prints `error! unrecognized option` on stdout and only its banner on
+    stderr: the piece's error quotes its own words, not just `exit code 1`."""
+    class Lines:
+        def __init__(self) -> None:
+            self.got: list[tuple[str, str]] = []
+
+        def write(self, stream: str, lines: list[str]) -> None:
+            self.got += [(stream, line) for line in lines]
+
+    output = piece.PieceOutput(Lines(), None)  # type: ignore[arg-type]
+    output("stdout", ["Reading Files ...", "error! unrecognized option: -bogusflag"])
+    output("stderr", ["GEMMA 0.98.5 (2021-08-25) by Xiang Zhou"])
+    explained = piece.explain(piece.Outcome(1, ""), output)
+    assert explained.error == ("exit code 1: error! unrecognized option: -bogusflag | "
+                               "GEMMA 0.98.5 (2021-08-25) by Xiang Zhou")

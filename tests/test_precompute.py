@@ -158,7 +158,8 @@ def test_gemma_refusing_a_trait_is_recorded_and_the_dataset_still_finishes(env, 
                  timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     shown = _show(env, tmp_path / "f", "liver")
-    assert shown.returncode == 1 and "liver: failed: GEMMA failed on chromosome" in shown.stderr
+    assert shown.returncode == 1 and "liver: failed: GEMMA failed on chromosome" in \
+        shown.stderr, (r.stderr[-3000:], shown.stdout[-1500:])
 
 
 # ------------------------------------------------------------------ served by key

@@ -544,3 +544,26 @@ def test_a_line_length_error_names_the_field_not_the_upload_folder(client, home)
     text = r.get_data(as_text=True)
     assert r.status_code == 400 and "longer than" in text, text[:300]
     assert str(home) not in text and "upload" not in text.lower(), text[:300]
+
+
+def test_a_browser_without_a_token_gets_a_page_that_says_how_to_open_the_service(client):
+    browser = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    r = client.get("/", headers=browser)
+    text = r.get_data(as_text=True)
+    assert r.status_code == 401 and r.mimetype == "text/html"
+    assert "sheepdog tokens add" in text and 'name="token"' in text and TOKEN not in text
+    wrong = client.get("/?token=nope", headers=browser)
+    assert wrong.status_code == 401 and "does not open" in wrong.get_data(as_text=True)
+    assert client.get("/", headers={"Accept": "*/*"}).get_json()["status"] == 401  # curl
+
+
+def test_a_finished_jobs_page_says_its_state_without_its_script(client, conn, settings):
+    from sheepdog import jobs, store
+
+    job, tasks = jobs.command_job(["true"], settings)
+    jobs.submit(conn, settings, job, tasks)
+    task = tasks[0]
+    assert store.claim(conn, task.id, "w", 5) is not None
+    store.finish(conn, task.id, "w", 0)
+    page = client.get(f"/jobs/{job.id}/page", headers=AUTH).get_data(as_text=True)
+    assert "100.0% (1/1 pieces)" in page and f"job {job.id} success" in page

@@ -78,9 +78,19 @@ def test_a_final_failure_cancels_downstream_and_fails_every_waiting_job(fake):
 def test_failures_are_retried_when_the_policy_says_so(fake):
     t = Task(name="gemma", argv=["x"], retry_on_failure=True, max_attempts=2)
     store.submit(fake, Job(id="j1", workflow="t"), [t])
-    assert _run(fake, t.id, 1, "boom") == "queued"
+    assert _run(fake, t.id, 137, "killed") == "queued"  # the OOM killer, say
     assert _run(fake, t.id, 0) == "success"
     assert store.get_task(fake, t.id).attempts == 2
+
+
+@pytest.mark.parametrize("code", [1, 2, 134])
+def test_a_program_that_failed_by_itself_is_not_retried(fake, code):
+    """GEMMA's "error! unrecognized option" (exit 1) or a GSL abort() (134) would fail
+    the same way again: retrying all 20 LMM pieces only hid GEMMA's own message."""
+    t = Task(name="gemma", argv=["x"], retry_on_failure=True, max_attempts=3)
+    store.submit(fake, Job(id="j1", workflow="t"), [t])
+    assert _run(fake, t.id, code, "exit") == "error"
+    assert store.get_task(fake, t.id).attempts == 1
 
 
 def test_a_cancelled_task_cannot_be_claimed(fake):
@@ -110,7 +120,7 @@ def test_every_dispatch_gets_its_own_queue_entry(fake):
     first = _entries(fake)
     assert first == [store.get_task(fake, a.id).rq_id]
     fake.lpop("rq:queue:default")
-    _run(fake, a.id, code=1)  # retried: dispatched again
+    _run(fake, a.id, code=137)  # retried: dispatched again
     second = _entries(fake)
     assert second == [store.get_task(fake, a.id).rq_id] and second != first
 

@@ -254,3 +254,24 @@ def test_force_in_a_request_recomputes_as_the_cli_does(client, workers):
     assert forced.status_code == 202, forced.get_json()
     job = _finished(client, forced.get_json()["id"])
     assert job["status"] == "success" and job["progress"]["cached"] == 0, job["progress"]
+
+
+def test_metrics_for_prometheus(client, conn, queue):
+    assert client.get("/metrics").status_code == 401  # a read token, as any view
+    client.post("/jobs", headers=AUTH, json={"workflow": "command", "command": ["true"]})
+    r = client.get("/metrics", headers=AUTH)
+    assert r.status_code == 200 and r.mimetype == "text/plain"
+    values = {line.split()[0]: float(line.split()[1]) for line in r.get_data(as_text=True)
+              .splitlines() if line and not line.startswith("#")}
+    assert values["sheepdog_jobs"] == 1 and values["sheepdog_pieces_active"] == 1
+    assert values[f'sheepdog_queue_waiting{{queue="{queue}"}}'] == 1
+    assert values["sheepdog_redis_ping_seconds"] < 5 and "sheepdog_workers" in values
+
+
+def test_an_unknown_top_level_field_is_refused_naming_it(client):
+    r = client.post("/jobs", headers=AUTH, json={"workflow": "command", "command": ["true"],
+                                                 "bogus": 1})
+    assert r.status_code == 400 and r.get_json()["field"] == "bogus"
+    r = client.post("/jobs", headers=AUTH, json={"command": ["true"]})
+    assert r.status_code == 400 and r.get_json()["field"] == "workflow"
+    assert "None" not in r.get_json()["error"] and "missing" in r.get_json()["error"]

@@ -33,7 +33,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         app.config.update(test_config)
     sock.init_app(app)
 
-    from . import api, auth, gn3, inputs, pages, state, stream, workers
+    from . import api, auth, gn3, inputs, metrics, pages, state, stream, workers
 
     auth.init_app(app)
     # what a workflow's own routes get from the service, instead of importing it
@@ -42,6 +42,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(gn3.bp)
     app.register_blueprint(pages.bp)
     app.register_blueprint(workers.bp)
+    app.register_blueprint(metrics.bp)
     for name in workflows.names():  # a workflow's own routes (a precompute's datasets)
         workflow = workflows.find(name)
         own = workflow.blueprint(services) if workflow is not None else None

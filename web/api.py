@@ -93,6 +93,11 @@ def _check_placement(body: dict[str, Any]) -> None:
 def create_job() -> Any:
     body = _body()
     workflow = workflows.get(body.get("workflow"))
+    known = {"workflow", "backend", "host", "queue", *workflow.schema().get("properties", {})}
+    unknown = sorted(set(body) - known)
+    if unknown:  # a typo must not be silently ignored (an unknown param is not either)
+        bad(unknown[0][:80], f"unknown field for a {workflow.name} job; known: "
+                             f"{', '.join(sorted(known))}")
     if workflow.runs_commands:
         auth.require("admin", f"a {workflow.name} job (it runs any program as the service)")
     _check_placement(body)

@@ -14,7 +14,7 @@ import secrets
 from typing import Any
 from urllib.parse import urlencode, urlparse
 
-from flask import Flask, Response, abort, g, redirect, request
+from flask import Flask, Response, abort, g, redirect, render_template, request
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from sheepdog import store, tokens
@@ -87,9 +87,10 @@ def require(role: str, why: str) -> None:
         abort(403, f"{why} needs a token with the {role} role")
 
 
-def check() -> None:
+def check() -> Any:
     """before_request: 401 unless the request carries a token that opens this endpoint,
-    403 if its role does not allow it."""
+    403 if its role does not allow it. A browser asking for a page gets a page that
+    says how to open it, not a JSON error."""
     endpoint = request.endpoint or ""
     if endpoint in PUBLIC or request.method == "OPTIONS":
         return
@@ -109,8 +110,13 @@ def check() -> None:
                        f"{request.method} {request.path}: that needs the {need} role")
         return
     g.job_scope = _job_scope(given, endpoint)
+    accept = request.accept_mimetypes  # a browser prefers HTML; curl's */* does not
+    if g.job_scope is None and endpoint.startswith("pages.") and \
+            accept["text/html"] > accept["application/json"]:
+        return render_template("signin.html", wrong=bool(given)), 401
     if g.job_scope is None:
         abort(401, "a valid API token is needed: Authorization: Bearer <token>")
+    return None
 
 
 # compared against when a job has no read token (or does not exist): the same work, and

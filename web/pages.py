@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, render_template
 
-from sheepdog import progress, store
+from sheepdog import logs, progress, store
 
 from . import auth, state
 
@@ -28,5 +28,10 @@ def job_page(job_id: str) -> Any:
     moved = auth.token_to_cookie()
     if moved is not None:
         return moved
-    job = store.get_job(state.conn(), job_id)
-    return render_template("job.html", job=job, token=auth.page_token())
+    conn = state.conn()
+    job = store.get_job(conn, job_id)
+    # drawn as it stands now, so the page says it without its script (a screenshot, a
+    # reader, a browser with script off); the script then takes over, live
+    view = progress.job_view(conn, job, with_pieces=False)
+    return render_template("job.html", job=job, view=view, lines=logs.last(conn, job_id),
+                           token=auth.page_token())

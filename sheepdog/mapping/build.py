@@ -201,7 +201,7 @@ def build_job(request: MapRequest, settings: Settings, cache: Cache,
              "indices": [i.index for i in request.items], "chunks": chunks}
     index_sha = cache.put_bytes(json.dumps(index, separators=(",", ":")).encode())
     gather_argv = _gather_argv(request.checks, tasks)
-    gather = Task(name="gather", argv=gather_argv, inputs={"index": index_sha},
+    gather = Task(name="gather", speaks_for_job=True, argv=gather_argv, inputs={"index": index_sha},
                   deps=[t.id for t in tasks], outputs=["summary.json"],
                   environment=environment + nonce, max_attempts=settings.max_attempts,
                   queue=queue)
@@ -279,7 +279,7 @@ def retry_job(conn: Any, settings: Settings, cache: Cache, old: Job, backend: st
     index_sha = cache.put_bytes(json.dumps(new_index, separators=(",", ":")).encode())
     gather_argv = _gather_argv(list(old.params.get("checks", [])), tasks)
     q = queue or old.queue
-    gather = Task(name="gather", argv=gather_argv, inputs={"index": index_sha},
+    gather = Task(name="gather", speaks_for_job=True, argv=gather_argv, inputs={"index": index_sha},
                   deps=[t.id for t in tasks], outputs=["summary.json"],
                   environment=f"map retry {job_id}", max_attempts=settings.max_attempts,
                   queue=q)

@@ -39,6 +39,9 @@ def find(name: str) -> Workflow | None:
 def get(name: object, field: str = "workflow") -> Workflow:
     """The workflow called `name`; FieldError lists the known ones."""
     found = find(name) if isinstance(name, str) else None
+    if name is None:
+        raise FieldError(field, f"missing; choose one of {', '.join(names())}")
     if found is None:
-        raise FieldError(field, f"unknown workflow {name!r}; choose one of {', '.join(names())}")
+        raise FieldError(field, f"unknown workflow {str(name)[:80]!r}; choose one of "
+                         f"{', '.join(names())}")
     return found

@@ -41,7 +41,8 @@ class CliServices(Protocol):
 
     def finish(self, db: Any, given: Settings, job_id: str, queue: str, detach: bool,
                as_json: bool, after_wait: Callable[[Any, Settings, str], None] | None = None,
-               concurrency: int | None = None, show_notes: bool = True) -> int:
+               concurrency: int | None = None, show_notes: bool = True,
+               show_output: bool = True) -> int:
         """Detach, or follow the job to its end; returns the exit code."""
 
     def run_race(self, given: Settings, spec: str, complete_all: bool, queue: str,

@@ -2,6 +2,10 @@
 (function () {
   const root = document.getElementById("job");
   const token = root.dataset.token;
+  // the server drew the log's last lines for a reader without script: the stream
+  // replays the whole log below, live
+  const drawn = document.getElementById("log-static");
+  if (drawn) drawn.remove();
   const q = (extra) => "?" + new URLSearchParams(Object.assign(token ? {token} : {}, extra));
   let last = "0-0";
   let done = false;

@@ -49,6 +49,9 @@ def gemma_inputs(fn: Any) -> Any:
                      help="Directory for assoc.txt, result.json and the Manhattan plot."),
         click.option("--lmdb", default="", metavar="FILE",
                      help="Also write the merged scan as gemma2lmdb's LMDB file."),
+        click.option("--verbose", "-v", is_flag=True,
+                     help="Print GEMMA's own lines as they come (else only its errors and "
+                          "warnings; `sheepdog logs JOB` has them all)."),
         click.argument("gemma_flags", nargs=-1, type=click.UNPROCESSED),
     ]):
         fn = opt(fn)
@@ -77,7 +80,7 @@ def _request(kw: dict[str, Any], params: Params) -> GemmaRequest:
 
 def run_cli(cli: CliServices, kw: dict[str, Any], params: Params) -> int:
     """`sheepdog run gemma-*`: validate, submit, wait, export; returns the exit code."""
-    detach, as_json = kw.pop("detach"), kw.pop("as_json")
+    detach, as_json, verbose = kw.pop("detach"), kw.pop("as_json"), kw.pop("verbose")
     race, complete_all = kw.pop("race"), kw.pop("complete_all")
     settings = cli.settings()
     request = _request(kw, params)
@@ -94,7 +97,10 @@ def run_cli(cli: CliServices, kw: dict[str, Any], params: Params) -> int:
     if not detach:
         cli.finalize(db, settings, job.id)  # a fully cached job ends right here
     return cli.finish(db, settings, job.id, job.queue, detach, as_json,
-                      after_wait=lambda db, s, job_id: _after(cli, db, s, job_id))
+                      after_wait=lambda db, s, job_id: _after(cli, db, s, job_id),
+                      # a scan's pieces print GEMMA's progress: hidden unless asked for;
+                      # permutations print one line each, worth seeing
+                      show_output=verbose or request.permutations > 0)
 
 
 def _race_won(cli: CliServices, db: Any, settings: Settings, winner: Job, label: str,

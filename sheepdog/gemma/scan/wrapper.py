@@ -95,19 +95,33 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, GemmaArgs]:
         flag = word.split("=", 1)[0]
         if flag in UNSUPPORTED:
             raise WrapperError(f"{flag} is not supported: {UNSUPPORTED[flag]}")
-    p = argparse.ArgumentParser(prog="sheepdog-gemma-wrapper", add_help=True)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--loco", nargs="?", const="", default=None)
-    p.add_argument("--input")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--cache-dir", default=None)
-    p.add_argument("--permutate", type=int, default=0)
-    p.add_argument("--phenotypes", "--permute-phenotypes", dest="phenotypes")
-    p.add_argument("--lmdb", nargs="?", const="", default=None)
-    p.add_argument("--parallel", action="store_true")  # sheepdog runs pieces in parallel anyway
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("-d", "--debug", action="store_true")
-    p.add_argument("--q", "--quiet", dest="quiet", action="store_true")
+    p = argparse.ArgumentParser(
+        prog="sheepdog-gemma-wrapper", add_help=True,
+        description="gemma-wrapper's command line, run by sheepdog: the kinship call (-gk) "
+                    "writes a K record, the LMM call (-lmm, --input K.json) a GWA record, "
+                    "as JSON on stdout with --json. GEMMA's own flags follow `--`.",
+        epilog="example: sheepdog-gemma-wrapper --json --loco -- -g G -p P -a A -gk > K.json; "
+               "sheepdog-gemma-wrapper --json --loco --input K.json -- -g G -p P -a A "
+               "-lmm 9 -maf 0.05")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.add_argument("--loco", nargs="?", const="", default=None, metavar="CHR,...",
+                   help="leave one chromosome out (optionally only these chromosomes)")
+    p.add_argument("--input", metavar="K.json", help="the kinship call's record (LMM call)")
+    p.add_argument("--force", action="store_true", help="recompute, not from the cache")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where the record's files go (default: the temporary directory)")
+    p.add_argument("--permutate", type=int, default=0, metavar="N",
+                   help="N permutations of --phenotypes: thresholds in the record")
+    p.add_argument("--phenotypes", "--permute-phenotypes", dest="phenotypes", metavar="FILE",
+                   help="the phenotypes to shuffle for --permutate")
+    p.add_argument("--lmdb", nargs="?", const="", default=None, metavar="FILE",
+                   help="also write the scan as gemma2lmdb's LMDB file")
+    p.add_argument("--parallel", action="store_true",
+                   help="accepted; sheepdog runs the pieces in parallel anyway")
+    p.add_argument("-v", "--verbose", action="store_true", help="accepted (no effect)")
+    p.add_argument("-d", "--debug", action="store_true", help="accepted (no effect)")
+    p.add_argument("--q", "--quiet", dest="quiet", action="store_true",
+                   help="no progress lines on stderr")
     options, unknown = p.parse_known_args(mine)
     if unknown:
         raise WrapperError(f"gemma-wrapper option {unknown[0]} is not supported by "
