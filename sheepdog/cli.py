@@ -40,6 +40,7 @@ from .errors import ConfigError, SheepdogError
 from .logs import LogLine
 from .models import JobStatus
 from .pool import Pool, stop_all
+from .process import own_signals
 from .runner import follow_job
 from .worker import Worker
 
@@ -676,6 +677,7 @@ def main() -> None:
     # in-process: a short switch interval lets a thread whose Redis reply has arrived
     # run again at once instead of waiting out another thread's 5 ms slice.
     sys.setswitchinterval(0.0005)
+    own_signals()  # pieces get SIGINT as a program expects it, however this was started
     try:
         code = _main()
         sys.stdout.flush()

@@ -157,6 +157,12 @@ def precompute_datasets() -> str:
     return f"{PREFIX}:precompute"
 
 
+def log_writer(writer: str) -> str:
+    """STRING "SEQ:ROOM": the last batch one log writer had applied (a batch resent after
+    a lost reply is not applied twice), kept a day."""
+    return f"{PREFIX}:logwriter:{writer}"
+
+
 def job_keys(job_id: str) -> list[str]:
     """Every key of one job (for retention: a finished job goes with all of them)."""
     return [job(job_id), job_tasks(job_id), job_running(job_id), job_counts(job_id),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,17 +25,27 @@ from .defaults import (
 
 STREAMS = ("stdout", "stderr", "sheepdog")
 
-# Appends lines to each job's log (KEYS: log, line counter, byte counter, per job) unless
-# that job already offered `cap` lines or `bytecap` bytes; the first line over either
-# cap becomes one explicit marker, so a reader knows the log was cut and where. One call
-# is atomic over every job; it returns the room left in the roomiest log (below 0: every
-# log is past a cap).
+# Appends lines to each job's log (KEYS: log, line counter, byte counter, per job; then
+# the writer's sequence key) unless that job already offered `cap` lines or `bytecap`
+# bytes; the first line over either cap becomes one explicit marker, so a reader knows
+# the log was cut and where. One call is atomic over every job; it returns the room left
+# in the roomiest log (below 0: every log is past a cap). A batch whose sequence number
+# the writer's key already holds was applied (its reply was lost to an outage): it is
+# not applied again, and the room it left is returned.
 _APPEND = """
-local cap, bytecap = tonumber(ARGV[1]), tonumber(ARGV[2])
+local cap, bytecap, seq = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local seqkey = KEYS[#KEYS]
+local last = redis.call('GET', seqkey)
+if last then
+  local colon = string.find(last, ':')
+  if tonumber(string.sub(last, 1, colon - 1)) >= seq then
+    return tonumber(string.sub(last, colon + 1))
+  end
+end
 local room = -1
-for k = 1, #KEYS, 3 do
+for k = 1, #KEYS - 1, 3 do
   local n, b = 0, 0
-  for i = 3, #ARGV, 5 do
+  for i = 4, #ARGV, 5 do
     n = redis.call('INCR', KEYS[k + 1])
     local before = tonumber(redis.call('GET', KEYS[k + 2]) or '0')
     if before <= bytecap then
@@ -54,6 +65,7 @@ for k = 1, #KEYS, 3 do
   end
   room = math.max(room, math.min(cap - n, bytecap - b))
 end
+redis.call('SET', seqkey, seq .. ':' .. room, 'EX', 86400)
 return room
 """
 _FIELDS = 5  # task, piece, stream, text, time: one line's arguments
@@ -120,6 +132,9 @@ class LogWriter:
         self._cap = max_lines
         self._bytecap = max_bytes
         self._script = conn.register_script(_APPEND)
+        self._seqkey = keys.log_writer(uuid.uuid4().hex)
+        self._seq = 0
+        self._again: tuple[int, int] | None = None  # (seq, fields) of a batch of unknown fate
         self._every = flush_every
         self._buffer = buffer_lines
         self._pending: list[object] = []
@@ -196,9 +211,15 @@ class LogWriter:
         step = LOG_BATCH_LINES * _FIELDS
         try:
             while sent < len(batch) and not self.capped:
-                room = self._script(keys=self._keys, args=[
-                    self._cap, self._bytecap, *batch[sent:sent + step]])
-                sent += step
+                # a batch whose reply was lost goes again as it was, under its number
+                if self._again is None:
+                    self._seq += 1
+                    self._again = (self._seq, min(step, len(batch) - sent))
+                seq, size = self._again
+                room = self._script(keys=[*self._keys, self._seqkey], args=[
+                    self._cap, self._bytecap, seq, *batch[sent:sent + size]])
+                self._again = None
+                sent += size
                 self.capped = int(room) < 0
             self._failed = False
         except redis.RedisError as e:
@@ -207,6 +228,14 @@ class LogWriter:
             if strict:
                 raise
 
+    def done(self) -> None:
+        """The piece ended and its lines are sent: its sequence key goes (else a day)."""
+        if self._seq and self._again is None and not self._pending:
+            try:
+                self._conn.delete(self._seqkey)
+            except redis.RedisError:
+                pass  # it expires by itself
+
     def _keep(self, unsent: list[object], error: redis.RedisError) -> None:
         with self._lock:
             self._pending = unsent + self._pending
@@ -214,6 +243,7 @@ class LogWriter:
                 self.lost = (f"its output could not be recorded: {len(self._pending) // _FIELDS}"
                              f" lines waited for Redis ({type(error).__name__}: {error})")
                 self._pending = []
+                self._again = None
 
 
 class RawWriter:

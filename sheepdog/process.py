@@ -171,6 +171,17 @@ def read_both(stdout: Callable[[int], bytes], stderr: Callable[[int], bytes],
     return readers
 
 
+def own_signals() -> None:
+    """Undo SIGINT and SIGQUIT ignored by whoever started this process (a shell runs
+    `cmd &` that way): ignored signals stay ignored across exec, so every piece would
+    inherit it, and GEMMA, which stops itself with SIGINT on a singular matrix, would go
+    on and report a success. Handled signals are reset to their default in a child."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """In the child: get `sig` if the worker dies, so a re-run never races a ghost."""
     try:

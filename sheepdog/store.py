@@ -482,7 +482,9 @@ def _its_own_failure(exit_code: int | None) -> bool:
     fail the same way again, so a piece that retries failures does not retry it. A kill
     (the OOM killer's SIGKILL, a SIGTERM), a crash with no code, or an exit 0 whose
     outputs were not whole may be the machine's fault: those are tried again."""
-    return exit_code is not None and (0 < exit_code < 128 or exit_code == 128 + 6)
+    # 128 + 6: abort(); 128 + 2: a program that stops itself with SIGINT (GEMMA does, on
+    # a singular matrix: pieces never get a SIGINT from anyone else, in a session of their own)
+    return exit_code is not None and (0 < exit_code < 128 or exit_code in (128 + 6, 128 + 2))
 
 
 def _read_around(pipe: Pipeline, conn: redis.Redis, job_ids: list[str],

@@ -114,6 +114,7 @@ class PieceRunner:
             outcome = piece.run(task, self.settings, self.cache, output, beat.revoked,
                                 self.leaving)
         output.flush()
+        writer.done()
         if writer.lost and outcome.error != RELEASED:
             # the run may be fine, but its log is not whole: a cacheable piece runs again,
             # a command (side effects) fails saying so
@@ -343,6 +344,10 @@ def gn3_main(argv: list[str] | None = None) -> int:
     stopped. Redis: SHEEPDOG_REDIS_URL, else GN3's default (localhost:6379)."""
     import argparse
     import signal
+
+    from .process import own_signals
+
+    own_signals()
 
     from . import config
     from .connection import connect

@@ -155,3 +155,22 @@ def test_kinships_equal_gemmas_own_for_the_genome_and_by_the_loco_identity(
     for c in ("1", "11", "X"):
         np.testing.assert_allclose(loco_from(c, per_chromosome), np.loadtxt(gemmas_loco[c]),
                                    rtol=0, atol=1e-9)
+
+
+def test_gemma_stops_on_a_singular_matrix_however_sheepdog_was_started(env, tmp_path):
+    """A shell runs `cmd &` with SIGINT ignored, and an ignored signal stays ignored
+    across exec: GEMMA, which stops itself with SIGINT on a singular matrix, went on and
+    the scan was reported a success. sheepdog gives its pieces SIGINT back."""
+    import signal
+    import subprocess
+    import sys
+
+
+    r = subprocess.run([sys.executable, "-m", "sheepdog", "run", "gemma-loco", "-g", str(GENO),
+                        "-p", str(PHENO), "-a", str(ANNO), "-c", str(SINGULAR_COVARIATES),
+                        "--out", str(tmp_path / "out")], env=env, capture_output=True,
+                       text=True, timeout=300,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert r.returncode != 0, r.stderr[-2000:]
+    assert "attempt 2" not in r.stderr  # it would stop the same way again: not retried
+    assert not (tmp_path / "out" / "assoc.txt").exists()
