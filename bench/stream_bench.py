@@ -53,8 +53,9 @@ class OldWriter(logs.LogWriter):
             self._last = time.monotonic()
         step = 100_000 * 5
         for at in range(0, len(batch), step):
-            self._script(keys=self._keys, args=[self._cap, self._bytecap,
-                                                *batch[at:at + step]])
+            self._seq += 1  # the script's calling convention of today, the old batching
+            self._script(keys=[*self._keys, self._seqkey],
+                         args=[self._cap, self._bytecap, self._seq, *batch[at:at + step]])
 
 
 def run_job(conn: redis.Redis, settings: Settings, argv: list[str]) -> str:
