@@ -5,6 +5,7 @@ but the standard library, numpy and Pillow."""
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def _modules() -> dict[str, Path]:
 MODULES = _modules()
 
 
-def _imports(name: str, path: Path, top_level_only: bool = False) -> set[str]:
+@functools.cache  # each file parsed once per run (the graph is asked for often)
+def _imports(name: str, path: Path, top_level_only: bool = False) -> frozenset[str]:
     """Every module this one imports (anywhere in it, or only in its top-level code),
     absolute names."""
     tree = ast.parse(path.read_text())
@@ -51,9 +53,10 @@ def _imports(name: str, path: Path, top_level_only: bool = False) -> set[str]:
                 prefix = node.module or ""
             out.add(prefix)
             out |= {f"{prefix}.{a.name}" for a in node.names}  # `from . import store`
-    return out
+    return frozenset(out)
 
 
+@functools.cache
 def _graph(registries: bool = True) -> dict[str, set[str]]:
     """Internal edges only: module -> the sheepdog/web modules it imports. The two
     registries import their members by name at run time (importlib): those edges are
