@@ -79,3 +79,18 @@ def test_the_map_example_of_the_first_hour(env, tmp_path):
     assert time.monotonic() - started < 300
     assert sheepdog("list", env=env).stdout.splitlines()[0].split()[:3] == [
         "JOB", "STATUS", "EXIT"]  # `list` says what its columns are
+
+
+def test_the_precompute_example_of_the_first_hour_finds_a_peak(env, tmp_path):
+    """The three lines as the README gives them: the run, the region query, one trait."""
+    said = []
+    for start in ("sheepdog run gemma-precompute --example", "sheepdog precompute hits",
+                  "sheepdog precompute show"):
+        command = _block(start, start).split("#")[0].strip()
+        r = subprocess.run(["bash", "-c", command.replace("sheepdog ",
+                                                          f"{sys.executable} -m sheepdog ", 1)],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (command, r.stderr[-2000:])
+        said.append(r.stdout)
+    assert said[1].split("\t")[:3] == ["liver", "rs8253327", "1"]  # its peak on chr 1
+    assert said[2].startswith("liver: n 67; top rs8253327 chr 1")
