@@ -52,8 +52,9 @@ class Cache:
         self.blobs = root / "blobs"
         self.tasks = root / "tasks"
         self.tmp = root / "tmp"
-        for d in (self.blobs, self.tasks, self.tmp):
-            d.mkdir(parents=True, exist_ok=True)
+        if not os.path.isdir(self.tmp):  # one stat, not three mkdirs: opened for every piece
+            for d in (self.blobs, self.tasks, self.tmp):
+                d.mkdir(parents=True, exist_ok=True)
 
     # -- inputs
     def blob(self, sha: str) -> Path:

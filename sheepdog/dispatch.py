@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import redis
 from redis.client import Pipeline
 from rq import Queue
-from rq.exceptions import DequeueTimeout
 
 from . import keys
 
@@ -53,27 +52,82 @@ def push(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str,
     return rq_id
 
 
+def push_commands(conn: redis.Redis, task_id: str, queue: str) -> list[list[bytes]]:
+    """The commands push() would send, encoded, for a Lua script to run when it is the
+    one that makes the task ready (store.finish: a piece's last dependency ending)."""
+    pipe = conn.pipeline(transaction=True)
+    pipe.multi()  # as inside a store transaction (RQ wants one); recorded, never sent
+    push(pipe, conn, task_id, queue)
+    encoder = conn.get_encoder()
+    return [[encoder.encode(arg) for arg in args] for args, _ in pipe.command_stack]
+
+
+def sources(conn: redis.Redis, queues: list[str]) -> list[tuple[str, str, str]]:
+    """(name, waiting list, taken list) of each queue, in the order they are served."""
+    return [(q.name, q.key, q.intermediate_queue_key)
+            for q in (_queue(conn, name) for name in queues)]
+
+
+def entry_of(conn: redis.Redis, rq_id: str, queue: str) -> Entry | None:
+    """The entry with this id, taken from `queue`: its task read from the id (RQ's job
+    only for an id of an older form); None for an entry whose RQ job is gone."""
+    task_id = keys.task_of_rq_job(rq_id)
+    if not task_id:
+        found = _queue(conn, queue).fetch_job(rq_id)
+        if found is None or not found.args:
+            return None
+        task_id = str(found.args[0])
+    return Entry(task_id, rq_id, queue)
+
+
 def take(conn: redis.Redis, queues: list[str], timeout: float | None) -> Entry | None:
     """Block up to `timeout` seconds for an entry on any of the queues (in order);
-    None: only an entry waiting now."""
-    try:
-        found = Queue.dequeue_any([_queue(conn, q) for q in queues], timeout=timeout,
-                                  connection=conn)
-    except DequeueTimeout:
-        return None
-    if found is None:
-        return None
-    rq_job, queue = found
-    return Entry(str(rq_job.args[0]), rq_job.id, queue.name)
+    None: only an entry waiting now. One blocking move onto the queue's taken list, as
+    RQ's own workers do it, without reading RQ's job back (the id names the task)."""
+    served = sources(conn, queues)
+    while True:
+        found: tuple[str, str] | None = None
+        if timeout is None:
+            for name, waiting_key, taken_key in served:
+                rq_id = conn.lmove(waiting_key, taken_key, "LEFT", "RIGHT")
+                if rq_id is not None:
+                    found = (name, _text(rq_id))
+                    break
+        elif len(served) == 1:
+            name, waiting_key, taken_key = served[0]
+            rq_id = conn.blmove(waiting_key, taken_key, timeout, "LEFT", "RIGHT")
+            found = None if rq_id is None else (name, _text(rq_id))
+        else:
+            popped = conn.blpop([w for _, w, _ in served], timeout)
+            if popped is not None:
+                by_key = {w: n for n, w, _ in served}
+                found = (by_key[_text(popped[0])], _text(popped[1]))
+        if found is None:
+            return None
+        entry = entry_of(conn, found[1], found[0])
+        if entry is not None:
+            return entry
+        acknowledge(conn, Entry("", found[1], found[0]))  # its RQ job is gone: skip it
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def entry_keys(conn: redis.Redis, entry: Entry) -> tuple[str, str]:
+    """The keys removing a taken entry touches: RQ's job and the queue's taken list."""
+    queue = _queue(conn, entry.queue)
+    return (f"{queue.job_class.redis_job_namespace_prefix}{entry.rq_id}",
+            queue.intermediate_queue_key)
 
 
 def acknowledge(conn: redis.Redis, entry: Entry) -> None:
     """Forget a taken entry. Idempotent. RQ parks taken entries on an intermediate list
     for its own workers' clean-up, which never comes for entries taken this way."""
-    queue = _queue(conn, entry.queue)
+    job_key, taken_key = entry_keys(conn, entry)
     pipe = conn.pipeline(transaction=False)
-    pipe.delete(f"{queue.job_class.redis_job_namespace_prefix}{entry.rq_id}")
-    pipe.lrem(queue.intermediate_queue_key, 1, entry.rq_id)
+    pipe.delete(job_key)
+    pipe.lrem(taken_key, 1, entry.rq_id)
     pipe.execute()
 
 

@@ -44,19 +44,40 @@ def finalize(conn: redis.Redis, settings: Settings, job_id: str, job: Job | None
         conn.delete(keys.job_finalizing(job_id))
 
 
-def after_success(conn: redis.Redis, settings: Settings, job_id: str, task: Task) -> None:
+def after_success(conn: redis.Redis, settings: Settings, job_id: str, task: Task,
+                  after: tuple[str, str] | None = None) -> None:
     """After a piece succeeded, for each of its jobs: tell the workflow (if it wants to
-    know), then finalize the job if that was its last piece."""
+    know), then finalize the job if that was its last piece. `after`: the job's status
+    and workflow as recording the piece left them, when known (no read then, unless
+    the workflow wants to hear of each piece or the job just succeeded)."""
+    if after is not None:
+        status, name = after
+        workflow = workflows.find(name)
+        if workflow is None:
+            return
+        wants = type(workflow).piece_done is not workflows.Workflow.piece_done
+        if wants and not JobStatus(status or JobStatus.ERROR).final:
+            _piece_done(conn, settings, store.submitted_job(conn, job_id), task)
+        if status == JobStatus.SUCCESS:
+            finalize(conn, settings, job_id)
+        return
     job = store.get_job(conn, job_id)
     workflow = workflows.find(job.workflow)
     if (workflow is not None and not job.status.final
             and type(workflow).piece_done is not workflows.Workflow.piece_done):
-        try:
-            workflow.piece_done(conn, settings, job, task)
-        except (SheepdogError, OSError, KeyError, ValueError) as e:
-            logs.note(conn, job_id, f"could not count {task.name}: {e}", task=task.id)
+        _piece_done(conn, settings, job, task)
         job = store.get_job(conn, job_id)
     finalize(conn, settings, job_id, job)
+
+
+def _piece_done(conn: redis.Redis, settings: Settings, job: Job, task: Task) -> None:
+    workflow = workflows.find(job.workflow)
+    if workflow is None:
+        return
+    try:
+        workflow.piece_done(conn, settings, job, task)
+    except (SheepdogError, OSError, KeyError, ValueError) as e:
+        logs.note(conn, job.id, f"could not count {task.name}: {e}", task=task.id)
 
 
 def settle_twins(conn: redis.Redis, settings: Settings, task: Task) -> None:

@@ -144,7 +144,29 @@ def workers() -> str:
 def rq_job_id(task_id: str, dispatch: str) -> str:
     """Id of the RQ job that carries one dispatch of a task: unique per dispatch, so a
     taker cleaning up its own entry never removes a newer one for the same task."""
-    return f"sd-{task_id[:40]}-{dispatch}"
+    return f"{RQ_ID_HEAD}{task_id}-{dispatch}"
+
+
+RQ_ID_HEAD = "sd-"
+RQ_ID_TAIL = 13  # "-" and the 12 hex digits of the dispatch
+
+
+def task_of_rq_job(rq_id: str) -> str:
+    """The task an entry carries, read from its id ('' for an id not of this form: an
+    entry made before 0.3 cut the task id to 40 characters; RQ's job then says)."""
+    if not rq_id.startswith(RQ_ID_HEAD) or len(rq_id) <= len(RQ_ID_HEAD) + RQ_ID_TAIL:
+        return ""
+    task_id = rq_id[len(RQ_ID_HEAD):-RQ_ID_TAIL]
+    return "" if len(task_id) == 40 else task_id
+
+
+def script_parts() -> list[str]:
+    """What a Lua script needs to build the keys of tasks and jobs it only learns of
+    while it runs (a task's jobs, an entry's task): the same strings as task(),
+    task_jobs(), task_dependents(), task_heartbeat(), job(), job_running() and job_log()
+    put together (a test holds them to it)."""
+    return [f"{PREFIX}:task:", ":jobs", ":dependents", ":heartbeat", f"{PREFIX}:job:",
+            ":running", ":log", RQ_ID_HEAD, str(RQ_ID_TAIL)]
 
 
 def job_finalizing(job_id: str) -> str:

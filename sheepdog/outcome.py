@@ -12,7 +12,7 @@ from typing import Protocol, TypeVar
 
 import redis
 
-from . import logs, store
+from . import dispatch, logs, store
 from .config import Settings
 from .defaults import REDIS_RETRY
 from .finalize import after_success, settle_twins
@@ -63,11 +63,13 @@ def until_recorded(write: Callable[[], T], stopping: Stop, who: str) -> T:
 
 
 def conclude(conn: redis.Redis, settings: Settings, worker: str, task: Task, jobs: list[str],
-             outcome: Outcome, stopping: Stop) -> str:
+             outcome: Outcome, stopping: Stop, entry: dispatch.Entry | None = None
+             ) -> store.Finished:
     """Record how a piece this worker ran ended: handed back, retried, failed or
-    succeeded (then its twin settled and its jobs told); returns its new status. The
+    succeeded (then its twin settled and its jobs told); what recording it did. The
     outcome must be recorded even if Redis is away for a while: a finished piece that
-    went unrecorded would be run again."""
+    went unrecorded would be run again. A success also removes the queue `entry` it
+    came from, in the same call."""
     def record(write: Callable[[], T]) -> T:
         return until_recorded(write, stopping, worker)
 
@@ -79,15 +81,17 @@ def conclude(conn: redis.Redis, settings: Settings, worker: str, task: Task, job
         if jobs:
             logs.note(conn, jobs[0], f"{task.name}: handed back to the queue "
                       f"(worker {worker} is leaving)", task=task.id)
-        return TaskStatus.QUEUED
-    status = record(lambda: store.finish(conn, task.id, worker, outcome.exit_code,
-                                         outcome.error, retryable=outcome.lost,
-                                         attempt=task.attempts))
-    if status == TaskStatus.SUCCESS:
+        return store.Finished(TaskStatus.QUEUED, {}, None, False)
+    done = record(lambda: store.finish_piece(conn, task.id, worker, outcome.exit_code,
+                                             outcome.error, retryable=outcome.lost,
+                                             attempt=task.attempts, entry=entry))
+    if done.status == TaskStatus.SUCCESS:
         # a twin of this piece may have been started while it ran
-        task.twin = record(lambda: store.twin_of_task(conn, task.id))
+        task.twin = done.twin if done.twin is not None else record(
+            lambda: store.twin_of_task(conn, task.id))
         if task.twin or task.twin_of:
             record(functools.partial(settle_twins, conn, settings, task))
         for jid in jobs:
-            record(functools.partial(after_success, conn, settings, jid, task))
-    return status
+            record(functools.partial(after_success, conn, settings, jid, task,
+                                     done.jobs.get(jid)))
+    return done

@@ -10,6 +10,7 @@ never blocks on a full pipe while its heartbeat makes it look alive.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import errno
 import functools
@@ -363,20 +364,101 @@ def _devnull() -> int:
     return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def _spawn(argv: list[str], cwd: str, env: dict[str, str]) -> tuple[int, int, int]:
-    """Start a program by posix_spawn (vfork + exec: a tenth of Popen's cost here) in this
-    process's group, in the current directory (map's `run-many`, a single-threaded
-    process of its own, moved there); (pid, stdout fd, stderr fd). Python's pipes are
-    close-on-exec, so the program keeps only the ends given to it."""
+# Kills the process groups it was told of ("+ PGID", "- PGID" lines) once its input ends:
+# when the process that started them died, SIGKILL included (nothing else holds the pipe).
+# (dash's kill takes no "--": a negative number after the signal is a group.)
+_KEEPER = ('$1 == "+" { g[$2] = 1; next } $1 == "-" { delete g[$2]; next } '
+           'END { for (k in g) system("kill -9 -" k " 2>/dev/null") }')
+
+
+class _Keeper:
+    """One awk per process, keeping its light items' groups: they die with it, as a
+    guarded Process's do (GUARD), without a shell and setpriv started for each."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._owner = 0
+        self._pid = 0
+
+    def tell(self, line: str) -> bool:
+        """Send a line; False when no keeper can run here (no awk)."""
+        with self._lock:
+            if self._fd is None or self._owner != os.getpid():  # none yet, or forked
+                self._fd, self._pid = self._start(self._pid)
+                self._owner = os.getpid()
+            if self._fd < 0:
+                return False
+            try:
+                os.write(self._fd, line.encode())
+            except OSError:  # it died (killed by hand): the next line starts another
+                os.close(self._fd)
+                self._fd = None
+                return False
+            return True
+
+    @staticmethod
+    def _start(last: int) -> tuple[int, int]:
+        """(the new keeper's input, its pid); (-1, 0) if none can start."""
+        if last:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(last, os.WNOHANG)  # the one that died: no zombie left
+        awk = shutil.which("awk") or ""
+        if not awk:
+            return -1, 0
+        read, write = os.pipe()  # both close-on-exec: no item holds the keeper's input
+        try:
+            pid = os.posix_spawn(awk, ["awk", _KEEPER], {"PATH": os.defpath}, setsid=True,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, read, 0),
+                                               (os.POSIX_SPAWN_DUP2, _devnull(), 1)])
+        except OSError:
+            os.close(write)
+            return -1, 0
+        finally:
+            os.close(read)
+        return write, pid
+
+
+_keeper = _Keeper()
+
+_CLONE_FS = 0x200  # unshare(2): this thread's working directory becomes its own
+
+
+@functools.cache
+def _unshare() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).unshare
+    except (OSError, AttributeError):
+        return None
+
+
+def own_directory() -> bool:
+    """Give the calling thread a working directory of its own (Linux), so that it can
+    move to its items' directory and start them there by posix_spawn (which cannot
+    change directory itself, here) without moving the rest of the worker. False where
+    it cannot: then it must not chdir."""
+    unshare = _unshare()
+    return unshare is not None and unshare(_CLONE_FS) == 0
+
+
+def _spawn(argv: list[str], cwd: str, env: dict[str, str],
+           own_group: bool = False) -> tuple[int, int, int]:
+    """Start a program by posix_spawn (vfork + exec: a tenth of Popen's cost here);
+    (pid, stdout fd, stderr fd). Python's pipes are close-on-exec, so the program keeps
+    only the ends given to it. It starts in the calling thread's working directory (map's
+    `run-many`, a single-threaded process of its own, moved there; `run`, a thread of its
+    own directory: see own_directory), in this process's group, or with `own_group` in a
+    group of its own, kept so that it dies with this process (see _Keeper)."""
     found = _program(argv[0], cwd, env.get("PATH", os.defpath))
     if not found:
         raise FileNotFoundError(2, "No such file or directory", argv[0])
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        pid = os.posix_spawn(found, argv, env, setsigdef=_DEFAULT_SIGNALS, file_actions=[
-            (os.POSIX_SPAWN_DUP2, _devnull(), 0),
-            (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)])
+        pid = os.posix_spawn(found, argv, env, setsigdef=_DEFAULT_SIGNALS, setsid=own_group,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, _devnull(), 0),
+                                           (os.POSIX_SPAWN_DUP2, out_w, 1),
+                                           (os.POSIX_SPAWN_DUP2, err_w, 2)])
     except OSError:
         for fd in (out_r, err_r):
             os.close(fd)
@@ -387,24 +469,59 @@ def _spawn(argv: list[str], cwd: str, env: dict[str, str]) -> tuple[int, int, in
     return pid, out_r, err_r
 
 
+def light_groups() -> bool:
+    """Can items run in light groups of their own here (run_light's own_group)?"""
+    return _keeper.tell("")
+
+
 def run_light(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
-              output: RawSink, stop: threading.Event) -> tuple[str, int | None]:
-    """A tiny program to its end, cheaply (map's `run-many`): it stays in this process's
-    group (which dies with the worker) and is read by one poll loop, without threads; a
-    timeout or `stop` kills its tree. (status, exit code). Most items of a big chunk
-    print nothing: line splitting starts with the first byte."""
+              output: RawSink, stop: threading.Event,
+              own_group: bool = False) -> tuple[str, int | None]:
+    """A tiny program to its end, cheaply, read by one poll loop without threads; a
+    timeout or `stop` kills it, all it started too. (status, exit code). Most items of a
+    big chunk print nothing: line splitting starts with the first byte.
+
+    It starts in the calling thread's working directory, which must be `cwd` (see
+    _spawn). By default it stays in this process's group (map's `run-many`: a process of
+    its own, whose group dies with the worker); `own_group` (map's in-process `run`, on a
+    worker's thread): in a group of its own, which dies with the worker (light_groups()
+    says whether it can here)."""
     try:
-        pid, out_fd, err_fd = _spawn(argv, cwd, env)
+        pid, out_fd, err_fd = _spawn(argv, cwd, env, own_group)
     except OSError as e:
         output("stderr", [f"cannot start {argv[0]!r}: {e.strerror or e}"])
         return "failed", 127
+    if own_group:
+        _keeper.tell(f"+ {pid}\n")
+    try:
+        status = _pump(pid, out_fd, err_fd, timeout, output, stop, own_group)
+    finally:
+        if own_group:
+            _keeper.tell(f"- {pid}\n")
+    if isinstance(status, str):
+        return status, None
+    code = shell_code(os.waitstatus_to_exitcode(status))
+    return ("success" if code == 0 else "failed"), code
+
+
+def _end(pid: int, own_group: bool) -> None:
+    if not own_group:
+        kill_tree(pid)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def _pump(pid: int, out_fd: int, err_fd: int, timeout: float, output: RawSink,
+          stop: threading.Event, own_group: bool) -> int | str:
+    """Read a light item's output to its end; its wait status, or why it was stopped."""
     streams = {out_fd: "stdout", err_fd: "stderr"}
     splitters: dict[str, LineSplitter] = {}
     deadline = time.monotonic() + timeout if timeout > 0 else None
     poller = select.poll()
     poller.register(out_fd, select.POLLIN)
     poller.register(err_fd, select.POLLIN)
-    status: int | None = None
     try:
         while streams:
             wait = WATCH_POLL if deadline is None else max(
@@ -422,18 +539,16 @@ def run_light(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
                 splitter = splitters.get(name) or splitters.setdefault(name, LineSplitter())
                 output(name, splitter.feed(chunk))
             if stop.is_set():
-                kill_tree(pid)
-                return "cancelled", None
+                _end(pid, own_group)
+                return "cancelled"
             if deadline is not None and time.monotonic() > deadline:
-                kill_tree(pid)
+                _end(pid, own_group)
                 output("stderr", [f"timed out after {timeout:g}s"])
-                return "timeout", None
-        status = os.waitpid(pid, 0)[1]
+                return "timeout"
+        return os.waitpid(pid, 0)[1]
     finally:
         os.close(out_fd)
         os.close(err_fd)
-    code = shell_code(os.waitstatus_to_exitcode(status))
-    return ("success" if code == 0 else "failed"), code
 
 
 def capture(argv: list[str], cwd: str | os.PathLike[str] | None = None,

@@ -370,6 +370,6 @@ def finish(conn: redis.Redis, settings: Settings, cache: Cache, name: str, lease
         if not trusted:  # marked before it counts as done: no other job reuses it
             store.mark_untrusted(conn, task.id, name)
     status = conclude(conn, settings, name, task, jobs, outcome,
-                      Deadline(PULL_REPORT_DEADLINE))
+                      Deadline(PULL_REPORT_DEADLINE)).status
     drop_partials(cache, lease)  # (one the worker gave up on, or a stale one)
     return {"status": str(status), "recorded": True}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from redis.client import Pipeline
@@ -41,6 +41,23 @@ def get_job(conn: redis.Redis, job_id: str) -> Job:
     if not raw:
         raise UnknownJob(job_id)
     return from_hash(Job, raw)
+
+
+_SUBMITTED: dict[str, Job] = {}  # job id -> the job as first read here (see submitted_job)
+_SUBMITTED_KEEP = 256
+
+
+def submitted_job(conn: redis.Redis, job_id: str) -> Job:
+    """A job as it was submitted: read once per process and kept (its workflow, params,
+    pieces and owner never change; its status, counters and result here may be old).
+    What a worker tells the workflow after each piece, without a read per piece."""
+    job = _SUBMITTED.get(job_id)
+    if job is None:
+        job = get_job(conn, job_id)
+        if len(_SUBMITTED) >= _SUBMITTED_KEEP:
+            _SUBMITTED.pop(next(iter(_SUBMITTED)))
+        _SUBMITTED[job_id] = job
+    return job
 
 
 def job_read_token(conn: redis.Redis, job_id: str) -> str:
@@ -288,51 +305,131 @@ def drop_task(conn: redis.Redis, job_id: str, task_id: str) -> bool:
 # ---------------------------------------------------------------- running
 
 
-def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
-          where: str = "", process: str = "") -> Task | None:
-    """Move a queued task to running for this worker; None if it is not ours to run.
+# Lua shared by the scripts below: the keys of tasks and jobs a script learns of while
+# it runs, built from keys.script_parts() (ARGV[1..9]).
+_PARTS = """
+local unpack = unpack or table.unpack
+local TASK, JOBS, DEPS, BEAT = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local JOB, RUNNING, LOG, RQ_HEAD, RQ_TAIL = ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+local function task_of(rq_id)  -- keys.task_of_rq_job
+  if string.sub(rq_id, 1, #RQ_HEAD) ~= RQ_HEAD or #rq_id <= #RQ_HEAD + RQ_TAIL then return '' end
+  local tid = string.sub(rq_id, #RQ_HEAD + 1, #rq_id - RQ_TAIL)
+  if #tid == 40 then return '' end
+  return tid
+end
+"""
+_NPARTS = len(keys.script_parts())
+
+# Claims a queued task for worker ARGV[10] in one call: running, its heartbeat set, its
+# jobs running and told where it started. Returns {task hash, job ids} or false.
+_CLAIM_FN = _PARTS + """
+local worker, ttl, now, process, where, now3 = ARGV[10], ARGV[11], ARGV[12], ARGV[13],
+  ARGV[14], ARGV[15]
+local function claim(tid)
+  local t = TASK .. tid
+  local state = redis.call('HMGET', t, 'status', 'attempts', 'name', 'backend')
+  if state[1] ~= 'queued' then return false end
+  local attempts = tostring(tonumber(state[2] or '0') + 1)
+  local name = state[3] or ''
+  redis.call('HSET', t, 'status', 'running', 'worker', worker, 'started', now,
+             'attempts', attempts, 'process', process, 'requeued_from', '', 'taken_by', process)
+  redis.call('HDEL', t, 'silent_since')  -- a new attempt: silent from now on, if ever
+  redis.call('SET', t .. BEAT, worker, 'PX', ttl)
+  local backend = state[4]
+  if not backend or backend == '' then backend = 'local' end
+  local said = name .. ': started on ' .. backend .. ' (' .. where .. ', worker ' .. worker
+    .. ', attempt ' .. attempts .. ')'
+  local jobs = redis.call('SMEMBERS', t .. JOBS)
+  for _, jid in ipairs(jobs) do
+    local j = JOB .. jid
+    if redis.call('HGET', j, 'status') == 'queued' then
+      redis.call('HSET', j, 'status', 'running', 'started', now)
+    end
+    redis.call('SADD', j .. RUNNING, tid)
+    redis.call('XADD', j .. LOG, '*', 'task', tid, 'piece', name, 'stream', 'sheepdog',
+               'text', said, 'time', now3)
+  end
+  return {redis.call('HGETALL', t), jobs}
+end
+"""
+
+_CLAIM = _CLAIM_FN + """
+return claim(ARGV[16])
+"""
+
+# Takes the first entry waiting on the queues (KEYS: waiting and taken list of each, in
+# order) and claims its task, in one call: nothing between the two for a death to fall
+# into. Returns false (all empty), {entry id, queue number} (a task that is not ours to
+# run, or an id of an older form), or {entry id, queue number, task hash, job ids}.
+_TAKE = _CLAIM_FN + """
+for i = 1, #KEYS, 2 do
+  local rq_id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
+  if rq_id then
+    local tid = task_of(rq_id)
+    local n = (i + 1) / 2
+    if tid == '' then return {rq_id, n} end
+    local got = claim(tid)
+    if not got then return {rq_id, n} end
+    return {rq_id, n, got[1], got[2]}
+  end
+end
+return false
+"""
+
+
+def _claim_args(conn: redis.Redis, worker: str, ttl: float, where: str,
+                process: str) -> list[str | int]:
+    now = time.time()
+    return [*keys.script_parts(), worker, int(ttl * 1000), str(now), process, where,
+            f"{now:.3f}"]
+
+
+def _claimed(raw: list[Any]) -> tuple[Task, list[str]]:
+    flat, jobs = raw
+    fields = {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+    return from_hash(Task, fields), _texts(jobs)
+
+
+def claim_jobs(conn: redis.Redis, task_id: str, worker: str, ttl: float,
+               where: str = "", process: str = "") -> tuple[Task, list[str]] | None:
+    """Move a queued task to running for this worker, in one call: the task and the
+    ids of its jobs, or None if it is not ours to run.
 
     `process` ("host pid start-time") lets a reaper on the same host know at once that
-    the attempt's process is gone. The jobs' logs say where it started, in the same
-    transaction.
+    the attempt's process is gone. The jobs' logs say where it started.
     """
-    key = keys.task(task_id)
+    raw = conn.register_script(_CLAIM)(
+        args=[*_claim_args(conn, worker, ttl, where, process), task_id])
+    return _claimed(raw) if raw else None
 
-    def txn(pipe: Pipeline) -> Task | None:
-        read = conn.pipeline(transaction=False)  # watched keys, read in one round trip
-        read.hgetall(key)
-        read.smembers(keys.task_jobs(task_id))
-        raw, job_set = read.execute()
-        if not raw:
-            return None
-        task: Task = from_hash(Task, raw)
-        if task.status != TaskStatus.QUEUED:
-            return None
-        jobs = _texts(job_set)
-        read = conn.pipeline(transaction=False)
-        for j in jobs:
-            read.hget(keys.job(j), "status")
-        job_states = [_text(v) for v in read.execute()] if jobs else []
-        now = time.time()
-        task.status, task.worker, task.started = TaskStatus.RUNNING, worker, now
-        task.attempts += 1
-        pipe.multi()
-        pipe.hset(key, mapping={"status": task.status, "worker": worker,
-                                "started": str(now), "attempts": str(task.attempts),
-                                "process": process, "requeued_from": ""})
-        pipe.hdel(key, "silent_since")  # a new attempt: silent from now on, if ever
-        pipe.set(keys.task_heartbeat(task_id), worker, px=int(ttl * 1000))
-        said = (f"{task.name}: started on {task.backend or 'local'} ({where}, worker {worker}, "
-                f"attempt {task.attempts})")
-        for jid, state in zip(jobs, job_states, strict=True):
-            if state == JobStatus.QUEUED:
-                pipe.hset(keys.job(jid), mapping={"status": JobStatus.RUNNING,
-                                                  "started": str(now)})
-            pipe.sadd(keys.job_running(jid), task.id)
-            pipe.xadd(keys.job_log(jid), logs.note_fields(said, task.id, task.name))
-        return task
 
-    return conn.transaction(txn, key, keys.task_jobs(task_id), value_from_callable=True)
+def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
+          where: str = "", process: str = "") -> Task | None:
+    """claim_jobs, the task alone."""
+    got = claim_jobs(conn, task_id, worker, ttl, where, process)
+    return None if got is None else got[0]
+
+
+def take_and_claim(conn: redis.Redis, queues: list[str], worker: str, ttl: float,
+                   where: str = "", process: str = ""
+                   ) -> tuple[dispatch.Entry, tuple[Task, list[str]] | None] | None:
+    """The first entry waiting on the queues, taken and its task claimed in one call
+    (None: nothing waits); the claim is None when the task is not ours to run."""
+    served = dispatch.sources(conn, queues)
+    raw = conn.register_script(_TAKE)(
+        keys=[k for _, waiting, taken in served for k in (waiting, taken)],
+        args=_claim_args(conn, worker, ttl, where, process))
+    if not raw:
+        return None
+    rq_id, queue = _text(raw[0]), served[int(raw[1]) - 1][0]
+    if len(raw) > 2:
+        task, jobs = _claimed(raw[2:])
+        return dispatch.Entry(task.id, rq_id, queue), (task, jobs)
+    entry = dispatch.entry_of(conn, rq_id, queue)
+    if entry is None or keys.task_of_rq_job(rq_id):
+        return entry or dispatch.Entry("", rq_id, queue), None
+    # an entry of an older form: its task is claimed by id
+    return entry, claim_jobs(conn, entry.task_id, worker, ttl, where, process)
 
 
 # Renews (or, after Redis lost it in an outage, re-creates) a task's heartbeat, but only
@@ -352,6 +449,16 @@ def heartbeat(conn: redis.Redis, task_id: str, worker: str, ttl: float) -> bool:
     beat = conn.register_script(_HEARTBEAT)
     return bool(beat(keys=[keys.task(task_id), keys.task_heartbeat(task_id)],
                      args=[worker, int(ttl * 1000)]))
+
+
+def heartbeats(conn: redis.Redis, task_ids: list[str], worker: str, ttl: float) -> list[bool]:
+    """heartbeat() for several tasks in one round trip."""
+    beat = conn.register_script(_HEARTBEAT)
+    pipe = conn.pipeline(transaction=False)
+    for task_id in task_ids:
+        beat(keys=[keys.task(task_id), keys.task_heartbeat(task_id)],
+             args=[worker, int(ttl * 1000)], client=pipe)
+    return [bool(v) for v in pipe.execute()]
 
 
 def _descendants(pipe: Pipeline, task_id: str) -> list[str]:
@@ -424,6 +531,96 @@ def _read_jobs(pipe: Pipeline, task_id: str) -> dict[str, dict[str, str]]:
             for j in jobs}
 
 
+class Finished(NamedTuple):
+    """What recording a piece's end did: its status now, the status and workflow of each
+    of its jobs afterwards ({} when not known), the id of its twin ('' if none or not
+    known: None), and whether its queue entry was removed with it."""
+
+    status: TaskStatus
+    jobs: dict[str, tuple[str, str]]
+    twin: str | None
+    entry_removed: bool
+
+
+# A running piece's success, recorded in one call (see _record_success, which does the
+# same for the rarer cases): its jobs counted and told, its dependents released, its
+# queue entry removed (KEYS[6], KEYS[7], if given). A dependent it makes ready is put
+# on its queue by commands prepared in Python (dispatch.push_commands); when one was not
+# prepared the call changes nothing and names them: {'need', ids...}. A task not
+# running for this worker: {'other'}. Else {'ok', twin, job, status, workflow, ...}.
+_SUCCEED = _PARTS + """
+local tid, worker, now, now3, rq_id = ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]
+local t = KEYS[1]
+local st = redis.call('HMGET', t, 'status', 'worker', 'name', 'started', 'twin')
+if st[1] ~= 'running' or st[2] ~= worker then return {'other'} end
+local prepared, i = {}, 16
+for _ = 1, tonumber(ARGV[15]) do
+  local cmds = {}
+  local dep, n = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  for _ = 1, n do
+    local len, cmd = tonumber(ARGV[i]), {}
+    for k = 1, len do cmd[k] = ARGV[i + k] end
+    i = i + len + 1
+    table.insert(cmds, cmd)
+  end
+  prepared[dep] = cmds
+end
+local deps, ready, need = redis.call('SMEMBERS', KEYS[3]), {}, {}
+for _, d in ipairs(deps) do
+  local ds = redis.call('HMGET', TASK .. d, 'status', 'pending')
+  if ds[1] == 'waiting' then
+    local left = tonumber(ds[2] or '1') - 1
+    table.insert(ready, {d, left})
+    if left <= 0 and not prepared[d] then table.insert(need, d) end
+  end
+end
+if #need > 0 then return {'need', unpack(need)} end
+local name = st[3] or ''
+redis.call('HSET', t, 'status', 'success', 'exit_code', '0', 'ended', now, 'error', '')
+redis.call('SREM', KEYS[5], tid)
+redis.call('DEL', KEYS[4], KEYS[3])
+for _, r in ipairs(ready) do
+  local d, left = r[1], r[2]
+  if left > 0 then redis.call('HSET', TASK .. d, 'pending', tostring(left)) else
+    redis.call('HSET', TASK .. d, 'pending', '0', 'status', 'queued', 'queued_at', now)
+    for _, cmd in ipairs(prepared[d]) do redis.call(unpack(cmd)) end
+  end
+end
+local said = name .. ': success in ' .. string.format('%.2f', tonumber(now) -
+  tonumber(st[4] or now)) .. 's'
+local out = {'ok', st[5] or ''}
+for _, jid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local j = JOB .. jid
+  redis.call('SREM', j .. RUNNING, tid)
+  redis.call('XADD', j .. LOG, '*', 'task', tid, 'piece', name, 'stream', 'sheepdog',
+             'text', said, 'time', now3)
+  local js = redis.call('HMGET', j, 'status', 'done', 'total', 'final_task', 'workflow')
+  local status = js[1]
+  if status == 'queued' or status == 'running' then
+    local done = tonumber(js[2] or '0') + 1
+    redis.call('HSET', j, 'done', tostring(done))
+    if js[4] == tid then redis.call('HSET', j, 'exit_code', '0') end
+    if done >= tonumber(js[3] or '0') then
+      status = 'success'
+      redis.call('HSET', j, 'status', status, 'ended', now, 'exit_code', '0')
+      -- logs.end_fields: the closing line names the job
+      redis.call('XADD', j .. LOG, '*', 'task', '', 'piece', '', 'stream', 'sheepdog',
+                 'text', 'job ' .. jid .. ' success (exit code 0)', 'time', now3, 'end', '1')
+    end
+  end
+  table.insert(out, jid)
+  table.insert(out, status or '')
+  table.insert(out, js[5] or '')
+end
+if #KEYS > 5 then
+  redis.call('DEL', KEYS[6])
+  redis.call('LREM', KEYS[7], 1, rq_id)
+end
+return out
+"""
+
+
 def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
            error: str = "", retryable: bool = False, attempt: int = 0) -> TaskStatus:
     """Record the end of a running attempt; returns the task's new status.
@@ -438,6 +635,64 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
     (`attempt` still the last one), its outcome is recorded all the same, so a finished
     piece is never run again.
     """
+    return finish_piece(conn, task_id, worker, exit_code, error, retryable, attempt).status
+
+
+def finish_piece(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
+                 error: str = "", retryable: bool = False, attempt: int = 0,
+                 entry: dispatch.Entry | None = None) -> Finished:
+    """finish(), saying what it did (see Finished); a success of a piece running for this
+    worker is one call, which also removes the queue `entry` it was taken from."""
+    if exit_code == 0 and not error:
+        done = _succeed(conn, task_id, worker, entry)
+        if done is not None:
+            return done
+    status = _finish_txn(conn, task_id, worker, exit_code, error, retryable, attempt)
+    return Finished(status, {}, None, False)
+
+
+def _succeed(conn: redis.Redis, task_id: str, worker: str,
+             entry: dispatch.Entry | None) -> Finished | None:
+    script = conn.register_script(_SUCCEED)
+    task_keys = [keys.task(task_id), keys.task_jobs(task_id), keys.task_dependents(task_id),
+                 keys.task_heartbeat(task_id), keys.active_tasks()]
+    if entry is not None:
+        task_keys += dispatch.entry_keys(conn, entry)
+    prepared: list[Any] = []
+    for _ in range(3):  # a dependent added meanwhile (an open job) asks once more
+        now = time.time()
+        raw = script(keys=task_keys, args=[
+            *keys.script_parts(), task_id, worker, str(now), f"{now:.3f}",
+            entry.rq_id if entry else "", len(prepared) // 2, *_flat(prepared)])
+        head = _text(raw[0])
+        if head == "other":
+            return None
+        if head == "ok":
+            out = [_text(v) for v in raw[1:]]
+            return Finished(TaskStatus.SUCCESS,
+                            {out[i]: (out[i + 1], out[i + 2]) for i in range(1, len(out), 3)},
+                            out[0], entry is not None)
+        for dep in map(_text, raw[1:]):
+            queue = _text(conn.hget(keys.task(dep), "queue")) or "default"
+            prepared += [dep, dispatch.push_commands(conn, dep, queue)]
+    return None
+
+
+def _flat(prepared: list[Any]) -> list[Any]:
+    """[dep, commands, ...] as the script reads it: dep, count, then each command as its
+    length and arguments."""
+    out: list[Any] = []
+    for i in range(0, len(prepared), 2):
+        dep, commands = prepared[i], prepared[i + 1]
+        out += [dep, len(commands)]
+        for cmd in commands:
+            out += [len(cmd), *cmd]
+    return out
+
+
+def _finish_txn(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
+                error: str = "", retryable: bool = False, attempt: int = 0) -> TaskStatus:
+    """finish() for every case but a success recorded by the worker it ran for."""
     key = keys.task(task_id)
 
     def txn(pipe: Pipeline) -> TaskStatus:

@@ -7,6 +7,7 @@ expired was lost with its worker and is run again, or failed when out of attempt
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -14,7 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import redis
@@ -41,38 +42,55 @@ from .piece import RELEASED, Outcome, PieceOutput
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_UNCLAIMED = object()  # an entry taken by a blocking wait: its task is claimed next
 
 
-class Heartbeat:
-    """Keeps a running task's heartbeat alive from its own thread, so a long blocking
-    backend call (staging inputs, fetching outputs) cannot make the task look lost.
-    `revoked` is set when the task was cancelled or taken from this worker."""
+class Heartbeats:
+    """Keeps the heartbeats of a worker's running tasks alive from one thread of their
+    own (one pipelined round per beat for all of them), so a long blocking backend call
+    (staging inputs, fetching outputs) cannot make a task look lost, and a piece that
+    ends within a beat costs no thread and no round trip. A task's event is set when it
+    was cancelled or taken from this worker."""
 
-    def __init__(self, conn: redis.Redis, task_id: str, worker: str, settings: Settings) -> None:
-        self.revoked = threading.Event()
-        self._stop = threading.Event()
-        self._args = (conn, task_id, worker, settings)
-        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{task_id[:8]}",
-                                        daemon=True)
+    def __init__(self, conn: redis.Redis, worker: str, settings: Settings) -> None:
+        self._conn, self._worker, self._settings = conn, worker, settings
+        self._tasks: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def keep(self, task_id: str) -> Iterator[threading.Event]:
+        revoked = threading.Event()
+        with self._lock:
+            self._tasks[task_id] = revoked
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._beat, name="heartbeats",
+                                                daemon=True)
+                self._thread.start()
+        try:
+            yield revoked
+        finally:
+            with self._lock:
+                self._tasks.pop(task_id, None)
 
     def _beat(self) -> None:
-        conn, task_id, worker, settings = self._args
         # a cancel reaches the running process within CANCEL_CHECK
-        while not self._stop.wait(min(settings.heartbeat_interval, CANCEL_CHECK)):
-            try:
-                if not store.heartbeat(conn, task_id, worker, settings.heartbeat_timeout):
-                    self.revoked.set()
+        every = min(self._settings.heartbeat_interval, CANCEL_CHECK)
+        while True:
+            time.sleep(every)
+            with self._lock:
+                tasks = dict(self._tasks)
+                if not tasks:  # idle: the next task starts another
+                    self._thread = None
                     return
+            try:
+                alive = store.heartbeats(self._conn, list(tasks), self._worker,
+                                         self._settings.heartbeat_timeout)
             except redis.RedisError:
                 continue  # Redis is restarting: try again next beat
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
+            for revoked, ok in zip(tasks.values(), alive, strict=True):
+                if not ok:
+                    revoked.set()
 
 
 class PieceRunner:
@@ -80,8 +98,10 @@ class PieceRunner:
 
     def __init__(self, conn: redis.Redis, settings: Settings, worker: str,
                  leaving: threading.Event | None = None,
-                 stopping: threading.Event | None = None) -> None:
+                 stopping: threading.Event | None = None,
+                 beats: Heartbeats | None = None) -> None:
         self.leaving = leaving or threading.Event()
+        self.beats = beats or Heartbeats(conn, worker, settings)
         self.stopping = stopping or threading.Event()
         self.conn = conn
         self.settings = settings
@@ -91,17 +111,25 @@ class PieceRunner:
 
     def execute(self, task_id: str) -> str | None:
         """Claim and run one task attempt; returns its recorded status, None if not ours."""
-        task = self.claim(task_id)
-        return None if task is None else self.run(task)
+        claimed = self.claim(task_id)
+        return None if claimed is None else self.run(*claimed).status
 
-    def claim(self, task_id: str) -> Task | None:
-        """The task, now running for this worker; None if it is not ours to run."""
-        return store.claim(self.conn, task_id, self.worker, self.settings.heartbeat_timeout,
-                           where=self.hostname, process=liveness.this_process())
+    def claim(self, task_id: str) -> tuple[Task, list[str]] | None:
+        """The task, now running for this worker, and its jobs; None if it is not ours."""
+        return store.claim_jobs(self.conn, task_id, self.worker,
+                                self.settings.heartbeat_timeout, where=self.hostname,
+                                process=liveness.this_process())
 
-    def run(self, task: Task) -> str:
-        """Run a claimed task's attempt to its end; its recorded status."""
-        jobs = store.job_ids_of_task(self.conn, task.id)
+    def take(self, queues: list[str]) -> tuple[dispatch.Entry,
+                                               tuple[Task, list[str]] | None] | None:
+        """The next entry waiting on the queues, its task claimed in the same call."""
+        return store.take_and_claim(self.conn, queues, self.worker,
+                                    self.settings.heartbeat_timeout, where=self.hostname,
+                                    process=liveness.this_process())
+
+    def run(self, task: Task, jobs: list[str],
+            entry: dispatch.Entry | None = None) -> store.Finished:
+        """Run a claimed task's attempt to its end; what recording it did."""
         writer = logs.LogWriter(self.conn, task.id, task.name, jobs, self.settings.log_max_lines,
                                 buffer_lines=self.settings.log_buffer_lines,
                                 max_bytes=self.settings.log_max_bytes)
@@ -110,8 +138,8 @@ class PieceRunner:
             raw = logs.RawWriter(self.conn, task.id)
             raw.reset()
         output = PieceOutput(writer, raw)
-        with Heartbeat(self.conn, task.id, self.worker, self.settings) as beat:
-            outcome = piece.run(task, self.settings, self.cache, output, beat.revoked,
+        with self.beats.keep(task.id) as revoked:
+            outcome = piece.run(task, self.settings, self.cache, output, revoked,
                                 self.leaving)
         output.flush()
         writer.done()
@@ -120,7 +148,7 @@ class PieceRunner:
             # a command (side effects) fails saying so
             outcome = Outcome(outcome.exit_code, writer.lost, lost=task.cacheable)
         return conclude(self.conn, self.settings, self.worker, task, jobs,
-                        piece.explain(outcome, output), self.stopping)
+                        piece.explain(outcome, output), self.stopping, entry)
 
 
 class Worker:
@@ -146,6 +174,7 @@ class Worker:
         self.leaving = threading.Event()  # set: running tasks go back to the queue
         self._busy = 0
         self._lock = threading.Lock()
+        self.beats = Heartbeats(conn, self.name, settings)
 
     # -- lifecycle
     def run(self) -> None:
@@ -266,39 +295,59 @@ class Worker:
 
     # -- one task thread
     def _task_loop(self) -> None:
-        executor = PieceRunner(self.conn, self.settings, self.name, self.leaving, self.stopping)
+        runner = PieceRunner(self.conn, self.settings, self.name, self.leaving, self.stopping,
+                             self.beats)
         # a worker that leaves with its job must notice quickly (Redis takes floats)
         wait = TAKE_WAIT_INLINE if self.until is not None else TAKE_WAIT
         while not self.stopping.is_set():
-            try:
-                entry = dispatch.take(self.conn, self.queue_names, wait)
+            self._count_busy(1)
+            try:  # what waits now is taken and claimed in one call; else wait for one
+                taken: tuple[dispatch.Entry, object] | None = runner.take(self.queue_names)
+                if taken is None:
+                    self._count_busy(-1)
+                    entry = dispatch.take(self.conn, self.queue_names, wait)
+                    if entry is None:
+                        continue
+                    self._count_busy(1)
+                    taken = (entry, _UNCLAIMED)
             except Exception as e:  # Redis restarting, a mangled entry: keep this thread
+                self._count_busy(-1)
                 log.warning("worker %s: cannot take work: %s", self.name, e)
                 self.stopping.wait(TAKE_WAIT)
                 continue
-            if entry is None:
-                continue
-            with self._lock:
-                self._busy += 1
-            claimed: bool | None = None  # None: unknown (Redis failed before it answered)
             try:
-                store.mark_taken(self.conn, entry.task_id, liveness.this_process())
-                task = executor.claim(entry.task_id)
-                claimed = task is not None
-                if task is not None:
-                    executor.run(task)
-            except redis.RedisError as e:  # an outage: a claimed task's heartbeat lapses
-                log.warning("worker %s: Redis went away around piece %s (%s); it runs "
-                            "again", self.name, entry.task_id[:12], e)
-            except Exception:  # keep serving; a claimed task's heartbeat lapses and it reruns
-                log.exception("worker %s: task thread error", self.name)
+                self._run_taken(runner, taken[0], taken[1])
             finally:
-                with self._lock:
-                    self._busy -= 1
-                if claimed is None:  # taken, maybe never claimed: it must not be dropped
-                    self._retry(functools.partial(store.put_back, self.conn, entry.task_id,
-                                                  at_front=True),
-                                f"hand back {entry.task_id[:12]}")
+                self._count_busy(-1)
+
+    def _count_busy(self, change: int) -> None:
+        with self._lock:
+            self._busy += change
+
+    def _run_taken(self, runner: PieceRunner, entry: dispatch.Entry, got: object) -> None:
+        """Run a taken entry's task (claiming it first if the take did not), then drop
+        the entry; an entry that may not have been claimed goes back to its queue."""
+        claimed: bool | None = None  # None: unknown (Redis failed before it answered)
+        removed = False
+        try:
+            if got is _UNCLAIMED:
+                store.mark_taken(self.conn, entry.task_id, liveness.this_process())
+                got = runner.claim(entry.task_id)
+            claimed = got is not None
+            if isinstance(got, tuple):
+                task, jobs = got
+                removed = runner.run(task, jobs, entry=entry).entry_removed
+        except redis.RedisError as e:  # an outage: a claimed task's heartbeat lapses
+            log.warning("worker %s: Redis went away around piece %s (%s); it runs "
+                        "again", self.name, entry.task_id[:12], e)
+        except Exception:  # keep serving; a claimed task's heartbeat lapses and it reruns
+            log.exception("worker %s: task thread error", self.name)
+        finally:
+            if claimed is None:  # taken, maybe never claimed: it must not be dropped
+                self._retry(functools.partial(store.put_back, self.conn, entry.task_id,
+                                              at_front=True),
+                            f"hand back {entry.task_id[:12]}")
+            if not removed:
                 self._drop(entry)
 
     def _drop(self, entry: dispatch.Entry) -> None:

@@ -76,6 +76,25 @@ def test_a_killed_workers_grandchildren_die_with_it(conn, settings, workers, tmp
 
 
 @pytest.mark.fault
+def test_a_killed_workers_map_items_and_theirs_die_with_it(env, conn, workers, tmp_path):
+    """A map item run by a worker's thread (a light group of its own, by posix_spawn)
+    and what it started go with the worker, SIGKILL included, as a guarded piece's do."""
+    ticks = tmp_path / "ticks"
+    worker = workers.start()
+    out = sheepdog("map", "--range", "1:1", "--chunk", "1", "-N0", "--detach", "--",
+                   "sh", "-c", f"(while :; do echo t >> {ticks}; sleep 0.1; done) & wait",
+                   env=env)
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: ticks.exists() and ticks.stat().st_size > 10, 30, what="ticking")
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    time.sleep(1.0)
+    size = ticks.stat().st_size
+    time.sleep(1.5)
+    assert ticks.stat().st_size == size, "an item's child kept running after its worker died"
+
+
+@pytest.mark.fault
 def test_a_killed_run_is_rerun_at_once_not_after_the_heartbeat(env, tmp_path):
     """sheepdog run killed mid-scan; the rerun on the same host knows its attempts'
     process is gone and does not wait out the (default, 20 s) heartbeat timeout."""

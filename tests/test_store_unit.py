@@ -29,13 +29,13 @@ def _run(fake, task_id, code=0, error=""):
 
 
 def _queued(fake):
-    return sorted(j.decode().split("-")[1] for j in fake.lrange("rq:queue:default", 0, -1))
+    return sorted(keys.task_of_rq_job(j.decode()) for j in fake.lrange("rq:queue:default", 0, -1))
 
 
 def test_only_tasks_without_pending_dependencies_are_dispatched(fake):
     a, b, c = _graph()
     store.submit(fake, Job(id="j1", workflow="t"), [a, b, c])
-    assert _queued(fake) == [a.id[:40]]
+    assert _queued(fake) == [a.id]
     assert store.get_task(fake, c.id).pending == 2
     _run(fake, a.id)
     assert store.get_task(fake, b.id).status == "queued"
@@ -162,3 +162,46 @@ def test_a_task_run_again_belongs_only_to_the_jobs_waiting_for_it_now(fake):
     _run(fake, a.id)
     assert store.get_job(fake, "j1").done == 1  # not counted twice for j1
     assert store.get_job(fake, "j2").status == "success"
+
+
+def test_the_lua_scripts_build_the_keys_keys_py_builds(fake):
+    """The scripts learn of tasks and jobs while they run and build their keys from
+    keys.script_parts(): the same strings as keys.py's functions, and the same task id
+    read back from a queue entry's id."""
+    task_part, jobs, deps, beat, job_part, running, log, head, tail = keys.script_parts()
+    tid = "ab" * 32
+    assert (task_part + tid, task_part + tid + jobs, task_part + tid + deps,
+            task_part + tid + beat) == (keys.task(tid), keys.task_jobs(tid),
+                                        keys.task_dependents(tid), keys.task_heartbeat(tid))
+    assert (job_part + "j1", job_part + "j1" + running, job_part + "j1" + log) == (
+        keys.job("j1"), keys.job_running("j1"), keys.job_log("j1"))
+    for task_id in (tid, "short", "x" * 40):
+        rq_id = keys.rq_job_id(task_id, "0123456789ab")
+        read = fake.eval(store._PARTS + "return task_of(ARGV[10])", 0,
+                         *keys.script_parts(), rq_id).decode()
+        assert read == keys.task_of_rq_job(rq_id) == ("" if len(task_id) == 40 else task_id)
+    assert keys.task_of_rq_job("some-other-entry") == ""
+
+
+def test_a_success_records_in_one_call_what_the_transaction_did(fake):
+    """The one-call success (store._SUCCEED) and the transaction path (a success found
+    queued again after an outage) leave the same task, job, dependents and log."""
+    results = []
+    for one_call in (True, False):
+        fake.flushall()
+        a, b, c = _graph()
+        store.submit(fake, Job(id="j1", workflow="t", final_task=c.id), [a, b, c])
+        for t in (a, b, c):
+            assert store.claim(fake, t.id, "w1", 5) is not None
+            if one_call:
+                assert store.finish(fake, t.id, "w1", 0) == "success"
+            else:  # taken back after an outage, nobody claimed it since: the transaction
+                fake.hset(keys.task(t.id), mapping={"status": "queued", "requeued_from": "w1"})
+                assert store.finish(fake, t.id, "w1", 0, attempt=1) == "success"
+        job = store.get_job(fake, "j1")
+        lines = [f[b"text"].decode().split(" in ")[0] for _, f in fake.xrange(keys.job_log("j1"))]
+        results.append((job.status, job.done, job.total, job.exit_code,
+                        [store.get_task(fake, t.id).status for t in (a, b, c)],
+                        fake.scard(keys.active_tasks()), lines[-1]))
+    assert results[0] == results[1]
+    assert results[0][-1] == "job j1 success (exit code 0)"

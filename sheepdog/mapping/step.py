@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from typing import Any
 
 from ..defaults import WATCH_POLL
 from ..errors import SheepdogError
-from ..process import Process, run_light
+from ..process import Process, light_groups, own_directory, run_light
 
 IN_PROCESS = frozenset({"run", "gather"})
 OUTPUT_MAX = 1 << 20  # bytes of an item's stdout kept in its record
@@ -107,6 +108,18 @@ def run_item(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
                   else max(0.001, min(WATCH_POLL, deadline - time.monotonic())))
 
 
+def _runner(many: bool) -> tuple[Callable[..., tuple[str, int | None]], bool]:
+    """How each item starts, and whether this thread moves to the items' directory:
+    run-many's by posix_spawn in its own group; `run`'s (on a worker's thread) each in a
+    light group of its own, kept so it dies with the worker, from a thread with a
+    directory of its own; where that cannot be, each as a guarded Process."""
+    if many:
+        return run_light, True
+    if light_groups() and own_directory():
+        return functools.partial(run_light, own_group=True), True
+    return run_item, False
+
+
 def _files(directory: str) -> list[str]:
     """The files an item left in its directory."""
     return sorted(str(p.relative_to(directory)) for p in Path(directory).rglob("*")
@@ -117,9 +130,11 @@ def _earlier(here: Path, top: Path) -> list[str]:
     """The records an earlier, killed attempt of this chunk wrote (its scratch is a
     sibling named by the same task id, its partial file no longer locked by a live
     step), with its items' files moved here: those items are not run again."""
-    task = here.name.split(".", 1)[0]
+    task = here.name.split(".", 1)[0] + "."
     best: list[str] = []
-    for sibling in here.parent.glob(f"{task}.*"):
+    with os.scandir(here.parent) as found:  # a scan, not a glob: this runs for every chunk
+        siblings = [Path(e.path) for e in found if e.name.startswith(task)]
+    for sibling in siblings:
         part = sibling / (RESULTS + ".part")
         if sibling == here or not part.is_file():
             continue
@@ -155,6 +170,7 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
     env = dict(os.environ, **{k: str(v) for k, v in spec.get("env", {}).items()},
                SHEEPDOG_ITEM_DIR=scratch)
     inside = -1  # the inode of the scratch directory run-many is in (its items start there)
+    run, move = _runner(light)
     with open(partial, "w", encoding="utf-8") as out:
         fcntl.flock(out, fcntl.LOCK_EX)  # held while this attempt lives (see _earlier)
         recorded = _earlier(here, top)
@@ -168,14 +184,14 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
             except FileNotFoundError:  # renamed to its item's files, or removed by it
                 os.mkdir(scratch)
                 inode = os.stat(scratch).st_ino
-            if light and inode != inside:
+            if move and inode != inside:
                 os.chdir(cwd or scratch)
                 inside = inode
             env["SHEEPDOG_ITEM_KEY"] = item["key"]
             output = ItemOutput(emit, complain)
             started = time.monotonic()
-            status, code = (run_light if light else run_item)(
-                _argv(item["argv"], inputs), cwd or scratch, env, timeout, output, stop)
+            status, code = run(_argv(item["argv"], inputs), cwd or scratch, env, timeout,
+                               output, stop)
             if status == "cancelled":
                 raise SheepdogError("cancelled")
             kept: list[str] = []
@@ -295,6 +311,7 @@ def gather(index_path: Path, chunk_dirs: list[Path | None], checks: list[str], h
     return 1 if bad or problems else 0
 
 
+@functools.cache  # built once per process: an in-process `run` of one item parses often
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sheepdog.mapping.step")
     sub = parser.add_subparsers(dest="op", required=True)

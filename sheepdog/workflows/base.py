@@ -124,7 +124,8 @@ class Workflow(abc.ABC):
     def piece_done(self, conn: redis.Redis, settings: Settings, job: Job,  # noqa: B027
                    task: Task) -> None:
         """After each of the job's pieces succeeded, by the worker that ran it (default:
-        nothing). May stop the job early (store.stop_job)."""
+        nothing). May stop the job early (store.stop_job). `job` is as submitted (see
+        store.submitted_job): its status and counters may be old."""
 
     def on_timer(self, conn: redis.Redis, settings: Settings, job: Job) -> None:  # noqa: B027
         """Called once when a timer the workflow set (store.set_timer) is due, by a
