@@ -9,14 +9,18 @@ taker lost before claiming it.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 from redis.client import Pipeline
-from rq import Queue
 
 from . import keys
+
+if TYPE_CHECKING:
+    from rq import Queue
 
 # What a plain `rq worker` calls for a sheepdog entry (worker.run_task).
 RUN_TASK = "sheepdog.worker.run_task"
@@ -32,7 +36,19 @@ class Entry:
 
 
 def _queue(conn: redis.Redis, name: str) -> Queue:
+    from rq import Queue  # here: a command that only reads (list, status) never needs RQ
+
     return Queue(name or "default", connection=conn)
+
+
+@functools.lru_cache(maxsize=64)
+def _keys(name: str) -> tuple[str, str, str]:
+    """(waiting list, taken list, RQ job key prefix) of a queue: RQ's names, worked out
+    once per process rather than by a Queue object for each take."""
+    from rq import Queue
+
+    queue = Queue(name or "default", connection=redis.Redis())  # no connection is made
+    return queue.key, queue.intermediate_queue_key, queue.job_class.redis_job_namespace_prefix
 
 
 def push(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str,
@@ -64,8 +80,7 @@ def push_commands(conn: redis.Redis, task_id: str, queue: str) -> list[list[byte
 
 def sources(conn: redis.Redis, queues: list[str]) -> list[tuple[str, str, str]]:
     """(name, waiting list, taken list) of each queue, in the order they are served."""
-    return [(q.name, q.key, q.intermediate_queue_key)
-            for q in (_queue(conn, name) for name in queues)]
+    return [(name or "default", *_keys(name)[:2]) for name in queues]
 
 
 def entry_of(conn: redis.Redis, rq_id: str, queue: str) -> Entry | None:
@@ -116,9 +131,8 @@ def _text(value: bytes | str) -> str:
 
 def entry_keys(conn: redis.Redis, entry: Entry) -> tuple[str, str]:
     """The keys removing a taken entry touches: RQ's job and the queue's taken list."""
-    queue = _queue(conn, entry.queue)
-    return (f"{queue.job_class.redis_job_namespace_prefix}{entry.rq_id}",
-            queue.intermediate_queue_key)
+    _, taken, job_prefix = _keys(entry.queue)
+    return f"{job_prefix}{entry.rq_id}", taken
 
 
 def acknowledge(conn: redis.Redis, entry: Entry) -> None:
