@@ -33,27 +33,37 @@ class _Deferred(types.ModuleType):
             self.__dict__.update({k: v for k, v in vars(real).items()
                                   if k not in ("__spec__", "__path__")})
             sys.modules[name] = real
+            parent, _, child = name.rpartition(".")
+            if getattr(sys.modules.get(parent), child, None) is self:
+                setattr(sys.modules[parent], child, real)
         return getattr(sys.modules[name], attr)
 
 
 def _defer(name: str) -> None:
-    """Have a submodule of an installed package load on its first use, not when its
-    package is imported: redis-py's __init__ imports its asyncio client (asyncio
-    included, ~70 ms here), which no sheepdog command uses. A no-op if the package is
-    loaded already, or the submodule cannot be found."""
+    """Have a submodule load on its first use, not when something imports it: redis-py
+    imports its asyncio client (~70 ms here), which no sheepdog command uses, and
+    importlib.metadata (~11 ms) for a version string it asks for only when a connection
+    says hello. A no-op if it is loaded already, or cannot be found."""
     parent = name.rpartition(".")[0]
-    if name in sys.modules or parent in sys.modules:
+    if name in sys.modules:
         return
-    top = importlib.util.find_spec(parent)  # a top-level package: found, not imported
-    if top is None or not top.submodule_search_locations:
+    if parent in sys.modules:  # (importlib is: it imports the rest)
+        where = list(getattr(sys.modules[parent], "__path__", []))
+    else:  # a top-level package: found, not imported
+        top = importlib.util.find_spec(parent)
+        where = list(top.submodule_search_locations or []) if top else []
+    if not where:
         return
-    spec = importlib.machinery.PathFinder.find_spec(name, list(top.submodule_search_locations))
+    spec = importlib.machinery.PathFinder.find_spec(name, where)
     if spec is None or spec.loader is None:
         return
     module = _Deferred(name)
     module.__spec__ = spec
     module.__path__ = list(spec.submodule_search_locations or [])
     sys.modules[name] = module
+    if parent in sys.modules:  # as an import would: `import importlib.metadata` uses it
+        setattr(sys.modules[parent], name.rpartition(".")[2], module)
 
 
 _defer("redis.asyncio")
+_defer("importlib.metadata")
