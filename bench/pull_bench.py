@@ -6,7 +6,7 @@
 (a) --pieces no-op pieces (`true`) through one pull worker (-j 1, over HTTPS to
     `sheepdog serve` with a test certificate) and through one Redis worker (-j 1):
     pieces per second each, best of --rounds; target: the pull worker's throughput
-    at least half the Redis worker's.
+    at least 0.8 of the Redis worker's.
 (b) the BXD LOCO scan (`sheepdog run gemma-loco --example`, cold) through a pull worker
     (-j 2, its own empty cache: every input travels over HTTPS) against the same scan
     run locally (the CLI's own worker); target: within 1.5x.
@@ -70,6 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pieces", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-scan", action="store_true", help="(a) only")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pull-bench-", dir=OUT))
     server = RedisServer(free_port(), work)
@@ -107,7 +108,9 @@ def main() -> None:
         print(f"(a) {args.pieces} no-op pieces, one worker (-j 1), best of {args.rounds}:")
         print(f"    Redis worker {rate['redis']:7.1f} pieces/s   pull worker over HTTPS "
               f"{rate['pull']:7.1f} pieces/s   ratio {rate['pull'] / rate['redis']:.2f} "
-              "(target >= 0.5)")
+              "(target >= 0.8)")
+        if args.no_scan:
+            return
 
         # (b) the BXD LOCO scan, cold, local against a pull worker
         local_env = dict(base, SHEEPDOG_HOME=str(work / "local"), SHEEPDOG_QUEUE="local")

@@ -47,6 +47,9 @@ PULL_CHUNK = 1 << 20  # bytes read and written at a time while streaming a file
 # pieces a pull worker holds beyond its slots: the next one's claim and inputs travel
 # while one runs (one, not more: a long piece held back is a piece another worker could run)
 PULL_PREFETCH = 1
+# ... unless pieces are shorter than a report's round trip: then as many as keep the slots
+# busy meanwhile, up to this many
+PULL_PREFETCH_MOST = 16
 PULL_LOG_EVERY = 0.5  # s between a pull worker's log batches (a short piece's go with its end)
 PULL_INLINE = 1 << 20  # bytes of small files a report or a fetch carries inside its JSON
 
@@ -106,6 +109,9 @@ EXECUTOR_FLUSH = 0.002  # s
 EXECUTOR_AHEAD = 4  # pieces sent ahead per worker thread; the rest wait in the client
 EXECUTOR_PIECE_SECONDS = 0.1  # s of calls a packed piece aims at (joblib aims at 0.2-2)
 EXECUTOR_MAX_PACK = 1000  # calls in one packed piece, at most
+# s of calls a piece is not split below to spread calls over more worker threads: a
+# piece costs a few ms of bookkeeping itself
+EXECUTOR_MIN_PIECE_SECONDS = 0.02
 EXECUTOR_THREADS = 4  # task threads of each worker it starts (they wait on Redis)
 EXECUTOR_STOP_WAIT = 10.0  # s: its own workers get this long to hand back and stop
 EXECUTOR_WORKERS_CHECK = 1.0  # s: how often it looks whether its workers still live

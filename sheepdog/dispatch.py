@@ -129,6 +129,11 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def job_key_prefix() -> str:
+    """What RQ puts before an entry's id to name its job's key."""
+    return _keys("default")[2]
+
+
 def entry_keys(conn: redis.Redis, entry: Entry) -> tuple[str, str]:
     """The keys removing a taken entry touches: RQ's job and the queue's taken list."""
     _, taken, job_prefix = _keys(entry.queue)

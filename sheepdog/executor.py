@@ -44,6 +44,7 @@ from .defaults import (
     EXECUTOR_AHEAD,
     EXECUTOR_FLUSH,
     EXECUTOR_MAX_PACK,
+    EXECUTOR_MIN_PIECE_SECONDS,
     EXECUTOR_PIECE_SECONDS,
     EXECUTOR_STOP_WAIT,
     EXECUTOR_THREADS,
@@ -137,7 +138,7 @@ class Executor(futures.Executor):
         self._seq = itertools.count(1)
         self._units: collections.deque[Unit] = collections.deque()
         self._pending: dict[str, list[Future]] = {}
-        self._slots, self._slots_seen = 1, 0.0
+        self._slots, self._slots_seen, self._processes = 1, 0.0, 1
         self._all: list[Future] = []
         self._shutdown = False
         self._wake = threading.Event()
@@ -203,8 +204,14 @@ class Executor(futures.Executor):
             return int(self._batch)
         if self._call_seconds is None:
             return 1  # nothing measured yet
-        size = int(EXECUTOR_PIECE_SECONDS / max(self._call_seconds, 1e-6))
-        spread = -(-waiting_calls // self._slots)  # each worker thread gets a share
+        per_call = max(self._call_seconds, 1e-6)
+        size = int(EXECUTOR_PIECE_SECONDS / per_call)
+        # each worker process gets a share (its threads share one interpreter: a Python
+        # call holds it; calls that wait let them overlap, and `size` keeps those short)
+        spread = -(-waiting_calls // self._processes)
+        # but not below the calls that outlast a piece's own cost: more worker threads
+        # would only mean more pieces, each dearer than its calls
+        spread = max(spread, int(EXECUTOR_MIN_PIECE_SECONDS / per_call))
         return max(1, min(EXECUTOR_MAX_PACK, size, spread))
 
     def _refresh_slots(self) -> None:
@@ -212,16 +219,33 @@ class Executor(futures.Executor):
         if time.monotonic() - self._slots_seen < EXECUTOR_WORKERS_CHECK:
             return
         self._slots_seen = time.monotonic()
-        threads = sum(int(str(w.get("concurrency", 1))) for w in
-                      live_workers(self._conn, self._queue))
+        workers = live_workers(self._conn, self._queue)
+        threads = sum(int(str(w.get("concurrency", 1))) for w in workers)
         self._slots = max(1, threads, len(self._pool.processes) * EXECUTOR_THREADS)
+        self._processes = max(1, len(workers), len(self._pool.processes))
+
+    def _short(self, units: collections.deque[Unit]) -> bool:
+        """Would the waiting calls make a piece smaller than the packing wants? (Sent
+        ahead anyway, such pieces would only be more pieces, each dearer than its calls,
+        while the caller is still submitting.)"""
+        if units[0].fixed or self._batch != "auto" or self._call_seconds is None:
+            return False
+        waiting = sum(len(u.calls) for u in itertools.islice(units, EXECUTOR_MAX_PACK))
+        return waiting < self._pack_size(len(units))
 
     def _take_pieces(self) -> list[tuple[Task, list[Future]]]:
         """Units packed into pieces, as many as may go ahead of the workers now."""
         pieces = []
         with self._lock:
-            room = EXECUTOR_AHEAD * self._slots - len(self._pending)
+            # until a call was timed, one piece of one call per worker thread: more
+            # slots must not mean more unpacked pieces
+            ahead = EXECUTOR_AHEAD if self._call_seconds is not None else 1
+            room = ahead * self._slots - len(self._pending)
             while self._units and room > 0:
+                if self._short(self._units) and len(self._pending) >= self._processes:
+                    # every worker process has a piece (its threads share one
+                    # interpreter): wait for calls to fill one
+                    break
                 unit = self._units.popleft()
                 calls, fs, name = list(unit.calls), list(unit.futures), unit.name
                 if not unit.fixed:

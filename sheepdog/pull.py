@@ -30,6 +30,7 @@ from .defaults import (
     PULL_INLINE,
     PULL_LOG_EVERY,
     PULL_PREFETCH,
+    PULL_PREFETCH_MOST,
     PULL_RENEW_EVERY,
 )
 from .errors import SheepdogError
@@ -135,6 +136,10 @@ class PullWorker:
         # up to PULL_PREFETCH more than the slots, so the next piece's claim and inputs
         # travel while one runs; its outputs and report travel after its slot is free
         self._running: set[str] = set()
+        # places freed by pieces that ended, held for the claim their reports carry
+        self._reserved = 0
+        # how long pieces run, and a report takes to be answered (moving averages)
+        self._run_seconds = self._report_seconds = 0.0
         self._slots = threading.Semaphore(self.concurrency)
         self._fetching: dict[str, threading.Event] = {}  # sha -> set once it is here
         self._lock = threading.Lock()
@@ -194,10 +199,12 @@ class PullWorker:
     def _claim_loop(self) -> None:
         while not self.stopping.is_set():
             with self._room:
-                in_hand = self.concurrency + PULL_PREFETCH
-                while len(self._running) >= in_hand and not self.stopping.is_set():
+                while (len(self._running) + self._reserved >= self._in_hand()
+                       and not self.stopping.is_set()):
                     self._room.wait(0.5)
-                free = in_hand - len(self._running)
+                free = self._in_hand() - len(self._running) - self._reserved
+            if free <= 0:
+                continue
             if self.stopping.is_set():
                 return
             try:
@@ -293,22 +300,56 @@ class PullWorker:
                              patience)
                 return
             with self._slots:  # a prefetched piece waits here for its turn
+                started = time.monotonic()
                 outcome = Outcome(None, RELEASED) if self.leaving.is_set() else piece.run(
                     task, self.settings, self.cache, output, revoked, self.leaving)
-            self._ran(lease)
-            if sink.lost and outcome.error != RELEASED:
-                outcome = Outcome(outcome.exit_code, sink.lost, lost=task.cacheable)
-            if revoked.is_set() and outcome.error == "cancelled":
-                return  # the service knows: it revoked the lease
-            self._report(task, lease, piece.explain(outcome, output), patience, sink)
+                self._run_seconds = self._average(self._run_seconds,
+                                                  time.monotonic() - started)
+            claim = self._ran(lease)
+            try:
+                if sink.lost and outcome.error != RELEASED:
+                    outcome = Outcome(outcome.exit_code, sink.lost, lost=task.cacheable)
+                if revoked.is_set() and outcome.error == "cancelled":
+                    return  # the service knows: it revoked the lease
+                self._report(task, lease, piece.explain(outcome, output), patience, sink,
+                             claim)
+            finally:
+                self._unreserve(claim)
         finally:
             if scratch_cwd is not None:
                 self.cache.discard(scratch_cwd)
 
-    def _ran(self, lease: str) -> None:
+    def _in_hand(self) -> int:
+        return self.concurrency + self._prefetch()
+
+    def _prefetch(self) -> int:
+        """Pieces held beyond the slots: one, or for pieces shorter than a report's round
+        trip as many as keep the slots busy while their predecessors' reports travel."""
+        if not self._run_seconds or not self._report_seconds:
+            return PULL_PREFETCH
+        ahead = int(self._report_seconds / self._run_seconds) + 1
+        return max(PULL_PREFETCH, min(PULL_PREFETCH_MOST, ahead * self.concurrency))
+
+    @staticmethod
+    def _average(old: float, new: float) -> float:
+        return new if not old else 0.8 * old + 0.2 * new
+
+    def _ran(self, lease: str) -> int:
+        """The piece's slot is free: the place it held goes to the claim its report
+        carries (1), unless the worker is going (0)."""
         with self._room:
             self._running.discard(lease)
-            self._room.notify_all()
+            if self.stopping.is_set():
+                self._room.notify_all()
+                return 0
+            self._reserved += 1
+            return 1
+
+    def _unreserve(self, held: int) -> None:
+        if held:
+            with self._room:
+                self._reserved -= held
+                self._room.notify_all()  # a report that brought nothing: the claim loop asks
 
     def _stage(self, task: Task, deps: dict[str, dict[str, str]], lease: str,
                patience: float) -> None:
@@ -359,12 +400,17 @@ class PullWorker:
                 self.client.download(sha, self.name, lease, self.cache, patience)
 
     def _report(self, task: Task, lease: str, outcome: Outcome, patience: float,
-                sink: HttpLog | None = None) -> None:
+                sink: HttpLog | None = None, claim: int = 0) -> None:
         """Tell the service how the piece ended; for a success, with its outputs: the
-        small ones inside the report, the rest uploaded when the service asks for them."""
+        small ones inside the report, the rest uploaded when the service asks for them.
+        `claim`: pieces to take in the same request (the answer brings them, if any wait
+        now), so a busy worker makes one request per piece."""
         body: dict[str, Any] = {"worker": self.name, "lease": lease,
                                 "exit_code": outcome.exit_code, "error": outcome.error,
                                 "lost": outcome.lost, "released": outcome.error == RELEASED}
+        if claim and not self.stopping.is_set():
+            body["claim"] = {"queues": self.queues, "slots": claim, "host": self.host,
+                             "instance": self.instance}
         if sink is not None:  # its last lines travel with the report: one request less
             body.update(sink.take())
         if outcome.exit_code == 0 and not outcome.error and task.cacheable:
@@ -372,13 +418,20 @@ class PullWorker:
             body["blobs"] = self._inline(body["files"])
         for _ in range(UPLOAD_TRIES + 1):
             try:
+                asked = time.monotonic()
                 answer = self.client.json("POST", "/api/v1/worker/finish", patience,
                                           ok=(200, 409, 422), json=body)
+                self._report_seconds = self._average(self._report_seconds,
+                                                     time.monotonic() - asked)
             except (Gone, Unreachable) as e:
                 log.warning("pull worker %s: %s: not recorded: %s", self.name, task.name, e)
                 return
             for sent in ("lines", "raw", "blobs"):  # written: not sent twice
                 body.pop(sent, None)
+            if "pieces" in answer:  # the claim rode on this report: not asked twice
+                body.pop("claim", None)
+            for found in answer.get("pieces", []):
+                self._start(found)
             if answer.get("status") == 422:  # an inline output arrived damaged
                 log.warning("pull worker %s: %s: %s", self.name, task.name, answer["error"])
                 continue  # the service lists what it lacks, sent again by upload

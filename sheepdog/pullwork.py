@@ -116,26 +116,21 @@ def claim(conn: redis.Redis, settings: Settings, cache: Cache, name: str, host: 
         said = instance and conn.get(keys.pull_leaving(name)) == instance.encode()
         return bool(said) or client_gone()
 
+    looked = False  # wait 0 (a claim riding on a report): one look at what waits now
     while len(found) < slots:
         left = deadline - time.monotonic()
-        if not found and (left <= 0 or going.is_set() or gone()):
+        if not found and ((left <= 0 and looked) or going.is_set() or gone()):
             break
+        looked = True
         upkeep(conn, settings)
-        # a second piece only if one is waiting right now: the first goes out at once
-        entry = dispatch.take(conn, queues, min(PULL_TAKE_SLICE, max(0.01, left))
-                              if not found else None)
-        if entry is None:
-            if found:
+        task = _claim_waiting(conn, settings, name, host, queues)  # one call, if one waits
+        if task is _NONE_WAITING:
+            if found or left <= 0:  # a second piece only if one is waiting right now
                 break
-            continue
-        try:
-            if gone():
-                store.put_back(conn, entry.task_id)
-                break
-            task = _claim_entry(conn, settings, entry, name, host)
-        finally:
-            dispatch.acknowledge(conn, entry)  # claimed or not, the lease covers it now
-        if task is None:
+            task = _claim_next(conn, settings, name, host, queues, left, gone)
+            if task is _NONE_WAITING:
+                continue
+        if not isinstance(task, Task):
             continue
         if task.capture:
             logs.RawWriter(conn, task.id).reset()
@@ -145,6 +140,45 @@ def claim(conn: redis.Redis, settings: Settings, cache: Cache, name: str, host: 
             conclude(conn, settings, name, task, store.job_ids_of_task(conn, task.id),
                      Outcome(None, str(e), lost=True), Deadline(PULL_REPORT_DEADLINE))
     return found
+
+
+_NONE_WAITING = object()
+
+
+def _claim_waiting(conn: redis.Redis, settings: Settings, name: str, host: str,
+                   queues: list[str]) -> Task | None | object:
+    """The task of an entry waiting now, taken, claimed and its entry dropped in one
+    call; None if it was not ours (or is for ssh or Slurm: back to its queue)."""
+    got = store.take_and_claim(conn, queues, name, settings.lease_timeout,
+                               where=f"{host}, pull worker", drop_entry=True)
+    if got is None:
+        return _NONE_WAITING
+    entry, claimed = got
+    if claimed is None:
+        dispatch.acknowledge(conn, entry)
+        return None
+    task = claimed[0]
+    if task.backend not in ("", "local"):
+        store.release(conn, task.id, name)
+        time.sleep(PULL_PUT_BACK_PAUSE)  # a Redis worker takes it meanwhile
+        return None
+    return task
+
+
+def _claim_next(conn: redis.Redis, settings: Settings, name: str, host: str,
+                queues: list[str], left: float, gone: Callable[[], bool]
+                ) -> Task | None | object:
+    """Wait a slice of the long poll for an entry and claim its task."""
+    entry = dispatch.take(conn, queues, min(PULL_TAKE_SLICE, max(0.01, left)))
+    if entry is None:
+        return _NONE_WAITING
+    try:
+        if gone():
+            store.put_back(conn, entry.task_id)
+            return None
+        return _claim_entry(conn, settings, entry, name, host)
+    finally:
+        dispatch.acknowledge(conn, entry)  # claimed or not, the lease covers it now
 
 
 def _claim_entry(conn: redis.Redis, settings: Settings, entry: dispatch.Entry, name: str,

@@ -370,6 +370,10 @@ for i = 1, #KEYS, 2 do
     if tid == '' then return {rq_id, n} end
     local got = claim(tid)
     if not got then return {rq_id, n} end
+    if ARGV[16] ~= '' then  -- the claim is the lease: the entry goes (a pull worker's)
+      redis.call('DEL', ARGV[16] .. rq_id)
+      redis.call('LREM', KEYS[i + 1], 1, rq_id)
+    end
     return {rq_id, n, got[1], got[2]}
   end
 end
@@ -411,14 +415,17 @@ def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
 
 
 def take_and_claim(conn: redis.Redis, queues: list[str], worker: str, ttl: float,
-                   where: str = "", process: str = ""
+                   where: str = "", process: str = "", drop_entry: bool = False
                    ) -> tuple[dispatch.Entry, tuple[Task, list[str]] | None] | None:
     """The first entry waiting on the queues, taken and its task claimed in one call
-    (None: nothing waits); the claim is None when the task is not ours to run."""
+    (None: nothing waits); the claim is None when the task is not ours to run.
+    `drop_entry`: a claimed task's entry is removed in the same call (a lease, not the
+    entry, keeps it from then on)."""
     served = dispatch.sources(conn, queues)
     raw = conn.register_script(_TAKE)(
         keys=[k for _, waiting, taken in served for k in (waiting, taken)],
-        args=_claim_args(conn, worker, ttl, where, process))
+        args=[*_claim_args(conn, worker, ttl, where, process),
+              dispatch.job_key_prefix() if drop_entry else ""])
     if not raw:
         return None
     rq_id, queue = _text(raw[0]), served[int(raw[1]) - 1][0]

@@ -557,6 +557,30 @@ def test_an_idle_worker_costs_one_request_per_long_poll(service, tokens, tmp_pat
         kill(worker, signal.SIGTERM)
 
 
+def test_a_busy_worker_claims_its_next_pieces_with_its_reports(service, tokens, tmp_path,
+                                                               env, conn):
+    """One request per piece: a report brings the next piece back in its answer."""
+    from sheepdog import jobs
+    from sheepdog.config import Settings
+    from sheepdog.models import Job, Task
+
+    queue = "busy"
+    tasks = [Task(name=f"quick {i}", argv=["true", str(i)], queue=queue) for i in range(40)]
+    job = Job(id=jobs.new_job_id(), workflow="command")
+    jobs.submit(conn, Settings(redis_url=env["SHEEPDOG_REDIS_URL"]), job, tasks)
+    worker = start_worker(service.url, worker_env(env, tmp_path / "w", tokens["worker"]),
+                          "--queue", queue, "-j", "1", ca=service.ca)
+    try:
+        wait_for(lambda: store.get_job(conn, job.id).status == "success", timeout=60,
+                 what="the 40 pieces")
+        time.sleep(0.5)  # a request is logged when it ends
+        served = Path(service.logs[-1]).read_text()
+        assert served.count("/api/v1/worker/finish") == 40
+        assert served.count("/api/v1/worker/claim") < 10, served.count("/api/v1/worker/claim")
+    finally:
+        kill(worker, signal.SIGTERM)
+
+
 def test_redis_is_not_needed_by_a_pull_worker(tmp_path, env):
     # no SHEEPDOG_REDIS_URL, no embedded Redis started: it only asks the URL
     worker = start_worker("http://127.0.0.1:9", worker_env(env, tmp_path / "w", "sd_x"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import select
+from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request, send_file
@@ -87,17 +88,24 @@ def claim() -> Any:
     body = _json()
     name = _name(body)
     settings = state.settings()
+    token = auth.given_token()
+    pieces = _claim(body, name, FIELDS.fields(body)["wait"],
+                    lambda: _client_gone() or auth.identify(token) is None)
+    return jsonify(pieces=pieces, worker=name, lease_seconds=settings.lease_timeout)
+
+
+def _claim(body: dict[str, Any], name: str, wait: float,
+           client_gone: Callable[[], bool]) -> list[dict[str, Any]]:
+    """Pieces for a claim: its own request's, or one riding on a report (`wait` 0)."""
+    settings = state.settings()
     given = FIELDS.fields(body)
     queues = _queues(given["queues"], settings.queue)
-    slots, wait = min(max(1, given["slots"]), CLAIM_MOST), given["wait"]
+    slots = min(max(1, given["slots"]), CLAIM_MOST)
     host = str(body.get("host") or request.remote_addr or "?")[:200]
     conn = state.conn()
     pullwork.announce(conn, settings, name, queues, slots, host)
-    token = auth.given_token()
-    pieces = pullwork.claim(conn, settings, state.cache(), name, host, queues, slots, wait,
-                            stream.GOING_AWAY, str(body.get("instance") or ""),
-                            lambda: _client_gone() or auth.identify(token) is None)
-    return jsonify(pieces=pieces, worker=name, lease_seconds=settings.lease_timeout)
+    return pullwork.claim(conn, settings, state.cache(), name, host, queues, slots, wait,
+                          stream.GOING_AWAY, str(body.get("instance") or ""), client_gone)
 
 
 def _queues(asked: list[str], default: str) -> list[str]:
@@ -231,4 +239,8 @@ def finish() -> Any:
     answer = pullwork.finish(state.conn(), state.settings(), state.cache(), name,
                              str(body.get("lease", "")), body, lines, raw,
                              trusted=g.identity.trusted)
+    wants = body.get("claim")
+    if isinstance(wants, dict) and answer.get("recorded"):
+        # the next pieces ride on the report's answer: one request per piece, not two
+        answer["pieces"] = _claim(wants, name, 0.0, lambda: False)
     return jsonify(answer), (409 if "missing" in answer else 200)
