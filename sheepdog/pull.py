@@ -418,20 +418,10 @@ class PullWorker:
             body["blobs"] = self._inline(body["files"])
         for _ in range(UPLOAD_TRIES + 1):
             try:
-                asked = time.monotonic()
-                answer = self.client.json("POST", "/api/v1/worker/finish", patience,
-                                          ok=(200, 409, 422), json=body)
-                self._report_seconds = self._average(self._report_seconds,
-                                                     time.monotonic() - asked)
+                answer = self._send_report(body, patience)
             except (Gone, Unreachable) as e:
                 log.warning("pull worker %s: %s: not recorded: %s", self.name, task.name, e)
                 return
-            for sent in ("lines", "raw", "blobs"):  # written: not sent twice
-                body.pop(sent, None)
-            if "pieces" in answer:  # the claim rode on this report: not asked twice
-                body.pop("claim", None)
-            for found in answer.get("pieces", []):
-                self._start(found)
             if answer.get("status") == 422:  # an inline output arrived damaged
                 log.warning("pull worker %s: %s: %s", self.name, task.name, answer["error"])
                 continue  # the service lists what it lacks, sent again by upload
@@ -446,6 +436,21 @@ class PullWorker:
             self.client.json("POST", "/api/v1/worker/finish", patience, json=body)
         except (Gone, Unreachable):
             pass
+
+    def _send_report(self, body: dict[str, Any], patience: float) -> dict[str, Any]:
+        """One report request; what it carried once (lines, files, a claim) is not sent
+        again, and the pieces its claim brought start."""
+        asked = time.monotonic()
+        answer = self.client.json("POST", "/api/v1/worker/finish", patience,
+                                  ok=(200, 409, 422), json=body)
+        self._report_seconds = self._average(self._report_seconds, time.monotonic() - asked)
+        for sent in ("lines", "raw", "blobs"):
+            body.pop(sent, None)
+        if "pieces" in answer:
+            body.pop("claim", None)
+        for found in answer.get("pieces", []):
+            self._start(found)
+        return answer
 
     def _inline(self, files: dict[str, str]) -> dict[str, str]:
         """Small outputs travel inside the report itself (base64): one request for a
