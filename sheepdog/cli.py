@@ -34,6 +34,7 @@ from .defaults import (
     SERVE_CONNECTIONS,
     SERVE_GRACE,
     SERVE_HEAD_TIMEOUT,
+    SERVE_NICE,
     WORKER_STOP_WAIT,
 )
 from .errors import ConfigError, SheepdogError
@@ -242,15 +243,18 @@ def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: t
         raise ConfigError(f"a worker named {name} is running already (host "
                           f"{running.get('host', '?')}, pid {running.get('pid', '?')}): give "
                           "this one another --name")
+    piece_ended: Callable[[], None] | None = None
     if gn3_queues:
         from .gn3 import Gn3Server
 
-        services.append(Gn3Server(conn, settings, list(gn3_queues), worker_name).loop)
+        gn3 = Gn3Server(conn, settings, list(gn3_queues), worker_name)
+        services.append(gn3.loop)
+        piece_ended = gn3.piece_ended
     if parent:
         pid, _, job_id = parent.partition(":")
         services.append(_parent_watch(int(pid), lambda: _orphaned(conn, w, job_id)))
     w = Worker(conn, settings, list(queues) or [settings.queue], concurrency=concurrency,
-               name=worker_name, burst=burst, services=services)
+               name=worker_name, burst=burst, services=services, piece_ended=piece_ended)
     for sig in (signal.SIGTERM, signal.SIGINT):  # going: running pieces go back to the queue
         signal.signal(sig, lambda *_: w.stop(release=True))
     if not parent:  # an Executor's workers are its own business: its user's stderr is theirs
@@ -331,7 +335,8 @@ def serve(bind: str, local_workers: int, connections: int, threads: int | None,
     # not one of a few threads; a request's head must arrive within --keep-alive seconds
     # (gevent's worker times out reading it), so a half-sent request holds nothing long
     argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--worker-class", "gevent",
-            "--workers", "1", "--worker-connections", str(connections),
+            "--workers", str(os.cpu_count() or 1), "--reuse-port",
+            "--worker-connections", str(connections),
             "--keep-alive", str(int(SERVE_HEAD_TIMEOUT)), "--access-logfile", "-",
             "--graceful-timeout", str(int(SERVE_GRACE)), *_no_control_socket(),
             # the path without its query string (?token=...) and no referer: no token in logs
@@ -347,8 +352,9 @@ def serve(bind: str, local_workers: int, connections: int, threads: int | None,
     code = 0
     try:
         if local_workers > 0:
+            # its pieces yield the CPU to the service: requests are answered first
             children += Pool(settings, {"SHEEPDOG_SERVE": "1"}).start(
-                1, settings.queue, concurrency=local_workers, session=False)
+                1, settings.queue, concurrency=local_workers, session=False, nice=SERVE_NICE)
         scheme = "https" if tls else "http"
         click.echo(f"sheepdog serving on {scheme}://{bind} ({shown(url_for(settings))})", err=True)
         children.insert(0, subprocess.Popen(argv, env=env))

@@ -22,6 +22,8 @@ KILL_GRACE = 3.0  # s: between SIGTERM and SIGKILL of a piece's process group
 # worker hands its pieces back within KILL_GRACE, gunicorn drains within SERVE_GRACE
 WORKER_STOP_WAIT = 8.0
 SERVE_GRACE = 5.0  # s: gunicorn's graceful timeout (websockets are told to go at once)
+SERVE_NICE = 10  # how much lower a CPU priority `serve`'s own worker (and its pieces) run at
+SERVE_WARM_CONNECTIONS = 64  # Redis connections each web process opens before serving
 SERVE_CONNECTIONS = 4096  # connections `serve` holds open at once (greenlets, not threads)
 SERVE_HEAD_TIMEOUT = 5.0  # s: a request's head (and an idle keep-alive) gets this long
 BURST_OUTAGE_LIMIT = 60.0  # s: a burst (one-off) worker stops waiting for Redis after this
@@ -84,7 +86,10 @@ GN3_TAKE_WAIT = 1  # s: BLPOP on GN3's list
 GN3_JOB_POLL = 0.05  # s: how often running GN3 commands' jobs are looked at
 GN3_START_GRACE = 30.0  # s: a claimed GN3 command with no job after this lost its worker
 GN3_RECOVER_EVERY = 5.0  # s: a serving GN3 worker looks for dead workers' taken ids
-GN3_SETTLE = 0.05  # s: after `status` is queued, GN3 may still be writing `env`
+# s: after `status` is queued, GN3 may still be writing `email` and `env`: its next round
+# trips, from the same client, under a millisecond later here (GN3's own worker waits not
+# at all)
+GN3_SETTLE = 0.02
 
 # -- ssh and Slurm
 SSH_KEEPALIVE = 5  # s: a dead link is noticed within a few of these

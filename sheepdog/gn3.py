@@ -116,6 +116,7 @@ class Gn3Server:
         self.taken = {name: keys.gn3_taken(name, worker) for name in queue_names}
         self.next_recovery = 0.0
         self.took_turn = False  # one-shot: it looked at GN3's queue once (took one or none)
+        self.wake = threading.Event()  # set: a piece ended here, a job may have: mirror now
 
     # -- the loops
     def loop(self, stop: threading.Event) -> None:
@@ -170,8 +171,15 @@ class Gn3Server:
         if cmd_id is not None:
             self._consider(_text(cmd_id), first, time.monotonic())
 
+    def piece_ended(self) -> None:
+        """A piece this process ran ended: its GN3 command's status is written back at
+        once, not at the next look (other workers' pieces are seen by looking)."""
+        self.wake.set()
+
     def _mirror_loop(self, stop: threading.Event) -> None:
-        while not stop.wait(GN3_JOB_POLL):
+        while not stop.is_set():
+            self.wake.wait(GN3_JOB_POLL)
+            self.wake.clear()
             try:
                 self.mirror_finished()
             except redis.RedisError:

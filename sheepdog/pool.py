@@ -32,19 +32,22 @@ class Pool:
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self, count: int, queue: str, concurrency: int = 1, burst: bool = False,
-              quiet: str = "", session: bool = True, parent_job: str = ""
-              ) -> list[subprocess.Popen[bytes]]:
+              quiet: str = "", session: bool = True, parent_job: str = "",
+              nice: int = 0) -> list[subprocess.Popen[bytes]]:
         """`count` workers of `concurrency` threads each. `quiet`: "all" sends their
         output to /dev/null (a worker nobody watches), "stdout" only their stdout (the
         caller's stdout is its own; their warnings still show); `session`: each in a
         session of its own (False: in the caller's process group, as `serve`'s are, so
         a signal to the group reaches them too); `parent_job`: when this process is
-        gone, however it ended, they cancel that job and exit (an Executor's)."""
+        gone, however it ended, they cancel that job and exit (an Executor's); `nice`:
+        they and their pieces run at that much lower a CPU priority."""
         argv = [sys.executable, "-m", "sheepdog", "worker", "--queue", queue,
                 "--concurrency", str(concurrency), *(["--burst"] if burst else []),
                 *(["--with-parent", f"{os.getpid()}:{parent_job}"] if parent_job else [])]
         out = subprocess.DEVNULL if quiet in ("all", "stdout") else None
         err = subprocess.DEVNULL if quiet == "all" else None
+        if nice:
+            argv = ["nice", "-n", str(nice), *argv]
         started = [subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=err, start_new_session=session)
                    for _ in range(count)]

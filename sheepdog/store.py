@@ -194,29 +194,69 @@ def submit(
     is shared, not started twice. A task that failed or was cancelled before starts over.
     An `open_` job takes more tasks later (add_tasks) and cannot end before close_job.
     """
+    if tasks and not any(t.cacheable for t in tasks) and _submit_new(conn, job, tasks, open_):
+        return job
     task_keys = [keys.task(t.id) for t in tasks]
 
     def txn(pipe: Pipeline) -> None:
         states = _statuses(conn, [t.id for t in tasks])
-        now = time.time()
         pipe.multi()
-        pipe.delete(keys.job_tasks(job.id))
-        done, cached = _add(pipe, conn, job.id, tasks, states, published, now)
-        # an open job counts one piece more than it has: the one close_job removes
-        job.total, job.done, job.cached = len(tasks) + open_, done, cached
-        pipe.hset(keys.job(job.id), mapping=to_hash(job))
-        if cached:
-            pipe.xadd(keys.job_log(job.id), logs.note_fields(
-                f"cache hit: {cached}/{len(tasks)} pieces already computed"))
-        if done == job.total:
-            job.status, job.ended, job.exit_code = JobStatus.SUCCESS, now, 0
-            pipe.hset(keys.job(job.id), mapping={"status": job.status, "ended": str(now),
-                                                "exit_code": "0"})
-            _close_log(pipe, job.id, job.status, 0)
-        pipe.zadd(keys.jobs_index(), {job.id: job.submitted})
+        _write_job(pipe, conn, job, tasks, states, published, open_)
 
     conn.transaction(txn, *task_keys)
     return job
+
+
+def _write_job(pipe: Pipeline, conn: redis.Redis, job: Job, tasks: list[Task],
+               states: dict[str, str], published: Callable[[str], bool], open_: bool) -> None:
+    """Inside a MULTI: a submitted job, its tasks as `states` found them."""
+    now = time.time()
+    pipe.delete(keys.job_tasks(job.id))
+    done, cached = _add(pipe, conn, job.id, tasks, states, published, now)
+    # an open job counts one piece more than it has: the one close_job removes
+    job.total, job.done, job.cached = len(tasks) + open_, done, cached
+    pipe.hset(keys.job(job.id), mapping=to_hash(job))
+    if cached:
+        pipe.xadd(keys.job_log(job.id), logs.note_fields(
+            f"cache hit: {cached}/{len(tasks)} pieces already computed"))
+    if done == job.total:
+        job.status, job.ended, job.exit_code = JobStatus.SUCCESS, now, 0
+        pipe.hset(keys.job(job.id), mapping={"status": job.status, "ended": str(now),
+                                            "exit_code": "0"})
+        _close_log(pipe, job.id, job.status, 0)
+    pipe.zadd(keys.jobs_index(), {job.id: job.submitted})
+
+
+# Runs the commands of a transaction written for tasks that did not exist (ARGV: each
+# command as its length and arguments), unless one of them (KEYS) exists now: 0 then.
+_IF_NEW = """
+local unpack = unpack or table.unpack
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then return 0 end
+end
+local i = 1
+while i <= #ARGV do
+  local n, cmd = tonumber(ARGV[i]), {}
+  for k = 1, n do cmd[k] = ARGV[i + k] end
+  redis.call(unpack(cmd))
+  i = i + n + 1
+end
+return 1
+"""
+
+
+def _submit_new(conn: redis.Redis, job: Job, tasks: list[Task], open_: bool) -> bool:
+    """A job of new, uncacheable tasks (a command: each its job's own) in one call, not
+    a watched read and a transaction; False (nothing written) if a task exists already."""
+    pipe = conn.pipeline(transaction=True)
+    pipe.multi()
+    _write_job(pipe, conn, job, tasks, {t.id: "" for t in tasks}, lambda _tid: False, open_)
+    encode = conn.get_encoder().encode
+    flat: list[Any] = []
+    for args, _ in pipe.command_stack:
+        flat += [len(args), *(encode(a) for a in args)]
+    script = conn.register_script(_IF_NEW)
+    return bool(script(keys=[keys.task(t.id) for t in tasks], args=flat))
 
 
 def add_tasks(conn: redis.Redis, job_id: str, tasks: list[Task],

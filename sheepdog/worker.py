@@ -158,7 +158,8 @@ class Worker:
                  concurrency: int = 1, name: str | None = None, burst: bool = False,
                  until: Callable[[], bool] | None = None,
                  services: Sequence[Callable[[threading.Event], None]] = (),
-                 register: bool = True) -> None:
+                 register: bool = True, piece_ended: Callable[[], None] | None = None
+                 ) -> None:
         self.conn = conn
         self.settings = settings
         self.queue_names = queues
@@ -169,6 +170,7 @@ class Worker:
         # more loops run beside the task threads until the worker stops (GN3's queue)
         self.services = list(services)
         self.register = register
+        self.piece_ended = piece_ended  # told after each piece this worker recorded
         self.stopping = threading.Event()
         self._told_to_stop = threading.Event()  # stop() was called (not burst idleness)
         self.leaving = threading.Event()  # set: running tasks go back to the queue
@@ -337,6 +339,8 @@ class Worker:
             if isinstance(got, tuple):
                 task, jobs = got
                 removed = runner.run(task, jobs, entry=entry).entry_removed
+                if self.piece_ended is not None:
+                    self.piece_ended()
         except redis.RedisError as e:  # an outage: a claimed task's heartbeat lapses
             log.warning("worker %s: Redis went away around piece %s (%s); it runs "
                         "again", self.name, entry.task_id[:12], e)
@@ -424,7 +428,7 @@ def gn3_main(argv: list[str] | None = None) -> int:
     server = Gn3Server(conn, settings, args.queue_name or [keys.GN3_DEFAULT_QUEUE], name,
                        one_shot=not args.daemon)
     worker = Worker(conn, settings, [settings.queue], concurrency=os.cpu_count() or 1,
-                    name=name, services=[server.loop])
+                    name=name, services=[server.loop], piece_ended=server.piece_ended)
     for sig in (signal.SIGTERM, signal.SIGINT):  # going: running pieces go back to the queue
         signal.signal(sig, lambda *_: worker.stop(release=True))
     worker.run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import redis
 from flask import current_app
 
 from sheepdog.cache import Cache
@@ -26,6 +27,18 @@ def conn() -> Any:
         if "REDIS" not in app.extensions:
             app.extensions["REDIS"] = connect(settings())
     return app.extensions["REDIS"]
+
+
+def warm(connections: int) -> None:
+    """Open this many Redis connections ahead (a burst of requests would otherwise each
+    open its own, a few round trips apiece, all at once) and load the store's scripts."""
+    pool = conn().connection_pool
+    try:
+        held = [pool.get_connection() for _ in range(connections)]
+    except redis.RedisError:
+        return  # Redis is not there yet: requests connect as they come
+    for c in held:
+        pool.release(c)
 
 
 def token_registry() -> Registry:
