@@ -6,7 +6,8 @@ here, 2 workers each; and 100,000 chunked items with Redis memory per finished i
 
 (a) --n no-op Python calls through sheepdog.Executor (2 `sheepdog worker` processes)
     against RQ's SimpleWorker and forking Worker (2 `rq worker --burst` each) running a
-    no-op function; --n `true` items through `sheepdog map -N0` without --chunk (its
+    no-op function (and the Executor at -j 1 against -j 4, and with one of its own
+    workers SIGKILLed midway); --n `true` items through `sheepdog map -N0` without --chunk (its
     default packing), and with --chunk 1, against RQ running a function that runs `true`.
     Time from the first enqueue to the last result. Target: at least 3x RQ's
     SimpleWorker. -N0 runs `true` as RQ's function does, with no argument: given one
@@ -14,7 +15,7 @@ here, 2 workers each; and 100,000 chunked items with Redis memory per finished i
     which costs 40% more here; that is measured too.
 (b) --big `true` items through `sheepdog map -N0 --chunk` (target: <= 60 s), and the
     Redis memory the finished job keeps per item (INFO used_memory; target: <= 500
-    bytes).
+    bytes); and the same items with map's own packing (target: within 1.2x).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,10 +72,12 @@ def rq_rate(server: RedisServer, n: int, function: str, worker_class: str) -> fl
     return n / (time.perf_counter() - started)
 
 
-def sheepdog_workers(server: RedisServer, home: Path, queue: str) -> list[subprocess.Popen]:
+def sheepdog_workers(server: RedisServer, home: Path, queue: str,
+                     slots: int = 4) -> list[subprocess.Popen]:
     procs = [subprocess.Popen([sys.executable, "-m", "sheepdog", "worker", "--queue", queue,
-                               "-j", "4"], env=_env(server, home), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL) for _ in range(WORKERS)]
+                               "-j", str(slots)], env=_env(server, home),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for _ in range(WORKERS)]
     conn = redis.Redis.from_url(server.url)
     deadline = time.monotonic() + 30
     while len(conn.smembers("sheepdog:workers")) < WORKERS and time.monotonic() < deadline:
@@ -88,9 +92,9 @@ def stop(procs: list[subprocess.Popen]) -> None:
         p.wait(30)
 
 
-def executor_rate(server: RedisServer, home: Path, n: int) -> float:
+def executor_rate(server: RedisServer, home: Path, n: int, slots: int = 4) -> float:
     redis.Redis.from_url(server.url).flushdb()
-    procs = sheepdog_workers(server, home, "ex")
+    procs = sheepdog_workers(server, home, "ex", slots)
     try:
         settings = Settings(redis_url=server.url, home=home, queue="ex")
         with Executor(settings=settings, start_workers=False) as ex:
@@ -102,6 +106,28 @@ def executor_rate(server: RedisServer, home: Path, n: int) -> float:
         return n / took
     finally:
         stop(procs)
+
+
+def executor_killed(server: RedisServer, home: Path, n: int) -> tuple[float, float]:
+    """Seconds for n no-op calls through an Executor's own 2 workers, clean and with one
+    worker SIGKILLed after 3/10 of the calls came back (every result checked)."""
+    os.environ["PYTHONPATH"] = _env(server, home)["PYTHONPATH"]
+    took = []
+    for kill in (False, True):
+        redis.Redis.from_url(server.url).flushdb()
+        settings = Settings(redis_url=server.url, home=home, queue=f"ex-kill-{kill}")
+        with Executor(max_workers=WORKERS, settings=settings) as ex:
+            ex.submit(rq_tasks.noop, 0).result()  # its workers are up
+            started = time.perf_counter()
+            fs = [ex.submit(rq_tasks.noop, i) for i in range(n)]
+            if kill:
+                while sum(f.done() for f in fs) < 3 * n // 10:
+                    time.sleep(0.002)
+                os.kill(ex.worker_pids[0], signal.SIGKILL)
+            concurrent.futures.wait(fs)
+            took.append(time.perf_counter() - started)
+        assert [f.result() for f in fs] == [None] * n
+    return took[0], took[1]
 
 
 def map_run(server: RedisServer, home: Path, n: int, chunk: int | None,
@@ -142,6 +168,12 @@ def main() -> None:
             print(f"  no-op calls: RQ SimpleWorker {simple:8.0f}/s   RQ Worker {forking:8.0f}/s"
                   f"   sheepdog.Executor {ours:8.0f}/s   = {ours / simple:.1f}x SimpleWorker"
                   f" (target 3x)")
+            one = executor_rate(server, home, args.n, slots=1)
+            print(f"  the Executor's workers at -j 1: {args.n / one:.2f} s, at -j 4: "
+                  f"{args.n / ours:.2f} s (target: -j 4 no slower)")
+            clean, killed = executor_killed(server, home, args.n)
+            print(f"  an Executor's own 2 workers: {clean:.2f} s; one SIGKILLed after 30% of "
+                  f"the calls: {killed:.2f} s, every result back once (target <= 2x clean)")
             simple_t = rq_rate(server, args.n, "rq_tasks.run_true", "rq.worker.SimpleWorker")
             forking_t = rq_rate(server, args.n, "rq_tasks.run_true", "rq.worker.Worker")
             redis.Redis.from_url(server.url).flushdb()
@@ -153,7 +185,7 @@ def main() -> None:
             redis.Redis.from_url(server.url).flushdb()
             took, _ = map_run(server, home, args.n, 1)
             print(f"  the same with --chunk 1 (one piece per item): {args.n / took:.0f}/s = "
-                  f"{args.n / took / simple_t:.1f}x SimpleWorker")
+                  f"{args.n / took / simple_t:.1f}x SimpleWorker (target 3x)")
             redis.Redis.from_url(server.url).flushdb()
             took, _ = map_run(server, home, args.n, None, as_is=False)
             print(f"  the same without -N0 (`true ITEM`, which sets up its locale): "
@@ -163,11 +195,15 @@ def main() -> None:
             before = int(conn.info("memory")["used_memory"])
             took, job_id = map_run(server, home, args.big, args.chunk)
             after = int(conn.info("memory")["used_memory"])
+            conn.flushdb()
+            packed, _ = map_run(server, home, args.big, None)
             job = store.get_job(conn, job_id)
             print(f"(b) {args.big:,d} `true` items, -N0 --chunk {args.chunk}: {took:.1f} s "
                   f"({args.big / took:,.0f} items/s; target <= 60 s), job {job.status}; "
                   f"Redis keeps {(after - before) / args.big:.0f} bytes per finished item "
                   f"(target <= 500)")
+            print(f"    the same without --chunk (map's own packing): {packed:.1f} s = "
+                  f"{packed / took:.2f}x (target <= 1.2x)")
         finally:
             server.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 
 
 def noop(x: int = 0) -> None:
@@ -11,3 +12,8 @@ def noop(x: int = 0) -> None:
 
 def run_true(x: int = 0) -> int:
     return subprocess.run(["true"], check=True).returncode
+
+
+def sleep10(x: int = 0) -> None:
+    """A call that waits 10 ms (peers_bench.py)."""
+    time.sleep(0.01)

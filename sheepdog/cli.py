@@ -306,6 +306,9 @@ def _pull_worker(settings: Any, server: str, token: str, ca_file: str | None,
               type=click.IntRange(16),
               help="Open connections at once (websockets, long polls and requests; each "
                    "is a greenlet of the event loop, not a thread).")
+@click.option("--processes", default=os.cpu_count() or 1, show_default=True,
+              type=click.IntRange(1),
+              help="Web processes (each an event loop; one per core uses them all).")
 @click.option("--threads", default=None, type=int, hidden=True,
               help="No longer used: connections are not threads (see --connections).")
 @click.option("--certfile", envvar="SHEEPDOG_TLS_CERT", default=None, type=click.Path(),
@@ -313,8 +316,8 @@ def _pull_worker(settings: Any, server: str, token: str, ca_file: str | None,
                    "[env SHEEPDOG_TLS_CERT].")
 @click.option("--keyfile", envvar="SHEEPDOG_TLS_KEY", default=None, type=click.Path(),
               help="... and this private key [env SHEEPDOG_TLS_KEY].")
-def serve(bind: str, local_workers: int, connections: int, threads: int | None,
-          certfile: str | None, keyfile: str | None) -> None:
+def serve(bind: str, local_workers: int, connections: int, processes: int,
+          threads: int | None, certfile: str | None, keyfile: str | None) -> None:
     """Serve the REST API, websockets and pages (gunicorn, event-driven) on the same Redis."""
     settings = _settings()
     tls: list[str] = []
@@ -335,7 +338,7 @@ def serve(bind: str, local_workers: int, connections: int, threads: int | None,
     # not one of a few threads; a request's head must arrive within --keep-alive seconds
     # (gevent's worker times out reading it), so a half-sent request holds nothing long
     argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--worker-class", "gevent",
-            "--workers", str(os.cpu_count() or 1), "--reuse-port",
+            "--workers", str(processes), "--reuse-port",
             "--worker-connections", str(connections),
             "--keep-alive", str(int(SERVE_HEAD_TIMEOUT)), "--access-logfile", "-",
             "--graceful-timeout", str(int(SERVE_GRACE)), *_no_control_socket(),

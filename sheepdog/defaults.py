@@ -69,6 +69,7 @@ LOG_BUFFER_LINES = 100_000  # lines a piece's log keeps while Redis is unreachab
 FOLLOW_BLOCK_MS = 250  # ms: a log follower's XREAD block
 FOLLOW_COUNT = 1000  # lines per XREAD of a follower
 ENDED_CHECK = 1.0  # s: a follower asks whether its job ended at least this often
+STREAM_LEASE = 30.0  # s: an open stream's place under its job's and token's caps, renewed
 PROGRESS_EVERY = 1.0  # s: the websocket's progress event when nothing else happens
 TERMINAL_REDRAW = 0.5  # s: the terminal's progress line
 

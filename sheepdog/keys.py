@@ -169,6 +169,12 @@ def script_parts() -> list[str]:
             ":running", ":log", RQ_ID_HEAD, str(RQ_ID_TAIL)]
 
 
+def stream_places(kind: str, name: str) -> str:
+    """ZSET: the open streams of one job or token (kind "job" or "token"), each scored
+    by when its lease on the place runs out."""
+    return f"{PREFIX}:streams:{kind}:{name}"
+
+
 def job_finalizing(job_id: str) -> str:
     """STRING with a TTL: held while one process exports a finished job's results."""
     return f"{PREFIX}:job:{job_id}:finalizing"

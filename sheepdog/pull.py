@@ -113,6 +113,78 @@ class HttpLog:
                     return
 
 
+class _Pending:
+    """One piece's report waiting for a request to carry it, and then its answer."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.done = threading.Event()
+        self.answer: dict[str, Any] = {}
+        self.error: Exception | None = None
+
+
+class ReportBatch:
+    """Reports of pieces that end while another report is on its way go together in the
+    next request, as a database commits a group: a busy worker makes fewer requests than
+    it runs pieces, an idle one sends each report at once. The claims they carry become
+    one, whose pieces start here."""
+
+    def __init__(self, worker: PullWorker) -> None:
+        self.worker = worker
+        self._lock = threading.Lock()
+        self._waiting: list[_Pending] = []
+        self._sending = False
+
+    def send(self, body: dict[str, Any], patience: float) -> dict[str, Any]:
+        """The service's answer to this report (Gone if it no longer holds the piece)."""
+        mine = _Pending(body)
+        with self._lock:
+            self._waiting.append(mine)
+            lead, self._sending = not self._sending, True
+        if lead:  # no request is on its way: this thread sends, for all that come
+            self._lead(patience)
+        mine.done.wait()
+        if mine.error is not None:
+            raise mine.error
+        if "gone" in mine.answer:
+            raise Gone(str(mine.answer["gone"]))
+        return mine.answer
+
+    def _lead(self, patience: float) -> None:
+        while True:
+            with self._lock:
+                batch, self._waiting = self._waiting, []
+                if not batch:
+                    self._sending = False
+                    return
+            try:
+                answers = self._post([p.body for p in batch], patience)
+            except Exception as e:  # noqa: BLE001  each report's thread hears of it
+                for p in batch:
+                    p.error = e
+                    p.done.set()
+                continue
+            for p, answer in zip(batch, answers, strict=True):
+                p.answer = answer
+                p.done.set()
+
+    def _post(self, bodies: list[dict[str, Any]], patience: float) -> list[dict[str, Any]]:
+        w = self.worker
+        slots = sum(int(b.pop("claim", {}).get("slots", 0)) for b in bodies)
+        request: dict[str, Any] = {"worker": w.name, "reports": bodies}
+        if slots and not w.stopping.is_set():
+            request["claim"] = {"queues": w.queues, "slots": slots, "host": w.host,
+                                "instance": w.instance}
+        answer = w.client.json("POST", "/api/v1/worker/finish", patience,
+                               ok=(200, 409, 422), json=request)
+        for found in answer.get("pieces", []):
+            w._start(found)
+        if "answers" not in answer:  # the request itself was refused (a damaged file)
+            return [answer] * len(bodies)
+        answers: list[dict[str, Any]] = answer["answers"]
+        return answers
+
+
 class PullWorker:
     """Pieces from the service's queues, `concurrency` at a time."""
 
@@ -146,12 +218,14 @@ class PullWorker:
         self._room = threading.Condition(self._lock)
         self._threads: list[threading.Thread] = []
         self._renewing = threading.Event()  # set: the renew loop ends
+        self.reports: ReportBatch | None = None  # a service that takes them batched
 
     # -- lifecycle
     def run(self) -> None:
         """Work until stopped; Fatal if the service refuses this worker."""
         info = self.client.hello()
         self.lease_seconds = float(info.get("lease_seconds", self.lease_seconds))
+        self.reports = ReportBatch(self) if info.get("batch_reports") else None
         log.info("pull worker %s: %s (protocol %s, sheepdog %s), queues %s", self.name,
                  self.client.server, info.get("protocol"), info.get("version"),
                  ", ".join(self.queues))
@@ -441,8 +515,12 @@ class PullWorker:
         """One report request; what it carried once (lines, files, a claim) is not sent
         again, and the pieces its claim brought start."""
         asked = time.monotonic()
-        answer = self.client.json("POST", "/api/v1/worker/finish", patience,
-                                  ok=(200, 409, 422), json=body)
+        if self.reports is not None:
+            answer = self.reports.send(body, patience)
+            body.pop("claim", None)  # it went with the batch, whatever it brought
+        else:
+            answer = self.client.json("POST", "/api/v1/worker/finish", patience,
+                                      ok=(200, 409, 422), json=body)
         self._report_seconds = self._average(self._report_seconds, time.monotonic() - asked)
         for sent in ("lines", "raw", "blobs"):
             body.pop(sent, None)

@@ -205,3 +205,21 @@ def test_a_success_records_in_one_call_what_the_transaction_did(fake):
                         fake.scard(keys.active_tasks()), lines[-1]))
     assert results[0] == results[1]
     assert results[0][-1] == "job j1 success (exit code 0)"
+
+
+def test_stream_places_are_shared_capped_and_freed_when_their_lease_runs_out(fake):
+    """Every web process counts open streams in the same sets; a place a killed process
+    held comes free once its lease ran out."""
+    from web.stream import _HOLD
+
+    hold = fake.register_script(_HOLD)
+    places = [keys.stream_places("job", "j1"), keys.stream_places("token", "t")]
+
+    def take(member, now, per_job=2, per_token=5):
+        return hold(keys=places, args=[now, now + 30, member, per_job, per_token])
+
+    assert take("a", 1000) == 1 and take("b", 1000) == 1
+    assert take("c", 1010) == 0  # the job's two places are held
+    assert fake.zcard(places[1]) == 2  # the refused one took no token place either
+    assert take("c", 1031) == 1  # a's and b's leases ran out (never renewed: a dead process)
+    assert take("d", 1031, per_token=1) == 0  # the token's cap counts too

@@ -12,6 +12,7 @@ import signal
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,8 +20,8 @@ import redis
 from flask import g, request
 from flask_sock import Sock
 
-from sheepdog import logs, progress, store
-from sheepdog.defaults import PIECES_PAGE, PROGRESS_EVERY
+from sheepdog import keys, logs, progress, store
+from sheepdog.defaults import PIECES_PAGE, PROGRESS_EVERY, STREAM_LEASE
 from sheepdog.errors import RedisUnavailable, UnknownJob
 from sheepdog.models import JobStatus
 
@@ -200,33 +201,77 @@ def _end(ws: Any, conn: Any, job_id: str, last: str) -> None:
     time.sleep(REFUSE_LINGER)
 
 
+# Takes a stream's place (ARGV[3]) in each capped set (KEYS) until ARGV[2] if every one
+# has room (its cap: ARGV[4], ARGV[5]...), forgetting places whose lease (the score) ran
+# out by ARGV[1], now: a process that died with its streams open frees them within a
+# lease. 1 if taken, else 0.
+_HOLD = """
+local now, expires, member = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  if redis.call('ZCARD', key) >= tonumber(ARGV[3 + i]) then return 0 end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, expires, member)
+  redis.call('PEXPIRE', key, math.floor((expires - now) * 2000))
+end
+return 1
+"""
+
+
 class StreamSlots:
-    """Open streams per job and per token: each holds a server thread, so neither one
-    job's watchers nor one token may take them all."""
+    """Open streams per job and per token, counted in Redis across every web process
+    (each stream holds a greenlet and a Redis connection): neither one job's watchers
+    nor one token may take them all. A place is leased and renewed while its stream is
+    open, so one a killed process held comes free by itself."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: dict[str, int] = {}
+        self._held: dict[str, tuple[str, ...]] = {}  # stream -> its keys
+        self._renewer: threading.Thread | None = None
 
     @contextlib.contextmanager
     def hold(self, job_id: str, token: str, per_job: int, per_token: int) -> Iterator[bool]:
-        who = "token:" + hashlib.sha256(token.encode(errors="replace")).hexdigest()
-        keys = ("job:" + job_id, who)
-        with self._lock:
-            ok = (self._open.get(keys[0], 0) < per_job and self._open.get(keys[1], 0)
-                  < per_token)
-            if ok:
-                for k in keys:
-                    self._open[k] = self._open.get(k, 0) + 1
+        who = hashlib.sha256(token.encode(errors="replace")).hexdigest()
+        capped = (keys.stream_places("job", job_id), keys.stream_places("token", who))
+        member = uuid.uuid4().hex
+        conn = state.conn()
+        now = time.time()
+        ok = bool(conn.register_script(_HOLD)(keys=list(capped), args=[
+            now, now + STREAM_LEASE, member, per_job, per_token]))
+        if ok:
+            with self._lock:
+                self._held[member] = capped
+                if self._renewer is None:
+                    self._renewer = threading.Thread(target=self._renew, args=(conn,),
+                                                     name="stream-places", daemon=True)
+                    self._renewer.start()
         try:
             yield ok
         finally:
             if ok:
                 with self._lock:
-                    for k in keys:
-                        self._open[k] -= 1
-                        if not self._open[k]:
-                            del self._open[k]
+                    self._held.pop(member, None)
+                with contextlib.suppress(redis.RedisError):  # its lease runs out instead
+                    pipe = conn.pipeline(transaction=False)
+                    for key in capped:
+                        pipe.zrem(key, member)
+                    pipe.execute()
+
+    def _renew(self, conn: redis.Redis) -> None:
+        while True:
+            time.sleep(STREAM_LEASE / 3)
+            with self._lock:
+                held = dict(self._held)
+            if not held:
+                continue
+            until = time.time() + STREAM_LEASE
+            pipe = conn.pipeline(transaction=False)
+            for member, capped in held.items():
+                for key in capped:
+                    pipe.zadd(key, {member: until}, xx=True)
+            with contextlib.suppress(redis.RedisError):
+                pipe.execute()
 
 
 SLOTS = StreamSlots()

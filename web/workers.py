@@ -80,7 +80,7 @@ def hello() -> Any:
     return jsonify(service="sheepdog", protocol=PULL_PROTOCOL, version=__version__,
                    lease_seconds=settings.lease_timeout, renew_every=PULL_RENEW_EVERY,
                    segment_bytes=PULL_SEGMENT, claim_wait=PULL_CLAIM_WAIT,
-                   who=g.identity.name)
+                   who=g.identity.name, batch_reports=True)
 
 
 @bp.post("/claim")
@@ -233,14 +233,36 @@ def upload(sha: str) -> Any:
 
 @bp.post("/finish")
 def finish() -> Any:
+    """A piece's report; or (`reports`) several pieces' reports in one request, each
+    answered in `answers` in order. A `claim` rides on it: the next pieces come back in
+    the answer (one request per piece for a busy worker, fewer when reports batch)."""
     body = _json()
     name = _name(body)
-    lines, raw = _lines(body)
-    answer = pullwork.finish(state.conn(), state.settings(), state.cache(), name,
-                             str(body.get("lease", "")), body, lines, raw,
-                             trusted=g.identity.trusted)
+    reports = body.get("reports")
+    if reports is None:
+        answer = _finish_one(name, body)
+        answered = [answer]
+    elif not isinstance(reports, list) or not all(isinstance(r, dict) for r in reports):
+        raise FieldError("reports", "a list of report objects")
+    else:
+        answered = [_finish_or_gone(name, r) for r in reports]
+        answer = {"answers": answered}
     wants = body.get("claim")
-    if isinstance(wants, dict) and answer.get("recorded"):
-        # the next pieces ride on the report's answer: one request per piece, not two
+    if isinstance(wants, dict) and any(a.get("recorded") for a in answered):
         answer["pieces"] = _claim(wants, name, 0.0, lambda: False)
     return jsonify(answer), (409 if "missing" in answer else 200)
+
+
+def _finish_one(name: str, report: dict[str, Any]) -> dict[str, Any]:
+    lines, raw = _lines(report)
+    return pullwork.finish(state.conn(), state.settings(), state.cache(), name,
+                           str(report.get("lease", "")), report, lines, raw,
+                           trusted=g.identity.trusted)
+
+
+def _finish_or_gone(name: str, report: dict[str, Any]) -> dict[str, Any]:
+    """One report of a batch: a piece no longer held is said in its own answer."""
+    try:
+        return _finish_one(name, report)
+    except pullwork.Refused as e:
+        return {"gone": str(e)}
