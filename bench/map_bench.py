@@ -195,9 +195,9 @@ def main() -> None:
             before = int(conn.info("memory")["used_memory"])
             took, job_id = map_run(server, home, args.big, args.chunk)
             after = int(conn.info("memory")["used_memory"])
+            job = store.get_job(conn, job_id)
             conn.flushdb()
             packed, _ = map_run(server, home, args.big, None)
-            job = store.get_job(conn, job_id)
             print(f"(b) {args.big:,d} `true` items, -N0 --chunk {args.chunk}: {took:.1f} s "
                   f"({args.big / took:,.0f} items/s; target <= 60 s), job {job.status}; "
                   f"Redis keeps {(after - before) / args.big:.0f} bytes per finished item "
