@@ -159,6 +159,9 @@ class ReportBatch:
                     return
             try:
                 answers = self._post([p.body for p in batch], patience)
+                if len(answers) != len(batch):
+                    raise SheepdogError(f"{self.worker.client.server} answered "
+                                        f"{len(answers)} of {len(batch)} reports")
             except Exception as e:  # noqa: BLE001  each report's thread hears of it
                 for p in batch:
                     p.error = e
