@@ -358,7 +358,6 @@ local function task_of(rq_id)  -- keys.task_of_rq_job
   return tid
 end
 """
-_NPARTS = len(keys.script_parts())
 
 # Claims a queued task for worker ARGV[10] in one call: running, its heartbeat set, its
 # jobs running and told where it started. Returns {task hash, job ids} or false.
