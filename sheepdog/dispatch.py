@@ -9,10 +9,13 @@ taker lost before claiming it.
 
 from __future__ import annotations
 
+import datetime
 import functools
+import pickle
 import uuid
+import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.client import Pipeline
@@ -36,19 +39,53 @@ class Entry:
 
 
 def _queue(conn: redis.Redis, name: str) -> Queue:
-    from rq import Queue  # here: a command that only reads (list, status) never needs RQ
+    from rq import Queue  # only to read an entry of an older form back (entry_of)
 
     return Queue(name or "default", connection=conn)
 
 
-@functools.lru_cache(maxsize=64)
 def _keys(name: str) -> tuple[str, str, str]:
-    """(waiting list, taken list, RQ job key prefix) of a queue: RQ's names, worked out
-    once per process rather than by a Queue object for each take."""
-    from rq import Queue
+    """(waiting list, taken list, RQ job key prefix) of a queue."""
+    return keys.rq_queue(name), keys.rq_taken(name), keys.RQ_JOB_PREFIX
 
-    queue = Queue(name or "default", connection=redis.Redis())  # no connection is made
-    return queue.key, queue.intermediate_queue_key, queue.job_class.redis_job_namespace_prefix
+
+def _utc() -> str:
+    """Now, as RQ writes its timestamps."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@functools.lru_cache(maxsize=4096)
+def _body(task_id: str) -> bytes:
+    """What RQ stores as an entry's call: its pickled (function, instance, args, kwargs)."""
+    return zlib.compress(pickle.dumps((RUN_TASK, None, (task_id,), {}),
+                                     protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _shown(arg: str) -> str:
+    """An argument as RQ's description of a call shows it (cut at 75 characters)."""
+    text = repr(arg)
+    return text[:75] + "..." if len(text) > 75 else text
+
+
+def entry_commands(task_id: str, queue: str, rq_id: str,
+                   at_front: bool = False) -> list[tuple[Any, ...]]:
+    """The commands RQ's `enqueue_call(RUN_TASK, args=(task_id,), job_id=rq_id,
+    timeout=-1, result_ttl=0, failure_ttl=3600)` sends, written here rather than by an RQ
+    Job and Queue for each entry (a piece's dearest part of being queued); a plain `rq
+    worker` runs them as it runs its own (a test holds them to RQ's)."""
+    now, name = _utc(), queue or "default"
+    job_key = keys.rq_job(rq_id)
+    return [
+        ("SADD", keys.RQ_QUEUES, keys.rq_queue(name)),
+        ("HSET", job_key, "status", "queued"),
+        ("HSET", job_key, "created_at", now, "data", _body(task_id),
+         "success_callback_name", "", "failure_callback_name", "",
+         "stopped_callback_name", "", "started_at", "", "ended_at", "", "last_heartbeat", "",
+         "worker_name", "", "group_id", "", "origin", name,
+         "description", f"{RUN_TASK}({_shown(task_id)})", "enqueued_at", now, "timeout", -1,
+         "result_ttl", 0, "failure_ttl", 3600, "status", "queued"),
+        ("LPUSH" if at_front else "RPUSH", keys.rq_queue(name), rq_id),
+    ]
 
 
 def push(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str,
@@ -62,20 +99,19 @@ def push(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str,
     """
     rq_id = keys.rq_job_id(task_id, uuid.uuid4().hex[:12])
     pipe.hset(keys.task(task_id), "rq_id", rq_id)
-    _queue(conn, queue).enqueue_call(RUN_TASK, args=(task_id,), job_id=rq_id, timeout=-1,
-                                     result_ttl=0, failure_ttl=3600, pipeline=pipe,
-                                     at_front=at_front)
+    for command in entry_commands(task_id, queue, rq_id, at_front):
+        pipe.execute_command(*command)
     return rq_id
 
 
 def push_commands(conn: redis.Redis, task_id: str, queue: str) -> list[list[bytes]]:
     """The commands push() would send, encoded, for a Lua script to run when it is the
     one that makes the task ready (store.finish: a piece's last dependency ending)."""
-    pipe = conn.pipeline(transaction=True)
-    pipe.multi()  # as inside a store transaction (RQ wants one); recorded, never sent
-    push(pipe, conn, task_id, queue)
-    encoder = conn.get_encoder()
-    return [[encoder.encode(arg) for arg in args] for args, _ in pipe.command_stack]
+    rq_id = keys.rq_job_id(task_id, uuid.uuid4().hex[:12])
+    encode = conn.get_encoder().encode
+    return [[encode(arg) for arg in command]
+            for command in [("HSET", keys.task(task_id), "rq_id", rq_id),
+                            *entry_commands(task_id, queue, rq_id)]]
 
 
 def sources(conn: redis.Redis, queues: list[str]) -> list[tuple[str, str, str]]:
@@ -152,7 +188,7 @@ def acknowledge(conn: redis.Redis, entry: Entry) -> None:
 
 def is_queued(conn: redis.Redis, queue: str, rq_id: str) -> bool:
     """Is this entry still waiting on its queue (not taken)?"""
-    return conn.lpos(_queue(conn, queue).key, rq_id) is not None
+    return conn.lpos(keys.rq_queue(queue), rq_id) is not None
 
 
 def waiting_ids(conn: redis.Redis, queues: set[str]) -> set[str]:
@@ -160,20 +196,20 @@ def waiting_ids(conn: redis.Redis, queues: set[str]) -> set[str]:
     entry missing from it may have been taken since, so check again before acting)."""
     pipe = conn.pipeline(transaction=False)
     for name in sorted(queues):
-        pipe.lrange(_queue(conn, name).key, 0, -1)
+        pipe.lrange(keys.rq_queue(name), 0, -1)
     return {(e.decode() if isinstance(e, bytes) else e) for ids in pipe.execute() for e in ids}
 
 
 def waiting(conn: redis.Redis, queue: str) -> int:
     """How many entries wait on a queue."""
-    return int(_queue(conn, queue).count)
+    return int(conn.llen(keys.rq_queue(queue)))
 
 
 def queue_key(conn: redis.Redis, queue: str) -> str:
     """The Redis key of a queue's waiting list (for tests and diagnostics)."""
-    return str(_queue(conn, queue).key)
+    return keys.rq_queue(queue)
 
 
 def parked_key(conn: redis.Redis, queue: str) -> str:
     """The Redis key of the queue's intermediate (taken) list."""
-    return str(_queue(conn, queue).intermediate_queue_key)
+    return keys.rq_taken(queue)

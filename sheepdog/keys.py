@@ -160,6 +160,29 @@ def task_of_rq_job(rq_id: str) -> str:
     return "" if len(task_id) == 40 else task_id
 
 
+# RQ's own names for its keys (rq.Queue, rq.Job): sheepdog writes entries in RQ's form
+# without building RQ objects for each (dispatch.py); a test holds these to RQ's.
+RQ_QUEUES = "rq:queues"
+
+
+def rq_queue(name: str) -> str:
+    """A queue's waiting list."""
+    return f"rq:queue:{name or 'default'}"
+
+
+def rq_taken(name: str) -> str:
+    """A queue's intermediate list: entries taken off it and not yet acknowledged."""
+    return f"{rq_queue(name)}:intermediate"
+
+
+RQ_JOB_PREFIX = "rq:job:"
+
+
+def rq_job(rq_id: str) -> str:
+    """The hash of one RQ job (an entry's body)."""
+    return f"{RQ_JOB_PREFIX}{rq_id}"
+
+
 def script_parts() -> list[str]:
     """What a Lua script needs to build the keys of tasks and jobs it only learns of
     while it runs (a task's jobs, an entry's task): the same strings as task(),

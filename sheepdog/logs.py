@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import redis
 
 from . import keys
+from .connection import script
 from .defaults import (
     ENDED_CHECK,
     FOLLOW_BLOCK_MS,
@@ -131,7 +132,7 @@ class LogWriter:
                                                      keys.job_log_bytes(jid))]
         self._cap = max_lines
         self._bytecap = max_bytes
-        self._script = conn.register_script(_APPEND)
+        self._script = script(conn, _APPEND)
         self._seqkey = keys.log_writer(uuid.uuid4().hex)
         self._seq = 0
         self._again: tuple[int, int] | None = None  # (seq, fields) of a batch of unknown fate

@@ -6,7 +6,8 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
@@ -163,10 +164,21 @@ class Job:
 _JSON_TYPES = (list, dict)
 
 
+_NAMES: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _names(cls: type[Any]) -> tuple[str, ...]:
+    found = _NAMES.get(cls)
+    if found is None:
+        found = _NAMES[cls] = tuple(f.name for f in fields(cls))
+    return found
+
+
 def to_hash(obj: Task | Job) -> dict[str, str]:
     """Flatten a dataclass to string fields; containers become JSON."""
     out: dict[str, str] = {}
-    for key, value in asdict(obj).items():
+    for key in _names(type(obj)):
+        value = getattr(obj, key)  # not asdict(): it deep-copies every list and dict
         if isinstance(value, _JSON_TYPES):
             out[key] = json.dumps(value)
         elif value is None:
@@ -181,25 +193,39 @@ def to_hash(obj: Task | Job) -> dict[str, str]:
 _ENUMS = {"TaskStatus": TaskStatus, "JobStatus": JobStatus}
 
 
-def _decode(kind: str, raw: str) -> Any:
+def _decoder(kind: str) -> Callable[[str], Any]:
+    """How a field of this declared type is read back from its string."""
     if kind in _ENUMS:
-        return _ENUMS[kind](raw)
+        return _ENUMS[kind]
     if "list" in kind or "dict" in kind:
-        return json.loads(raw) if raw else ([] if "list" in kind else {})
+        empty: Callable[[], Any] = list if "list" in kind else dict
+        return lambda raw: json.loads(raw) if raw else empty()
     if kind == "bool":
-        return raw == "1"
+        return lambda raw: raw == "1"
     if "int" in kind:
-        return int(raw) if raw != "" else None
+        return lambda raw: int(raw) if raw != "" else None
     if "float" in kind:
-        return float(raw) if raw else 0.0
-    return raw
+        return lambda raw: float(raw) if raw else 0.0
+    return str
+
+
+_DECODERS: dict[type[Any], dict[str, Callable[[str], Any]]] = {}
+
+
+def _decoders(cls: type[Any]) -> dict[str, Callable[[str], Any]]:
+    found = _DECODERS.get(cls)
+    if found is None:
+        found = _DECODERS[cls] = {f.name: _decoder(str(f.type)) for f in fields(cls)}
+    return found
 
 
 def from_hash(cls: type[Any], raw: dict[bytes, bytes] | dict[str, str]) -> Any:
     """Rebuild a Task or Job from its Redis hash (unknown fields are ignored)."""
-    text = {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in raw.items()
-    }
-    kwargs = {f.name: _decode(str(f.type), text[f.name]) for f in fields(cls) if f.name in text}
+    decoders = _decoders(cls)
+    kwargs = {}
+    for k, v in raw.items():
+        name = k.decode() if isinstance(k, bytes) else k
+        decode = decoders.get(name)
+        if decode is not None:
+            kwargs[name] = decode(v.decode() if isinstance(v, bytes) else v)
     return cls(**kwargs)

@@ -14,6 +14,7 @@ import redis
 
 from . import keys, store
 from .cache import Cache, Entry
+from .connection import script
 from .models import JobStatus, TaskStatus
 
 
@@ -60,7 +61,7 @@ def _expire(conn: redis.Redis, ids: list[str], cutoff: float) -> int:
     pipe = conn.pipeline(transaction=False)
     for jid in ids:
         pipe.hmget(keys.job(jid), "status", "ended")
-    release = conn.register_script(_RELEASE_TASK)
+    release = script(conn, _RELEASE_TASK)
     gone = 0
     for jid, (status, ended) in zip(ids, pipe.execute(), strict=True):
         if status is None:  # already gone: only its index entry was left

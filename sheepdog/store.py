@@ -15,6 +15,7 @@ import redis
 from redis.client import Pipeline
 
 from . import dispatch, keys, logs
+from .connection import script
 from .errors import JobEnded, UnknownJob
 from .models import Job, JobStatus, Task, TaskStatus, from_hash, to_hash, valid_job_id
 
@@ -251,12 +252,11 @@ def _submit_new(conn: redis.Redis, job: Job, tasks: list[Task], open_: bool) -> 
     pipe = conn.pipeline(transaction=True)
     pipe.multi()
     _write_job(pipe, conn, job, tasks, {t.id: "" for t in tasks}, lambda _tid: False, open_)
-    encode = conn.get_encoder().encode
     flat: list[Any] = []
     for args, _ in pipe.command_stack:
-        flat += [len(args), *(encode(a) for a in args)]
-    script = conn.register_script(_IF_NEW)
-    return bool(script(keys=[keys.task(t.id) for t in tasks], args=flat))
+        flat += [len(args), *args]  # encoded once, by the call
+    run = script(conn, _IF_NEW)
+    return bool(run(keys=[keys.task(t.id) for t in tasks], args=flat))
 
 
 def add_tasks(conn: redis.Redis, job_id: str, tasks: list[Task],
@@ -441,7 +441,7 @@ def claim_jobs(conn: redis.Redis, task_id: str, worker: str, ttl: float,
     `process` ("host pid start-time") lets a reaper on the same host know at once that
     the attempt's process is gone. The jobs' logs say where it started.
     """
-    raw = conn.register_script(_CLAIM)(
+    raw = script(conn, _CLAIM)(
         args=[*_claim_args(conn, worker, ttl, where, process), task_id])
     return _claimed(raw) if raw else None
 
@@ -461,7 +461,7 @@ def take_and_claim(conn: redis.Redis, queues: list[str], worker: str, ttl: float
     `drop_entry`: a claimed task's entry is removed in the same call (a lease, not the
     entry, keeps it from then on)."""
     served = dispatch.sources(conn, queues)
-    raw = conn.register_script(_TAKE)(
+    raw = script(conn, _TAKE)(
         keys=[k for _, waiting, taken in served for k in (waiting, taken)],
         args=[*_claim_args(conn, worker, ttl, where, process),
               dispatch.job_key_prefix() if drop_entry else ""])
@@ -492,14 +492,14 @@ return 0
 
 def heartbeat(conn: redis.Redis, task_id: str, worker: str, ttl: float) -> bool:
     """Prove the task is alive; False when it was cancelled or taken from this worker."""
-    beat = conn.register_script(_HEARTBEAT)
+    beat = script(conn, _HEARTBEAT)
     return bool(beat(keys=[keys.task(task_id), keys.task_heartbeat(task_id)],
                      args=[worker, int(ttl * 1000)]))
 
 
 def heartbeats(conn: redis.Redis, task_ids: list[str], worker: str, ttl: float) -> list[bool]:
     """heartbeat() for several tasks in one round trip."""
-    beat = conn.register_script(_HEARTBEAT)
+    beat = script(conn, _HEARTBEAT)
     pipe = conn.pipeline(transaction=False)
     for task_id in task_ids:
         beat(keys=[keys.task(task_id), keys.task_heartbeat(task_id)],
@@ -699,7 +699,7 @@ def finish_piece(conn: redis.Redis, task_id: str, worker: str, exit_code: int | 
 
 def _succeed(conn: redis.Redis, task_id: str, worker: str,
              entry: dispatch.Entry | None) -> Finished | None:
-    script = conn.register_script(_SUCCEED)
+    run = script(conn, _SUCCEED)
     task_keys = [keys.task(task_id), keys.task_jobs(task_id), keys.task_dependents(task_id),
                  keys.task_heartbeat(task_id), keys.active_tasks()]
     if entry is not None:
@@ -707,7 +707,7 @@ def _succeed(conn: redis.Redis, task_id: str, worker: str,
     prepared: list[Any] = []
     for _ in range(3):  # a dependent added meanwhile (an open job) asks once more
         now = time.time()
-        raw = script(keys=task_keys, args=[
+        raw = run(keys=task_keys, args=[
             *keys.script_parts(), task_id, worker, str(now), f"{now:.3f}",
             entry.rq_id if entry else "", len(prepared) // 2, *_flat(prepared)])
         head = _text(raw[0])
@@ -1063,11 +1063,11 @@ def count(conn: redis.Redis, job_id: str, task_id: str, total: tuple[str, int] |
           **amounts: int) -> dict[str, int]:
     """Add a piece's amounts to the job's counters, once per piece (and set the counter
     `total` names, if not set yet); the totals."""
-    script = conn.register_script(_COUNT)
+    run = script(conn, _COUNT)
     args: list[str | int] = [task_id, *(total or ("", 0))]
     for name, amount in amounts.items():
         args += [name, amount]
-    flat = script(keys=[keys.job_counted(job_id), keys.job_counts(job_id)], args=args)
+    flat = run(keys=[keys.job_counted(job_id), keys.job_counts(job_id)], args=args)
     return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 

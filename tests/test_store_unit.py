@@ -223,3 +223,40 @@ def test_stream_places_are_shared_capped_and_freed_when_their_lease_runs_out(fak
     assert fake.zcard(places[1]) == 2  # the refused one took no token place either
     assert take("c", 1031) == 1  # a's and b's leases ran out (never renewed: a dead process)
     assert take("d", 1031, per_token=1) == 0  # the token's cap counts too
+
+
+@pytest.mark.parametrize("at_front", [False, True])
+def test_entries_are_written_as_rq_writes_them(fake, at_front):
+    """dispatch writes a queue entry itself, not through an RQ Job and Queue: the same
+    keys, commands and fields as RQ's own enqueue_call (timestamps aside), and RQ reads
+    it back as the call to worker.run_task it would have made."""
+    from rq import Queue
+    from rq.job import Job as RQJob
+
+    from sheepdog import dispatch
+
+    task_id, rq_id = "cd" * 32, keys.rq_job_id("cd" * 32, "0123456789ab")
+    theirs = fake.pipeline(transaction=True)
+    theirs.multi()
+    queue = Queue("q1", connection=fake)
+    queue.enqueue_call(dispatch.RUN_TASK, args=(task_id,), job_id=rq_id, timeout=-1,
+                       result_ttl=0, failure_ttl=3600, pipeline=theirs, at_front=at_front)
+    encode = fake.get_encoder().encode
+    expected = [[encode(a) for a in args] for args, _ in theirs.command_stack]
+    ours = [[encode(a) for a in c] for c in dispatch.entry_commands(task_id, "q1", rq_id,
+                                                                     at_front)]
+
+    def timeless(commands):  # RQ's timestamps: when each was made
+        return [[b"T" if i > 0 and c[i - 1] in (b"created_at", b"enqueued_at") else a
+                 for i, a in enumerate(c)] for c in commands]
+
+    assert timeless(ours) == timeless(expected)
+    assert (keys.rq_queue("q1"), keys.rq_taken("q1"), keys.RQ_QUEUES) == (
+        queue.key, queue.intermediate_queue_key, Queue.redis_queues_keys)
+    job_key = RQJob.key_for(rq_id)
+    assert keys.rq_job(rq_id) == (job_key.decode() if isinstance(job_key, bytes) else job_key)
+    for command in dispatch.entry_commands(task_id, "q1", rq_id, at_front):
+        fake.execute_command(*command)
+    read = RQJob.fetch(rq_id, connection=fake)
+    assert (read.func_name, read.args, read.origin) == (dispatch.RUN_TASK, (task_id,), "q1")
+    assert queue.job_ids[0 if at_front else -1] == rq_id

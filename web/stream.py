@@ -21,6 +21,7 @@ from flask import g, request
 from flask_sock import Sock
 
 from sheepdog import keys, logs, progress, store
+from sheepdog.connection import script
 from sheepdog.defaults import PIECES_PAGE, PROGRESS_EVERY, STREAM_LEASE
 from sheepdog.errors import RedisUnavailable, UnknownJob
 from sheepdog.models import JobStatus
@@ -237,7 +238,7 @@ class StreamSlots:
         member = uuid.uuid4().hex
         conn = state.conn()
         now = time.time()
-        ok = bool(conn.register_script(_HOLD)(keys=list(capped), args=[
+        ok = bool(script(conn, _HOLD)(keys=list(capped), args=[
             now, now + STREAM_LEASE, member, per_job, per_token]))
         if ok:
             with self._lock:
