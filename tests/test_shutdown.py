@@ -15,7 +15,7 @@ import pytest
 from conftest import free_port, sheepdog, wait_for
 from simple_websocket import Client, ConnectionClosed
 
-from sheepdog import store
+from sheepdog import registration, store
 
 pytestmark = pytest.mark.fault
 STOP_WITHIN = 10.0
@@ -67,6 +67,9 @@ def test_sigterm_to_a_worker_hands_its_piece_back_and_it_runs_again(env, conn, t
                                                                    workers):
     tag = f"w{os.getpid()}x{time.time_ns()}"
     worker = workers.start("-j", "1")
+    # registered first: else `run --detach` starts a worker of its own, which would take
+    # the piece handed back before it can be seen queued
+    wait_for(lambda: registration.live_workers(conn), 30, what="the worker to register")
     job_id = _submit(env, _once_then_quick(tmp_path, tag))
     piece = _piece(tmp_path, tag)
     started = time.monotonic()

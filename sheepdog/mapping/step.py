@@ -147,6 +147,7 @@ def _earlier(here: Path, top: Path) -> list[str]:
         if len(lines) > len(best):
             for n in range(len(lines)):
                 if (sibling / "files" / str(n)).is_dir():
+                    top.mkdir(exist_ok=True)
                     shutil.rmtree(top / str(n), ignore_errors=True)
                     os.rename(sibling / "files" / str(n), top / str(n))
             best = lines
@@ -160,11 +161,10 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
     item ends: a rerun of a killed attempt runs only the items it had not recorded."""
     timeout = float(spec.get("timeout") or 0)
     partial = here / (RESULTS + ".part")
-    top = here / "files"
-    top.mkdir(exist_ok=True)
+    top = here / "files"  # made when the first item leaves files
     # Items run one after another in one scratch directory, renamed to files/<n> only
     # when the item left something there: a mkdir costs more than a `true` item here.
-    scratch = os.path.join(top, ".item")
+    scratch = os.path.join(here, ".item")
     # one environment for the chunk, the item's key set in it for each (posix_spawn
     # copies it), rather than a copy of the whole environment per item
     env = dict(os.environ, **{k: str(v) for k, v in spec.get("env", {}).items()},
@@ -196,6 +196,7 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
                 raise SheepdogError("cancelled")
             kept: list[str] = []
             if os.listdir(scratch):
+                top.mkdir(exist_ok=True)
                 files = os.path.join(top, str(n))
                 os.rename(scratch, files)
                 kept = _files(files)
