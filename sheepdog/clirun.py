@@ -22,8 +22,8 @@ from .defaults import TERMINAL_REDRAW
 from .finalize import finalize as finalize  # a workflow's command line gets it from here
 from .logs import LogLine
 from .models import Job, JobStatus, Task
-from .pool import unserved
-from .runner import Helpers, follow_job, spawn_detached_worker
+from .pool import spawn_detached_worker, unserved
+from .runner import Helpers, follow_job
 
 F = TypeVar("F", bound=Callable[..., Any])
 

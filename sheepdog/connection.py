@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections.abc import Callable
@@ -12,24 +11,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.commands.core import Script
 from redis.retry import Retry
 
 from . import embedded
 from .config import Settings
 from .defaults import OUTAGE_PATIENCE, REDIS_MAX_CONNECTIONS, REDIS_RETRY
 from .errors import ConfigError, RedisUnavailable
-
-
-@functools.cache
-def _script(text: str) -> Script:
-    return Script(None, text.encode())  # bytes: no client needed to work out its SHA
-
-
-def script(conn: Any, text: str) -> Callable[..., Any]:
-    """conn.register_script(text), its SHA worked out once per process rather than on
-    every call (scripts run for every piece)."""
-    return functools.partial(_script(text), client=conn)
 
 
 def url_for(settings: Settings) -> str:

@@ -17,12 +17,10 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import redis
-from redis.client import Pipeline
-
 from . import keys
 
 if TYPE_CHECKING:
+    import redis
     from rq import Queue
 
 # What a plain `rq worker` calls for a sheepdog entry (worker.run_task).
@@ -88,7 +86,7 @@ def entry_commands(task_id: str, queue: str, rq_id: str,
     ]
 
 
-def push(pipe: Pipeline, conn: redis.Redis, task_id: str, queue: str,
+def push(pipe: Any, conn: redis.Redis | None, task_id: str, queue: str,
          at_front: bool = False) -> str:
     """Put a task on its queue inside the caller's MULTI; returns the entry's id.
     `at_front`: a piece that had its turn already (lost, handed back) goes first.

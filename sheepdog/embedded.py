@@ -17,8 +17,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import redis
-
 from .errors import ConfigError
 
 _MAX_SOCKET_PATH = 100  # sun_path is 108 bytes on Linux
@@ -103,6 +101,8 @@ def _config_text(home: Path, sock: Path) -> str:
 def _alive(sock: Path) -> bool:
     if not sock.exists():
         return False
+    import redis  # here: finding the socket must not load redis-py (sheepdog.quick)
+
     try:
         return bool(redis.Redis(unix_socket_path=str(sock), socket_timeout=2).ping())
     except (redis.ConnectionError, redis.TimeoutError, OSError):
@@ -141,6 +141,8 @@ def stop(home: Path) -> bool:
     sock = socket_path(home)
     if not _alive(sock):
         return False
+    import redis
+
     try:
         redis.Redis(unix_socket_path=str(sock)).shutdown()
     except redis.ConnectionError:

@@ -6,8 +6,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-
-import redis
+from typing import TYPE_CHECKING
 
 from . import store
 from .backends import registry
@@ -15,6 +14,9 @@ from .cache import Cache
 from .config import Settings
 from .errors import ConfigError
 from .models import Job, Task, valid_job_id
+
+if TYPE_CHECKING:
+    import redis
 
 __all__ = ["command_job", "new_job_id", "submit", "valid_job_id"]
 

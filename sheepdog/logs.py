@@ -7,11 +7,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-
-import redis
+from typing import TYPE_CHECKING
 
 from . import keys
-from .connection import script
 from .defaults import (
     ENDED_CHECK,
     FOLLOW_BLOCK_MS,
@@ -23,8 +21,20 @@ from .defaults import (
     LOG_MAX_BYTES,
     LOG_SEND_GAP,
 )
+from .lua import script
 
 STREAMS = ("stdout", "stderr", "sheepdog")
+
+if TYPE_CHECKING:
+    import redis
+
+
+def _redis_error() -> type[Exception]:
+    """redis-py's base error, imported when first needed: a command that only submits
+    a job imports this module and must not load redis-py (half of such a command's time)."""
+    import redis
+
+    return redis.RedisError
 
 # Appends lines to each job's log (KEYS: log, line counter, byte counter, per job; then
 # the writer's sequence key) unless that job already offered `cap` lines or `bytecap`
@@ -223,7 +233,7 @@ class LogWriter:
                 sent += size
                 self.capped = int(room) < 0
             self._failed = False
-        except redis.RedisError as e:
+        except _redis_error() as e:
             self._failed = True
             self._keep(batch[sent:], e)
             if strict:
@@ -234,7 +244,7 @@ class LogWriter:
         if self._seq and self._again is None and not self._pending:
             try:
                 self._conn.delete(self._seqkey)
-            except redis.RedisError:
+            except _redis_error():
                 pass  # it expires by itself
 
     def _keep(self, unsent: list[object], error: redis.RedisError) -> None:
@@ -277,7 +287,7 @@ class RawWriter:
                 pipe.append(keys.task_raw(self._task, stream), bytes(data))
             try:
                 pipe.execute()
-            except redis.RedisError:
+            except _redis_error():
                 with self._lock:
                     for stream, data in batch.items():
                         self._pending[stream] = data + self._pending.get(stream, bytearray())

@@ -10,12 +10,13 @@ import signal
 import subprocess
 import sys
 import time
-
-import redis
+from typing import TYPE_CHECKING
 
 from .config import Settings
-from .connection import url_for
 from .registration import live_workers
+
+if TYPE_CHECKING:
+    import redis
 
 
 def unserved(conn: redis.Redis, queue: str) -> bool:
@@ -23,10 +24,19 @@ def unserved(conn: redis.Redis, queue: str) -> bool:
     return not live_workers(conn, queue)
 
 
+def spawn_detached_worker(settings: Settings, queue: str) -> int:
+    """A background `sheepdog worker --burst` for `run --detach` when no worker serves
+    the queue: it goes once nothing is left for it."""
+    return Pool(settings).start(1, queue, concurrency=os.cpu_count() or 1, burst=True,
+                                quiet="all")[0].pid
+
+
 class Pool:
     """`sheepdog worker` processes on one queue."""
 
     def __init__(self, settings: Settings, env: dict[str, str] | None = None) -> None:
+        from .connection import url_for  # (redis-py): only where workers start
+
         # the same Redis (an embedded one by its URL), plus what the caller adds
         self.env = dict(os.environ, SHEEPDOG_REDIS_URL=url_for(settings), **(env or {}))
         self.processes: list[subprocess.Popen[bytes]] = []

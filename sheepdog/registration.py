@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import time
-
-import redis
+from typing import TYPE_CHECKING
 
 from . import keys, liveness
+from .logs import _redis_error
+
+if TYPE_CHECKING:
+    import redis
 
 
 def announce(conn: redis.Redis, name: str, queues: list[str], ttl: float,
@@ -39,7 +42,7 @@ def unregister(conn: redis.Redis, name: str) -> None:
     try:
         conn.delete(keys.worker(name))
         conn.srem(keys.workers(), name)
-    except redis.RedisError:
+    except _redis_error():
         pass
 
 

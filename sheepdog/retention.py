@@ -14,7 +14,7 @@ import redis
 
 from . import keys, store
 from .cache import Cache, Entry
-from .connection import script
+from .lua import script
 from .models import JobStatus, TaskStatus
 
 

@@ -12,7 +12,7 @@ from . import logs, store
 from .config import Settings
 from .logs import LogLine
 from .models import JobStatus
-from .pool import Pool, unserved
+from .pool import unserved
 from .worker import Worker
 
 
@@ -32,12 +32,6 @@ def run_inline(conn: redis.Redis, settings: Settings, job_id: str, queue: str,
     thread = threading.Thread(target=worker.run, name="inline-worker", daemon=True)
     thread.start()
     return worker, thread
-
-
-def spawn_detached_worker(settings: Settings, queue: str) -> int:
-    """A background `sheepdog worker --burst` for --detach when no worker is running."""
-    return Pool(settings).start(1, queue, concurrency=os.cpu_count() or 1, burst=True,
-                                quiet="all")[0].pid
 
 
 class Helpers:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
-
-import redis
-from redis.client import Pipeline
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import dispatch, keys, logs
-from .connection import script
 from .errors import JobEnded, UnknownJob
+from .lua import script
 from .models import Job, JobStatus, Task, TaskStatus, from_hash, to_hash, valid_job_id
+
+if TYPE_CHECKING:
+    import redis
+    from redis.client import Pipeline
 
 ACTIVE = {TaskStatus.WAITING, TaskStatus.QUEUED, TaskStatus.RUNNING}
 
@@ -146,7 +147,7 @@ def _statuses(conn: redis.Redis, task_ids: list[str]) -> dict[str, str]:
     return {tid: _text(v) for tid, v in zip(task_ids, pipe.execute(), strict=True)}
 
 
-def _add(pipe: Pipeline, conn: redis.Redis, job_id: str, tasks: list[Task],
+def _add(pipe: Pipeline | _Commands, conn: Any, job_id: str, tasks: list[Task],
          states: dict[str, str], published: Callable[[str], bool], now: float) -> tuple[int, int]:
     """Inside a MULTI: store the tasks for the job, dispatch what can run now; returns
     (done, cached) among them."""
@@ -208,7 +209,7 @@ def submit(
     return job
 
 
-def _write_job(pipe: Pipeline, conn: redis.Redis, job: Job, tasks: list[Task],
+def _write_job(pipe: Pipeline | _Commands, conn: Any, job: Job, tasks: list[Task],
                states: dict[str, str], published: Callable[[str], bool], open_: bool) -> None:
     """Inside a MULTI: a submitted job, its tasks as `states` found them."""
     now = time.time()
@@ -246,15 +247,50 @@ return 1
 """
 
 
-def _submit_new(conn: redis.Redis, job: Job, tasks: list[Task], open_: bool) -> bool:
+class _Commands:
+    """What a pipeline's write methods would send, recorded: storing a job of new
+    pieces is one script call (_IF_NEW), built without a redis-py pipeline, so a
+    client that has none can make it (sheepdog.wire)."""
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any) -> None:
+        self.stack.append(args)
+
+    def hset(self, name: str, key: str | None = None, value: Any = None,
+             mapping: dict[str, Any] | None = None) -> None:
+        pairs = [] if key is None else [key, value]
+        for k, v in (mapping or {}).items():
+            pairs += [k, v]
+        self.stack.append(("HSET", name, *pairs))
+
+    def delete(self, *names: str) -> None:
+        self.stack.append(("DEL", *names))
+
+    def sadd(self, name: str, *values: Any) -> None:
+        self.stack.append(("SADD", name, *values))
+
+    def rpush(self, name: str, *values: Any) -> None:
+        self.stack.append(("RPUSH", name, *values))
+
+    def xadd(self, name: str, fields: dict[str, Any]) -> None:
+        self.stack.append(("XADD", name, "*", *[x for pair in fields.items() for x in pair]))
+
+    def zadd(self, name: str, mapping: dict[str, float]) -> None:
+        self.stack.append(("ZADD", name, *[x for m, score in mapping.items()
+                                           for x in (score, m)]))
+
+
+def _submit_new(conn: Any, job: Job, tasks: list[Task], open_: bool) -> bool:
     """A job of new, uncacheable tasks (a command: each its job's own) in one call, not
-    a watched read and a transaction; False (nothing written) if a task exists already."""
-    pipe = conn.pipeline(transaction=True)
-    pipe.multi()
+    a watched read and a transaction; False (nothing written) if a task exists already.
+    `conn`: a redis-py client, or a sheepdog.wire one."""
+    pipe = _Commands()
     _write_job(pipe, conn, job, tasks, {t.id: "" for t in tasks}, lambda _tid: False, open_)
     flat: list[Any] = []
-    for args, _ in pipe.command_stack:
-        flat += [len(args), *args]  # encoded once, by the call
+    for args in pipe.stack:
+        flat += [len(args), *args]
     run = script(conn, _IF_NEW)
     return bool(run(keys=[keys.task(t.id) for t in tasks], args=flat))
 
@@ -534,7 +570,7 @@ def _ended(pipe: Pipeline, jobs: dict[str, dict[str, str]], task_id: str) -> Non
         pipe.srem(keys.job_running(jid), task_id)
 
 
-def _close_log(pipe: Pipeline, job_id: str, status: str, exit_code: int | None,
+def _close_log(pipe: Pipeline | _Commands, job_id: str, status: str, exit_code: int | None,
                error: str = "") -> None:
     pipe.xadd(keys.job_log(job_id), logs.end_fields(status, exit_code, error, job_id))
 

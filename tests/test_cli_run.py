@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
-from conftest import sheepdog, wait_for
+import pytest
+from conftest import free_port, sheepdog, wait_for
 
-from sheepdog import jobs, store
+from sheepdog import jobs, keys, liveness, registration, store
 from sheepdog.models import JobStatus
 
 
@@ -112,3 +115,106 @@ def _alive(pid: int) -> bool:
         return False
     except OSError:
         return os.path.exists(f"/proc/{pid}")
+
+
+def _stored(conn, job_id):
+    """A job's hash and its piece's, without what differs between two submissions."""
+    job = {k.decode(): v.decode() for k, v in conn.hgetall(f"sheepdog:job:{job_id}").items()}
+    task = {k.decode(): v.decode() for k, v in
+            conn.hgetall(f"sheepdog:task:{job['final_task']}").items()}
+    for volatile in ("id", "final_task", "submitted", "read_token"):
+        job.pop(volatile)
+    for volatile in ("id", "nonce", "rq_id", "queued_at"):
+        task.pop(volatile)
+    return job, task
+
+
+def test_detach_is_submitted_without_redis_py_and_stores_what_the_full_path_stores(
+        env, conn, queue, workers):
+    """`run --detach -- CMD` (sheepdog.quick) loads no redis-py, click or RQ while a
+    worker serves its queue (it starts one otherwise, which does), and stores the same
+    job, piece and queue entry as the full command line (reached here by a --queue
+    option, which the quick path leaves to it)."""
+    # a worker on the queue as far as anyone can tell, that takes nothing: both jobs
+    # stay as they were stored
+    registration.announce(conn, "idle", [queue], 60, process=liveness.this_process())
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "sheepdog", "run",
+                          "--detach", "--", "echo", "quick"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    loaded = {line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
+              if line.startswith("import time:") and "|" in line}
+    assert not loaded & {"redis", "click", "rq", "numpy"}, sorted(loaded & {"redis", "click"})
+    quick_id = out.stdout.strip()
+    full = sheepdog("run", "--detach", "--queue", queue, "--", "echo", "quick", env=env)
+    assert full.returncode == 0, full.stderr
+    full_id = full.stdout.strip().splitlines()[-1]
+    assert _stored(conn, quick_id) == _stored(conn, full_id)
+    entries = [e.decode() for e in conn.lrange(f"rq:queue:{queue}", 0, -1)]
+    assert [keys.task_of_rq_job(e) for e in entries] == [
+        store.get_job(conn, j).final_task for j in (quick_id, full_id)]
+    registration.unregister(conn, "idle")
+    workers.start("--queue", queue)
+    for j in (quick_id, full_id):  # and a worker runs both
+        wait_for(lambda j=j: store.get_job(conn, j).status == "success", 60, what=j)
+
+
+def test_detach_leaves_what_it_cannot_do_to_the_full_command_line(env, home):
+    """A URL the quick path does not speak (TLS), a server that is not up, a command the
+    checks refuse: the full command line answers, in its words."""
+    refused = sheepdog("run", "--detach", "--", "", env=env)
+    assert refused.returncode != 0 and "empty command" in refused.stderr
+    down = dict(env, SHEEPDOG_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+                SHEEPDOG_OUTAGE_PATIENCE="0")
+    r = sheepdog("run", "--detach", "--", "true", env=down, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "127.0.0.1" in r.stderr  # the full path names the server it could not reach
+    tls = dict(env, SHEEPDOG_REDIS_URL=env["SHEEPDOG_REDIS_URL"].replace("redis://",
+                                                                          "rediss://"))
+    r = sheepdog("run", "--detach", "--", "true", env=tls, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+def test_wire_speaks_to_a_real_server_as_redis_py_does(redis_server, conn, tmp_path):
+    """sheepdog.wire: replies as redis-py gives them, a Lua script loaded when the
+    server does not know it, errors as WireError; a password and a database number in
+    the URL, and a unix socket."""
+    import redis as redis_py
+
+    from sheepdog.lua import script
+    from sheepdog.wire import Wire, WireError
+
+    wire = Wire.open(redis_server.url)
+    conn.sadd("s", "a", "b")
+    conn.set("k1", "v1")
+    assert wire.smembers("s") == conn.smembers("s") == {b"a", b"b"}
+    assert wire.mget(["k1", "nope"]) == conn.mget(["k1", "nope"]) == [b"v1", None]
+    assert wire.srem("s", "a") == 1 and wire.scard("s") == 1
+    conn.script_flush()
+    run = script(wire, "return {KEYS[1], ARGV[1]}")
+    assert run(keys=["x"], args=["y"]) == [b"x", b"y"]  # NOSCRIPT, then EVAL
+    assert run(keys=["x"], args=["z"]) == [b"x", b"z"]  # by SHA
+    with pytest.raises(WireError, match="WRONGTYPE"):
+        wire.call("LPUSH", "s", "x")
+    wire.close()
+    assert Wire.open("rediss://127.0.0.1:1/0") is None
+    with pytest.raises(WireError, match="cannot reach"):
+        Wire.open(f"redis://127.0.0.1:{free_port()}/0")
+    # a server of its own, with a password and a unix socket
+    sock, port = tmp_path / "r.sock", free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--unixsocket", str(sock), "--requirepass", "s3cret",
+                             "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(sock.exists, 10, what="the second redis-server")
+        other = redis_py.Redis(port=port, password="s3cret", db=3)
+        wait_for(lambda: other.ping(), 10, what="it to answer")
+        other.set("here", "3")
+        assert Wire.open(f"redis://:s3cret@127.0.0.1:{port}/3").call("GET", "here") == b"3"
+        assert Wire.open(f"unix://:s3cret@{sock}?db=3").call("GET", "here") == b"3"
+        with pytest.raises(WireError, match="WRONGPASS|invalid"):
+            Wire.open(f"redis://:wrong@127.0.0.1:{port}/0")
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -21,9 +21,9 @@ from flask import g, request
 from flask_sock import Sock
 
 from sheepdog import keys, logs, progress, store
-from sheepdog.connection import script
 from sheepdog.defaults import PIECES_PAGE, PROGRESS_EVERY, STREAM_LEASE
 from sheepdog.errors import RedisUnavailable, UnknownJob
+from sheepdog.lua import script
 from sheepdog.models import JobStatus
 
 from . import auth, state

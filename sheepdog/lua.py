@@ -1,0 +1,43 @@
+"""Lua scripts run by their SHA: worked out once per process, the text sent only to a
+server that does not know it yet. Works with redis-py (client or pipeline) and with
+sheepdog.wire, so a command that submits a job need not import redis-py."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+class Lua:
+    """One script. The attributes `sha` and `script` are what a redis-py pipeline loads
+    before it runs the scripts queued in it."""
+
+    def __init__(self, text: str) -> None:
+        self.script = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = (),
+                 client: Any = None) -> Any:
+        scripts = getattr(client, "scripts", None)
+        if isinstance(scripts, set):  # a redis-py pipeline: it loads them at execute
+            scripts.add(self)
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except Exception as e:  # redis-py's NoScriptError, or the reply's own words
+            if type(e).__name__ != "NoScriptError" and "NOSCRIPT" not in str(e):
+                raise
+            return client.eval(self.script, len(keys), *keys, *args)
+
+
+@functools.cache
+def _lua(text: str) -> Lua:
+    return Lua(text)
+
+
+def script(conn: Any, text: str) -> Callable[..., Any]:
+    """The script, to be called as redis-py's register_script gives it (keys=, args=;
+    client= another connection or a pipeline), on `conn`."""
+    return functools.partial(_lua(text), client=conn)
