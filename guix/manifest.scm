@@ -7,6 +7,7 @@
         "python-numpy"
         "python-pillow"
         "python-redis"
+        "python-hiredis"
         "python-rq"
         "python-paramiko"
         "python-flask"

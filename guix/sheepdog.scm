@@ -87,7 +87,7 @@
       (map specification->package
            '("gemma" "redis"                           ; the scans; the embedded Redis
              "python-click" "python-flask" "gunicorn" "python-gevent" "python-lmdb" "python-numpy"
-             "python-paramiko" "python-pillow" "python-pyyaml" "python-redis"
+             "python-hiredis" "python-paramiko" "python-pillow" "python-pyyaml" "python-redis"
              "python-requests" "python-rq"))))
     (home-page "https://github.com/genenetwork/sheepdog")
     (synopsis "Redis-backed job runner with live progress for GEMMA scans")

@@ -20,6 +20,21 @@ from .errors import SheepdogError
 _TIMEOUT = 30.0  # s: a reply that takes longer means Redis is gone
 
 
+def _place(url: str) -> tuple[socket.AddressFamily, Any, str] | None:
+    """(address family, address, database) of a URL this client does; None otherwise."""
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    place: tuple[socket.AddressFamily, Any, str]
+    if parts.scheme == "unix" and set(query) <= {"db"}:
+        place = (socket.AF_UNIX, parts.path, query.get("db", "0"))
+    elif parts.scheme == "redis" and not query and parts.hostname:
+        family = socket.AF_INET6 if ":" in parts.hostname else socket.AF_INET
+        place = (family, (parts.hostname, parts.port or 6379), parts.path.strip("/") or "0")
+    else:
+        return None
+    return place if place[2].isdigit() else None
+
+
 class WireError(SheepdogError):
     """Redis answered with an error, or could not be reached."""
 
@@ -36,20 +51,10 @@ class Wire:
     def open(cls, url: str) -> Wire | None:
         """A connection to `url`; None if this client does not do such a URL. WireError
         if the server cannot be reached or refuses the password."""
-        parts = urlsplit(url)
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        if parts.scheme == "unix" and set(query) <= {"db"}:
-            address: Any = parts.path
-            family = socket.AF_UNIX
-            db = query.get("db", "0")
-        elif parts.scheme == "redis" and not query and parts.hostname:
-            address = (parts.hostname, parts.port or 6379)
-            family = socket.AF_INET6 if ":" in parts.hostname else socket.AF_INET
-            db = parts.path.strip("/") or "0"
-        else:
+        place = _place(url)
+        if place is None:
             return None
-        if not db.isdigit():
-            return None
+        family, address, db = place
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.settimeout(_TIMEOUT)
@@ -59,6 +64,7 @@ class Wire:
         if family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         wire = cls(sock)
+        parts = urlsplit(url)
         if parts.password is not None:
             auth = ([unquote(parts.username)] if parts.username else []) + [
                 unquote(parts.password)]
