@@ -276,7 +276,7 @@ class PullWorker:
     def _claim_loop(self) -> None:
         while not self.stopping.is_set():
             with self._room:
-                while (len(self._running) + self._reserved >= self._in_hand()
+                while (self._in_hand() - len(self._running) - self._reserved < self._enough()
                        and not self.stopping.is_set()):
                     self._room.wait(0.5)
                 free = self._in_hand() - len(self._running) - self._reserved
@@ -398,6 +398,13 @@ class PullWorker:
 
     def _in_hand(self) -> int:
         return self.concurrency + self._prefetch()
+
+    def _enough(self) -> int:
+        """Free places worth a claim of their own: one when nothing is in hand; else half
+        the hand, since each report claims its own piece's successor anyway (a prefetch
+        that deepens as pieces get shorter is filled in a few claims, not one by one)."""
+        held = len(self._running) + self._reserved
+        return 1 if not held else max(1, self._in_hand() // 2)
 
     def _prefetch(self) -> int:
         """Pieces held beyond the slots: one, or for pieces shorter than a report's round
