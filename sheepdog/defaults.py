@@ -53,6 +53,7 @@ PULL_PREFETCH = 1
 # busy meanwhile, up to this many
 PULL_PREFETCH_MOST = 16
 PULL_LOG_EVERY = 0.5  # s between a pull worker's log batches (a short piece's go with its end)
+PULL_ANNOUNCE_EVERY = 1.0  # s: a claiming pull worker registered again at most this often
 PULL_INLINE = 1 << 20  # bytes of small files a report or a fetch carries inside its JSON
 
 # -- logs

@@ -41,3 +41,25 @@ def script(conn: Any, text: str) -> Callable[..., Any]:
     """The script, to be called as redis-py's register_script gives it (keys=, args=;
     client= another connection or a pipeline), on `conn`."""
     return functools.partial(_lua(text), client=conn)
+
+
+def run_many(conn: Any, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]]
+             ) -> list[Any]:
+    """Scripts (text, keys, args) in one round trip on a redis-py client, their replies
+    in order. Not redis-py's pipeline loading, which asks SCRIPT EXISTS first (a round
+    trip more): a server that does not know a script answers NOSCRIPT without running
+    it, so that call alone is made again (by its text, when needed)."""
+    if len(calls) == 1:
+        text, keys, args = calls[0]
+        return [script(conn, text)(keys=keys, args=args)]
+    pipe = conn.pipeline(transaction=False)
+    for text, keys, args in calls:
+        pipe.evalsha(_lua(text).sha, len(keys), *keys, *args)
+    replies = pipe.execute(raise_on_error=False)
+    for i, reply in enumerate(replies):
+        if isinstance(reply, Exception):
+            if type(reply).__name__ != "NoScriptError" and "NOSCRIPT" not in str(reply):
+                raise reply
+            text, keys, args = calls[i]
+            replies[i] = script(conn, text)(keys=keys, args=args)
+    return replies

@@ -63,13 +63,13 @@ def until_recorded(write: Callable[[], T], stopping: Stop, who: str) -> T:
 
 
 def conclude(conn: redis.Redis, settings: Settings, worker: str, task: Task, jobs: list[str],
-             outcome: Outcome, stopping: Stop, entry: dispatch.Entry | None = None
-             ) -> store.Finished:
+             outcome: Outcome, stopping: Stop, entry: dispatch.Entry | None = None,
+             untrusted: bool = False) -> store.Finished:
     """Record how a piece this worker ran ended: handed back, retried, failed or
     succeeded (then its twin settled and its jobs told); what recording it did. The
     outcome must be recorded even if Redis is away for a while: a finished piece that
     went unrecorded would be run again. A success also removes the queue `entry` it
-    came from, in the same call."""
+    came from, in the same call; from an `untrusted` worker, its outputs are marked so."""
     def record(write: Callable[[], T]) -> T:
         return until_recorded(write, stopping, worker)
 
@@ -84,7 +84,8 @@ def conclude(conn: redis.Redis, settings: Settings, worker: str, task: Task, job
         return store.Finished(TaskStatus.QUEUED, {}, None, False)
     done = record(lambda: store.finish_piece(conn, task.id, worker, outcome.exit_code,
                                              outcome.error, retryable=outcome.lost,
-                                             attempt=task.attempts, entry=entry))
+                                             attempt=task.attempts, entry=entry,
+                                             untrusted=untrusted))
     if done.status == TaskStatus.SUCCESS:
         # a twin of this piece may have been started while it ran
         task.twin = done.twin if done.twin is not None else record(

@@ -408,10 +408,12 @@ class PullWorker:
 
     def _prefetch(self) -> int:
         """Pieces held beyond the slots: one, or for pieces shorter than a report's round
-        trip as many as keep the slots busy while their predecessors' reports travel."""
+        trip as many as keep the slots busy while their predecessors' reports travel —
+        twice the pieces run in one round trip, since the places of those whose reports
+        are on their way are held for the pieces their answer brings."""
         if not self._run_seconds or not self._report_seconds:
             return PULL_PREFETCH
-        ahead = int(self._report_seconds / self._run_seconds) + 1
+        ahead = int(2 * self._report_seconds / self._run_seconds) + 1
         return max(PULL_PREFETCH, min(PULL_PREFETCH_MOST, ahead * self.concurrency))
 
     @staticmethod

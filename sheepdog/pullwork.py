@@ -26,6 +26,7 @@ from . import dispatch, keys, liveness, logs, registration, store
 from .cache import Cache, sha256_file
 from .config import Settings
 from .defaults import (
+    PULL_ANNOUNCE_EVERY,
     PULL_CHUNK,
     PULL_CLAIM_WAIT,
     PULL_INLINE,
@@ -64,11 +65,23 @@ def check_sha(sha: str) -> str:
     return sha
 
 
+_announced: dict[tuple[str, tuple[str, ...], int, str], float] = {}
+
+
 def announce(conn: redis.Redis, settings: Settings, name: str, queues: list[str],
              concurrency: int, host: str) -> None:
-    """Register the pull worker as a live worker of its queues, for a lease's time."""
+    """Register the pull worker as a live worker of its queues, for a lease's time; not
+    again from this process within PULL_ANNOUNCE_EVERY (a busy worker claims with every
+    report), unless what it says changed."""
+    said = (name, tuple(queues), concurrency, host)
+    now = time.monotonic()
+    if now - _announced.get(said, -PULL_ANNOUNCE_EVERY) < PULL_ANNOUNCE_EVERY:
+        return
     registration.announce(conn, name, queues, settings.lease_timeout, host=host, pid=0,
                           process="", concurrency=concurrency, pull=True)
+    if len(_announced) > 10_000:  # workers come and go: forget the old ones
+        _announced.clear()
+    _announced[said] = now
 
 
 def upkeep(conn: redis.Redis, settings: Settings) -> None:
@@ -116,53 +129,69 @@ def claim(conn: redis.Redis, settings: Settings, cache: Cache, name: str, host: 
         said = instance and conn.get(keys.pull_leaving(name)) == instance.encode()
         return bool(said) or client_gone()
 
+    upkeep(conn, settings)
     looked = False  # wait 0 (a claim riding on a report): one look at what waits now
     while len(found) < slots:
         left = deadline - time.monotonic()
-        if not found and ((left <= 0 and looked) or going.is_set() or gone()):
+        # (a claim riding on a report comes from a worker that is there)
+        if not found and ((left <= 0 and looked) or going.is_set() or (wait > 0 and gone())):
             break
         looked = True
-        upkeep(conn, settings)
-        task = _claim_waiting(conn, settings, name, host, queues)  # one call, if one waits
-        if task is _NONE_WAITING:
-            if found or left <= 0:  # a second piece only if one is waiting right now
+        tasks, drained = _claim_waiting(conn, settings, name, host, queues,
+                                        slots - len(found))  # one call for all that wait
+        if not tasks and drained:
+            if found or left <= 0:  # more pieces only if they wait right now
                 break
             task = _claim_next(conn, settings, name, host, queues, left, gone)
             if task is _NONE_WAITING:
+                upkeep(conn, settings)  # once per slice of a long poll
                 continue
-        if not isinstance(task, Task):
-            continue
-        if task.capture:
-            logs.RawWriter(conn, task.id).reset()
-        try:
-            found.append(describe(task, cache))
-        except SheepdogError as e:  # a dependency's outputs went missing meanwhile
-            conclude(conn, settings, name, task, store.job_ids_of_task(conn, task.id),
-                     Outcome(None, str(e), lost=True), Deadline(PULL_REPORT_DEADLINE))
+            tasks, drained = ([task] if isinstance(task, Task) else []), False
+        for task in tasks:
+            _describe_into(found, conn, settings, cache, name, task)
+        if drained and found:
+            break
     return found
+
+
+def _describe_into(found: list[dict[str, Any]], conn: redis.Redis, settings: Settings,
+                   cache: Cache, name: str, task: Task) -> None:
+    if task.capture:
+        logs.RawWriter(conn, task.id).reset()
+    try:
+        found.append(describe(task, cache))
+    except SheepdogError as e:  # a dependency's outputs went missing meanwhile
+        conclude(conn, settings, name, task, store.job_ids_of_task(conn, task.id),
+                 Outcome(None, str(e), lost=True), Deadline(PULL_REPORT_DEADLINE))
 
 
 _NONE_WAITING = object()
 
 
 def _claim_waiting(conn: redis.Redis, settings: Settings, name: str, host: str,
-                   queues: list[str]) -> Task | None | object:
-    """The task of an entry waiting now, taken, claimed and its entry dropped in one
-    call; None if it was not ours (or is for ssh or Slurm: back to its queue)."""
-    got = store.take_and_claim(conn, queues, name, settings.lease_timeout,
-                               where=f"{host}, pull worker", drop_entry=True)
-    if got is None:
-        return _NONE_WAITING
-    entry, claimed = got
-    if claimed is None:
-        dispatch.acknowledge(conn, entry)
-        return None
-    task = claimed[0]
-    if task.backend not in ("", "local"):
-        store.release(conn, task.id, name)
-        time.sleep(PULL_PUT_BACK_PAUSE)  # a Redis worker takes it meanwhile
-        return None
-    return task
+                   queues: list[str], count: int) -> tuple[list[Task], bool]:
+    """Up to `count` entries waiting now, each taken, its task claimed and its entry
+    dropped, all in one round trip: (the tasks ours to run, whether the queues ran out).
+    Not ours: an entry whose task is no longer queued, or one for ssh or Slurm (back
+    to its queue, for a Redis worker)."""
+    tasks: list[Task] = []
+    handed_back = False
+    got = store.take_and_claim_many(conn, queues, name, settings.lease_timeout, count,
+                                    where=f"{host}, pull worker", drop_entry=True)
+    for one in got:
+        if one is None:
+            continue
+        entry, claimed = one
+        if claimed is None:
+            dispatch.acknowledge(conn, entry)
+        elif claimed[0].backend not in ("", "local"):
+            store.release(conn, claimed[0].id, name)
+            handed_back = True
+        else:
+            tasks.append(claimed[0])
+    if handed_back:
+        time.sleep(PULL_PUT_BACK_PAUSE)  # a Redis worker takes them meanwhile
+    return tasks, None in got
 
 
 def _claim_next(conn: redis.Redis, settings: Settings, name: str, host: str,
@@ -354,6 +383,13 @@ def _store_inline(cache: Cache, blobs: object) -> None:
         cache.put_bytes(raw)
 
 
+def read_held(conn: redis.Redis, leases: list[str]) -> list[tuple[Task | None, list[str]]]:
+    """The piece under each lease and its jobs, in one round trip (None: no such piece)."""
+    valid = [lease for lease in leases if SHA256.fullmatch(lease)]
+    found = dict(zip(valid, store.tasks_and_jobs(conn, valid), strict=True)) if valid else {}
+    return [found.get(lease, (None, [])) for lease in leases]
+
+
 def _outcome(report: dict[str, Any]) -> Outcome:
     """How the piece ended, as its worker reports it."""
     if report.get("released"):
@@ -384,26 +420,27 @@ def _publish(cache: Cache, task: Task, report: dict[str, Any],
 
 def finish(conn: redis.Redis, settings: Settings, cache: Cache, name: str, lease: str,
            report: dict[str, Any], lines: list[tuple[str, str]] | None = None,
-           raw: dict[str, bytes] | None = None, trusted: bool = True) -> dict[str, Any]:
+           raw: dict[str, bytes] | None = None, trusted: bool = True,
+           held: tuple[Task | None, list[str]] | None = None) -> dict[str, Any]:
     """Record a piece's end. A success's output files must all be stored first:
     {"missing": [...]} names those to upload. Asking again after it was recorded
-    answers its status, so a worker may always repeat a report it is unsure of."""
-    task = store.get_task(conn, lease) if SHA256.fullmatch(lease) else None
+    answers its status, so a worker may always repeat a report it is unsure of.
+    `held`: the piece and its jobs as read_held gave them (a batch of reports)."""
+    task, jobs = held or read_held(conn, [lease])[0]
     if task is None:
         raise Refused(f"no piece {lease[:12]}")
     if task.status != TaskStatus.RUNNING or task.worker != name:
         return {"status": str(task.status), "recorded": False}
-    jobs = store.job_ids_of_task(conn, task.id)
     if lines or raw:  # the piece's last lines, before its end is told
         write_log(conn, settings, name, lease, lines or [], raw or {}, task, jobs)
     outcome = _outcome(report)
+    untrusted = False
     if outcome.exit_code == 0 and not outcome.error and task.cacheable:
         missing, outcome = _publish(cache, task, report, outcome)
         if missing:
             return {"missing": missing}
-        if not trusted:  # marked before it counts as done: no other job reuses it
-            store.mark_untrusted(conn, task.id, name)
+        untrusted = not trusted  # marked as it counts as done: no other job reuses it
     status = conclude(conn, settings, name, task, jobs, outcome,
-                      Deadline(PULL_REPORT_DEADLINE)).status
+                      Deadline(PULL_REPORT_DEADLINE), untrusted=untrusted).status
     drop_partials(cache, lease)  # (one the worker gave up on, or a stale one)
     return {"status": str(status), "recorded": True}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import dispatch, keys, logs
 from .errors import JobEnded, UnknownJob
-from .lua import script
+from .lua import run_many, script
 from .models import Job, JobStatus, Task, TaskStatus, from_hash, to_hash, valid_job_id
 
 if TYPE_CHECKING:
@@ -126,6 +126,18 @@ def count_jobs(conn: redis.Redis) -> int:
 
 def job_ids_of_task(conn: redis.Redis, task_id: str) -> list[str]:
     return _texts(conn.smembers(keys.task_jobs(task_id)))
+
+
+def tasks_and_jobs(conn: redis.Redis, task_ids: list[str]
+                   ) -> list[tuple[Task | None, list[str]]]:
+    """get_task and job_ids_of_task of each, in one round trip."""
+    pipe = conn.pipeline(transaction=False)
+    for tid in task_ids:
+        pipe.hgetall(keys.task(tid))
+        pipe.smembers(keys.task_jobs(tid))
+    raw = pipe.execute()
+    return [((from_hash(Task, raw[i]) if raw[i] else None), _texts(raw[i + 1]))
+            for i in range(0, len(raw), 2)]
 
 
 def set_job_fields(conn: redis.Redis, job_id: str, **values: Any) -> None:
@@ -496,11 +508,26 @@ def take_and_claim(conn: redis.Redis, queues: list[str], worker: str, ttl: float
     (None: nothing waits); the claim is None when the task is not ours to run.
     `drop_entry`: a claimed task's entry is removed in the same call (a lease, not the
     entry, keeps it from then on)."""
+    return take_and_claim_many(conn, queues, worker, ttl, 1, where, process, drop_entry)[0]
+
+
+def take_and_claim_many(conn: redis.Redis, queues: list[str], worker: str, ttl: float,
+                        count: int, where: str = "", process: str = "",
+                        drop_entry: bool = False
+                        ) -> list[tuple[dispatch.Entry, tuple[Task, list[str]] | None] | None]:
+    """take_and_claim `count` times in one round trip (a pull worker's claim of several
+    pieces): what each call gave, None for each that found nothing waiting."""
     served = dispatch.sources(conn, queues)
-    raw = script(conn, _TAKE)(
-        keys=[k for _, waiting, taken in served for k in (waiting, taken)],
-        args=[*_claim_args(conn, worker, ttl, where, process),
-              dispatch.job_key_prefix() if drop_entry else ""])
+    call = (_TAKE, [k for _, waiting, taken in served for k in (waiting, taken)],
+            [*_claim_args(conn, worker, ttl, where, process),
+             dispatch.job_key_prefix() if drop_entry else ""])
+    return [_taken(conn, served, raw, worker, ttl, where, process)
+            for raw in run_many(conn, [call] * count)]
+
+
+def _taken(conn: redis.Redis, served: list[tuple[str, str, str]], raw: Any, worker: str,
+           ttl: float, where: str, process: str
+           ) -> tuple[dispatch.Entry, tuple[Task, list[str]] | None] | None:
     if not raw:
         return None
     rq_id, queue = _text(raw[0]), served[int(raw[1]) - 1][0]
@@ -626,7 +653,8 @@ class Finished(NamedTuple):
 
 # A running piece's success, recorded in one call (see _record_success, which does the
 # same for the rarer cases): its jobs counted and told, its dependents released, its
-# queue entry removed (KEYS[6], KEYS[7], if given). A dependent it makes ready is put
+# queue entry removed (KEYS[7], KEYS[8], if given), an untrusted worker's outputs marked
+# (ARGV[15] not empty; KEYS[6]). A dependent it makes ready is put
 # on its queue by commands prepared in Python (dispatch.push_commands); when one was not
 # prepared the call changes nothing and names them: {'need', ids...}. A task not
 # running for this worker: {'other'}. Else {'ok', twin, job, status, workflow, ...}.
@@ -635,8 +663,8 @@ local tid, worker, now, now3, rq_id = ARGV[10], ARGV[11], ARGV[12], ARGV[13], AR
 local t = KEYS[1]
 local st = redis.call('HMGET', t, 'status', 'worker', 'name', 'started', 'twin')
 if st[1] ~= 'running' or st[2] ~= worker then return {'other'} end
-local prepared, i = {}, 16
-for _ = 1, tonumber(ARGV[15]) do
+local prepared, i = {}, 17
+for _ = 1, tonumber(ARGV[16]) do
   local cmds = {}
   local dep, n = ARGV[i], tonumber(ARGV[i + 1])
   i = i + 2
@@ -659,6 +687,10 @@ for _, d in ipairs(deps) do
 end
 if #need > 0 then return {'need', unpack(need)} end
 local name = st[3] or ''
+if ARGV[15] ~= '' then  -- mark_untrusted: before the outputs count as done
+  redis.call('HSET', t, 'untrusted', worker)
+  redis.call('SADD', KEYS[6], tid)
+end
 redis.call('HSET', t, 'status', 'success', 'exit_code', '0', 'ended', now, 'error', '')
 redis.call('SREM', KEYS[5], tid)
 redis.call('DEL', KEYS[4], KEYS[3])
@@ -695,9 +727,9 @@ for _, jid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   table.insert(out, status or '')
   table.insert(out, js[5] or '')
 end
-if #KEYS > 5 then
-  redis.call('DEL', KEYS[6])
-  redis.call('LREM', KEYS[7], 1, rq_id)
+if #KEYS > 6 then
+  redis.call('DEL', KEYS[7])
+  redis.call('LREM', KEYS[8], 1, rq_id)
 end
 return out
 """
@@ -722,22 +754,25 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
 
 def finish_piece(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
                  error: str = "", retryable: bool = False, attempt: int = 0,
-                 entry: dispatch.Entry | None = None) -> Finished:
+                 entry: dispatch.Entry | None = None, untrusted: bool = False) -> Finished:
     """finish(), saying what it did (see Finished); a success of a piece running for this
-    worker is one call, which also removes the queue `entry` it was taken from."""
+    worker is one call, which also removes the queue `entry` it was taken from and, for
+    an `untrusted` worker, marks the outputs as its (mark_untrusted) before they count."""
     if exit_code == 0 and not error:
-        done = _succeed(conn, task_id, worker, entry)
+        done = _succeed(conn, task_id, worker, entry, untrusted)
         if done is not None:
             return done
+        if untrusted:
+            mark_untrusted(conn, task_id, worker)
     status = _finish_txn(conn, task_id, worker, exit_code, error, retryable, attempt)
     return Finished(status, {}, None, False)
 
 
 def _succeed(conn: redis.Redis, task_id: str, worker: str,
-             entry: dispatch.Entry | None) -> Finished | None:
+             entry: dispatch.Entry | None, untrusted: bool = False) -> Finished | None:
     run = script(conn, _SUCCEED)
     task_keys = [keys.task(task_id), keys.task_jobs(task_id), keys.task_dependents(task_id),
-                 keys.task_heartbeat(task_id), keys.active_tasks()]
+                 keys.task_heartbeat(task_id), keys.active_tasks(), keys.untrusted_tasks()]
     if entry is not None:
         task_keys += dispatch.entry_keys(conn, entry)
     prepared: list[Any] = []
@@ -745,7 +780,8 @@ def _succeed(conn: redis.Redis, task_id: str, worker: str,
         now = time.time()
         raw = run(keys=task_keys, args=[
             *keys.script_parts(), task_id, worker, str(now), f"{now:.3f}",
-            entry.rq_id if entry else "", len(prepared) // 2, *_flat(prepared)])
+            entry.rq_id if entry else "", "1" if untrusted else "",
+            len(prepared) // 2, *_flat(prepared)])
         head = _text(raw[0])
         if head == "other":
             return None

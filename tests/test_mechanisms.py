@@ -348,3 +348,19 @@ def test_a_failures_message_quotes_the_programs_own_error_from_stdout():
     explained = piece.explain(piece.Outcome(1, ""), output)
     assert explained.error == ("exit code 1: error! unrecognized option: -bogusflag | "
                                "GEMMA 0.98.5 (2021-08-25) by Xiang Zhou")
+
+
+def test_scripts_run_together_in_one_round_trip_even_after_the_server_forgot_them(conn):
+    """lua.run_many: replies in order; a server that lost its scripts (a restart, SCRIPT
+    FLUSH) answers NOSCRIPT without running them, and each is run again by its text —
+    once: the counter shows no call ran twice. A script's own error is raised."""
+    from sheepdog.lua import run_many
+
+    count = "return redis.call('INCR', KEYS[1])"
+    for round_ in range(2):
+        conn.delete("n")
+        conn.script_flush()
+        assert run_many(conn, [(count, ["n"], [])] * 3) == [1, 2, 3], round_
+        assert int(conn.get("n")) == 3
+    with pytest.raises(Exception, match="boom"):
+        run_many(conn, [(count, ["n"], []), ("return redis.error_reply('boom')", [], [])])

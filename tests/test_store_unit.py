@@ -151,6 +151,33 @@ def test_a_taken_and_claimed_task_is_never_dispatched_again(fake):
     assert _entries(fake) == []
 
 
+def test_several_waiting_pieces_are_taken_and_claimed_in_one_round_trip(fake):
+    """A pull worker's claim of several pieces: each call of the batch takes its own
+    entry; those that find the queue empty say so (None), and nothing is taken twice."""
+    tasks = [Task(name=f"t{i}", argv=["t", str(i)]) for i in range(3)]
+    store.submit(fake, Job(id="j1", workflow="t"), tasks)
+    got = store.take_and_claim_many(fake, ["default"], "w1", 5, 5, drop_entry=True)
+    assert got[3:] == [None, None]
+    claimed = sorted(one[1][0].id for one in got[:3])
+    assert claimed == sorted(t.id for t in tasks)
+    assert all(store.get_task(fake, tid).status == "running" for tid in claimed)
+    assert fake.llen("rq:queue:default") == 0
+
+
+def test_a_success_from_an_untrusted_worker_is_marked_in_the_same_call(fake):
+    """finish_piece(untrusted=True) marks what mark_untrusted marks, as the success is
+    recorded; a trusted success marks nothing."""
+    a, b = Task(name="a", argv=["a"]), Task(name="b", argv=["b"])
+    store.submit(fake, Job(id="j1", workflow="t"), [a, b])
+    for t, untrusted in ((a, True), (b, False)):
+        assert store.claim(fake, t.id, "w1", 5) is not None
+        done = store.finish_piece(fake, t.id, "w1", 0, untrusted=untrusted)
+        assert done.status == "success"
+    assert store.get_task(fake, a.id).untrusted == "w1"
+    assert not store.get_task(fake, b.id).untrusted
+    assert store.untrusted(fake, [a.id, b.id]) == [a.id]
+
+
 def test_a_task_run_again_belongs_only_to_the_jobs_waiting_for_it_now(fake):
     a = Task(name="a", argv=["a"])
     b = Task(name="b", argv=["b"], deps=[a.id])

@@ -23,6 +23,7 @@ from sheepdog.defaults import (
     PULL_SEGMENT,
 )
 from sheepdog.errors import FieldError
+from sheepdog.models import Task
 from sheepdog.params import Param, Params
 
 from . import auth, bodies, state, stream
@@ -245,7 +246,8 @@ def finish() -> Any:
     elif not isinstance(reports, list) or not all(isinstance(r, dict) for r in reports):
         raise FieldError("reports", "a list of report objects")
     else:
-        answered = [_finish_or_gone(name, r) for r in reports]
+        held = pullwork.read_held(state.conn(), [str(r.get("lease", "")) for r in reports])
+        answered = [_finish_or_gone(name, r, h) for r, h in zip(reports, held, strict=True)]
         answer = {"answers": answered}
     wants = body.get("claim")
     if isinstance(wants, dict) and any(a.get("recorded") for a in answered):
@@ -253,16 +255,19 @@ def finish() -> Any:
     return jsonify(answer), (409 if "missing" in answer else 200)
 
 
-def _finish_one(name: str, report: dict[str, Any]) -> dict[str, Any]:
+def _finish_one(name: str, report: dict[str, Any],
+                held: tuple[Task | None, list[str]] | None = None) -> dict[str, Any]:
     lines, raw = _lines(report)
     return pullwork.finish(state.conn(), state.settings(), state.cache(), name,
                            str(report.get("lease", "")), report, lines, raw,
-                           trusted=g.identity.trusted)
+                           trusted=g.identity.trusted, held=held)
 
 
-def _finish_or_gone(name: str, report: dict[str, Any]) -> dict[str, Any]:
-    """One report of a batch: a piece no longer held is said in its own answer."""
+def _finish_or_gone(name: str, report: dict[str, Any],
+                    held: tuple[Task | None, list[str]]) -> dict[str, Any]:
+    """One report of a batch (its piece read with the others'): a piece no longer held
+    is said in its own answer."""
     try:
-        return _finish_one(name, report)
+        return _finish_one(name, report, held)
     except pullwork.Refused as e:
         return {"gone": str(e)}
