@@ -142,16 +142,24 @@ def claim(conn: redis.Redis, settings: Settings, cache: Cache, name: str, host: 
         if not tasks and drained:
             if found or left <= 0:  # more pieces only if they wait right now
                 break
-            task = _claim_next(conn, settings, name, host, queues, left, gone)
-            if task is _NONE_WAITING:
-                upkeep(conn, settings)  # once per slice of a long poll
-                continue
-            tasks, drained = ([task] if isinstance(task, Task) else []), False
+            tasks, drained = _wait_slice(conn, settings, name, host, queues, left, gone)
         for task in tasks:
             _describe_into(found, conn, settings, cache, name, task)
         if drained and found:
             break
     return found
+
+
+def _wait_slice(conn: redis.Redis, settings: Settings, name: str, host: str,
+                queues: list[str], left: float, gone: Callable[[], bool]
+                ) -> tuple[list[Task], bool]:
+    """One slice of a long poll: the task of an entry that came, and False (more may
+    wait now); nothing and True if none came (the reaper's turn asked again)."""
+    task = _claim_next(conn, settings, name, host, queues, left, gone)
+    if task is _NONE_WAITING:
+        upkeep(conn, settings)
+        return [], True
+    return ([task] if isinstance(task, Task) else []), False
 
 
 def _describe_into(found: list[dict[str, Any]], conn: redis.Redis, settings: Settings,
