@@ -69,6 +69,7 @@ LOG_MAX_LINE = 64 << 10  # characters of one log line; the rest is cut, saying s
 LOG_BUFFER_LINES = 100_000  # lines a piece's log keeps while Redis is unreachable
 FOLLOW_BLOCK_MS = 250  # ms: a log follower's XREAD block
 FOLLOW_COUNT = 1000  # lines per XREAD of a follower
+CWL_POLL = 0.01  # s: how often a CWL run looks whether a tool invocation's piece ended
 ENDED_CHECK = 1.0  # s: a follower asks whether its job ended at least this often
 STREAM_LEASE = 30.0  # s: an open stream's place under its job's and token's caps, renewed
 PROGRESS_EVERY = 1.0  # s: the websocket's progress event when nothing else happens

@@ -1,0 +1,170 @@
+"""CWL through sheepdog: cwltool, used as a library, loads and validates the process,
+evaluates its expressions and builds each tool invocation's command line; every
+invocation then runs as a piece of one open sheepdog job, on that job's backend and
+queue, as many at once as the workers take (cwltool's parallel executor hands them
+over as their inputs are ready). `sheepdog-cwl-runner` has cwl-runner's command line
+(cwltool's own: --outdir, --quiet, PROCESS [JOB]; the output object on stdout; exit 0,
+1, or 33 for an unsupported requirement), so cwltest runs the conformance suite on it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+from . import jobs, store
+from .config import Settings, load
+from .connection import connect
+from .defaults import CWL_POLL, EXECUTOR_STOP_WAIT
+from .errors import ConfigError, SheepdogError
+from .models import Job, JobStatus, Task
+from .pool import Pool, unserved
+
+# The piece's program, its redirections applied first: a fixed script, everything the
+# tool gives as its positional parameters (never part of the script's text).
+_REDIRECT = ('in=$1 out=$2 err=$3; shift 3; '
+             '[ -z "$in" ] || exec <"$in"; [ -z "$out" ] || exec >"$out"; '
+             '[ -z "$err" ] || exec 2>"$err"; exec "$@"')
+_NOT_RUN = 127  # what a shell says of a program it could not start
+
+
+class Pieces:
+    """The open job a CWL run's tool invocations join, one piece each."""
+
+    def __init__(self, settings: Settings, process: str, queue: str | None = None,
+                 backend: str = "local", host: str | None = None) -> None:
+        self.settings = settings
+        self.conn = connect(settings)
+        self.queue = queue or settings.queue
+        self.backend, self.host = backend, host or ""
+        jobs.check_backend(backend, self.host)
+        self.job = Job(id=jobs.new_job_id(), workflow="cwl", queue=self.queue,
+                       backend=backend, host=self.host, command=[process],
+                       params={"process": process})
+        store.submit(self.conn, self.job, [], open_=True)
+        self._pool = Pool(settings)
+        if unserved(self.conn, self.queue):  # no worker serves it: this run brings its own
+            self._pool.start(1, self.queue, concurrency=os.cpu_count() or 1, quiet="stdout",
+                             parent_job=self.job.id)
+
+    def run(self, name: str, argv: list[str], cwd: str, env: MutableMapping[str, str],
+            stdin: str | None, stdout: str | None, stderr: str | None,
+            timelimit: int | None) -> int:
+        """One tool invocation as a piece of the job; its exit code once it ended."""
+        task = Task(name=name, argv=["sh", "-c", _REDIRECT, "sh", stdin or "", stdout or "",
+                                     stderr or "", *argv],
+                    cacheable=False, cwd=cwd, env=dict(env), clean_env=True,
+                    timeout=float(timelimit or 0), max_attempts=1, backend=self.backend,
+                    host=self.host, queue=self.queue, nonce=uuid.uuid4().hex)
+        store.add_tasks(self.conn, self.job.id, [task])
+        while True:
+            found = store.get_task(self.conn, task.id)
+            if found is not None and found.status.final:
+                if found.exit_code is not None:
+                    return found.exit_code
+                if found.error:
+                    print(f"sheepdog: {name}: {found.error}", file=sys.stderr)
+                return _NOT_RUN
+            time.sleep(CWL_POLL)
+
+    def close(self, code: int) -> None:
+        """The run ended with cwltool's exit `code`: the job takes no more pieces, and
+        ends in error if the run failed (also before any piece: a process that did not
+        validate, an input missing)."""
+        try:
+            if code != 0:  # before closing: an open job without pieces would succeed
+                store.stop_job(self.conn, self.job.id, JobStatus.ERROR,
+                               f"the CWL run failed (exit code {code}; its messages are on "
+                               "the runner's stderr)")
+            store.close_job(self.conn, self.job.id)
+        finally:
+            self._pool.stop(EXECUTOR_STOP_WAIT)
+
+
+_current: Pieces | None = None
+
+
+def _job_popen(original: Callable[..., int]) -> Callable[..., int]:
+    """cwltool starts every tool invocation through cwltool.job._job_popen (its one
+    place below the command line it built and above the process): under a sheepdog run,
+    the invocation goes to `_current` instead."""
+
+    def popen(commands: list[str], stdin_path: str | None, stdout_path: str | None,
+              stderr_path: str | None, env: MutableMapping[str, str], cwd: str,
+              make_job_dir: Callable[[], str], job_script_contents: str | None = None,
+              timelimit: int | None = None, name: str | None = None,
+              monitor_function: Any = None, default_stdout: Any = None,
+              default_stderr: Any = None) -> int:
+        pieces = _current
+        if pieces is None:
+            return original(commands, stdin_path, stdout_path, stderr_path, env, cwd,
+                            make_job_dir, job_script_contents, timelimit, name,
+                            monitor_function, default_stdout, default_stderr)
+        return pieces.run(name or commands[0], commands, cwd, env, stdin_path, stdout_path,
+                          stderr_path, timelimit)
+
+    return popen
+
+
+_patched = threading.Lock()
+
+
+def _through_sheepdog() -> None:
+    import cwltool.job
+
+    with _patched:
+        if not getattr(cwltool.job._job_popen, "sheepdog", False):
+            popen = _job_popen(cwltool.job._job_popen)
+            popen.sheepdog = True  # type: ignore[attr-defined]
+            cwltool.job._job_popen = popen
+
+
+def run(argv: list[str], settings: Settings | None = None, queue: str | None = None,
+        backend: str = "local", host: str | None = None,
+        started: Callable[[Job], None] = lambda _job: None) -> int:
+    """cwltool's command line (`argv`), each tool invocation a sheepdog piece; cwltool's
+    exit code. Containers are not used: a DockerRequirement's tool runs from the host."""
+    global _current
+    try:
+        import cwltool.argparser
+        import cwltool.main
+    except ImportError as e:
+        raise ConfigError(f"CWL runs need cwltool ({e}): pip install 'sheepdog[cwl]', or "
+                          "Guix's cwltool") from e
+
+    _through_sheepdog()
+    given = set(argv)
+    extra = [flag for flag in ("--no-container", "--parallel") if flag not in given]
+    try:
+        process = str(cwltool.argparser.arg_parser().parse_args(argv).workflow or "")
+    except SystemExit:  # cwltool says what is wrong with the command line itself
+        return int(cwltool.main.main(argv))
+    pieces = Pieces(settings or load(), process, queue, backend, host)
+    started(pieces.job)
+    _current = pieces
+    code = 1
+    try:
+        code = int(cwltool.main.main([*extra, *argv]))
+        return code
+    finally:
+        _current = None
+        pieces.close(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`sheepdog-cwl-runner`: cwl-runner's command line."""
+    try:
+        return run(list(sys.argv[1:] if argv is None else argv),
+                   queue=os.environ.get("SHEEPDOG_CWL_QUEUE") or None)
+    except SheepdogError as e:
+        print(f"sheepdog-cwl-runner: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""`cwl`: a Common Workflow Language tool or workflow (`sheepdog run cwl PROCESS
+[JOB]`), each tool invocation a piece of the job (see sheepdog.cwlrun)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from ..cache import Cache
+from ..config import Settings
+from ..errors import FieldError
+from ..models import Job, Task
+from .base import CliServices, InputResolver, Workflow
+
+
+def cwl_command(cli: CliServices) -> click.Command:
+    @click.command("cwl")
+    @click.option("--outdir", default=".", show_default=True, type=click.Path(file_okay=False),
+                  help="Where the output files go.")
+    @click.option("--queue", default=None, help="Queue name (default: from settings).")
+    @click.option("--quiet", is_flag=True, help="Only the output object and errors.")
+    @click.argument("process", type=click.Path(exists=True, dir_okay=False))
+    @click.argument("job_order", required=False, type=click.Path(exists=True, dir_okay=False))
+    def run_cwl(process: str, job_order: str | None, outdir: str, queue: str | None,
+                quiet: bool) -> None:
+        """Run a CWL CommandLineTool or Workflow; the output object on stdout, exit 0
+        (success), 1 (failure) or 33 (an unsupported requirement)."""
+        from .. import cwlrun
+
+        argv = ["--outdir", outdir, *(["--quiet"] if quiet else []), process,
+                *([job_order] if job_order else [])]
+        sys.exit(cwlrun.run(argv, cli.settings(), queue=queue))
+
+    return run_cwl
+
+
+class Cwl(Workflow):
+    name = "cwl"
+    runs_commands = True  # a CWL tool runs whatever program it names
+    summary = "a CWL tool or workflow, each tool invocation a piece"
+
+    def command(self, cli: CliServices) -> click.Command:
+        return cwl_command(cli)
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "object", "required": ["workflow"], "properties": {
+            "workflow": {"const": self.name}}}
+
+    def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
+                     cache: Cache, owner: str = "") -> tuple[Job, list[Task]]:
+        raise FieldError("workflow", "CWL runs are started by `sheepdog run cwl` or "
+                         "sheepdog-cwl-runner; POST /jobs does not take them yet", 422)
+
+
+WORKFLOW = Cwl()

@@ -1,0 +1,93 @@
+"""CWL through sheepdog: cwltool as a library builds each tool invocation, sheepdog's
+queue and workers run it (sheepdog.cwlrun); the conformance suite through
+`sheepdog-cwl-runner` with cwltest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import wait_for
+
+from sheepdog import store
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "cwl"
+SUBSET = Path(__file__).resolve().parent / "cwl-conformance"
+RUNNER = [sys.executable, "-m", "sheepdog.cwlrun"]
+
+
+def _cwl_jobs(conn) -> list:
+    """The CWL runs' jobs, newest first."""
+    return [j for j in store.list_jobs(conn, 100) if j.workflow == "cwl"]
+
+
+def test_a_scatter_runs_each_invocation_as_a_piece_on_both_workers(env, conn, workers,
+                                                                   tmp_path):
+    """The example's scatter: six `wc` invocations and their sum, seven pieces of one
+    job, taken by two workers (both ran some); the output object names the files, and
+    they hold the counts."""
+    for name in ("w1", "w2"):
+        workers.start("--name", name, "-j", "2")
+    wait_for(lambda: conn.scard("sheepdog:workers") >= 2, 20, what="two workers")
+    out = tmp_path / "out"
+    done = subprocess.run([*RUNNER, "--quiet", "--outdir", str(out), "wc-scatter.cwl",
+                           "job.yml"], cwd=EXAMPLE, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    counts = [int(Path(f["path"]).read_text()) for f in result["counts"]]
+    assert counts == [3, 6, 9, 12, 15, 18]
+    assert int(Path(result["total"]["path"]).read_text()) == sum(counts)
+    assert Path(result["total"]["path"]).parent == out
+    job, = _cwl_jobs(conn)
+    assert job.status == "success" and job.total == job.done == 7
+    tasks = store.job_tasks(conn, job.id)
+    assert len(tasks) == 7 and all(t.status == "success" for t in tasks)
+    assert {t.worker for t in tasks} == {"w1", "w2"}
+
+
+def test_sheepdog_run_cwl_says_how_it_ended(env, conn, workers, tmp_path):
+    """`sheepdog run cwl`: the output object on stdout and exit 0; a tool that fails is
+    exit 1 (CWL's permanentFail) with the job's piece recorded as failed."""
+    workers.start("-j", "2")
+    ok = subprocess.run([sys.executable, "-m", "sheepdog", "run", "cwl", "--quiet",
+                         "--outdir", str(tmp_path / "ok"), str(EXAMPLE / "wc-tool.cwl")],
+                        input="", capture_output=True, text=True, env=env, timeout=60)
+    assert ok.returncode != 0  # no job order: cwltool names the missing input
+    assert "text" in ok.stderr
+    tool = tmp_path / "fails.cwl"
+    tool.write_text("cwlVersion: v1.2\nclass: CommandLineTool\nbaseCommand: 'false'\n"
+                    "inputs: []\noutputs: []\n")
+    failed = subprocess.run([sys.executable, "-m", "sheepdog", "run", "cwl", "--quiet",
+                             "--outdir", str(tmp_path / "f"), str(tool)],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert failed.returncode == 1, failed.stderr[-2000:]
+    second, first = _cwl_jobs(conn)
+    assert first.status == "error" and "exit code" in first.error  # no piece ever ran
+    assert store.job_tasks(conn, first.id) == []
+    assert second.status == "error"
+    task, = store.job_tasks(conn, second.id)
+    assert task.exit_code == 1 and task.argv[-1] == "false"
+
+
+def test_required_conformance_tests_pass_through_sheepdog(env, conn, workers):
+    """20 `required` tests of the CWL v1.2 suite (tests/cwl-conformance: those with small
+    files), with cwltest, through sheepdog-cwl-runner and this test's workers; each run
+    is a sheepdog job that succeeded. The whole suite: bench/cwl_conformance.py."""
+    assert shutil.which("node") or shutil.which("nodejs"), \
+        "nodejs runs CWL's JavaScript expressions: apt-get install nodejs"
+    workers.start("-j", "4")
+    runner = Path(sys.executable).parent / "sheepdog-cwl-runner"
+    done = subprocess.run([str(Path(sys.executable).parent / "cwltest"), "--test",
+                           "conformance_tests.yaml", "--tool", str(runner), "-j", "2",
+                           "--timeout", "120"],
+                          cwd=SUBSET, env=env, capture_output=True, text=True, timeout=600)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0 and "All tests passed" in said, said[-4000:]
+    ran = _cwl_jobs(conn)
+    assert len(ran) >= 20 and all(j.status == "success" for j in ran), \
+        [(j.id, j.status) for j in ran]
