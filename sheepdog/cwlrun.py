@@ -17,10 +17,10 @@ import uuid
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
-from . import jobs, store
+from . import jobs, logs, store
 from .config import Settings, load
 from .connection import connect
-from .defaults import CWL_POLL, EXECUTOR_STOP_WAIT
+from .defaults import CWL_LISTEN_MS, CWL_LOOK_AGAIN, EXECUTOR_STOP_WAIT
 from .errors import ConfigError, SheepdogError
 from .models import Job, JobStatus, Task
 from .pool import Pool, unserved
@@ -36,21 +36,32 @@ _NOT_RUN = 127  # what a shell says of a program it could not start
 class Pieces:
     """The open job a CWL run's tool invocations join, one piece each."""
 
-    def __init__(self, settings: Settings, process: str, queue: str | None = None,
-                 backend: str = "local", host: str | None = None) -> None:
+    def __init__(self, settings: Settings, process: str, queue: str | None = None) -> None:
         self.settings = settings
         self.conn = connect(settings)
         self.queue = queue or settings.queue
-        self.backend, self.host = backend, host or ""
-        jobs.check_backend(backend, self.host)
         self.job = Job(id=jobs.new_job_id(), workflow="cwl", queue=self.queue,
-                       backend=backend, host=self.host, command=[process],
-                       params={"process": process})
+                       command=[process], params={"process": process})
         store.submit(self.conn, self.job, [], open_=True)
+        self._lock = threading.Lock()
+        self._waiting: dict[str, threading.Event] = {}
+        self._closed = threading.Event()
+        threading.Thread(target=self._listen, name="cwl-listen", daemon=True).start()
         self._pool = Pool(settings)
         if unserved(self.conn, self.queue):  # no worker serves it: this run brings its own
             self._pool.start(1, self.queue, concurrency=os.cpu_count() or 1, quiet="stdout",
                              parent_job=self.job.id)
+
+    def slots(self) -> int:
+        """Invocations worth handing over at once: the slots of the workers serving the
+        queue now (cwltool's parallel executor would otherwise count this machine's
+        cores), at least this machine's cores. More in flight made the run slower here:
+        cwltool's threads then contend in this one process, which builds them all."""
+        from .registration import live_workers
+
+        found = sum(int(str(w.get("concurrency") or 1))
+                    for w in live_workers(self.conn, self.queue))
+        return max(found, os.cpu_count() or 1)
 
     def run(self, name: str, argv: list[str], cwd: str, env: MutableMapping[str, str],
             stdin: str | None, stdout: str | None, stderr: str | None,
@@ -59,23 +70,48 @@ class Pieces:
         task = Task(name=name, argv=["sh", "-c", _REDIRECT, "sh", stdin or "", stdout or "",
                                      stderr or "", *argv],
                     cacheable=False, cwd=cwd, env=dict(env), clean_env=True,
-                    timeout=float(timelimit or 0), max_attempts=1, backend=self.backend,
-                    host=self.host, queue=self.queue, nonce=uuid.uuid4().hex)
-        store.add_tasks(self.conn, self.job.id, [task])
-        while True:
-            found = store.get_task(self.conn, task.id)
-            if found is not None and found.status.final:
-                if found.exit_code is not None:
-                    return found.exit_code
-                if found.error:
-                    print(f"sheepdog: {name}: {found.error}", file=sys.stderr)
-                return _NOT_RUN
-            time.sleep(CWL_POLL)
+                    timeout=float(timelimit or 0), max_attempts=1, queue=self.queue,
+                    nonce=uuid.uuid4().hex)
+        told = threading.Event()
+        with self._lock:
+            self._waiting[task.id] = told
+        try:
+            store.add_tasks(self.conn, self.job.id, [task])
+            while True:
+                found = store.get_task(self.conn, task.id)
+                if found is not None and found.status.final:
+                    if found.exit_code is not None:
+                        return found.exit_code
+                    if found.error:
+                        print(f"sheepdog: {name}: {found.error}", file=sys.stderr)
+                    return _NOT_RUN
+                told.wait(CWL_LOOK_AGAIN)  # a line of its piece, or a look anyway
+                told.clear()
+        finally:
+            with self._lock:
+                del self._waiting[task.id]
+
+    def _listen(self) -> None:
+        """One reader of the job's log for all the invocations waiting: a line of a
+        piece (its end writes one) wakes the invocation waiting for it."""
+        cursors = {self.job.id: "0-0"}
+        while not self._closed.is_set():
+            try:
+                lines = logs.tail(self.conn, cursors, block_ms=CWL_LISTEN_MS)
+            except SheepdogError:
+                time.sleep(CWL_LOOK_AGAIN)
+                continue
+            with self._lock:
+                for _, line in lines:
+                    told = self._waiting.get(line.task)
+                    if told is not None:
+                        told.set()
 
     def close(self, code: int) -> None:
         """The run ended with cwltool's exit `code`: the job takes no more pieces, and
         ends in error if the run failed (also before any piece: a process that did not
         validate, an input missing)."""
+        self._closed.set()
         try:
             if code != 0:  # before closing: an open job without pieces would succeed
                 store.stop_job(self.conn, self.job.id, JobStatus.ERROR,
@@ -124,32 +160,32 @@ def _through_sheepdog() -> None:
             cwltool.job._job_popen = popen
 
 
-def run(argv: list[str], settings: Settings | None = None, queue: str | None = None,
-        backend: str = "local", host: str | None = None,
-        started: Callable[[Job], None] = lambda _job: None) -> int:
-    """cwltool's command line (`argv`), each tool invocation a sheepdog piece; cwltool's
-    exit code. Containers are not used: a DockerRequirement's tool runs from the host."""
+def run(argv: list[str], settings: Settings | None = None, queue: str | None = None) -> int:
+    """cwltool's command line (`argv`), each tool invocation a sheepdog piece on the
+    local backend (its files are on this machine's disk); cwltool's exit code. Containers
+    are not used: a DockerRequirement's tool runs from the host."""
     global _current
     try:
         import cwltool.argparser
         import cwltool.main
+        from cwltool.executors import MultithreadedJobExecutor
     except ImportError as e:
         raise ConfigError(f"CWL runs need cwltool ({e}): pip install 'sheepdog[cwl]', or "
                           "Guix's cwltool") from e
 
     _through_sheepdog()
     given = set(argv)
-    extra = [flag for flag in ("--no-container", "--parallel") if flag not in given]
+    extra = [flag for flag in ("--no-container",) if flag not in given]
     try:
         process = str(cwltool.argparser.arg_parser().parse_args(argv).workflow or "")
     except SystemExit:  # cwltool says what is wrong with the command line itself
         return int(cwltool.main.main(argv))
-    pieces = Pieces(settings or load(), process, queue, backend, host)
-    started(pieces.job)
+    pieces = Pieces(settings or load(), process, queue)
     _current = pieces
     code = 1
     try:
-        code = int(cwltool.main.main([*extra, *argv]))
+        code = int(cwltool.main.main([*extra, *argv], executor=MultithreadedJobExecutor(
+            max_parallel=pieces.slots())))
         return code
     finally:
         _current = None

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""A CWL scatter through sheepdog against cwltool itself, in the same run.
+
+    python3 bench/cwl_bench.py [--n 1000] [--workers 2]
+
+An --n element scatter of a trivial tool (`echo`), run by `sheepdog-cwl-runner` (each
+invocation a piece; --workers worker processes, 2 slots each, on a redis-server started
+here) and by `cwltool --parallel --no-container`; seconds each and the ratio (target:
+sheepdog at least 2x faster), and the runner process's own CPU seconds (cwltool builds
+every invocation in it, for both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import RedisServer, free_port  # noqa: E402
+
+BIN = Path(sys.executable).parent
+TOOL = """cwlVersion: v1.2
+class: CommandLineTool
+baseCommand: echo
+inputs:
+  word: {type: string, inputBinding: {position: 1}}
+stdout: out.txt
+outputs:
+  out: {type: stdout}
+"""
+WORKFLOW = """cwlVersion: v1.2
+class: Workflow
+requirements:
+  ScatterFeatureRequirement: {}
+inputs:
+  words: string[]
+outputs:
+  outs:
+    type: File[]
+    outputSource: echo/out
+steps:
+  echo:
+    run: echo.cwl
+    scatter: word
+    in: {word: words}
+    out: [out]
+"""
+
+
+def timed(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, dict]:
+    """Wall seconds, the runner's own CPU seconds, and its output object."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True)
+    took = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return took, cpu, json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cwl-bench-"))
+    (work / "echo.cwl").write_text(TOOL)
+    (work / "scatter.cwl").write_text(WORKFLOW)
+    (work / "job.json").write_text(json.dumps({"words": [f"w{i}" for i in range(args.n)]}))
+    server = RedisServer(free_port(), work)
+    server.start()
+    env = dict(os.environ, SHEEPDOG_REDIS_URL=server.url, SHEEPDOG_HOME=str(work / "home"),
+               SHEEPDOG_QUEUE="cwl", TMPDIR=str(work))
+    workers = [subprocess.Popen([sys.executable, "-m", "sheepdog", "worker", "-j", "2"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True) for _ in range(args.workers)]
+    try:
+        time.sleep(2)  # the workers are up
+        ours, our_cpu, out = timed([str(BIN / "sheepdog-cwl-runner"), "--quiet", "--outdir",
+                                    str(work / "ours"), "scatter.cwl", "job.json"], env, work)
+        assert len(out["outs"]) == args.n
+        theirs, their_cpu, out = timed([str(BIN / "cwltool"), "--parallel", "--no-container",
+                                        "--quiet", "--outdir", str(work / "theirs"),
+                                        "scatter.cwl", "job.json"], env, work)
+        assert len(out["outs"]) == args.n
+    finally:
+        for w in workers:
+            w.terminate()
+            w.wait(30)
+        server.stop()
+    print(f"{args.n:,d}-element scatter of echo: sheepdog-cwl-runner ({args.workers} workers "
+          f"x 2) {ours:.1f} s, its own CPU {our_cpu:.1f} s; cwltool --parallel --no-container "
+          f"{theirs:.1f} s, CPU {their_cpu:.1f} s; sheepdog {theirs / ours:.2f}x as fast "
+          "(target >= 2x)")
+
+
+if __name__ == "__main__":
+    main()
