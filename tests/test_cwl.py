@@ -74,6 +74,31 @@ def test_sheepdog_run_cwl_says_how_it_ended(env, conn, workers, tmp_path):
     assert task.exit_code == 1 and task.argv[-1] == "false"
 
 
+def test_an_unchanged_invocation_is_not_run_again(env, conn, workers, tmp_path):
+    """`sheepdog run cwl` caches each invocation by its command line, inputs and
+    requirements: the same run again makes no piece at all and gives the same counts;
+    with one text changed, only its count and the sum run again."""
+    workers.start("-j", "2")
+    here = tmp_path / "cwl"
+    shutil.copytree(EXAMPLE, here)
+
+    def run(n: int) -> tuple[list[int], int]:
+        done = subprocess.run([sys.executable, "-m", "sheepdog", "run", "cwl", "--quiet",
+                               "--outdir", str(tmp_path / f"out{n}"), "wc-scatter.cwl",
+                               "job.yml"], cwd=here, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads(done.stdout)
+        counts = [int(Path(f["path"]).read_text()) for f in result["counts"]]
+        return counts, len(store.job_tasks(conn, _cwl_jobs(conn)[0].id))
+
+    assert run(1) == ([3, 6, 9, 12, 15, 18], 7)
+    assert run(2) == ([3, 6, 9, 12, 15, 18], 0)
+    (here / "text3.txt").write_text("just four words here\n")
+    assert run(3) == ([3, 6, 4, 12, 15, 18], 2)
+    assert int((tmp_path / "out3" / "total.txt").read_text()) == 58
+
+
 def test_required_conformance_tests_pass_through_sheepdog(env, conn, workers):
     """20 `required` tests of the CWL v1.2 suite (tests/cwl-conformance: those with small
     files), with cwltest, through sheepdog-cwl-runner and this test's workers; each run

@@ -139,6 +139,9 @@ def test_a_stopped_server_leaves_nothing_and_its_streams_resume_after_a_restart(
     server = _serve(env, port)
     try:
         wait_for(lambda: _up(base), 30, every=0.1, what="sheepdog serve")
+        # its local worker registered first: else `run --detach` starts a worker of its
+        # own, which takes the piece the stopped server hands back and runs it again
+        wait_for(lambda: registration.live_workers(conn), 30, what="serve's local worker")
         tag = f"s{os.getpid()}x{time.time_ns()}"
         job_id = _submit(env, _once_then_quick(tmp_path, tag))
         piece = _piece(tmp_path, tag)

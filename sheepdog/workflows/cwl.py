@@ -21,17 +21,23 @@ def cwl_command(cli: CliServices) -> click.Command:
                   help="Where the output files go.")
     @click.option("--queue", default=None, help="Queue name (default: from settings).")
     @click.option("--quiet", is_flag=True, help="Only the output object and errors.")
+    @click.option("--cache/--no-cache", default=True, show_default=True,
+                  help="Reuse a tool invocation's outputs when its command line, inputs and "
+                       "requirements are unchanged (cwltool's --cachedir, in SHEEPDOG_HOME).")
     @click.argument("process", type=click.Path(exists=True, dir_okay=False))
     @click.argument("job_order", required=False, type=click.Path(exists=True, dir_okay=False))
     def run_cwl(process: str, job_order: str | None, outdir: str, queue: str | None,
-                quiet: bool) -> None:
+                quiet: bool, cache: bool) -> None:
         """Run a CWL CommandLineTool or Workflow; the output object on stdout, exit 0
-        (success), 1 (failure) or 33 (an unsupported requirement)."""
+        (success), 1 (failure) or 33 (an unsupported requirement). A run stopped half-way
+        and started again runs only what did not finish (with --cache)."""
         from .. import cwlrun
 
-        argv = ["--outdir", outdir, *(["--quiet"] if quiet else []), process,
+        settings = cli.settings()
+        cached = ["--cachedir", str(settings.home / "cwl-cache")] if cache else []
+        argv = ["--outdir", outdir, *cached, *(["--quiet"] if quiet else []), process,
                 *([job_order] if job_order else [])]
-        sys.exit(cwlrun.run(argv, cli.settings(), queue=queue))
+        sys.exit(cwlrun.run(argv, settings, queue=queue))
 
     return run_cwl
 
