@@ -1,10 +1,11 @@
 """CWL through sheepdog: cwltool, used as a library, loads and validates the process,
 evaluates its expressions and builds each tool invocation's command line; every
-invocation then runs as a piece of one open sheepdog job, on that job's backend and
-queue, as many at once as the workers take (cwltool's parallel executor hands them
-over as their inputs are ready). `sheepdog-cwl-runner` has cwl-runner's command line
-(cwltool's own: --outdir, --quiet, PROCESS [JOB]; the output object on stdout; exit 0,
-1, or 33 for an unsupported requirement), so cwltest runs the conformance suite on it.
+invocation then runs as a piece of one open sheepdog job, by the workers of its queue
+(the local backend: the files are on this machine's disk), as many at once as they
+take (cwltool's parallel executor hands them over as their inputs are ready).
+`sheepdog-cwl-runner` has cwl-runner's command line (cwltool's own: --outdir, --quiet,
+PROCESS [JOB]; the output object on stdout; exit 0, 1, or 33 for an unsupported
+requirement), so cwltest runs the conformance suite on it.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class Pieces:
         while not self._closed.is_set():
             try:
                 lines = logs.tail(self.conn, cursors, block_ms=CWL_LISTEN_MS)
-            except SheepdogError:
+            except Exception:  # noqa: BLE001  (Redis away): the waiting look every second
                 time.sleep(CWL_LOOK_AGAIN)
                 continue
             with self._lock:

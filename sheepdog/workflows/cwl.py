@@ -57,7 +57,7 @@ class Cwl(Workflow):
     def from_request(self, body: dict[str, Any], inputs: InputResolver, settings: Settings,
                      cache: Cache, owner: str = "") -> tuple[Job, list[Task]]:
         raise FieldError("workflow", "CWL runs are started by `sheepdog run cwl` or "
-                         "sheepdog-cwl-runner; POST /jobs does not take them yet", 422)
+                         "sheepdog-cwl-runner; POST /jobs does not take them yet")
 
 
 WORKFLOW = Cwl()
