@@ -76,6 +76,10 @@ class Settings:
     gn3_incomplete_wait: float = 30.0  # s: how long a GN3 id may wait for its hash fields
     gn3_routes_open: bool = False  # GN3's two status routes answer without a token, as GN3's
     scratch_max_age: float = 2 * 24 * 3600.0  # s: abandoned scratch older than this is swept
+    # a CWL tool that asks for a container (DockerRequirement): "host" does as cwltool's
+    # --no-container (a hint's tool runs from the host, a requirement is refused),
+    # "refuse" refuses both (exit 33, unsupported)
+    cwl_containers: str = "host"
 
     @property
     def heartbeat_interval(self) -> float:
@@ -119,6 +123,8 @@ def _convert(name: str, raw: object, source: str) -> object:
         return tuple(str(i).strip() for i in items if str(i).strip())
     if name == "home":
         return Path(str(raw))
+    if name == "cwl_containers" and str(raw) not in ("host", "refuse"):
+        raise ConfigError(f"{source}: {name} must be host or refuse, got {raw!r}")
     return str(raw)
 
 

@@ -148,6 +148,33 @@ def _job_popen(original: Callable[..., int]) -> Callable[..., int]:
     return popen
 
 
+def _tool_maker(refuse_containers: bool) -> Any:
+    """cwltool's tool factory; with `refuse_containers`, a CommandLineTool that asks for a
+    container at all (DockerRequirement, as a hint too) is refused when it would run
+    (UnsupportedRequirement: cwltool exits 33) instead of running from the host."""
+    from cwltool.command_line_tool import CommandLineTool
+    from cwltool.errors import UnsupportedRequirement
+    from cwltool.workflow import default_make_tool
+
+    class NoContainers(CommandLineTool):
+        def make_job_runner(self, runtimeContext: Any) -> Any:
+            docker, _ = self.get_requirement("DockerRequirement")
+            if docker is not None:
+                raise UnsupportedRequirement(
+                    f"{self.tool.get('id', 'a tool')} asks for a container (DockerRequirement"
+                    f" {docker.get('dockerPull') or ''}) and SHEEPDOG_CWL_CONTAINERS=refuse: "
+                    "sheepdog runs no containers and is told not to run such a tool from "
+                    "the host")
+            return super().make_job_runner(runtimeContext)
+
+    def make(toolpath_object: Any, loadingContext: Any) -> Any:
+        if refuse_containers and toolpath_object.get("class") == "CommandLineTool":
+            return NoContainers(toolpath_object, loadingContext)
+        return default_make_tool(toolpath_object, loadingContext)
+
+    return make
+
+
 _patched = threading.Lock()
 
 
@@ -163,12 +190,14 @@ def _through_sheepdog() -> None:
 
 def run(argv: list[str], settings: Settings | None = None, queue: str | None = None) -> int:
     """cwltool's command line (`argv`), each tool invocation a sheepdog piece on the
-    local backend (its files are on this machine's disk); cwltool's exit code. Containers
-    are not used: a DockerRequirement's tool runs from the host."""
+    local backend (its files are on this machine's disk); cwltool's exit code. No
+    containers, as cwltool's --no-container: a DockerRequirement hint's tool runs from
+    the host, a required one is refused; settings.cwl_containers "refuse" refuses both."""
     global _current
     try:
         import cwltool.argparser
         import cwltool.main
+        from cwltool.context import LoadingContext
         from cwltool.executors import MultithreadedJobExecutor
     except ImportError as e:
         raise ConfigError(f"CWL runs need cwltool ({e}): pip install 'sheepdog[cwl]', or "
@@ -178,15 +207,19 @@ def run(argv: list[str], settings: Settings | None = None, queue: str | None = N
     given = set(argv)
     extra = [flag for flag in ("--no-container",) if flag not in given]
     try:
-        process = str(cwltool.argparser.arg_parser().parse_args(argv).workflow or "")
+        args = cwltool.argparser.arg_parser().parse_args([*extra, *argv])
     except SystemExit:  # cwltool says what is wrong with the command line itself
         return int(cwltool.main.main(argv))
-    pieces = Pieces(settings or load(), process, queue)
+    settings = settings or load()
+    pieces = Pieces(settings, str(args.workflow or ""), queue)
+    loading = LoadingContext(vars(args))  # as cwltool makes it, with sheepdog's tool factory
+    loading.construct_tool_object = _tool_maker(settings.cwl_containers == "refuse")
     _current = pieces
     code = 1
     try:
-        code = int(cwltool.main.main([*extra, *argv], executor=MultithreadedJobExecutor(
-            max_parallel=pieces.slots())))
+        code = int(cwltool.main.main([*extra, *argv], loadingContext=loading,
+                                     executor=MultithreadedJobExecutor(
+                                         max_parallel=pieces.slots())))
         return code
     finally:
         _current = None

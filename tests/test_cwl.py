@@ -74,6 +74,39 @@ def test_sheepdog_run_cwl_says_how_it_ended(env, conn, workers, tmp_path):
     assert task.exit_code == 1 and task.argv[-1] == "false"
 
 
+def test_a_tool_that_asks_for_a_container_runs_from_the_host_or_is_refused(env, conn, workers,
+                                                                          tmp_path):
+    """DockerRequirement, as cwltool's --no-container: a hint's tool runs from the host,
+    a required container is refused with CWL's exit code for an unsupported requirement
+    (33); SHEEPDOG_CWL_CONTAINERS=refuse refuses the hint's too, naming the setting, and
+    no piece ran. A setting that is neither is refused, naming it."""
+    workers.start("-j", "2")
+
+    def tool(where: str) -> Path:
+        path = tmp_path / f"{where}.cwl"
+        path.write_text(f"cwlVersion: v1.2\nclass: CommandLineTool\n{where}:\n"
+                        "  DockerRequirement: {dockerPull: 'debian:12'}\n"
+                        "baseCommand: [echo, hi]\nstdout: hi.txt\ninputs: []\n"
+                        "outputs:\n  hi: {type: stdout}\n")
+        return path
+
+    def run(path: Path, **more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*RUNNER, "--quiet", "--outdir", str(tmp_path / "o"), str(path)],
+                              env=dict(env, **more), capture_output=True, text=True, timeout=60)
+
+    hinted = run(tool("hints"))
+    assert hinted.returncode == 0, hinted.stderr[-2000:]
+    assert Path(json.loads(hinted.stdout)["hi"]["path"]).read_text() == "hi\n"
+    assert run(tool("requirements")).returncode == 33
+    refused = run(tool("hints"), SHEEPDOG_CWL_CONTAINERS="refuse")
+    assert refused.returncode == 33, refused.stderr[-2000:]
+    assert "SHEEPDOG_CWL_CONTAINERS=refuse" in refused.stderr
+    newest = _cwl_jobs(conn)[0]
+    assert newest.status == "error" and store.job_tasks(conn, newest.id) == []
+    bad = run(tool("hints"), SHEEPDOG_CWL_CONTAINERS="maybe")
+    assert bad.returncode == 1 and "cwl_containers must be host or refuse" in bad.stderr
+
+
 def test_an_unchanged_invocation_is_not_run_again(env, conn, workers, tmp_path):
     """`sheepdog run cwl` caches each invocation by its command line, inputs and
     requirements: the same run again makes no piece at all and gives the same counts;
