@@ -10,21 +10,35 @@ requirement), so cwltest runs the conformance suite on it.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
+import shutil
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, MutableMapping
+from pathlib import Path
 from typing import Any
 
 from . import jobs, logs, store
+from .cache import Cache
 from .config import Settings, load
 from .connection import connect
-from .defaults import CWL_LISTEN_MS, CWL_LOOK_AGAIN, EXECUTOR_STOP_WAIT
+from .cwlstep import ROOT
+from .defaults import (
+    CWL_LISTEN_MS,
+    CWL_LOOK_AGAIN,
+    CWL_REMOTE_CORES,
+    CWL_REMOTE_RAM_MB,
+    EXECUTOR_STOP_WAIT,
+)
 from .errors import ConfigError, SheepdogError
-from .models import Job, JobStatus, Task
+from .models import Job, JobStatus, Task, TaskStatus
 from .pool import Pool, unserved
+from .registration import live_workers
 
 # The piece's program, its redirections applied first: a fixed script, everything the
 # tool gives as its positional parameters (never part of the script's text).
@@ -34,18 +48,155 @@ _REDIRECT = ('in=$1 out=$2 err=$3; shift 3; '
 _NOT_RUN = 127  # what a shell says of a program it could not start
 
 
+class Staging:
+    """One invocation written for a host without the runner's disk (sheepdog.cwlstep):
+    every local path it names under ROOT, every file it reads by content. The names
+    under ROOT come from contents only, so the same invocation has the same piece id
+    in every run (cwltool's own directories are new temporary ones each time)."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        self.roots: dict[str, str] = {}  # local directory -> its place under ROOT
+        self.files: dict[str, tuple[str, bool]] = {}  # path under ROOT -> (sha, writable)
+        self.dirs: set[str] = set()
+
+    def path(self, text: str) -> str:
+        """`text` with every local root it names moved under ROOT."""
+        for local in sorted(self.roots, key=len, reverse=True):
+            if text == local:
+                return self.roots[local]
+            text = text.replace(local + "/", self.roots[local] + "/")
+        return text
+
+    def tree(self, local: str, rel: str, writable: bool) -> None:
+        """A file, or a directory's files (links followed) and empty directories, as rel."""
+        if not os.path.isdir(local):
+            self.files[rel] = (self.cache.put_file(Path(local)), writable)
+            return
+        self.dirs.add(rel)
+        for here, dirs, names in os.walk(local, followlinks=True):
+            sub = os.path.normpath(os.path.join(rel, os.path.relpath(here, local)))
+            self.dirs.update(f"{sub}/{d}" for d in dirs)
+            for name in names:
+                self.files[f"{sub}/{name}"] = (
+                    self.cache.put_file(Path(here, name)), writable)
+
+    def inputs(self, pathmapper: Any, outdir: str) -> None:
+        """The files cwltool mapped for the tool: each directory they sit in becomes one
+        directory under ROOT/in, named by what it holds (a file's secondary files stay
+        beside it); those in the output directory go with it."""
+        groups: dict[str, list[tuple[str, str, bool]]] = {}
+        done: list[str] = [outdir]
+        for _, ent in sorted(pathmapper.items(), key=lambda kv: kv[1].target):
+            target = ent.target
+            if ent.type.startswith("Create") or target in done or any(
+                    target.startswith(d + "/") for d in done):
+                continue  # literal contents are staged in the outdir; a listed child is in
+            source = ent.resolved[7:] if ent.resolved.startswith("file://") else ent.resolved
+            source = source if os.path.exists(source) else target
+            if os.path.exists(source):
+                groups.setdefault(os.path.dirname(target), []).append(
+                    (os.path.basename(target), source, ent.type.startswith("Writable")))
+                done.append(target)
+        for parent, members in groups.items():
+            group = Staging(self.cache)
+            for name, source, writable in members:
+                group.tree(source, name, writable)
+            named = json.dumps([sorted(group.files.items()), sorted(group.dirs)])
+            root = f"in/{hashlib.sha256(named.encode()).hexdigest()[:16]}"
+            self.roots[parent] = f"{ROOT}/{root}"
+            self.files.update({f"{root}/{k}": v for k, v in group.files.items()})
+            self.dirs.update(f"{root}/{d}" for d in group.dirs)
+
+    def spec(self) -> tuple[list[list[Any]], list[str], list[str]]:
+        """(files as [path, blob index, writable], directories, blob shas), in order."""
+        shas = sorted({sha for sha, _ in self.files.values()})
+        index = {sha: i for i, sha in enumerate(shas)}
+        files = [[rel, index[sha], writable] for rel, (sha, writable)
+                 in sorted(self.files.items())]
+        return files, sorted(self.dirs - {"out"}), shas
+
+
+def staged_task(cache: Cache, name: str, argv: list[str], cwd: str,
+                env: MutableMapping[str, str], redirect: list[str | None], job: Any,
+                timelimit: int | None) -> Task:
+    """The invocation as a content-addressed piece running sheepdog.cwlstep: the same
+    tool on the same inputs has the same id wherever the run is (its cache is shared)."""
+    staging = Staging(cache)
+    staging.roots[cwd] = f"{ROOT}/out"
+    tmp = env.get("TMPDIR") or str(getattr(job, "tmpdir", "") or "")
+    if tmp:
+        staging.roots[tmp] = f"{ROOT}/tmp"
+    pathmapper = getattr(job, "pathmapper", None)
+    if pathmapper is not None:
+        staging.inputs(pathmapper, cwd)
+    staging.tree(cwd, "out", True)  # what cwltool staged in the outdir (InitialWorkDir)
+    files, dirs, shas = staging.spec()
+    fail = [*getattr(job, "temporaryFailCodes", []), *getattr(job, "permanentFailCodes", [])]
+    spec = {"argv": [staging.path(a) for a in argv],
+            "stdin": staging.path(redirect[0]) if redirect[0] else None,
+            "stdout": staging.path(redirect[1]) if redirect[1] else None,
+            "stderr": staging.path(redirect[2]) if redirect[2] else None,
+            "env": {k: staging.path(v) for k, v in sorted(env.items()) if k != "PATH"},
+            "files": files, "dirs": dirs,
+            "success": sorted(getattr(job, "successCodes", None) or []),
+            "fail": sorted(fail)}
+    blobs: list[Any] = [{"input": str(i)} for i in range(len(shas))]
+    return Task(name=name, argv=[{"python": True}, "-m", "sheepdog.cwlstep", {"out": "code"},
+                                 json.dumps(spec, sort_keys=True), *blobs],
+                inputs={str(i): sha for i, sha in enumerate(shas)},
+                outputs=["code"], environment="cwl", timeout=float(timelimit or 0))
+
+
+def asked(job: Any) -> tuple[int, int]:
+    """(cores, MiB of memory) a tool's ResourceRequirement asks for, as cwltool worked
+    them out; (0, 0) without one (a worker's one slot, the cluster's defaults)."""
+    builder = getattr(job, "builder", None)
+    if builder is None or not any(r.get("class") == "ResourceRequirement"
+                                  for r in [*builder.requirements, *builder.hints]):
+        return 0, 0
+    resources = builder.resources
+    return math.ceil(float(resources.get("cores") or 0)), math.ceil(
+        float(resources.get("ram") or 0))
+
+
+def bring_back(cache: Cache, task_id: str, cwd: str) -> int:
+    """A staged invocation's output directory into cwltool's `cwd`; the tool's exit code."""
+    done = cache.task_dir(task_id)
+    out = done / "out"
+    for here, _, names in os.walk(out):
+        dest = Path(cwd) / os.path.relpath(here, out)
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            target = dest / name
+            if target.is_symlink() or target.exists():
+                target.unlink()  # a staged link: never write through it into an input
+            shutil.copyfile(Path(here) / name, target)
+    return int((done / "code").read_text().strip() or 0)
+
+
 class Pieces:
     """The open job a CWL run's tool invocations join, one piece each."""
 
-    def __init__(self, settings: Settings, process: str, queue: str | None = None) -> None:
+    def __init__(self, settings: Settings, process: str, queue: str | None = None,
+                 backend: str = "local", host: str = "", stage: bool = False) -> None:
+        jobs.check_backend(backend, host)
         self.settings = settings
         self.conn = connect(settings)
+        self.cache = Cache(settings.cache_dir)
         self.queue = queue or settings.queue
+        self.backend, self.host = backend, host
+        # in place only where the worker shares this disk: a local worker (a pull worker
+        # serving the queue has a disk of its own)
+        self.staged = stage or backend != "local" or bool(host) or any(
+            w.get("pull") for w in live_workers(self.conn, self.queue))
         self.job = Job(id=jobs.new_job_id(), workflow="cwl", queue=self.queue,
-                       command=[process], params={"process": process})
+                       command=[process], params={"process": process}, backend=backend,
+                       host=host)
         store.submit(self.conn, self.job, [], open_=True)
         self._lock = threading.Lock()
-        self._waiting: dict[str, threading.Event] = {}
+        self._waiting: dict[str, list[threading.Event]] = {}
+        self._added: set[str] = set()
         self._closed = threading.Event()
         threading.Thread(target=self._listen, name="cwl-listen", daemon=True).start()
         self._pool = Pool(settings)
@@ -58,39 +209,55 @@ class Pieces:
         queue now (cwltool's parallel executor would otherwise count this machine's
         cores), at least this machine's cores. More in flight made the run slower here:
         cwltool's threads then contend in this one process, which builds them all."""
-        from .registration import live_workers
-
         found = sum(int(str(w.get("concurrency") or 1))
                     for w in live_workers(self.conn, self.queue))
         return max(found, os.cpu_count() or 1)
 
     def run(self, name: str, argv: list[str], cwd: str, env: MutableMapping[str, str],
-            stdin: str | None, stdout: str | None, stderr: str | None,
-            timelimit: int | None) -> int:
-        """One tool invocation as a piece of the job; its exit code once it ended."""
-        task = Task(name=name, argv=["sh", "-c", _REDIRECT, "sh", stdin or "", stdout or "",
-                                     stderr or "", *argv],
-                    cacheable=False, cwd=cwd, env=dict(env), clean_env=True,
-                    timeout=float(timelimit or 0), max_attempts=1, queue=self.queue,
-                    nonce=uuid.uuid4().hex)
+            redirect: list[str | None], timelimit: int | None, job: Any = None) -> int:
+        """One tool invocation (`redirect`: its stdin, stdout, stderr files) as a piece of
+        the job; its exit code once it ended. On this machine's local backend it runs in
+        place; elsewhere it is staged by content (sheepdog.cwlstep) and its outputs come
+        back into `cwd`."""
+        if not self.staged:
+            task = Task(name=name, argv=["sh", "-c", _REDIRECT, "sh",
+                                         *[r or "" for r in redirect], *argv],
+                        cacheable=False, cwd=cwd, env=dict(env), clean_env=True,
+                        timeout=float(timelimit or 0), max_attempts=1, nonce=uuid.uuid4().hex)
+        else:
+            task = staged_task(self.cache, name, argv, cwd, env, redirect, job, timelimit)
+        task.queue, task.backend, task.host = self.queue, self.backend, self.host
+        task.cores, task.ram_mb = asked(job)
+        found = self._wait(task)
+        if found.status == TaskStatus.SUCCESS and task.cacheable:
+            return bring_back(self.cache, task.id, cwd)
+        if found.exit_code is not None:
+            return found.exit_code
+        if found.error:
+            print(f"sheepdog: {name}: {found.error}", file=sys.stderr)
+        return _NOT_RUN
+
+    def _wait(self, task: Task) -> Task:
+        """Add the piece (a cached one is done at once) and wait for its end."""
         told = threading.Event()
         with self._lock:
-            self._waiting[task.id] = told
+            self._waiting.setdefault(task.id, []).append(told)
+            twice = task.id in self._added  # the same invocation again: one piece, one count
+            self._added.add(task.id)
         try:
-            store.add_tasks(self.conn, self.job.id, [task])
+            if not twice:
+                store.add_tasks(self.conn, self.job.id, [task], published=self.cache.reused)
             while True:
                 found = store.get_task(self.conn, task.id)
                 if found is not None and found.status.final:
-                    if found.exit_code is not None:
-                        return found.exit_code
-                    if found.error:
-                        print(f"sheepdog: {name}: {found.error}", file=sys.stderr)
-                    return _NOT_RUN
+                    return found
                 told.wait(CWL_LOOK_AGAIN)  # a line of its piece, or a look anyway
                 told.clear()
         finally:
             with self._lock:
-                del self._waiting[task.id]
+                self._waiting[task.id].remove(told)
+                if not self._waiting[task.id]:
+                    del self._waiting[task.id]
 
     def _listen(self) -> None:
         """One reader of the job's log for all the invocations waiting: a line of a
@@ -104,8 +271,7 @@ class Pieces:
                 continue
             with self._lock:
                 for _, line in lines:
-                    told = self._waiting.get(line.task)
-                    if told is not None:
+                    for told in self._waiting.get(line.task, ()):
                         told.set()
 
     def close(self, code: int) -> None:
@@ -142,8 +308,11 @@ def _job_popen(original: Callable[..., int]) -> Callable[..., int]:
             return original(commands, stdin_path, stdout_path, stderr_path, env, cwd,
                             make_job_dir, job_script_contents, timelimit, name,
                             monitor_function, default_stdout, default_stderr)
-        return pieces.run(name or commands[0], commands, cwd, env, stdin_path, stdout_path,
-                          stderr_path, timelimit)
+        # cwltool's monitor is a partial of the job's own method: the job (its inputs'
+        # paths, its exit codes) for an invocation staged elsewhere
+        job = getattr(getattr(monitor_function, "func", None), "__self__", None)
+        return pieces.run(name or commands[0], commands, cwd, env,
+                          [stdin_path, stdout_path, stderr_path], timelimit, job)
 
     return popen
 
@@ -188,9 +357,11 @@ def _through_sheepdog() -> None:
             cwltool.job._job_popen = popen
 
 
-def run(argv: list[str], settings: Settings | None = None, queue: str | None = None) -> int:
-    """cwltool's command line (`argv`), each tool invocation a sheepdog piece on the
-    local backend (its files are on this machine's disk); cwltool's exit code. No
+def run(argv: list[str], settings: Settings | None = None, queue: str | None = None,
+        backend: str = "local", host: str = "", stage: bool = False) -> int:
+    """cwltool's command line (`argv`), each tool invocation a sheepdog piece on
+    `backend` (local: in place on this machine's disk; shell, slurm, a pull worker's
+    queue: staged by content); cwltool's exit code. No
     containers, as cwltool's --no-container: a DockerRequirement hint's tool runs from
     the host, a required one is refused; settings.cwl_containers "refuse" refuses both."""
     global _current
@@ -211,15 +382,18 @@ def run(argv: list[str], settings: Settings | None = None, queue: str | None = N
     except SystemExit:  # cwltool says what is wrong with the command line itself
         return int(cwltool.main.main(argv))
     settings = settings or load()
-    pieces = Pieces(settings, str(args.workflow or ""), queue)
+    pieces = Pieces(settings, str(args.workflow or ""), queue, backend, host, stage)
     loading = LoadingContext(vars(args))  # as cwltool makes it, with sheepdog's tool factory
     loading.construct_tool_object = _tool_maker(settings.cwl_containers == "refuse")
     _current = pieces
     code = 1
     try:
+        executor = MultithreadedJobExecutor(max_parallel=pieces.slots())
+        if backend != "local" or host:  # this machine's cores and memory are not the hosts'
+            executor.max_cores = float(max(executor.max_cores, CWL_REMOTE_CORES))
+            executor.max_ram = CWL_REMOTE_RAM_MB
         code = int(cwltool.main.main([*extra, *argv], loadingContext=loading,
-                                     executor=MultithreadedJobExecutor(
-                                         max_parallel=pieces.slots())))
+                                     executor=executor))
         return code
     finally:
         _current = None
@@ -230,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     """`sheepdog-cwl-runner`: cwl-runner's command line."""
     try:
         return run(list(sys.argv[1:] if argv is None else argv),
-                   queue=os.environ.get("SHEEPDOG_CWL_QUEUE") or None)
+                   queue=os.environ.get("SHEEPDOG_CWL_QUEUE") or None,
+                   backend=os.environ.get("SHEEPDOG_CWL_BACKEND") or "local",
+                   host=os.environ.get("SHEEPDOG_CWL_HOST") or "",
+                   stage=bool(os.environ.get("SHEEPDOG_CWL_STAGE")))
     except SheepdogError as e:
         print(f"sheepdog-cwl-runner: {e}", file=sys.stderr)
         return 1

@@ -69,6 +69,11 @@ LOG_MAX_LINE = 64 << 10  # characters of one log line; the rest is cut, saying s
 LOG_BUFFER_LINES = 100_000  # lines a piece's log keeps while Redis is unreachable
 FOLLOW_BLOCK_MS = 250  # ms: a log follower's XREAD block
 FOLLOW_COUNT = 1000  # lines per XREAD of a follower
+SLOTS_LOOK_AGAIN = 0.5  # s: a piece waiting for a worker's slots looks whether it is leaving
+# cores and MiB of memory cwltool may hand out at once to invocations that run on ssh hosts
+# or Slurm (the cluster schedules them; cwltool would count this machine's)
+CWL_REMOTE_CORES = 256
+CWL_REMOTE_RAM_MB = 1 << 30
 CWL_LOOK_AGAIN = 1.0  # s: a CWL invocation looks at its piece this often even when no line woke it
 CWL_LISTEN_MS = 1000  # ms: a CWL run's log reader blocks this long per read
 ENDED_CHECK = 1.0  # s: a follower asks whether its job ended at least this often

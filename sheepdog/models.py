@@ -81,6 +81,11 @@ class Task:
     # its failure is the job's own words (map's gather: "3 of 3 items failed"), not
     # "piece 'gather' failed"; not part of the content id
     speaks_for_job: bool = False
+    # what it asks for (CWL's ResourceRequirement): that many of a worker's slots, Slurm's
+    # --cpus-per-task and --mem; 0 is one slot and the cluster's default. Not part of the
+    # content id: the result does not depend on it
+    cores: int = 0
+    ram_mb: int = 0
     backend: str = "local"
     host: str = ""
     queue: str = "default"

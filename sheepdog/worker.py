@@ -7,6 +7,7 @@ expired was lost with its worker and is run again, or failed when out of attempt
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -29,6 +30,7 @@ from .defaults import (
     MAINTAIN_FAST,
     REDIS_RETRY,
     SCRATCH_SWEEP_EVERY,
+    SLOTS_LOOK_AGAIN,
     TAKE_TO_CLAIM,
     TAKE_WAIT,
     TAKE_WAIT_INLINE,
@@ -93,14 +95,45 @@ class Heartbeats:
                     revoked.set()
 
 
+class Slots:
+    """A worker's slots (its concurrency): a piece that asks for several cores holds
+    that many (at most all) while it runs; pieces get them in the order they asked."""
+
+    def __init__(self, total: int) -> None:
+        self.total = self.free = max(1, total)
+        self._turns: collections.deque[object] = collections.deque()
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, cores: int, leaving: threading.Event) -> Iterator[None]:
+        """`cores` slots (0: one) until the block ends; a worker leaving stops waiting."""
+        want = max(1, min(cores, self.total))
+        turn = object()
+        with self._cond:
+            self._turns.append(turn)
+            while not (self._turns[0] is turn and self.free >= want) and not leaving.is_set():
+                self._cond.wait(SLOTS_LOOK_AGAIN)
+            self._turns.remove(turn)
+            got = want if self.free >= want else 0
+            self.free -= got
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.free += got
+                self._cond.notify_all()
+
+
 class PieceRunner:
     """Runs one claimed task to its end, streaming its output into the jobs' logs."""
 
     def __init__(self, conn: redis.Redis, settings: Settings, worker: str,
                  leaving: threading.Event | None = None,
                  stopping: threading.Event | None = None,
-                 beats: Heartbeats | None = None) -> None:
+                 beats: Heartbeats | None = None, slots: Slots | None = None) -> None:
         self.leaving = leaving or threading.Event()
+        self.slots = slots
         self.beats = beats or Heartbeats(conn, worker, settings)
         self.stopping = stopping or threading.Event()
         self.conn = conn
@@ -138,7 +171,7 @@ class PieceRunner:
             raw = logs.RawWriter(self.conn, task.id)
             raw.reset()
         output = PieceOutput(writer, raw)
-        with self.beats.keep(task.id) as revoked:
+        with self.beats.keep(task.id) as revoked, self._slots(task):
             outcome = piece.run(task, self.settings, self.cache, output, revoked,
                                 self.leaving)
         output.flush()
@@ -149,6 +182,12 @@ class PieceRunner:
             outcome = Outcome(outcome.exit_code, writer.lost, lost=task.cacheable)
         return conclude(self.conn, self.settings, self.worker, task, jobs,
                         piece.explain(outcome, output), self.stopping, entry)
+
+
+    def _slots(self, task: Task) -> contextlib.AbstractContextManager[None]:
+        if self.slots is None or task.backend not in ("", "local"):
+            return contextlib.nullcontext()  # its cores are elsewhere (a host, a cluster)
+        return self.slots.hold(task.cores, self.leaving)
 
 
 class Worker:
@@ -177,6 +216,7 @@ class Worker:
         self._busy = 0
         self._lock = threading.Lock()
         self.beats = Heartbeats(conn, self.name, settings)
+        self.slots = Slots(self.concurrency)
 
     # -- lifecycle
     def run(self) -> None:
@@ -298,7 +338,7 @@ class Worker:
     # -- one task thread
     def _task_loop(self) -> None:
         runner = PieceRunner(self.conn, self.settings, self.name, self.leaving, self.stopping,
-                             self.beats)
+                             self.beats, self.slots)
         # a worker that leaves with its job must notice quickly (Redis takes floats)
         wait = TAKE_WAIT_INLINE if self.until is not None else TAKE_WAIT
         while not self.stopping.is_set():

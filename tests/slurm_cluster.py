@@ -67,7 +67,8 @@ def start(root: Path, port: int) -> Slurm:
         "JobCompType=jobcomp/filetxt", f"JobCompLoc={root / 'log' / 'jobcomp.txt'}",
         "MinJobAge=3600", "MpiDefault=none", "MailProg=/bin/true", "ReturnToService=2",
         "SchedulerParameters=sched_interval=2",
-        f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
+        f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=512 "
+        "State=UNKNOWN",
         "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP", ""]))
     env = dict(os.environ, SLURM_CONF=str(conf))
     slurm = Slurm(root, conf)

@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import wait_for
+from conftest import free_port, wait_for
 
-from sheepdog import store
+from sheepdog import logs, store
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "cwl"
@@ -149,3 +149,124 @@ def test_required_conformance_tests_pass_through_sheepdog(env, conn, workers):
     ran = _cwl_jobs(conn)
     assert len(ran) >= 20 and all(j.status == "success" for j in ran), \
         [(j.id, j.status) for j in ran]
+
+
+def test_a_workflow_on_the_ssh_host_gives_the_local_runs_output_object(env, conn, workers,
+                                                                       tmp_path):
+    """`--backend shell --host testhost`: every invocation goes to the ssh host (a real
+    sshd on loopback) staged by content, runs in its own scratch there, and its output
+    directory comes back: the output object is the local run's, file for file. The same
+    run again is served from the cache (the pieces' ids do not depend on the runner's
+    temporary paths), and an edited input reruns only its count and the sum."""
+    import sshd
+    from test_shell_backend import CHANNELS
+
+    host = sshd.start(tmp_path / "testhost", free_port(), channels=CHANNELS)
+    try:
+        env_ssh = dict(env, **host.env())
+        workers.start("-j", "2", env=env_ssh)
+        here = tmp_path / "cwl"
+        shutil.copytree(EXAMPLE, here)
+
+        def run(out: str, *backend: str) -> dict:
+            done = subprocess.run([sys.executable, "-m", "sheepdog", "run", "cwl", "--quiet",
+                                   *backend, "--no-cache", "--outdir", str(tmp_path / out),
+                                   "wc-scatter.cwl", "job.yml"], cwd=here, env=env_ssh,
+                                  capture_output=True, text=True, timeout=180)
+            assert done.returncode == 0, (done.stderr[-2000:], [
+                (t.name, t.error) for t in store.job_tasks(conn, _cwl_jobs(conn)[0].id)])
+            return json.loads(done.stdout)
+
+        def same(result: dict, out: str) -> list:
+            files = [*result["counts"], result["total"]]
+            assert all(Path(f["path"]).parent == tmp_path / out for f in files)
+            return [(f["basename"], f["checksum"], f["size"]) for f in files]
+
+        local = run("local")
+        remote = run("remote", "--backend", "shell", "--host", "testhost")
+        assert same(remote, "remote") == same(local, "local")
+        job = _cwl_jobs(conn)[0]
+        assert job.status == "success" and job.backend == "shell"
+        tasks = store.job_tasks(conn, job.id)
+        assert len(tasks) == 7 and {t.host for t in tasks} == {"testhost"}
+        assert all(t.argv[2] == "sheepdog.cwlstep" for t in tasks)
+        log = [line.text for _, line in logs.tail(conn, {job.id: "0-0"})]
+        assert any("staged" in text and "to testhost" in text for text in log)
+        again = run("again", "--backend", "shell", "--host", "testhost")
+        assert same(again, "again") == same(local, "local")
+        assert _cwl_jobs(conn)[0].cached == 7
+        (here / "text3.txt").write_text("just four words here\n")
+        edited = run("edited", "--backend", "shell", "--host", "testhost")
+        assert int(Path(edited["total"]["path"]).read_text()) == 58
+        assert _cwl_jobs(conn)[0].cached == 5
+    finally:
+        host.stop()
+
+
+def test_a_pull_worker_runs_the_invocations_staged_by_content(env, conn, tmp_path):
+    """A queue a pull worker serves (its own disk, no Redis, only the service over
+    HTTPS): the run sees it and stages every invocation by content; all seven pieces
+    ran on the pull worker and the counts came back right."""
+    import tlscerts
+    from pullservice import Service, add_token, kill, start_worker, worker_env
+
+    from sheepdog.registration import live_workers
+
+    certs = tlscerts.make(tmp_path / "certs")
+    service_env = dict(env, SHEEPDOG_TOKENS_FILE=str(tmp_path / "tokens.json"))
+    token = add_token(service_env, "worker", "cwl-worker")
+    service = Service(service_env, f"127.0.0.1:{free_port()}", certs.server_cert,
+                      certs.server_key, certs.ca)
+    service.start()
+    worker = start_worker(service.url, worker_env(env, tmp_path / "w", token), "-j", "2",
+                          "--queue", env["SHEEPDOG_QUEUE"], ca=certs.ca)
+    try:
+        wait_for(lambda: any(w.get("pull") for w in live_workers(conn, env["SHEEPDOG_QUEUE"])),
+                 30, what="the pull worker")
+        done = subprocess.run([sys.executable, "-m", "sheepdog", "run", "cwl", "--quiet",
+                               "--no-cache", "--outdir", str(tmp_path / "out"),
+                               "wc-scatter.cwl", "job.yml"], cwd=EXAMPLE, env=env,
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads(done.stdout)
+        assert [int(Path(f["path"]).read_text()) for f in result["counts"]] == \
+            [3, 6, 9, 12, 15, 18]
+        assert int(Path(result["total"]["path"]).read_text()) == 63
+        tasks = store.job_tasks(conn, _cwl_jobs(conn)[0].id)
+        assert len(tasks) == 7 and all(t.worker.startswith("pull:") for t in tasks)
+        assert all(t.argv[2] == "sheepdog.cwlstep" for t in tasks)
+    finally:
+        kill(worker)
+        service.stop()
+
+
+def test_a_resource_requirement_is_what_slurm_gives_the_tool(env, conn, workers, slurm,
+                                                             tmp_path):
+    """`--backend slurm` (a real single-node Slurm): a tool's ResourceRequirement becomes
+    its piece's --cpus-per-task and --mem, and the tool, staged by content, sees them
+    in the batch job it ran in; a tool without one gets the cluster's defaults."""
+    env_slurm = dict(env, **slurm.env())
+    workers.start("-j", "2", env=env_slurm)
+    tool = tmp_path / "asks.cwl"
+    tool.write_text("cwlVersion: v1.2\nclass: CommandLineTool\nrequirements:\n"
+                    "  ResourceRequirement: {coresMin: 2, ramMin: 100}\n"
+                    "baseCommand: [sh, -c, 'echo \"$SLURM_CPUS_PER_TASK $SLURM_MEM_PER_NODE\"']\n"
+                    "stdout: asked.txt\ninputs: []\noutputs:\n  asked: {type: stdout}\n")
+    plain = tmp_path / "plain.cwl"
+    plain.write_text(tool.read_text().replace(  # (another command: not the other's cache)
+        "requirements:\n  ResourceRequirement: {coresMin: 2, ramMin: 100}\n", "").replace(
+        "\"']", "\"', plain]"))
+    said = []
+    for path in (tool, plain):
+        done = subprocess.run([sys.executable, "-m", "sheepdog", "run", "cwl", "--quiet",
+                               "--backend", "slurm", "--outdir", str(tmp_path / path.stem),
+                               str(path)], env=env_slurm, capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+        said.append(Path(json.loads(done.stdout)["asked"]["path"]).read_text().split())
+        task, = store.job_tasks(conn, _cwl_jobs(conn)[0].id)
+        assert task.backend == "slurm"
+    assert said[0] == ["2", "100"]
+    assert said[1] == []  # nothing asked: Slurm set neither
+    task_asked = [t for j in _cwl_jobs(conn)[:2] for t in store.job_tasks(conn, j.id)]
+    assert [(t.cores, t.ram_mb) for t in task_asked] == [(0, 0), (2, 100)]

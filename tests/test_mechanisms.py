@@ -364,3 +364,27 @@ def test_scripts_run_together_in_one_round_trip_even_after_the_server_forgot_the
         assert int(conn.get("n")) == 3
     with pytest.raises(Exception, match="boom"):
         run_many(conn, [(count, ["n"], []), ("return redis.error_reply('boom')", [], [])])
+
+
+def test_a_piece_that_asks_for_several_cores_holds_as_many_slots(conn, settings, tmp_path):
+    """A worker of two slots: two pieces that ask for one core each run side by side;
+    two that ask for two cores each (CWL's ResourceRequirement) run one after the other."""
+    def spans(cores: int) -> list[tuple[float, float]]:
+        job, tasks = Job(id=jobs.new_job_id(), workflow="test", queue=settings.queue), []
+        for n in range(2):
+            out = tmp_path / f"span-{cores}-{n}"
+            tasks.append(Task(name=f"p{n}", argv=[sys.executable, "-c", (
+                "import time,sys; a=time.time(); time.sleep(0.6); "
+                "open(sys.argv[1],'w').write(f'{a} {time.time()}')"), str(out)],
+                cacheable=False, nonce=f"{job.id}-{n}", queue=settings.queue, cores=cores))
+        jobs.submit(conn, settings, job, tasks)
+        Worker(conn, settings, [settings.queue], concurrency=2, burst=True,
+               register=False).run()
+        assert store.get_job(conn, job.id).status == JobStatus.SUCCESS
+        return sorted(tuple(map(float, (tmp_path / f"span-{cores}-{n}").read_text().split()))
+                      for n in range(2))
+
+    first, second = spans(1)
+    assert second[0] < first[1]  # overlapped
+    first, second = spans(2)
+    assert second[0] >= first[1]  # one after the other

@@ -43,6 +43,9 @@ def test_the_job_script_quotes_everything_and_records_the_exit_status():
     argv = cmd.sbatch_argv("/w/s.sh", "/w", "sd-1", partition="p", account="a")
     assert argv[:2] == ["sbatch", "--parsable"] and argv[-1] == "/w/s.sh"
     assert ["--partition", "p"] == argv[argv.index("--partition"):argv.index("--partition") + 2]
+    assert "--cpus-per-task" not in argv and "--mem" not in argv  # the cluster's defaults
+    asked = cmd.sbatch_argv("/w/s.sh", "/w", "sd-1", cores=3, ram_mb=700)
+    assert asked[-5:] == ["--cpus-per-task", "3", "--mem", "700M", "/w/s.sh"]
 
 
 @pytest.fixture()

@@ -149,7 +149,8 @@ def _closure(start: str) -> dict[str, bool]:
 
 def test_code_run_on_hosts_needs_only_the_standard_library_numpy_and_pillow():
     allowed_third_party = {"numpy", "PIL"}
-    steps = ["sheepdog.gemma.ops", "sheepdog.mapping.step", "sheepdog.calls"]
+    steps = ["sheepdog.gemma.ops", "sheepdog.mapping.step", "sheepdog.calls",
+             "sheepdog.cwlstep"]
     for step in steps:
         closure = _closure(step)
         outside = set()
@@ -184,7 +185,7 @@ def test_host_steps_import_and_run_without_redis_py(tmp_path):
 
     script = (
         "import sys; sys.modules['redis'] = None; sys.modules['rq'] = None\n"
-        "import sheepdog.gemma.ops, sheepdog.mapping.step, sheepdog.calls\n"
+        "import sheepdog.gemma.ops, sheepdog.mapping.step, sheepdog.calls, sheepdog.cwlstep\n"
         "from sheepdog.mapping import step\n"
         "sys.exit(step.main(['run', sys.argv[1]]))\n")
     r = subprocess.run([sys.executable, "-c", script, json.dumps(

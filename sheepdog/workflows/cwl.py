@@ -19,15 +19,24 @@ def cwl_command(cli: CliServices) -> click.Command:
     @click.command("cwl")
     @click.option("--outdir", default=".", show_default=True, type=click.Path(file_okay=False),
                   help="Where the output files go.")
+    @click.option("--backend", default="local", show_default=True,
+                  help="Where the tool invocations run: local (in place, on this disk), "
+                       "shell or slurm (staged by content; their outputs come back).")
+    @click.option("--host", default=None, help="Host (ssh config name) for shell/slurm.")
     @click.option("--queue", default=None, help="Queue name (default: from settings).")
+    @click.option("--stage", is_flag=True,
+                  help="Stage every invocation by content on the local backend too (its "
+                       "pieces are then cached across runs and hosts; automatic when a pull "
+                       "worker serves the queue).")
     @click.option("--quiet", is_flag=True, help="Only the output object and errors.")
     @click.option("--cache/--no-cache", default=True, show_default=True,
                   help="Reuse a tool invocation's outputs when its command line, inputs and "
                        "requirements are unchanged (cwltool's --cachedir, in SHEEPDOG_HOME).")
     @click.argument("process", type=click.Path(exists=True, dir_okay=False))
     @click.argument("job_order", required=False, type=click.Path(exists=True, dir_okay=False))
-    def run_cwl(process: str, job_order: str | None, outdir: str, queue: str | None,
-                quiet: bool, cache: bool) -> None:
+    def run_cwl(process: str, job_order: str | None, outdir: str, backend: str,
+                host: str | None, queue: str | None, stage: bool, quiet: bool,
+                cache: bool) -> None:
         """Run a CWL CommandLineTool or Workflow; the output object on stdout, exit 0
         (success), 1 (failure) or 33 (an unsupported requirement). A run stopped half-way
         and started again runs only what did not finish (with --cache)."""
@@ -37,7 +46,8 @@ def cwl_command(cli: CliServices) -> click.Command:
         cached = ["--cachedir", str(settings.home / "cwl-cache")] if cache else []
         argv = ["--outdir", outdir, *cached, *(["--quiet"] if quiet else []), process,
                 *([job_order] if job_order else [])]
-        sys.exit(cwlrun.run(argv, settings, queue=queue))
+        sys.exit(cwlrun.run(argv, settings, queue=queue, backend=backend, host=host or "",
+                            stage=stage))
 
     return run_cwl
 

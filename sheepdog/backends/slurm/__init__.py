@@ -286,7 +286,8 @@ class SlurmBackend(Backend):
                                                  pythonpath, control))
         s = self.settings
         job_id = cmd.parse_sbatch(self.call(cmd.sbatch_argv(
-            script, workdir, name, s.partition, s.account, s.time_limit, control=control),
+            script, workdir, name, s.partition, s.account, s.time_limit, control=control,
+            cores=task.cores, ram_mb=task.ram_mb),
             "sbatch"))
         sink("sheepdog", [f"{task.name}: Slurm job {job_id}"])
         self.monitor.add(job_id, control)

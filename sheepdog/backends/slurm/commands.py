@@ -48,7 +48,10 @@ def job_script(piece: str, job_name: str, workdir: str, argv: list[str],
 
 
 def sbatch_argv(script: str, workdir: str, job_name: str, partition: str = "",
-                account: str = "", time_limit: str = "", control: str = "") -> list[str]:
+                account: str = "", time_limit: str = "", control: str = "", cores: int = 0,
+                ram_mb: int = 0) -> list[str]:
+    """sbatch's command line for one piece; `cores`, `ram_mb`: what it asks for (0: the
+    cluster's defaults)."""
     control = control or workdir
     argv = ["sbatch", "--parsable", "--job-name", job_name, "--chdir", workdir,
             "--output", f"{control}/{OUT_FILE}", "--error", f"{control}/{ERR_FILE}"]
@@ -58,6 +61,10 @@ def sbatch_argv(script: str, workdir: str, job_name: str, partition: str = "",
         argv += ["--account", account]
     if time_limit:
         argv += ["--time", time_limit]
+    if cores > 0:
+        argv += ["--cpus-per-task", str(cores)]
+    if ram_mb > 0:
+        argv += ["--mem", f"{ram_mb}M"]
     return argv + [script]
 
 
