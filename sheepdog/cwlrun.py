@@ -11,6 +11,7 @@ requirement), so cwltest runs the conformance suite on it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -179,28 +180,35 @@ class Pieces:
     """The open job a CWL run's tool invocations join, one piece each."""
 
     def __init__(self, settings: Settings, process: str, queue: str | None = None,
-                 backend: str = "local", host: str = "", stage: bool = False) -> None:
+                 backend: str = "local", host: str = "", stage: bool = False,
+                 job_id: str = "") -> None:
         jobs.check_backend(backend, host)
         self.settings = settings
         self.conn = connect(settings)
         self.cache = Cache(settings.cache_dir)
-        self.queue = queue or settings.queue
         self.backend, self.host = backend, host
+        self.queue = queue or settings.queue
+        if job_id:  # a run a POST /jobs started: its job exists, this runner is its piece
+            self.job = store.get_job(self.conn, job_id)
+            self.queue = self.job.queue
+        else:
+            self.job = Job(id=jobs.new_job_id(), workflow="cwl", queue=self.queue,
+                           command=[process], params={"process": process}, backend=backend,
+                           host=host)
+            store.submit(self.conn, self.job, [], open_=True)
         # in place only where the worker shares this disk: a local worker (a pull worker
         # serving the queue has a disk of its own)
         self.staged = stage or backend != "local" or bool(host) or any(
             w.get("pull") for w in live_workers(self.conn, self.queue))
-        self.job = Job(id=jobs.new_job_id(), workflow="cwl", queue=self.queue,
-                       command=[process], params={"process": process}, backend=backend,
-                       host=host)
-        store.submit(self.conn, self.job, [], open_=True)
         self._lock = threading.Lock()
         self._waiting: dict[str, list[threading.Event]] = {}
         self._added: set[str] = set()
         self._closed = threading.Event()
         threading.Thread(target=self._listen, name="cwl-listen", daemon=True).start()
         self._pool = Pool(settings)
-        if unserved(self.conn, self.queue):  # no worker serves it: this run brings its own
+        # no worker serves the queue, or only the one slot this runner (a piece) holds:
+        # the run brings its own
+        if unserved(self.conn, self.queue) or (job_id and self._served_slots() <= 1):
             self._pool.start(1, self.queue, concurrency=os.cpu_count() or 1, quiet="stdout",
                              parent_job=self.job.id)
 
@@ -209,9 +217,11 @@ class Pieces:
         queue now (cwltool's parallel executor would otherwise count this machine's
         cores), at least this machine's cores. More in flight made the run slower here:
         cwltool's threads then contend in this one process, which builds them all."""
-        found = sum(int(str(w.get("concurrency") or 1))
-                    for w in live_workers(self.conn, self.queue))
-        return max(found, os.cpu_count() or 1)
+        return max(self._served_slots(), os.cpu_count() or 1)
+
+    def _served_slots(self) -> int:
+        return sum(int(str(w.get("concurrency") or 1))
+                   for w in live_workers(self.conn, self.queue))
 
     def run(self, name: str, argv: list[str], cwd: str, env: MutableMapping[str, str],
             redirect: list[str | None], timelimit: int | None, job: Any = None) -> int:
@@ -358,12 +368,15 @@ def _through_sheepdog() -> None:
 
 
 def run(argv: list[str], settings: Settings | None = None, queue: str | None = None,
-        backend: str = "local", host: str = "", stage: bool = False) -> int:
+        backend: str = "local", host: str = "", stage: bool = False, job_id: str = "",
+        output: str = "") -> int:
     """cwltool's command line (`argv`), each tool invocation a sheepdog piece on
     `backend` (local: in place on this machine's disk; shell, slurm, a pull worker's
     queue: staged by content); cwltool's exit code. No
     containers, as cwltool's --no-container: a DockerRequirement hint's tool runs from
-    the host, a required one is refused; settings.cwl_containers "refuse" refuses both."""
+    the host, a required one is refused; settings.cwl_containers "refuse" refuses both.
+    `job_id`: the job a POST /jobs made (this run is its piece); `output`: a file that
+    gets the output object too."""
     global _current
     try:
         import cwltool.argparser
@@ -382,7 +395,7 @@ def run(argv: list[str], settings: Settings | None = None, queue: str | None = N
     except SystemExit:  # cwltool says what is wrong with the command line itself
         return int(cwltool.main.main(argv))
     settings = settings or load()
-    pieces = Pieces(settings, str(args.workflow or ""), queue, backend, host, stage)
+    pieces = Pieces(settings, str(args.workflow or ""), queue, backend, host, stage, job_id)
     loading = LoadingContext(vars(args))  # as cwltool makes it, with sheepdog's tool factory
     loading.construct_tool_object = _tool_maker(settings.cwl_containers == "refuse")
     _current = pieces
@@ -392,8 +405,13 @@ def run(argv: list[str], settings: Settings | None = None, queue: str | None = N
         if backend != "local" or host:  # this machine's cores and memory are not the hosts'
             executor.max_cores = float(max(executor.max_cores, CWL_REMOTE_CORES))
             executor.max_ram = CWL_REMOTE_RAM_MB
+        said = io.StringIO()
         code = int(cwltool.main.main([*extra, *argv], loadingContext=loading,
-                                     executor=executor))
+                                     executor=executor, stdout=said))
+        sys.stdout.write(said.getvalue())
+        if output and code == 0:  # whole or not at all
+            Path(output + ".part").write_text(said.getvalue())
+            os.replace(output + ".part", output)
         return code
     finally:
         _current = None
@@ -407,7 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                    queue=os.environ.get("SHEEPDOG_CWL_QUEUE") or None,
                    backend=os.environ.get("SHEEPDOG_CWL_BACKEND") or "local",
                    host=os.environ.get("SHEEPDOG_CWL_HOST") or "",
-                   stage=bool(os.environ.get("SHEEPDOG_CWL_STAGE")))
+                   stage=bool(os.environ.get("SHEEPDOG_CWL_STAGE")),
+                   job_id=os.environ.get("SHEEPDOG_CWL_JOB") or "",
+                   output=os.environ.get("SHEEPDOG_CWL_OUTPUT") or "")
     except SheepdogError as e:
         print(f"sheepdog-cwl-runner: {e}", file=sys.stderr)
         return 1

@@ -76,7 +76,8 @@ def command_job(argv: Sequence[str], settings: Settings, backend: str = "local",
 def submit(conn: redis.Redis, settings: Settings, job: Job, tasks: list[Task]) -> Job:
     """Store and dispatch; cached pieces are reported in the job's log. The pieces a
     workflow names in `params["forced"]` (--force, REST "force": true) are computed
-    again, whatever the cache holds."""
+    again, whatever the cache holds. A job whose params say `open` takes more pieces
+    as it runs (a CWL run's invocations) and ends when its runner closes it."""
     local = Cache(settings.cache_dir)
     if job.params.get("forced"):
         store.forget(conn, list(job.params["forced"]), local.remove)
@@ -85,4 +86,5 @@ def submit(conn: redis.Redis, settings: Settings, job: Job, tasks: list[Task]) -
                  local.remove)
     by_id = {t.id: t for t in tasks}
     return store.submit(conn, job, tasks,
-                        published=lambda tid: not by_id[tid].cacheable or local.reused(tid))
+                        published=lambda tid: not by_id[tid].cacheable or local.reused(tid),
+                        open_=bool(job.params.get("open")))

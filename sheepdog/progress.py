@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -47,6 +48,26 @@ def piece(task: Task) -> dict[str, Any]:
             if task.status in (TaskStatus.SUCCESS, TaskStatus.ERROR) else None}
 
 
+_SCATTER_INDEX = re.compile(r"_[0-9]+$")
+
+
+def steps(pieces: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pieces counted by step, in the order the steps first appear: a piece's step is its
+    name without a scatter index (cwltool names a scatter's invocations `count`,
+    `count_2`, `count_3`...)."""
+    found: dict[str, dict[str, Any]] = {}
+    for p in pieces:
+        name = _SCATTER_INDEX.sub("", p["name"])
+        step = found.setdefault(name, {"step": name, "total": 0, "done": 0, "running": 0,
+                                       "failed": 0})
+        step["total"] += 1
+        status = p["status"]
+        step["done"] += status == TaskStatus.SUCCESS
+        step["running"] += status == TaskStatus.RUNNING
+        step["failed"] += status in (TaskStatus.ERROR, TaskStatus.CANCELLED)
+    return list(found.values())
+
+
 def job_view(conn: redis.Redis, job: Job, with_pieces: bool = True, offset: int = 0,
              limit: int = PIECES_PAGE) -> dict[str, Any]:
     """The JSON form of a job shared by the CLI (--json) and the REST API: its counts,
@@ -73,4 +94,6 @@ def job_view(conn: redis.Redis, job: Job, with_pieces: bool = True, offset: int 
         view["pieces"] = [piece(t) for t in store.job_tasks(conn, job.id, offset, limit)]
         view["pieces_total"] = total
         view["pieces_next"] = offset + limit if offset + limit < total else None
+        if offset == 0 and total <= limit:  # every piece is in the view: counts by step
+            view["steps"] = steps(view["pieces"])
     return view

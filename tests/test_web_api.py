@@ -139,7 +139,11 @@ def test_a_tar_gz_bundle_works_and_members_cannot_escape(client, workers):
 
 @pytest.mark.parametrize("body,field", [
     ({"workflow": "bogus"}, "workflow"),
-    ({"workflow": "cwl"}, "workflow"),  # not over REST yet: said, not a 500
+    ({"workflow": "cwl"}, "inputs.process"),
+    ({"workflow": "cwl", "inputs": {"process": str(BXD / "BXD_pheno.txt")}},
+     "inputs.process"),  # not CWL: cwltool's words
+    ({"workflow": "cwl", "inputs": {"process": str(BXD / "BXD_pheno.txt")},
+      "job_order": [1]}, "job_order"),
     ({"workflow": "command", "command": "echo hi"}, "command"),
     ({"workflow": "command", "command": []}, "command"),
     ({"workflow": "gemma-loco", "inputs": {"geno": str(BXD / "BXD_geno.txt.gz")}},

@@ -256,3 +256,44 @@ def test_a_page_of_a_thousand_items_stays_small_and_lists_failures_on_demand(ser
     failed = page.locator("#failed-items li").all_inner_texts()
     assert [f.split(":")[0] for f in failed] == [k for k in items if k.endswith("00")]
     assert "exit 3" in failed[0]
+
+
+def test_a_cwl_workflow_posted_with_curl_runs_and_its_page_counts_the_scatter(
+        server, browser, tmp_path):
+    """POST /jobs with curl, the way a user would: the example's scatter workflow and
+    its input object uploaded as one bundle (the texts they name beside them). The job
+    runs as its runner piece plus one piece per invocation, the page shows the scatter
+    step's counts, GET /jobs/<id>/result gives the output object with a URL per file
+    and no server path, and those URLs give the counts."""
+    import tarfile
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "cwl"
+    bundle = tmp_path / "wc.tar.gz"
+    with tarfile.open(bundle, "w:gz") as tar:
+        for path in sorted(example.iterdir()):
+            tar.add(path, arcname=path.name)
+
+    def curl(*args: str) -> str:
+        done = subprocess.run(["curl", "-sS", "--fail-with-body", "-H",
+                               f"Authorization: Bearer {TOKEN}", *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    body = {"workflow": "cwl", "inputs": {"process": "wc-scatter.cwl", "job": "job.yml"}}
+    job = json.loads(curl("-F", f"job={json.dumps(body)}", "-F", f"bundle=@{bundle}",
+                          f"{server}/jobs"))
+    page = browser.new_page()
+    page.goto(f"{server}{job['urls']['page']}")
+    page.wait_for_function("document.getElementById('job').dataset.ended === 'success'",
+                           timeout=120_000)
+    assert "count: 6/6 done" in page.inner_text("#steps")
+    view = api(server, "GET", f"/jobs/{job['id']}")
+    assert {s["step"]: s["done"] for s in view["steps"]} == {"cwl-runner": 1, "count": 6,
+                                                             "sum": 1}
+    result = api(server, "GET", f"/jobs/{job['id']}/result")
+    assert str(tmp_path) not in json.dumps(result) and '"path"' not in json.dumps(result)
+    counts = [int(curl(f"{server}{f['location']}")) for f in result["output"]["counts"]]
+    assert counts == [3, 6, 9, 12, 15, 18]
+    assert int(curl(f"{server}{result['output']['total']['location']}")) == 63

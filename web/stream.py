@@ -61,7 +61,8 @@ def _compute_progress(conn: Any, job_id: str) -> dict[str, Any]:
     return {"type": "progress", "status": view["status"], "progress": view["progress"],
             "pieces": [{"name": p["name"], "status": p["status"],
                         "attempts": p["attempts"]} for p in view["pieces"]],
-            "pieces_total": view["pieces_total"], "error": view["error"]}
+            "pieces_total": view["pieces_total"], "steps": view.get("steps", []),
+            "error": view["error"]}
 
 
 LOG_ID = re.compile(r"\d{1,20}(-\d{1,20})?")

@@ -10,7 +10,7 @@ arrow points from a workflow up to the CLI or the web service.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -71,7 +71,7 @@ class Workflow(abc.ABC):
     name: str = ""
     summary: str = ""
     # files a finished job serves at GET /jobs/<id>/result/<name>: name -> media type
-    result_files: dict[str, str] = {}
+    result_files: Mapping[str, str] = {}
     # from_request reads and splits input files: the web service then runs it in a
     # child process with memory and CPU limits (web/prepare.py)
     reads_inputs: bool = False

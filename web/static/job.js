@@ -71,6 +71,7 @@
     const status = document.getElementById("status");
     status.textContent = m.status;
     status.className = "badge " + m.status;
+    showSteps((m.steps || []).filter(s => s.total > 1));
     const grid = document.getElementById("grid");
     grid.innerHTML = "";
     if (m.pieces_total > m.pieces.length) {
@@ -89,6 +90,20 @@
       if (sections[piece.name]) sections[piece.name].className = piece.status;
     }
     if (m.error) showError(m.error);
+  }
+
+  // a step of several pieces (a CWL scatter): its counts, one line each
+  function showSteps(list) {
+    const box = document.getElementById("steps");
+    box.hidden = list.length === 0;
+    box.innerHTML = "";
+    for (const s of list) {
+      const li = document.createElement("li");
+      li.className = s.failed ? "error" : s.done === s.total ? "success" : "running";
+      li.textContent = `${s.step}: ${s.done}/${s.total} done` +
+        (s.running ? `, ${s.running} running` : "") + (s.failed ? `, ${s.failed} failed` : "");
+      box.appendChild(li);
+    }
   }
 
   // many items: counts, rate and the failed ones on demand (never an element per item)
