@@ -7,6 +7,7 @@ import json
 import re
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 from conftest import BXD, wait_for
@@ -280,3 +281,31 @@ def test_an_unknown_top_level_field_is_refused_naming_it(client):
     r = client.post("/jobs", headers=AUTH, json={"command": ["true"]})
     assert r.status_code == 400 and r.get_json()["field"] == "workflow"
     assert "None" not in r.get_json()["error"] and "missing" in r.get_json()["error"]
+
+
+def test_a_cwl_run_whose_runner_holds_the_only_slot_still_runs(client, workers):
+    """POST /jobs cwl with the tool in an uploaded bundle and the input object inline
+    (its paths relative to the tool): a worker of one slot takes the runner piece, the
+    runner sees no slot left for the invocation and starts a worker of its own; the
+    output file comes from its result URL."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "cwl"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in ("wc-tool.cwl", "text2.txt"):
+            tar.add(example / name, arcname=name)
+    buf.seek(0)
+    body = {"workflow": "cwl", "inputs": {"process": "wc-tool.cwl"},
+            "job_order": {"text": {"class": "File", "path": "text2.txt"}}}
+    workers.start("-j", "1")
+    r = client.post("/jobs", headers=AUTH, content_type="multipart/form-data",
+                    data={"job": json.dumps(body), "bundle": (buf, "wc.tar.gz")})
+    assert r.status_code == 202, r.get_json()
+    job = _finished(client, r.get_json()["id"])
+    said = client.get(f"/jobs/{job['id']}/log", headers=AUTH).get_json()["lines"]
+    assert job["status"] == "success", [line["text"] for line in said]
+    assert [p["name"] for p in job["pieces"]] == ["cwl-runner", "wc-tool.cwl"]
+    result = client.get(f"/jobs/{job['id']}/result", headers=AUTH).get_json()
+    count = client.get(result["output"]["count"]["location"], headers=AUTH)
+    assert count.status_code == 200 and int(count.data) == 6
+    assert client.get(f"/jobs/{job['id']}/result/nothing.txt",
+                      headers=AUTH).status_code == 404

@@ -104,8 +104,25 @@ def _kept(paths: dict[str, Path], order: Any, settings: Settings, home: Path
     if order is not None:
         home.mkdir(parents=True, exist_ok=True)
         kept["job"] = home / "job.json"
-        kept["job"].write_text(json.dumps(order))
+        kept["job"].write_text(json.dumps(_beside(order, kept["process"].parent)))
     return kept["process"], kept.get("job")
+
+
+def _beside(value: Any, base: Path) -> Any:
+    """An inline input object's relative file paths made absolute under `base` (the
+    process's directory: cwltool would take them relative to the job file's)."""
+    if isinstance(value, list):
+        return [_beside(v, base) for v in value]
+    if not isinstance(value, dict):
+        return value
+    found = {k: _beside(v, base) for k, v in value.items()}
+    if value.get("class") in ("File", "Directory"):
+        for key in ("path", "location"):
+            given = found.get(key)
+            if isinstance(given, str) and given and ":" not in given.split("/")[0] \
+                    and not given.startswith("/"):
+                found[key] = str(base / given)
+    return found
 
 
 def _validate(process: Path, job_order: Path | None) -> None:
