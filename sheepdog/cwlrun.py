@@ -270,8 +270,9 @@ class Pieces:
                     del self._waiting[task.id]
 
     def _listen(self) -> None:
-        """One reader of the job's log for all the invocations waiting: a line of a
-        piece (its end writes one) wakes the invocation waiting for it."""
+        """One reader of the job's log for all the invocations waiting: sheepdog's line
+        about a piece (its end writes one; not the tool's own output) wakes the
+        invocation waiting for it."""
         cursors = {self.job.id: "0-0"}
         while not self._closed.is_set():
             try:
@@ -280,9 +281,10 @@ class Pieces:
                 time.sleep(CWL_LOOK_AGAIN)
                 continue
             with self._lock:
-                for _, line in lines:
-                    for told in self._waiting.get(line.task, ()):
-                        told.set()
+                for _, line in lines:  # sheepdog's own line about a piece: maybe its end
+                    if line.stream == "sheepdog":
+                        for told in self._waiting.get(line.task, ()):
+                            told.set()
 
     def close(self, code: int) -> None:
         """The run ended with cwltool's exit `code`: the job takes no more pieces, and

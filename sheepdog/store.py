@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from . import dispatch, keys, logs
 from .errors import JobEnded, UnknownJob
 from .lua import run_many, script
-from .models import Job, JobStatus, Task, TaskStatus, from_hash, to_hash, valid_job_id
+from .models import (
+    FINAL_STATES,
+    Job,
+    JobStatus,
+    Task,
+    TaskStatus,
+    from_hash,
+    to_hash,
+    valid_job_id,
+)
 
 if TYPE_CHECKING:
     import redis
@@ -259,6 +268,28 @@ return 1
 """
 
 
+# More new tasks for an open job (KEYS[1] the job, the rest the tasks): as _IF_NEW, after
+# the job is found open: -1 no such job, its status if it has ended, 0 a task exists.
+_ADD_NEW = """
+local unpack = unpack or table.unpack
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+if FINAL[status] then return status end
+for k = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[k]) == 1 then return 0 end
+end
+local i = 1
+while i <= #ARGV do
+  local n, cmd = tonumber(ARGV[i]), {}
+  for k = 1, n do cmd[k] = ARGV[i + k] end
+  redis.call(unpack(cmd))
+  i = i + n + 1
+end
+return 1
+""".replace("FINAL[status]", "(" + " or ".join(f"status == '{s}'" for s in sorted(FINAL_STATES))
+            + ")")
+
+
 class _Commands:
     """What a pipeline's write methods would send, recorded: storing a job of new
     pieces is one script call (_IF_NEW), built without a redis-py pipeline, so a
@@ -286,6 +317,9 @@ class _Commands:
     def rpush(self, name: str, *values: Any) -> None:
         self.stack.append(("RPUSH", name, *values))
 
+    def hincrby(self, name: str, key: str, amount: int = 1) -> None:
+        self.stack.append(("HINCRBY", name, key, amount))
+
     def xadd(self, name: str, fields: dict[str, Any]) -> None:
         self.stack.append(("XADD", name, "*", *[x for pair in fields.items() for x in pair]))
 
@@ -312,6 +346,8 @@ def add_tasks(conn: redis.Redis, job_id: str, tasks: list[Task],
     """More tasks for an open job (see submit); UnknownJob, or SheepdogError if the job
     has ended (failed or cancelled) meanwhile."""
     task_keys = [keys.task(t.id) for t in tasks]
+    if tasks and not any(t.cacheable for t in tasks) and _add_new(conn, job_id, tasks):
+        return
 
     def txn(pipe: Pipeline) -> None:
         status = _text(pipe.hget(keys.job(job_id), "status"))
@@ -328,6 +364,26 @@ def add_tasks(conn: redis.Redis, job_id: str, tasks: list[Task],
             pipe.hincrby(keys.job(job_id), "cached", done)
 
     conn.transaction(txn, keys.job(job_id), *task_keys)
+
+
+def _add_new(conn: Any, job_id: str, tasks: list[Task]) -> bool:
+    """New uncacheable tasks (a CWL run's invocations) for an open job in one script
+    call, not a watched transaction that the job's finishing pieces would keep
+    retrying; False (nothing written) if a task exists already."""
+    pipe = _Commands()
+    _add(pipe, conn, job_id, tasks, {t.id: "" for t in tasks}, lambda _tid: False,
+         time.time())
+    pipe.hincrby(keys.job(job_id), "total", len(tasks))
+    flat: list[Any] = []
+    for args in pipe.stack:
+        flat += [len(args), *args]
+    said = script(conn, _ADD_NEW)(keys=[keys.job(job_id), *[keys.task(t.id) for t in tasks]],
+                                  args=flat)
+    if said == -1:
+        raise UnknownJob(job_id)
+    if isinstance(said, bytes | str):
+        raise JobEnded(job_id, said.decode() if isinstance(said, bytes) else said)
+    return bool(said)
 
 
 def close_job(conn: redis.Redis, job_id: str) -> None:

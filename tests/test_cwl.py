@@ -270,3 +270,33 @@ def test_a_resource_requirement_is_what_slurm_gives_the_tool(env, conn, workers,
     assert said[1] == []  # nothing asked: Slurm set neither
     task_asked = [t for j in _cwl_jobs(conn)[:2] for t in store.job_tasks(conn, j.id)]
     assert [(t.cores, t.ram_mb) for t in task_asked] == [(0, 0), (2, 100)]
+
+
+def test_gemma_loco_written_in_cwl_equals_sheepdogs_own_scan(env, conn, workers, tmp_path):
+    """examples/cwl/gemma-loco.cwl (GEMMA's own -gk -loco and -lmm 9 -loco per
+    chromosome, a dotproduct scatter) through sheepdog: 40 pieces, and every SNP's
+    printed af, beta, se and p_lrt equal `sheepdog run gemma-loco --example`'s."""
+    from gemma_reference import read_assoc
+
+    workers.start("-j", "2")
+    done = subprocess.run([sys.executable, "-m", "sheepdog", "run", "cwl", "--quiet",
+                           "--outdir", str(tmp_path / "cwl"), "gemma-loco.cwl",
+                           "gemma-loco.yml"], cwd=EXAMPLE, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assoc = json.loads(done.stdout)["assoc"]
+    assert len(assoc) == 20
+    job = _cwl_jobs(conn)[0]
+    assert job.status == "success" and job.total == 40
+    ours: dict[str, dict[str, str]] = {}
+    for f in assoc:
+        ours.update(read_assoc(Path(f["path"])))
+    native = subprocess.run([sys.executable, "-m", "sheepdog", "run", "gemma-loco",
+                             "--example", "--out", str(tmp_path / "native")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert native.returncode == 0, native.stderr[-2000:]
+    theirs = read_assoc(tmp_path / "native" / "assoc.txt")
+    assert set(ours) == set(theirs) and len(ours) > 7000
+    for rs, row in theirs.items():
+        for column in ("af", "beta", "se", "p_lrt"):
+            assert ours[rs][column] == row[column], (rs, column, ours[rs], row)

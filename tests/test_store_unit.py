@@ -287,3 +287,29 @@ def test_entries_are_written_as_rq_writes_them(fake, at_front):
     read = RQJob.fetch(rq_id, connection=fake)
     assert (read.func_name, read.args, read.origin) == (dispatch.RUN_TASK, (task_id,), "q1")
     assert queue.job_ids[0 if at_front else -1] == rq_id
+
+
+def test_new_pieces_join_an_open_job_in_one_call_and_an_ended_one_refuses(fake):
+    """A CWL run's invocations (new, uncacheable) go into its open job as one script
+    call (no WATCH: the job's finishing pieces would make it retry); the job counts and
+    dispatches them; an unknown or ended job refuses, as the transaction did."""
+    from sheepdog.errors import JobEnded, UnknownJob
+    from sheepdog.models import JobStatus
+
+    job = Job(id="open-1", workflow="cwl")
+    store.submit(fake, job, [], open_=True)
+    piece = Task(name="count_2", argv=["wc", "-w"], cacheable=False, nonce="n1")
+    calls = []
+    fake.execute_command = (lambda run: lambda *a, **k: calls.append(a[0]) or run(*a, **k))(
+        fake.execute_command)
+    store.add_tasks(fake, "open-1", [piece])
+    assert "WATCH" not in calls and calls.count("EVALSHA") == 1
+    assert store.get_job(fake, "open-1").total == 2  # the piece, and the one close removes
+    assert [t.id for t in store.job_tasks(fake, "open-1")] == [piece.id]
+    assert _queued(fake) == [piece.id]
+    with pytest.raises(UnknownJob):
+        store.add_tasks(fake, "nope", [Task(name="x", argv=["x"], cacheable=False, nonce="2")])
+    store.stop_job(fake, "open-1", JobStatus.ERROR, "failed")
+    with pytest.raises(JobEnded):
+        store.add_tasks(fake, "open-1", [Task(name="y", argv=["y"], cacheable=False,
+                                              nonce="3")])
