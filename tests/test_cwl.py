@@ -5,6 +5,7 @@ queue and workers run it (sheepdog.cwlrun); the conformance suite through
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -300,3 +301,37 @@ def test_gemma_loco_written_in_cwl_equals_sheepdogs_own_scan(env, conn, workers,
     for rs, row in theirs.items():
         for column in ("af", "beta", "se", "p_lrt"):
             assert ours[rs][column] == row[column], (rs, column, ours[rs], row)
+
+
+def test_a_run_stopped_half_way_runs_only_what_is_missing(env, conn, workers, tmp_path):
+    """`sheepdog run cwl` killed (SIGKILL) after three of its six slow counts finished;
+    the same command again runs only the counts that had not finished, and the sum,
+    and its output object is the whole one."""
+    import signal
+
+    here = tmp_path / "cwl"
+    shutil.copytree(EXAMPLE, here)
+    tool = (here / "wc-tool.cwl").read_text()
+    (here / "wc-tool.cwl").write_text(tool.replace("baseCommand: [wc, -w]",
+                                                   "baseCommand: [sh, -c, 'sleep 0.6; wc -w']"))
+    workers.start("-j", "1")
+    argv = [sys.executable, "-m", "sheepdog", "run", "cwl", "--quiet", "--outdir",
+            str(tmp_path / "out"), "wc-scatter.cwl", "job.yml"]
+    first = subprocess.Popen(argv, cwd=here, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: _cwl_jobs(conn) and sum(
+            t.status == "success" for t in store.job_tasks(conn, _cwl_jobs(conn)[0].id)) >= 3,
+                 60, what="three counts")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    again = subprocess.run(argv, cwd=here, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    result = json.loads(again.stdout)
+    assert [int(Path(f["path"]).read_text()) for f in result["counts"]] == \
+        [3, 6, 9, 12, 15, 18]
+    rerun = store.job_tasks(conn, _cwl_jobs(conn)[0].id)
+    assert 2 <= len(rerun) <= 5  # the counts not finished before the kill, and the sum
+    assert sorted(t.name for t in rerun)[-1] == "sum"
