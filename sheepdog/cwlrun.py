@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import threading
@@ -62,11 +63,12 @@ class Staging:
         self.dirs: set[str] = set()
 
     def path(self, text: str) -> str:
-        """`text` with every local root it names moved under ROOT."""
+        """`text` with every local root it names moved under ROOT (a shell command line
+        names them among other words: a root is a root wherever a file name's own
+        characters do not go on after it)."""
         for local in sorted(self.roots, key=len, reverse=True):
-            if text == local:
-                return self.roots[local]
-            text = text.replace(local + "/", self.roots[local] + "/")
+            if local in text:
+                text = re.sub(re.escape(local) + r"(?![\w.-])", self.roots[local], text)
         return text
 
     def tree(self, local: str, rel: str, writable: bool) -> None:
@@ -118,11 +120,17 @@ class Staging:
         return files, sorted(self.dirs - {"out"}), shas
 
 
+# what a staged piece's result depends on beyond its inputs: the step that runs it
+_STEP_VERSION = "cwlstep " + hashlib.sha256(
+    Path(__file__).with_name("cwlstep.py").read_bytes()).hexdigest()[:16]
+
+
 def staged_task(cache: Cache, name: str, argv: list[str], cwd: str,
                 env: MutableMapping[str, str], redirect: list[str | None], job: Any,
-                timelimit: int | None) -> Task:
-    """The invocation as a content-addressed piece running sheepdog.cwlstep: the same
-    tool on the same inputs has the same id wherever the run is (its cache is shared)."""
+                timelimit: int | None) -> tuple[Task, dict[str, str]]:
+    """The invocation as a content-addressed piece running sheepdog.cwlstep (the same
+    tool on the same inputs has the same id wherever the run is: its cache is shared),
+    and where its paths under ROOT are here."""
     staging = Staging(cache)
     staging.roots[cwd] = f"{ROOT}/out"
     tmp = env.get("TMPDIR") or str(getattr(job, "tmpdir", "") or "")
@@ -134,19 +142,19 @@ def staged_task(cache: Cache, name: str, argv: list[str], cwd: str,
     staging.tree(cwd, "out", True)  # what cwltool staged in the outdir (InitialWorkDir)
     files, dirs, shas = staging.spec()
     fail = [*getattr(job, "temporaryFailCodes", []), *getattr(job, "permanentFailCodes", [])]
+    stdin, stdout, stderr = (staging.path(r) if r else None for r in redirect)
     spec = {"argv": [staging.path(a) for a in argv],
-            "stdin": staging.path(redirect[0]) if redirect[0] else None,
-            "stdout": staging.path(redirect[1]) if redirect[1] else None,
-            "stderr": staging.path(redirect[2]) if redirect[2] else None,
+            "stdin": stdin, "stdout": stdout, "stderr": stderr,
             "env": {k: staging.path(v) for k, v in sorted(env.items()) if k != "PATH"},
             "files": files, "dirs": dirs,
             "success": sorted(getattr(job, "successCodes", None) or []),
             "fail": sorted(fail)}
     blobs: list[Any] = [{"input": str(i)} for i in range(len(shas))]
-    return Task(name=name, argv=[{"python": True}, "-m", "sheepdog.cwlstep", {"out": "code"},
+    task = Task(name=name, argv=[{"python": True}, "-m", "sheepdog.cwlstep", {"out": "code"},
                                  json.dumps(spec, sort_keys=True), *blobs],
                 inputs={str(i): sha for i, sha in enumerate(shas)},
-                outputs=["code"], environment="cwl", timeout=float(timelimit or 0))
+                outputs=["code"], environment=_STEP_VERSION, timeout=float(timelimit or 0))
+    return task, {root: local for local, root in staging.roots.items()}
 
 
 def asked(job: Any) -> tuple[int, int]:
@@ -161,8 +169,9 @@ def asked(job: Any) -> tuple[int, int]:
         float(resources.get("ram") or 0))
 
 
-def bring_back(cache: Cache, task_id: str, cwd: str) -> int:
-    """A staged invocation's output directory into cwltool's `cwd`; the tool's exit code."""
+def bring_back(cache: Cache, task_id: str, cwd: str, roots: dict[str, str]) -> int:
+    """A staged invocation's output directory into cwltool's `cwd` (an output object the
+    tool wrote names the files here); the tool's exit code."""
     done = cache.task_dir(task_id)
     out = done / "out"
     for here, _, names in os.walk(out):
@@ -173,6 +182,12 @@ def bring_back(cache: Cache, task_id: str, cwd: str) -> int:
             if target.is_symlink() or target.exists():
                 target.unlink()  # a staged link: never write through it into an input
             shutil.copyfile(Path(here) / name, target)
+    written = Path(cwd) / "cwl.output.json"
+    if (out / "cwl.output.json").is_file():
+        text = written.read_text()
+        for root in sorted(roots, key=len, reverse=True):
+            text = re.sub(re.escape(root) + r"(?![\w.-])", roots[root], text)
+        written.write_text(text)
     return int((done / "code").read_text().strip() or 0)
 
 
@@ -229,18 +244,20 @@ class Pieces:
         the job; its exit code once it ended. On this machine's local backend it runs in
         place; elsewhere it is staged by content (sheepdog.cwlstep) and its outputs come
         back into `cwd`."""
+        roots: dict[str, str] = {}
         if not self.staged:
             task = Task(name=name, argv=["sh", "-c", _REDIRECT, "sh",
                                          *[r or "" for r in redirect], *argv],
                         cacheable=False, cwd=cwd, env=dict(env), clean_env=True,
                         timeout=float(timelimit or 0), max_attempts=1, nonce=uuid.uuid4().hex)
         else:
-            task = staged_task(self.cache, name, argv, cwd, env, redirect, job, timelimit)
+            task, roots = staged_task(self.cache, name, argv, cwd, env, redirect, job,
+                                      timelimit)
         task.queue, task.backend, task.host = self.queue, self.backend, self.host
         task.cores, task.ram_mb = asked(job)
         found = self._wait(task)
         if found.status == TaskStatus.SUCCESS and task.cacheable:
-            return bring_back(self.cache, task.id, cwd)
+            return bring_back(self.cache, task.id, cwd, roots)
         if found.exit_code is not None:
             return found.exit_code
         if found.error:

@@ -47,6 +47,18 @@ def _open(path: str | None, scratch: str, mode: str) -> Any:
     return open(_here(path, scratch), mode) if path else None  # noqa: SIM115
 
 
+def _paths_back(path: str, scratch: str) -> None:
+    """The output object a tool wrote itself names its files under ROOT again (the
+    runner puts them where its own files are)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError:
+        return
+    with open(path, "w") as f:
+        f.write(text.replace(scratch + "/", ROOT + "/"))
+
+
 def run(spec: dict[str, Any], blobs: list[str], scratch: str) -> int:
     """Stage, run the tool, keep `out` and `code`; the step's exit code."""
     _stage(spec, blobs, scratch)
@@ -68,6 +80,7 @@ def run(spec: dict[str, Any], blobs: list[str], scratch: str) -> int:
                 f.close()
     if code < 0:
         code = 128 - code
+    _paths_back(os.path.join(scratch, "out", "cwl.output.json"), scratch)
     for rel in ("in", "tmp"):  # only `out` goes back
         shutil.rmtree(os.path.join(scratch, rel), ignore_errors=True)
     with open(os.path.join(scratch, "code"), "w") as f:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import free_port, wait_for
 
 from sheepdog import logs, store
@@ -133,23 +134,29 @@ def test_an_unchanged_invocation_is_not_run_again(env, conn, workers, tmp_path):
     assert int((tmp_path / "out3" / "total.txt").read_text()) == 58
 
 
-def test_required_conformance_tests_pass_through_sheepdog(env, conn, workers):
+@pytest.mark.parametrize("staged", [False, True], ids=["in-place", "staged"])
+def test_required_conformance_tests_pass_through_sheepdog(env, conn, workers, staged):
     """20 `required` tests of the CWL v1.2 suite (tests/cwl-conformance: those with small
     files), with cwltest, through sheepdog-cwl-runner and this test's workers; each run
-    is a sheepdog job that succeeded. The whole suite: bench/cwl_conformance.py."""
+    is a sheepdog job that succeeded. Staged: every invocation as it goes to an ssh host,
+    Slurm or a pull worker (its files by content, its paths under one root, its outputs
+    brought back). The whole suite: bench/cwl_conformance.py."""
     assert shutil.which("node") or shutil.which("nodejs"), \
         "nodejs runs CWL's JavaScript expressions: apt-get install nodejs"
     workers.start("-j", "4")
     runner = Path(sys.executable).parent / "sheepdog-cwl-runner"
     done = subprocess.run([str(Path(sys.executable).parent / "cwltest"), "--test",
                            "conformance_tests.yaml", "--tool", str(runner), "-j", "2",
-                           "--timeout", "120"],
-                          cwd=SUBSET, env=env, capture_output=True, text=True, timeout=600)
+                           "--timeout", "120"], cwd=SUBSET,
+                          env=dict(env, SHEEPDOG_CWL_STAGE="1") if staged else env,
+                          capture_output=True, text=True, timeout=600)
     said = done.stdout + done.stderr
     assert done.returncode == 0 and "All tests passed" in said, said[-4000:]
     ran = _cwl_jobs(conn)
     assert len(ran) >= 20 and all(j.status == "success" for j in ran), \
         [(j.id, j.status) for j in ran]
+    steps = {t.argv[2] == "sheepdog.cwlstep" for j in ran for t in store.job_tasks(conn, j.id)}
+    assert steps == {staged}
 
 
 def test_a_workflow_on_the_ssh_host_gives_the_local_runs_output_object(env, conn, workers,
