@@ -143,18 +143,33 @@ def staged_task(cache: Cache, name: str, argv: list[str], cwd: str,
     files, dirs, shas = staging.spec()
     fail = [*getattr(job, "temporaryFailCodes", []), *getattr(job, "permanentFailCodes", [])]
     stdin, stdout, stderr = (staging.path(r) if r else None for r in redirect)
-    spec = {"argv": [staging.path(a) for a in argv],
-            "stdin": stdin, "stdout": stdout, "stderr": stderr,
-            "env": {k: staging.path(v) for k, v in sorted(env.items()) if k != "PATH"},
-            "files": files, "dirs": dirs,
-            "success": sorted(getattr(job, "successCodes", None) or []),
-            "fail": sorted(fail)}
+    spec: dict[str, Any] = {
+        "argv": [staging.path(a) for a in argv],
+        "stdin": stdin, "stdout": stdout, "stderr": stderr,
+        "env": {k: staging.path(v) for k, v in sorted(env.items()) if k != "PATH"},
+        "files": files, "dirs": dirs,
+        "success": sorted(getattr(job, "successCodes", None) or []),
+        "fail": sorted(fail),
+        # a piece another run shares ends as that run's did: with the same time limit
+        "timelimit": timelimit or 0}
+    if not reused(job):  # CWL's WorkReuse: computed again, never shared or from the cache
+        spec["again"] = uuid.uuid4().hex
     blobs: list[Any] = [{"input": str(i)} for i in range(len(shas))]
     task = Task(name=name, argv=[{"python": True}, "-m", "sheepdog.cwlstep", {"out": "code"},
                                  json.dumps(spec, sort_keys=True), *blobs],
                 inputs={str(i): sha for i, sha in enumerate(shas)},
                 outputs=["code"], environment=_STEP_VERSION, timeout=float(timelimit or 0))
     return task, {root: local for local, root in staging.roots.items()}
+
+
+def reused(job: Any) -> bool:
+    """False when the tool says WorkReuse enableReuse: false (maybe an expression)."""
+    builder: Any = getattr(job, "builder", None)
+    for req in [*getattr(builder, "requirements", []), *getattr(builder, "hints", [])]:
+        if req.get("class") == "WorkReuse":
+            enable = req.get("enableReuse", True)
+            return bool(builder.do_eval(enable) if isinstance(enable, str) else enable)
+    return True
 
 
 def asked(job: Any) -> tuple[int, int]:

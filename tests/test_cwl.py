@@ -342,3 +342,52 @@ def test_a_run_stopped_half_way_runs_only_what_is_missing(env, conn, workers, tm
     rerun = store.job_tasks(conn, _cwl_jobs(conn)[0].id)
     assert 2 <= len(rerun) <= 5  # the counts not finished before the kill, and the sum
     assert sorted(t.name for t in rerun)[-1] == "sum"
+
+
+def test_a_staged_invocation_has_one_id_wherever_its_runner_put_its_files(tmp_path):
+    """Staging by content (no Redis, no worker): the same tool on the same inputs in
+    two runs' different temporary directories is the same piece; its paths are under
+    one root, in a shell command line too; a secondary file stays beside its file; a
+    different time limit, or the tool's WorkReuse false, is another piece."""
+    from types import SimpleNamespace
+
+    from cwltool.pathmapper import MapperEnt
+
+    from sheepdog.cache import Cache
+    from sheepdog.cwlrun import staged_task
+
+    cache = Cache(tmp_path / "cache")
+
+    def invocation(run: str, reuse: object = True, limit: int = 0):
+        stage, out, tmp = (tmp_path / run / d for d in ("stg1", "out", "tmp"))
+        for d in (stage, out, tmp):
+            d.mkdir(parents=True)
+        (stage / "a.bam").write_text("reads\n")
+        (stage / "a.bam.bai").write_text("index\n")
+        mapper = SimpleNamespace(items=lambda: {
+            f"file://{stage}/{n}": MapperEnt(str(stage / n), str(stage / n), "File", True)
+            for n in ("a.bam", "a.bam.bai")}.items())
+        builder = SimpleNamespace(requirements=[{"class": "WorkReuse", "enableReuse": reuse}],
+                                  hints=[], do_eval=lambda e: e == "$(true)")
+        job = SimpleNamespace(pathmapper=mapper, builder=builder, tmpdir=str(tmp),
+                              successCodes=[], temporaryFailCodes=[], permanentFailCodes=[])
+        return staged_task(cache, "count", ["sh", "-c", f"samtools view {stage}/a.bam > "
+                                            f"{out}/n.txt"], str(out),
+                           {"HOME": str(out), "TMPDIR": str(tmp)}, [None, None, None], job,
+                           limit)
+
+    (one, roots), (two, _) = invocation("run1"), invocation("run2")
+    assert one.id == two.id and one.cacheable
+    spec = json.loads(one.argv[4])
+    script = spec["argv"][2]
+    assert str(tmp_path) not in json.dumps(spec)
+    assert script.startswith("samtools view /sheepdog-cwl/in/") and \
+        script.endswith(" > /sheepdog-cwl/out/n.txt")
+    files = {rel: i for rel, i, _ in spec["files"]}
+    bam = next(rel for rel in files if rel.endswith("/a.bam"))
+    assert bam + ".bai" in files  # beside it
+    assert roots["/sheepdog-cwl/out"] == str(tmp_path / "run1" / "out")
+    assert spec["env"] == {"HOME": "/sheepdog-cwl/out", "TMPDIR": "/sheepdog-cwl/tmp"}
+    assert invocation("run3", limit=5)[0].id != one.id
+    assert invocation("run4", reuse=False)[0].id != invocation("run5", reuse=False)[0].id
+    assert invocation("run6", reuse="$(true)")[0].id == one.id
