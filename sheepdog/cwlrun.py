@@ -361,30 +361,49 @@ def _job_popen(original: Callable[..., int]) -> Callable[..., int]:
     return popen
 
 
-def _tool_maker(refuse_containers: bool) -> Any:
-    """cwltool's tool factory; with `refuse_containers`, a CommandLineTool that asks for a
-    container at all (DockerRequirement, as a hint too) is refused when it would run
-    (UnsupportedRequirement: cwltool exits 33) instead of running from the host."""
+def _tool_maker(refuse_containers: bool, staged: bool) -> Any:
+    """cwltool's tool factory, refusing when a CommandLineTool would run (an
+    UnsupportedRequirement: cwltool exits 33) what sheepdog is told not to run or cannot
+    run as asked: with `refuse_containers`, a tool that asks for a container at all
+    (DockerRequirement, as a hint too) instead of running it from the host; `staged`, a
+    tool that updates its inputs in place (InplaceUpdateRequirement: its copy on the host
+    would change, not the runner's file)."""
     from cwltool.command_line_tool import CommandLineTool
     from cwltool.errors import UnsupportedRequirement
     from cwltool.workflow import default_make_tool
 
-    class NoContainers(CommandLineTool):
+    refused: list[str] = []
+
+    class Refusing(CommandLineTool):
         def make_job_runner(self, runtimeContext: Any) -> Any:
+            try:
+                return self._runner(runtimeContext)
+            except UnsupportedRequirement as e:
+                refused.append(str(e))
+                raise
+
+        def _runner(self, runtimeContext: Any) -> Any:
+            name = self.tool.get("id", "a tool")
             docker, _ = self.get_requirement("DockerRequirement")
-            if docker is not None:
+            if refuse_containers and docker is not None:
                 raise UnsupportedRequirement(
-                    f"{self.tool.get('id', 'a tool')} asks for a container (DockerRequirement"
+                    f"{name} asks for a container (DockerRequirement"
                     f" {docker.get('dockerPull') or ''}) and SHEEPDOG_CWL_CONTAINERS=refuse: "
                     "sheepdog runs no containers and is told not to run such a tool from "
                     "the host")
+            inplace, _ = self.get_requirement("InplaceUpdateRequirement")
+            if staged and inplace is not None and inplace.get("inplaceUpdate"):
+                raise UnsupportedRequirement(
+                    f"{name} updates its inputs in place (InplaceUpdateRequirement), which "
+                    "a tool staged to another host cannot do: run it on local workers")
             return super().make_job_runner(runtimeContext)
 
     def make(toolpath_object: Any, loadingContext: Any) -> Any:
-        if refuse_containers and toolpath_object.get("class") == "CommandLineTool":
-            return NoContainers(toolpath_object, loadingContext)
+        if (refuse_containers or staged) and toolpath_object.get("class") == "CommandLineTool":
+            return Refusing(toolpath_object, loadingContext)
         return default_make_tool(toolpath_object, loadingContext)
 
+    make.refused = refused  # type: ignore[attr-defined]  # a step's refusal: exit 33 too
     return make
 
 
@@ -431,7 +450,8 @@ def run(argv: list[str], settings: Settings | None = None, queue: str | None = N
     settings = settings or load()
     pieces = Pieces(settings, str(args.workflow or ""), queue, backend, host, stage, job_id)
     loading = LoadingContext(vars(args))  # as cwltool makes it, with sheepdog's tool factory
-    loading.construct_tool_object = _tool_maker(settings.cwl_containers == "refuse")
+    maker = _tool_maker(settings.cwl_containers == "refuse", pieces.staged)
+    loading.construct_tool_object = maker
     _current = pieces
     code = 1
     try:
@@ -442,6 +462,8 @@ def run(argv: list[str], settings: Settings | None = None, queue: str | None = N
         said = io.StringIO()
         code = int(cwltool.main.main([*extra, *argv], loadingContext=loading,
                                      executor=executor, stdout=said))
+        if code == 1 and maker.refused:
+            code = 33  # a workflow step refused (cwltool says 1 for a step's error)
         sys.stdout.write(said.getvalue())
         if output and code == 0:  # whole or not at all
             Path(output + ".part").write_text(said.getvalue())

@@ -391,3 +391,38 @@ def test_a_staged_invocation_has_one_id_wherever_its_runner_put_its_files(tmp_pa
     assert invocation("run3", limit=5)[0].id != one.id
     assert invocation("run4", reuse=False)[0].id != invocation("run5", reuse=False)[0].id
     assert invocation("run6", reuse="$(true)")[0].id == one.id
+
+
+def test_a_tool_that_updates_its_input_in_place_is_refused_when_staged(env, conn, workers,
+                                                                       tmp_path):
+    """InplaceUpdateRequirement: on local workers the tool updates the runner's file;
+    staged (the host has a copy) it is refused with CWL's 33 naming the requirement,
+    a step of a workflow too, rather than a run whose later steps read the old file."""
+    workers.start("-j", "2")
+    (tmp_path / "n.txt").write_text("1\n")
+    tool = tmp_path / "bump.cwl"
+    tool.write_text(
+        "cwlVersion: v1.2\nclass: CommandLineTool\nrequirements:\n"
+        "  InplaceUpdateRequirement: {inplaceUpdate: true}\n"
+        "  InitialWorkDirRequirement: {listing: [{entry: $(inputs.n), writable: true}]}\n"
+        "inputs: {n: File}\nbaseCommand: [sh, -c, 'echo 2 > n.txt']\noutputs: []\n")
+    job = tmp_path / "job.yml"
+    job.write_text("n: {class: File, path: n.txt}\n")
+    flow = tmp_path / "flow.cwl"
+    flow.write_text("cwlVersion: v1.2\nclass: Workflow\ninputs: {n: File}\noutputs: []\n"
+                    "steps:\n  bump: {run: bump.cwl, in: {n: n}, out: []}\n")
+
+    def run(path: Path, *more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "sheepdog", "run", "cwl", "--quiet",
+                               "--no-cache", *more, "--outdir", str(tmp_path / "o"),
+                               str(path), str(job)], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    for path in (tool, flow):
+        refused = run(path, "--stage")
+        assert refused.returncode == 33, refused.stderr[-2000:]
+        assert "InplaceUpdateRequirement" in refused.stderr
+        assert (tmp_path / "n.txt").read_text() == "1\n"
+    done = run(tool)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "n.txt").read_text() == "2\n"
