@@ -108,21 +108,30 @@ class Slots:
     def hold(self, cores: int, leaving: threading.Event) -> Iterator[None]:
         """`cores` slots (0: one) until the block ends; a worker leaving stops waiting."""
         want = max(1, min(cores, self.total))
-        turn = object()
         with self._cond:
-            self._turns.append(turn)
-            while not (self._turns[0] is turn and self.free >= want) and not leaving.is_set():
-                self._cond.wait(SLOTS_LOOK_AGAIN)
-            self._turns.remove(turn)
-            got = want if self.free >= want else 0
+            if self._turns or self.free < want:  # someone waits before it, or no room
+                got = self._wait_turn(want, leaving)
+            else:  # the usual case: one slot, free (a thread is one)
+                got = want
             self.free -= got
-            self._cond.notify_all()
         try:
             yield
         finally:
             with self._cond:
                 self.free += got
-                self._cond.notify_all()
+                if self._turns:
+                    self._cond.notify_all()
+
+    def _wait_turn(self, want: int, leaving: threading.Event) -> int:
+        """Inside the lock: wait until it is this piece's turn and `want` slots are free;
+        what it got (0 if the worker is leaving)."""
+        turn = object()
+        self._turns.append(turn)
+        while not (self._turns[0] is turn and self.free >= want) and not leaving.is_set():
+            self._cond.wait(SLOTS_LOOK_AGAIN)
+        self._turns.remove(turn)
+        self._cond.notify_all()  # the next in line looks again
+        return want if self.free >= want else 0
 
 
 class PieceRunner:
