@@ -111,6 +111,17 @@ class Staging:
             self.files.update({f"{root}/{k}": v for k, v in group.files.items()})
             self.dirs.update(f"{root}/{d}" for d in group.dirs)
 
+    def place(self, outdir: str, tmpdir: str, job: Any) -> None:
+        """An invocation's directories under ROOT, and the files it reads: its inputs
+        and what cwltool put in its output directory (InitialWorkDir)."""
+        self.roots[outdir] = f"{ROOT}/out"
+        if tmpdir:
+            self.roots[tmpdir] = f"{ROOT}/tmp"
+        pathmapper = getattr(job, "pathmapper", None)
+        if pathmapper is not None:
+            self.inputs(pathmapper, outdir)
+        self.tree(outdir, "out", True)
+
     def spec(self) -> tuple[list[list[Any]], list[str], list[str]]:
         """(files as [path, blob index, writable], directories, blob shas), in order."""
         shas = sorted({sha for sha, _ in self.files.values()})
@@ -132,24 +143,14 @@ def staged_task(cache: Cache, name: str, argv: list[str], cwd: str,
     tool on the same inputs has the same id wherever the run is: its cache is shared),
     and where its paths under ROOT are here."""
     staging = Staging(cache)
-    staging.roots[cwd] = f"{ROOT}/out"
-    tmp = env.get("TMPDIR") or str(getattr(job, "tmpdir", "") or "")
-    if tmp:
-        staging.roots[tmp] = f"{ROOT}/tmp"
-    pathmapper = getattr(job, "pathmapper", None)
-    if pathmapper is not None:
-        staging.inputs(pathmapper, cwd)
-    staging.tree(cwd, "out", True)  # what cwltool staged in the outdir (InitialWorkDir)
+    staging.place(cwd, env.get("TMPDIR") or str(getattr(job, "tmpdir", "") or ""), job)
     files, dirs, shas = staging.spec()
-    fail = [*getattr(job, "temporaryFailCodes", []), *getattr(job, "permanentFailCodes", [])]
     stdin, stdout, stderr = (staging.path(r) if r else None for r in redirect)
     spec: dict[str, Any] = {
         "argv": [staging.path(a) for a in argv],
         "stdin": stdin, "stdout": stdout, "stderr": stderr,
         "env": {k: staging.path(v) for k, v in sorted(env.items()) if k != "PATH"},
-        "files": files, "dirs": dirs,
-        "success": sorted(getattr(job, "successCodes", None) or []),
-        "fail": sorted(fail),
+        "files": files, "dirs": dirs, **_codes(job),
         # a piece another run shares ends as that run's did: with the same time limit
         "timelimit": timelimit or 0}
     if not reused(job):  # CWL's WorkReuse: computed again, never shared or from the cache
@@ -160,6 +161,12 @@ def staged_task(cache: Cache, name: str, argv: list[str], cwd: str,
                 inputs={str(i): sha for i, sha in enumerate(shas)},
                 outputs=["code"], environment=_STEP_VERSION, timeout=float(timelimit or 0))
     return task, {root: local for local, root in staging.roots.items()}
+
+
+def _codes(job: Any) -> dict[str, list[int]]:
+    """The tool's exit codes as cwltool reads them: which are a success, which a failure."""
+    fail = [*getattr(job, "temporaryFailCodes", []), *getattr(job, "permanentFailCodes", [])]
+    return {"success": sorted(getattr(job, "successCodes", None) or []), "fail": sorted(fail)}
 
 
 def reused(job: Any) -> bool:

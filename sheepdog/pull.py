@@ -467,7 +467,10 @@ class PullWorker:
         worker is fetching right now): waited for, not fetched twice."""
         with self._lock:
             theirs = [self._fetching[sha] for sha in missing if sha in self._fetching]
-            mine = [sha for sha in missing if sha not in self._fetching]
+            # not being fetched: not here yet, or another piece's fetch ended since the
+            # caller looked (a fetch ends before it leaves _fetching): looked at again
+            mine = [sha for sha in missing
+                    if sha not in self._fetching and not self.cache.has_blob(sha)]
             for sha in mine:
                 self._fetching[sha] = threading.Event()
         return mine, theirs
