@@ -309,3 +309,14 @@ def test_a_cwl_run_whose_runner_holds_the_only_slot_still_runs(client, workers):
     assert count.status_code == 200 and int(count.data) == 6
     assert client.get(f"/jobs/{job['id']}/result/nothing.txt",
                       headers=AUTH).status_code == 404
+
+
+def test_a_refused_cwl_request_keeps_nothing(client, home):
+    """A document cwltool does not accept is a 400 in cwltool's words, naming the field,
+    and nothing of the request stays in the service's home."""
+    r = client.post("/jobs", headers=AUTH, json={
+        "workflow": "cwl", "inputs": {"process": str(BXD / "BXD_pheno.txt")},
+        "job_order": {"x": 1}})  # (an inline input object is written before the check)
+    assert r.status_code == 400 and r.get_json()["field"] == "inputs.process"
+    assert r.get_json()["error"].strip() != "inputs.process:"
+    assert list((home / "cwl").glob("*")) == []

@@ -126,7 +126,7 @@ def _beside(value: Any, base: Path) -> Any:
 
 
 def _validate(process: Path, job_order: Path | None) -> None:
-    """cwltool's own check of the document (and of the input object against it): a 400
+    """cwltool's own check of the document, and that the input object is one: a 400
     that says what is wrong, not a job that fails later."""
     try:
         import cwltool.main
@@ -205,7 +205,11 @@ class Cwl(Workflow):
         job_id = jobs.new_job_id()
         home = settings.home / "cwl" / job_id
         process, job_order = _kept(paths, order, settings, home)
-        _validate(process, job_order)
+        try:
+            _validate(process, job_order)
+        except FieldError:
+            shutil.rmtree(home, ignore_errors=True)  # nothing kept of a refused request
+            raise
         queue = str(body.get("queue") or settings.queue)
         out = home / "out"
         out.mkdir(parents=True, exist_ok=True)
