@@ -91,6 +91,12 @@ class Settings:
         """The content-addressed cache (cache.Cache) of this user's data directory."""
         return self.home / "store"
 
+    @property
+    def jobs_dir(self) -> Path:
+        """Where a job keeps files of its own (`jobs_dir / <job id>`: a CWL run's
+        documents and results); removed when the job leaves Redis (retention)."""
+        return self.home / "jobs"
+
 
 _INT = {"log_max_lines", "log_max_bytes", "log_buffer_lines", "max_attempts", "upload_limit_mb",
         "json_limit_mb", "worker_upload_mb", "trusted_proxies", "bundle_max_mb",

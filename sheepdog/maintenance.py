@@ -132,7 +132,8 @@ def sweep_scratch(conn: redis.Redis, settings: Settings) -> int:
 def expire_jobs(conn: redis.Redis, settings: Settings) -> int:
     """Finished jobs past the retention setting leave Redis."""
     try:
-        return expire_finished(conn, settings.retention_days * 86400)
+        return expire_finished(conn, settings.retention_days * 86400,
+                               jobs_dir=settings.jobs_dir)
     except redis.RedisError as e:
         log.warning("could not expire finished jobs: %s", e)
         return 0

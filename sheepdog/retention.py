@@ -7,15 +7,17 @@ A job's exported results stay in their files; its pieces' outputs stay in the ca
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import redis
 
 from . import keys, store
 from .cache import Cache, Entry
 from .lua import script
-from .models import JobStatus, TaskStatus
+from .models import JobStatus, TaskStatus, valid_job_id
 
 
 def _text(value: bytes | str | None) -> str:
@@ -39,23 +41,24 @@ return 1
 """
 
 
-def expire_finished(conn: redis.Redis, older_than: float, now: float | None = None) -> int:
-    """Remove jobs that ended more than `older_than` seconds ago, with their logs and
-    the state of tasks no other job needs; how many jobs went. A batch at a time, so
-    Redis is never held long."""
+def expire_finished(conn: redis.Redis, older_than: float, now: float | None = None,
+                    jobs_dir: Path | None = None) -> int:
+    """Remove jobs that ended more than `older_than` seconds ago, with their logs, the
+    state of tasks no other job needs and their own directories in `jobs_dir`; how many
+    jobs went. A batch at a time, so Redis is never held long."""
     cutoff = (now or time.time()) - older_than
     start = gone = 0
     while True:
         ids = [_text(j) for j in conn.zrangebyscore(keys.jobs_index(), "-inf", cutoff,
                                                     start=start, num=SWEEP_BATCH)]
-        went = _expire(conn, ids, cutoff)
+        went = _expire(conn, ids, cutoff, jobs_dir)
         gone += went
         start += len(ids) - went  # the ones kept (still running) stay in the index
         if len(ids) < SWEEP_BATCH:
             return gone
 
 
-def _expire(conn: redis.Redis, ids: list[str], cutoff: float) -> int:
+def _expire(conn: redis.Redis, ids: list[str], cutoff: float, jobs_dir: Path | None) -> int:
     if not ids:
         return 0
     pipe = conn.pipeline(transaction=False)
@@ -64,16 +67,16 @@ def _expire(conn: redis.Redis, ids: list[str], cutoff: float) -> int:
     release = script(conn, _RELEASE_TASK)
     gone = 0
     for jid, (status, ended) in zip(ids, pipe.execute(), strict=True):
-        if status is None:  # already gone: only its index entry was left
-            conn.zrem(keys.jobs_index(), jid)
-            gone += 1
-            continue
-        if not JobStatus(_text(status)).final or float(ended or 0) > cutoff:
-            continue
-        for tid in store.job_task_ids(conn, jid):
-            release(keys=[keys.task_jobs(tid), *keys.task_keys(tid)], args=[jid, repr(cutoff)])
-        conn.delete(*keys.job_keys(jid))
+        if status is not None:  # (None: already gone, only its index entry was left)
+            if not JobStatus(_text(status)).final or float(ended or 0) > cutoff:
+                continue
+            for tid in store.job_task_ids(conn, jid):
+                release(keys=[keys.task_jobs(tid), *keys.task_keys(tid)],
+                        args=[jid, repr(cutoff)])
+            conn.delete(*keys.job_keys(jid))
         conn.zrem(keys.jobs_index(), jid)
+        if jobs_dir is not None and valid_job_id(jid):  # (an id is never a path)
+            shutil.rmtree(jobs_dir / jid, ignore_errors=True)
         gone += 1
     return gone
 

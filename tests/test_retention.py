@@ -32,9 +32,14 @@ def test_finished_jobs_leave_redis_after_the_retention_with_their_logs(conn, set
     waiting, tasks = jobs.command_job(["echo", "never run"], settings, queue="nobody-serves")
     jobs.submit(conn, settings, waiting, tasks)
     assert conn.exists(keys.job_log(old)) and conn.exists(keys.task(task_id))
-    assert expire_finished(conn, 30 * DAY) == 0  # not old enough yet
-    gone = expire_finished(conn, 30 * DAY, now=time.time() + 31 * DAY)
+    for jid in (old, waiting.id):  # a job's own directory (a CWL run's) goes with it
+        (settings.jobs_dir / jid / "out").mkdir(parents=True)
+    assert expire_finished(conn, 30 * DAY, jobs_dir=settings.jobs_dir) == 0  # not yet
+    gone = expire_finished(conn, 30 * DAY, now=time.time() + 31 * DAY,
+                           jobs_dir=settings.jobs_dir)
     assert gone == 1
+    assert not (settings.jobs_dir / old).exists()
+    assert (settings.jobs_dir / waiting.id / "out").is_dir()
     assert not any(conn.exists(k) for k in keys.job_keys(old))
     assert not conn.exists(keys.task(task_id)) and not conn.exists(keys.task_jobs(task_id))
     assert old.encode() not in conn.zrange(keys.jobs_index(), 0, -1)

@@ -319,4 +319,4 @@ def test_a_refused_cwl_request_keeps_nothing(client, home):
         "job_order": {"x": 1}})  # (an inline input object is written before the check)
     assert r.status_code == 400 and r.get_json()["field"] == "inputs.process"
     assert r.get_json()["error"].strip() != "inputs.process:"
-    assert list((home / "cwl").glob("*")) == []
+    assert list((home / "jobs").glob("*")) == []

@@ -203,7 +203,7 @@ class Cwl(Workflow):
         except ConfigError as e:
             raise FieldError("backend", str(e)) from e
         job_id = jobs.new_job_id()
-        home = settings.home / "cwl" / job_id
+        home = settings.jobs_dir / job_id  # goes with the job (retention)
         process, job_order = _kept(paths, order, settings, home)
         try:
             _validate(process, job_order)
@@ -229,7 +229,7 @@ class Cwl(Workflow):
 
     def describe(self, conn: redis.Redis, settings: Settings, job: Job) -> dict[str, Any]:
         said: dict[str, Any] = {"id": job.id, "status": job.status, "exit_code": job.exit_code}
-        kept = settings.home / "cwl" / job.id / "output.json"
+        kept = settings.jobs_dir / job.id / "output.json"
         if kept.is_file():
             said["output"] = _public(json.loads(kept.read_text()), job, Path(job.out_dir))
         return said
