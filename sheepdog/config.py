@@ -80,6 +80,9 @@ class Settings:
     # --no-container (a hint's tool runs from the host, a requirement is refused),
     # "refuse" refuses both (exit 33, unsupported)
     cwl_containers: str = "host"
+    # the fewest invocations of one CWL tool, ready at once, that go as one piece built on
+    # the worker (a scatter's elements in chunks); fewer each go as their own piece; 0: never
+    cwl_batch: int = 100
 
     @property
     def heartbeat_interval(self) -> float:
@@ -103,7 +106,7 @@ _INT = {"log_max_lines", "log_max_bytes", "log_buffer_lines", "max_attempts", "u
         "bundle_member_max_mb", "bundle_max_members",
         "gn3_max_attempts", "max_command_args", "max_command_bytes", "max_streams_per_job",
         "max_streams_per_token", "max_permutations", "max_pieces", "max_chromosomes",
-        "prepare_workers", "prepare_memory_mb"}
+        "prepare_workers", "prepare_memory_mb", "cwl_batch"}
 _FLOAT = {"retention_days", "heartbeat_timeout", "lease_timeout", "scratch_max_age",
           "gn3_incomplete_wait", "prepare_seconds"}
 _BOOL = {"gn3_routes_open", "allow_any_queue"}

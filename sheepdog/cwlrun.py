@@ -25,7 +25,7 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from . import jobs, logs, store
+from . import cwlbatch, jobs, logs, store
 from .cache import Cache
 from .config import Settings, load
 from .connection import connect
@@ -256,6 +256,24 @@ class Pieces:
         cwltool's threads then contend in this one process, which builds them all."""
         return max(self._served_slots(), os.cpu_count() or 1)
 
+    def cores(self) -> int:
+        """The cores serving the queue: on each host, its cores or its workers' slots,
+        whichever is fewer."""
+        hosts: dict[str, list[int]] = {}
+        for w in live_workers(self.conn, self.queue):
+            slots = int(str(w.get("concurrency") or 1))
+            has = hosts.setdefault(str(w.get("host", "")), [0, 0])
+            has[0] = max(has[0], int(str(w.get("cores") or slots)))
+            has[1] += slots
+        if not hosts:  # the workers this run started have not registered yet
+            return os.cpu_count() or 1
+        return max(1, sum(min(cores, slots) for cores, slots in hosts.values()))
+
+    def piece(self, task: Task) -> Task:
+        """`task` as a piece of the job, on its queue and backend; as it ended."""
+        task.queue, task.backend, task.host = self.queue, self.backend, self.host
+        return self._wait(task)
+
     def _served_slots(self) -> int:
         return sum(int(str(w.get("concurrency") or 1))
                    for w in live_workers(self.conn, self.queue))
@@ -267,6 +285,8 @@ class Pieces:
         place; elsewhere it is staged by content (sheepdog.cwlstep) and its outputs come
         back into `cwd`."""
         roots: dict[str, str] = {}
+        cores, ram_mb = asked(job)
+        env = {**cwlbatch.threads(cores), **env}
         if not self.staged:
             task = Task(name=name, argv=["sh", "-c", _REDIRECT, "sh",
                                          *[r or "" for r in redirect], *argv],
@@ -275,9 +295,8 @@ class Pieces:
         else:
             task, roots = staged_task(self.cache, name, argv, cwd, env, redirect, job,
                                       timelimit)
-        task.queue, task.backend, task.host = self.queue, self.backend, self.host
-        task.cores, task.ram_mb = asked(job)
-        found = self._wait(task)
+        task.cores, task.ram_mb = cores, ram_mb
+        found = self.piece(task)
         if found.status == TaskStatus.SUCCESS and task.cacheable:
             return bring_back(self.cache, task.id, cwd, roots)
         if found.exit_code is not None:
@@ -368,7 +387,7 @@ def _job_popen(original: Callable[..., int]) -> Callable[..., int]:
     return popen
 
 
-def _tool_maker(refuse_containers: bool, staged: bool) -> Any:
+def _tool_maker(refuse_containers: bool, staged: bool, batch: bool) -> Any:
     """cwltool's tool factory, refusing when a CommandLineTool would run (an
     UnsupportedRequirement: cwltool exits 33) what sheepdog is told not to run or cannot
     run as asked: with `refuse_containers`, a tool that asks for a container at all
@@ -405,8 +424,17 @@ def _tool_maker(refuse_containers: bool, staged: bool) -> Any:
                     "a tool staged to another host cannot do: run it on local workers")
             return super().make_job_runner(runtimeContext)
 
+        def job(self, job_order: Any, output_callbacks: Any, runtimeContext: Any) -> Any:
+            if batch and cwlbatch.batchable(self, runtimeContext):
+                yield cwlbatch.Deferred(self, job_order, output_callbacks, runtimeContext)
+            else:
+                yield from super().job(job_order, output_callbacks, runtimeContext)
+
+        def built(self, job_order: Any, output_callbacks: Any, runtimeContext: Any) -> Any:
+            return super().job(job_order, output_callbacks, runtimeContext)
+
     def make(toolpath_object: Any, loadingContext: Any) -> Any:
-        if (refuse_containers or staged) and toolpath_object.get("class") == "CommandLineTool":
+        if toolpath_object.get("class") == "CommandLineTool":
             return Refusing(toolpath_object, loadingContext)
         return default_make_tool(toolpath_object, loadingContext)
 
@@ -442,7 +470,6 @@ def run(argv: list[str], settings: Settings | None = None, queue: str | None = N
         import cwltool.argparser
         import cwltool.main
         from cwltool.context import LoadingContext
-        from cwltool.executors import MultithreadedJobExecutor
     except ImportError as e:
         raise ConfigError(f"CWL runs need cwltool ({e}): pip install 'sheepdog[cwl]', or "
                           "Guix's cwltool") from e
@@ -457,12 +484,13 @@ def run(argv: list[str], settings: Settings | None = None, queue: str | None = N
     settings = settings or load()
     pieces = Pieces(settings, str(args.workflow or ""), queue, backend, host, stage, job_id)
     loading = LoadingContext(vars(args))  # as cwltool makes it, with sheepdog's tool factory
-    maker = _tool_maker(settings.cwl_containers == "refuse", pieces.staged)
+    batch = settings.cwl_batch > 0 and not pieces.staged  # built on a worker sharing this disk
+    maker = _tool_maker(settings.cwl_containers == "refuse", pieces.staged, batch)
     loading.construct_tool_object = maker
     _current = pieces
     code = 1
     try:
-        executor = MultithreadedJobExecutor(max_parallel=pieces.slots())
+        executor = cwlbatch.executor(pieces.slots(), pieces, settings.cwl_batch)
         if backend != "local" or host:  # this machine's cores and memory are not the hosts'
             executor.max_cores = float(max(executor.max_cores, CWL_REMOTE_CORES))
             executor.max_ram = CWL_REMOTE_RAM_MB

@@ -342,7 +342,7 @@ class Worker:
         registration.announce(self.conn, self.name, self.queue_names,
                               self.settings.heartbeat_timeout, host=socket.gethostname(),
                               pid=os.getpid(), process=liveness.this_process(),
-                              concurrency=self.concurrency)
+                              concurrency=self.concurrency, cores=os.cpu_count() or 1)
 
     # -- one task thread
     def _task_loop(self) -> None:

@@ -134,13 +134,14 @@ def test_an_unchanged_invocation_is_not_run_again(env, conn, workers, tmp_path):
     assert int((tmp_path / "out3" / "total.txt").read_text()) == 58
 
 
-@pytest.mark.parametrize("staged", [False, True], ids=["in-place", "staged"])
-def test_required_conformance_tests_pass_through_sheepdog(env, conn, workers, staged):
+@pytest.mark.parametrize("how", ["in-place", "staged", "chunked"])
+def test_required_conformance_tests_pass_through_sheepdog(env, conn, workers, how):
     """20 `required` tests of the CWL v1.2 suite (tests/cwl-conformance: those with small
     files), with cwltest, through sheepdog-cwl-runner and this test's workers; each run
     is a sheepdog job that succeeded. Staged: every invocation as it goes to an ssh host,
     Slurm or a pull worker (its files by content, its paths under one root, its outputs
-    brought back). The whole suite: bench/cwl_conformance.py."""
+    brought back). Chunked: every invocation cwltool could build on a worker built there
+    (SHEEPDOG_CWL_BATCH=1). The whole suite: bench/cwl_conformance.py."""
     assert shutil.which("node") or shutil.which("nodejs"), \
         "nodejs runs CWL's JavaScript expressions: apt-get install nodejs"
     workers.start("-j", "4")
@@ -148,15 +149,18 @@ def test_required_conformance_tests_pass_through_sheepdog(env, conn, workers, st
     done = subprocess.run([str(Path(sys.executable).parent / "cwltest"), "--test",
                            "conformance_tests.yaml", "--tool", str(runner), "-j", "2",
                            "--timeout", "120"], cwd=SUBSET,
-                          env=dict(env, SHEEPDOG_CWL_STAGE="1") if staged else env,
+                          env=dict(env, **{"staged": {"SHEEPDOG_CWL_STAGE": "1"},
+                                           "chunked": {"SHEEPDOG_CWL_BATCH": "1"}
+                                           }.get(how, {})),
                           capture_output=True, text=True, timeout=600)
     said = done.stdout + done.stderr
     assert done.returncode == 0 and "All tests passed" in said, said[-4000:]
     ran = _cwl_jobs(conn)
     assert len(ran) >= 20 and all(j.status == "success" for j in ran), \
         [(j.id, j.status) for j in ran]
-    steps = {t.argv[2] == "sheepdog.cwlstep" for j in ran for t in store.job_tasks(conn, j.id)}
-    assert steps == {staged}
+    steps = {t.argv[2] for j in ran for t in store.job_tasks(conn, j.id)}
+    assert ("sheepdog.cwlstep" in steps) == (how == "staged")
+    assert ("sheepdog.cwlbatch" in steps) == (how == "chunked")
 
 
 def test_a_workflow_on_the_ssh_host_gives_the_local_runs_output_object(env, conn, workers,
@@ -426,3 +430,92 @@ def test_a_tool_that_updates_its_input_in_place_is_refused_when_staged(env, conn
     done = run(tool)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "n.txt").read_text() == "2\n"
+
+
+_SAYS = """cwlVersion: v1.2
+class: CommandLineTool
+baseCommand: [sh, -c, 'test "$0" != bad && echo "$0 ${OMP_NUM_THREADS:-unset} $MINE"']
+requirements:
+  EnvVarRequirement: {envDef: {MINE: mine, OPENBLAS_NUM_THREADS: "7"}}
+inputs:
+  word: {type: string, inputBinding: {position: 1}}
+stdout: said.txt
+outputs:
+  said: {type: stdout}
+"""
+_SAYS_ALL = """cwlVersion: v1.2
+class: Workflow
+requirements:
+  ScatterFeatureRequirement: {}
+inputs:
+  words: string[]
+outputs:
+  said: {type: 'File[]', outputSource: say/said}
+steps:
+  say:
+    run: says.cwl
+    scatter: word
+    in: {word: words}
+    out: [said]
+"""
+
+
+def _said(result: dict) -> list[str]:
+    return [Path(f["path"]).read_text() for f in result["said"]]
+
+
+def test_a_large_scatter_is_built_on_the_workers_in_chunks(env, conn, workers, tmp_path):
+    """A scatter of at least cwl_batch invocations of one tool goes as chunks, one per
+    core serving the queue (two here), each built and run by cwltool on a worker: the
+    example's output object is the one its seven pieces give, file for file (names,
+    sizes, checksums), from three pieces (two chunks of three `wc`, the sum). A tool is
+    told its one core (OMP_NUM_THREADS) unless it says otherwise (EnvVarRequirement), on
+    either path."""
+    workers.start("-j", "2")
+
+    def run(batch: str, *argv: str, cwd: Path = EXAMPLE) -> tuple[dict, list]:
+        done = subprocess.run([*RUNNER, "--quiet", "--outdir", str(tmp_path / f"o{batch}"),
+                               *argv], cwd=cwd, env=dict(env, SHEEPDOG_CWL_BATCH=batch),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout), store.job_tasks(conn, _cwl_jobs(conn)[0].id)
+
+    def files(result: dict) -> list[tuple]:
+        return [(f["basename"], f["size"], f["checksum"])
+                for f in [*result["counts"], result["total"]]]
+
+    one_each, pieces = run("0", "wc-scatter.cwl", "job.yml")
+    assert len(pieces) == 7 and not any("sheepdog.cwlbatch" in t.argv for t in pieces)
+    chunked, pieces = run("3", "wc-scatter.cwl", "job.yml")
+    assert files(chunked) == files(one_each)
+    assert [int(Path(f["path"]).read_text()) for f in chunked["counts"]] == [
+        3, 6, 9, 12, 15, 18]
+    chunks = [t for t in pieces if "sheepdog.cwlbatch" in t.argv]
+    assert len(pieces) == 3 and len(chunks) == 2
+    assert all(t.status == "success" for t in pieces)
+    (tmp_path / "says.cwl").write_text(_SAYS)
+    (tmp_path / "all.cwl").write_text(_SAYS_ALL)
+    (tmp_path / "words.json").write_text(json.dumps({"words": ["a", "b", "c", "d"]}))
+    for batch in ("0", "2"):
+        result, _ = run(batch, "all.cwl", "words.json", cwd=tmp_path)
+        assert _said(result) == [f"{w} 1 mine\n" for w in "abcd"]
+
+
+def test_a_failing_invocation_in_a_chunk_fails_the_run_and_says_so(env, conn, workers,
+                                                                    tmp_path):
+    """One element of a chunked scatter fails (its tool exits 1): the run ends as
+    cwltool's does (exit 1, permanentFail), cwltool's words about it from the worker on
+    the runner's stderr, and the job in error."""
+    workers.start("-j", "2")
+    (tmp_path / "says.cwl").write_text(_SAYS)
+    (tmp_path / "all.cwl").write_text(_SAYS_ALL)
+    (tmp_path / "words.json").write_text(json.dumps({"words": ["a", "bad", "c", "d"]}))
+    done = subprocess.run([*RUNNER, "--outdir", str(tmp_path / "o"), "all.cwl",
+                           "words.json"], cwd=tmp_path, env=dict(env, SHEEPDOG_CWL_BATCH="2"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "[job say_2] exited with status: 1" in done.stderr  # said on the worker
+    assert "[job say_2] completed permanentFail" in done.stderr
+    job = _cwl_jobs(conn)[0]
+    assert job.status == "error"
+    assert any("sheepdog.cwlbatch" in t.argv for t in store.job_tasks(conn, job.id))
