@@ -25,7 +25,7 @@ from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from . import cwlbatch, jobs, logs, store
+from . import cwlbatch, jobs, liveness, logs, store
 from .cache import Cache
 from .config import Settings, load
 from .connection import connect
@@ -232,7 +232,7 @@ class Pieces:
             self.job = Job(id=jobs.new_job_id(), workflow="cwl", queue=self.queue,
                            command=[process], params={"process": process}, backend=backend,
                            host=host)
-            store.submit(self.conn, self.job, [], open_=True)
+            store.submit(self.conn, self.job, [], open_=True, holder=liveness.this_process())
         # in place only where the worker shares this disk: a local worker (a pull worker
         # serving the queue has a disk of its own)
         self.staged = stage or backend != "local" or bool(host) or any(

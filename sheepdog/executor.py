@@ -35,7 +35,7 @@ from typing import Any
 
 import redis
 
-from . import jobs, keys, logs, store
+from . import jobs, keys, liveness, logs, store
 from .cache import Cache
 from .calls import RESULT, encode, function_path
 from .config import Settings, load
@@ -131,7 +131,7 @@ class Executor(futures.Executor):
         self.job = Job(id=jobs.new_job_id(), workflow="python", queue=self._queue,
                        backend=backend, host=self._host,
                        params={"setup": setup or "", "calls": 0})
-        store.submit(self._conn, self.job, [], open_=True)
+        store.submit(self._conn, self.job, [], open_=True, holder=liveness.this_process())
         self._batch = batch_size
         self._call_seconds: float | None = None  # measured, for batch_size="auto"
         self._lock = threading.Lock()

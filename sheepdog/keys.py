@@ -109,6 +109,12 @@ def untrusted_tasks() -> str:
     return f"{PREFIX}:tasks:untrusted"
 
 
+def open_jobs() -> str:
+    """HASH: job id -> the process adding its pieces ("host pid start-time"), while the
+    job is open (a CWL runner's, an Executor's): maintenance ends one whose process died."""
+    return f"{PREFIX}:jobs:open"
+
+
 def active_tasks() -> str:
     """SET: tasks that are queued or running, for the reaper to inspect."""
     return f"{PREFIX}:tasks:active"

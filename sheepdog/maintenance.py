@@ -14,7 +14,8 @@ from . import dispatch, keys, liveness, logs, store
 from .cache import Cache
 from .config import Settings
 from .defaults import SILENT_GRACE, TAKE_TO_CLAIM
-from .models import TaskStatus
+from .errors import UnknownJob
+from .models import JobStatus, TaskStatus
 from .retention import expire_finished
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,28 @@ def _tend(conn: redis.Redis, t: _Look, on_queue: set[str], now: float, grace: fl
         if now - store.silent_since(conn, t.tid, now) < grace:
             return ""
     return _recover(conn, t.tid)
+
+
+def end_orphaned(conn: redis.Redis) -> list[str]:
+    """Open jobs whose holder (the process adding their pieces: a CWL runner, an
+    Executor) died on this host before closing them: ended in error, naming it, instead
+    of `running` for ever; what was done. (A holder on another host is never known dead
+    here; the maintenance there ends its jobs.)"""
+    said = []
+    for raw_id, raw_holder in conn.hgetall(keys.open_jobs()).items():
+        job_id, holder = _text(raw_id), _text(raw_holder)
+        if not liveness.gone(holder):
+            continue
+        host, pid = holder.split()[:2]
+        why = (f"the process adding its pieces (pid {pid} on {host}) went away before it "
+               "had added them all")
+        try:
+            if store.stop_job(conn, job_id, JobStatus.ERROR, why):
+                said.append(f"job {job_id} ended: {why}")
+        except UnknownJob:
+            pass
+        conn.hdel(keys.open_jobs(), job_id)
+    return said
 
 
 def sweep_scratch(conn: redis.Redis, settings: Settings) -> int:

@@ -36,7 +36,7 @@ from .defaults import (
 )
 from .errors import FieldError, SheepdogError
 from .finalize import run_timers
-from .maintenance import reap_lost
+from .maintenance import end_orphaned, reap_lost
 from .models import Task, TaskStatus
 from .outcome import Deadline, conclude
 from .piece import RELEASED, Outcome
@@ -91,6 +91,7 @@ def upkeep(conn: redis.Redis, settings: Settings) -> None:
     if conn.set(keys.pull_upkeep(), "1", nx=True,
                 px=max(100, int(settings.heartbeat_interval * 1000))):
         reap_lost(conn, settings)
+        end_orphaned(conn)
         run_timers(conn, settings)
 
 

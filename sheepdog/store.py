@@ -209,29 +209,34 @@ def submit(
     tasks: list[Task],
     published: Callable[[str], bool] = lambda _tid: True,
     open_: bool = False,
+    holder: str = "",
 ) -> Job:
     """Store a job and its tasks (in dependency order); dispatch what can run now.
 
     A task that already succeeded (and whose outputs are still published) counts as
     done at once: that is the cache. A task still queued or running for another job
     is shared, not started twice. A task that failed or was cancelled before starts over.
-    An `open_` job takes more tasks later (add_tasks) and cannot end before close_job.
+    An `open_` job takes more tasks later (add_tasks) and cannot end before close_job;
+    `holder`, the process that will add them (liveness.this_process()), is kept while it
+    is open, so that the job ends if that process dies first (maintenance.end_orphaned).
     """
-    if tasks and not any(t.cacheable for t in tasks) and _submit_new(conn, job, tasks, open_):
+    if tasks and not any(t.cacheable for t in tasks) and _submit_new(conn, job, tasks, open_,
+                                                                      holder):
         return job
     task_keys = [keys.task(t.id) for t in tasks]
 
     def txn(pipe: Pipeline) -> None:
         states = _statuses(conn, [t.id for t in tasks])
         pipe.multi()
-        _write_job(pipe, conn, job, tasks, states, published, open_)
+        _write_job(pipe, conn, job, tasks, states, published, open_, holder)
 
     conn.transaction(txn, *task_keys)
     return job
 
 
 def _write_job(pipe: Pipeline | _Commands, conn: Any, job: Job, tasks: list[Task],
-               states: dict[str, str], published: Callable[[str], bool], open_: bool) -> None:
+               states: dict[str, str], published: Callable[[str], bool], open_: bool,
+               holder: str = "") -> None:
     """Inside a MULTI: a submitted job, its tasks as `states` found them."""
     now = time.time()
     pipe.delete(keys.job_tasks(job.id))
@@ -239,6 +244,8 @@ def _write_job(pipe: Pipeline | _Commands, conn: Any, job: Job, tasks: list[Task
     # an open job counts one piece more than it has: the one close_job removes
     job.total, job.done, job.cached = len(tasks) + open_, done, cached
     pipe.hset(keys.job(job.id), mapping=to_hash(job))
+    if open_ and holder:
+        pipe.hset(keys.open_jobs(), job.id, holder)
     if cached:
         pipe.xadd(keys.job_log(job.id), logs.note_fields(
             f"cache hit: {cached}/{len(tasks)} pieces already computed"))
@@ -328,12 +335,13 @@ class _Commands:
                                            for x in (score, m)]))
 
 
-def _submit_new(conn: Any, job: Job, tasks: list[Task], open_: bool) -> bool:
+def _submit_new(conn: Any, job: Job, tasks: list[Task], open_: bool, holder: str = "") -> bool:
     """A job of new, uncacheable tasks (a command: each its job's own) in one call, not
     a watched read and a transaction; False (nothing written) if a task exists already.
     `conn`: a redis-py client, or a sheepdog.wire one."""
     pipe = _Commands()
-    _write_job(pipe, conn, job, tasks, {t.id: "" for t in tasks}, lambda _tid: False, open_)
+    _write_job(pipe, conn, job, tasks, {t.id: "" for t in tasks}, lambda _tid: False, open_,
+               holder)
     flat: list[Any] = []
     for args in pipe.stack:
         flat += [len(args), *args]
@@ -402,6 +410,7 @@ def close_job(conn: redis.Redis, job_id: str) -> None:
             _close_log(pipe, job_id, JobStatus.SUCCESS, 0)
 
     conn.transaction(txn, keys.job(job_id))
+    conn.hdel(keys.open_jobs(), job_id)  # its holder is done with it
 
 
 def drop_empty_job(conn: redis.Redis, job_id: str) -> bool:
@@ -411,6 +420,7 @@ def drop_empty_job(conn: redis.Redis, job_id: str) -> bool:
         return False
     conn.delete(*keys.job_keys(job_id))
     conn.zrem(keys.jobs_index(), job_id)
+    conn.hdel(keys.open_jobs(), job_id)
     return True
 
 
@@ -1164,6 +1174,7 @@ def stop_job(conn: redis.Redis, job_id: str, status: JobStatus, why: str) -> boo
                                             "error": why})
         _close_log(pipe, job_id, status, None, "" if status == JobStatus.CANCELLED else why)
         pipe.delete(keys.job_running(job_id))
+        pipe.hdel(keys.open_jobs(), job_id)
         for tid in task_ids:
             pipe.srem(keys.task_jobs(tid), job_id)
             if states[tid] in ACTIVE and not others[tid]:

@@ -37,7 +37,7 @@ from .defaults import (
 )
 from .errors import SheepdogError
 from .finalize import run_timers
-from .maintenance import expire_jobs, reap_lost, sweep_scratch
+from .maintenance import end_orphaned, expire_jobs, reap_lost, sweep_scratch
 from .models import Task
 from .outcome import conclude
 from .piece import RELEASED, Outcome, PieceOutput
@@ -327,6 +327,7 @@ class Worker:
             self._announce()
         if reap:
             reap_lost(self.conn, self.settings)
+            end_orphaned(self.conn)
         run_timers(self.conn, self.settings)
 
     def _finished(self) -> bool:

@@ -519,3 +519,41 @@ def test_a_failing_invocation_in_a_chunk_fails_the_run_and_says_so(env, conn, wo
     job = _cwl_jobs(conn)[0]
     assert job.status == "error"
     assert any("sheepdog.cwlbatch" in t.argv for t in store.job_tasks(conn, job.id))
+
+
+def test_a_killed_runners_job_ends_in_error_instead_of_running_for_ever(env, conn, workers,
+                                                                        tmp_path):
+    """`sheepdog-cwl-runner` killed (SIGKILL) while its invocations run: the job it held
+    open for more pieces does not stay `running` — a worker's round of maintenance finds
+    its runner gone and ends it in error, naming the runner; its pieces stop; nothing of
+    it is left open."""
+    import signal
+
+    from sheepdog import keys
+
+    here = tmp_path / "cwl"
+    shutil.copytree(EXAMPLE, here)
+    tool = (here / "wc-tool.cwl").read_text()
+    (here / "wc-tool.cwl").write_text(tool.replace("baseCommand: [wc, -w]",
+                                                   "baseCommand: [sh, -c, 'sleep 30; wc -w']"))
+    workers.start("-j", "2")
+    runner = subprocess.Popen([*RUNNER, "--quiet", "--outdir", str(tmp_path / "out"),
+                               "wc-scatter.cwl", "job.yml"], cwd=here, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        wait_for(lambda: _cwl_jobs(conn) and any(
+            t.status == "running" for t in store.job_tasks(conn, _cwl_jobs(conn)[0].id)),
+                 60, what="a running count")
+        job = _cwl_jobs(conn)[0]
+        assert conn.hexists(keys.open_jobs(), job.id)
+    finally:
+        os.killpg(runner.pid, signal.SIGKILL)
+        runner.wait()
+    wait_for(lambda: store.get_job(conn, job.id).status == "error", 30,
+             what="the job ended")
+    ended = store.get_job(conn, job.id)
+    assert f"pid {runner.pid}" in ended.error and "went away" in ended.error
+    assert not conn.hexists(keys.open_jobs(), job.id)
+    wait_for(lambda: all(t.status.final for t in store.job_tasks(conn, job.id)), 30,
+             what="its pieces stopped")
