@@ -22,12 +22,17 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .models import Task, TaskStatus
 
-if TYPE_CHECKING:
-    from .cwlrun import Pieces
+
+class Pieces(Protocol):
+    """Where chunks go (sheepdog.cwlrun.Pieces: the run's open job)."""
+
+    def cores(self) -> int: ...
+
+    def piece(self, task: Task) -> Task: ...
 
 # requirements a chunk honours exactly as the runner's own cwltool would
 _SAME_ON_WORKER = {
@@ -137,14 +142,13 @@ class Batches:
                 lock.notify_all()
 
     def _chunk(self, chunk: list[Deferred], number: int) -> list[tuple[Any, str]]:
+        import cwltool.process
         from cwltool.process import uniquename
         from cwltool.utils import create_tmp_dir
 
         first = chunk[0]
         here = create_tmp_dir(first.context.tmp_outdir_prefix)
         self.executor.output_dirs.add(here)  # cwltool moves the outputs out, then removes it
-        import cwltool.process
-
         spec = {
             "tool": {**first.tool.tool, "requirements": first.tool.requirements,
                      "hints": first.tool.hints},
@@ -164,7 +168,7 @@ class Batches:
         name = str(first.context.name or "tool")
         task = Task(name=f"{name}_{number}", argv=[sys.executable, "-m", "sheepdog.cwlbatch",
                                                   str(spec_path)],
-                    cacheable=False, cwd=here, env=dict(os.environ), clean_env=True,
+                    cacheable=False, cwd=here, env=_environment(first.context), clean_env=True,
                     max_attempts=1, nonce=uuid.uuid4().hex)
         found = self.pieces.piece(task)
         if found.status != TaskStatus.SUCCESS:
@@ -174,6 +178,17 @@ class Batches:
         for level, line in result["said"]:  # what cwltool said there, said here too
             log.log(level, "%s", line)
         return [(out, status) for out, status in result["answers"]]
+
+
+def _environment(context: Any) -> dict[str, str]:
+    """What of the runner's environment a chunk gets: what cwltool passes a tool from
+    it (PATH, the variables it is told to keep, or all of them) and what Python needs to
+    start; not the rest (the piece's record keeps its environment)."""
+    if getattr(context, "preserve_entire_environment", False):
+        return dict(os.environ)
+    names = {"PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "TZ",
+             *(getattr(context, "preserve_environment", None) or [])}
+    return {k: v for k, v in os.environ.items() if k in names}
 
 
 def _level() -> int:
