@@ -2,7 +2,8 @@
 evaluates its expressions and builds each tool invocation's command line; every
 invocation then runs as a piece of one open sheepdog job, by the workers of its queue
 (the local backend: the files are on this machine's disk), as many at once as they
-take (cwltool's parallel executor hands them over as their inputs are ready).
+take (cwltool's parallel executor hands them over as their inputs are ready); many of
+one tool ready at once (a scatter) go in chunks built on the workers (sheepdog.cwlbatch).
 `sheepdog-cwl-runner` has cwl-runner's command line (cwltool's own: --outdir, --quiet,
 PROCESS [JOB]; the output object on stdout; exit 0, 1, or 33 for an unsupported
 requirement), so cwltest runs the conformance suite on it.
