@@ -27,6 +27,16 @@ def _cwl_jobs(conn) -> list:
     return [j for j in store.list_jobs(conn, 100) if j.workflow == "cwl"]
 
 
+def _slow_example(tmp_path: Path, seconds: float) -> Path:
+    """A copy of the example whose every count first sleeps `seconds`."""
+    here = tmp_path / "cwl"
+    shutil.copytree(EXAMPLE, here)
+    tool = (here / "wc-tool.cwl").read_text()
+    (here / "wc-tool.cwl").write_text(tool.replace(
+        "baseCommand: [wc, -w]", f"baseCommand: [sh, -c, 'sleep {seconds}; wc -w']"))
+    return here
+
+
 def test_a_scatter_runs_each_invocation_as_a_piece_on_both_workers(env, conn, workers,
                                                                    tmp_path):
     """The example's scatter: six `wc` invocations and their sum, seven pieces of one
@@ -320,11 +330,7 @@ def test_a_run_stopped_half_way_runs_only_what_is_missing(env, conn, workers, tm
     and its output object is the whole one."""
     import signal
 
-    here = tmp_path / "cwl"
-    shutil.copytree(EXAMPLE, here)
-    tool = (here / "wc-tool.cwl").read_text()
-    (here / "wc-tool.cwl").write_text(tool.replace("baseCommand: [wc, -w]",
-                                                   "baseCommand: [sh, -c, 'sleep 0.6; wc -w']"))
+    here = _slow_example(tmp_path, 0.6)
     workers.start("-j", "1")
     argv = [sys.executable, "-m", "sheepdog", "run", "cwl", "--quiet", "--outdir",
             str(tmp_path / "out"), "wc-scatter.cwl", "job.yml"]
@@ -531,11 +537,7 @@ def test_a_killed_runners_job_ends_in_error_instead_of_running_for_ever(env, con
 
     from sheepdog import keys
 
-    here = tmp_path / "cwl"
-    shutil.copytree(EXAMPLE, here)
-    tool = (here / "wc-tool.cwl").read_text()
-    (here / "wc-tool.cwl").write_text(tool.replace("baseCommand: [wc, -w]",
-                                                   "baseCommand: [sh, -c, 'sleep 30; wc -w']"))
+    here = _slow_example(tmp_path, 30)
     workers.start("-j", "2")
     runner = subprocess.Popen([*RUNNER, "--quiet", "--outdir", str(tmp_path / "out"),
                                "wc-scatter.cwl", "job.yml"], cwd=here, env=env,
