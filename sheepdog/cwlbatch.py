@@ -34,6 +34,7 @@ class Pieces(Protocol):
 
     def piece(self, task: Task) -> Task: ...
 
+
 # requirements a chunk honours exactly as the runner's own cwltool would
 _SAME_ON_WORKER = {
     "InlineJavascriptRequirement", "SchemaDefRequirement", "ShellCommandRequirement",
@@ -82,7 +83,8 @@ def threads(cores: int) -> dict[str, str]:
 
 
 def chunks(group: list[Deferred], cores: int, fewest: int) -> list[list[Deferred]]:
-    """`group` in at most `cores` chunks of about equal size, none under `fewest`."""
+    """`group`, in order, in at most `cores` chunks of about equal size, and no more
+    chunks than it has `fewest`s (10 in at most 4 from 3: three, of 4, 4 and 2)."""
     count = max(1, min(cores, len(group) // max(1, fewest)))
     size = math.ceil(len(group) / count)
     return [group[i:i + size] for i in range(0, len(group), size)]
