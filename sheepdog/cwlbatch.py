@@ -66,6 +66,7 @@ class Deferred:
     def __init__(self, tool: Any, order: Any, callback: Callable[..., None],
                  context: Any) -> None:
         self.tool, self.order, self.callback, self.context = tool, order, callback, context
+        self.name = ""  # cwltool's name for it, given when it is sent in a chunk
 
     def built(self) -> Iterator[Any]:
         """cwltool's own job for it, built here (the invocation runs as its own piece)."""
@@ -119,6 +120,9 @@ class Batches:
                 for deferred in group:
                     one(deferred)
                 continue
+            from cwltool.process import uniquename
+            for deferred in group:  # named here, in order, as the runner's cwltool would
+                deferred.name = uniquename(deferred.context.name or "job")
             for number, chunk in enumerate(chunks(group, self.pieces.cores(), self.fewest)):
                 self.outstanding += 1
                 threading.Thread(target=self._run, args=(chunk, number + 1, lock),
@@ -145,7 +149,6 @@ class Batches:
 
     def _chunk(self, chunk: list[Deferred], number: int) -> list[tuple[Any, str]]:
         import cwltool.process
-        from cwltool.process import uniquename
         from cwltool.utils import create_tmp_dir
 
         first = chunk[0]
@@ -160,8 +163,7 @@ class Batches:
             "context": _context(first.context),
             "resources": [self.executor.max_cores, self.executor.max_ram],
             "log_level": _level(),
-            # each its own name, as the runner's cwltool would have named it
-            "orders": [[uniquename(d.context.name or "job"), d.order] for d in chunk]}
+            "orders": [[d.name, d.order] for d in chunk]}
         # pickled: cwltool reads the line and column of a tool's parts (ruamel's), which
         # JSON loses; the file is the runner's, in its own 0700 directory, read by this
         # user's workers on this machine (the only ones that share its disk)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import threading
+import uuid
 from types import SimpleNamespace
 
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
-from sheepdog.cwlbatch import batchable, chunks, plain, threads
+from sheepdog.cwlbatch import Batches, Deferred, batchable, chunks, plain, threads
 
 
 def test_a_group_goes_in_one_chunk_per_core_none_under_the_fewest():
@@ -55,3 +57,23 @@ def test_a_tool_is_told_the_cores_its_piece_holds():
     assert threads(0) == threads(1) == {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                                         "MKL_NUM_THREADS": "1"}
     assert threads(4)["OMP_NUM_THREADS"] == "4"
+
+
+def test_chunked_invocations_are_named_in_order_before_any_chunk_runs(monkeypatch):
+    """cwltool names a scatter's invocations say, say_2, ... in order; chunks run in
+    threads of their own, so the names are given before any starts (a failing element's
+    message names the element that failed, whichever chunk's thread comes first)."""
+    stem = f"say{uuid.uuid4().hex[:8]}"
+    sent: list[list[str]] = []
+    monkeypatch.setattr(Batches, "_run",
+                        lambda self, chunk, number, lock: sent.append([d.name for d in chunk]))
+    pieces = SimpleNamespace(cores=lambda: 2)
+    batches = Batches(pieces, fewest=2, executor=None)  # type: ignore[arg-type]
+    tool = _tool()
+    for order in range(4):
+        batches.add(Deferred(tool, order, print, SimpleNamespace(name=stem)))
+    batches.flush(print, threading.Condition())
+    for thread in threading.enumerate():
+        if thread.name == "cwl-chunk":
+            thread.join(10)
+    assert sorted(sent) == [[stem, f"{stem}_2"], [f"{stem}_3", f"{stem}_4"]]
