@@ -177,18 +177,31 @@ class Gn3Server:
         self.wake.set()
 
     def _mirror_loop(self, stop: threading.Event) -> None:
+        # a one-shot looks at its own command each round and at everyone's as it ends:
+        # GN3 starts one per command, and each looking at all of them every round made
+        # many at once cost the square of their number
+        own = self.started if self.one_shot else None
         while not stop.is_set():
             self.wake.wait(GN3_JOB_POLL)
             self.wake.clear()
             try:
-                self.mirror_finished()
+                self.mirror_finished(own)
             except redis.RedisError:
                 continue  # Redis is restarting: the next round catches up
         self.mirror_finished()
 
-    def mirror_finished(self) -> int:
-        """Mirror every GN3 command whose job has ended (any worker may do it)."""
-        running = {_text(k): json.loads(v) for k, v in self.conn.hgetall(keys.gn3_jobs()).items()}
+    def mirror_finished(self, only: set[str] | None = None) -> int:
+        """Mirror every GN3 command whose job has ended (any worker may do it), or only
+        those of `only`."""
+        if only is None:
+            running = {_text(k): json.loads(v)
+                       for k, v in self.conn.hgetall(keys.gn3_jobs()).items()}
+        elif not only:
+            return 0
+        else:
+            ids = sorted(only)
+            running = {c: json.loads(v) for c, v in zip(
+                ids, self.conn.hmget(keys.gn3_jobs(), ids), strict=True) if v is not None}
         if not running:
             return 0
         pipe = self.conn.pipeline(transaction=False)
