@@ -66,7 +66,8 @@ def start(root: Path, port: int) -> Slurm:
         "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
         "JobCompType=jobcomp/filetxt", f"JobCompLoc={root / 'log' / 'jobcomp.txt'}",
         "MinJobAge=3600", "MpiDefault=none", "MailProg=/bin/true", "ReturnToService=2",
-        "SchedulerParameters=sched_interval=2",
+        # a piece sent as another ends waits for the main scheduling pass: each 1 s here
+        "SchedulerParameters=sched_interval=1",
         f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=512 "
         "State=UNKNOWN",
         "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP", ""]))

@@ -56,6 +56,37 @@ def test_a_remote_commands_output_is_read_to_its_end(host, monkeypatch):
         conn.close()
 
 
+def test_the_hosts_directory_is_looked_at_and_published_into_by_sftp(host, monkeypatch,
+                                                                     tmp_path):
+    """What is there, `mkdir -p`, and publishing a piece's directory by one rename: the
+    first of two pieces with the same outputs stays, the second is dropped, no error."""
+    from sheepdog import hosts, ssh
+    from sheepdog.cache import Cache
+    from sheepdog.remote import RemoteDir
+    for name, value in host.env().items():
+        monkeypatch.setenv(name, value)
+    testhost = hosts.resolve("testhost", host.env()["SHEEPDOG_INVENTORY"])
+    remote = RemoteDir(testhost, Cache(tmp_path / "cache"))
+    try:
+        wd = remote.workdir()
+        assert wd.startswith(str(host.dir))  # the test host's own directory
+        remote.makedirs(f"{wd}/a/b/c")
+        remote.makedirs(f"{wd}/a/b/c")  # there already: nothing asked again, no error
+        assert os.path.isdir(f"{wd}/a/b/c")
+        target = f"{wd}/store/tasks/t1"
+        for n in (1, 2):
+            remote.write_text(f"{wd}/scratch/p{n}/out.txt", f"piece {n}\n")
+            remote.write_text(f"{wd}/scratch/p{n}/.sheepdog.pgid", "1\n")
+            remote._move_in(f"{wd}/scratch/p{n}", target, frozenset({".sheepdog.pgid"}))
+        assert sorted(os.listdir(target)) == [".complete", "out.txt"]
+        assert open(f"{target}/out.txt").read() == "piece 1\n"
+        assert not os.path.exists(f"{wd}/scratch/p1") and not os.path.exists(f"{wd}/scratch/p2")
+        assert remote.missing([f"{target}/.complete", f"{wd}/nothing", f"{wd}/a"]) == \
+            {f"{wd}/nothing"}
+    finally:
+        remote.close()
+        ssh.drop(testhost)
+
 def test_the_hosts_python_has_numpy_and_pillow_and_nothing_of_the_tests(host, monkeypatch):
     """What runs on a host gets only what its Guix profile gives (python3, numpy,
     Pillow): not redis or flask, which the tests' own environment has."""
