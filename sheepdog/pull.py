@@ -221,12 +221,19 @@ class PullWorker:
         self._room = threading.Condition(self._lock)
         self._threads: list[threading.Thread] = []
         self._renewing = threading.Event()  # set: the renew loop ends
+        self._greeted = threading.Event()  # set: the service answered hello
         self.reports: ReportBatch | None = None  # a service that takes them batched
 
     # -- lifecycle
     def run(self) -> None:
         """Work until stopped; Fatal if the service refuses this worker."""
-        info = self.client.hello()
+        try:
+            info = self.client.hello()
+        except Unreachable:
+            if self.stopping.is_set():
+                return  # told to stop while waiting for the service: nothing to hand back
+            raise
+        self._greeted.set()
         self.lease_seconds = float(info.get("lease_seconds", self.lease_seconds))
         self.reports = ReportBatch(self) if info.get("batch_reports") else None
         log.info("pull worker %s: %s (protocol %s, sheepdog %s), queues %s", self.name,
@@ -257,6 +264,8 @@ class PullWorker:
         if release:
             self.leaving.set()
         self.stopping.set()
+        if not self._greeted.is_set():
+            self.client.stopping.set()  # stop waiting out an outage of the service, too
 
     def _die(self, error: Fatal) -> None:
         log.error("pull worker %s: %s", self.name, error)

@@ -606,6 +606,9 @@ def test_redis_is_not_needed_by_a_pull_worker(tmp_path, env):
     # no SHEEPDOG_REDIS_URL, no embedded Redis started: it only asks the URL
     worker = start_worker("http://127.0.0.1:9", worker_env(env, tmp_path / "w", "sd_x"))
     time.sleep(2)
+    told = time.monotonic()
     out = kill(worker, signal.SIGTERM)
+    assert time.monotonic() - told < 10  # a stop cuts its wait for the service short
+    assert worker.returncode == 0, out
     assert "127.0.0.1:9 is unreachable" in out and "redis" not in out.lower()
     assert not (tmp_path / "w" / "redis").exists()
