@@ -142,9 +142,12 @@ def stop(home: Path) -> bool:
     if not _alive(sock):
         return False
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
-    try:
-        redis.Redis(unix_socket_path=str(sock)).shutdown()
+    try:  # not tried again: the server closing the connection is its answer (redis-py
+        # would retry with back-off, ~4 s, before taking it so)
+        redis.Redis(unix_socket_path=str(sock), retry=Retry(NoBackoff(), 0)).shutdown()
     except redis.ConnectionError:
         pass  # the server closes the connection as it exits
     return True
