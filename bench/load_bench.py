@@ -207,6 +207,16 @@ def paging(base: str) -> dict[str, float]:
             "p99_ms": percentile(times, 0.99), "walk_s": time.perf_counter() - walk}
 
 
+def ready(web: subprocess.Popen[bytes], log: Path) -> None:
+    """Until `serve` says every web process answers (a burst sent as soon as the first
+    one does would measure the others' start-up, not the load)."""
+    deadline = time.monotonic() + 120
+    while "serve: ready:" not in log.read_text():
+        if web.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the service did not start; its log: {log}")
+        time.sleep(0.05)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--posts", type=int, default=1000)
@@ -229,12 +239,7 @@ def main() -> None:
                            start_new_session=True)
     try:
         conn = redis.Redis.from_url(server.url)
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+        ready(web, work / "serve.log")
         a = posts(base, conn, args.posts, args.clients, work)
         if not args.posts_only:
             b = followers(base, args.followers)

@@ -35,6 +35,7 @@ from .defaults import (
     SERVE_GRACE,
     SERVE_HEAD_TIMEOUT,
     SERVE_NICE,
+    SERVE_READY_ENV,
     WORKER_STOP_WAIT,
 )
 from .errors import ConfigError, SheepdogError
@@ -337,7 +338,9 @@ def serve(bind: str, local_workers: int, connections: int, processes: int,
     # gevent: an open websocket, a long-polling worker or a slow client costs a greenlet,
     # not one of a few threads; a request's head must arrive within --keep-alive seconds
     # (gevent's worker times out reading it), so a half-sent request holds nothing long
-    argv = [sys.executable, "-m", "gunicorn", "--bind", bind, "--worker-class", "gevent",
+    # sheepdog.serve_worker: gevent's worker, taking waiting connections in batches
+    argv = [sys.executable, "-m", "gunicorn", "--bind", bind,
+            "--worker-class", "sheepdog.serve_worker.Worker",
             "--workers", str(processes), "--reuse-port",
             "--worker-connections", str(connections),
             "--keep-alive", str(int(SERVE_HEAD_TIMEOUT)), "--access-logfile", "-",
@@ -360,7 +363,10 @@ def serve(bind: str, local_workers: int, connections: int, processes: int,
                 1, settings.queue, concurrency=local_workers, session=False, nice=SERVE_NICE)
         scheme = "https" if tls else "http"
         click.echo(f"sheepdog serving on {scheme}://{bind} ({shown(url_for(settings))})", err=True)
-        children.insert(0, subprocess.Popen(argv, env=env))
+        # each web process writes a byte here once its app is loaded
+        ready, env[SERVE_READY_ENV] = _ready_pipe(processes, f"{scheme}://{bind}")
+        children.insert(0, subprocess.Popen(argv, env=env, pass_fds=(ready,)))
+        os.close(ready)
         code = children[0].wait()
     except _Stopping as e:
         click.echo(f"sheepdog serve: {signal.Signals(e.signum).name}: stopping", err=True)
@@ -369,6 +375,25 @@ def serve(bind: str, local_workers: int, connections: int, processes: int,
             signal.signal(sig, signal.SIG_IGN)  # one stop at a time
         _stop_all(children)
     sys.exit(code)
+
+
+def _ready_pipe(processes: int, where: str) -> tuple[int, str]:
+    """The write end of a pipe for gunicorn's web processes (its number, for the
+    environment); a thread says `ready` once `processes` of them wrote to it, and keeps
+    reading (a restarted process writes too) until the last writer is gone."""
+    read, write = os.pipe()
+
+    def count() -> None:
+        seen = 0
+        while chunk := os.read(read, 64):
+            seen += len(chunk)
+            if seen >= processes > seen - len(chunk):
+                click.echo(f"sheepdog serve: ready: {processes} web process"
+                           f"{'es' if processes > 1 else ''} answering on {where}", err=True)
+        os.close(read)
+
+    threading.Thread(target=count, name="serve-ready", daemon=True).start()
+    return write, str(write)
 
 
 def _room_for(connections: int) -> None:

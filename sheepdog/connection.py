@@ -101,13 +101,14 @@ def _tls(settings: Settings, url: str) -> dict[str, object]:
     return options
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """A checked connection; RedisUnavailable names the URL when the server is down."""
+def connect(settings: Settings, **options: Any) -> redis.Redis:
+    """A checked connection; RedisUnavailable names the URL when the server is down.
+    `options`: more of redis-py's connection options (the web process's parser)."""
     url = url_for(settings)
     try:
         conn = redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30,
                                     max_connections=REDIS_MAX_CONNECTIONS,
-                                    **_tls(settings, url))
+                                    **_tls(settings, url), **options)
         conn.ping()
     except redis.AuthenticationError as e:
         raise RedisUnavailable(shown(url), f"{e}: check the user name and password in "

@@ -21,6 +21,7 @@ KILL_GRACE = 3.0  # s: between SIGTERM and SIGKILL of a piece's process group
 # s: `serve` gives gunicorn and its local worker this long to stop before SIGKILL; a
 # worker hands its pieces back within KILL_GRACE, gunicorn drains within SERVE_GRACE
 WORKER_STOP_WAIT = 8.0
+SERVE_READY_ENV = "SHEEPDOG_SERVE_READY"  # the pipe a web process says it is ready on (fd)
 SERVE_GRACE = 5.0  # s: gunicorn's graceful timeout (websockets are told to go at once)
 SERVE_NICE = 10  # how much lower a CPU priority `serve`'s own worker (and its pieces) run at
 SERVE_WARM_CONNECTIONS = 40  # Redis connections each web process opens before serving

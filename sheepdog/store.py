@@ -7,6 +7,7 @@ disagrees with its tasks or a ready task that nobody will run.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -257,44 +258,64 @@ def _write_job(pipe: Pipeline | _Commands, conn: Any, job: Job, tasks: list[Task
     pipe.zadd(keys.jobs_index(), {job.id: job.submitted})
 
 
-# Runs the commands of a transaction written for tasks that did not exist (ARGV: each
-# command as its length and arguments), unless one of them (KEYS) exists now: 0 then.
-_IF_NEW = """
-local unpack = unpack or table.unpack
+# Runs the commands recorded for tasks that did not exist (ARGV: _argv's encoding), unless
+# one of them (KEYS) exists now: 0 then.
+_RUN = """
+local function run(argv)
+  local unpack = unpack or table.unpack
+  for _, cmd in ipairs(cjson.decode(argv[1])) do
+    for k, x in ipairs(cmd) do
+      if type(x) == 'number' then cmd[k] = argv[x] end
+    end
+    redis.call(unpack(cmd))
+  end
+end
+"""
+_IF_NEW = _RUN + """
 for _, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then return 0 end
 end
-local i = 1
-while i <= #ARGV do
-  local n, cmd = tonumber(ARGV[i]), {}
-  for k = 1, n do cmd[k] = ARGV[i + k] end
-  redis.call(unpack(cmd))
-  i = i + n + 1
-end
+run(ARGV)
 return 1
 """
 
 
 # More new tasks for an open job (KEYS[1] the job, the rest the tasks): as _IF_NEW, after
 # the job is found open: -1 no such job, its status if it has ended, 0 a task exists.
-_ADD_NEW = """
-local unpack = unpack or table.unpack
+_ADD_NEW = _RUN + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if FINAL[status] then return status end
 for k = 2, #KEYS do
   if redis.call('EXISTS', KEYS[k]) == 1 then return 0 end
 end
-local i = 1
-while i <= #ARGV do
-  local n, cmd = tonumber(ARGV[i]), {}
-  for k = 1, n do cmd[k] = ARGV[i + k] end
-  redis.call(unpack(cmd))
-  i = i + n + 1
-end
+run(ARGV)
 return 1
 """.replace("FINAL[status]", "(" + " or ".join(f"status == '{s}'" for s in sorted(FINAL_STATES))
             + ")")
+
+
+def _argv(stack: list[tuple[Any, ...]]) -> list[Any]:
+    """Recorded commands as a script's ARGV: the commands as one JSON text, in which a
+    number n stands for ARGV[n], a bytes value sent as itself (a piece's pickled call).
+    A job's ~200 arguments packed one by one by redis-py cost the web process more than
+    the rest of its POST /jobs. Numbers are sent as redis-py sends them (repr)."""
+    text: list[list[str | int]] = []
+    blobs: list[bytes] = []
+    for args in stack:
+        command: list[str | int] = []
+        for a in args:
+            if isinstance(a, str):
+                command.append(a)
+            elif isinstance(a, bytes):
+                blobs.append(a)
+                command.append(len(blobs) + 1)
+            elif isinstance(a, int | float) and not isinstance(a, bool):
+                command.append(repr(a))
+            else:
+                raise TypeError(f"{args[0]}: a {type(a).__name__} is not a Redis argument")
+        text.append(command)
+    return [json.dumps(text, ensure_ascii=False), *blobs]
 
 
 class _Commands:
@@ -342,11 +363,8 @@ def _submit_new(conn: Any, job: Job, tasks: list[Task], open_: bool, holder: str
     pipe = _Commands()
     _write_job(pipe, conn, job, tasks, {t.id: "" for t in tasks}, lambda _tid: False, open_,
                holder)
-    flat: list[Any] = []
-    for args in pipe.stack:
-        flat += [len(args), *args]
     run = script(conn, _IF_NEW)
-    return bool(run(keys=[keys.task(t.id) for t in tasks], args=flat))
+    return bool(run(keys=[keys.task(t.id) for t in tasks], args=_argv(pipe.stack)))
 
 
 def add_tasks(conn: redis.Redis, job_id: str, tasks: list[Task],
@@ -382,11 +400,8 @@ def _add_new(conn: Any, job_id: str, tasks: list[Task]) -> bool:
     _add(pipe, conn, job_id, tasks, {t.id: "" for t in tasks}, lambda _tid: False,
          time.time())
     pipe.hincrby(keys.job(job_id), "total", len(tasks))
-    flat: list[Any] = []
-    for args in pipe.stack:
-        flat += [len(args), *args]
     said = script(conn, _ADD_NEW)(keys=[keys.job(job_id), *[keys.task(t.id) for t in tasks]],
-                                  args=flat)
+                                  args=_argv(pipe.stack))
     if said == -1:
         raise UnknownJob(job_id)
     if isinstance(said, bytes | str):

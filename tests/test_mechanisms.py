@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from sheepdog import jobs, logs, piece, store
+from sheepdog import jobs, keys, logs, piece, store
 from sheepdog.backends.base import Backend, StatusUpdate, Submission
 from sheepdog.backends.slurm import SlurmBackend, SlurmSettings, monitor_for
 from sheepdog.backends.slurm import commands as cmd
@@ -364,6 +364,74 @@ def test_scripts_run_together_in_one_round_trip_even_after_the_server_forgot_the
         assert int(conn.get("n")) == 3
     with pytest.raises(Exception, match="boom"):
         run_many(conn, [(count, ["n"], []), ("return redis.error_reply('boom')", [], [])])
+
+
+def test_a_new_jobs_arguments_arrive_exactly_as_json_text_or_as_bytes(conn):
+    """A job of new pieces is one script call; its commands travel as one JSON text, a
+    bytes value as an argument of its own that the text points to: stored byte for byte
+    (quotes, backslashes, newlines, non-ASCII, a NUL, a float's repr, binary), and a
+    piece already there stops the whole call."""
+    odd = ["printf", 'a "quoted" \\ back\nslash', "Müller ∂ 𝔊", "nul\x00here", "-0.1"]
+    job = Job(id="json-1", workflow="command", command=odd, submitted=1733450000.123456)
+    piece = Task(name="run", argv=odd, cacheable=False, nonce="j1")
+    assert store._argv([("HSET", "k", "f", odd[1], "n", 3, "x", 0.1)]) == [
+        '[["HSET", "k", "f", "a \\"quoted\\" \\\\ back\\nslash", "n", "3", "x", "0.1"]]']
+    assert store._argv([("HSET", "k", "f", b"\x80\x00", "g", b"")]) == [
+        '[["HSET", "k", "f", 2, "g", 3]]', b"\x80\x00", b""]
+    store.submit(conn, job, [piece])
+    stored = store.get_job(conn, "json-1")
+    assert stored.command == odd and stored.submitted == job.submitted
+    assert store.get_task(conn, piece.id).argv == odd
+    store._submit_new(conn, Job(id="json-2", workflow="command"), [piece], False)
+    assert not conn.exists(keys.job("json-2"))  # its piece exists: nothing written
+    conn.delete(keys.task(piece.id), keys.job("json-1"))
+    raw = Job(id="bytes-1", workflow="command")
+    pipe = store._Commands()
+    pipe.hset(keys.job("bytes-1"), mapping={"blob": b"\x80\xff\x00"})
+    run = store.script(conn, store._IF_NEW)
+    assert run(keys=[keys.task("none")], args=store._argv(pipe.stack)) == 1
+    assert conn.hget(keys.job(raw.id), "blob") == b"\x80\xff\x00"
+
+
+_GREEN_CHECK = """
+from gevent import monkey
+monkey.patch_all()
+import sys, gevent, redis
+from web import green
+
+stock = redis.Redis.from_url(sys.argv[1])
+ours = redis.Redis.from_url(sys.argv[1], **green.options())
+stock.ping(); ours.ping()
+print(type(ours.connection_pool.get_connection()._parser).__name__)
+c = ours.connection_pool.get_connection()
+ran = []
+gevent.spawn(ran.append, 1)
+print(c._parser.can_read(0), ran)
+c2 = stock.connection_pool.get_connection()
+ran2 = []
+gevent.spawn(ran2.append, 1)
+print(c2._parser.can_read(0), ran2)
+c.send_command("PING")
+gevent.sleep(0.05)
+print(c._parser.can_read(0), c.read_response())
+print(ours.set("green", "1"), ours.get("green"))
+"""
+
+
+def test_redis_py_in_the_web_process_asks_is_anything_to_read_without_yielding(
+        redis_server, tmp_path):
+    """Under gevent (gunicorn's worker) redis-py's zero-timeout "anything left to
+    read?" check, made before every command, waited a whole turn of the event loop
+    (another greenlet runs meanwhile); web.green's parser asks the kernel: nothing runs
+    meanwhile, pending data is still seen, and commands work."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _GREEN_CHECK, redis_server.url],
+                          capture_output=True, text=True, timeout=60, cwd=root)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines == ["Parser", "False []", "False [1]", "True b'PONG'", "True b'1'"], lines
 
 
 def test_a_piece_that_asks_for_several_cores_holds_as_many_slots(conn, settings, tmp_path):

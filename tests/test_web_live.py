@@ -297,3 +297,48 @@ def test_a_cwl_workflow_posted_with_curl_runs_and_its_page_counts_the_scatter(
     counts = [int(curl(f"{server}{f['location']}")) for f in result["output"]["counts"]]
     assert counts == [3, 6, 9, 12, 15, 18]
     assert int(curl(f"{server}{result['output']['total']['location']}")) == 63
+
+
+def test_serve_says_ready_once_every_web_process_listens_on_its_own_socket(env, tmp_path):
+    """`serve` says `ready` after each of its web processes loaded the app (a burst sent
+    when only the first answers meets half the service); each process has a listening
+    socket of its own (--reuse-port), whose waiting connections it takes all at once
+    (gunicorn's one-a-turn is for a shared socket); 60 clients connecting together are
+    all answered."""
+    import socket as socketlib
+
+    from sheepdog.serve_worker import _OwnSocketServer, own_sockets
+
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "sheepdog", "serve", "--bind",
+                             f"127.0.0.1:{port}", "--local-workers", "0", "--processes", "2"],
+                            env=dict(env, SHEEPDOG_API_TOKENS=TOKEN), stdout=subprocess.DEVNULL,
+                            stderr=log.open("w"), start_new_session=True)
+    try:
+        wait_for(lambda: "serve: ready:" in log.read_text(), 60, every=0.05, what="ready")
+        text = log.read_text()
+        assert "ready: 2 web processes answering on http://127.0.0.1:" in text
+        assert text.count("Booting worker with pid") == 2
+        assert text.index("serve: ready:") > text.rindex("Booting worker with pid")
+        if own_sockets(True):  # gunicorn 24 and later
+            hex_port = f"{port:04X}"
+            listening = [line for line in open("/proc/net/tcp").read().splitlines()[1:]
+                         if line.split()[1].endswith(f":{hex_port}") and line.split()[3] == "0A"]
+            assert len(listening) == 2, listening
+        clients = [socketlib.create_connection(("127.0.0.1", port)) for _ in range(60)]
+        for c in clients:
+            c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answers = []
+        for c in clients:
+            c.settimeout(30)
+            answers.append(c.recv(64).split(b"\r\n")[0])
+            c.close()
+        assert answers == [b"HTTP/1.1 200 OK"] * 60
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    listener = socketlib.socket()
+    server = _OwnSocketServer(listener, handle=lambda *_: None)
+    server.max_accept = 1  # what gunicorn's run() sets when there are several workers
+    assert server.max_accept == 100
+    listener.close()

@@ -13,6 +13,8 @@ from sheepdog.config import Settings
 from sheepdog.connection import connect
 from sheepdog.tokens import Registry
 
+from . import green
+
 _lock = threading.Lock()
 
 
@@ -25,7 +27,7 @@ def conn() -> Any:
     app = current_app
     with _lock:
         if "REDIS" not in app.extensions:
-            app.extensions["REDIS"] = connect(settings())
+            app.extensions["REDIS"] = connect(settings(), **green.options())
     return app.extensions["REDIS"]
 
 
