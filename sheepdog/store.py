@@ -303,15 +303,17 @@ def _argv(stack: list[tuple[Any, ...]]) -> list[Any]:
     text: list[list[str | int]] = []
     blobs: list[bytes] = []
     for args in stack:
-        command: list[str | int] = []
-        for a in args:
-            if isinstance(a, str):
-                command.append(a)
-            elif isinstance(a, bytes):
+        command: list[str | int] = list(args)
+        for i, a in enumerate(args):
+            if type(a) is str:  # nearly all: nothing to do
+                continue
+            if isinstance(a, bytes):
                 blobs.append(a)
-                command.append(len(blobs) + 1)
+                command[i] = len(blobs) + 1
             elif isinstance(a, int | float) and not isinstance(a, bool):
-                command.append(repr(a))
+                command[i] = repr(a)
+            elif isinstance(a, str):
+                command[i] = str(a)  # a str subclass (an enum's value)
             else:
                 raise TypeError(f"{args[0]}: a {type(a).__name__} is not a Redis argument")
         text.append(command)

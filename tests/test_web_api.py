@@ -76,6 +76,35 @@ def test_a_command_job_is_accepted_at_once_then_runs(client, workers):
     assert client.get(f"/jobs/{created['id']}/result", headers=AUTH).get_json()["exit_code"] == 0
 
 
+def test_a_jobs_links_are_the_routes_own_urls_behind_a_prefix_and_over_https(client):
+    """The links a POST /jobs answer carries (built from one url_for) are exactly what
+    each route's url_for gives, with the app mounted under a prefix and reached over
+    HTTPS too (the stream then wss://); each one is a route (a result: not yet)."""
+    from flask import url_for
+
+    from sheepdog.models import Job
+    from web.api import urls
+
+    app = client.application
+    for base in ("http://localhost/", "https://gn.example.org/gn/"):
+        with app.test_request_context("/", base_url=base):
+            job = Job(id="20261206-000000-abc", workflow="command",
+                      read_token="t-_0k3n")
+            want = {"job": url_for("api.get_job", job_id=job.id),
+                    "log": url_for("api.get_log", job_id=job.id),
+                    "result": url_for("api.get_result", job_id=job.id),
+                    "stream": url_for("job_stream", job_id=job.id, _external=True),
+                    "page": url_for("pages.job_page", job_id=job.id, token=job.read_token)}
+            assert urls(job) == want, base
+    assert want["stream"] == "wss://gn.example.org/gn/jobs/20261206-000000-abc/stream"
+    created = client.post("/jobs", json={"workflow": "command", "command": ["true"]},
+                          headers=AUTH).get_json()
+    for name in ("job", "log"):
+        assert client.get(created["urls"][name], headers=AUTH).status_code == 200, name
+    assert client.get(created["urls"]["result"], headers=AUTH).status_code == 409  # not yet
+    assert client.get(created["urls"]["page"]).status_code == 200
+
+
 def test_gemma_loco_from_server_paths_gives_results(client, workers):
     r = client.post("/jobs", headers=AUTH, json={
         "workflow": "gemma-loco",

@@ -301,7 +301,8 @@ def test_a_cwl_workflow_posted_with_curl_runs_and_its_page_counts_the_scatter(
 
 def test_serve_says_ready_once_every_web_process_listens_on_its_own_socket(env, tmp_path):
     """`serve` says `ready` after each of its web processes loaded the app (a burst sent
-    when only the first answers meets half the service); each process has a listening
+    when only the first answers meets half the service); its own worker runs at nice 19;
+    each process has a listening
     socket of its own (--reuse-port), whose waiting connections it takes all at once
     (gunicorn's one-a-turn is for a shared socket); 60 clients connecting together are
     all answered."""
@@ -311,7 +312,7 @@ def test_serve_says_ready_once_every_web_process_listens_on_its_own_socket(env, 
 
     port, log = free_port(), tmp_path / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "sheepdog", "serve", "--bind",
-                             f"127.0.0.1:{port}", "--local-workers", "0", "--processes", "2"],
+                             f"127.0.0.1:{port}", "--local-workers", "1", "--processes", "2"],
                             env=dict(env, SHEEPDOG_API_TOKENS=TOKEN), stdout=subprocess.DEVNULL,
                             stderr=log.open("w"), start_new_session=True)
     try:
@@ -320,6 +321,11 @@ def test_serve_says_ready_once_every_web_process_listens_on_its_own_socket(env, 
         assert "ready: 2 web processes answering on http://127.0.0.1:" in text
         assert text.count("Booting worker with pid") == 2
         assert text.index("serve: ready:") > text.rindex("Booting worker with pid")
+        # its own worker (and so its pieces) at the lowest CPU priority: requests first
+        worker = int(subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "--",
+                                     "-m sheepdog worker"],
+                                    capture_output=True, text=True).stdout.split()[0])
+        assert os.getpriority(os.PRIO_PROCESS, worker) == 19
         if own_sockets(True):  # gunicorn 24 and later
             hex_port = f"{port:04X}"
             listening = [line for line in open("/proc/net/tcp").read().splitlines()[1:]

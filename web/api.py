@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 from typing import Any, NoReturn
+from urllib.parse import urlencode
 
 from flask import Blueprint, Response, abort, g, jsonify, make_response, request, send_file, url_for
 
@@ -50,12 +51,13 @@ def _body() -> dict[str, Any]:
 
 
 def urls(job: Job) -> dict[str, str]:
-    ws = url_for("job_stream", job_id=job.id, _external=True)  # werkzeug gives ws://
-    return {"job": url_for("api.get_job", job_id=job.id),
-            "log": url_for("api.get_log", job_id=job.id),
-            "result": url_for("api.get_result", job_id=job.id),
-            "stream": ws,
-            "page": url_for("pages.job_page", job_id=job.id, token=job.read_token)}
+    """The job's links, all under its own URL (one url_for, not five: every POST /jobs
+    answer carries them); the stream's is absolute, ws:// or wss:// as the request came."""
+    own = url_for("api.get_job", job_id=job.id)
+    scheme, host = request.host_url.split("://", 1)
+    ws = f"{scheme.replace('http', 'ws', 1)}://{host.rstrip('/')}{own}/stream"
+    return {"job": own, "log": f"{own}/log", "result": f"{own}/result", "stream": ws,
+            "page": f"{own}/page?{urlencode({'token': job.read_token})}"}
 
 
 # what a read token (a shared page link) must not show: server paths, worker host names
