@@ -305,15 +305,13 @@ def _argv(stack: list[tuple[Any, ...]]) -> list[Any]:
     for args in stack:
         command: list[str | int] = list(args)
         for i, a in enumerate(args):
-            if type(a) is str:  # nearly all: nothing to do
+            if isinstance(a, str):  # nearly all; JSON writes an enum's text as it is
                 continue
             if isinstance(a, bytes):
                 blobs.append(a)
                 command[i] = len(blobs) + 1
             elif isinstance(a, int | float) and not isinstance(a, bool):
                 command[i] = repr(a)
-            elif isinstance(a, str):
-                command[i] = str(a)  # a str subclass (an enum's value)
             else:
                 raise TypeError(f"{args[0]}: a {type(a).__name__} is not a Redis argument")
         text.append(command)

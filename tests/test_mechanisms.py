@@ -376,6 +376,8 @@ def test_a_new_jobs_arguments_arrive_exactly_as_json_text_or_as_bytes(conn):
     piece = Task(name="run", argv=odd, cacheable=False, nonce="j1")
     assert store._argv([("HSET", "k", "f", odd[1], "n", 3, "x", 0.1)]) == [
         '[["HSET", "k", "f", "a \\"quoted\\" \\\\ back\\nslash", "n", "3", "x", "0.1"]]']
+    assert store._argv([("HSET", "k", "s", JobStatus.SUCCESS)]) == [
+        '[["HSET", "k", "s", "success"]]']  # an enum as its text, as redis-py sends it
     assert store._argv([("HSET", "k", "f", b"\x80\x00", "g", b"")]) == [
         '[["HSET", "k", "f", 2, "g", 3]]', b"\x80\x00", b""]
     store.submit(conn, job, [piece])
