@@ -302,10 +302,9 @@ def test_a_cwl_workflow_posted_with_curl_runs_and_its_page_counts_the_scatter(
 def test_serve_says_ready_once_every_web_process_listens_on_its_own_socket(env, tmp_path):
     """`serve` says `ready` after each of its web processes loaded the app (a burst sent
     when only the first answers meets half the service); its own worker runs at nice 19;
-    each process has a listening
-    socket of its own (--reuse-port), whose waiting connections it takes all at once
-    (gunicorn's one-a-turn is for a shared socket); 60 clients connecting together are
-    all answered."""
+    each process has a listening socket of its own (--reuse-port), whose waiting
+    connections it takes all at once (gunicorn's one-a-turn is for a shared socket); 60
+    clients connecting together are all answered."""
     import socket as socketlib
 
     from sheepdog.serve_worker import _OwnSocketServer, own_sockets
