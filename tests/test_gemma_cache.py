@@ -33,7 +33,7 @@ def test_a_run_killed_midway_leaves_nothing_partial_and_the_rerun_is_right(
             continue
         d = local.task_dir(entry.id)
         names = {p.name for p in d.rglob("*")}
-        assert names & {"kinship.npy", "lmm.assoc.txt"}, f"{d} holds an unknown output"
+        assert names & {"centred.npy", "lmm.assoc.txt"}, f"{d} holds an unknown output"
         if "lmm.assoc.txt" in names:
             assert "total computation time" in (d / "output" / "lmm.log.txt").read_text()
     assert not (tmp_path / "out" / "assoc.txt").exists()

@@ -134,27 +134,90 @@ def test_gemmas_own_error_text_fails_the_job_and_names_the_piece(env, tmp_path, 
     assert not (tmp_path / "out" / "assoc.txt").exists()  # never a partial result
 
 
-def test_kinships_equal_gemmas_own_for_the_genome_and_by_the_loco_identity(
+def _pieces(tmp_path):
+    """Kinship pieces of BXD, written in reverse: their ranks give the file's order."""
+    from sheepdog.gemma.formats.bimbam import split_genotypes
+    from sheepdog.gemma.scan import kinship
+
+    split = split_genotypes(GENO, ANNO, tmp_path / "split")
+    in_file = list(split.chromosomes)
+    pieces = {}
+    for c in reversed(in_file):
+        genotypes = kinship.read_genotypes(split.chromosomes[c]["matrix"])
+        (tmp_path / "k" / c).mkdir(parents=True)
+        kinship.write(tmp_path / "k" / c, kinship.centred(genotypes), genotypes.shape[1],
+                      in_file.index(c))
+        pieces[c] = tmp_path / "k" / c
+    return in_file, pieces
+
+
+def test_kinships_are_gemmas_own_digit_for_digit_for_the_genome_and_every_loco(
         tmp_path, gemma_loco_kinships):
     import numpy as np
 
-    from sheepdog.gemma.formats.bimbam import split_genotypes
-    from sheepdog.gemma.scan.kinship import BLOCK, centered_kinship, read_genotypes
-    from sheepdog.gemma.scan.loco import loco_from
+    from sheepdog.gemma.scan import blas, kinship, loco
 
     _, gemmas_loco = gemma_loco_kinships
     gemma(["-g", str(GENO), "-p", str(PHENO), "-gk", "1", "-o", "all"], tmp_path)
-    genome, snps = centered_kinship(read_genotypes(GENO))
-    assert snps > 3 * BLOCK  # computed block by block
-    # GEMMA prints 10 significant digits of values below 1
-    np.testing.assert_allclose(genome, np.loadtxt(tmp_path / "output" / "all.cXX.txt"),
-                               rtol=0, atol=1e-9)
-    split = split_genotypes(GENO, ANNO, tmp_path / "split")
-    per_chromosome = [(c, centered_kinship(read_genotypes(info["matrix"])))
-                      for c, info in split.chromosomes.items()]
-    for c in ("1", "11", "X"):
-        np.testing.assert_allclose(loco_from(c, per_chromosome), np.loadtxt(gemmas_loco[c]),
+    in_file, pieces = _pieces(tmp_path)
+    genome = kinship.centred(kinship.read_genotypes(GENO))
+    assert len(genome) > 3 * kinship.BLOCK  # centred block by block, as the pieces are
+    assert np.array_equal(genome, np.concatenate([kinship.read(pieces[c]) for c in in_file]))
+    gemmas = blas.gemmas()
+    assert gemmas.name != "numpy", gemmas.why  # the BLAS Debian's GEMMA is linked with
+    numpys = blas.Blas("numpy", "numpy's BLAS")
+    wanted = {None: tmp_path / "output" / "all.cXX.txt", **gemmas_loco}
+    for c, theirs in wanted.items():
+        ours = tmp_path / f"ours.{c}.txt"
+        loco.write_matrix(ours, loco.kinship_of(pieces, c, gemmas))
+        assert ours.read_text().split() == theirs.read_text().split(), c  # every digit
+        # numpy's BLAS sums in another order: the same kinship to GEMMA's printed digits
+        np.testing.assert_allclose(loco.kinship_of(pieces, c, numpys), np.loadtxt(theirs),
                                    rtol=0, atol=1e-9)
+
+
+def test_a_batch_padded_to_its_snps_plus_pad_sums_as_gemmas_full_width_batch(
+        tmp_path, monkeypatch):
+    """GEMMA multiplies a 20,000-column buffer whatever the SNPs; the shorter product
+    must give the same bits, with this BLAS, in one batch and in several."""
+    import numpy as np
+
+    from sheepdog.gemma.scan import blas, kinship, loco
+
+    _, pieces = _pieces(tmp_path)
+    gemmas = blas.gemmas()
+    for batch in (kinship.BATCH, 5000):  # 5000: one full batch, then one cut short
+        monkeypatch.setattr(kinship, "BATCH", batch)
+        monkeypatch.setattr(kinship, "PAD", 2048)
+        assert kinship._width(198, 1000) == 3048 and kinship._width(10, 1000) == batch
+        short = loco.kinship_of(pieces, "5", gemmas)
+        monkeypatch.setattr(kinship, "PAD", batch)  # every product batch columns wide
+        full = loco.kinship_of(pieces, "5", gemmas)
+        assert np.array_equal(short, full), batch
+
+
+def test_gemmas_blas_is_the_first_library_that_defines_cblas_dgemm_itself(tmp_path):
+    import os
+    import shutil
+
+    from sheepdog.gemma.scan import blas
+
+    found = blas.gemmas()
+    libraries = blas.linked_libraries(os.path.realpath(shutil.which("gemma")))
+    # libgsl comes first and reaches cblas_dgemm through its own libgslcblas: not GEMMA's
+    assert found.name in libraries
+    for earlier in libraries[:libraries.index(found.name)]:
+        try:
+            function = __import__("ctypes").CDLL(earlier).cblas_dgemm
+        except (OSError, AttributeError):
+            continue
+        assert blas._defined_in(function) != os.path.realpath(earlier)
+    script = tmp_path / "gemma"
+    script.write_text("#!/bin/sh\nexec gemma \"$@\"\n")
+    script.chmod(0o755)
+    wrapped = blas.gemmas("gemma", str(tmp_path))
+    assert wrapped.name == "numpy" and str(script) in wrapped.why, wrapped.why
+    assert "not on PATH" in blas.gemmas("no-such-gemma").why
 
 
 def test_gemma_stops_on_a_singular_matrix_however_sheepdog_was_started(env, tmp_path):

@@ -1,6 +1,6 @@
 """The Python steps of the GEMMA workflows, run as task processes:
 
-    python -m sheepdog.gemma.ops kinship GENO
+    python -m sheepdog.gemma.ops kinship [--rank N] GENO
     python -m sheepdog.gemma.ops loco-lmm --chromosome C [--full] -- GEMMA-ARGS --
                                           CHR KINSHIP_DIR ...
     python -m sheepdog.gemma.ops gather CHR ASSOC LOG [...]
@@ -38,6 +38,7 @@ from .commands import GEMMA_ENV
 from .formats.bimbam import check_covariates, read_table
 from .precompute import steps as pcsteps
 from .scan import kinship, loco, merge, permute
+from .scan.blas import gemmas as gemmas_blas
 
 # short steps, run on a worker thread by the local backend (see backends/local.py)
 IN_PROCESS = frozenset({"kinship", "loco-lmm", "gather", "perm-prepare", "perm-gather",
@@ -53,16 +54,23 @@ def _triples(items: list[str]) -> list[tuple[str, Path, Path]]:
 Emit = Callable[[str], None]
 
 
-def kinship_step(geno: str, here: Path, emit: Emit) -> None:
-    matrix, snps = kinship.centered_kinship(kinship.read_genotypes(Path(geno)))
-    kinship.write(here, matrix, snps)
-    emit(f"centered kinship of {len(matrix)} individuals from {snps} SNPs")
+def kinship_step(geno: str, rank: int, here: Path, emit: Emit) -> None:
+    genotypes = kinship.read_genotypes(Path(geno))
+    x = kinship.centred(genotypes)
+    kinship.write(here, x, genotypes.shape[1], rank)
+    emit(f"{len(x)} of {len(genotypes)} SNPs kept for the centered kinship of "
+         f"{genotypes.shape[1]} individuals")
 
 
-def loco_matrix(chromosome: str, kinship_dirs: dict[str, Path]) -> Any:
-    """The LOCO kinship of one chromosome, reading one chromosome's kinship at a time
-    (twenty 2,000 x 2,000 matrices at once would be 640 MB)."""
-    return loco.loco_from(chromosome, ((c, kinship.read(d)) for c, d in kinship_dirs.items()))
+def loco_matrix(chromosome: str | None, kinship_dirs: dict[str, Path], emit: Emit,
+                gemma: str = "gemma") -> Any:
+    """The LOCO kinship of one chromosome (None: of all SNPs) from the kinship pieces,
+    computed with the BLAS `gemma` uses."""
+    blas = gemmas_blas(gemma, _gemma_environment().get("PATH"))
+    matrix = loco.kinship_of(kinship_dirs, chromosome, blas)
+    emit(f"{'LOCO kinship of chr ' + chromosome if chromosome else 'kinship of all SNPs'}"
+         f" by {blas.why}")
+    return matrix
 
 
 def loco_lmm(args: argparse.Namespace, here: Path, emit: Emit, complain: Emit,
@@ -70,10 +78,7 @@ def loco_lmm(args: argparse.Namespace, here: Path, emit: Emit, complain: Emit,
     """Write this chromosome's LOCO kinship (--full: the kinship of all SNPs), then run
     GEMMA's LMM on the chromosome's SNPs against it."""
     dirs = {args.pairs[i]: Path(args.pairs[i + 1]) for i in range(0, len(args.pairs), 2)}
-    if args.full:
-        matrix = loco.full_from((c, kinship.read(d)) for c, d in dirs.items())
-    else:
-        matrix = loco_matrix(args.chromosome, dirs)
+    matrix = loco_matrix(None if args.full else args.chromosome, dirs, emit, args.gemma[0])
     loco.write_matrix(here / "loco.txt", matrix)
     argv = [("loco.txt" if a == "@loco" else a) for a in args.gemma]
     return run_streaming(argv, here, emit, complain, stop)
@@ -122,7 +127,7 @@ def perm_prepare(args: argparse.Namespace, here: Path, emit: Emit) -> None:
     covariates = check_covariates(Path(args.covariates), len(pheno)) if args.covariates else None
     items = args.items
     dirs = {items[i]: Path(items[i + 3]) for i in range(0, len(items), 4)}
-    chroms = {items[i]: (Path(items[i + 1]), Path(items[i + 2]), loco_matrix(items[i], dirs))
+    chroms = {items[i]: (Path(items[i + 1]), Path(items[i + 2]), loco_matrix(items[i], dirs, emit))
               for i in range(0, len(items), 4)}
     permute.prepare(pheno, covariates, chroms, here)
     meta = json.loads((here / "meta.json").read_text())
@@ -147,7 +152,10 @@ def perm_gather(paths: list[str], here: Path, emit: Emit) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sheepdog.gemma.ops")
     sub = parser.add_subparsers(dest="op", required=True)
-    sub.add_parser("kinship").add_argument("geno")
+    kin = sub.add_parser("kinship")
+    kin.add_argument("--rank", type=int, default=0, help="where the chromosome's SNPs come "
+                     "in the genotype file: LOCO kinships take the pieces in this order")
+    kin.add_argument("geno")
     lmm = sub.add_parser("loco-lmm")
     lmm.add_argument("--chromosome", required=True)
     lmm.add_argument("--full", action="store_true", help="the kinship of all SNPs, not LOCO")
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None, workdir: Path | None = None, emit: Emit 
     here = workdir or Path.cwd()
     try:
         if args.op == "kinship":
-            kinship_step(args.geno, here, emit)
+            kinship_step(args.geno, args.rank, here, emit)
         elif args.op == "loco-lmm":
             args.gemma, args.pairs = _split_rest(args.rest)
             return loco_lmm(args, here, emit, complain, stop)

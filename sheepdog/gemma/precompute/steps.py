@@ -34,8 +34,8 @@ from ...errors import SheepdogError
 from ...process import capture
 from ..commands import SHORT_RUN_ENV, lmm_argv, minus_log10, p_value, parse_log
 from ..formats.bimbam import geno_fields, lines
-from ..scan import kinship
-from ..scan.loco import loco_from, read_matrix, write_matrix
+from ..scan.blas import gemmas
+from ..scan.loco import kinship_of, read_matrix, write_matrix
 
 Emit = Callable[[str], None]
 # one SNP of a trait's vector: -log10 p signed by the effect's direction, and the rest
@@ -53,9 +53,9 @@ def prepare(items: list[str], here: Path, emit: Emit) -> None:
     dirs = {q[0]: Path(q[3]) for q in quads}
     rows: list[tuple[str, str, int]] = []
     counts = {}
+    blas = gemmas()
     for chrom, _geno, anno, _kin in quads:
-        # one chromosome's kinship at a time, as loco-lmm reads them
-        matrix = loco_from(chrom, ((c, kinship.read(d)) for c, d in dirs.items()))
+        matrix = kinship_of(dirs, chrom, blas)  # one at a time, as loco-lmm computes them
         write_matrix(here / f"kin.{chrom}.txt", matrix)
         before = len(rows)
         for _, text in lines(Path(anno)):
@@ -65,7 +65,7 @@ def prepare(items: list[str], here: Path, emit: Emit) -> None:
     np.save(here / "snps.npy", np.array(rows, dtype=SNPS))
     (here / "meta.json").write_text(json.dumps({"chromosomes": list(counts),
                                                 "snps": counts}))
-    emit(f"LOCO kinships of {len(counts)} chromosomes; {len(rows):,d} SNPs")
+    emit(f"LOCO kinships of {len(counts)} chromosomes by {blas.why}; {len(rows):,d} SNPs")
 
 
 @dataclass

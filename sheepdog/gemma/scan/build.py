@@ -2,8 +2,8 @@
 content-addressed tasks.
 
     split (here, while validating) -> kinship per chromosome
-        -> LMM per chromosome (its LOCO kinship by the identity, or without LOCO the
-           kinship of all SNPs, then GEMMA on that chromosome's SNPs) -> gather
+        -> LMM per chromosome (its LOCO kinship as GEMMA computes it, or without LOCO
+           the kinship of all SNPs, then GEMMA on that chromosome's SNPs) -> gather
     kinships -> permutation prep (LOCO kinships cut to the analysed individuals)
         -> permutation batches -> thresholds
 
@@ -289,14 +289,16 @@ def gemma_task(name: str, argv: list[Any], inputs: dict[str, str], deps: list[st
 
 def kinship_tasks(prep: Prepared, request: GemmaRequest, settings: Settings, env: str
                   ) -> dict[str, Task]:
-    """One centered kinship per chromosome: they see only the genotypes, so every scan
-    and precompute of the same genotypes shares them."""
+    """One kinship piece per chromosome (its centred SNPs): they see only the genotypes,
+    so every scan and precompute of the same genotypes shares them."""
     kinships = {}
+    in_file = list(prep.chromosomes)  # the order GEMMA meets their SNPs in
     for chrom in prep.order:
         c = prep.chromosomes[chrom]
-        kinships[chrom] = gemma_task(
-            f"kinship chr {chrom}", [{"python": True}, *OPS, "kinship", {"input": "geno"}],
-            {"geno": c["matrix"]}, [], ["kinship.npy", "kinship.json"], env, request, settings)
+        argv = [{"python": True}, *OPS, "kinship", "--rank", str(in_file.index(chrom)),
+                {"input": "geno"}]
+        kinships[chrom] = gemma_task(f"kinship chr {chrom}", argv, {"geno": c["matrix"]}, [],
+                                     ["centred.npy", "kinship.json"], env, request, settings)
     return kinships
 
 

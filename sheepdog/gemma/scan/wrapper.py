@@ -225,15 +225,15 @@ def _k_files(record: dict[str, Any], options: argparse.Namespace, request: Gemma
     """The K record's files: the kinship pieces (LOCO), or the kinship of all SNPs."""
     if request.loco:
         record["files"] = [[c, str(cache.task_dir(by_chrom[c].id) / "kinship.json"),
-                            str(cache.task_dir(by_chrom[c].id) / "kinship.npy")] for c in wanted]
+                            str(cache.task_dir(by_chrom[c].id) / "centred.npy")] for c in wanted]
         record["gemma_command"] = f"{inputs} -loco {wanted[-1]}"
-        record["sheepdog"]["note"] = ("kinship pieces (GEMMA's -gk 1 per chromosome); each "
+        record["sheepdog"]["note"] = ("kinship pieces (each chromosome's centred SNPs); each "
                                       "LMM piece forms its LOCO kinship from them")
         return record
     record["files"] = [[None, *map(str, _full_kinship(options, cache, by_chrom, job_id))]]
     record["gemma_command"] = inputs
     record["sheepdog"]["note"] = ("the kinship of all SNPs, formed from the per-chromosome "
-                                  "kinship pieces (GEMMA's -gk 1 of each) by their SNP counts")
+                                  "kinship pieces as GEMMA's -gk 1 forms it")
     return record
 
 
@@ -241,21 +241,24 @@ def _full_kinship(options: argparse.Namespace, cache: Cache, by_chrom: dict[str,
                   job_id: str) -> tuple[Path, Path]:
     """(log, kinship) in gemma-wrapper's cache directory: the kinship of all SNPs as
     GEMMA's -gk 1 writes it (.cXX.txt), named by the pieces it came from."""
-    from .kinship import read as read_kinship
-    from .loco import full_from, write_matrix
+    from .blas import gemmas
+    from .kinship import meta
+    from .loco import kinship_of, write_matrix
 
     out_dir = Path(options.cache_dir or tempfile.gettempdir())
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = hashlib.sha256("".join(t.id for t in by_chrom.values()).encode()).hexdigest()[:40]
     kin, log = out_dir / f"{stem}.cXX.txt", out_dir / f"{stem}.log.txt"
     if not (kin.exists() and log.exists()):
-        parts = [(c, read_kinship(cache.task_dir(t.id))) for c, t in by_chrom.items()]
+        pieces = {c: cache.task_dir(t.id) for c, t in by_chrom.items()}
+        blas = gemmas()
         tmp = out_dir / f".{kin.name}.{os.getpid()}.tmp"
-        write_matrix(tmp, full_from(parts))
+        write_matrix(tmp, kinship_of(pieces, None, blas))
         os.replace(tmp, kin)
-        snps = sum(p for _, (_, p) in parts)
+        snps = sum(meta(d)["snps"] for d in pieces.values())
         text = (f"## sheepdog job {job_id}: the centered kinship (-gk 1) of all {snps} "
-                f"SNPs of {len(parts)} chromosomes, from sheepdog's kinship pieces\n")
+                f"SNPs of {len(pieces)} chromosomes, from sheepdog's kinship pieces, by "
+                f"{blas.why}\n")
         tmp = out_dir / f".{log.name}.{os.getpid()}.tmp"
         tmp.write_text(text)
         os.replace(tmp, log)
