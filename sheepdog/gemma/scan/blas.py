@@ -16,12 +16,13 @@ import functools
 import os
 import re
 import shutil
-import subprocess
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from ...process import capture
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enum values, fixed by the standard
 _LDD_LINE = re.compile(r"=>\s*(\S+)\s+\(0x")
@@ -54,9 +55,8 @@ def linked_libraries(executable: str) -> list[str]:
     """The shared libraries `ldd` lists for an executable, in the order the dynamic
     linker searches them for a symbol; [] for a static or unreadable one."""
     try:
-        out = subprocess.run(["ldd", executable], capture_output=True, text=True,
-                             timeout=30, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
+        _, out, _ = capture(["ldd", executable], timeout=30)
+    except (OSError, TimeoutError):
         return []
     return [m.group(1) for line in out.splitlines() if (m := _LDD_LINE.search(line))]
 
