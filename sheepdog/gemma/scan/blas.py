@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ...process import capture
+from ..commands import GEMMA_ENV
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # CBLAS enum values, fixed by the standard
 _LDD_LINE = re.compile(r"=>\s*(\S+)\s+\(0x")
@@ -82,6 +83,10 @@ def gemmas(binary: str = "gemma", path: str | None = None) -> Blas:
     """The first of GEMMA's libraries that defines cblas_dgemm (the one GEMMA's calls
     reach), or numpy's BLAS with the reason."""
     found = shutil.which(binary, path=path or os.environ.get("PATH"))
+    # read when the library loads: its idle threads then sleep at once rather than spin
+    # for the GEMMA processes beside them, as GEMMA's own do (commands.GEMMA_ENV)
+    for name, value in GEMMA_ENV.items():
+        os.environ.setdefault(name, value)
     if found is None:
         return Blas("numpy", f"numpy's BLAS: GEMMA ({binary!r}) is not on PATH")
     for library in linked_libraries(os.path.realpath(found)):
