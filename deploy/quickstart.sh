@@ -75,5 +75,5 @@ quickstart: done. The merged LOCO scan is in results/bxd-loco/
   'source $VENV/bin/activate' once and then just 'sheepdog' (e.g. sheepdog list).
   The embedded Redis it started keeps running for later commands, workers and the
   web service ($VENV/bin/sheepdog redis status); stop it with
-  '$VENV/bin/sheepdog redis stop'. Run the tests with: $VENV/bin/python -m pytest -q tests
+  '$VENV/bin/sheepdog redis stop'. Run the tests with: $VENV/bin/python -m pytest -q -n 2 tests
 EOF

@@ -68,8 +68,27 @@ def _home_files() -> set[str]:
 _BEFORE = pytest.StashKey[tuple[set[str], set[str]]]()
 
 
+def _controller(config) -> bool:
+    """Not one of pytest-xdist's workers: the process that sees the whole session."""
+    return not hasattr(config, "workerinput")
+
+
 def pytest_sessionstart(session) -> None:
-    session.config.stash[_BEFORE] = (_tmp_entries(), _home_files())
+    if _controller(session.config):  # before any worker starts, after every one ends
+        session.config.stash[_BEFORE] = (_tmp_entries(), _home_files())
+
+
+# With -n (pytest-xdist, --dist loadgroup), the tests that share a session-wide thing
+# run on one worker, so it is started once: one Slurm, one GEMMA reference run.
+_GROUPS = {"slurm": "slurm", "gemma_loco_kinships": "gemma-reference"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        group = next((g for f, g in _GROUPS.items() if f in names), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(tryfirst=True)

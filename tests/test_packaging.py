@@ -96,7 +96,7 @@ def test_the_readme_starts_with_the_two_commands_ci_types():
     with only the distribution's python3 on PATH."""
     readme = (ROOT / "README.md").read_text()
     first_two = _commands(readme)[:2]
-    assert first_two == ["bash deploy/quickstart.sh", ".venv/bin/python -m pytest -q tests"]
+    assert first_two == ["bash deploy/quickstart.sh", ".venv/bin/python -m pytest -q -n 2 tests"]
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert [line.strip() for line in ci[-2:]] == first_two
     path = next(line for line in ci if line.startswith("export PATH="))
