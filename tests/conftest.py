@@ -83,6 +83,7 @@ def pytest_sessionstart(session) -> None:
 _GROUPS = {"slurm": "slurm", "gemma_loco_kinships": "gemma-reference"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         names = set(getattr(item, "fixturenames", ()))

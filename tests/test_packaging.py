@@ -91,6 +91,24 @@ def _commands(text: str) -> list[str]:
             line.strip() and not line.strip().startswith("#")]
 
 
+def test_the_installed_xdist_keeps_a_group_of_tests_on_one_worker(tmp_path):
+    """The README runs the tests with -n 2 and --dist loadgroup (pyproject): the tests
+    that share one Slurm or one GEMMA reference run must keep to one worker. With
+    pytest 9.2 the grouping silently stopped (pytest-xdist#1386); pyproject pins below."""
+    (tmp_path / "test_grouped.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.xdist_group('shared')\n"
+        "@pytest.mark.parametrize('n', range(6))\n"
+        "def test_one(n):\n    pass\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-v", "-n", "2", "--dist",
+                           "loadgroup", "-p", "no:cacheprovider", "test_grouped.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    ran = [line for line in done.stdout.splitlines() if "PASSED" in line]
+    assert len(ran) == 6 and all("@shared" in line for line in ran), ran
+    assert len({line.split()[0] for line in ran}) == 1, ran  # one worker: [gw0] or [gw1]
+
+
 def test_the_readme_starts_with_the_two_commands_ci_types():
     """README: set-up first, tests second; .ci/run ends by typing exactly those two,
     with only the distribution's python3 on PATH."""
