@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +83,38 @@ def pytest_sessionstart(session) -> None:
 # With -n (pytest-xdist, --dist loadgroup), the tests that share a session-wide thing
 # run on one worker, so it is started once: one Slurm, one GEMMA reference run.
 _GROUPS = {"slurm": "slurm", "gemma_loco_kinships": "gemma-reference"}
+
+
+@contextmanager
+def _turn(config, alone: bool = False) -> Iterator[None]:
+    """With -n, a test marked `alone` (it times the service under load) runs while no
+    other test or session set-up does: those hold one file lock shared, it holds it
+    alone. A waiting `alone` test leaves a file that keeps new shared holders out, so the
+    other worker's next test cannot keep it waiting."""
+    if not hasattr(config, "workerinput"):
+        yield
+        return
+    root = Path(config.option.basetemp or tempfile.gettempdir()).parent  # the run's own
+    wanted = root / f"alone-wanted.{os.getpid()}"
+    with open(root / "alone.lock", "a") as lock:
+        if alone:
+            wanted.touch()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            wanted.unlink()
+        else:
+            while any(root.glob("alone-wanted.*")):
+                time.sleep(0.1)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def one_turn(request) -> Iterator[None]:
+    with _turn(request.config, request.node.get_closest_marker("alone") is not None):
+        yield
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
@@ -253,20 +287,22 @@ def workers(env) -> Iterator[Workers]:
 
 
 @pytest.fixture(scope="session")
-def gemma_loco_kinships(tmp_path_factory):
+def gemma_loco_kinships(tmp_path_factory, pytestconfig):
     """GEMMA's own LOCO kinships for BXD (computed once per test session)."""
     assert shutil.which("gemma"), "GEMMA is not installed (see .ci/run)"
     from gemma_reference import loco_kinships
 
     work = tmp_path_factory.mktemp("gemma-reference")
-    return work, loco_kinships(work)
+    with _turn(pytestconfig):  # twenty GEMMA runs: not while an `alone` test times
+        return work, loco_kinships(work)
 
 
 @pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
+def slurm(tmp_path_factory, pytestconfig):
     """A real single-node Slurm for the whole session (munge, slurmctld, slurmd)."""
     import slurm_cluster
 
-    cluster = slurm_cluster.start(tmp_path_factory.mktemp("slurm"), free_port())
+    with _turn(pytestconfig):
+        cluster = slurm_cluster.start(tmp_path_factory.mktemp("slurm"), free_port())
     yield cluster
     cluster.stop()

@@ -24,7 +24,7 @@ from conftest import free_port, wait_for
 
 from sheepdog import keys
 
-pytestmark = pytest.mark.security
+pytestmark = [pytest.mark.security, pytest.mark.alone]  # times the service under load
 
 TOKEN = "hold-token"  # from SHEEPDOG_API_TOKENS: every role, the worker's too
 WEBSOCKETS, CLAIMS, HALF_SENT = 1000, 200, 200

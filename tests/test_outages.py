@@ -95,6 +95,7 @@ def test_a_killed_workers_map_items_and_theirs_die_with_it(env, conn, workers, t
 
 
 @pytest.mark.fault
+@pytest.mark.alone  # compares two runs' times: not while the other worker's load varies
 def test_a_killed_run_is_rerun_at_once_not_after_the_heartbeat(env, tmp_path):
     """sheepdog run killed mid-scan; the rerun on the same host knows its attempts'
     process is gone and does not wait out the (default, 20 s) heartbeat timeout."""

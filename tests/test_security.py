@@ -202,6 +202,7 @@ def test_six_hundred_chromosomes_are_refused_before_any_file_is_opened(tmp_path)
                              anno=anno), Cache(tmp_path / "cache"))
 
 
+@pytest.mark.alone
 def test_validating_and_splitting_runs_outside_the_web_process_within_limits(
         redis_server, home, queue, tmp_path):
     import gzip

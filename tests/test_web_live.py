@@ -121,6 +121,7 @@ def test_resuming_after_the_closing_line_gets_end_and_bad_ids_a_clear_close(serv
     assert message["type"] == "error" and "unknown job id" in message["error"]
 
 
+@pytest.mark.alone
 def test_closed_streams_free_their_threads_and_streams_are_capped(server, conn):
     from sheepdog import keys
 

@@ -34,9 +34,10 @@ BATCH = 20000  # GEMMA 0.98's K_BATCH_SIZE: SNPs per cblas_dgemm
 # change no sum, but where the data ends inside a BLAS's blocks of the inner dimension
 # does (OpenBLAS evens out its last two blocks), so that is kept: the data is followed
 # by at least PAD zero columns, twice the largest such block (GEMM_Q) of any OpenBLAS
-# kernel. A product this small (n² x width) is still split over threads as GEMMA's is.
+# kernel. OpenBLAS also picks its thread count by n² x width (and threads change the
+# sums): below THREADED a product keeps GEMMA's full width, so it gets GEMMA's threads.
 PAD = 2048
-THREADED = 1 << 26  # n² x width beyond which OpenBLAS uses all of up to 256 threads
+THREADED = 1 << 26  # n² x width from which OpenBLAS uses all of up to 256 threads
 
 
 def read_genotypes(path: Path) -> np.ndarray:
