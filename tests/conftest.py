@@ -80,18 +80,13 @@ def pytest_sessionstart(session) -> None:
         session.config.stash[_BEFORE] = (_tmp_entries(), _home_files())
 
 
-# With -n (pytest-xdist, --dist loadgroup), the tests that share a session-wide thing
-# run on one worker, so it is started once: one Slurm, one GEMMA reference run.
-_GROUPS = {"slurm": "slurm", "gemma_loco_kinships": "gemma-reference"}
-
-
 @contextmanager
 def _turn(config, alone: bool = False) -> Iterator[None]:
     """With -n, a test marked `alone` (it times the service under load) runs while no
     other test or session set-up does: those hold one file lock shared, it holds it
     alone. A waiting `alone` test leaves a file that keeps new shared holders out, so the
     other worker's next test cannot keep it waiting."""
-    if not hasattr(config, "workerinput"):
+    if _controller(config):
         yield
         return
     root = Path(config.option.basetemp or tempfile.gettempdir()).parent  # the run's own
@@ -115,6 +110,11 @@ def _turn(config, alone: bool = False) -> Iterator[None]:
 def one_turn(request) -> Iterator[None]:
     with _turn(request.config, request.node.get_closest_marker("alone") is not None):
         yield
+
+
+# With -n (pytest-xdist, --dist loadgroup), the tests that share a session-wide thing
+# run on one worker, so it is started once: one Slurm, one GEMMA reference run.
+_GROUPS = {"slurm": "slurm", "gemma_loco_kinships": "gemma-reference"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
