@@ -19,7 +19,7 @@ import executor_calls as calls
 import pytest
 from conftest import wait_for
 
-from sheepdog import Executor
+from sheepdog import Executor, store
 from sheepdog.registration import live_workers
 
 pytestmark = pytest.mark.fault
@@ -71,11 +71,17 @@ def test_every_map_item_is_recorded_once_through_a_redis_outage(env, conn, redis
                                                                 tmp_path, seed):
     out = tmp_path / "out"
     started = threading.Event()
+    newest = [j.id for j in store.list_jobs(conn, limit=1)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "sheepdog", "map", "-j", "2", "--range", f"1:{ITEMS}",
          "--out", str(out), "--", "echo", "{}"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True)
     outage = _outage(redis_server, seed, started)
+    # the outage comes during the run: once its job is in Redis, not while the command
+    # starts (a command that cannot reach Redis at all says so and stops, by design;
+    # beside a busy xdist worker its start took longer than the seeded 0.2-1.5 s)
+    wait_for(lambda: [j.id for j in store.list_jobs(conn, limit=1)] != newest
+             or proc.poll() is not None, 60, what="the map job to be submitted")
     started.set()
     try:
         stdout, stderr = proc.communicate(timeout=180)
