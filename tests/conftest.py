@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 import redis
@@ -80,18 +81,24 @@ def pytest_sessionstart(session) -> None:
         session.config.stash[_BEFORE] = (_tmp_entries(), _home_files())
 
 
+_KEPT: list[IO[str]] = []  # this worker's exclusive hold, kept while `alone` tests follow
+
+
 @contextmanager
-def _turn(config, alone: bool = False) -> Iterator[None]:
+def _turn(config, alone: bool = False, keep: bool = False) -> Iterator[None]:
     """With -n, a test marked `alone` (it times the service under load) runs while no
     other test or session set-up does: those hold one file lock shared, it holds it
     alone. A waiting `alone` test leaves a file that keeps new shared holders out, so the
-    other worker's next test cannot keep it waiting."""
+    other worker's next test cannot keep it waiting. `keep` holds it on for the next
+    `alone` test (they are one xdist group), so it waits for the other worker once."""
     if _controller(config):
         yield
         return
     root = Path(config.option.basetemp or tempfile.gettempdir()).parent  # the run's own
     wanted = root / f"alone-wanted.{os.getpid()}"
-    with open(root / "alone.lock", "a") as lock:
+    lock = _KEPT.pop() if alone and _KEPT else None
+    if lock is None:
+        lock = open(root / "alone.lock", "a")
         if alone:
             wanted.touch()
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -100,15 +107,31 @@ def _turn(config, alone: bool = False) -> Iterator[None]:
             while any(root.glob("alone-wanted.*")):
                 time.sleep(0.1)
             fcntl.flock(lock, fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
+    try:
+        yield
+    finally:
+        if alone and keep:
+            _KEPT.append(lock)
+        else:
             fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+
+
+def _alone(item) -> bool:
+    return item is not None and item.get_closest_marker("alone") is not None
+
+
+_NEXT_ALONE = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item, nextitem) -> None:
+    item.stash[_NEXT_ALONE] = _alone(nextitem)
 
 
 @pytest.fixture(autouse=True)
 def one_turn(request) -> Iterator[None]:
-    with _turn(request.config, request.node.get_closest_marker("alone") is not None):
+    with _turn(request.config, _alone(request.node), request.node.stash.get(_NEXT_ALONE, False)):
         yield
 
 
@@ -122,6 +145,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         group = next((g for f, g in _GROUPS.items() if f in names), None)
+        group = group or ("alone" if _alone(item) else None)  # one worker, one wait
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
 
