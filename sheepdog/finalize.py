@@ -44,12 +44,34 @@ def finalize(conn: redis.Redis, settings: Settings, job_id: str, job: Job | None
         conn.delete(keys.job_finalizing(job_id))
 
 
+def piece_counts(conn: redis.Redis, settings: Settings, task: Task,
+                 job_ids: list[str]) -> dict[str, store.Count]:
+    """What a piece that succeeded adds to each of its jobs' counters (see
+    Workflow.piece_counts), to be recorded with its success. A job whose workflow cannot
+    say (its outputs unreadable) is left out: its piece_done counts it, or says why not."""
+    counts: dict[str, store.Count] = {}
+    for job_id in job_ids:
+        job = store.submitted_job(conn, job_id)  # read once per job and process
+        workflow = workflows.find(job.workflow)
+        if workflow is None or type(workflow).piece_counts is workflows.Workflow.piece_counts:
+            continue
+        try:
+            count = workflow.piece_counts(settings, job, task)
+        except (SheepdogError, OSError, KeyError, ValueError):
+            continue
+        if count is not None:
+            counts[job_id] = count
+    return counts
+
+
 def after_success(conn: redis.Redis, settings: Settings, job_id: str, task: Task,
-                  after: tuple[str, str] | None = None) -> None:
+                  after: tuple[str, str] | None = None,
+                  totals: dict[str, int] | None = None) -> None:
     """After a piece succeeded, for each of its jobs: tell the workflow (if it wants to
     know), then finalize the job if that was its last piece. `after`: the job's status
     and workflow as recording the piece left them, when known (no read then, unless
-    the workflow wants to hear of each piece or the job just succeeded)."""
+    the workflow wants to hear of each piece or the job just succeeded); `totals`: the
+    job's counters, when the piece's Count was recorded with its success."""
     if after is not None:
         status, name = after
         workflow = workflows.find(name)
@@ -57,7 +79,7 @@ def after_success(conn: redis.Redis, settings: Settings, job_id: str, task: Task
             return
         wants = type(workflow).piece_done is not workflows.Workflow.piece_done
         if wants and not JobStatus(status or JobStatus.ERROR).final:
-            _piece_done(conn, settings, store.submitted_job(conn, job_id), task)
+            _piece_done(conn, settings, store.submitted_job(conn, job_id), task, totals)
         if status == JobStatus.SUCCESS:
             finalize(conn, settings, job_id)
         return
@@ -70,12 +92,13 @@ def after_success(conn: redis.Redis, settings: Settings, job_id: str, task: Task
     finalize(conn, settings, job_id, job)
 
 
-def _piece_done(conn: redis.Redis, settings: Settings, job: Job, task: Task) -> None:
+def _piece_done(conn: redis.Redis, settings: Settings, job: Job, task: Task,
+                totals: dict[str, int] | None = None) -> None:
     workflow = workflows.find(job.workflow)
     if workflow is None:
         return
     try:
-        workflow.piece_done(conn, settings, job, task)
+        workflow.piece_done(conn, settings, job, task, totals)
     except (SheepdogError, OSError, KeyError, ValueError) as e:
         logs.note(conn, job.id, f"could not count {task.name}: {e}", task=task.id)
 

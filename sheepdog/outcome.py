@@ -15,7 +15,7 @@ import redis
 from . import dispatch, logs, store
 from .config import Settings
 from .defaults import REDIS_RETRY
-from .finalize import after_success, settle_twins
+from .finalize import after_success, piece_counts, settle_twins
 from .models import Task, TaskStatus
 from .piece import RELEASED, Outcome
 
@@ -82,10 +82,13 @@ def conclude(conn: redis.Redis, settings: Settings, worker: str, task: Task, job
             logs.note(conn, jobs[0], f"{task.name}: handed back to the queue "
                       f"(worker {worker} is leaving)", task=task.id)
         return store.Finished(TaskStatus.QUEUED, {}, None, False)
+    succeeded = outcome.exit_code == 0 and not outcome.error
+    # the workflows' counters go with the success, in its one call
+    counts = record(lambda: piece_counts(conn, settings, task, jobs)) if succeeded else {}
     done = record(lambda: store.finish_piece(conn, task.id, worker, outcome.exit_code,
                                              outcome.error, retryable=outcome.lost,
                                              attempt=task.attempts, entry=entry,
-                                             untrusted=untrusted))
+                                             untrusted=untrusted, counts=counts))
     if done.status == TaskStatus.SUCCESS:
         # a twin of this piece may have been started while it ran
         task.twin = done.twin if done.twin is not None else record(
@@ -94,5 +97,5 @@ def conclude(conn: redis.Redis, settings: Settings, worker: str, task: Task, job
             record(functools.partial(settle_twins, conn, settings, task))
         for jid in jobs:
             record(functools.partial(after_success, conn, settings, jid, task,
-                                     done.jobs.get(jid)))
+                                     done.jobs.get(jid), done.counts.get(jid)))
     return done

@@ -724,21 +724,36 @@ def _read_jobs(pipe: Pipeline, task_id: str) -> dict[str, dict[str, str]]:
 class Finished(NamedTuple):
     """What recording a piece's end did: its status now, the status and workflow of each
     of its jobs afterwards ({} when not known), the id of its twin ('' if none or not
-    known: None), and whether its queue entry was removed with it."""
+    known: None), whether its queue entry was removed with it, and the counters of each
+    job whose Count was recorded with it."""
 
     status: TaskStatus
     jobs: dict[str, tuple[str, str]]
     twin: str | None
     entry_removed: bool
+    counts: dict[str, dict[str, int]] = {}  # noqa: RUF012  (never changed in place)
+
+
+class Count(NamedTuple):
+    """What a succeeded piece adds to one job's counters (as count() adds them), recorded
+    in the same call as its success: once per `piece` (a twin's is its original's id),
+    and the counter `total` names set to its value if it has none."""
+
+    piece: str
+    amounts: dict[str, int]
+    total: tuple[str, int] | None = None
 
 
 # A running piece's success, recorded in one call (see _record_success, which does the
 # same for the rarer cases): its jobs counted and told, its dependents released, its
 # queue entry removed (KEYS[7], KEYS[8], if given), an untrusted worker's outputs marked
-# (ARGV[15] not empty; KEYS[6]). A dependent it makes ready is put
+# (ARGV[15] not empty; KEYS[6]), a workflow's Counts added (after the prepared commands:
+# how many, then each job's id, counted and counts keys, piece, total name and value,
+# and its amounts). A dependent it makes ready is put
 # on its queue by commands prepared in Python (dispatch.push_commands); when one was not
 # prepared the call changes nothing and names them: {'need', ids...}. A task not
-# running for this worker: {'other'}. Else {'ok', twin, job, status, workflow, ...}.
+# running for this worker: {'other'}. Else {'ok', twin, job, status, workflow, counters
+# (JSON of HGETALL, or ''), ...}.
 _SUCCEED = _PARTS + """
 local tid, worker, now, now3, rq_id = ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]
 local t = KEYS[1]
@@ -756,6 +771,16 @@ for _ = 1, tonumber(ARGV[16]) do
     table.insert(cmds, cmd)
   end
   prepared[dep] = cmds
+end
+local counts, jobs_counted = {}, tonumber(ARGV[i])
+i = i + 1
+for _ = 1, jobs_counted do
+  local c = {counted = ARGV[i + 1], counts = ARGV[i + 2], piece = ARGV[i + 3],
+             total = ARGV[i + 4], total_value = ARGV[i + 5], amounts = {}}
+  local n = tonumber(ARGV[i + 6])
+  for k = 1, n do c.amounts[k] = {ARGV[i + 5 + 2 * k], ARGV[i + 6 + 2 * k]} end
+  counts[ARGV[i]] = c
+  i = i + 7 + 2 * n
 end
 local deps, ready, need = redis.call('SMEMBERS', KEYS[3]), {}, {}
 for _, d in ipairs(deps) do
@@ -804,9 +829,19 @@ for _, jid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
                  'text', 'job ' .. jid .. ' success (exit code 0)', 'time', now3, 'end', '1')
     end
   end
+  local totals = ''
+  local c = counts[jid]
+  if c then  -- count(): once per piece
+    if c.total ~= '' then redis.call('HSETNX', c.counts, c.total, c.total_value) end
+    if redis.call('SADD', c.counted, c.piece) == 1 then
+      for _, a in ipairs(c.amounts) do redis.call('HINCRBY', c.counts, a[1], a[2]) end
+    end
+    totals = cjson.encode(redis.call('HGETALL', c.counts))
+  end
   table.insert(out, jid)
   table.insert(out, status or '')
   table.insert(out, js[5] or '')
+  table.insert(out, totals)
 end
 if #KEYS > 6 then
   redis.call('DEL', KEYS[7])
@@ -835,12 +870,14 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
 
 def finish_piece(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
                  error: str = "", retryable: bool = False, attempt: int = 0,
-                 entry: dispatch.Entry | None = None, untrusted: bool = False) -> Finished:
+                 entry: dispatch.Entry | None = None, untrusted: bool = False,
+                 counts: dict[str, Count] | None = None) -> Finished:
     """finish(), saying what it did (see Finished); a success of a piece running for this
-    worker is one call, which also removes the queue `entry` it was taken from and, for
-    an `untrusted` worker, marks the outputs as its (mark_untrusted) before they count."""
+    worker is one call, which also removes the queue `entry` it was taken from, for
+    an `untrusted` worker marks the outputs as its (mark_untrusted) before they count,
+    and adds each job's Count in `counts` to its counters (then in Finished.counts)."""
     if exit_code == 0 and not error:
-        done = _succeed(conn, task_id, worker, entry, untrusted)
+        done = _succeed(conn, task_id, worker, entry, untrusted, counts or {})
         if done is not None:
             return done
         if untrusted:
@@ -849,9 +886,11 @@ def finish_piece(conn: redis.Redis, task_id: str, worker: str, exit_code: int | 
     return Finished(status, {}, None, False)
 
 
-def _succeed(conn: redis.Redis, task_id: str, worker: str,
-             entry: dispatch.Entry | None, untrusted: bool = False) -> Finished | None:
+def _succeed(conn: redis.Redis, task_id: str, worker: str, entry: dispatch.Entry | None,
+             untrusted: bool = False, counts: dict[str, Count] | None = None
+             ) -> Finished | None:
     run = script(conn, _SUCCEED)
+    counting = _flat_counts(counts or {})
     task_keys = [keys.task(task_id), keys.task_jobs(task_id), keys.task_dependents(task_id),
                  keys.task_heartbeat(task_id), keys.active_tasks(), keys.untrusted_tasks()]
     if entry is not None:
@@ -862,19 +901,38 @@ def _succeed(conn: redis.Redis, task_id: str, worker: str,
         raw = run(keys=task_keys, args=[
             *keys.script_parts(), task_id, worker, str(now), f"{now:.3f}",
             entry.rq_id if entry else "", "1" if untrusted else "",
-            len(prepared) // 2, *_flat(prepared)])
+            len(prepared) // 2, *_flat(prepared), *counting])
         head = _text(raw[0])
         if head == "other":
             return None
         if head == "ok":
             out = [_text(v) for v in raw[1:]]
+            quads = range(1, len(out), 4)
             return Finished(TaskStatus.SUCCESS,
-                            {out[i]: (out[i + 1], out[i + 2]) for i in range(1, len(out), 3)},
-                            out[0], entry is not None)
+                            {out[i]: (out[i + 1], out[i + 2]) for i in quads},
+                            out[0], entry is not None,
+                            {out[i]: _pairs(json.loads(out[i + 3])) for i in quads
+                             if out[i + 3]})
         for dep in map(_text, raw[1:]):
             queue = _text(conn.hget(keys.task(dep), "queue")) or "default"
             prepared += [dep, dispatch.push_commands(conn, dep, queue)]
     return None
+
+
+def _flat_counts(counts: dict[str, Count]) -> list[Any]:
+    """The Counts as _SUCCEED reads them (see there)."""
+    out: list[Any] = [len(counts)]
+    for job_id, c in counts.items():
+        name, value = c.total or ("", 0)
+        out += [job_id, keys.job_counted(job_id), keys.job_counts(job_id), c.piece, name,
+                value, len(c.amounts)]
+        for amount in c.amounts.items():
+            out += amount
+    return out
+
+
+def _pairs(flat: list[Any]) -> dict[str, int]:
+    return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
 def _flat(prepared: list[Any]) -> list[Any]:

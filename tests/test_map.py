@@ -434,3 +434,52 @@ def test_run_many_starts_items_in_the_scratch_directory_even_after_an_item_remad
     assert [r["files"] for r in records] == [["mine"]] * 2 + [[]] + [["mine"]] * 17
     for n in (0, 1, *range(3, 20)):
         assert (tmp_path / "files" / str(n) / "mine").read_text() == f"{n + 1}\n"
+
+
+def test_a_piece_is_taken_in_one_call_and_its_success_with_its_counts_in_one_more(
+        env, conn, tmp_path):
+    """Issue 30: a `--chunk 1` piece's items were counted by a third call after its
+    success; now the worker's Redis calls per piece are its take and its finish."""
+    import hashlib
+    import threading
+
+    from sheepdog import store
+
+    def sha(text: str) -> str:
+        return hashlib.sha1(text.encode()).hexdigest()
+
+    scripts = {sha(store._SUCCEED): "finish", sha(store._COUNT): "count",
+               sha(store._TAKE): "take"}
+    for text in (store._SUCCEED, store._COUNT, store._TAKE):
+        conn.script_load(text)  # known: each is called by its SHA alone, once
+    seen: dict[str, int] = {}
+    ready, done = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        with conn.monitor() as m:
+            ready.set()
+            for command in m.listen():
+                words = command["command"].split()
+                if command.get("client_type") != "lua" and words[0] == "EVALSHA":
+                    name = scripts.get(words[1], "other")
+                    seen[name] = seen.get(name, 0) + 1
+                if done.is_set() and words[0] == "PING":
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert ready.wait(10)
+    n = 30
+    r = sheepdog("map", "--range", f"1:{n}", "--chunk", "1", "-N0", "--json", "--", "true",
+                 env=env, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    done.set()
+    conn.ping()  # the watcher's last command
+    watcher.join(10)
+    job = json.loads(r.stdout)["id"]
+    assert store.counts(conn, job) == {"items_total": n, "items_done": n, "items_failed": 0}
+    assert seen.get("count", 0) == 0, seen  # counted with each piece's success
+    # each piece and the gather one call; the piece that makes the gather ready asks again
+    # with its queue commands (dispatch.push_commands), so one more
+    assert seen.get("finish") == n + 2, seen
+    assert n + 1 <= seen.get("take", 0) <= n + 1 + 8, seen  # and a last look per slot

@@ -247,6 +247,18 @@ def request_from_body(body: dict[str, Any], settings: Settings,
                       queue=body.get("queue") or "")
 
 
+def _items_count(settings: Settings, job: Job, task: Task) -> store.Count:
+    """A chunk's items, done and failed, from its results."""
+    path = Cache(settings.cache_dir).task_dir(task.id) / step.RESULTS
+    statuses = [json.loads(line)["status"] for line in
+                path.read_text(encoding="utf-8").splitlines()]
+    failed = sum(s != "success" for s in statuses)
+    # a twin's items are its original's: counted once, whichever finished first
+    return store.Count(task.twin_of or task.id,
+                       {"items_done": len(statuses), "items_failed": failed},
+                       ("items_total", int(job.params["items"])))
+
+
 class MapWorkflow(Workflow):
     name = "map"
     runs_commands = True
@@ -292,19 +304,20 @@ class MapWorkflow(Workflow):
         except ConfigError as e:
             raise FieldError("backend", str(e)) from e
 
-    def piece_done(self, conn: redis.Redis, settings: Settings, job: Job, task: Task) -> None:
+    def piece_counts(self, settings: Settings, job: Job, task: Task) -> store.Count | None:
+        return None if task.id == job.final_task else _items_count(settings, job, task)
+
+    def piece_done(self, conn: redis.Redis, settings: Settings, job: Job, task: Task,
+                   totals: dict[str, int] | None = None) -> None:
         if task.id == job.final_task:
             return
         straggler_after = float(job.params.get("straggler_after") or 0)
         if straggler_after:  # look for stragglers once the others had time to be done
             store.set_timer(conn, job.id, time.time() + straggler_after)
-        path = Cache(settings.cache_dir).task_dir(task.id) / step.RESULTS
-        statuses = [json.loads(line)["status"] for line in
-                    path.read_text(encoding="utf-8").splitlines()]
-        failed = sum(s != "success" for s in statuses)
-        # a twin's items are its original's: counted once, whichever finished first
-        totals = store.count(conn, job.id, task.twin_of or task.id, items_done=len(statuses),
-                             items_failed=failed, total=("items_total", int(job.params["items"])))
+        if totals is None:  # not counted with its success
+            counted = _items_count(settings, job, task)
+            totals = store.count(conn, job.id, counted.piece, total=counted.total,
+                                 **counted.amounts)
         limit = build.failure_limit(str(job.params.get("max_failures", "")),
                                     int(job.params["items"]))
         if limit is not None and totals.get("items_failed", 0) > limit:

@@ -21,6 +21,7 @@ from ..cache import Cache
 from ..config import Settings
 from ..errors import FieldError
 from ..models import Job, Task
+from ..store import Count
 
 # Turns a request's `inputs` into local paths: (inputs object, roles it may name,
 # roles it must name) -> role -> path. The web service provides it (uploads, bundles,
@@ -121,11 +122,19 @@ class Workflow(abc.ABC):
         """The path of one result file; FieldError (404/410) when there is none."""
         raise FieldError("name", f"no result file {name!r} for {self.name} jobs", 404)
 
+    def piece_counts(self, settings: Settings, job: Job, task: Task) -> Count | None:
+        """What a piece that succeeded adds to the job's counters, read from its outputs
+        before its success is recorded, so that both go in one call (default: nothing;
+        see store.Count). `job` is as submitted (see store.submitted_job)."""
+        return None
+
     def piece_done(self, conn: redis.Redis, settings: Settings, job: Job,  # noqa: B027
-                   task: Task) -> None:
+                   task: Task, totals: dict[str, int] | None = None) -> None:
         """After each of the job's pieces succeeded, by the worker that ran it (default:
         nothing). May stop the job early (store.stop_job). `job` is as submitted (see
-        store.submitted_job): its status and counters may be old."""
+        store.submitted_job): its status and counters may be old. `totals`: the job's
+        counters once the piece's Count was added with its success; None when it was
+        not (recorded another way): then the workflow counts the piece itself."""
 
     def on_timer(self, conn: redis.Redis, settings: Settings, job: Job) -> None:  # noqa: B027
         """Called once when a timer the workflow set (store.set_timer) is due, by a

@@ -270,7 +270,8 @@ class PrecomputeWorkflow(Workflow):
         begin(settings, job, cache)
         return job, tasks
 
-    def piece_done(self, conn: redis.Redis, settings: Settings, job: Job, task: Task) -> None:
+    def piece_done(self, conn: redis.Redis, settings: Settings, job: Job, task: Task,
+                   totals: dict[str, int] | None = None) -> None:
         register(conn, job)
         if task.id in job.params["batches"]:
             _store_batch(settings, job, task.id)
