@@ -9,11 +9,11 @@ here, 2 workers each; and 100,000 chunked items with Redis memory per finished i
     no-op function (and the Executor at -j 1 against -j 4, and with one of its own
     workers SIGKILLed midway); --n `true` items through `sheepdog map -N0` without --chunk (its
     default packing), and with --chunk 1, against RQ running a function that runs `true`.
-    Time from the first enqueue to the last result; RQ's rates are the best of two
-    rounds. Target: at least 3x RQ's SimpleWorker. -N0 runs `true` as RQ's function
-    does, with no argument: given one (`true 5001`, map's default without -N0)
-    coreutils' `true` sets up its locale first, which costs 40% more here; that is
-    measured too.
+    Time from the first enqueue to the last result; RQ SimpleWorker's rates (the
+    targets' baseline) are the best of two rounds. Target: at least 3x RQ's
+    SimpleWorker. -N0 runs `true` as RQ's function does, with no argument: given one
+    (`true 5001`, map's default without -N0) coreutils' `true` sets up its locale
+    first, which costs 40% more here; that is measured too.
 (b) --big `true` items through `sheepdog map -N0 --chunk` (target: <= 60 s), and the
     Redis memory the finished job keeps per item (INFO used_memory; target: <= 500
     bytes); and the same items with map's own packing (target: within 1.2x).
@@ -173,7 +173,7 @@ def main() -> None:
             print(f"(a) {args.n:,d} tasks, {WORKERS} workers each (jobs/s, higher is better; "
                   f"RQ {rq.__version__})")
             simple = rq_rate(server, args.n, "rq_tasks.noop", "rq.worker.SimpleWorker")
-            forking = rq_rate(server, args.n, "rq_tasks.noop", "rq.worker.Worker")
+            forking = rq_rate(server, args.n, "rq_tasks.noop", "rq.worker.Worker", rounds=1)
             ours = executor_rate(server, home, args.n)
             print(f"  no-op calls: RQ SimpleWorker {simple:8.0f}/s   RQ Worker {forking:8.0f}/s"
                   f"   sheepdog.Executor {ours:8.0f}/s   = {ours / simple:.1f}x SimpleWorker"
@@ -185,7 +185,8 @@ def main() -> None:
             print(f"  an Executor's own 2 workers: {clean:.2f} s; one SIGKILLed after 30% of "
                   f"the calls: {killed:.2f} s, every result back once (target <= 2x clean)")
             simple_t = rq_rate(server, args.n, "rq_tasks.run_true", "rq.worker.SimpleWorker")
-            forking_t = rq_rate(server, args.n, "rq_tasks.run_true", "rq.worker.Worker")
+            forking_t = rq_rate(server, args.n, "rq_tasks.run_true", "rq.worker.Worker",
+                                rounds=1)
             redis.Redis.from_url(server.url).flushdb()
             took, _ = map_run(server, home, args.n, None)
             rate = args.n / took
