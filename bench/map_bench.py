@@ -159,11 +159,17 @@ def map_run(server: RedisServer, home: Path, n: int, chunk: int | None,
         stop(procs)
 
 
+def _shown(rate: float) -> str:
+    return f"{rate:8.0f}/s" if rate else " skipped"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--big", type=int, default=100_000)
     parser.add_argument("--chunk", type=int, default=1000)
+    parser.add_argument("--no-forking", action="store_true",
+                        help="leave out RQ's forking Worker (it ran at ~20 jobs/s here)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(free_port(), Path(tmp))
@@ -173,9 +179,10 @@ def main() -> None:
             print(f"(a) {args.n:,d} tasks, {WORKERS} workers each (jobs/s, higher is better; "
                   f"RQ {rq.__version__})")
             simple = rq_rate(server, args.n, "rq_tasks.noop", "rq.worker.SimpleWorker")
-            forking = rq_rate(server, args.n, "rq_tasks.noop", "rq.worker.Worker", rounds=1)
+            forking = 0.0 if args.no_forking else rq_rate(
+                server, args.n, "rq_tasks.noop", "rq.worker.Worker", rounds=1)
             ours = executor_rate(server, home, args.n)
-            print(f"  no-op calls: RQ SimpleWorker {simple:8.0f}/s   RQ Worker {forking:8.0f}/s"
+            print(f"  no-op calls: RQ SimpleWorker {simple:8.0f}/s   RQ Worker {_shown(forking)}"
                   f"   sheepdog.Executor {ours:8.0f}/s   = {ours / simple:.1f}x SimpleWorker"
                   f" (target 3x)")
             one = executor_rate(server, home, args.n, slots=1)
@@ -185,13 +192,13 @@ def main() -> None:
             print(f"  an Executor's own 2 workers: {clean:.2f} s; one SIGKILLed after 30% of "
                   f"the calls: {killed:.2f} s, every result back once (target <= 2x clean)")
             simple_t = rq_rate(server, args.n, "rq_tasks.run_true", "rq.worker.SimpleWorker")
-            forking_t = rq_rate(server, args.n, "rq_tasks.run_true", "rq.worker.Worker",
-                                rounds=1)
+            forking_t = 0.0 if args.no_forking else rq_rate(
+                server, args.n, "rq_tasks.run_true", "rq.worker.Worker", rounds=1)
             redis.Redis.from_url(server.url).flushdb()
             took, _ = map_run(server, home, args.n, None)
             rate = args.n / took
             print(f"  `true` items: RQ SimpleWorker {simple_t:7.0f}/s   RQ Worker "
-                  f"{forking_t:8.0f}/s   sheepdog map      {rate:8.0f}/s   = "
+                  f"{_shown(forking_t)}   sheepdog map      {rate:8.0f}/s   = "
                   f"{rate / simple_t:.1f}x SimpleWorker (target 3x)")
             redis.Redis.from_url(server.url).flushdb()
             took, _ = map_run(server, home, args.n, 1)

@@ -130,3 +130,6 @@ EXECUTOR_MIN_PIECE_SECONDS = 0.02
 EXECUTOR_THREADS = 4  # task threads of each worker it starts (they wait on Redis)
 EXECUTOR_STOP_WAIT = 10.0  # s: its own workers get this long to hand back and stop
 EXECUTOR_WORKERS_CHECK = 1.0  # s: how often it looks whether its workers still live
+# s: how often an Executor looks for a worker of its own that died (a waitpid each): its
+# pieces go back to the queue then, not after the heartbeat
+EXECUTOR_DEATH_CHECK = 0.2

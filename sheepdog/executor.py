@@ -42,6 +42,7 @@ from .config import Settings, load
 from .connection import connect, ride_out
 from .defaults import (
     EXECUTOR_AHEAD,
+    EXECUTOR_DEATH_CHECK,
     EXECUTOR_FLUSH,
     EXECUTOR_MAX_PACK,
     EXECUTOR_MIN_PIECE_SECONDS,
@@ -51,6 +52,7 @@ from .defaults import (
     EXECUTOR_WORKERS_CHECK,
 )
 from .errors import SheepdogError
+from .maintenance import reap_lost
 from .models import ArgvItem, Job, JobStatus, Task, TaskStatus
 from .pool import Pool, unserved
 from .registration import live_workers
@@ -147,8 +149,11 @@ class Executor(futures.Executor):
             "SHEEPDOG_HOME": str(self._settings.home),
             "SHEEPDOG_HEARTBEAT_TIMEOUT": str(self._settings.heartbeat_timeout),
             "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)})
+        self._mourned: set[int] = set()  # pids of its workers known dead
+        self._replacements = 0  # workers that may still be started in a dead one's place
         if unserved(self._conn, self._queue) if start_workers is None else start_workers:
-            self._start_workers(max_workers or os.cpu_count() or 1)
+            self._replacements = max_workers or os.cpu_count() or 1
+            self._start_workers(self._replacements)
         self._threads = [threading.Thread(target=self._flusher, name="executor-flush",
                                           daemon=True),
                          threading.Thread(target=self._collector, name="executor-collect",
@@ -326,7 +331,7 @@ class Executor(futures.Executor):
             with self._lock:
                 if self._shutdown and not self._pending and not self._units:
                     return
-            if time.monotonic() - looked > EXECUTOR_WORKERS_CHECK:
+            if time.monotonic() - looked > EXECUTOR_DEATH_CHECK:
                 looked = time.monotonic()
                 self._check_workers()
             try:
@@ -341,9 +346,20 @@ class Executor(futures.Executor):
                 self._job_ended()
 
     def _check_workers(self) -> None:
-        """Calls waiting while the workers this Executor started have all died, and no
-        other worker serves the queue: a clear error, never a hang."""
-        if not self._pool.processes or any(p.poll() is None for p in self._pool.processes):
+        """A worker this Executor started that died: its pieces go back to the queue at
+        once (it ran here, so it is known dead: no heartbeat to wait out) and, while
+        others of them live, another takes its place (as many times in all as workers
+        were started). Calls waiting while they have all died, and no other worker serves
+        the queue: a clear error, never a hang."""
+        processes = self._pool.processes
+        if not processes:
+            return
+        dead = [p for p in processes if p.poll() is not None and p.pid not in self._mourned]
+        alive = any(p.poll() is None for p in processes)
+        if dead:
+            self._mourned.update(p.pid for p in dead)
+            self._replace(len(dead) if alive and not self._shutdown else 0)
+        if alive:
             return
         with self._lock:
             waiting = bool(self._pending)
@@ -353,6 +369,17 @@ class Executor(futures.Executor):
         store.stop_job(self._conn, self.job.id, JobStatus.ERROR,
                        f"no workers left: the {len(self._pool.processes)} worker processes this "
                        f"Executor started exited (codes {codes})")
+
+    def _replace(self, count: int) -> None:
+        """Workers died: their pieces back to the queue now, `count` started anew."""
+        try:
+            reap_lost(self._conn, self._settings)
+        except redis.RedisError:
+            pass  # the other workers' upkeep reaps when Redis is back
+        count = min(count, self._replacements)
+        if count:
+            self._replacements -= count
+            self._start_workers(count)
 
     def _check(self, task_ids: set[str]) -> None:
         with self._lock:

@@ -122,6 +122,30 @@ def test_a_lost_workers_call_runs_again_elsewhere(settings, workers, call_env, t
     ex.shutdown()
 
 
+def test_a_killed_worker_is_replaced_and_its_call_runs_again_at_once(settings, tmp_path):
+    """Issue 30: a worker SIGKILLed beside another stalled its calls until the other's
+    upkeep looked (every heartbeat_timeout / 4); the Executor that started it sees it die
+    and its pieces go back to the queue at once, and another worker takes its place."""
+    import dataclasses
+
+    marker = tmp_path / "started"
+    slow_upkeep = dataclasses.replace(settings, heartbeat_timeout=40.0)  # 10 s rounds
+    with Executor(max_workers=2, settings=slow_upkeep, batch_size=1) as ex:
+        future = ex.submit(calls.slow, 1.0, str(marker))
+        wait_for(lambda: marker.exists() and marker.read_text().strip(), timeout=60,
+                 what="the call to start")
+        pid = int(marker.read_text().split()[0])
+        assert pid in ex.worker_pids
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: len(marker.read_text().split()) == 2, timeout=30,
+                 what="the call to start again")
+        assert time.monotonic() - killed < 3.0  # not a heartbeat's round later
+        assert future.result(timeout=60) == "finished"
+        wait_for(lambda: len(ex.worker_pids) == 2, timeout=30, what="a new worker")
+        assert pid not in ex.worker_pids
+
+
 def test_no_workers_left_is_a_clear_error_not_a_hang(settings):
     ex = Executor(max_workers=1, settings=settings)
     future = ex.submit(calls.slow, 30.0, "/dev/null")
