@@ -355,7 +355,16 @@ def find_program(program: str, cwd: str, path: str) -> str:
 
 # one PATH search per run-many chunk, not per item (fourteen stat calls each, measured):
 # its items share their working directory, and the chunk's process is short-lived
-_program = functools.lru_cache(maxsize=64)(find_program)
+_found = functools.lru_cache(maxsize=64)(find_program)
+
+
+def _program(program: str, cwd: str, path: str) -> str:
+    """find_program, remembered; by PATH alone where the directory cannot matter (a
+    bare name, every PATH entry absolute), so pieces each in a scratch directory of
+    their own search PATH once, not once each."""
+    if "/" not in program and all(d and os.path.isabs(d) for d in path.split(os.pathsep)):
+        cwd = ""
+    return _found(program, cwd, path)
 
 
 @functools.cache
@@ -450,8 +459,12 @@ def _spawn(argv: list[str], cwd: str, env: dict[str, str],
     own directory: see own_directory), in this process's group, or with `own_group` in a
     group of its own, kept so that it dies with this process (see _Keeper)."""
     path = env.get("PATH", os.defpath)
-    # a program not found is looked for again next time: it may be there by then
-    found = _program(argv[0], cwd, path) or find_program(argv[0], cwd, path)
+    # a program not found is looked for again next time: it may be there by then; one
+    # found before but gone since (moved, reinstalled) is looked for again now
+    found = _program(argv[0], cwd, path)
+    if not found or not os.access(found, os.X_OK):
+        _found.cache_clear()
+        found = find_program(argv[0], cwd, path)
     if not found:
         raise FileNotFoundError(2, "No such file or directory", argv[0])
     out_r, out_w = os.pipe()

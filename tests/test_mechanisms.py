@@ -458,3 +458,30 @@ def test_a_piece_that_asks_for_several_cores_holds_as_many_slots(conn, settings,
     assert second[0] < first[1]  # overlapped
     first, second = spans(2)
     assert second[0] >= first[1]  # one after the other
+
+
+def test_a_program_is_looked_up_once_for_every_directory_and_again_once_it_moved(tmp_path):
+    """Pieces each start in a scratch directory of their own: PATH is searched once for
+    all of them (it was once for each), unless a PATH entry is relative; a program that
+    moved since is found where it is now."""
+    from sheepdog import process
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    tool = first / "sd-tool"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    path = f"{first}{os.pathsep}{second}"
+    process._found.cache_clear()
+    assert process._program("sd-tool", "/x", path) == str(tool)
+    assert process._program("sd-tool", "/y", path) == str(tool)
+    assert process._found.cache_info().misses == 1  # the directory did not count
+    assert process._program("sd-tool", "/z", f".{os.pathsep}{path}") == str(tool)
+    assert process._found.cache_info().misses == 2  # "." is the directory: it counts
+    tool.rename(second / "sd-tool")
+    pid, out, err = process._spawn(["sd-tool"], str(tmp_path), {"PATH": path})
+    os.close(out)
+    os.close(err)
+    assert os.waitpid(pid, 0)[1] == 0  # started from where it is now
+    assert process._program("sd-tool", "/x", path) == str(second / "sd-tool")
