@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .defaults import KILL_GRACE, LOG_MAX_LINE, WATCH_POLL
+from .spawn import spawn
 
 # Receives a piece's output: (stream name, complete lines). A sink may also have a
 # `raw(stream, chunk)` method: then it gets the exact bytes too, before any splitting.
@@ -452,12 +453,13 @@ def own_directory() -> bool:
 
 def _spawn(argv: list[str], cwd: str, env: dict[str, str],
            own_group: bool = False) -> tuple[int, int, int]:
-    """Start a program by posix_spawn (vfork + exec: a tenth of Popen's cost here);
-    (pid, stdout fd, stderr fd). Python's pipes are close-on-exec, so the program keeps
-    only the ends given to it. It starts in the calling thread's working directory (map's
-    `run-many`, a single-threaded process of its own, moved there; `run`, a thread of its
-    own directory: see own_directory), in this process's group, or with `own_group` in a
-    group of its own, kept so that it dies with this process (see _Keeper)."""
+    """Start a program by posix_spawn (vfork + exec: a tenth of Popen's cost here; the GIL
+    let go meanwhile, see spawn.py); (pid, stdout fd, stderr fd). Python's pipes are
+    close-on-exec, so the program keeps only the ends given to it. It starts in the calling
+    thread's working directory (map's `run-many`, a single-threaded process of its own,
+    moved there; `run`, a thread of its own directory: see own_directory), in this process's
+    group, or with `own_group` in a group of its own, kept so that it dies with this process
+    (see _Keeper)."""
     path = env.get("PATH", os.defpath)
     # a program not found is looked for again next time: it may be there by then; one
     # found before but gone since (moved, reinstalled) is looked for again now
@@ -470,10 +472,8 @@ def _spawn(argv: list[str], cwd: str, env: dict[str, str],
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        pid = os.posix_spawn(found, argv, env, setsigdef=_DEFAULT_SIGNALS, setsid=own_group,
-                             file_actions=[(os.POSIX_SPAWN_DUP2, _devnull(), 0),
-                                           (os.POSIX_SPAWN_DUP2, out_w, 1),
-                                           (os.POSIX_SPAWN_DUP2, err_w, 2)])
+        pid = spawn(found, argv, env, [(_devnull(), 0), (out_w, 1), (err_w, 2)],
+                    _DEFAULT_SIGNALS, setsid=own_group)
     except OSError:
         for fd in (out_r, err_r):
             os.close(fd)

@@ -456,10 +456,9 @@ class PullWorker:
             needed.update(files.values())
         missing = sorted(sha for sha in needed if not self.cache.has_blob(sha))
         mine, theirs = self._share(missing)
-        if needed:  # a piece with no files to stage says nothing (a line each is dear)
-            log.info("pull worker %s: %s: %d of its %d files here already, %d on their "
-                     "way; fetching %s", self.name, task.name, len(needed) - len(missing),
-                     len(needed), len(theirs), " ".join(sha[:12] for sha in mine) or "none")
+        log.info("pull worker %s: %s: %d of its %d files here already, %d on their way; "
+                 "fetching %s", self.name, task.name, len(needed) - len(missing), len(needed),
+                 len(theirs), " ".join(sha[:12] for sha in mine) or "none")
         try:
             self._fetch(mine, lease, patience)
         finally:

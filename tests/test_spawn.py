@@ -1,0 +1,70 @@
+"""sheepdog.spawn: posix_spawn through glibc with the GIL let go, doing what
+os.posix_spawn did for a piece's program."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from sheepdog import spawn
+
+
+def _run(argv: list[str], **kw) -> tuple[int, str]:
+    read, write = os.pipe()
+    try:
+        pid = spawn.spawn(argv[0], argv, {"PATH": os.defpath, "SD_X": "a b"},
+                          [(write, 1)], **kw)
+    finally:
+        os.close(write)
+    with os.fdopen(read) as f:
+        out = f.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), out
+
+
+def test_glibcs_own_spawn_is_the_one_used_here():
+    assert spawn._libc() is not None  # else every test below runs os.posix_spawn instead
+
+
+def test_the_program_gets_its_argv_environment_and_output():
+    code, out = _run(["/bin/sh", "-c", 'echo "$0|$1|$SD_X"; exit 3', "zero", "one two"])
+    assert (code, out) == (3, "zero|one two|a b\n")
+
+
+def test_signals_python_ignores_are_reset_only_when_asked():
+    # Python ignores SIGPIPE; a program started with it ignored would not die of it
+    def ignored(**kw) -> bool:
+        _, out = _run(["/bin/sh", "-c", "grep SigIgn /proc/$$/status"], **kw)
+        return bool(int(out.split()[1], 16) & (1 << (signal.SIGPIPE - 1)))
+
+    assert ignored() and not ignored(default_signals=[signal.SIGPIPE])
+
+
+def test_setsid_starts_a_session_of_its_own():
+    def pid_and_session(**kw) -> tuple[str, str]:
+        _, out = _run(["/bin/sh", "-c", "cat /proc/$$/stat"], **kw)
+        return out.split()[0], out.rsplit(")", 1)[1].split()[3]
+
+    pid, session = pid_and_session(setsid=True)
+    assert session == pid
+    assert pid_and_session()[1] == str(os.getsid(0))
+
+
+def test_errors_are_oserrors_naming_the_program_and_nul_bytes_are_refused():
+    with pytest.raises(FileNotFoundError) as e:
+        spawn.spawn("/no/such/program", ["x"], {}, [])
+    assert e.value.filename == "/no/such/program"
+    with pytest.raises(ValueError, match="null byte"):
+        spawn.spawn("/bin/true", ["true", "a\0b"], {}, [])
+    with pytest.raises(ValueError):
+        spawn.spawn("/bin/true", ["true"], {"A=B": "c"}, [])
+
+
+def test_the_gil_is_let_go_while_a_program_is_started():
+    """os.posix_spawn holds the GIL through vfork and exec; a ctypes function of a CDLL
+    (not a PyDLL, whose functions keep it) lets it go for the call."""
+    import ctypes
+
+    function = spawn._libc().posix_spawn
+    assert not function._flags_ & ctypes._FUNCFLAG_PYTHONAPI
