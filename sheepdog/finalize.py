@@ -51,11 +51,12 @@ def piece_counts(conn: redis.Redis, settings: Settings, task: Task,
     say (its outputs unreadable) is left out: its piece_done counts it, or says why not."""
     counts: dict[str, store.Count] = {}
     for job_id in job_ids:
-        job = store.submitted_job(conn, job_id)  # read once per job and process
-        workflow = workflows.find(job.workflow)
-        if workflow is None or type(workflow).piece_counts is workflows.Workflow.piece_counts:
-            continue
-        try:
+        try:  # (a job removed meanwhile has nothing to count: its piece is still recorded)
+            job = store.submitted_job(conn, job_id)  # read once per job and process
+            workflow = workflows.find(job.workflow)
+            if workflow is None or \
+                    type(workflow).piece_counts is workflows.Workflow.piece_counts:
+                continue
             count = workflow.piece_counts(settings, job, task)
         except (SheepdogError, OSError, KeyError, ValueError):
             continue

@@ -1,4 +1,4 @@
-"""sheepdog.spawn: posix_spawn through glibc with the GIL let go, doing what
+"""process.posix_spawn_nogil: posix_spawn through glibc with the GIL let go, doing what
 os.posix_spawn did for a piece's program."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import signal
 
 import pytest
 
-from sheepdog import spawn
+from sheepdog import process
 
 
 def _run(argv: list[str], **kw) -> tuple[int, str]:
     read, write = os.pipe()
     try:
-        pid = spawn.spawn(argv[0], argv, {"PATH": os.defpath, "SD_X": "a b"},
+        pid = process.posix_spawn_nogil(argv[0], argv, {"PATH": os.defpath, "SD_X": "a b"},
                           [(write, 1)], **kw)
     finally:
         os.close(write)
@@ -24,7 +24,7 @@ def _run(argv: list[str], **kw) -> tuple[int, str]:
 
 
 def test_glibcs_own_spawn_is_the_one_used_here():
-    assert spawn._libc() is not None  # else every test below runs os.posix_spawn instead
+    assert process._spawn_lib() is not None  # else every test below runs os.posix_spawn instead
 
 
 def test_the_program_gets_its_argv_environment_and_output():
@@ -53,12 +53,12 @@ def test_setsid_starts_a_session_of_its_own():
 
 def test_errors_are_oserrors_naming_the_program_and_nul_bytes_are_refused():
     with pytest.raises(FileNotFoundError) as e:
-        spawn.spawn("/no/such/program", ["x"], {}, [])
+        process.posix_spawn_nogil("/no/such/program", ["x"], {}, [])
     assert e.value.filename == "/no/such/program"
     with pytest.raises(ValueError, match="null byte"):
-        spawn.spawn("/bin/true", ["true", "a\0b"], {}, [])
+        process.posix_spawn_nogil("/bin/true", ["true", "a\0b"], {}, [])
     with pytest.raises(ValueError):
-        spawn.spawn("/bin/true", ["true"], {"A=B": "c"}, [])
+        process.posix_spawn_nogil("/bin/true", ["true"], {"A=B": "c"}, [])
 
 
 def test_the_gil_is_let_go_while_a_program_is_started():
@@ -66,5 +66,5 @@ def test_the_gil_is_let_go_while_a_program_is_started():
     (not a PyDLL, whose functions keep it) lets it go for the call."""
     import ctypes
 
-    function = spawn._libc().posix_spawn
+    function = process._spawn_lib().posix_spawn
     assert not function._flags_ & ctypes._FUNCFLAG_PYTHONAPI
