@@ -201,6 +201,8 @@ class Cache:
                 sha = sha256_file(path)
                 files[path.relative_to(target).as_posix()] = sha
                 self.link_blob(path, sha)
+        if not files:  # nothing was hashed: nothing worth keeping (a file less per piece)
+            return files
         kept.parent.mkdir(exist_ok=True)
         tmp = self.tmp / f"manifest.{uuid.uuid4().hex}"
         tmp.write_text(json.dumps({"stamp": stamp, "files": files}))

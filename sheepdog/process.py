@@ -9,6 +9,7 @@ never blocks on a full pipe while its heartbeat makes it look alive.
 
 from __future__ import annotations
 
+import _thread
 import codecs
 import contextlib
 import ctypes
@@ -452,14 +453,15 @@ def own_directory() -> bool:
 
 
 def _spawn(argv: list[str], cwd: str, env: dict[str, str],
-           own_group: bool = False) -> tuple[int, int, int]:
+           own_group: bool = False, child_cwd: bool = False) -> tuple[int, int, int]:
     """Start a program by posix_spawn (vfork + exec: a tenth of Popen's cost here; the GIL
     let go meanwhile: posix_spawn_nogil); (pid, stdout fd, stderr fd). Python's pipes are
     close-on-exec, so the program keeps only the ends given to it. It starts in the calling
     thread's working directory (map's `run-many`, a single-threaded process of its own,
     moved there; `run`, a thread of its own directory: see own_directory), in this process's
     group, or with `own_group` in a group of its own, kept so that it dies with this process
-    (see _Keeper)."""
+    (see _Keeper). With `child_cwd` (where spawn_moves_child()) the child itself moves
+    to `cwd` before its exec, and any thread may start it."""
     path = env.get("PATH", os.defpath)
     # a program not found is looked for again next time: it may be there by then; one
     # found before but gone since (moved, reinstalled) is looked for again now
@@ -473,7 +475,8 @@ def _spawn(argv: list[str], cwd: str, env: dict[str, str],
     err_r, err_w = os.pipe()
     try:
         pid = posix_spawn_nogil(found, argv, env, [(_devnull(), 0), (out_w, 1), (err_w, 2)],
-                                _DEFAULT_SIGNALS, setsid=own_group)
+                                _DEFAULT_SIGNALS, setsid=own_group,
+                                cwd=cwd if child_cwd else None)
     except OSError:
         for fd in (out_r, err_r):
             os.close(fd)
@@ -524,6 +527,9 @@ class Spawned:
     the keeper holds (it dies with the worker, SIGKILL included), its output read by one
     thread's poll loop: what Process does with setpriv, a guard shell, Popen and two
     reader threads, for two programs, a fork and two threads less on every piece.
+    Where glibc's posix_spawn can move the child to its directory, the caller starts it
+    and its reader takes over without a handshake: every thread start a piece waits for
+    is a wait for the GIL, which a busy worker's other threads hold.
     `usable()` says whether it can run here (Linux, awk for the keeper)."""
 
     def __init__(self, argv: list[str], cwd: str, env: dict[str, str],
@@ -531,7 +537,19 @@ class Spawned:
         self.sink = GuardedSink(sink)
         self.code: int | None = None
         self.pid = 0
+        self._fds = (-1, -1)
         self._stop = threading.Event()
+        self._over = False
+        self._ended = threading.Lock()  # held until the output is read and the code known
+        self._ended.acquire()
+        if spawn_moves_child():
+            try:
+                self._started(*_spawn(argv, cwd, env, own_group=True, child_cwd=True))
+            except BaseException:
+                self._ended.release()
+                raise
+            _thread.start_new_thread(self._read, ())
+            return
         started = threading.Event()
         failed: list[OSError] = []
 
@@ -540,26 +558,37 @@ class Spawned:
                 if not own_directory():
                     raise OSError(errno.ENOSYS, "no working directory of its own")
                 os.chdir(cwd)
-                pid, out_fd, err_fd = _spawn(argv, cwd, env, own_group=True)
+                self._started(*_spawn(argv, cwd, env, own_group=True))
             except OSError as e:
                 failed.append(e)
+                self._over = True
+                self._ended.release()
                 started.set()
                 return
-            self.pid = pid
-            _keeper.tell(f"+ {pid}\n")
             started.set()
-            try:
-                status = _pump(pid, out_fd, err_fd, 0, self.sink, self._stop, True)
-            finally:
-                _keeper.tell(f"- {pid}\n")
-            self.code = 137 if isinstance(status, str) else shell_code(
-                os.waitstatus_to_exitcode(status))
+            self._read()
 
-        self.thread = threading.Thread(target=run, name="piece", daemon=True)
-        self.thread.start()
+        _thread.start_new_thread(run, ())
         started.wait()
         if failed:
             raise failed[0]
+
+    def _started(self, pid: int, out_fd: int, err_fd: int) -> None:
+        self.pid, self._fds = pid, (out_fd, err_fd)
+        _keeper.tell(f"+ {pid}\n")
+
+    def _read(self) -> None:
+        """The program's output to its end, then its exit code."""
+        try:
+            status = _pump(self.pid, *self._fds, 0, self.sink, self._stop, True)
+            self.code = 137 if isinstance(status, str) else shell_code(
+                os.waitstatus_to_exitcode(status))
+        finally:
+            if self.code is None:  # a failure in here: the piece fails, not hangs
+                self.code = 1
+            _keeper.tell(f"- {self.pid}\n")
+            self._over = True
+            self._ended.release()
 
     @staticmethod
     def usable() -> bool:
@@ -567,17 +596,18 @@ class Spawned:
 
     def poll(self) -> int | None:
         """The exit code once the program exited and all its output was read."""
-        return None if self.thread.is_alive() else self.code
+        return self.code if self._over else None
 
-    def wait(self, seconds: float) -> None:
-        """Block up to `seconds`, returning as soon as the program ends."""
-        self.thread.join(seconds)
+    def wait(self, seconds: float | None = None) -> None:
+        """Block up to `seconds` (None: until it ends), returning as soon as it ends."""
+        if self._ended.acquire(timeout=-1 if seconds is None else max(0.0, seconds)):
+            self._ended.release()
 
     def kill(self, grace: float = KILL_GRACE) -> None:
         """Stop the whole group (SIGTERM, SIGKILL after `grace`) and reap it."""
         kill_group(self.pid, grace)
         self._stop.set()  # a child that left the group and holds the output open
-        self.thread.join()
+        self.wait()
 
     def failure(self) -> str:
         """Why some output was lost ('' if none was)."""
@@ -692,6 +722,13 @@ def _spawn_lib() -> Any:
     return libc
 
 
+@functools.cache
+def spawn_moves_child() -> bool:
+    """Can posix_spawn_nogil move the child to its directory (glibc 2.29 and later)?"""
+    libc = _spawn_lib()
+    return libc is not None and hasattr(libc, "posix_spawn_file_actions_addchdir_np")
+
+
 def _c_strings(values: Sequence[bytes]) -> Any:
     """A NULL-ended array of C strings; a NUL inside one would end it early: refused, as
     os.posix_spawn refuses it."""
@@ -702,11 +739,14 @@ def _c_strings(values: Sequence[bytes]) -> Any:
 
 def posix_spawn_nogil(path: str, argv: Sequence[str], env: dict[str, str],
                       dup2: Sequence[tuple[int, int]], default_signals: Sequence[int] = (),
-                      setsid: bool = False) -> int:
+                      setsid: bool = False, cwd: str | None = None) -> int:
     """Start `path` with `argv` and `env`, each (fd, target) of `dup2` made the child's
     target fd, `default_signals` at their default disposition, in a session of its own
-    with `setsid`; the pid (OSError as os.posix_spawn raises it)."""
+    with `setsid`, moved to `cwd` before its exec if given (only where
+    spawn_moves_child()); the pid (OSError as os.posix_spawn raises it)."""
     libc = _spawn_lib()
+    if cwd is not None and not spawn_moves_child():
+        raise OSError(errno.ENOSYS, "posix_spawn cannot change directory here", path)
     if libc is None or any("=" in k or not k for k in env):  # the latter: Python's words
         return os.posix_spawn(path, list(argv), env, setsigdef=tuple(default_signals),
                               setsid=setsid,
@@ -719,6 +759,9 @@ def posix_spawn_nogil(path: str, argv: Sequence[str], env: dict[str, str],
     try:
         for fd, to in dup2:
             _spawn_check(libc.posix_spawn_file_actions_adddup2(actions, fd, to), path)
+        if cwd is not None:
+            _spawn_check(libc.posix_spawn_file_actions_addchdir_np(actions, os.fsencode(cwd)),
+                         path)
         libc.sigemptyset(signals)
         for signo in default_signals:
             libc.sigaddset(signals, int(signo))

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import hashlib
+import os
 import re
 import threading
 import time
@@ -306,9 +308,13 @@ def _partial(cache: Cache, sha: str, name: str, lease: str) -> Path:
 
 def drop_partials(cache: Cache, lease: str) -> None:
     """Uploads a piece's worker began and did not finish: gone with the piece."""
-    if SHA256.fullmatch(lease):
-        for part in cache.tmp.glob(f"up.{lease[:16]}.*"):
-            part.unlink(missing_ok=True)
+    if not SHA256.fullmatch(lease):
+        return
+    begun = f"up.{lease[:16]}."  # a scan, not a glob: this runs for every piece's end
+    with os.scandir(cache.tmp) as found:
+        for part in [e.path for e in found if e.name.startswith(begun)]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part)
 
 
 def upload_state(cache: Cache, name: str, sha: str, lease: str) -> dict[str, Any]:

@@ -485,3 +485,60 @@ def test_a_program_is_looked_up_once_for_every_directory_and_again_once_it_moved
     os.close(err)
     assert os.waitpid(pid, 0)[1] == 0  # started from where it is now
     assert process._program("sd-tool", "/x", path) == str(second / "sd-tool")
+
+
+def test_a_manifest_is_kept_for_files_hashed_and_not_for_a_piece_without_files(settings):
+    """A pull worker's report lists a piece's files by hash: worked out once and kept
+    where there were files to hash; a piece that wrote none leaves no file behind."""
+    cache = Cache(settings.cache_dir)
+    some = cache.scratch("a" * 64)
+    (some / "out.txt").write_text("hello\n")
+    cache.publish("a" * 64, some, ["out.txt"])
+    files = cache.manifest("a" * 64)
+    assert list(files) == ["out.txt"] and cache.blob(files["out.txt"]).read_text() == "hello\n"
+    kept = cache.root / "manifests" / f"{'a' * 64}.json"
+    assert kept.is_file()
+    (cache.task_dir("a" * 64) / "out.txt").write_text("changed in place\n")
+    assert cache.manifest("a" * 64) == files  # the kept one: not hashed again
+    cache.publish("b" * 64, cache.scratch("b" * 64), [])
+    assert cache.manifest("b" * 64) == {}
+    assert not (cache.root / "manifests" / f"{'b' * 64}.json").exists()
+
+
+def test_a_spawned_piece_starts_in_its_directory_without_moving_the_worker(tmp_path):
+    """Where glibc's posix_spawn moves the child itself, the calling thread starts the
+    piece and stays where it was; elsewhere a thread of its own moves there first.
+    Either way the program runs in its directory, and its output and code come back."""
+    from sheepdog import process
+
+    here = os.getcwd()
+    lines: list[tuple[str, list[str]]] = []
+    proc = process.Spawned(["sh", "-c", "pwd; echo oops >&2; exit 3"], str(tmp_path),
+                           dict(os.environ), lambda stream, got: lines.append((stream, got)))
+    proc.wait(30)
+    assert proc.poll() == 3
+    assert ("stdout", [str(tmp_path)]) in lines and ("stderr", ["oops"]) in lines
+    assert os.getcwd() == here
+    with pytest.raises(FileNotFoundError):
+        process.Spawned(["sh"], str(tmp_path / "gone"), dict(os.environ), lambda *_: None)
+    with pytest.MonkeyPatch.context() as mp:  # the same through a thread that moves there
+        mp.setattr(process, "spawn_moves_child", lambda: False)
+        lines.clear()
+        proc = process.Spawned(["pwd"], str(tmp_path), dict(os.environ),
+                               lambda stream, got: lines.append((stream, got)))
+        proc.wait(30)
+        assert proc.poll() == 0 and lines == [("stdout", [str(tmp_path)])]
+        assert os.getcwd() == here
+
+
+def test_a_killed_spawned_piece_is_reaped_and_waited_for(tmp_path):
+    from sheepdog import process
+
+    proc = process.Spawned(["sleep", "30"], str(tmp_path), dict(os.environ), lambda *_: None)
+    proc.wait(0.2)
+    assert proc.poll() is None
+    started = time.monotonic()
+    proc.kill(grace=1)
+    assert proc.poll() is not None and time.monotonic() - started < 5
+    with pytest.raises(ProcessLookupError):
+        os.kill(proc.pid, 0)

@@ -466,7 +466,7 @@ def held(service_env, tokens, conn, tmp_path):
     return api, worker, admin, pieces[0], posted.get_json()["id"]
 
 
-def test_uploads_resume_and_a_wrong_hash_is_refused(held):
+def test_uploads_resume_and_a_wrong_hash_is_refused(held, service_env):
     import hashlib
 
     api, worker, admin, piece, job = held
@@ -505,8 +505,15 @@ def test_uploads_resume_and_a_wrong_hash_is_refused(held):
     assert missing.status_code == 409 and missing.get_json()["missing"] == [out_sha]
     api.put(f"/api/v1/worker/uploads/{out_sha}{q}", data=out, headers={
         **worker, "Upload-Offset": "0", "Upload-Length": str(len(out))})
+    # an upload begun and never finished goes with the piece's end
+    begun = hashlib.sha256(b"0123456789" * 2).hexdigest()
+    assert api.put(f"/api/v1/worker/uploads/{begun}{q}", data=b"0123456789", headers={
+        **worker, "Upload-Offset": "0", "Upload-Length": "20"}).status_code == 202
+    home = Path(service_env["SHEEPDOG_HOME"])
+    assert len(list(home.rglob(f"up.{lease[:16]}.*"))) == 1
     done = api.post("/api/v1/worker/finish", headers=worker, json=report)
     assert done.status_code == 200 and done.get_json() == {"status": "success", "recorded": True}
+    assert not list(home.rglob(f"up.{lease[:16]}.*"))
     again = api.post("/api/v1/worker/finish", headers=worker, json=report)  # a repeated report
     assert again.get_json() == {"status": "success", "recorded": False}
 

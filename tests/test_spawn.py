@@ -68,3 +68,14 @@ def test_the_gil_is_let_go_while_a_program_is_started():
 
     function = process._spawn_lib().posix_spawn
     assert not function._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+
+
+def test_the_child_moves_to_its_directory_itself(tmp_path, monkeypatch):
+    assert process.spawn_moves_child()  # glibc 2.29 and later: Debian's and Ubuntu's
+    code, out = _run(["/bin/pwd"], cwd=str(tmp_path))
+    assert (code, out) == (0, f"{tmp_path}\n") and os.getcwd() != str(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        _run(["/bin/pwd"], cwd=str(tmp_path / "gone"))
+    monkeypatch.setattr(process, "spawn_moves_child", lambda: False)
+    with pytest.raises(OSError, match="cannot change directory"):  # never the wrong one
+        _run(["/bin/pwd"], cwd=str(tmp_path))
