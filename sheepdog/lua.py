@@ -24,12 +24,24 @@ class Lua:
         if isinstance(scripts, set):  # a redis-py pipeline: it loads them at execute
             scripts.add(self)
             return client.evalsha(self.sha, len(keys), *keys, *args)
+        if _size(args) > LARGE and hasattr(client, "script_exists"):
+            # a big call (a whole job's pieces) is not sent twice to a server that does
+            # not know its script yet: it is asked first, a small round trip
+            if not client.script_exists(self.sha)[0]:
+                client.script_load(self.script)
         try:
             return client.evalsha(self.sha, len(keys), *keys, *args)
         except Exception as e:  # redis-py's NoScriptError, or the reply's own words
             if type(e).__name__ != "NoScriptError" and "NOSCRIPT" not in str(e):
                 raise
             return client.eval(self.script, len(keys), *keys, *args)
+
+
+LARGE = 1 << 16  # bytes of arguments worth asking whether the server knows the script
+
+
+def _size(args: Sequence[Any]) -> int:
+    return sum(len(a) for a in args if isinstance(a, str | bytes))
 
 
 @functools.cache

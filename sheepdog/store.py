@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from redis.client import Pipeline
 
 ACTIVE = {TaskStatus.WAITING, TaskStatus.QUEUED, TaskStatus.RUNNING}
+PUSH_MOST = 1000  # task ids in one RPUSH: a script's unpack() takes at most ~8,000 values
 
 
 def _text(value: bytes | str | None) -> str:
@@ -199,8 +200,8 @@ def _add(pipe: Pipeline | _Commands, conn: Any, job_id: str, tasks: list[Task],
         states[task.id] = task.status
         if not waiting_on:
             dispatch.push(pipe, conn, task.id, task.queue)
-    if tasks:
-        pipe.rpush(keys.job_tasks(job_id), *[t.id for t in tasks])
+    for start in range(0, len(tasks), PUSH_MOST):
+        pipe.rpush(keys.job_tasks(job_id), *[t.id for t in tasks[start:start + PUSH_MOST]])
     return done, cached
 
 
@@ -221,10 +222,9 @@ def submit(
     `holder`, the process that will add them (liveness.this_process()), is kept while it
     is open, so that the job ends if that process dies first (maintenance.end_orphaned).
     """
-    if tasks and not any(t.cacheable for t in tasks) and _submit_new(conn, job, tasks, open_,
-                                                                      holder):
-        return job
     task_keys = [keys.task(t.id) for t in tasks]
+    if tasks and _new(conn, tasks, task_keys) and _submit_new(conn, job, tasks, open_, holder):
+        return job
 
     def txn(pipe: Pipeline) -> None:
         states = _statuses(conn, [t.id for t in tasks])
@@ -356,10 +356,18 @@ class _Commands:
                                            for x in (score, m)]))
 
 
+def _new(conn: Any, tasks: list[Task], task_keys: list[str]) -> bool:
+    """Worth storing as new tasks in one script call (_submit_new, _add_new): uncacheable
+    ones are each their job's own; cacheable ones when none is stored yet (one EXISTS),
+    as on a first run: a redis-py transaction packs each of their ~30 arguments one by
+    one, which held back the first piece of a 4,000-item map by over a second."""
+    return not any(t.cacheable for t in tasks) or not conn.exists(*task_keys)
+
+
 def _submit_new(conn: Any, job: Job, tasks: list[Task], open_: bool, holder: str = "") -> bool:
-    """A job of new, uncacheable tasks (a command: each its job's own) in one call, not
-    a watched read and a transaction; False (nothing written) if a task exists already.
-    `conn`: a redis-py client, or a sheepdog.wire one."""
+    """A job of new tasks in one call, not a watched read and a transaction; False
+    (nothing written) if a task exists already. `conn`: a redis-py client, or a
+    sheepdog.wire one."""
     pipe = _Commands()
     _write_job(pipe, conn, job, tasks, {t.id: "" for t in tasks}, lambda _tid: False, open_,
                holder)
@@ -372,7 +380,7 @@ def add_tasks(conn: redis.Redis, job_id: str, tasks: list[Task],
     """More tasks for an open job (see submit); UnknownJob, or SheepdogError if the job
     has ended (failed or cancelled) meanwhile."""
     task_keys = [keys.task(t.id) for t in tasks]
-    if tasks and not any(t.cacheable for t in tasks) and _add_new(conn, job_id, tasks):
+    if tasks and _new(conn, tasks, task_keys) and _add_new(conn, job_id, tasks):
         return
 
     def txn(pipe: Pipeline) -> None:
@@ -393,9 +401,9 @@ def add_tasks(conn: redis.Redis, job_id: str, tasks: list[Task],
 
 
 def _add_new(conn: Any, job_id: str, tasks: list[Task]) -> bool:
-    """New uncacheable tasks (a CWL run's invocations) for an open job in one script
-    call, not a watched transaction that the job's finishing pieces would keep
-    retrying; False (nothing written) if a task exists already."""
+    """New tasks (a CWL run's invocations) for an open job in one script call, not a
+    watched transaction that the job's finishing pieces would keep retrying; False
+    (nothing written) if a task exists already."""
     pipe = _Commands()
     _add(pipe, conn, job_id, tasks, {t.id: "" for t in tasks}, lambda _tid: False,
          time.time())

@@ -483,3 +483,22 @@ def test_a_piece_is_taken_in_one_call_and_its_success_with_its_counts_in_one_mor
     # with its queue commands (dispatch.push_commands), so one more
     assert seen.get("finish") == n + 2, seen
     assert n + 1 <= seen.get("take", 0) <= n + 1 + 8, seen  # and a last look per slot
+
+
+def test_a_runs_arguments_read_directly_are_what_argparse_reads():
+    """A `run` step's arguments, as map writes them, are read without argparse (it cost
+    more than a `true` item); the result is argparse's, and anything else still goes
+    through argparse, errors included."""
+    import argparse
+
+    from sheepdog.mapping import step
+
+    for argv in (["run", "{}"], ["run", "s.json", "--cwd", "/x", "--cwd", "/z"],
+                 ["run", "{}", "--input", "a", "/p", "--cwd", "/y", "--input", "b", "/q"],
+                 ["run-many", "{}", "--cwd", "/x"],
+                 ["gather", "index.json", "c1", "--check", "n"]):
+        assert vars(step._args(argv)) == vars(step._parser().parse_args(argv)), argv
+    for bad in (["run", "{}", "--cwd"], ["run", "{}", "--input", "a"], ["run", "{}", "x"],
+                ["run", "{}", "--bogus", "1"], ["run", "{}", "--cwd", "-x"]):
+        with pytest.raises((SystemExit, argparse.ArgumentError)):
+            step._args(bad)

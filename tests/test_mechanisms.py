@@ -542,3 +542,38 @@ def test_a_killed_spawned_piece_is_reaped_and_waited_for(tmp_path):
     assert proc.poll() is not None and time.monotonic() - started < 5
     with pytest.raises(ProcessLookupError):
         os.kill(proc.pid, 0)
+
+
+def test_new_cacheable_pieces_are_stored_in_one_script_call_and_known_ones_as_before(
+        conn, redis_server):
+    """A first run's pieces (none stored yet) go in one script call, however many (a
+    job's list of 2,500 pieces in order, pushed in parts a script can unpack); a
+    rerun, some pieces done already, takes the watched transaction: those count as
+    cached and are not queued again."""
+    import subprocess as sp
+
+    pieces = [Task(name=f"p{i}", argv=["true", str(i)], outputs=[]) for i in range(2500)]
+    assert all(p.cacheable for p in pieces)
+    conn.script_flush()  # as after a restart: the server knows no script yet
+    watch = sp.Popen(["redis-cli", "-p", str(redis_server.port), "monitor"], stdout=sp.PIPE,
+                     text=True)
+    try:
+        assert watch.stdout.readline().strip() == "OK"
+        store.submit(conn, Job(id="first", workflow="command"), pieces)
+        conn.set("monitor-end", "1")
+        said = []
+        while "monitor-end" not in (line := watch.stdout.readline()):
+            said.append(line)
+    finally:
+        watch.terminate()
+        watch.wait()
+    outside = [line.split('"')[1].upper() for line in said if " [0 lua]" not in line]
+    # (its script new to this server: asked for and loaded first, not sent twice)
+    assert outside == ["EXISTS", "SCRIPT", "SCRIPT", "EVALSHA"], outside
+    assert [t.id for t in store.job_tasks(conn, "first")] == [p.id for p in pieces]
+    assert store.get_job(conn, "first").total == 2500
+    conn.hset(keys.task(pieces[0].id), "status", TaskStatus.SUCCESS)
+    rerun = store.submit(conn, Job(id="again", workflow="command"), pieces[:3],
+                         published=lambda tid: tid == pieces[0].id)
+    assert (rerun.total, rerun.done, rerun.cached) == (3, 1, 1)
+    assert conn.sismember(keys.task_jobs(pieces[1].id), "again")  # shared, still queued

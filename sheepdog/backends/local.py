@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import importlib
 import os
 import threading
@@ -18,12 +19,16 @@ from .base import Backend, OutputSink, StatusUpdate, Submission, local_resolver,
 
 
 class InProcess:
-    """A Python step running on a thread of this worker."""
+    """A Python step running on a thread of this worker, started without waiting for it
+    to start (a wait for the GIL that the worker's busy threads hold)."""
 
     def __init__(self, main: Any, args: list[str], workdir: Path, sink: OutputSink) -> None:
         self.stop = threading.Event()
         self.code: int | None = None
         self.sink = GuardedSink(sink)
+        self.over = False
+        ended = self._ended = threading.Lock()  # held while the step runs
+        ended.acquire()
         out = self.sink
 
         def run() -> None:
@@ -33,9 +38,16 @@ class InProcess:
             except Exception as e:  # a bug in a step must fail the task, not the worker
                 out("stderr", [f"ERROR: {type(e).__name__}: {e}"])
                 self.code = 1
+            finally:
+                self.over = True
+                ended.release()
 
-        self.thread = threading.Thread(target=run, name="step", daemon=True)
-        self.thread.start()
+        _thread.start_new_thread(run, ())
+
+    def wait(self, seconds: float | None = None) -> None:
+        """Until the step ends, or `seconds` (None: for as long as it takes)."""
+        if self._ended.acquire(timeout=-1 if seconds is None else max(0.0, seconds)):
+            self._ended.release()
 
 
 def in_process_main(task: Task) -> Any:
@@ -102,7 +114,7 @@ class LocalBackend(Backend):
     def poll(self, active: list[Submission]) -> Iterator[StatusUpdate]:
         for sub in active:
             if isinstance(sub.handle, InProcess):
-                if not sub.handle.thread.is_alive():
+                if sub.handle.over:
                     step_code = sub.handle.code if sub.handle.code is not None else 1
                     yield self._finish(sub, step_code, sub.handle.sink.failure())
                 continue
@@ -111,9 +123,6 @@ class LocalBackend(Backend):
                 yield self._finish(sub, code, sub.handle.failure())
 
     def wait(self, active: list[Submission], seconds: float) -> None:
-        if isinstance(active[0].handle, InProcess):
-            active[0].handle.thread.join(seconds)
-            return
         active[0].handle.wait(seconds)
 
     def _finish(self, sub: Submission, exit_code: int, lost_output: str = "") -> StatusUpdate:
@@ -139,7 +148,7 @@ class LocalBackend(Backend):
         for sub in active:
             if isinstance(sub.handle, InProcess):
                 sub.handle.stop.set()  # steps check it between units of work
-                sub.handle.thread.join()
+                sub.handle.wait()
                 self.cache.discard(sub.extra["scratch"])
                 continue
             sub.handle.kill()

@@ -337,9 +337,31 @@ def _complain(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    """The step's arguments. A `run` as map writes it (SPEC, then --cwd DIR and --input
+    NAME PATH) is read directly: it starts every one-item piece, and argparse cost more
+    than a `true` item; anything else, or anything unusual, goes to argparse."""
+    given = list(argv or [])
+    if given[:1] != ["run"] or len(given) < 2 or given[1].startswith("-"):
+        return _parser().parse_args(argv)
+    args = argparse.Namespace(op="run", spec=given[1], cwd=None, input=[])
+    rest = given[2:]
+    while rest:
+        width = {"--cwd": 2, "--input": 3}.get(rest[0], 0)
+        values = rest[1:width]
+        if not width or len(values) < width - 1 or any(v.startswith("-") for v in values):
+            return _parser().parse_args(argv)
+        if width == 2:
+            args.cwd = values[0]
+        else:
+            args.input.append(values)
+        rest = rest[width:]
+    return args
+
+
 def main(argv: list[str] | None = None, workdir: Path | None = None, emit: Emit = _say,
          complain: Emit = _complain, stop: threading.Event | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _args(argv)
     here = workdir or Path.cwd()
     try:
         if args.op in ("run", "run-many"):
