@@ -545,7 +545,7 @@ def test_a_killed_spawned_piece_is_reaped_and_waited_for(tmp_path):
 
 
 def test_new_cacheable_pieces_are_stored_in_one_script_call_and_known_ones_as_before(
-        conn, redis_server):
+        conn, redis_server, monkeypatch):
     """A first run's pieces (none stored yet) go in one script call, however many (a
     job's list of 2,500 pieces in order, pushed in parts a script can unpack); a
     rerun, some pieces done already, takes the watched transaction: those count as
@@ -577,3 +577,14 @@ def test_new_cacheable_pieces_are_stored_in_one_script_call_and_known_ones_as_be
                          published=lambda tid: tid == pieces[0].id)
     assert (rerun.total, rerun.done, rerun.cached) == (3, 1, 1)
     assert conn.sismember(keys.task_jobs(pieces[1].id), "again")  # shared, still queued
+    # more new pieces than one script call holds: the transaction, as before
+    calls: list[int] = []
+    one_call = store._submit_new
+    monkeypatch.setattr(store, "NEW_MOST", 2)
+    monkeypatch.setattr(store, "_submit_new", lambda *a: calls.append(1) or one_call(*a))
+    more = [Task(name=f"q{i}", argv=["true", "q", str(i)]) for i in range(3)]
+    assert store.submit(conn, Job(id="big", workflow="command"), more).total == 3
+    assert not calls and [t.id for t in store.job_tasks(conn, "big")] == [t.id for t in more]
+    store.submit(conn, Job(id="small", workflow="command"),
+                 [Task(name=f"r{i}", argv=["true", "r", str(i)]) for i in range(2)])
+    assert calls == [1]  # two new ones: one call
