@@ -548,7 +548,15 @@ class Spawned:
             except BaseException:
                 self._ended.release()
                 raise
-            _thread.start_new_thread(self._read, ())
+            try:
+                _thread.start_new_thread(self._read, ())
+            except BaseException:  # no reader (no thread to be had): nothing runs unwatched
+                _end(self.pid, own_group=True)
+                for fd in self._fds:
+                    os.close(fd)
+                _keeper.tell(f"- {self.pid}\n")
+                self._ended.release()
+                raise
             return
         started = threading.Event()
         failed: list[OSError] = []

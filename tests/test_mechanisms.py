@@ -588,3 +588,29 @@ def test_new_cacheable_pieces_are_stored_in_one_script_call_and_known_ones_as_be
     store.submit(conn, Job(id="small", workflow="command"),
                  [Task(name=f"r{i}", argv=["true", "r", str(i)]) for i in range(2)])
     assert calls == [1]  # two new ones: one call
+
+
+def test_a_piece_whose_reader_cannot_start_is_not_left_running(tmp_path, monkeypatch):
+    """Started on the caller's thread, a program whose reader thread cannot be had (out
+    of threads) is killed and reaped there and then; the error is the caller's."""
+    import _thread
+
+    from sheepdog import process
+
+    assert process.spawn_moves_child()  # glibc 2.29 and later (see test_spawn)
+    started: list[int] = []
+    spawn = process._spawn
+
+    def spawned(*a, **kw):
+        started.append((got := spawn(*a, **kw))[0])
+        return got
+
+    def no_thread(*_a):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(process, "_spawn", spawned)
+    monkeypatch.setattr(_thread, "start_new_thread", no_thread)
+    with pytest.raises(RuntimeError, match="new thread"):
+        process.Spawned(["sleep", "30"], str(tmp_path), dict(os.environ), lambda *_: None)
+    with pytest.raises(ChildProcessError):
+        os.waitpid(started[0], os.WNOHANG)  # killed and reaped already
