@@ -148,16 +148,28 @@ def _watch(backend: Backend, sub: Submission, task: Task, output: PieceOutput,
 def _watch_loop(backend: Backend, sub: Submission, output: PieceOutput,
                 stop: _Stopper) -> Outcome:
     deadline = stop.deadline
+    if sub.here is not None:  # it runs now, on this thread, and looks at stop itself
+        sub.here(lambda: bool(stop.reason()))
+        why = stop.reason()
+        now = list(backend.poll([sub]))
+        if now and (now[0].exit_code == 0 or not why):
+            return Outcome(now[0].exit_code, now[0].error, now[0].lost)
+        if why:  # stopped midway: the reason is its outcome, not the step's failure
+            return _stopped(backend, sub, why)
     while True:
         ended: list[StatusUpdate] = list(backend.poll([sub]))
         if ended:
             return Outcome(ended[0].exit_code, ended[0].error, ended[0].lost)
         why = stop.reason()
         if why:
-            backend.cancel([sub])
-            # a timeout's exit code is timeout(1)'s, so `run --timeout` says it as a shell would
-            return Outcome(TIMEOUT_CODE if why.startswith("timed out") else None, why)
+            return _stopped(backend, sub, why)
         output.flush()  # quiet output still reaches readers within a fraction of a second
         wait = WATCH_POLL if deadline is None else min(
             WATCH_POLL, max(0.001, deadline - time.monotonic()))
         backend.wait([sub], wait)
+
+
+def _stopped(backend: Backend, sub: Submission, why: str) -> Outcome:
+    backend.cancel([sub])
+    # a timeout's exit code is timeout(1)'s, so `run --timeout` says it as a shell would
+    return Outcome(TIMEOUT_CODE if why.startswith("timed out") else None, why)

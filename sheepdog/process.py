@@ -494,7 +494,7 @@ def light_groups() -> bool:
 
 def run_light(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
               output: RawSink, stop: threading.Event,
-              own_group: bool = False) -> tuple[str, int | None]:
+              own_group: bool = False, child_cwd: bool = False) -> tuple[str, int | None]:
     """A tiny program to its end, cheaply, read by one poll loop without threads; a
     timeout or `stop` kills it, all it started too. (status, exit code). Most items of a
     big chunk print nothing: line splitting starts with the first byte.
@@ -503,9 +503,10 @@ def run_light(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
     _spawn). By default it stays in this process's group (map's `run-many`: a process of
     its own, whose group dies with the worker); `own_group` (map's in-process `run`, on a
     worker's thread): in a group of its own, which dies with the worker (light_groups()
-    says whether it can here)."""
+    says whether it can here). With `child_cwd` (where spawn_moves_child()) the child
+    moves to `cwd` itself and the caller stays where it is."""
     try:
-        pid, out_fd, err_fd = _spawn(argv, cwd, env, own_group)
+        pid, out_fd, err_fd = _spawn(argv, cwd, env, own_group, child_cwd)
     except OSError as e:
         output("stderr", [f"cannot start {argv[0]!r}: {e.strerror or e}"])
         return "failed", 127

@@ -502,3 +502,21 @@ def test_a_runs_arguments_read_directly_are_what_argparse_reads():
                 ["run", "{}", "--bogus", "1"], ["run", "{}", "--cwd", "-x"]):
         with pytest.raises((SystemExit, argparse.ArgumentError)):
             step._args(bad)
+
+
+def test_a_one_item_run_in_a_directory_holding_its_spec_keeps_the_spec_out_of_its_files(
+        tmp_path):
+    """A process step's directory may hold its staged spec: its one item then runs in a
+    scratch directory of its own, as a chunk's items do, and the spec is no item's file."""
+    from sheepdog.mapping import step
+
+    spec = tmp_path / "spec.json"
+    script = 'echo $(ls -A "$SHEEPDOG_ITEM_DIR" | wc -l); echo 1 > "$SHEEPDOG_ITEM_DIR/o"'
+    spec.write_text(json.dumps({"items": [{"key": "a", "argv": [["sh"], ["-c"], [script]]}]}))
+    said: list[str] = []
+    assert step.main(["run", str(spec)], workdir=tmp_path, emit=said.append,
+                     complain=said.append) == 0
+    [record] = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert (record["output"], record["files"]) == ("0\n", ["o"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["files", "results.jsonl", "spec.json"]
+    assert (tmp_path / "files" / "0" / "o").read_text() == "1\n"

@@ -3,6 +3,7 @@ outage, the watch loop's clean-up, scratch sweeping and Slurm's batched polling.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -614,3 +615,68 @@ def test_a_piece_whose_reader_cannot_start_is_not_left_running(tmp_path, monkeyp
         process.Spawned(["sleep", "30"], str(tmp_path), dict(os.environ), lambda *_: None)
     with pytest.raises(ChildProcessError):
         os.waitpid(started[0], os.WNOHANG)  # killed and reaped already
+
+
+def _step_task(settings, script: str, timeout: float = 0) -> Task:
+    spec = {"items": [{"key": "1", "argv": [["sh"], ["-c"], [script]]}]}
+    return Task(name="one item", argv=[{"python": True}, "-m", "sheepdog.mapping.step", "run",
+                                       json.dumps(spec)],
+                queue=settings.queue, timeout=timeout)
+
+
+def test_an_in_process_step_runs_on_its_watchers_thread_and_publishes_its_item(
+        conn, settings, monkeypatch):
+    """A map piece's step runs on the thread that watches it (no thread of its own),
+    and a one-item chunk's files, whatever their names, come back under files/0."""
+    from sheepdog.mapping import step
+
+    threads: list[int] = []
+    real = step.run_chunk
+    monkeypatch.setattr(step, "run_chunk",
+                        lambda *a, **k: (threads.append(threading.get_ident()), real(*a, **k)))
+    task = _step_task(settings, 'echo hi; mkdir -p "$SHEEPDOG_ITEM_DIR/d"; '
+                      'for f in files results.jsonl results.jsonl.part d/x; do '
+                      'echo $f > "$SHEEPDOG_ITEM_DIR/$f"; done')
+    cache = Cache(settings.cache_dir)
+    writer = logs.LogWriter(conn, task.id, task.name, [], 100)
+    outcome = piece.run(task, settings, cache, piece.PieceOutput(writer, None),
+                        threading.Event(), threading.Event())
+    assert (outcome.exit_code, outcome.error) == (0, "")
+    assert threads == [threading.get_ident()]
+    done = cache.task_dir(task.id)
+    [record] = [json.loads(x) for x in (done / "results.jsonl").read_text().splitlines()]
+    assert (record["status"], record["output"]) == ("success", "hi\n")
+    assert record["files"] == sorted(["d/x", "files", "results.jsonl", "results.jsonl.part"])
+    for name in record["files"]:
+        assert (done / "files" / "0" / name).read_text() == name + "\n"
+    assert sorted(p.name for p in done.iterdir()) == ["files", "results.jsonl"]
+
+
+@pytest.mark.parametrize("why", ["cancelled", "timeout", "leaving"])
+def test_an_in_process_step_on_its_watchers_thread_stops_when_told(conn, settings, tmp_path,
+                                                                    why):
+    """Cancelled, timed out or its worker leaving while its item runs: the item's
+    process is killed at once, the outcome says why, and nothing is published."""
+    pidfile = tmp_path / "pid"
+    task = _step_task(settings, f'echo $$ > {pidfile}; exec sleep 60',
+                      timeout=1.5 if why == "timeout" else 0)
+    cache = Cache(settings.cache_dir)
+    revoked, leaving = threading.Event(), threading.Event()
+    if why != "timeout":
+        def tell() -> None:
+            wait_for(pidfile.exists, timeout=30)
+            (revoked if why == "cancelled" else leaving).set()
+        threading.Thread(target=tell, daemon=True).start()
+    writer = logs.LogWriter(conn, task.id, task.name, [], 100)
+    started = time.monotonic()
+    outcome = piece.run(task, settings, cache, piece.PieceOutput(writer, None), revoked,
+                        leaving)
+    assert time.monotonic() - started < 20
+    expected = {"cancelled": "cancelled", "timeout": "timed out after 1.5s",
+                "leaving": piece.RELEASED}[why]
+    assert outcome.error == expected
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not cache.task_dir(task.id).exists()
+    assert not list(cache.tmp.iterdir())

@@ -31,6 +31,10 @@ class Submission:
     handle: Any = None
     workdir: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Work that runs on the watching thread itself when watching begins (a short Python
+    # step: no thread of its own to start and hand over to); it is given a function
+    # that says when it must stop, and looks at it between its units of work.
+    here: Callable[[Callable[[], bool]], None] | None = None
 
 
 @dataclass(frozen=True)

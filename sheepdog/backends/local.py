@@ -6,7 +6,7 @@ import _thread
 import importlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +19,72 @@ from .base import Backend, OutputSink, StatusUpdate, Submission, local_resolver,
 
 
 class InProcess:
-    """A Python step running on a thread of this worker, started without waiting for it
-    to start (a wait for the GIL that the worker's busy threads hold)."""
+    """A Python step run inside this worker: on the thread that watches it (`here`: no
+    thread to start, no hand-over waiting for the GIL that the worker's busy threads
+    hold), or, if it is waited for without that, on a thread of its own."""
 
     def __init__(self, main: Any, args: list[str], workdir: Path, sink: OutputSink) -> None:
+        self.main, self.args, self.workdir = main, args, workdir
         self.stop = threading.Event()
         self.code: int | None = None
         self.sink = GuardedSink(sink)
         self.over = False
-        ended = self._ended = threading.Lock()  # held while the step runs
-        ended.acquire()
+        self._begun = False
+        self._ended = threading.Lock()  # held while the step runs
+        self._ended.acquire()
+
+    def here(self, stopped: Callable[[], bool]) -> None:
+        """Run the step to its end on this thread; `stopped` (or cancel) stops it."""
+        if not self._begin():
+            return
+        self._run(_Either(self.stop, stopped))
+
+    def _begin(self) -> bool:
+        with _starting:
+            begun, self._begun = self._begun, True
+        return not begun
+
+    def _run(self, stop: Any) -> None:
         out = self.sink
+        try:
+            self.code = self.main(self.args, workdir=self.workdir,
+                                  emit=lambda s: out("stdout", [s]),
+                                  complain=lambda s: out("stderr", [s]), stop=stop)
+        except Exception as e:  # a bug in a step must fail the task, not the worker
+            out("stderr", [f"ERROR: {type(e).__name__}: {e}"])
+            self.code = 1
+        finally:
+            self.over = True
+            self._ended.release()
 
-        def run() -> None:
-            try:
-                self.code = main(args, workdir=workdir, emit=lambda s: out("stdout", [s]),
-                                 complain=lambda s: out("stderr", [s]), stop=self.stop)
-            except Exception as e:  # a bug in a step must fail the task, not the worker
-                out("stderr", [f"ERROR: {type(e).__name__}: {e}"])
-                self.code = 1
-            finally:
-                self.over = True
-                ended.release()
-
-        _thread.start_new_thread(run, ())
+    def cancel(self) -> None:
+        """Stop the step (steps look between their units of work) and wait for its end."""
+        self.stop.set()
+        if not self._begin():
+            self.wait()
 
     def wait(self, seconds: float | None = None) -> None:
         """Until the step ends, or `seconds` (None: for as long as it takes)."""
+        if self._begin():  # not run here: it runs on a thread of its own
+            _thread.start_new_thread(self._run, (self.stop,))
         if self._ended.acquire(timeout=-1 if seconds is None else max(0.0, seconds)):
             self._ended.release()
+
+
+_starting = threading.Lock()
+
+
+class _Either:
+    """A step's stop: cancelled, or told by its watcher (cancelled, timed out, leaving)."""
+
+    def __init__(self, stop: threading.Event, stopped: Callable[[], bool]) -> None:
+        self._stop, self._stopped = stop, stopped
+
+    def is_set(self) -> bool:
+        return self._stop.is_set() or self._stopped()
+
+    def wait(self, seconds: float) -> bool:
+        return self._stop.wait(seconds) or self._stopped()
 
 
 def in_process_main(task: Task) -> Any:
@@ -99,7 +136,8 @@ class LocalBackend(Backend):
         main = in_process_main(task) if scratch else None
         if main is not None and scratch:
             step = InProcess(main, argv[3:], scratch, sink)
-            return Submission(task=task, handle=step, workdir=cwd, extra={"scratch": scratch})
+            return Submission(task=task, handle=step, workdir=cwd, extra={"scratch": scratch},
+                              here=step.here)
         try:
             # started by posix_spawn where it can be: a third of the CPU per short piece
             proc: Process | Spawned = (
@@ -147,8 +185,7 @@ class LocalBackend(Backend):
     def cancel(self, active: list[Submission]) -> None:
         for sub in active:
             if isinstance(sub.handle, InProcess):
-                sub.handle.stop.set()  # steps check it between units of work
-                sub.handle.wait()
+                sub.handle.cancel()
                 self.cache.discard(sub.extra["scratch"])
                 continue
             sub.handle.kill()

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -34,7 +35,7 @@ from typing import Any
 
 from ..defaults import WATCH_POLL
 from ..errors import SheepdogError
-from ..process import Process, light_groups, own_directory, run_light
+from ..process import Process, light_groups, own_directory, run_light, spawn_moves_child
 
 IN_PROCESS = frozenset({"run", "gather"})
 OUTPUT_MAX = 1 << 20  # bytes of an item's stdout kept in its record
@@ -111,10 +112,13 @@ def run_item(argv: list[str], cwd: str, env: dict[str, str], timeout: float,
 def _runner(many: bool) -> tuple[Callable[..., tuple[str, int | None]], bool]:
     """How each item starts, and whether this thread moves to the items' directory:
     run-many's by posix_spawn in its own group; `run`'s (on a worker's thread) each in a
-    light group of its own, kept so it dies with the worker, from a thread with a
-    directory of its own; where that cannot be, each as a guarded Process."""
+    light group of its own, kept so it dies with the worker, moved to its directory by
+    posix_spawn itself or else from a thread with a directory of its own; where neither
+    can be, each as a guarded Process."""
     if many:
         return run_light, True
+    if light_groups() and spawn_moves_child():
+        return functools.partial(run_light, own_group=True, child_cwd=True), False
     if light_groups() and own_directory():
         return functools.partial(run_light, own_group=True), True
     return run_item, False
@@ -159,16 +163,19 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
               emit: Emit, complain: Emit, stop: threading.Event, light: bool = False) -> None:
     """Every item of the chunk, one record each into results.jsonl, each written as its
     item ends: a rerun of a killed attempt runs only the items it had not recorded."""
-    timeout = float(spec.get("timeout") or 0)
     partial = here / (RESULTS + ".part")
     top = here / "files"  # made when the first item leaves files
+    items = spec["items"]
+    env = _environment(spec)
+    if len(items) == 1 and not light and not os.listdir(here):
+        recorded = _earlier(here, top)
+        if not recorded:  # one item, in the piece's own fresh directory: see _only
+            _only(items[0], spec, inputs, cwd, here, env, emit, complain, stop)
+            return
     # Items run one after another in one scratch directory, renamed to files/<n> only
     # when the item left something there: a mkdir costs more than a `true` item here.
     scratch = os.path.join(here, ".item")
-    # one environment for the chunk, the item's key set in it for each (posix_spawn
-    # copies it), rather than a copy of the whole environment per item
-    env = dict(os.environ, **{k: str(v) for k, v in spec.get("env", {}).items()},
-               SHEEPDOG_ITEM_DIR=scratch)
+    env["SHEEPDOG_ITEM_DIR"] = scratch
     inside = -1  # the inode of the scratch directory run-many is in (its items start there)
     run, move = _runner(light)
     with open(partial, "w", encoding="utf-8") as out:
@@ -176,7 +183,7 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
         recorded = _earlier(here, top)
         for line in recorded:
             out.write(line + "\n")
-        for n, item in enumerate(spec["items"]):
+        for n, item in enumerate(items):
             if n < len(recorded):
                 continue
             try:
@@ -188,29 +195,72 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
                 os.chdir(cwd or scratch)
                 inside = inode
             env["SHEEPDOG_ITEM_KEY"] = item["key"]
-            output = ItemOutput(emit, complain)
-            started = time.monotonic()
-            status, code = run(_argv(item["argv"], inputs), cwd or scratch, env, timeout,
-                               output, stop)
-            if status == "cancelled":
-                raise SheepdogError("cancelled")
-            kept: list[str] = []
+            record = _run(run, item, spec, inputs, cwd or scratch, env, emit, complain, stop)
             if os.listdir(scratch):
                 top.mkdir(exist_ok=True)
                 files = os.path.join(top, str(n))
                 os.rename(scratch, files)
-                kept = _files(files)
-            record = {"status": status, "exit_code": code,
-                      "output": output.stdout.decode("utf-8", errors="replace"),
-                      "stderr": "\n".join(output.stderr),
-                      "seconds": round(time.monotonic() - started, 4), "files": kept}
-            if output.truncated:
-                record["output_truncated"] = True
+                record["files"] = _files(files)
             out.write(json.dumps(record) + "\n")
             out.flush()  # in the kernel's hands: a SIGKILL of this process loses nothing
     # what is left was written after its item ended (a straggling child): no item's
     shutil.rmtree(scratch, ignore_errors=True)
     partial.rename(here / RESULTS)
+
+
+def _environment(spec: dict[str, Any]) -> dict[str, str]:
+    """One environment for the chunk, each item's key set in it in turn (posix_spawn
+    copies it), rather than a copy of the whole environment per item."""
+    return dict(os.environ, **{k: str(v) for k, v in spec.get("env", {}).items()})
+
+
+def _run(run: Callable[..., tuple[str, int | None]], item: dict[str, Any],
+         spec: dict[str, Any], inputs: dict[str, str], cwd: str, env: dict[str, str],
+         emit: Emit, complain: Emit, stop: threading.Event) -> dict[str, Any]:
+    """One item to its end: its record (without its files)."""
+    output = ItemOutput(emit, complain)
+    started = time.monotonic()
+    status, code = run(_argv(item["argv"], inputs), cwd, env,
+                       float(spec.get("timeout") or 0), output, stop)
+    if status == "cancelled":
+        raise SheepdogError("cancelled")
+    record: dict[str, Any] = {
+        "status": status, "exit_code": code,
+        "output": output.stdout.decode("utf-8", errors="replace"),
+        "stderr": "\n".join(output.stderr),
+        "seconds": round(time.monotonic() - started, 4), "files": []}
+    if output.truncated:
+        record["output_truncated"] = True
+    return record
+
+
+def _only(item: dict[str, Any], spec: dict[str, Any], inputs: dict[str, str],
+          cwd: str | None, here: Path, env: dict[str, str], emit: Emit, complain: Emit,
+          stop: threading.Event) -> None:
+    """A chunk of one item (`--chunk 1`, a piece per item) runs it in the piece's own
+    directory, fresh and empty, rather than in a scratch directory made and removed
+    inside it (a directory's inode costs more than a `true` item here); what it left
+    there becomes its files/0 afterwards (so only a directory found empty is used: a
+    process step's may hold its staged spec). Nothing is resumed from a killed attempt
+    of one item, so no partial file is written, or locked, while it runs."""
+    env["SHEEPDOG_ITEM_DIR"] = str(here)
+    env["SHEEPDOG_ITEM_KEY"] = item["key"]
+    run, move = _runner(False)
+    if move:
+        os.chdir(cwd or here)
+    record = _run(run, item, spec, inputs, cwd or str(here), env, emit, complain, stop)
+    left = os.listdir(here)
+    if left:  # gathered under a name the item did not use, then renamed to files/0
+        held = tempfile.mkdtemp(prefix=".item-", dir=here)
+        for name in left:
+            os.rename(here / name, os.path.join(held, name))
+        (here / "files").mkdir()
+        os.rename(held, here / "files" / "0")
+        record["files"] = _files(str(here / "files" / "0"))
+    # not the name a twin's _earlier takes over, which it would while this one renames
+    written = here / (RESULTS + ".one")
+    written.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    written.rename(here / RESULTS)
 
 
 # ---------------------------------------------------------------- merging
