@@ -95,11 +95,20 @@ def push(pipe: Any, conn: redis.Redis | None, task_id: str, queue: str,
     from a taken one; ids are unique per dispatch, so removing an old entry never
     removes a newer one for the same task.
     """
-    rq_id = keys.rq_job_id(task_id, uuid.uuid4().hex[:12])
+    rq_id = new_entry_id(task_id)
     pipe.hset(keys.task(task_id), "rq_id", rq_id)
+    push_entry(pipe, task_id, queue, rq_id, at_front)
+    return rq_id
+
+
+def new_entry_id(task_id: str) -> str:
+    return keys.rq_job_id(task_id, uuid.uuid4().hex[:12])
+
+
+def push_entry(pipe: Any, task_id: str, queue: str, rq_id: str, at_front: bool = False) -> None:
+    """push() for a task whose record already names `rq_id` (a new one, written whole)."""
     for command in entry_commands(task_id, queue, rq_id, at_front):
         pipe.execute_command(*command)
-    return rq_id
 
 
 def push_commands(conn: redis.Redis, task_id: str, queue: str) -> list[list[bytes]]:

@@ -185,7 +185,8 @@ def to_hash(obj: Task | Job) -> dict[str, str]:
     for key in _names(type(obj)):
         value = getattr(obj, key)  # not asdict(): it deep-copies every list and dict
         if isinstance(value, _JSON_TYPES):
-            out[key] = json.dumps(value)
+            # most are empty: their text without json's encoder set up (a job's pieces)
+            out[key] = json.dumps(value) if value else "[]" if isinstance(value, list) else "{}"
         elif value is None:
             out[key] = ""
         elif isinstance(value, bool):

@@ -193,14 +193,16 @@ def _add(pipe: Pipeline | _Commands, conn: Any, job_id: str, tasks: list[Task],
         task.status = TaskStatus.WAITING if waiting_on else TaskStatus.QUEUED
         task.attempts, task.exit_code, task.error = 0, None, ""
         task.queued_at = now
-        pipe.delete(keys.task(task.id))
-        pipe.hset(keys.task(task.id), mapping=to_hash(task))
+        if state:  # a stored record's fields go; a new one's are all written below
+            pipe.delete(keys.task(task.id))
+        task.rq_id = "" if waiting_on else dispatch.new_entry_id(task.id)
+        pipe.hset(keys.task(task.id), mapping=to_hash(task))  # its entry's id with it
         for dep in waiting_on:
             pipe.sadd(keys.task_dependents(dep), task.id)
         pipe.sadd(keys.active_tasks(), task.id)
         states[task.id] = task.status
         if not waiting_on:
-            dispatch.push(pipe, conn, task.id, task.queue)
+            dispatch.push_entry(pipe, task.id, task.queue, task.rq_id)
     for start in range(0, len(tasks), PUSH_MOST):
         pipe.rpush(keys.job_tasks(job_id), *[t.id for t in tasks[start:start + PUSH_MOST]])
     return done, cached
@@ -301,9 +303,12 @@ def _argv(stack: list[tuple[Any, ...]]) -> list[Any]:
     number n stands for ARGV[n], a bytes value sent as itself (a piece's pickled call).
     A job's ~200 arguments packed one by one by redis-py cost the web process more than
     the rest of its POST /jobs. Numbers are sent as redis-py sends them (repr)."""
-    text: list[list[str | int]] = []
+    text: list[Any] = []
     blobs: list[bytes] = []
     for args in stack:
+        if set(map(type, args)) == _TEXT:  # nearly all: checked in C, not one by one
+            text.append(args)
+            continue
         command: list[str | int] = list(args)
         for i, a in enumerate(args):
             if isinstance(a, str):  # nearly all; JSON writes an enum's text as it is
@@ -319,6 +324,9 @@ def _argv(stack: list[tuple[Any, ...]]) -> list[Any]:
     return [json.dumps(text, ensure_ascii=False), *blobs]
 
 
+_TEXT = {str}
+
+
 class _Commands:
     """What a pipeline's write methods would send, recorded: storing a job of new
     pieces is one script call (_IF_NEW), built without a redis-py pipeline, so a
@@ -326,8 +334,13 @@ class _Commands:
 
     def __init__(self) -> None:
         self.stack: list[tuple[Any, ...]] = []
+        self._queues: set[Any] = set()
 
     def execute_command(self, *args: Any) -> None:
+        if args[:2] == ("SADD", keys.RQ_QUEUES):  # every entry says its queue exists: once
+            if args[2] in self._queues:
+                return
+            self._queues.add(args[2])
         self.stack.append(args)
 
     def hset(self, name: str, key: str | None = None, value: Any = None,
