@@ -258,9 +258,15 @@ def _only(item: dict[str, Any], spec: dict[str, Any], inputs: dict[str, str],
         os.rename(held, here / "files" / "0")
         record["files"] = _files(str(here / "files" / "0"))
     # not the name a twin's _earlier takes over, which it would while this one renames
-    written = here / (RESULTS + ".one")
-    written.write_text(json.dumps(record) + "\n", encoding="utf-8")
-    written.rename(here / RESULTS)
+    written = os.path.join(here, RESULTS + ".one")
+    fd = os.open(written, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # no text layer
+    try:
+        data = memoryview((json.dumps(record) + "\n").encode())
+        while data:  # an item's output may be a megabyte
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+    os.rename(written, os.path.join(here, RESULTS))
 
 
 # ---------------------------------------------------------------- merging
