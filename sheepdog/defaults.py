@@ -70,6 +70,7 @@ LOG_MAX_LINE = 64 << 10  # characters of one log line; the rest is cut, saying s
 LOG_BUFFER_LINES = 100_000  # lines a piece's log keeps while Redis is unreachable
 FOLLOW_BLOCK_MS = 250  # ms: a log follower's XREAD block
 FOLLOW_COUNT = 1000  # lines per XREAD of a follower
+FOLLOW_GAP = 0.01  # s: a follower's pause after lines came, so that more come per read
 SLOTS_LOOK_AGAIN = 0.5  # s: a piece waiting for a worker's slots looks whether it is leaving
 # cores and MiB of memory cwltool may hand out at once to invocations that run on ssh hosts
 # or Slurm (the cluster schedules them; cwltool would count this machine's)

@@ -14,6 +14,7 @@ from .defaults import (
     ENDED_CHECK,
     FOLLOW_BLOCK_MS,
     FOLLOW_COUNT,
+    FOLLOW_GAP,
     LOG_BATCH_LINES,
     LOG_BUFFER_LINES,
     LOG_FLUSH,
@@ -370,6 +371,10 @@ def follow(conn: redis.Redis, job_id: str, ended: Callable[[], bool], after: str
             yield line
             if line.end:
                 return
+        if lines and len(lines) < FOLLOW_COUNT and not finished:
+            # lines that keep coming are read in batches, FOLLOW_GAP apart, not one
+            # round trip each (a busy job's notes cost its follower a core's tenth)
+            time.sleep(FOLLOW_GAP)
         if not lines and (finished or ended()):
             asked = time.monotonic()
             if finished:

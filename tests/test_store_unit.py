@@ -313,3 +313,26 @@ def test_new_pieces_join_an_open_job_in_one_call_and_an_ended_one_refuses(fake):
     with pytest.raises(JobEnded):
         store.add_tasks(fake, "open-1", [Task(name="y", argv=["y"], cacheable=False,
                                               nonce="3")])
+
+
+def test_a_follower_reads_lines_that_keep_coming_in_batches_and_a_backlog_at_once(
+        fake, monkeypatch):
+    """After a read that brought lines, the follower pauses FOLLOW_GAP so that the next
+    read brings what came meanwhile (a busy job's notes, one round trip apiece, cost its
+    follower a tenth of a core); a full read (a backlog) goes on at once."""
+    from sheepdog import defaults, logs
+
+    log = keys.job_log("j")
+    for n in range(defaults.FOLLOW_COUNT + 3):
+        fake.xadd(log, logs.note_fields(f"line {n}"))
+    pauses: list[float] = []
+
+    def pause(seconds: float) -> None:  # while the follower pauses, the job ends
+        pauses.append(seconds)
+        fake.xadd(log, logs.end_fields("success", 0, "", "j"))
+
+    monkeypatch.setattr(logs.time, "sleep", pause)
+    got = list(logs.follow(fake, "j", lambda: False))
+    assert [x.text for x in got[:-1]] == [f"line {n}" for n in range(defaults.FOLLOW_COUNT + 3)]
+    assert got[-1].end
+    assert pauses == [defaults.FOLLOW_GAP]  # after the 3, not after the full read
