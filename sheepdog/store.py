@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from . import dispatch, keys, logs
+from . import dispatch, keys, liveness, logs
 from .errors import JobEnded, UnknownJob
 from .lua import run_many, script
 from .models import (
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 ACTIVE = {TaskStatus.WAITING, TaskStatus.QUEUED, TaskStatus.RUNNING}
 PUSH_MOST = 1000  # task ids in one RPUSH: a script's unpack() takes at most ~8,000 values
 NEW_MOST = 20_000  # new cacheable pieces stored in one script call (see _new), at most
+FIRST_PART = 64  # a big new job's tasks stored with it; the rest follow in parts, each
+PART_MOST = 1000  # twice the last, at most this many (see _submit_in_parts)
 
 
 def _text(value: bytes | str | None) -> str:
@@ -172,9 +174,10 @@ def _statuses(conn: redis.Redis, task_ids: list[str]) -> dict[str, str]:
 
 
 def _add(pipe: Pipeline | _Commands, conn: Any, job_id: str, tasks: list[Task],
-         states: dict[str, str], published: Callable[[str], bool], now: float) -> tuple[int, int]:
+         states: dict[str, str], published: Callable[[str], bool], now: float,
+         listed: bool = False) -> tuple[int, int]:
     """Inside a MULTI: store the tasks for the job, dispatch what can run now; returns
-    (done, cached) among them."""
+    (done, cached) among them. `listed`: the job's list names them already."""
     done = cached = 0
     for task in tasks:
         state = states[task.id]
@@ -203,9 +206,14 @@ def _add(pipe: Pipeline | _Commands, conn: Any, job_id: str, tasks: list[Task],
         states[task.id] = task.status
         if not waiting_on:
             dispatch.push_entry(pipe, task.id, task.queue, task.rq_id)
-    for start in range(0, len(tasks), PUSH_MOST):
-        pipe.rpush(keys.job_tasks(job_id), *[t.id for t in tasks[start:start + PUSH_MOST]])
+    if not listed:
+        _list(pipe, job_id, [t.id for t in tasks])
     return done, cached
+
+
+def _list(pipe: Pipeline | _Commands, job_id: str, task_ids: list[str]) -> None:
+    for start in range(0, len(task_ids), PUSH_MOST):
+        pipe.rpush(keys.job_tasks(job_id), *task_ids[start:start + PUSH_MOST])
 
 
 def submit(
@@ -226,7 +234,11 @@ def submit(
     is open, so that the job ends if that process dies first (maintenance.end_orphaned).
     """
     task_keys = [keys.task(t.id) for t in tasks]
-    if tasks and _new(conn, tasks, task_keys) and _submit_new(conn, job, tasks, open_, holder):
+    if len(tasks) > FIRST_PART and _none_stored(conn, tasks, task_keys):
+        if _submit_in_parts(conn, job, tasks, task_keys, published, open_, holder):
+            return job
+    elif tasks and _new(conn, tasks, task_keys) and _submit_new(conn, job, tasks, open_,
+                                                                 holder):
         return job
 
     def txn(pipe: Pipeline) -> None:
@@ -240,15 +252,20 @@ def submit(
 
 def _write_job(pipe: Pipeline | _Commands, conn: Any, job: Job, tasks: list[Task],
                states: dict[str, str], published: Callable[[str], bool], open_: bool,
-               holder: str = "") -> None:
-    """Inside a MULTI: a submitted job, its tasks as `states` found them."""
+               holder: str = "", all_ids: list[str] | None = None) -> None:
+    """Inside a MULTI: a submitted job, its tasks as `states` found them. `all_ids`:
+    the job's whole list, when `tasks` are only its first part (_submit_in_parts)."""
     now = time.time()
     pipe.delete(keys.job_tasks(job.id))
-    done, cached = _add(pipe, conn, job.id, tasks, states, published, now)
+    if all_ids is not None:
+        _list(pipe, job.id, all_ids)
+    done, cached = _add(pipe, conn, job.id, tasks, states, published, now,
+                        listed=all_ids is not None)
     # an open job counts one piece more than it has: the one close_job removes
-    job.total, job.done, job.cached = len(tasks) + open_, done, cached
+    job.total = len(all_ids if all_ids is not None else tasks) + open_
+    job.done, job.cached = done, cached
     pipe.hset(keys.job(job.id), mapping=to_hash(job))
-    if open_ and holder:
+    if holder and (open_ or all_ids is not None):
         pipe.hset(keys.open_jobs(), job.id, holder)
     if cached:
         pipe.xadd(keys.job_log(job.id), logs.note_fields(
@@ -391,6 +408,69 @@ def _submit_new(conn: Any, job: Job, tasks: list[Task], open_: bool, holder: str
                holder)
     run = script(conn, _IF_NEW)
     return bool(run(keys=[keys.task(t.id) for t in tasks], args=_argv(pipe.stack)))
+
+
+def _none_stored(conn: Any, tasks: list[Task], task_keys: list[str]) -> bool:
+    """No task of a job is stored yet (uncacheable ones are their job's own)."""
+    return not any(t.cacheable for t in tasks) or not conn.exists(*task_keys)
+
+
+def _submit_in_parts(conn: Any, job: Job, tasks: list[Task], task_keys: list[str],
+                     published: Callable[[str], bool], open_: bool, holder: str) -> bool:
+    """A big job of new tasks stored in parts, so that its first pieces run while the
+    rest are stored (4,000 of map's pieces took Redis 0.45 s and their sender as long;
+    workers idle meanwhile) and Redis serves its workers between parts. The first part
+    is the job, its whole task list and total, every task that waits for others (all of
+    theirs unfinished: none is stored) and the first FIRST_PART of the rest: the job
+    cannot end before the last part is in, and until then this process holds it
+    (open_jobs: if it dies midway, maintenance.end_orphaned ends the job in error). A
+    part that meets a task stored meanwhile (the same piece, by another job) is stored
+    as a transaction reads them: a task done already counts as done; what waits for it
+    was told of it with the first part, and its end counted there as any other's.
+    False (nothing written) if a task was stored before the first part."""
+    waiting = [t for t in tasks if t.deps]
+    free = [t for t in tasks if not t.deps]
+    first, rest = waiting + free[:FIRST_PART], free[FIRST_PART:]
+    pipe = _Commands()
+    _write_job(pipe, conn, job, first, {t.id: "" for t in first}, lambda _tid: False, open_,
+               holder or liveness.this_process(), all_ids=[t.id for t in tasks])
+    if not script(conn, _IF_NEW)(keys=task_keys, args=_argv(pipe.stack)):
+        return False
+    size = FIRST_PART
+    while rest:
+        size = min(size * 2, PART_MOST)  # larger parts once the workers are busy
+        part, rest = rest[:size], rest[size:]
+        if not _add_part(conn, job.id, part, published):
+            break  # the job ended meanwhile (cancelled, a piece failed): it says so
+    if not open_:
+        conn.hdel(keys.open_jobs(), job.id)  # nobody holds it now
+    return True
+
+
+def _add_part(conn: Any, job_id: str, part: list[Task],
+              published: Callable[[str], bool]) -> bool:
+    """A later part of _submit_in_parts; False if the job has ended."""
+    pipe = _Commands()
+    _add(pipe, conn, job_id, part, {t.id: "" for t in part}, lambda _tid: False, time.time(),
+         listed=True)
+    said = script(conn, _ADD_NEW)(keys=[keys.job(job_id), *[keys.task(t.id) for t in part]],
+                                  args=_argv(pipe.stack))
+    if said == 1:
+        return True
+    if said != 0:
+        return False  # unknown (removed) or ended
+
+    def txn(watched: Pipeline) -> None:
+        states = _statuses(conn, [t.id for t in part])
+        watched.multi()
+        done, cached = _add(watched, conn, job_id, part, states, published, time.time(),
+                            listed=True)
+        if done:
+            watched.hincrby(keys.job(job_id), "done", done)
+            watched.hincrby(keys.job(job_id), "cached", cached)
+
+    conn.transaction(txn, *[keys.task(t.id) for t in part])
+    return True
 
 
 def add_tasks(conn: redis.Redis, job_id: str, tasks: list[Task],

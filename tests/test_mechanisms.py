@@ -545,12 +545,13 @@ def test_a_killed_spawned_piece_is_reaped_and_waited_for(tmp_path):
         os.kill(proc.pid, 0)
 
 
-def test_new_cacheable_pieces_are_stored_in_one_script_call_and_known_ones_as_before(
+def test_new_cacheable_pieces_are_stored_in_script_calls_and_known_ones_as_before(
         conn, redis_server, monkeypatch):
-    """A first run's pieces (none stored yet) go in one script call, however many (a
-    job's list of 2,500 pieces in order, pushed in parts a script can unpack); a
-    rerun, some pieces done already, takes the watched transaction: those count as
-    cached and are not queued again."""
+    """A first run's pieces (none stored yet) go in script calls, never a transaction:
+    2,500 of them as the job with its whole list in order (pushed in parts a script can
+    unpack) and its first 64 pieces, then the rest in parts of 128, 256, 512, 1,000 and
+    540, each one call; then nobody holds the job. A rerun, some pieces done already,
+    takes the watched transaction: those count as cached and are not queued again."""
     import subprocess as sp
 
     pieces = [Task(name=f"p{i}", argv=["true", str(i)], outputs=[]) for i in range(2500)]
@@ -569,10 +570,14 @@ def test_new_cacheable_pieces_are_stored_in_one_script_call_and_known_ones_as_be
         watch.terminate()
         watch.wait()
     outside = [line.split('"')[1].upper() for line in said if " [0 lua]" not in line]
-    # (its script new to this server: asked for and loaded first, not sent twice)
-    assert outside == ["EXISTS", "SCRIPT", "SCRIPT", "EVALSHA"], outside
+    # (each script new to this server: asked for and loaded first, not sent twice)
+    assert outside == ["EXISTS", "SCRIPT", "SCRIPT", "EVALSHA", "SCRIPT", "SCRIPT",
+                       "EVALSHA", *["SCRIPT", "EVALSHA"] * 4, "HDEL"], outside
+    queued = [line for line in said if " [0 lua]" in line and '"RPUSH" "rq:queue:' in line]
+    assert len(queued) == 2500
     assert [t.id for t in store.job_tasks(conn, "first")] == [p.id for p in pieces]
     assert store.get_job(conn, "first").total == 2500
+    assert not conn.hexists(keys.open_jobs(), "first")
     conn.hset(keys.task(pieces[0].id), "status", TaskStatus.SUCCESS)
     rerun = store.submit(conn, Job(id="again", workflow="command"), pieces[:3],
                          published=lambda tid: tid == pieces[0].id)
@@ -680,3 +685,69 @@ def test_an_in_process_step_on_its_watchers_thread_stops_when_told(conn, setting
         os.kill(pid, 0)
     assert not cache.task_dir(task.id).exists()
     assert not list(cache.tmp.iterdir())
+
+
+def _run_queued(conn, queue: str) -> list[str]:
+    """Run every piece queued on `queue` to success, as a worker records it; their ids."""
+    ran = []
+    while (got := store.take_and_claim(conn, [queue], "w1", 30.0)) is not None:
+        entry, claimed = got
+        assert claimed is not None
+        store.finish_piece(conn, claimed[0].id, "w1", 0, "", entry=entry)
+        ran.append(claimed[0].id)
+    return ran
+
+
+def test_a_big_jobs_later_part_meets_a_piece_another_job_stored_and_ran_meanwhile(
+        conn, monkeypatch):
+    """Between the parts of a big first run, another job stores one of its later pieces
+    and runs it: that part is stored as a transaction reads it (the piece counts as
+    done, not queued again); the piece that waits for all of them, told of it with the
+    first part, counted its end, and runs once, after the last of the others."""
+    queue = "parts"
+    pieces = [Task(name=f"p{i}", argv=["true", "parts", str(i)], queue=queue)
+              for i in range(300)]
+    last = Task(name="all", argv=["true", "all"], deps=[p.id for p in pieces], queue=queue)
+    meddled = pieces[250]  # in the third part
+    real = store._add_part
+
+    def meddle(conn_, job_id, part, published):
+        if meddled in part and not conn.exists(keys.task(meddled.id)):
+            store.submit(conn, Job(id="other", workflow="command"), [meddled])
+            assert _run_queued(conn, queue) == [p.id for p in pieces[:64 + 128]] + [meddled.id]
+        return real(conn_, job_id, part, published)
+
+    monkeypatch.setattr(store, "_add_part", meddle)
+    store.submit(conn, Job(id="big", workflow="command", final_task=last.id), [*pieces, last])
+    assert store.get_task(conn, last.id).status == TaskStatus.WAITING
+    assert store.get_task(conn, last.id).pending == 300 - 64 - 128 - 1
+    ran = _run_queued(conn, queue)  # the rest, and then the last
+    assert ran == [p.id for p in pieces[64 + 128:] if p is not meddled] + [last.id]
+    job = store.get_job(conn, "big")
+    assert (job.status, job.done, job.total, job.cached) == (JobStatus.SUCCESS, 301, 301, 1)
+    assert not conn.hexists(keys.open_jobs(), "big")
+
+
+def test_a_big_job_whose_sender_died_midway_is_ended_saying_so(conn, monkeypatch):
+    """The process storing a big job in parts holds it until the last part is in: if it
+    dies midway, the job does not wait for pieces that will never come."""
+    from sheepdog import liveness
+    from sheepdog.maintenance import end_orphaned
+
+    pieces = [Task(name=f"d{i}", argv=["true", "died", str(i)], queue="died")
+              for i in range(200)]
+    last = Task(name="all", argv=["true", "died"], deps=[p.id for p in pieces], queue="died")
+
+    def dies(*_args):
+        raise KeyboardInterrupt  # the sender killed between its parts
+
+    monkeypatch.setattr(store, "_add_part", dies)
+    with pytest.raises(KeyboardInterrupt):
+        store.submit(conn, Job(id="half", workflow="command"), [*pieces, last])
+    assert conn.hget(keys.open_jobs(), "half").decode() == liveness.this_process()
+    assert store.get_job(conn, "half").total == 201
+    assert not end_orphaned(conn)  # its sender lives: nothing happens
+    conn.hset(keys.open_jobs(), "half", liveness.this_process() + "0")  # now it has died
+    [said] = end_orphaned(conn)
+    assert "before it had added them all" in said
+    assert store.get_job(conn, "half").status == JobStatus.ERROR
