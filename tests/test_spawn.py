@@ -79,3 +79,23 @@ def test_the_child_moves_to_its_directory_itself(tmp_path, monkeypatch):
     monkeypatch.setattr(process, "spawn_moves_child", lambda: False)
     with pytest.raises(OSError, match="cannot change directory"):  # never the wrong one
         _run(["/bin/pwd"], cwd=str(tmp_path))
+
+
+def test_the_environment_is_decoded_once_and_again_when_it_changed(monkeypatch, tmp_path):
+    """A piece's environment is os.environ's as it is when the piece starts: decoded
+    once while it stays the same, again after any change."""
+    first = process.environment()
+    assert first == dict(os.environ)
+    assert process.environment() is first  # unchanged: not decoded again
+    monkeypatch.setenv("SHEEPDOG_SPAWN_TEST", "one")
+    assert process.environment()["SHEEPDOG_SPAWN_TEST"] == "one"
+    monkeypatch.setenv("SHEEPDOG_SPAWN_TEST", "two")  # same names, another value
+    now = process.environment()
+    assert now["SHEEPDOG_SPAWN_TEST"] == "two" and now == dict(os.environ)
+    monkeypatch.delenv("SHEEPDOG_SPAWN_TEST")
+    assert "SHEEPDOG_SPAWN_TEST" not in process.environment()
+    out = tmp_path / "env"
+    pid = process.posix_spawn_nogil("/bin/sh", ["sh", "-c", f"env > {out}"],
+                                    dict(process.environment(), ITEM="é 1"), [])
+    assert os.waitpid(pid, 0)[1] == 0
+    assert "ITEM=é 1" in out.read_text(encoding="utf-8").splitlines()

@@ -14,7 +14,7 @@ from ..cache import Cache
 from ..config import Settings
 from ..errors import BackendError, SheepdogError
 from ..models import Task
-from ..process import GuardedSink, Process, Spawned
+from ..process import GuardedSink, Process, Spawned, environment
 from .base import Backend, OutputSink, StatusUpdate, Submission, local_resolver, render_argv
 
 
@@ -117,7 +117,7 @@ class LocalBackend(Backend):
         return cls(cache)
 
     def _environment(self, task: Task) -> dict[str, str]:
-        base = {} if task.clean_env else dict(os.environ)
+        base = {} if task.clean_env else dict(environment())
         base.update(task.env)
         return base
 

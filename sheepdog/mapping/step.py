@@ -35,7 +35,14 @@ from typing import Any
 
 from ..defaults import WATCH_POLL
 from ..errors import SheepdogError
-from ..process import Process, light_groups, own_directory, run_light, spawn_moves_child
+from ..process import (
+    Process,
+    environment,
+    light_groups,
+    own_directory,
+    run_light,
+    spawn_moves_child,
+)
 
 IN_PROCESS = frozenset({"run", "gather"})
 OUTPUT_MAX = 1 << 20  # bytes of an item's stdout kept in its record
@@ -211,7 +218,7 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
 def _environment(spec: dict[str, Any]) -> dict[str, str]:
     """One environment for the chunk, each item's key set in it in turn (posix_spawn
     copies it), rather than a copy of the whole environment per item."""
-    return dict(os.environ, **{k: str(v) for k, v in spec.get("env", {}).items()})
+    return dict(environment(), **{k: str(v) for k, v in spec.get("env", {}).items()})
 
 
 def _run(run: Callable[..., tuple[str, int | None]], item: dict[str, Any],
