@@ -149,7 +149,7 @@ def _watch_loop(backend: Backend, sub: Submission, output: PieceOutput,
                 stop: _Stopper) -> Outcome:
     deadline = stop.deadline
     if sub.here is not None:  # it runs now, on this thread, and looks at stop itself
-        sub.here(lambda: bool(stop.reason()))
+        sub.here(_Looks(stop, output))
         why = stop.reason()
         now = list(backend.poll([sub]))
         if now and (now[0].exit_code == 0 or not why):
@@ -167,6 +167,23 @@ def _watch_loop(backend: Backend, sub: Submission, output: PieceOutput,
         wait = WATCH_POLL if deadline is None else min(
             WATCH_POLL, max(0.001, deadline - time.monotonic()))
         backend.wait([sub], wait)
+
+
+class _Looks:
+    """What a piece that runs on its watcher's thread is given to look at between its
+    units of work: whether it must stop; and, as the watch loop would, its quiet output
+    flushed every WATCH_POLL (a pull worker's lines wait for it)."""
+
+    def __init__(self, stop: _Stopper, output: PieceOutput) -> None:
+        self.stop, self.output = stop, output
+        self.flush_at = time.monotonic() + WATCH_POLL
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now >= self.flush_at:
+            self.output.flush()
+            self.flush_at = now + WATCH_POLL
+        return bool(self.stop.reason())
 
 
 def _stopped(backend: Backend, sub: Submission, why: str) -> Outcome:

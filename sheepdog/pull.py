@@ -57,7 +57,7 @@ class HttpLog:
         self._raw: dict[str, bytearray] = {}
         self._lock = threading.Lock()
         self._sending = threading.Lock()
-        self._last = time.monotonic()
+        self._last = float("-inf")  # when lines last went: the first ones go at once
 
     def write(self, stream: str, lines: list[str]) -> None:
         with self._lock:
@@ -87,7 +87,6 @@ class HttpLog:
         if (time.monotonic() - self._last < PULL_LOG_EVERY
                 and len(self._lines) < LINES_PER_REQUEST):
             return
-        self._last = time.monotonic()
         with self._sending:
             while True:
                 with self._lock:
@@ -96,6 +95,7 @@ class HttpLog:
                     raw, self._raw = self._raw, {}
                 if not lines and not raw:
                     return
+                self._last = time.monotonic()  # a flush with nothing to send waits for none
                 body = {"worker": self.worker, "lease": self.lease, "lines": lines,
                         "raw": {s: base64.b64encode(bytes(d)).decode() for s, d in raw.items()}}
                 try:

@@ -581,9 +581,12 @@ def drop_task(conn: redis.Redis, job_id: str, task_id: str) -> bool:
 
 
 # Lua shared by the scripts below: the keys of tasks and jobs a script learns of while
-# it runs, built from keys.script_parts() (ARGV[1..9]).
+# it runs, built from keys.script_parts(), written into the script's text and put before
+# the arguments it was given (ARGV[1..9]: its own arguments are ARGV[10] on), rather
+# than sent with every call (redis-py packs each one in Python).
 _PARTS = """
 local unpack = unpack or table.unpack
+local ARGV = {PARTS, unpack(ARGV)}
 local TASK, JOBS, DEPS, BEAT = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local JOB, RUNNING, LOG, RQ_HEAD, RQ_TAIL = ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
 local function task_of(rq_id)  -- keys.task_of_rq_job
@@ -592,7 +595,7 @@ local function task_of(rq_id)  -- keys.task_of_rq_job
   if #tid == 40 then return '' end
   return tid
 end
-"""
+""".replace("PARTS", ", ".join(json.dumps(part) for part in keys.script_parts()))
 
 # Claims a queued task for worker ARGV[10] in one call: running, its heartbeat set, its
 # jobs running and told where it started. Returns {task hash, job ids} or false.
@@ -658,8 +661,7 @@ return false
 def _claim_args(conn: redis.Redis, worker: str, ttl: float, where: str,
                 process: str) -> list[str | int]:
     now = time.time()
-    return [*keys.script_parts(), worker, int(ttl * 1000), str(now), process, where,
-            f"{now:.3f}"]
+    return [worker, int(ttl * 1000), str(now), process, where, f"{now:.3f}"]
 
 
 def _claimed(raw: list[Any]) -> tuple[Task, list[str]]:
@@ -1005,7 +1007,7 @@ def _succeed(conn: redis.Redis, task_id: str, worker: str, entry: dispatch.Entry
     for _ in range(3):  # a dependent added meanwhile (an open job) asks once more
         now = time.time()
         raw = run(keys=task_keys, args=[
-            *keys.script_parts(), task_id, worker, str(now), f"{now:.3f}",
+            task_id, worker, str(now), f"{now:.3f}",
             entry.rq_id if entry else "", "1" if untrusted else "",
             len(prepared) // 2, *_flat(prepared), *counting])
         head = _text(raw[0])

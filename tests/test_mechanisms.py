@@ -554,9 +554,11 @@ def test_new_cacheable_pieces_are_stored_in_script_calls_and_known_ones_as_befor
     takes the watched transaction: those count as cached and are not queued again."""
     import subprocess as sp
 
-    pieces = [Task(name=f"p{i}", argv=["true", str(i)], outputs=[]) for i in range(2500)]
+    pieces = [Task(name=f"p{i}", argv=["true", str(i)], outputs=[], queue="by-call")
+              for i in range(2500)]
     assert all(p.cacheable for p in pieces)
     conn.script_flush()  # as after a restart: the server knows no script yet
+    mine = f"[0 {conn.client_info()['addr']}]"  # the session's server: others' calls too
     watch = sp.Popen(["redis-cli", "-p", str(redis_server.port), "monitor"], stdout=sp.PIPE,
                      text=True)
     try:
@@ -569,11 +571,11 @@ def test_new_cacheable_pieces_are_stored_in_script_calls_and_known_ones_as_befor
     finally:
         watch.terminate()
         watch.wait()
-    outside = [line.split('"')[1].upper() for line in said if " [0 lua]" not in line]
+    outside = [line.split('"')[1].upper() for line in said if mine in line]
     # (each script new to this server: asked for and loaded first, not sent twice)
     assert outside == ["EXISTS", "SCRIPT", "SCRIPT", "EVALSHA", "SCRIPT", "SCRIPT",
                        "EVALSHA", *["SCRIPT", "EVALSHA"] * 4, "HDEL"], outside
-    queued = [line for line in said if " [0 lua]" in line and '"RPUSH" "rq:queue:' in line]
+    queued = [line for line in said if '"RPUSH" "rq:queue:by-call"' in line]
     assert len(queued) == 2500
     assert [t.id for t in store.job_tasks(conn, "first")] == [p.id for p in pieces]
     assert store.get_job(conn, "first").total == 2500

@@ -196,6 +196,9 @@ def test_the_lua_scripts_build_the_keys_keys_py_builds(fake):
     keys.script_parts(): the same strings as keys.py's functions, and the same task id
     read back from a queue entry's id."""
     task_part, jobs, deps, beat, job_part, running, log, head, tail = keys.script_parts()
+    written = fake.eval(store._PARTS + "return {TASK, JOBS, DEPS, BEAT, JOB, RUNNING, LOG, "
+                        "RQ_HEAD, tostring(RQ_TAIL), ARGV[10]}", 0, "mine")
+    assert [x.decode() for x in written] == [*keys.script_parts(), "mine"]  # then its own
     tid = "ab" * 32
     assert (task_part + tid, task_part + tid + jobs, task_part + tid + deps,
             task_part + tid + beat) == (keys.task(tid), keys.task_jobs(tid),
@@ -204,8 +207,7 @@ def test_the_lua_scripts_build_the_keys_keys_py_builds(fake):
         keys.job("j1"), keys.job_running("j1"), keys.job_log("j1"))
     for task_id in (tid, "short", "x" * 40):
         rq_id = keys.rq_job_id(task_id, "0123456789ab")
-        read = fake.eval(store._PARTS + "return task_of(ARGV[10])", 0,
-                         *keys.script_parts(), rq_id).decode()
+        read = fake.eval(store._PARTS + "return task_of(ARGV[10])", 0, rq_id).decode()
         assert read == keys.task_of_rq_job(rq_id) == ("" if len(task_id) == 40 else task_id)
     assert keys.task_of_rq_job("some-other-entry") == ""
 
