@@ -144,7 +144,7 @@ class LogWriter:
         self._cap = max_lines
         self._bytecap = max_bytes
         self._script = script(conn, _APPEND)
-        self._seqkey = keys.log_writer(uuid.uuid4().hex)
+        self._seqkey = ""  # named with the first batch: most tiny pieces print nothing
         self._seq = 0
         self._again: tuple[int, int] | None = None  # (seq, fields) of a batch of unknown fate
         self._every = flush_every
@@ -228,6 +228,7 @@ class LogWriter:
                     self._seq += 1
                     self._again = (self._seq, min(step, len(batch) - sent))
                 seq, size = self._again
+                self._seqkey = self._seqkey or keys.log_writer(uuid.uuid4().hex)
                 room = self._script(keys=[*self._keys, self._seqkey], args=[
                     self._cap, self._bytecap, seq, *batch[sent:sent + size]])
                 self._again = None

@@ -250,8 +250,8 @@ def request_from_body(body: dict[str, Any], settings: Settings,
 def _items_count(settings: Settings, job: Job, task: Task) -> store.Count:
     """A chunk's items, done and failed, from its results."""
     path = Cache(settings.cache_dir).task_dir(task.id) / step.RESULTS
-    statuses = [json.loads(line)["status"] for line in
-                path.read_text(encoding="utf-8").splitlines()]
+    with open(path, "rb") as f:  # bytes: read for every piece, no text layer needed
+        statuses = [json.loads(line)["status"] for line in f.read().splitlines()]
     failed = sum(s != "success" for s in statuses)
     # a twin's items are its original's: counted once, whichever finished first
     return store.Count(task.twin_of or task.id,
