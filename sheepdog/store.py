@@ -235,7 +235,7 @@ def submit(
     """
     task_keys = [keys.task(t.id) for t in tasks]
     if len(tasks) > FIRST_PART and _none_stored(conn, tasks, task_keys):
-        if _submit_in_parts(conn, job, tasks, task_keys, published, open_, holder):
+        if _submit_in_parts(conn, job, tasks, task_keys, open_, holder):
             return job
     elif tasks and _new(conn, tasks, task_keys) and _submit_new(conn, job, tasks, open_,
                                                                  holder):
@@ -416,7 +416,7 @@ def _none_stored(conn: Any, tasks: list[Task], task_keys: list[str]) -> bool:
 
 
 def _submit_in_parts(conn: Any, job: Job, tasks: list[Task], task_keys: list[str],
-                     published: Callable[[str], bool], open_: bool, holder: str) -> bool:
+                     open_: bool, holder: str) -> bool:
     """A big job of new tasks stored in parts, so that its first pieces run while the
     rest are stored (4,000 of map's pieces took Redis 0.45 s and their sender as long;
     workers idle meanwhile) and Redis serves its workers between parts. The first part
@@ -425,9 +425,10 @@ def _submit_in_parts(conn: Any, job: Job, tasks: list[Task], task_keys: list[str
     cannot end before the last part is in, and until then this process holds it
     (open_jobs: if it dies midway, maintenance.end_orphaned ends the job in error). A
     part that meets a task stored meanwhile (the same piece, by another job) is stored
-    as a transaction reads them: a task done already counts as done; what waits for it
-    was told of it with the first part, and its end counted there as any other's.
-    False (nothing written) if a task was stored before the first part."""
+    as a transaction reads them: one still queued or running is shared, one done already
+    runs again (a rare race; what waits for it was told of it with the first part and
+    counted its end once). False (nothing written) if a task was stored before the
+    first part."""
     waiting = [t for t in tasks if t.deps]
     free = [t for t in tasks if not t.deps]
     first, rest = waiting + free[:FIRST_PART], free[FIRST_PART:]
@@ -440,15 +441,14 @@ def _submit_in_parts(conn: Any, job: Job, tasks: list[Task], task_keys: list[str
     while rest:
         size = min(size * 2, PART_MOST)  # larger parts once the workers are busy
         part, rest = rest[:size], rest[size:]
-        if not _add_part(conn, job.id, part, published):
+        if not _add_part(conn, job.id, part):
             break  # the job ended meanwhile (cancelled, a piece failed): it says so
     if not open_:
         conn.hdel(keys.open_jobs(), job.id)  # nobody holds it now
     return True
 
 
-def _add_part(conn: Any, job_id: str, part: list[Task],
-              published: Callable[[str], bool]) -> bool:
+def _add_part(conn: Any, job_id: str, part: list[Task]) -> bool:
     """A later part of _submit_in_parts; False if the job has ended."""
     pipe = _Commands()
     _add(pipe, conn, job_id, part, {t.id: "" for t in part}, lambda _tid: False, time.time(),
@@ -463,11 +463,10 @@ def _add_part(conn: Any, job_id: str, part: list[Task],
     def txn(watched: Pipeline) -> None:
         states = _statuses(conn, [t.id for t in part])
         watched.multi()
-        done, cached = _add(watched, conn, job_id, part, states, published, time.time(),
-                            listed=True)
-        if done:
-            watched.hincrby(keys.job(job_id), "done", done)
-            watched.hincrby(keys.job(job_id), "cached", cached)
+        # one done meanwhile runs again: counted done here, it could be the job's last
+        # piece with nobody left to end the job
+        _add(watched, conn, job_id, part, states, lambda _tid: False, time.time(),
+             listed=True)
 
     conn.transaction(txn, *[keys.task(t.id) for t in part])
     return True
