@@ -232,6 +232,7 @@ def submit(
     An `open_` job takes more tasks later (add_tasks) and cannot end before close_job;
     `holder`, the process that will add them (liveness.this_process()), is kept while it
     is open, so that the job ends if that process dies first (maintenance.end_orphaned).
+    A first run of more than FIRST_PART tasks is stored in parts (_submit_in_parts).
     """
     task_keys = [keys.task(t.id) for t in tasks]
     if len(tasks) > FIRST_PART and _none_stored(conn, tasks, task_keys):
