@@ -1,6 +1,10 @@
 """Lua scripts run by their SHA: worked out once per process, the text sent only to a
 server that does not know it yet. Works with redis-py (client or pipeline) and with
-sheepdog.wire, so a command that submits a job need not import redis-py."""
+sheepdog.wire, so a command that submits a job need not import redis-py.
+
+On a redis-py client a call is packed by hiredis and sent on a connection of its pool
+(`_send`), not through redis-py's command path: that path encodes each argument in
+Python, and a worker's calls carry thirty; it was a sixth of a busy worker's time."""
 
 from __future__ import annotations
 
@@ -29,10 +33,13 @@ class Lua:
             # not know its script yet: it is asked first, a small round trip
             if not client.script_exists(self.sha)[0]:
                 client.script_load(self.script)
+        pool = _pool(client)
+        if pool is not None:
+            return _raised(_run(pool, [(self, keys, args)])[0])
         try:
             return client.evalsha(self.sha, len(keys), *keys, *args)
-        except Exception as e:  # redis-py's NoScriptError, or the reply's own words
-            if type(e).__name__ != "NoScriptError" and "NOSCRIPT" not in str(e):
+        except Exception as e:
+            if not _no_script(e):
                 raise
             return client.eval(self.script, len(keys), *keys, *args)
 
@@ -55,23 +62,97 @@ def script(conn: Any, text: str) -> Callable[..., Any]:
     return functools.partial(_lua(text), client=conn)
 
 
-def run_many(conn: Any, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]]
-             ) -> list[Any]:
+def run_many(conn: Any, calls: Sequence[tuple[str, Sequence[Any], Sequence[Any]]],
+             raise_on_error: bool = True) -> list[Any]:
     """Scripts (text, keys, args) in one round trip on a redis-py client, their replies
     in order. Not redis-py's pipeline loading, which asks SCRIPT EXISTS first (a round
     trip more): a server that does not know a script answers NOSCRIPT without running
-    it, so that call alone is made again (by its text, when needed)."""
-    if len(calls) == 1:
-        text, keys, args = calls[0]
-        return [script(conn, text)(keys=keys, args=args)]
-    pipe = conn.pipeline(transaction=False)
-    for text, keys, args in calls:
-        pipe.evalsha(_lua(text).sha, len(keys), *keys, *args)
-    replies = pipe.execute(raise_on_error=False)
-    for i, reply in enumerate(replies):
-        if isinstance(reply, Exception):
-            if type(reply).__name__ != "NoScriptError" and "NOSCRIPT" not in str(reply):
-                raise reply
-            text, keys, args = calls[i]
-            replies[i] = script(conn, text)(keys=keys, args=args)
+    it, so that call alone is made again (by its text). `raise_on_error` False: a
+    script's error is its reply (the others' replies are not lost with it)."""
+    pool = _pool(conn)
+    if pool is None:  # not a plain redis-py client: one call at a time
+        replies = []
+        for text, keys, args in calls:
+            try:
+                replies.append(script(conn, text)(keys=keys, args=args))
+            except Exception as e:
+                if raise_on_error or not _is_reply(e):
+                    raise
+                replies.append(e)
+        return replies
+    replies = _run(pool, [(_lua(text), keys, args) for text, keys, args in calls])
+    if raise_on_error:
+        for reply in replies:
+            _raised(reply)
     return replies
+
+
+def _pool(client: Any) -> Any:
+    """A plain redis-py client's connection pool (None for a pipeline, sheepdog.wire,
+    or anything else: they take their own path)."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or getattr(client, "scripts", None) is not None \
+            or not hasattr(pool, "get_connection"):
+        return None
+    return pool
+
+
+def _run(pool: Any, calls: Sequence[tuple[Lua, Sequence[Any], Sequence[Any]]]) -> list[Any]:
+    """EVALSHA of each call in one round trip; one the server did not know is made again
+    by its text. Error replies are returned, not raised."""
+    replies = _send(pool, [("EVALSHA", lua.sha, len(keys), *keys, *args)
+                           for lua, keys, args in calls])
+    for i, reply in enumerate(replies):
+        if isinstance(reply, Exception) and _no_script(reply):
+            lua, keys, args = calls[i]
+            replies[i] = _send(pool, [("EVAL", lua.script, len(keys), *keys, *args)])[0]
+    return replies
+
+
+def _send(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """The commands on one connection of the pool, their replies (an error reply as its
+    exception). A failure midway (the connection lost, a timeout) closes the connection:
+    replies still due on it would answer the next caller."""
+    import hiredis  # redis-py's own parser uses it: imported already where a pool is
+
+    packed = b"".join(map(hiredis.pack_command, commands))
+    conn = pool.get_connection()
+    try:
+        conn.send_packed_command([packed])
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(conn.read_response())
+            except Exception as e:
+                if not _is_reply(e):
+                    raise
+                replies.append(e)
+        return replies
+    except BaseException:
+        conn.disconnect()
+        raise
+    finally:
+        pool.release(conn)
+
+
+@functools.cache
+def _reply_error() -> type[Exception]:
+    from redis.exceptions import ResponseError
+
+    return ResponseError
+
+
+def _is_reply(e: BaseException) -> bool:
+    """An error the server replied with (the connection is fine), not a lost one."""
+    return isinstance(e, _reply_error())
+
+
+def _no_script(e: BaseException) -> bool:
+    """redis-py's NoScriptError, or the reply's own words (sheepdog.wire)."""
+    return type(e).__name__ == "NoScriptError" or "NOSCRIPT" in str(e)
+
+
+def _raised(reply: Any) -> Any:
+    if isinstance(reply, Exception):
+        raise reply
+    return reply

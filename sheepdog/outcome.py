@@ -62,14 +62,38 @@ def until_recorded(write: Callable[[], T], stopping: Stop, who: str) -> T:
             pause = min(pause * 2, REDIS_RETRY * 2)
 
 
+def _finish(conn: redis.Redis, settings: Settings, worker: str, task: Task, jobs: list[str],
+            outcome: Outcome, stopping: Stop, entry: dispatch.Entry | None, untrusted: bool,
+            take: store.Take | None) -> store.Finished:
+    """The piece's end recorded (see conclude), a success with its counts and take."""
+    succeeded = outcome.exit_code == 0 and not outcome.error
+    # the workflows' counters go with the success, in its one call
+    counts = until_recorded(lambda: piece_counts(conn, settings, task, jobs), stopping,
+                            worker) if succeeded else {}
+    taking = [take if succeeded else None]
+
+    def finish() -> store.Finished:
+        once, taking[0] = taking[0], None  # a retry through an outage takes nothing more
+        return store.finish_piece(conn, task.id, worker, outcome.exit_code, outcome.error,
+                                  retryable=outcome.lost, attempt=task.attempts,
+                                  entry=entry, untrusted=untrusted, counts=counts,
+                                  take=once)
+
+    return until_recorded(finish, stopping, worker)
+
+
 def conclude(conn: redis.Redis, settings: Settings, worker: str, task: Task, jobs: list[str],
              outcome: Outcome, stopping: Stop, entry: dispatch.Entry | None = None,
-             untrusted: bool = False) -> store.Finished:
+             untrusted: bool = False, take: store.Take | None = None,
+             taken: Callable[[store.Taken], None] | None = None) -> store.Finished:
     """Record how a piece this worker ran ended: handed back, retried, failed or
     succeeded (then its twin settled and its jobs told); what recording it did. The
     outcome must be recorded even if Redis is away for a while: a finished piece that
     went unrecorded would be run again. A success also removes the queue `entry` it
-    came from, in the same call; from an `untrusted` worker, its outputs are marked so."""
+    came from, in the same call; from an `untrusted` worker, its outputs are marked so.
+    `take`: a success takes the worker's next piece in the same round trip, handed to
+    `taken` at once (before the jobs are told, which can take long: it must not wait
+    unwatched)."""
     def record(write: Callable[[], T]) -> T:
         return until_recorded(write, stopping, worker)
 
@@ -82,13 +106,10 @@ def conclude(conn: redis.Redis, settings: Settings, worker: str, task: Task, job
             logs.note(conn, jobs[0], f"{task.name}: handed back to the queue "
                       f"(worker {worker} is leaving)", task=task.id)
         return store.Finished(TaskStatus.QUEUED, {}, None, False)
-    succeeded = outcome.exit_code == 0 and not outcome.error
-    # the workflows' counters go with the success, in its one call
-    counts = record(lambda: piece_counts(conn, settings, task, jobs)) if succeeded else {}
-    done = record(lambda: store.finish_piece(conn, task.id, worker, outcome.exit_code,
-                                             outcome.error, retryable=outcome.lost,
-                                             attempt=task.attempts, entry=entry,
-                                             untrusted=untrusted, counts=counts))
+    done = _finish(conn, settings, worker, task, jobs, outcome, stopping, entry, untrusted,
+                   take)
+    if done.taken is not None and taken is not None:
+        taken(done.taken)
     if done.status == TaskStatus.SUCCESS:
         # a twin of this piece may have been started while it ran
         task.twin = done.twin if done.twin is not None else record(

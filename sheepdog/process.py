@@ -713,22 +713,36 @@ _SETSID = 0x80
 _ROOM = 1024  # bytes for glibc's opaque structures (80, 336 and 128 on x86-64)
 
 
+class _Libc:
+    """glibc's spawn functions. posix_spawn lets the GIL go (a CDLL function): it waits
+    for the child's exec. The others take a few instructions and keep it (PyDLL): each
+    let-go is a moment for another thread to take the GIL and this one to wait for it
+    back, a dozen times a program started."""
+
+    def __init__(self) -> None:
+        free = ctypes.CDLL(None, use_errno=True)
+        self._held = ctypes.PyDLL(None, use_errno=True)
+        self.posix_spawn = free.posix_spawn
+        self.posix_spawn.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_char_p,
+                                     ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.POINTER(ctypes.c_char_p),
+                                     ctypes.POINTER(ctypes.c_char_p)]
+        self.posix_spawn.restype = ctypes.c_int
+        self._held.posix_spawnattr_setflags.argtypes = [ctypes.c_void_p, ctypes.c_short]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._held, name)
+
+
 @functools.cache
-def _spawn_lib() -> Any:
+def _spawn_lib() -> _Libc | None:
     """glibc's spawn functions, or None where they are not glibc's."""
     if not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None:
         return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)  # CDLL: the GIL is let go in each call
-        libc.posix_spawn.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_char_p,
-                                     ctypes.c_void_p, ctypes.c_void_p,
-                                     ctypes.POINTER(ctypes.c_char_p),
-                                     ctypes.POINTER(ctypes.c_char_p)]
-        libc.posix_spawn.restype = ctypes.c_int
-        libc.posix_spawnattr_setflags.argtypes = [ctypes.c_void_p, ctypes.c_short]
+        return _Libc()
     except (OSError, AttributeError):
         return None
-    return libc
 
 
 @functools.cache

@@ -690,9 +690,24 @@ def claim(conn: redis.Redis, task_id: str, worker: str, ttl: float,
     return None if got is None else got[0]
 
 
+class Take(NamedTuple):
+    """A take_and_claim to make in the same round trip as recording a piece's success:
+    the worker's next piece (see finish_piece)."""
+
+    queues: list[str]
+    worker: str
+    ttl: float
+    where: str = ""
+    process: str = ""
+
+
+# What a take gives: the entry and its task claimed, (entry, None) for an entry that is
+# not ours to run, or None when nothing waits
+Taken = tuple[dispatch.Entry, tuple[Task, list[str]] | None] | None
+
+
 def take_and_claim(conn: redis.Redis, queues: list[str], worker: str, ttl: float,
-                   where: str = "", process: str = "", drop_entry: bool = False
-                   ) -> tuple[dispatch.Entry, tuple[Task, list[str]] | None] | None:
+                   where: str = "", process: str = "", drop_entry: bool = False) -> Taken:
     """The first entry waiting on the queues, taken and its task claimed in one call
     (None: nothing waits); the claim is None when the task is not ours to run.
     `drop_entry`: a claimed task's entry is removed in the same call (a lease, not the
@@ -702,21 +717,25 @@ def take_and_claim(conn: redis.Redis, queues: list[str], worker: str, ttl: float
 
 def take_and_claim_many(conn: redis.Redis, queues: list[str], worker: str, ttl: float,
                         count: int, where: str = "", process: str = "",
-                        drop_entry: bool = False
-                        ) -> list[tuple[dispatch.Entry, tuple[Task, list[str]] | None] | None]:
+                        drop_entry: bool = False) -> list[Taken]:
     """take_and_claim `count` times in one round trip (a pull worker's claim of several
     pieces): what each call gave, None for each that found nothing waiting."""
-    served = dispatch.sources(conn, queues)
-    call = (_TAKE, [k for _, waiting, taken in served for k in (waiting, taken)],
-            [*_claim_args(conn, worker, ttl, where, process),
-             dispatch.job_key_prefix() if drop_entry else ""])
-    return [_taken(conn, served, raw, worker, ttl, where, process)
-            for raw in run_many(conn, [call] * count)]
+    take = Take(queues, worker, ttl, where, process)
+    served, call = _take_call(conn, take, drop_entry)
+    return [_taken(conn, served, raw, take) for raw in run_many(conn, [call] * count)]
 
 
-def _taken(conn: redis.Redis, served: list[tuple[str, str, str]], raw: Any, worker: str,
-           ttl: float, where: str, process: str
-           ) -> tuple[dispatch.Entry, tuple[Task, list[str]] | None] | None:
+def _take_call(conn: redis.Redis, take: Take, drop_entry: bool = False
+               ) -> tuple[list[tuple[str, str, str]], tuple[str, list[str], list[Any]]]:
+    """The queues served and the _TAKE call (text, keys, args) for `take`."""
+    served = dispatch.sources(conn, take.queues)
+    return served, (_TAKE, [k for _, waiting, taken in served for k in (waiting, taken)],
+                    [*_claim_args(conn, take.worker, take.ttl, take.where, take.process),
+                     dispatch.job_key_prefix() if drop_entry else ""])
+
+
+def _taken(conn: redis.Redis, served: list[tuple[str, str, str]], raw: Any,
+           take: Take) -> Taken:
     if not raw:
         return None
     rq_id, queue = _text(raw[0]), served[int(raw[1]) - 1][0]
@@ -727,7 +746,8 @@ def _taken(conn: redis.Redis, served: list[tuple[str, str, str]], raw: Any, work
     if entry is None or keys.task_of_rq_job(rq_id):
         return entry or dispatch.Entry("", rq_id, queue), None
     # an entry of an older form: its task is claimed by id
-    return entry, claim_jobs(conn, entry.task_id, worker, ttl, where, process)
+    return entry, claim_jobs(conn, entry.task_id, take.worker, take.ttl, take.where,
+                             take.process)
 
 
 # Renews (or, after Redis lost it in an outage, re-creates) a task's heartbeat, but only
@@ -840,6 +860,7 @@ class Finished(NamedTuple):
     twin: str | None
     entry_removed: bool
     counts: dict[str, dict[str, int]] = {}  # noqa: RUF012  (never changed in place)
+    taken: Taken = None  # what the Take made with it gave
 
 
 class Count(NamedTuple):
@@ -979,52 +1000,70 @@ def finish(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
 def finish_piece(conn: redis.Redis, task_id: str, worker: str, exit_code: int | None,
                  error: str = "", retryable: bool = False, attempt: int = 0,
                  entry: dispatch.Entry | None = None, untrusted: bool = False,
-                 counts: dict[str, Count] | None = None) -> Finished:
+                 counts: dict[str, Count] | None = None, take: Take | None = None
+                 ) -> Finished:
     """finish(), saying what it did (see Finished); a success of a piece running for this
     worker is one call, which also removes the queue `entry` it was taken from, for
     an `untrusted` worker marks the outputs as its (mark_untrusted) before they count,
-    and adds each job's Count in `counts` to its counters (then in Finished.counts)."""
+    and adds each job's Count in `counts` to its counters (then in Finished.counts).
+    `take`: with a success, the worker's next piece is taken in the same round trip
+    (Finished.taken), after the success, so a dependent it made ready can be the one."""
+    taken: Taken = None
     if exit_code == 0 and not error:
-        done = _succeed(conn, task_id, worker, entry, untrusted, counts or {})
+        done, taken = _succeed(conn, task_id, worker, entry, untrusted, counts or {}, take)
         if done is not None:
             return done
         if untrusted:
             mark_untrusted(conn, task_id, worker)
     status = _finish_txn(conn, task_id, worker, exit_code, error, retryable, attempt)
-    return Finished(status, {}, None, False)
+    return Finished(status, {}, None, False, taken=taken)
 
 
 def _succeed(conn: redis.Redis, task_id: str, worker: str, entry: dispatch.Entry | None,
-             untrusted: bool = False, counts: dict[str, Count] | None = None
-             ) -> Finished | None:
-    run = script(conn, _SUCCEED)
+             untrusted: bool = False, counts: dict[str, Count] | None = None,
+             take: Take | None = None) -> tuple[Finished | None, Taken]:
     counting = _flat_counts(counts or {})
     task_keys = [keys.task(task_id), keys.task_jobs(task_id), keys.task_dependents(task_id),
                  keys.task_heartbeat(task_id), keys.active_tasks(), keys.untrusted_tasks()]
     if entry is not None:
         task_keys += dispatch.entry_keys(conn, entry)
     prepared: list[Any] = []
+    taken: Taken = None
     for _ in range(3):  # a dependent added meanwhile (an open job) asks once more
         now = time.time()
-        raw = run(keys=task_keys, args=[
+        calls = [(_SUCCEED, task_keys, [
             task_id, worker, str(now), f"{now:.3f}",
             entry.rq_id if entry else "", "1" if untrusted else "",
-            len(prepared) // 2, *_flat(prepared), *counting])
+            len(prepared) // 2, *_flat(prepared), *counting])]
+        if take is not None:
+            served, call = _take_call(conn, take)
+            calls.append(call)
+        replies = run_many(conn, calls, raise_on_error=False)
+        if take is not None:  # whatever became of the success (an error: as if nothing
+            # waited; the worker's own take meets it again and says so)
+            if not isinstance(replies[1], Exception):
+                taken = _taken(conn, served, replies[1], take)
+            take = None
+        raw = replies[0]
+        if isinstance(raw, Exception):
+            raise raw
         head = _text(raw[0])
-        if head == "other":
-            return None
-        if head == "ok":
-            out = [_text(v) for v in raw[1:]]
-            quads = range(1, len(out), 4)
-            return Finished(TaskStatus.SUCCESS,
-                            {out[i]: (out[i + 1], out[i + 2]) for i in quads},
-                            out[0], entry is not None,
-                            {out[i]: _pairs(json.loads(out[i + 3])) for i in quads
-                             if out[i + 3]})
+        if head in ("ok", "other"):
+            return (_succeeded(raw, entry, taken) if head == "ok" else None), taken
         for dep in map(_text, raw[1:]):
             queue = _text(conn.hget(keys.task(dep), "queue")) or "default"
             prepared += [dep, dispatch.push_commands(conn, dep, queue)]
-    return None
+    return None, taken
+
+
+def _succeeded(raw: list[Any], entry: dispatch.Entry | None, taken: Taken) -> Finished:
+    """Finished, from _SUCCEED's 'ok' reply."""
+    out = [_text(v) for v in raw[1:]]
+    quads = range(1, len(out), 4)
+    return Finished(TaskStatus.SUCCESS, {out[i]: (out[i + 1], out[i + 2]) for i in quads},
+                    out[0], entry is not None,
+                    {out[i]: _pairs(json.loads(out[i + 3])) for i in quads if out[i + 3]},
+                    taken)
 
 
 def _flat_counts(counts: dict[str, Count]) -> list[Any]:

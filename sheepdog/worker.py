@@ -62,18 +62,30 @@ class Heartbeats:
 
     @contextlib.contextmanager
     def keep(self, task_id: str) -> Iterator[threading.Event]:
-        revoked = threading.Event()
+        revoked = self.adopt(task_id)
+        try:
+            yield revoked
+        finally:
+            self.drop(task_id)
+
+    def adopt(self, task_id: str) -> threading.Event:
+        """Beat for the task from now on (until drop()), e.g. a piece claimed before its
+        thread is free to run it; keep() goes on from there."""
         with self._lock:
-            self._tasks[task_id] = revoked
+            revoked = self._tasks.setdefault(task_id, threading.Event())
             if self._thread is None:
                 self._thread = threading.Thread(target=self._beat, name="heartbeats",
                                                 daemon=True)
                 self._thread.start()
-        try:
-            yield revoked
-        finally:
-            with self._lock:
-                self._tasks.pop(task_id, None)
+        return revoked
+
+    def drop(self, task_id: str) -> None:
+        with self._lock:
+            self._tasks.pop(task_id, None)
+
+    def kept(self, task_id: str) -> bool:
+        with self._lock:
+            return task_id in self._tasks
 
     def _beat(self) -> None:
         # a cancel reaches the running process within CANCEL_CHECK
@@ -150,6 +162,8 @@ class PieceRunner:
         self.worker = worker
         self.cache = Cache(settings.cache_dir)
         self.hostname = socket.gethostname()
+        # the next piece, taken in the same round trip as the last one's success
+        self.next: store.Taken = None
 
     def execute(self, task_id: str) -> str | None:
         """Claim and run one task attempt; returns its recorded status, None if not ours."""
@@ -162,16 +176,17 @@ class PieceRunner:
                                 self.settings.heartbeat_timeout, where=self.hostname,
                                 process=liveness.this_process())
 
-    def take(self, queues: list[str]) -> tuple[dispatch.Entry,
-                                               tuple[Task, list[str]] | None] | None:
+    def take(self, queues: list[str]) -> store.Taken:
         """The next entry waiting on the queues, its task claimed in the same call."""
         return store.take_and_claim(self.conn, queues, self.worker,
                                     self.settings.heartbeat_timeout, where=self.hostname,
                                     process=liveness.this_process())
 
-    def run(self, task: Task, jobs: list[str],
-            entry: dispatch.Entry | None = None) -> store.Finished:
-        """Run a claimed task's attempt to its end; what recording it did."""
+    def run(self, task: Task, jobs: list[str], entry: dispatch.Entry | None = None,
+            then_take: list[str] | None = None) -> store.Finished:
+        """Run a claimed task's attempt to its end; what recording it did. `then_take`:
+        queues to take the next piece from with its success (then in self.next, its
+        heartbeat kept), unless the worker is stopping."""
         writer = logs.LogWriter(self.conn, task.id, task.name, jobs, self.settings.log_max_lines,
                                 buffer_lines=self.settings.log_buffer_lines,
                                 max_bytes=self.settings.log_max_bytes)
@@ -189,8 +204,22 @@ class PieceRunner:
             # the run may be fine, but its log is not whole: a cacheable piece runs again,
             # a command (side effects) fails saying so
             outcome = Outcome(outcome.exit_code, writer.lost, lost=task.cacheable)
+        take = None
+        if then_take and not (self.stopping.is_set() or self.leaving.is_set()):
+            take = store.Take(then_take, self.worker, self.settings.heartbeat_timeout,
+                              self.hostname, liveness.this_process())
         return conclude(self.conn, self.settings, self.worker, task, jobs,
-                        piece.explain(outcome, output), self.stopping, entry)
+                        piece.explain(outcome, output), self.stopping, entry, take=take,
+                        taken=self._hold)
+
+    def _hold(self, taken: store.Taken) -> None:
+        if taken is not None and taken[1] is not None:
+            self.beats.adopt(taken[1][0].id)
+        self.next = taken
+
+    def next_held(self, task_id: str) -> bool:
+        """Whether the task was taken with the last piece (its heartbeat kept since)."""
+        return self.beats.kept(task_id)
 
 
     def _slots(self, task: Task) -> contextlib.AbstractContextManager[None]:
@@ -351,32 +380,51 @@ class Worker:
                              self.beats, self.slots)
         # a worker that leaves with its job must notice quickly (Redis takes floats)
         wait = TAKE_WAIT_INLINE if self.until is not None else TAKE_WAIT
-        while not self.stopping.is_set():
-            self._count_busy(1)
-            try:  # what waits now is taken and claimed in one call; else wait for one
-                taken: tuple[dispatch.Entry, object] | None = runner.take(self.queue_names)
+        # a piece's success takes the next one in the same round trip; not for a worker
+        # that works for one job or one command (it would hold another's piece)
+        then_take = self.queue_names if self.until is None and self.piece_ended is None \
+            else None
+        while True:
+            taken: tuple[dispatch.Entry, object] | None = runner.next
+            runner.next = None
+            if taken is None:  # (a piece taken with the last one's success is run)
+                if self.stopping.is_set():
+                    return
+                taken = self._take(runner, wait)
                 if taken is None:
-                    self._count_busy(-1)
-                    entry = dispatch.take(self.conn, self.queue_names, wait)
-                    if entry is None:
-                        continue
-                    self._count_busy(1)
-                    taken = (entry, _UNCLAIMED)
-            except Exception as e:  # Redis restarting, a mangled entry: keep this thread
-                self._count_busy(-1)
-                log.warning("worker %s: cannot take work: %s", self.name, e)
-                self.stopping.wait(TAKE_WAIT)
-                continue
+                    continue
             try:
-                self._run_taken(runner, taken[0], taken[1])
+                self._run_taken(runner, taken[0], taken[1], then_take)
             finally:
+                if runner.next is None:
+                    self._count_busy(-1)
+
+    def _take(self, runner: PieceRunner, wait: float) -> tuple[dispatch.Entry, object] | None:
+        """An entry taken off the queues (and its task claimed, or _UNCLAIMED), counted
+        busy; None: nothing came, or Redis failed."""
+        self._count_busy(1)
+        try:  # what waits now is taken and claimed in one call; else wait for one
+            taken: tuple[dispatch.Entry, object] | None = runner.take(self.queue_names)
+            if taken is None:
                 self._count_busy(-1)
+                entry = dispatch.take(self.conn, self.queue_names, wait)
+                if entry is None:
+                    return None
+                self._count_busy(1)
+                taken = (entry, _UNCLAIMED)
+            return taken
+        except Exception as e:  # Redis restarting, a mangled entry: keep this thread
+            self._count_busy(-1)
+            log.warning("worker %s: cannot take work: %s", self.name, e)
+            self.stopping.wait(TAKE_WAIT)
+            return None
 
     def _count_busy(self, change: int) -> None:
         with self._lock:
             self._busy += change
 
-    def _run_taken(self, runner: PieceRunner, entry: dispatch.Entry, got: object) -> None:
+    def _run_taken(self, runner: PieceRunner, entry: dispatch.Entry, got: object,
+                   then_take: list[str] | None = None) -> None:
         """Run a taken entry's task (claiming it first if the take did not), then drop
         the entry; an entry that may not have been claimed goes back to its queue."""
         claimed: bool | None = None  # None: unknown (Redis failed before it answered)
@@ -388,7 +436,13 @@ class Worker:
             claimed = got is not None
             if isinstance(got, tuple):
                 task, jobs = got
-                removed = runner.run(task, jobs, entry=entry).entry_removed
+                if self.leaving.is_set() and runner.next_held(task.id):
+                    # taken with the last piece, the worker leaving before it began: it
+                    # goes back unstarted (not "stopped midway": it never ran)
+                    self._retry(functools.partial(store.release, self.conn, task.id,
+                                                  self.name), f"hand back {task.id[:12]}")
+                    return
+                removed = runner.run(task, jobs, entry, then_take).entry_removed
                 if self.piece_ended is not None:
                     self.piece_ended()
         except redis.RedisError as e:  # an outage: a claimed task's heartbeat lapses
@@ -397,6 +451,8 @@ class Worker:
         except Exception:  # keep serving; a claimed task's heartbeat lapses and it reruns
             log.exception("worker %s: task thread error", self.name)
         finally:
+            if isinstance(got, tuple):  # its heartbeat was kept since it was taken
+                self.beats.drop(got[0].id)
             if claimed is None:  # taken, maybe never claimed: it must not be dropped
                 self._retry(functools.partial(store.put_back, self.conn, entry.task_id,
                                               at_front=True),

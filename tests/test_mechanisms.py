@@ -754,3 +754,75 @@ def test_a_big_job_whose_sender_died_midway_is_ended_saying_so(conn, monkeypatch
     [said] = end_orphaned(conn)
     assert "before it had added them all" in said
     assert store.get_job(conn, "half").status == JobStatus.ERROR
+
+
+def test_a_pieces_success_takes_the_next_piece_in_the_same_round_trip(conn, settings,
+                                                                      monkeypatch):
+    """Issue 30: one round trip per piece. A worker thread's success is sent with its
+    next take, both in one write to Redis; the piece taken so runs next, its heartbeat
+    kept from the take on; every piece runs once and the job succeeds."""
+    from sheepdog import lua
+
+    job = Job(id=jobs.new_job_id(), workflow="test", queue=settings.queue)
+    tasks = [Task(name=f"p{n}", argv=["true"], cacheable=False, nonce=f"{job.id}-{n}",
+                  queue=settings.queue) for n in range(12)]
+    jobs.submit(conn, settings, job, tasks)
+    sends: list[list[str]] = []
+    send = lua._send
+
+    def recording(pool, commands):
+        sends.append([{store._SUCCEED: "finish", store._TAKE: "take"}.get(
+            next((t for t in (store._SUCCEED, store._TAKE) if lua._lua(t).sha == c[1]),
+                 ""), c[0]) for c in commands])
+        return send(pool, commands)
+
+    monkeypatch.setattr(lua, "_send", recording)
+    beats = []  # each piece's heartbeat kept: when it was taken (all but the first), and run
+    worker = Worker(conn, settings, [settings.queue], concurrency=1, burst=True,
+                    register=False)
+    real_adopt = worker.beats.adopt
+    worker.beats.adopt = lambda tid: beats.append(tid) or real_adopt(tid)
+    worker.run()
+    assert store.get_job(conn, job.id).status == JobStatus.SUCCESS
+    finishes = [s for s in sends if "finish" in s]
+    assert len(finishes) == len(tasks), sends
+    # each success but the last found a piece waiting and took it in its own round trip
+    assert all(s == ["finish", "take"] for s in finishes), finishes
+    alone = [s for s in sends if s == ["take"]]
+    assert len(alone) <= 2, sends  # the first piece, and the look that found nothing
+    assert sorted(int(store.get_task(conn, t.id).attempts) for t in tasks) == [1] * len(tasks)
+    assert len(beats) == 2 * len(tasks) - 1
+
+
+def test_a_piece_taken_with_the_last_ones_success_goes_back_unstarted_if_the_worker_leaves(
+        conn, settings, tmp_path, monkeypatch):
+    """A worker leaving (SIGTERM) right after a success took its next piece: that piece
+    goes back to the queue as it was (its attempt not counted, nothing run) and another
+    worker runs it."""
+    from sheepdog import worker as worker_module
+
+    job = Job(id=jobs.new_job_id(), workflow="test", queue=settings.queue)
+    marks = [tmp_path / f"ran-{n}" for n in range(2)]
+    # run at most once (GN3's commands): one stopped midway would fail, not go back
+    tasks = [Task(name=f"p{n}", argv=["touch", str(marks[n])], cacheable=False,
+                  nonce=f"{job.id}-{n}", queue=settings.queue, max_attempts=1)
+             for n in range(2)]
+    jobs.submit(conn, settings, job, tasks)
+    worker = Worker(conn, settings, [settings.queue], concurrency=1, register=False)
+    hold = worker_module.PieceRunner._hold
+
+    def leave_when_taken(runner, taken):  # the next piece came with the first's success
+        assert taken is not None
+        worker.stop(release=True)
+        return hold(runner, taken)
+
+    monkeypatch.setattr(worker_module.PieceRunner, "_hold", leave_when_taken)
+    worker.run()
+    ran = [m.exists() for m in marks]
+    assert ran.count(True) == 1, ran  # the first ran; the taken one did not start
+    second = next(t for t, m in zip(tasks, marks, strict=True) if not m.exists())
+    got = store.get_task(conn, second.id)
+    assert got.status == TaskStatus.QUEUED and int(got.attempts) == 0, got
+    Worker(conn, settings, [settings.queue], burst=True, register=False).run()
+    assert all(m.exists() for m in marks)
+    assert store.get_job(conn, job.id).status == JobStatus.SUCCESS

@@ -61,13 +61,19 @@ def test_errors_are_oserrors_naming_the_program_and_nul_bytes_are_refused():
         process.posix_spawn_nogil("/bin/true", ["true"], {"A=B": "c"}, [])
 
 
-def test_the_gil_is_let_go_while_a_program_is_started():
+def test_the_gil_is_let_go_while_a_program_is_started_and_kept_while_it_is_set_up():
     """os.posix_spawn holds the GIL through vfork and exec; a ctypes function of a CDLL
-    (not a PyDLL, whose functions keep it) lets it go for the call."""
+    (not a PyDLL, whose functions keep it) lets it go for the call. The dozen calls that
+    set the start up keep it: each let-go lets another thread in, this one waiting."""
     import ctypes
 
-    function = process._spawn_lib().posix_spawn
-    assert not function._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+    libc = process._spawn_lib()
+    assert not libc.posix_spawn._flags_ & ctypes._FUNCFLAG_PYTHONAPI
+    for name in ("posix_spawn_file_actions_init", "posix_spawn_file_actions_adddup2",
+                 "posix_spawn_file_actions_addchdir_np", "sigemptyset", "sigaddset",
+                 "posix_spawnattr_setsigdefault", "posix_spawnattr_setflags",
+                 "posix_spawn_file_actions_destroy", "posix_spawnattr_destroy"):
+        assert getattr(libc, name)._flags_ & ctypes._FUNCFLAG_PYTHONAPI, name
 
 
 def test_the_child_moves_to_its_directory_itself(tmp_path, monkeypatch):

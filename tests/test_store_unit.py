@@ -291,7 +291,20 @@ def test_entries_are_written_as_rq_writes_them(fake, at_front):
     assert queue.job_ids[0 if at_front else -1] == rq_id
 
 
-def test_new_pieces_join_an_open_job_in_one_call_and_an_ended_one_refuses(fake):
+def _commands_sent(fake, monkeypatch) -> list[str]:
+    """The name of each command the client sends from now on, by redis-py's path or
+    as a script call packed by sheepdog.lua."""
+    from sheepdog import lua
+
+    calls: list[str] = []
+    run, send = fake.execute_command, lua._send
+    fake.execute_command = lambda *a, **k: calls.append(a[0]) or run(*a, **k)
+    monkeypatch.setattr(lua, "_send", lambda pool, commands: calls.extend(
+        c[0] for c in commands) or send(pool, commands))
+    return calls
+
+
+def test_new_pieces_join_an_open_job_in_one_call_and_an_ended_one_refuses(fake, monkeypatch):
     """A CWL run's invocations (new, uncacheable) go into its open job as one script
     call (no WATCH: the job's finishing pieces would make it retry); the job counts and
     dispatches them; an unknown or ended job refuses, as the transaction did."""
@@ -301,9 +314,7 @@ def test_new_pieces_join_an_open_job_in_one_call_and_an_ended_one_refuses(fake):
     job = Job(id="open-1", workflow="cwl")
     store.submit(fake, job, [], open_=True)
     piece = Task(name="count_2", argv=["wc", "-w"], cacheable=False, nonce="n1")
-    calls = []
-    fake.execute_command = (lambda run: lambda *a, **k: calls.append(a[0]) or run(*a, **k))(
-        fake.execute_command)
+    calls = _commands_sent(fake, monkeypatch)
     store.add_tasks(fake, "open-1", [piece])
     assert "WATCH" not in calls and calls.count("EVALSHA") == 1
     assert store.get_job(fake, "open-1").total == 2  # the piece, and the one close removes
