@@ -524,7 +524,10 @@ class PullWorker:
                 log.warning("pull worker %s: %s: %s", self.name, task.name, answer["error"])
                 continue  # the service lists what it lacks, sent again by upload
             if not answer.get("missing"):
-                log.info("pull worker %s: %s: %s", self.name, task.name, answer.get("status"))
+                # each piece's end is in its job's log (a line per piece here, at info
+                # level, cost a tenth of a busy worker's time)
+                log.debug("pull worker %s: %s: %s", self.name, task.name,
+                          answer.get("status"))
                 return
             if self._upload(task, lease, answer["missing"], patience) is None:
                 return  # a damaged upload (False) is sent again on the next round

@@ -86,12 +86,21 @@ def announce(conn: redis.Redis, settings: Settings, name: str, queues: list[str]
     _announced[said] = now
 
 
+_upkeep_asked = -float("inf")  # when this process last asked for its turn
+
+
 def upkeep(conn: redis.Redis, settings: Settings) -> None:
     """Reap pieces lost with their workers (a killed pull worker's, after its lease), by
     one web process at a time, once per heartbeat interval: pull workers may be the
-    only workers there are."""
-    if conn.set(keys.pull_upkeep(), "1", nx=True,
-                px=max(100, int(settings.heartbeat_interval * 1000))):
+    only workers there are. A process asks for its turn at most four times an interval,
+    not with every claim (a busy worker's each report claims: a Redis write apiece)."""
+    global _upkeep_asked
+    every = max(0.1, settings.heartbeat_interval)
+    now = time.monotonic()
+    if now - _upkeep_asked < every / 4:
+        return
+    _upkeep_asked = now
+    if conn.set(keys.pull_upkeep(), "1", nx=True, px=int(every * 1000)):
         reap_lost(conn, settings)
         end_orphaned(conn)
         run_timers(conn, settings)

@@ -619,3 +619,27 @@ def test_redis_is_not_needed_by_a_pull_worker(tmp_path, env):
     assert worker.returncode == 0, out
     assert "127.0.0.1:9 is unreachable" in out and "redis" not in out.lower()
     assert not (tmp_path / "w" / "redis").exists()
+
+
+def test_a_web_process_asks_for_its_upkeep_turn_a_few_times_an_interval_not_per_claim(
+        conn, settings, monkeypatch):
+    """A busy pull worker claims with every report; each claim asked Redis (a write)
+    whether it was this web process's turn to reap. Now a process asks at most four
+    times a heartbeat interval; when its turn comes it still reaps."""
+    from sheepdog import keys, pullwork
+
+    asked: list[str] = []
+    real_set = conn.set
+    monkeypatch.setattr(conn, "set", lambda key, *a, **k: asked.append(key) or real_set(
+        key, *a, **k))
+    monkeypatch.setattr(pullwork, "_upkeep_asked", -float("inf"))
+    reaped: list[int] = []
+    monkeypatch.setattr(pullwork, "reap_lost", lambda *a: reaped.append(1))
+    for _ in range(50):
+        pullwork.upkeep(conn, settings)
+    assert asked == [keys.pull_upkeep()] and reaped == [1]
+    # a quarter interval later (as if), the interval's turn over
+    pullwork._upkeep_asked -= settings.heartbeat_interval / 4 + 0.01
+    conn.delete(keys.pull_upkeep())
+    pullwork.upkeep(conn, settings)
+    assert asked == [keys.pull_upkeep()] * 2 and reaped == [1, 1]
