@@ -51,8 +51,9 @@ PULL_CHUNK = 1 << 20  # bytes read and written at a time while streaming a file
 # while one runs (one, not more: a long piece held back is a piece another worker could run)
 PULL_PREFETCH = 1
 # ... unless pieces are shorter than a report's round trip: then as many as keep the slots
-# busy meanwhile, up to this many
-PULL_PREFETCH_MOST = 16
+# busy meanwhile (each held at most two round trips), up to this many: at 16, no-op pieces
+# (2-3 ms) left the slot idle while a busy service took 40-80 ms to answer a report
+PULL_PREFETCH_MOST = 64
 PULL_LOG_EVERY = 0.5  # s between a pull worker's log batches (a short piece's go with its end)
 PULL_ANNOUNCE_EVERY = 1.0  # s: a claiming pull worker registered again at most this often
 PULL_INLINE = 1 << 20  # bytes of small files a report or a fetch carries inside its JSON

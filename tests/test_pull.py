@@ -150,10 +150,12 @@ def test_a_worker_in_a_network_namespace_runs_a_bxd_loco_scan(env, conn, tmp_pat
         # each input was fetched once, however many pieces used it
         fetched = [sha for line in re.findall(r"fetching ([0-9a-f ]+)$", said, re.M)
                    for sha in line.split()]
-        here = [int(n) for n in re.findall(r": (\d+) of its \d+ files here already", said)]
-        assert len(here) == len(tasks)  # every piece said where its files came from
+        found = re.findall(r": (\d+) of its \d+ files here already, (\d+) on their way", said)
+        assert len(found) == len(tasks)  # every piece said where its files came from
         assert fetched and len(fetched) == len(set(fetched))
-        assert sum(here) > 0  # and pieces found files fetched for others already here
+        # and pieces found files fetched for others: here already, or (pieces prefetched
+        # together, staged at once) on their way by another piece's fetch, waited for
+        assert sum(int(here) + int(coming) for here, coming in found) > 0
 
 
 def _live(conn):
@@ -643,3 +645,20 @@ def test_a_web_process_asks_for_its_upkeep_turn_a_few_times_an_interval_not_per_
     conn.delete(keys.pull_upkeep())
     pullwork.upkeep(conn, settings)
     assert asked == [keys.pull_upkeep()] * 2 and reaped == [1, 1]
+
+
+def test_a_pull_worker_holds_enough_short_pieces_to_cover_two_report_round_trips(settings):
+    """Pieces shorter than a report's round trip are prefetched deep enough to keep the
+    slot busy while reports travel: at 2.5 ms a piece and 60 ms a report, 49 pieces (it
+    held at most 16, and the slot waited); long pieces, or none measured yet, one."""
+    from sheepdog.defaults import PULL_PREFETCH, PULL_PREFETCH_MOST
+    from sheepdog.pull import PullWorker
+
+    w = PullWorker(object(), settings, ["q"], concurrency=1)
+    assert w._prefetch() == PULL_PREFETCH  # nothing measured yet
+    w._run_seconds, w._report_seconds = 0.0025, 0.060
+    assert w._prefetch() == 49 <= PULL_PREFETCH_MOST
+    w._run_seconds = 5.0  # long pieces: one held beyond the slot, no more
+    assert w._prefetch() == PULL_PREFETCH
+    w._run_seconds, w.concurrency = 0.0001, 8  # bounded however short the pieces
+    assert w._prefetch() == PULL_PREFETCH_MOST
