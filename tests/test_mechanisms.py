@@ -767,13 +767,12 @@ def test_a_pieces_success_takes_the_next_piece_in_the_same_round_trip(conn, sett
     tasks = [Task(name=f"p{n}", argv=["true"], cacheable=False, nonce=f"{job.id}-{n}",
                   queue=settings.queue) for n in range(12)]
     jobs.submit(conn, settings, job, tasks)
-    sends: list[list[str]] = []
+    sends: list[list[str]] = []  # the scripts of each round trip, by name
     send = lua._send
+    named = {lua._lua(store._SUCCEED).sha: "finish", lua._lua(store._TAKE).sha: "take"}
 
     def recording(pool, commands):
-        sends.append([{store._SUCCEED: "finish", store._TAKE: "take"}.get(
-            next((t for t in (store._SUCCEED, store._TAKE) if lua._lua(t).sha == c[1]),
-                 ""), c[0]) for c in commands])
+        sends.append([named.get(c[1], c[0]) for c in commands])
         return send(pool, commands)
 
     monkeypatch.setattr(lua, "_send", recording)

@@ -349,3 +349,24 @@ def test_a_follower_reads_lines_that_keep_coming_in_batches_and_a_backlog_at_onc
     assert [x.text for x in got[:-1]] == [f"line {n}" for n in range(defaults.FOLLOW_COUNT + 3)]
     assert got[-1].end
     assert pauses == [defaults.FOLLOW_GAP]  # after the 3, not after the full read
+
+
+def test_scripts_sent_in_one_round_trip_each_get_their_own_reply_or_error(fake):
+    """lua.run_many packs the calls itself (not redis-py's command path): each call's
+    reply comes back in order, an error reply as that call's own (the others' replies are
+    not lost with it), or raised when asked; a script the server forgot is sent again by
+    its text."""
+    import redis
+
+    from sheepdog import lua
+
+    calls = [("return 1", [], []), ("return redis.call('GET')", [], []),
+             ("return ARGV[1] .. KEYS[1]", ["k"], ["v"])]
+    replies = lua.run_many(fake, calls, raise_on_error=False)
+    assert replies[0] == 1 and replies[2] == b"vk"
+    assert isinstance(replies[1], redis.ResponseError)
+    with pytest.raises(redis.ResponseError):
+        lua.run_many(fake, calls)
+    fake.script_flush()
+    assert lua.run_many(fake, [calls[0], calls[2]]) == [1, b"vk"]
+    assert lua.script(fake, "return 2")() == 2
