@@ -100,8 +100,14 @@ def in_process_main(task: Task) -> Any:
             and "python" in argv[0] and argv[1] == "-m"
             and str(argv[2]).startswith("sheepdog.")):
         return None
-    module = importlib.import_module(str(argv[2]))
+    name = str(argv[2])
+    module = _steps.get(name)
+    if module is None:  # looked up once: import_module costs a short piece 2% each time
+        module = _steps[name] = importlib.import_module(name)
     return module.main if argv[3] in getattr(module, "IN_PROCESS", ()) else None
+
+
+_steps: dict[str, Any] = {}  # step modules by name, each whole once imported
 
 
 class LocalBackend(Backend):
@@ -176,7 +182,7 @@ class LocalBackend(Backend):
             self.cache.discard(scratch)
             return StatusUpdate(task.id, exit_code, f"exit code {exit_code}")
         try:
-            self.cache.publish(task.id, Path(scratch), task.outputs, task.complete_when)
+            self.cache.publish(task.id, scratch, task.outputs, task.complete_when)
         except SheepdogError as e:
             self.cache.discard(scratch)
             return StatusUpdate(task.id, exit_code, str(e))

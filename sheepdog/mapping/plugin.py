@@ -14,7 +14,7 @@ import click
 import redis
 
 from .. import jobs, logs, store
-from ..cache import Cache
+from ..cache import Cache, task_file
 from ..config import Settings
 from ..errors import ConfigError, FieldError, InputError
 from ..models import Job, JobStatus, Task, TaskStatus
@@ -249,7 +249,7 @@ def request_from_body(body: dict[str, Any], settings: Settings,
 
 def _items_count(settings: Settings, job: Job, task: Task) -> store.Count:
     """A chunk's items, done and failed, from its results."""
-    path = Cache(settings.cache_dir).task_dir(task.id) / step.RESULTS
+    path = task_file(settings.cache_dir, task.id, step.RESULTS)
     with open(path, "rb") as f:  # bytes: read for every piece, no text layer needed
         statuses = [json.loads(line)["status"] for line in f.read().splitlines()]
     failed = sum(s != "success" for s in statuses)

@@ -137,17 +137,20 @@ def _files(directory: str) -> list[str]:
                   if p.is_file())
 
 
-def _earlier(here: Path, top: Path) -> list[str]:
+def _earlier(here: str) -> list[str]:
     """The records an earlier, killed attempt of this chunk wrote (its scratch is a
     sibling named by the same task id, its partial file no longer locked by a live
-    step), with its items' files moved here: those items are not run again."""
-    task = here.name.split(".", 1)[0] + "."
+    step), with its items' files moved here: those items are not run again. (Paths as
+    text: this runs for every piece, and pathlib costs more than the scan.)"""
+    parent, name = os.path.split(here)
+    task = name.split(".", 1)[0] + "."
+    top = os.path.join(here, "files")
     best: list[str] = []
-    with os.scandir(here.parent) as found:  # a scan, not a glob: this runs for every chunk
-        siblings = [Path(e.path) for e in found if e.name.startswith(task)]
+    with os.scandir(parent) as found:  # a scan, not a glob: this runs for every chunk
+        siblings = [e.path for e in found if e.name.startswith(task) and e.name != name]
     for sibling in siblings:
-        part = sibling / (RESULTS + ".part")
-        if sibling == here or not part.is_file():
+        part = os.path.join(sibling, RESULTS + ".part")
+        if not os.path.isfile(part):
             continue
         with open(part, "rb+") as f:
             try:
@@ -157,10 +160,11 @@ def _earlier(here: Path, top: Path) -> list[str]:
             lines = f.read().decode("utf-8", errors="replace").split("\n")[:-1]  # whole ones
         if len(lines) > len(best):
             for n in range(len(lines)):
-                if (sibling / "files" / str(n)).is_dir():
-                    top.mkdir(exist_ok=True)
-                    shutil.rmtree(top / str(n), ignore_errors=True)
-                    os.rename(sibling / "files" / str(n), top / str(n))
+                files = os.path.join(sibling, "files", str(n))
+                if os.path.isdir(files):
+                    os.makedirs(top, exist_ok=True)
+                    shutil.rmtree(os.path.join(top, str(n)), ignore_errors=True)
+                    os.rename(files, os.path.join(top, str(n)))
             best = lines
         shutil.rmtree(sibling, ignore_errors=True)
     return best
@@ -170,15 +174,16 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
               emit: Emit, complain: Emit, stop: threading.Event, light: bool = False) -> None:
     """Every item of the chunk, one record each into results.jsonl, each written as its
     item ends: a rerun of a killed attempt runs only the items it had not recorded."""
-    partial = here / (RESULTS + ".part")
-    top = here / "files"  # made when the first item leaves files
     items = spec["items"]
     env = _environment(spec)
-    if len(items) == 1 and not light and not os.listdir(here):
-        recorded = _earlier(here, top)
+    at = os.fspath(here)
+    if len(items) == 1 and not light and not os.listdir(at):
+        recorded = _earlier(at)
         if not recorded:  # one item, in the piece's own fresh directory: see _only
-            _only(items[0], spec, inputs, cwd, here, env, emit, complain, stop)
+            _only(items[0], spec, inputs, cwd, at, env, emit, complain, stop)
             return
+    partial = here / (RESULTS + ".part")
+    top = here / "files"  # made when the first item leaves files
     # Items run one after another in one scratch directory, renamed to files/<n> only
     # when the item left something there: a mkdir costs more than a `true` item here.
     scratch = os.path.join(here, ".item")
@@ -187,7 +192,7 @@ def run_chunk(spec: dict[str, Any], inputs: dict[str, str], cwd: str | None, her
     run, move = _runner(light)
     with open(partial, "w", encoding="utf-8") as out:
         fcntl.flock(out, fcntl.LOCK_EX)  # held while this attempt lives (see _earlier)
-        recorded = _earlier(here, top)
+        recorded = _earlier(at)
         for line in recorded:
             out.write(line + "\n")
         for n, item in enumerate(items):
@@ -242,7 +247,7 @@ def _run(run: Callable[..., tuple[str, int | None]], item: dict[str, Any],
 
 
 def _only(item: dict[str, Any], spec: dict[str, Any], inputs: dict[str, str],
-          cwd: str | None, here: Path, env: dict[str, str], emit: Emit, complain: Emit,
+          cwd: str | None, here: str, env: dict[str, str], emit: Emit, complain: Emit,
           stop: threading.Event) -> None:
     """A chunk of one item (`--chunk 1`, a piece per item) runs it in the piece's own
     directory, fresh and empty, rather than in a scratch directory made and removed
@@ -250,20 +255,21 @@ def _only(item: dict[str, Any], spec: dict[str, Any], inputs: dict[str, str],
     there becomes its files/0 afterwards (so only a directory found empty is used: a
     process step's may hold its staged spec). Nothing is resumed from a killed attempt
     of one item, so no partial file is written, or locked, while it runs."""
-    env["SHEEPDOG_ITEM_DIR"] = str(here)
+    env["SHEEPDOG_ITEM_DIR"] = here
     env["SHEEPDOG_ITEM_KEY"] = item["key"]
     run, move = _runner(False)
     if move:
         os.chdir(cwd or here)
-    record = _run(run, item, spec, inputs, cwd or str(here), env, emit, complain, stop)
+    record = _run(run, item, spec, inputs, cwd or here, env, emit, complain, stop)
     left = os.listdir(here)
     if left:  # gathered under a name the item did not use, then renamed to files/0
         held = tempfile.mkdtemp(prefix=".item-", dir=here)
         for name in left:
-            os.rename(here / name, os.path.join(held, name))
-        (here / "files").mkdir()
-        os.rename(held, here / "files" / "0")
-        record["files"] = _files(str(here / "files" / "0"))
+            os.rename(os.path.join(here, name), os.path.join(held, name))
+        files = os.path.join(here, "files")
+        os.mkdir(files)
+        os.rename(held, os.path.join(files, "0"))
+        record["files"] = _files(os.path.join(files, "0"))
     # not the name a twin's _earlier takes over, which it would while this one renames
     written = os.path.join(here, RESULTS + ".one")
     fd = os.open(written, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # no text layer
