@@ -20,7 +20,18 @@ from urllib.parse import urlsplit
 import click
 import redis
 
-from . import clirun, embedded, keys, logs, progress, registration, store, tokens, workflows
+from . import (
+    clirun,
+    embedded,
+    keys,
+    logs,
+    progress,
+    readout,
+    registration,
+    store,
+    tokens,
+    workflows,
+)
 from .cache import Cache
 from .clirun import Terminated, on_sigterm, print_line
 from .clirun import conn as _conn
@@ -128,17 +139,8 @@ def status(job_id: str, as_json: bool, offset: int, limit: int) -> None:
     if as_json:
         _print_json(view)
         return
-    p = view["progress"]
-    click.echo(f"{view['id']}  {view['status']}  exit={view['exit_code']}  "
-               f"{p['done']}/{p['total']} pieces ({p['cached']} cached)  {view['workflow']}")
-    if view["error"]:
-        click.echo(f"error: {view['error']}")
-    for piece in view["pieces"]:
-        click.echo(f"  {piece['status']:<9} {piece['name']:<28} attempts={piece['attempts']}"
-                   + (f"  {piece['error']}" if piece["error"] else ""))
-    if view["pieces_next"] is not None:
-        click.echo(f"  … {view['pieces_total'] - view['pieces_next']:,d} more "
-                   f"(sheepdog status {job_id} --offset {view['pieces_next']})")
+    for line in readout.status_lines(view, job_id):  # as sheepdog.quick prints them
+        click.echo(line)
 
 
 @cli.command("list")
@@ -151,13 +153,8 @@ def list_jobs(as_json: bool, limit: int) -> None:
     if as_json:
         _print_json([progress.job_view(conn, j, with_pieces=False) for j in jobs])
         return
-    if jobs:  # a header names the columns (and says nothing when there is nothing)
-        click.echo(f"{'JOB':<26}  {'STATUS':<9} {'EXIT':>4}  {'PIECES':<9}  WHAT")
-    for j in jobs:
-        what = " ".join(j.command) if j.command else j.workflow
-        code = "" if j.exit_code is None else j.exit_code
-        click.echo(f"{j.id:<26}  {j.status:<9} {code!s:>4}  {f'{j.done}/{j.total}':<9}  "
-                   f"{what[:60]}")
+    for line in readout.list_lines(jobs):
+        click.echo(line)
 
 
 @cli.command("logs")
@@ -667,20 +664,7 @@ def result(job_id: str, out_dir: str | None, item_key: str | None, as_json: bool
                                    "with a result")
     found = (workflow.export(db, settings, job, Path(out_dir)) if out_dir
              else workflow.describe(db, settings, job))
-    _print_json(found if as_json else _shortened(found))
-
-
-def _shortened(value: Any, most: int = 10) -> Any:
-    """A result a person reads: every list cut to its first `most` entries, saying how
-    many more there are (`--json` prints them all)."""
-    if isinstance(value, dict):
-        return {k: _shortened(v, most) for k, v in value.items()}
-    if isinstance(value, list) and len(value) > most:
-        return [*(_shortened(v, most) for v in value[:most]),
-                f"... {len(value) - most:,d} more (--json: all)"]
-    if isinstance(value, list):
-        return [_shortened(v, most) for v in value]
-    return value
+    _print_json(found if as_json else readout.shortened(found))
 
 
 def _main() -> int:

@@ -6,7 +6,6 @@ Helpers here return exit codes; only the click commands exit.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import config, progress, store
+from . import config, progress, readout, store
 from .backends import registry
 from .connection import connect, ride_out
 from .defaults import TERMINAL_REDRAW
@@ -39,7 +38,7 @@ def conn(given: config.Settings | None = None) -> Any:
 
 
 def print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=str))
+    click.echo(readout.json_text(value))
 
 
 def backend_options(fn: F) -> F:
@@ -145,12 +144,9 @@ class ProgressLine:
 
 
 def print_line(line: LogLine) -> None:
-    if line.stream == "stdout":
-        click.echo(line.text)
-    elif line.stream == "stderr":
-        click.echo(line.text, err=True)
-    else:
-        click.echo(click.style(f"[sheepdog] {line.text}", dim=True), err=True)
+    stream, text = readout.log_line(line)  # as sheepdog.quick prints it
+    click.echo(click.style(text, dim=True) if stream == "stderr-dim" else text,
+               err=stream != "stdout")
 
 
 class Interrupted(click.exceptions.Exit):

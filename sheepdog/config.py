@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +142,8 @@ def load(**overrides: object) -> Settings:
     names = set(Settings.__dataclass_fields__)
     path = config_file()
     if path.is_file():
+        import tomllib  # only then: every short command reads settings, few have a file
+
         try:
             table = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
-
-import redis
+from typing import TYPE_CHECKING, Any
 
 from . import store
 from .defaults import PIECES_PAGE
 from .models import Job, JobStatus, Task, TaskStatus
+
+if TYPE_CHECKING:
+    import redis
 
 
 def eta_seconds(job: Job, now: float) -> float | None:

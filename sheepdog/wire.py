@@ -10,6 +10,7 @@ Only plain connections: redis:// (user, password, database) and unix:// sockets.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -75,21 +76,29 @@ class Wire:
 
     def call(self, *args: Any) -> Any:
         """Send one command, return its reply; WireError for an error reply."""
+        return self.call_many([args])[0]
+
+    def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send the commands in one write, return their replies in order; WireError for
+        the first error reply (as a redis-py pipeline raises)."""
+        replies: list[Any] = []
         try:
-            self._sock.sendall(hiredis.pack_command(args))
-            while True:
+            self._sock.sendall(b"".join(hiredis.pack_command(c) for c in commands))
+            while len(replies) < len(commands):
                 reply = self._reader.gets()
                 if reply is not False:
-                    break
+                    replies.append(reply)
+                    continue
                 data = self._sock.recv(65536)
                 if not data:
                     raise WireError("Redis closed the connection")
                 self._reader.feed(data)
         except OSError as e:
             raise WireError(f"Redis connection lost: {e.strerror or e}") from e
-        if isinstance(reply, hiredis.ReplyError):
-            raise WireError(str(reply))
-        return reply
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                raise WireError(str(reply))
+        return replies
 
     def close(self) -> None:
         self._sock.close()
@@ -112,3 +121,51 @@ class Wire:
 
     def scard(self, key: str) -> int:
         return int(self.call("SCARD", key))
+
+    def hgetall(self, key: str) -> dict[bytes, bytes]:
+        return _pairs(self.call("HGETALL", key))
+
+    def llen(self, key: str) -> int:
+        return int(self.call("LLEN", key))
+
+    def lrange(self, key: str, start: int, end: int) -> list[bytes]:
+        return list(self.call("LRANGE", key, start, end))
+
+    def zrevrange(self, key: str, start: int, end: int) -> list[bytes]:
+        return list(self.call("ZREVRANGE", key, start, end))
+
+    def xrange(self, key: str, min: str = "-", max: str = "+",  # noqa: A002  redis-py's
+               count: int | None = None) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        more = ["COUNT", count] if count is not None else []
+        return [(entry, _pairs(fields))
+                for entry, fields in self.call("XRANGE", key, min, max, *more)]
+
+    def pipeline(self, transaction: bool = True) -> Batch:
+        """Reads sent together (redis-py's pipeline without a transaction)."""
+        if transaction:
+            raise TypeError("Wire has no transactions: use pipeline(transaction=False)")
+        return Batch(self)
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+class Batch:
+    """Commands recorded and sent in one write by execute(), replies as redis-py gives
+    them (only the reads a short command makes)."""
+
+    def __init__(self, wire: Wire) -> None:
+        self._wire = wire
+        self._commands: list[tuple[tuple[Any, ...], Callable[[Any], Any]]] = []
+
+    def hgetall(self, key: str) -> Batch:
+        self._commands.append((("HGETALL", key), _pairs))
+        return self
+
+    def execute(self) -> list[Any]:
+        commands, self._commands = self._commands, []
+        if not commands:
+            return []
+        replies = self._wire.call_many([command for command, _ in commands])
+        return [shape(reply) for (_, shape), reply in zip(commands, replies, strict=True)]

@@ -159,6 +159,48 @@ def test_detach_is_submitted_without_redis_py_and_stores_what_the_full_path_stor
         wait_for(lambda j=j: store.get_job(conn, j).status == "success", 60, what=j)
 
 
+def _imports_and_output(args: list[str], env: dict[str, str], full: bool
+                        ) -> tuple[set[str], tuple[int, str, str]]:
+    """What a command line loaded, and its exit code, stdout and stderr; `full`:
+    through sheepdog.cli (what the `sheepdog` script falls back to)."""
+    entry = (["-c", "from sheepdog.cli import main; main()"] if full
+             else ["-m", "sheepdog"])
+    out = subprocess.run([sys.executable, "-X", "importtime", *entry, *args], env=env,
+                         capture_output=True, text=True, timeout=60)
+    lines = out.stderr.splitlines(keepends=True)
+    loaded = {line.rsplit("|", 1)[1].strip() for line in lines
+              if line.startswith("import time:") and "|" in line}
+    said = "".join(line for line in lines if not line.startswith("import time:"))
+    return loaded, (out.returncode, out.stdout, said)
+
+
+def test_status_list_logs_and_result_are_read_without_redis_py_as_the_full_path_reads_them(
+        env, conn, queue, workers):
+    """`status JOB`, `list`, `logs JOB` and a command's `result JOB` (with and without
+    --json) are read by sheepdog.quick over sheepdog.wire: no redis-py, click or RQ
+    loaded, and the same output, byte for byte and stream by stream, as the full command
+    line's; an unknown job is left to the full command line, which says so."""
+    workers.start("--queue", queue)
+    r = sheepdog("run", "--detach", "--queue", queue, "--", "sh", "-c",
+                 "echo out; echo err >&2; echo more", env=env)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().splitlines()[-1]
+    wait_for(lambda: store.get_job(conn, job_id).status == "success", 60, what=job_id)
+    for args in (["status", job_id], ["status", "--json", job_id], ["list"],
+                 ["list", "--json"], ["logs", job_id], ["logs", job_id, "--json"],
+                 ["result", job_id], ["result", "--json", job_id]):
+        loaded, quick = _imports_and_output(args, env, full=False)
+        assert not loaded & {"redis", "click", "rq", "numpy"}, (args, loaded & {"redis"})
+        full_loaded, full = _imports_and_output(args, env, full=True)
+        assert "redis" in full_loaded and "click" in full_loaded
+        assert quick == full, args
+        assert quick[0] == 0 and job_id in quick[1] + quick[2], args
+    _, (code, out, err) = _imports_and_output(["logs", job_id], env, full=False)
+    assert out == "out\nmore\n" and "err\n" in err and "[sheepdog]" in err
+    loaded, (code, out, err) = _imports_and_output(["status", "nosuchjob"], env, full=False)
+    assert code != 0 and "unknown job id 'nosuchjob'" in err and "click" in loaded
+
+
 def test_detach_leaves_what_it_cannot_do_to_the_full_command_line(env, home):
     """A URL the quick path does not speak (TLS), a server that is not up, a command the
     checks refuse: the full command line answers, in its words."""
@@ -196,6 +238,23 @@ def test_wire_speaks_to_a_real_server_as_redis_py_does(redis_server, conn, tmp_p
     assert run(keys=["x"], args=["z"]) == [b"x", b"z"]  # by SHA
     with pytest.raises(WireError, match="WRONGTYPE"):
         wire.call("LPUSH", "s", "x")
+    # the reads `status`, `list` and `logs` make
+    conn.hset("h", mapping={"a": "1", "b": "2"})
+    conn.rpush("l", "x", "y", "z")
+    conn.zadd("z", {"p": 1, "q": 2})
+    for n in range(3):
+        conn.xadd("x", {"n": str(n), "t": "line"})
+    assert wire.hgetall("h") == conn.hgetall("h") and wire.hgetall("none") == {}
+    assert wire.llen("l") == conn.llen("l") == 3
+    assert wire.lrange("l", 1, -1) == conn.lrange("l", 1, -1) == [b"y", b"z"]
+    assert wire.zrevrange("z", 0, 9) == conn.zrevrange("z", 0, 9) == [b"q", b"p"]
+    assert wire.xrange("x", min="-", max="+", count=2) == conn.xrange("x", count=2)
+    assert len(wire.xrange("x")) == 3
+    batch = wire.pipeline(transaction=False)
+    batch.hgetall("h").hgetall("none")
+    assert batch.execute() == [conn.hgetall("h"), {}] and batch.execute() == []
+    with pytest.raises(TypeError):
+        wire.pipeline()
     wire.close()
     assert Wire.open("rediss://127.0.0.1:1/0") is None
     with pytest.raises(WireError, match="cannot reach"):

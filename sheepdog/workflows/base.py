@@ -12,16 +12,17 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
-
-import click
-import redis
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..cache import Cache
 from ..config import Settings
 from ..errors import FieldError
 from ..models import Job, Task
 from ..store import Count
+
+if TYPE_CHECKING:  # only named: `sheepdog result` reads a job without loading them
+    import click
+    import redis
 
 # Turns a request's `inputs` into local paths: (inputs object, roles it may name,
 # roles it must name) -> role -> path. The web service provides it (uploads, bundles,

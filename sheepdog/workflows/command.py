@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
-
-import click
+from typing import TYPE_CHECKING, Any
 
 from .. import jobs
 from ..cache import Cache
@@ -14,8 +12,13 @@ from ..errors import ConfigError, FieldError
 from ..models import Job, Task
 from .base import CliServices, InputResolver, Workflow
 
+if TYPE_CHECKING:
+    import click
+
 
 def command_line(cli: CliServices) -> click.Command:
+    import click  # here: `sheepdog result` of a command's job reads it without click
+
     @click.command("command", context_settings={"ignore_unknown_options": True,
                                                  "allow_interspersed_args": False})
     @cli.backend_options
