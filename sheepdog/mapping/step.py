@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +285,7 @@ def _only(item: dict[str, Any], spec: dict[str, Any], inputs: dict[str, str],
 # ---------------------------------------------------------------- merging
 
 
-def records(index: dict[str, Any], chunk_dirs: list[Path | None],
+def records(index: dict[str, Any], chunk_dirs: Sequence[str | Path | None],
             states: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Every item's record in input order, with its key and 1-based index. A later chunk
     overrides an earlier one for the same item (a retry); the items of a chunk with no
@@ -300,10 +300,11 @@ def records(index: dict[str, Any], chunk_dirs: list[Path | None],
                                                        strict=True)):
         if directory is None:
             continue
-        text = (directory / RESULTS).read_text(encoding="utf-8").splitlines()
+        path = os.path.join(directory, RESULTS)  # text, not Paths: once per piece of a job
+        with open(path, encoding="utf-8") as f:
+            text = f.read().splitlines()
         if len(text) != len(positions):
-            raise SheepdogError(f"{directory / RESULTS}: {len(text)} records for "
-                                f"{len(positions)} items")
+            raise SheepdogError(f"{path}: {len(text)} records for {len(positions)} items")
         lines[chunk] = text
         for line_no, position in enumerate(positions):
             found[position] = (chunk, line_no)
@@ -318,7 +319,7 @@ def records(index: dict[str, Any], chunk_dirs: list[Path | None],
         chunk, line_no = where
         directory = chunk_dirs[chunk]
         record = json.loads(lines[chunk][line_no])
-        record["files_dir"] = str(directory / "files" / str(line_no)) if directory else ""
+        record["files_dir"] = os.path.join(directory, "files", str(line_no)) if directory else ""
         yield {**head, **record}
 
 
@@ -340,7 +341,7 @@ def disagreements(field: str, values: dict[str, list[str]]) -> str:
     return f"items disagree on {field!r}: " + "; ".join(parts)
 
 
-def summarize(index: dict[str, Any], chunk_dirs: list[Path | None], checks: list[str],
+def summarize(index: dict[str, Any], chunk_dirs: Sequence[str | Path | None], checks: list[str],
               states: list[str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Counts by status, the failed items' keys, and the --check disagreements."""
     counts: dict[str, int] = {}
@@ -367,8 +368,8 @@ def summarize(index: dict[str, Any], chunk_dirs: list[Path | None], checks: list
     return summary, problems
 
 
-def gather(index_path: Path, chunk_dirs: list[Path | None], checks: list[str], here: Path,
-           emit: Emit, complain: Emit) -> int:
+def gather(index_path: Path, chunk_dirs: Sequence[str | Path | None], checks: list[str],
+           here: Path, emit: Emit, complain: Emit) -> int:
     index = json.loads(index_path.read_text(encoding="utf-8"))
     summary, problems = summarize(index, chunk_dirs, checks)
     (here / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -440,8 +441,7 @@ def main(argv: list[str] | None = None, workdir: Path | None = None, emit: Emit 
             run_chunk(spec, dict(args.input), args.cwd, here, emit, complain,
                       stop or threading.Event(), light=args.op == "run-many")
             return 0
-        chunks: list[Path | None] = [Path(c) for c in args.chunks]
-        return gather(Path(args.index), chunks, args.check, here, emit, complain)
+        return gather(Path(args.index), args.chunks, args.check, here, emit, complain)
     except (SheepdogError, OSError, ValueError, KeyError) as e:
         complain(f"ERROR: {e}")
         return 1
