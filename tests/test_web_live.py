@@ -348,3 +348,62 @@ def test_serve_says_ready_once_every_web_process_listens_on_its_own_socket(env, 
     server.max_accept = 1  # what gunicorn's run() sets when there are several workers
     assert server.max_accept == 100
     listener.close()
+
+
+class _Wire:
+    """A client socket as gunicorn's response sees it: every write recorded."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def sendall(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+
+def test_a_response_goes_out_in_one_write_head_and_body_together():
+    """serve_worker.OneWriteResponse, gunicorn's own HTTP/1 response built by its own
+    request parser: a small answer is one write (head and body), not two segments; a
+    response with no body still sends its head when it closes; a streamed one sends the
+    head with its first chunk, then each chunk as it comes."""
+    import socket as socketlib
+
+    from gunicorn.config import Config
+    from gunicorn.http import wsgi
+    from gunicorn.http.parser import RequestParser
+
+    from sheepdog.serve_worker import OneWriteResponse
+
+    def response(headers: list[tuple[str, str]], status: str = "200 OK") -> tuple[
+            OneWriteResponse, _Wire]:
+        ours, theirs = socketlib.socketpair()
+        theirs.sendall(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        request = next(iter(RequestParser(Config(), ours, ("127.0.0.1", 1))))
+        wire = _Wire()
+        resp, _ = wsgi.create(request, wire, ("127.0.0.1", 1), ("127.0.0.1", 2), Config(),
+                              response_class=OneWriteResponse)
+        resp.start_response(status, headers)
+        ours.close()
+        theirs.close()
+        return resp, wire
+
+    resp, wire = response([("Content-Type", "application/json"), ("Content-Length", "11")])
+    resp.write(b'{"ok": true')
+    resp.close()
+    assert len(wire.writes) == 1, wire.writes
+    head, body = wire.writes[0].split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 11" in head
+    assert body == b'{"ok": true'
+
+    resp, wire = response([("Content-Length", "0")], "204 No Content")
+    assert wire.writes == []
+    resp.close()
+    assert len(wire.writes) == 1 and wire.writes[0].startswith(b"HTTP/1.1 204 No Content")
+
+    resp, wire = response([("Content-Type", "text/plain")])  # no length: chunked
+    resp.write(b"first")
+    resp.write(b"second")
+    resp.close()
+    assert len(wire.writes) == 3, wire.writes
+    assert wire.writes[0].startswith(b"HTTP/1.1 200 OK") and wire.writes[0].endswith(
+        b"5\r\nfirst\r\n")
+    assert wire.writes[1:] == [b"6\r\nsecond\r\n", b"0\r\n\r\n"]
