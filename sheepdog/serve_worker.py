@@ -8,9 +8,6 @@ library, so it imports nothing that opens sockets (redis-py, Flask) until then.
   uses) each worker has a socket of its own and the kernel shares the connections out.
   One per turn made the fiftieth of 50 clients arriving together wait ~25 turns (a
   third of a second under load) before its first request was even read.
-- A response's head goes out with the first bytes of its body, in one write: gunicorn
-  sends the head, then the body, two segments for every small JSON answer, each waking
-  the client (and the scheduler) once more on a machine whose cores are all busy.
 - Once its app is loaded, a web process says so on the pipe `serve` gave it
   (SHEEPDOG_SERVE_READY), so `serve` can say when the whole service answers: until then
   a burst meets one process while the others are still importing.
@@ -20,11 +17,9 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
 
 import gunicorn
 from gevent.server import StreamServer
-from gunicorn.http import wsgi
 from gunicorn.workers import ggevent
 
 from .defaults import SERVE_READY_ENV
@@ -42,56 +37,13 @@ class _OwnSocketServer(StreamServer):
         pass  # gunicorn's 1 is for a socket shared by the workers: theirs is their own
 
 
-class HeadHeld:
-    """A response's socket that holds what is sent first (the head, from
-    Response.send_headers) and sends it with the next bytes (the body's first), or on
-    flush() (a response with no body); anything else is the socket's own."""
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._head: bytes | None = None
-        self._first = True
-
-    def sendall(self, data: bytes) -> None:
-        if self._first:
-            self._first, self._head = False, bytes(data)
-            return
-        head, self._head = self._head, None
-        self._sock.sendall(head + data if head else data)
-
-    def flush(self) -> None:
-        head, self._head = self._head, None
-        if head:
-            self._sock.sendall(head)
-
-    def sendfile(self, *args: Any, **kwargs: Any) -> Any:
-        self.flush()
-        return self._sock.sendfile(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
-
-
-class OneWriteResponse(wsgi.Response):
-    """gunicorn's HTTP/1 response, its head sent with its body's first bytes."""
-
-    def __init__(self, req: Any, sock: Any, cfg: Any, *rest: Any) -> None:
-        super().__init__(req, HeadHeld(sock), cfg, *rest)
-
-    def close(self) -> None:
-        super().close()
-        self.sock.flush()
-
-
 class Worker(ggevent.GeventWorker):
-    """gunicorn's gevent worker, taking connections in batches on a socket of its own,
-    each response written at once."""
+    """gunicorn's gevent worker, taking connections in batches on a socket of its own."""
 
     def run(self) -> None:
         if own_sockets(self.cfg.reuse_port):
             # gunicorn's run() builds its servers from this module-level name
             ggevent.StreamServer = _OwnSocketServer
-        wsgi.Response = OneWriteResponse  # what wsgi.create() makes for HTTP/1
         super().run()
 
     def load_wsgi(self) -> None:
