@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from . import config, logs, progress, store, workflows
+from . import config, logs, progress, store
 from .errors import SheepdogError
 from .logs import LogLine
 from .models import Job, JobStatus
@@ -45,6 +45,8 @@ def _logs(conn: Any, job_id: str, as_json: bool) -> Shown:
 def _result(conn: Any, job_id: str, as_json: bool) -> Shown:
     """A finished job's result, for a workflow whose result is the job's own record (a
     command's); any other is described by its workflow, through the full command line."""
+    from . import workflows  # here: `status`, `list` and `logs` need none
+
     job = store.get_job(conn, job_id)
     workflow = workflows.find(job.workflow)
     if (workflow is None or job.status != JobStatus.SUCCESS
