@@ -194,9 +194,21 @@ def cancel(job_id: str) -> None:
         click.echo(f"{job_id} had already ended ({store.get_job(conn, job_id).status})")
 
 
+def _worker_options(burst: bool, linger: float, server: str | None,
+                    gn3_queues: tuple[str, ...]) -> None:
+    if linger and not burst:
+        raise click.UsageError("--linger goes with --burst (a worker without it stays anyway)")
+    if server is not None and (burst or gn3_queues):
+        raise click.UsageError("--server does not go with --burst or --gn3-queue")
+
+
 @cli.command()
 @click.option("--queue", "queues", multiple=True, help="Queue(s) to serve (repeatable).")
 @click.option("--burst", is_flag=True, help="Exit once the queues are empty and idle.")
+@click.option("--linger", default=0.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0),
+              help="With --burst: exit only after this long with nothing to do (jobs "
+                   "submitted one after another find it still there).")
 @click.option("--concurrency", "-j", default=1, show_default=True, help="Tasks at once.")
 @click.option("--gn3-queue", "gn3_queues", multiple=True, is_flag=False,
               flag_value=keys.GN3_DEFAULT_QUEUE, default=(),
@@ -218,14 +230,14 @@ def cancel(job_id: str) -> None:
 @click.option("--with-parent", "parent", default=None, hidden=True, metavar="PID:JOB",
               help="An Executor's worker: when process PID (which started it) is gone, "
                    "however it ended, cancel its job JOB and exit.")
-def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: tuple[str, ...],
-           name: str | None, server: str | None, token: str | None, token_file: str | None,
-           ca_file: str | None, parent: str | None) -> None:
+def worker(queues: tuple[str, ...], burst: bool, linger: float, concurrency: int,
+           gn3_queues: tuple[str, ...], name: str | None, server: str | None,
+           token: str | None, token_file: str | None, ca_file: str | None,
+           parent: str | None) -> None:
     """Run tasks from the queues until stopped (SIGTERM/SIGINT hand running ones back)."""
     settings = _settings()
+    _worker_options(burst, linger, server, gn3_queues)
     if server is not None:
-        if burst or gn3_queues:
-            raise click.UsageError("--server does not go with --burst or --gn3-queue")
         token = _worker_token(token, token_file, server)
         _pull_worker(settings, server, token or "", ca_file, list(queues) or [settings.queue],
                      concurrency, name)
@@ -252,7 +264,8 @@ def worker(queues: tuple[str, ...], burst: bool, concurrency: int, gn3_queues: t
         pid, _, job_id = parent.partition(":")
         services.append(_parent_watch(int(pid), lambda: _orphaned(conn, w, job_id)))
     w = Worker(conn, settings, list(queues) or [settings.queue], concurrency=concurrency,
-               name=worker_name, burst=burst, services=services, piece_ended=piece_ended)
+               name=worker_name, burst=burst, services=services, piece_ended=piece_ended,
+               linger=linger)
     for sig in (signal.SIGTERM, signal.SIGINT):  # going: running pieces go back to the queue
         signal.signal(sig, lambda *_: w.stop(release=True))
     if not parent:  # an Executor's workers are its own business: its user's stderr is theirs

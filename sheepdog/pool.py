@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .config import Settings
+from .defaults import DETACHED_LINGER
 from .registration import live_workers
 
 if TYPE_CHECKING:
@@ -26,25 +27,29 @@ def unserved(conn: redis.Redis, queue: str) -> bool:
 
 def spawn_detached_worker(settings: Settings, queue: str) -> int:
     """A background `sheepdog worker --burst` for `run --detach` when no worker serves
-    the queue: it goes once nothing is left for it."""
+    the queue: it goes once nothing has been left for it for DETACHED_LINGER seconds."""
     return Pool(settings).start(1, queue, concurrency=os.cpu_count() or 1, burst=True,
-                                quiet="all")[0].pid
+                                linger=DETACHED_LINGER, quiet="all")[0].pid
 
 
 class Pool:
     """`sheepdog worker` processes on one queue."""
 
     def __init__(self, settings: Settings, env: dict[str, str] | None = None) -> None:
-        from .connection import url_for  # (redis-py): only where workers start
+        url = settings.redis_url
+        if not url:
+            from .connection import url_for  # (redis-py): starts the embedded one if need be
 
+            url = url_for(settings)
         # the same Redis (an embedded one by its URL), plus what the caller adds
-        self.env = dict(os.environ, SHEEPDOG_REDIS_URL=url_for(settings), **(env or {}))
+        self.env = dict(os.environ, SHEEPDOG_REDIS_URL=url, **(env or {}))
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self, count: int, queue: str, concurrency: int = 1, burst: bool = False,
-              quiet: str = "", session: bool = True, parent_job: str = "",
+              linger: float = 0.0, quiet: str = "", session: bool = True, parent_job: str = "",
               nice: int = 0) -> list[subprocess.Popen[bytes]]:
-        """`count` workers of `concurrency` threads each. `quiet`: "all" sends their
+        """`count` workers of `concurrency` threads each; `burst`: each goes when nothing
+        has been left for it for `linger` seconds. `quiet`: "all" sends their
         output to /dev/null (a worker nobody watches), "stdout" only their stdout (the
         caller's stdout is its own; their warnings still show); `session`: each in a
         session of its own (False: in the caller's process group, as `serve`'s are, so
@@ -53,6 +58,7 @@ class Pool:
         they and their pieces run at that much lower a CPU priority."""
         argv = [sys.executable, "-m", "sheepdog", "worker", "--queue", queue,
                 "--concurrency", str(concurrency), *(["--burst"] if burst else []),
+                *(["--linger", f"{linger:g}"] if burst and linger else []),
                 *(["--with-parent", f"{os.getpid()}:{parent_job}"] if parent_job else [])]
         out = subprocess.DEVNULL if quiet in ("all", "stdout") else None
         err = subprocess.DEVNULL if quiet == "all" else None

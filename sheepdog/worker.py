@@ -235,14 +235,16 @@ class Worker:
                  concurrency: int = 1, name: str | None = None, burst: bool = False,
                  until: Callable[[], bool] | None = None,
                  services: Sequence[Callable[[threading.Event], None]] = (),
-                 register: bool = True, piece_ended: Callable[[], None] | None = None
-                 ) -> None:
+                 register: bool = True, piece_ended: Callable[[], None] | None = None,
+                 linger: float = 0.0) -> None:
         self.conn = conn
         self.settings = settings
         self.queue_names = queues
         self.concurrency = max(1, concurrency)
         self.name = name or f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self.burst = burst
+        self.linger = linger  # s: a burst worker stays this long with nothing to do
+        self._idle_since: float | None = None
         self.until = until
         # more loops run beside the task threads until the worker stops (GN3's queue)
         self.services = list(services)
@@ -252,6 +254,7 @@ class Worker:
         self._told_to_stop = threading.Event()  # stop() was called (not burst idleness)
         self.leaving = threading.Event()  # set: running tasks go back to the queue
         self._busy = 0
+        self._running = 0  # pieces being run now (not entries being taken)
         self._lock = threading.Lock()
         self.beats = Heartbeats(conn, self.name, settings)
         self.slots = Slots(self.concurrency)
@@ -271,7 +274,13 @@ class Worker:
                 # a burst worker decides it is idle between one of its threads taking an
                 # entry and counting itself busy, at worst: that thread still runs its
                 # piece, and what the piece made ready must not be left behind
-                if not self.burst or self._told_to_stop.is_set() or not self._work_left():
+                if not self.burst or self._told_to_stop.is_set():
+                    break
+                # unregistered before its last look: a submitter that still found it
+                # registered (and so started no worker) enqueued before that look
+                if self.register:
+                    registration.unregister(self.conn, self.name)
+                if not self._work_left():
                     break
                 self.stopping.clear()
         finally:
@@ -280,6 +289,7 @@ class Worker:
 
     def _serve(self) -> None:
         """Task threads and services until the worker stops (or, burst, finds itself idle)."""
+        self._idle_since = None
         threads = [threading.Thread(target=self._task_loop, name=f"task-{i}", daemon=True)
                    for i in range(self.concurrency)]
         for i, service in enumerate(self.services):
@@ -331,10 +341,8 @@ class Worker:
                                 self.name, e)
                     outage_since = time.monotonic()
                 outage = True
-                if self.burst and time.monotonic() - outage_since > BURST_OUTAGE_LIMIT:
-                    log.warning("worker %s: a burst worker gives up on Redis after %gs",
-                                self.name, BURST_OUTAGE_LIMIT)
-                    return  # a one-off; a daemon worker waits for as long as it takes
+                if self._gives_up(outage_since):
+                    return
                 next_round = 0.0
                 self.stopping.wait(REDIS_RETRY)
                 continue
@@ -351,6 +359,23 @@ class Worker:
             self.stopping.wait(min(interval, MAINTAIN_FAST) if self.until or self.burst
                                else interval)
 
+    def _gives_up(self, outage_since: float) -> bool:
+        """A burst worker, a one-off, stops waiting for Redis after BURST_OUTAGE_LIMIT;
+        one that lingers, idle, no longer than it would have waited for work (a Redis
+        restarting is ridden out, `sheepdog redis stop` does not keep it a minute). A
+        daemon worker waits for as long as it takes."""
+        if not self.burst:
+            return False
+        # pieces being run, not takes being tried: a thread tries one a second in an
+        # outage, in step with this loop's round, and `_busy` counts those tries
+        idle = self._running == 0
+        limit = min(self.linger, BURST_OUTAGE_LIMIT) if idle and self.linger \
+            else BURST_OUTAGE_LIMIT
+        if time.monotonic() - outage_since <= limit:
+            return False
+        log.warning("worker %s: a burst worker gives up on Redis after %gs", self.name, limit)
+        return True
+
     def _upkeep(self, reap: bool = True) -> None:
         if self.register:
             self._announce()
@@ -365,7 +390,12 @@ class Worker:
         if self.burst:
             with self._lock:
                 idle = self._busy == 0
-            return idle and all(dispatch.waiting(self.conn, q) == 0 for q in self.queue_names)
+            if not idle or any(dispatch.waiting(self.conn, q) for q in self.queue_names):
+                self._idle_since = None
+                return False
+            if self._idle_since is None:
+                self._idle_since = time.monotonic()
+            return time.monotonic() - self._idle_since >= self.linger
         return False
 
     def _announce(self) -> None:
@@ -393,9 +423,13 @@ class Worker:
                 taken = self._take(runner, wait)
                 if taken is None:
                     continue
+            with self._lock:
+                self._running += 1
             try:
                 self._run_taken(runner, taken[0], taken[1], then_take)
             finally:
+                with self._lock:
+                    self._running -= 1
                 if runner.next is None:
                     self._count_busy(-1)
 

@@ -44,6 +44,51 @@ def test_detach_prints_only_the_id_and_a_worker_runs_it(env, conn):
     assert "detached" in logs.stdout
 
 
+def test_the_worker_a_detached_run_starts_is_still_there_for_the_next_job(env, conn, queue):
+    """A shell loop of `run --detach`: the worker the first job started (nobody served
+    its queue) waits, idle, for DETACHED_LINGER, so the next job finds it instead of
+    starting a worker of its own (which took every other job of such a loop 100 ms)."""
+    from sheepdog.defaults import DETACHED_LINGER
+
+    def ran_by(job_id: str) -> str:
+        wait_for(lambda: store.get_job(conn, job_id).status == "success", 30,
+                 what=f"job {job_id}")
+        return store.get_task(conn, store.get_job(conn, job_id).final_task).worker
+
+    first = ran_by(sheepdog("run", "--detach", "--", "true", env=env).stdout.strip())
+    time.sleep(1.0)  # idle for ten of its upkeep rounds: a plain burst worker was gone
+    second = ran_by(sheepdog("run", "--detach", "--", "true", env=env).stdout.strip())
+    assert first and second == first
+    (live,) = registration.live_workers(conn, queue)
+    pid = int(live["pid"])
+    try:
+        argv = open(f"/proc/{pid}/cmdline").read().split("\0")
+        assert argv[argv.index("--linger") + 1] == f"{DETACHED_LINGER:g}" and "--burst" in argv
+    finally:
+        os.kill(pid, 15)  # not left to linger into the next test
+    wait_for(lambda: not registration.live_workers(conn, queue), 30, what="it to go")
+
+
+def test_linger_is_for_a_burst_worker(env):
+    r = sheepdog("worker", "--linger", "5", env=env, timeout=60)
+    assert r.returncode == 2 and "--linger goes with --burst" in r.stderr
+
+
+def test_a_burst_worker_lingers_idle_as_long_as_it_is_told_then_goes(env, conn, settings,
+                                                                     workers):
+    w = workers.start("--burst", "--linger", "3")
+    wait_for(lambda: registration.live_workers(conn, settings.queue), 30, what="the worker")
+    time.sleep(1.0)
+    assert w.poll() is None  # idle, and still there
+    job, tasks = jobs.command_job(["true"], settings)
+    job_id = jobs.submit(conn, settings, job, tasks).id
+    wait_for(lambda: store.get_job(conn, job_id).status == "success", 30, what="the job")
+    time.sleep(1.0)
+    assert w.poll() is None  # idle again, for less than its 3 s
+    assert w.wait(30) == 0  # and then it goes by itself
+    assert not registration.live_workers(conn, settings.queue)
+
+
 def test_list_json_has_id_status_and_exit_code(env):
     sheepdog("run", "--", "true", env=env)
     sheepdog("run", "--", "false", env=env)

@@ -333,6 +333,34 @@ def test_a_burst_worker_idle_too_early_leaves_no_ready_work_behind(conn, setting
     assert store.get_job(conn, job.id).status == JobStatus.SUCCESS
 
 
+def test_a_burst_worker_going_leaves_no_job_of_a_submitter_that_found_it_registered(
+        conn, settings, monkeypatch):
+    """`run --detach` enqueues, then starts no worker when one serves the queue; a burst
+    worker going unregisters before its last look at the queue, so a job enqueued by a
+    submitter that still found it registered is seen by that look and run."""
+    from sheepdog import registration
+
+    job, tasks = jobs.command_job(["true"], settings)
+    worker = Worker(conn, settings, [settings.queue], concurrency=1, burst=True)
+    original = registration.unregister
+    raced = []
+
+    def submitter_between(conn_: object, name: str) -> None:
+        if not raced:  # enqueued while the worker is still registered: no worker started
+            assert registration.live_workers(conn, settings.queue)
+            jobs.submit(conn, settings, job, tasks)
+            raced.append(True)
+        original(conn_, name)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(registration, "unregister", submitter_between)
+    runner = threading.Thread(target=worker.run)
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive() and raced
+    assert store.get_job(conn, job.id).status == JobStatus.SUCCESS
+    assert not registration.live_workers(conn, settings.queue)
+
+
 def test_a_failures_message_quotes_the_programs_own_error_from_stdout():
     """GEMMA prints `error! unrecognized option` on stdout and only its banner on
     stderr: the piece's error quotes its own words, not just `exit code 1`."""

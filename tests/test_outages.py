@@ -173,6 +173,23 @@ def test_a_queue_a_worker_served_is_accepted(client, conn, settings):
         == TaskStatus.QUEUED
 
 
+def test_a_lingering_burst_worker_waits_for_redis_only_as_long_as_it_lingers(
+        conn, redis_server, settings, workers):
+    """Idle, it waits for Redis no longer than it would have waited for work, not
+    BURST_OUTAGE_LIMIT (60 s): `sheepdog redis stop` after a detached run."""
+    from sheepdog.registration import live_workers
+
+    proc = workers.start("--burst", "--linger", "5")
+    wait_for(lambda: live_workers(conn, settings.queue), 30, what="the worker")
+    redis_server.kill9()
+    try:
+        code = proc.wait(timeout=30)
+    finally:
+        redis_server.start()
+    assert code == 0
+    assert "gives up on Redis after 5s" in proc.stderr.read()
+
+
 def test_a_killed_workers_registration_does_not_count_as_a_live_worker(conn, settings, env,
                                                                         workers):
     from sheepdog.registration import live_workers

@@ -69,7 +69,8 @@ def test_sigterm_to_a_worker_hands_its_piece_back_and_it_runs_again(env, conn, t
     worker = workers.start("-j", "1")
     # registered first: else `run --detach` starts a worker of its own, which would take
     # the piece handed back before it can be seen queued
-    wait_for(lambda: registration.live_workers(conn), 30, what="the worker to register")
+    wait_for(lambda: registration.live_workers(conn, env["SHEEPDOG_QUEUE"]), 30,
+             what="the worker to register")
     job_id = _submit(env, _once_then_quick(tmp_path, tag))
     piece = _piece(tmp_path, tag)
     started = time.monotonic()
@@ -141,7 +142,8 @@ def test_a_stopped_server_leaves_nothing_and_its_streams_resume_after_a_restart(
         wait_for(lambda: _up(base), 30, every=0.1, what="sheepdog serve")
         # its local worker registered first: else `run --detach` starts a worker of its
         # own, which takes the piece the stopped server hands back and runs it again
-        wait_for(lambda: registration.live_workers(conn), 30, what="serve's local worker")
+        wait_for(lambda: registration.live_workers(conn, env["SHEEPDOG_QUEUE"]), 30,
+                 what="serve's local worker")
         tag = f"s{os.getpid()}x{time.time_ns()}"
         job_id = _submit(env, _once_then_quick(tmp_path, tag))
         piece = _piece(tmp_path, tag)
