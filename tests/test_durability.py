@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 from conftest import sheepdog, wait_for
 
-from sheepdog import dispatch, jobs, logs, store
+from sheepdog import dispatch, jobs, logs, registration, store
 from sheepdog.models import JobStatus, TaskStatus
 from sheepdog.worker import Worker
 
@@ -27,6 +27,9 @@ def _running_on(conn, job_id, worker_pid):
 @pytest.mark.fault
 def test_a_sigkilled_worker_is_noticed_and_its_job_rerun_elsewhere(env, workers, conn, tmp_path):
     a = workers.start()
+    # registered first: else `run --detach` leaves a worker of its own, which may take it
+    wait_for(lambda: registration.live_workers(conn, env["SHEEPDOG_QUEUE"]), 30,
+             what="worker A to register")
     job_id = sheepdog("run", "--detach", "--", "sh", "-c",
                       FLAKY.format(m=tmp_path / "marker"), env=env).stdout.strip()
     wait_for(lambda: _running_on(conn, job_id, a.pid), 20, what="worker A to run the job")

@@ -8,7 +8,7 @@ import signal
 
 from conftest import sheepdog, wait_for
 
-from sheepdog import store
+from sheepdog import registration, store
 from sheepdog.cache import Cache
 
 
@@ -18,6 +18,10 @@ def test_a_run_killed_midway_leaves_nothing_partial_and_the_rerun_is_right(
                      env=dict(env, SHEEPDOG_HOME=str(tmp_path / "other-home")), timeout=300)
     assert clean.returncode == 0
     w = workers.start()
+    # registered first: else `run --detach` leaves a worker of its own, which would run
+    # the scan on beside it and finish it after this one is killed
+    wait_for(lambda: registration.live_workers(conn, env["SHEEPDOG_QUEUE"]), 30,
+             what="the worker to register")
     job_id = sheepdog("run", "gemma-loco", "--example", "--detach", "--out",
                       str(tmp_path / "out"), env=env).stdout.strip()
 

@@ -79,8 +79,13 @@ def test_a_killed_workers_grandchildren_die_with_it(conn, settings, workers, tmp
 def test_a_killed_workers_map_items_and_theirs_die_with_it(env, conn, workers, tmp_path):
     """A map item run by a worker's thread (a light group of its own, by posix_spawn)
     and what it started go with the worker, SIGKILL included, as a guarded piece's do."""
+    from sheepdog.registration import live_workers
+
     ticks = tmp_path / "ticks"
     worker = workers.start()
+    # registered first: else `map --detach` leaves a worker of its own, which may take the
+    # item, or rerun it (as it must) once this one is killed, and tick on
+    wait_for(lambda: live_workers(conn, env["SHEEPDOG_QUEUE"]), 30, what="the worker")
     out = sheepdog("map", "--range", "1:1", "--chunk", "1", "-N0", "--detach", "--",
                    "sh", "-c", f"(while :; do echo t >> {ticks}; sleep 0.1; done) & wait",
                    env=env)
