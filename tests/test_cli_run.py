@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -65,7 +66,7 @@ def test_the_worker_a_detached_run_starts_is_still_there_for_the_next_job(env, c
         argv = open(f"/proc/{pid}/cmdline").read().split("\0")
         assert argv[argv.index("--linger") + 1] == f"{DETACHED_LINGER:g}" and "--burst" in argv
     finally:
-        os.kill(pid, 15)  # not left to linger into the next test
+        os.kill(pid, signal.SIGTERM)  # not left to linger into the next test
     wait_for(lambda: not registration.live_workers(conn, queue), 30, what="it to go")
 
 
