@@ -284,9 +284,12 @@ def _write_job(pipe: Pipeline | _Commands, conn: Any, job: Job, tasks: list[Task
 _RUN = """
 local function run(argv)
   local unpack = unpack or table.unpack
+  local blobs = #argv > 1  -- a number stands for one only when some were sent
   for _, cmd in ipairs(cjson.decode(argv[1])) do
-    for k, x in ipairs(cmd) do
-      if type(x) == 'number' then cmd[k] = argv[x] end
+    if blobs then
+      for k, x in ipairs(cmd) do
+        if type(x) == 'number' then cmd[k] = argv[x] end
+      end
     end
     redis.call(unpack(cmd))
   end
