@@ -6,6 +6,7 @@ address only by one rename, after it is complete.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,17 +51,21 @@ def task_file(root: Path | str, task_id: str, name: str) -> str:
     return os.path.join(root, "tasks", task_id, name)
 
 
+@functools.lru_cache(maxsize=16)
+def _layout(root: Path) -> tuple[Path, Path, Path, str, str]:
+    """A root's blobs/, tasks/ and tmp/, and the last two as text (a piece's scratch and
+    publication are made from these every time: joining text costs a tenth of joining
+    Paths); joined once per root, not for every Cache (two for every POST /jobs)."""
+    tasks, tmp = root / "tasks", root / "tmp"
+    return root / "blobs", tasks, tmp, os.fspath(tasks), os.fspath(tmp)
+
+
 class Cache:
     """Files under one root: blobs/ (inputs), tasks/ (published outputs), tmp/ (scratch)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.blobs = root / "blobs"
-        self.tasks = root / "tasks"
-        self.tmp = root / "tmp"
-        # as text too: a piece's scratch and publication are made from these every time,
-        # and joining text costs a tenth of joining Paths
-        self._tasks, self._tmp = os.fspath(self.tasks), os.fspath(self.tmp)
+        self.blobs, self.tasks, self.tmp, self._tasks, self._tmp = _layout(root)
         if not os.path.isdir(self._tmp):  # one stat, not three mkdirs: opened for every piece
             for d in (self.blobs, self.tasks, self.tmp):
                 d.mkdir(parents=True, exist_ok=True)

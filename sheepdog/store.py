@@ -342,7 +342,10 @@ def _argv(stack: list[tuple[Any, ...]]) -> list[Any]:
             else:
                 raise TypeError(f"{args[0]}: a {type(a).__name__} is not a Redis argument")
         text.append(command)
-    return [json.dumps(text, ensure_ascii=False), *blobs]
+    return [_encode(text), *blobs]
+
+
+_encode = json.JSONEncoder(ensure_ascii=False).encode  # made once, not for every job
 
 
 _TEXT = {str}

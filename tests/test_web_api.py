@@ -86,16 +86,19 @@ def test_a_jobs_links_are_the_routes_own_urls_behind_a_prefix_and_over_https(cli
     from web.api import urls
 
     app = client.application
-    for base in ("http://localhost/", "https://gn.example.org/gn/"):
-        with app.test_request_context("/", base_url=base):
-            job = Job(id="20261206-000000-abc", workflow="command",
-                      read_token="t-_0k3n")
-            want = {"job": url_for("api.get_job", job_id=job.id),
-                    "log": url_for("api.get_log", job_id=job.id),
-                    "result": url_for("api.get_result", job_id=job.id),
-                    "stream": url_for("job_stream", job_id=job.id, _external=True),
-                    "page": url_for("pages.job_page", job_id=job.id, token=job.read_token)}
-            assert urls(job) == want, base
+    # each base twice (the second time from what the first one worked out), and an id
+    # a URL must quote
+    for base in ("http://localhost/", "https://gn.example.org/gn/") * 2:
+        for job_id in ("a job/1", "20261206-000000-abc"):
+            with app.test_request_context("/", base_url=base):
+                job = Job(id=job_id, workflow="command", read_token="t-_0k3n")
+                want = {"job": url_for("api.get_job", job_id=job.id),
+                        "log": url_for("api.get_log", job_id=job.id),
+                        "result": url_for("api.get_result", job_id=job.id),
+                        "stream": url_for("job_stream", job_id=job.id, _external=True),
+                        "page": url_for("pages.job_page", job_id=job.id,
+                                        token=job.read_token)}
+                assert urls(job) == want, (base, job_id)
     assert want["stream"] == "wss://gn.example.org/gn/jobs/20261206-000000-abc/stream"
     created = client.post("/jobs", json={"workflow": "command", "command": ["true"]},
                           headers=AUTH).get_json()
