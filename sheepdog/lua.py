@@ -99,9 +99,11 @@ def _pool(client: Any) -> Any:
 
 def _run(pool: Any, calls: Sequence[tuple[Lua, Sequence[Any], Sequence[Any]]]) -> list[Any]:
     """EVALSHA of each call in one round trip; one the server did not know is made again
-    by its text. Error replies are returned, not raised."""
-    replies = _send(pool, [("EVALSHA", lua.sha, len(keys), *keys, *args)
-                           for lua, keys, args in calls])
+    by its text. Error replies are returned, not raised. A pool may send them its own
+    way (`send_together`: a web process's, with other requests' calls, web.green)."""
+    send = getattr(pool, "send_together", None) or _send
+    replies = send(pool, [("EVALSHA", lua.sha, len(keys), *keys, *args)
+                          for lua, keys, args in calls])
     for i, reply in enumerate(replies):
         if isinstance(reply, Exception) and _no_script(reply):
             lua, keys, args = calls[i]

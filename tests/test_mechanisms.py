@@ -465,6 +465,135 @@ def test_redis_py_in_the_web_process_asks_is_anything_to_read_without_yielding(
     assert lines == ["Parser", "False []", "False [1]", "True b'PONG'", "True b'1'"], lines
 
 
+def test_the_calls_of_one_turn_of_the_event_loop_go_to_redis_together():
+    """web.green.Together (no monkey patching needed): twenty greenlets started in one
+    turn make their calls in one round trip, each gets its own replies back; calls made
+    while that round trip is out go in the next one, sent meanwhile, not after it."""
+    import gevent
+
+    from web.green import Together
+
+    sent: list[list[tuple[str, int]]] = []
+    out_at_once = [0, 0]
+
+    def send(_pool: object, commands: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        sent.append(list(commands))
+        out_at_once[0] += 1
+        out_at_once[1] = max(out_at_once)
+        gevent.sleep(0.05)  # the round trip
+        out_at_once[0] -= 1
+        return [("reply", n) for _, n in commands]
+
+    together = Together(send)
+    first = [gevent.spawn(together, None, [("EVALSHA", i), ("EVALSHA", 100 + i)])
+             for i in range(20)]
+    gevent.sleep(0.01)  # the first group is out
+    later = [gevent.spawn(together, None, [("EVALSHA", 200 + i)]) for i in range(5)]
+    gevent.joinall(first + later, timeout=10, raise_error=True)
+    assert [g.value for g in first] == [[("reply", i), ("reply", 100 + i)] for i in range(20)]
+    assert [g.value for g in later] == [[("reply", 200 + i)] for i in range(5)]
+    assert [len(group) for group in sent] == [40, 5]
+    assert out_at_once[1] == 2  # the second group did not wait for the first's replies
+
+
+def test_a_failed_round_trip_fails_every_call_in_it_and_leaves_none_waiting(monkeypatch):
+    """Together: a lost connection raises in each caller of its group, not only the one
+    that sent it; a sender stopped during its round trip (shutdown) fails the others'
+    calls as a lost connection, not silently; one stopped before sending leaves the
+    others to send theirs; calls after any of these are sent as before."""
+    import gevent
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from web.green import Together
+
+    down, sent = [True], []
+
+    def send(_pool: object, commands: list[tuple[str, int]]) -> list[int]:
+        sent.append([n for _, n in commands])
+        gevent.sleep(0.05)
+        if down[0]:
+            raise RedisConnectionError("Connection closed by server.")
+        return [n for _, n in commands]
+
+    together = Together(send)
+    calls = [gevent.spawn(together, None, [("EVALSHA", i)]) for i in range(6)]
+    gevent.joinall(calls, timeout=10)
+    assert [type(g.exception).__name__ for g in calls] == ["ConnectionError"] * 6
+    down[0] = False
+    sender = gevent.spawn(together, None, [("EVALSHA", 1)])
+    others = [gevent.spawn(together, None, [("EVALSHA", i)]) for i in (2, 3)]
+    gevent.sleep(0.01)  # the three are out in one round trip
+    sender.kill()
+    gevent.joinall(others, timeout=10)
+    assert [type(g.exception).__name__ for g in others] == ["ConnectionError"] * 2
+    assert "stopped (GreenletExit)" in str(others[0].exception)
+
+    sleep = gevent.sleep
+
+    def stopped_before_sending(seconds: float = 0) -> None:
+        if gevent.getcurrent() is first:
+            raise gevent.GreenletExit
+        sleep(seconds)
+
+    monkeypatch.setattr(gevent, "sleep", stopped_before_sending)
+    sent.clear()
+    first = gevent.spawn(together, None, [("EVALSHA", 4)])
+    rest = [gevent.spawn(together, None, [("EVALSHA", i)]) for i in (5, 6)]
+    gevent.joinall([first, *rest], timeout=10, raise_error=True)
+    monkeypatch.undo()
+    assert [g.value for g in rest] == [[5], [6]] and [4] not in sent
+    again = [gevent.spawn(together, None, [("EVALSHA", i)]) for i in range(3)]
+    gevent.joinall(again, timeout=10, raise_error=True)
+    assert [g.value for g in again] == [[0], [1], [2]]
+
+
+_TOGETHER_CHECK = """
+from gevent import monkey
+monkey.patch_all()
+import sys, gevent, redis
+from sheepdog import lua
+from web import green
+
+client = green.together(redis.Redis.from_url(sys.argv[1], **green.options()))
+together = client.connection_pool.send_together
+groups = []
+send = lua._send
+lua._send = lambda pool, commands: groups.append(len(commands)) or send(pool, commands)
+echo = lua.script(client, "if ARGV[1] == 'bad' then return redis.error_reply('a bad one') "
+                          "end redis.call('INCR', KEYS[1]) return ARGV[1]")
+
+echo(keys=["loaded"], args=["first"])  # the server knows the script from now on
+groups.clear()
+
+def call(i):
+    try:
+        return echo(keys=["together"], args=["bad" if i == 7 else f"v{i}"]).decode()
+    except redis.ResponseError as e:
+        return str(e)
+
+calls = [gevent.spawn(call, i) for i in range(30)]
+gevent.joinall(calls, raise_error=True)
+print(",".join(g.value for g in calls))
+print(len(groups) < 30, sum(groups), client.get("together").decode())
+"""
+
+
+def test_a_web_process_sends_its_requests_script_calls_to_redis_together(redis_server):
+    """Under gevent (gunicorn's worker) with a real Redis: thirty script calls made at
+    once go in fewer round trips than calls (after the first, which loads the script),
+    each caller gets its own reply, and one call's error reply is that caller's alone."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _TOGETHER_CHECK, redis_server.url],
+                          capture_output=True, text=True, timeout=60, cwd=root)
+    assert done.returncode == 0, done.stderr
+    replies, counts = done.stdout.splitlines()
+    assert replies.split(",") == [
+        "a bad one" if i == 7 else f"v{i}" for i in range(30)], replies
+    assert counts == "True 30 29", counts
+
+
 def test_a_piece_that_asks_for_several_cores_holds_as_many_slots(conn, settings, tmp_path):
     """A worker of two slots: two pieces that ask for one core each run side by side;
     two that ask for two cores each (CWL's ResourceRequirement) run one after the other."""

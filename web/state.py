@@ -27,7 +27,7 @@ def conn() -> Any:
     app = current_app
     with _lock:
         if "REDIS" not in app.extensions:
-            app.extensions["REDIS"] = connect(settings(), **green.options())
+            app.extensions["REDIS"] = green.together(connect(settings(), **green.options()))
     return app.extensions["REDIS"]
 
 
