@@ -6,7 +6,8 @@
 
 (a) --posts concurrent `POST /jobs` (command jobs) from --clients threads: none lost
     (every one accepted and finished), no 5xx, latency p50/p99; Redis memory per
-    finished job (INFO used_memory before and after, divided by the jobs).
+    finished job (INFO used_memory before and after, divided by the jobs); the CPU a
+    POST of the web processes, of Redis and of `serve`'s own worker while they came.
 (b) --followers websocket clients at once, each following its own job (a line every
     0.1 s for 3 s) with that job's read token: every client gets every line and `end`;
     the slowest client's time to `end`, and the p99 line delay.
@@ -89,15 +90,63 @@ def curl_posts(base: str, body: object, count: int, clients: int,
     return answers
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes under `pid` (Linux /proc), nearest first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _cpu(pids: list[int], waited: bool = False) -> float:
+    """Seconds of CPU the processes used (`waited`: with their children's they waited for)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += sum(int(f) for f in fields[11:15 if waited else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _parts(service: int) -> tuple[list[int], list[int]]:
+    """(the web processes, `serve`'s own worker) under `serve`'s pid."""
+    web, worker = [], []
+    for pid in _descendants(service):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"worker" in argv and any(a.endswith(b"sheepdog") for a in argv):
+            worker.append(pid)
+        elif any(b"gunicorn" in a for a in argv):
+            web.append(pid)
+    return web, worker
+
+
 def posts(base: str, conn: redis.Redis, count: int, clients: int,
-          work: Path) -> dict[str, float]:
+          work: Path, service: int = 0) -> dict[str, float]:
     before = int(conn.info("memory")["used_memory"])
     body = {"workflow": "command", "command": ["true"]}
+    web, worker = _parts(service) if service else ([], [])
+    cpu = (_cpu(web), _cpu(worker, waited=True), _redis_cpu(conn))
     if shutil.which("curl"):
         answers = curl_posts(base, body, count, clients, work)
     else:
         with ThreadPoolExecutor(clients) as pool:
             answers = list(pool.map(lambda _: call(base, "POST", "/jobs", body), range(count)))
+    spent = (_cpu(web) - cpu[0], _cpu(worker, waited=True) - cpu[1], _redis_cpu(conn) - cpu[2])
     ids = [a[1]["id"] for a in answers if a[0] == 202 and isinstance(a[1], dict)]
     server_errors = sum(1 for a in answers if a[0] >= 500)
     deadline = time.monotonic() + 600
@@ -115,7 +164,14 @@ def posts(base: str, conn: redis.Redis, count: int, clients: int,
     return {"accepted": len(ids), "finished": finished, "lost": count - finished,
             "5xx": server_errors, "p50_ms": statistics.median(latencies),
             "p99_ms": percentile(latencies, 0.99),
-            "bytes_per_job": (after - before) / max(1, finished)}
+            "bytes_per_job": (after - before) / max(1, finished),
+            "web_ms": spent[0] * 1000 / count, "worker_ms": spent[1] * 1000 / count,
+            "redis_ms": spent[2] * 1000 / count}
+
+
+def _redis_cpu(conn: redis.Redis) -> float:
+    info = conn.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
 FOLLOWED = ("import time\nfor i in range(30):\n    print(i, repr(time.time()), flush=True)\n"
@@ -240,7 +296,7 @@ def main() -> None:
     try:
         conn = redis.Redis.from_url(server.url)
         ready(web, work / "serve.log")
-        a = posts(base, conn, args.posts, args.clients, work)
+        a = posts(base, conn, args.posts, args.clients, work, web.pid)
         if not args.posts_only:
             b = followers(base, args.followers)
             store_jobs(conn, args.stored)
@@ -256,6 +312,8 @@ def main() -> None:
           f"{a['5xx']:.0f} 5xx; latency p50 {a['p50_ms']:.0f} ms, p99 {a['p99_ms']:.0f} ms; "
           f"Redis memory per finished job {a['bytes_per_job'] / 1024:.1f} KiB "
           f"(target: p99 <= 150 ms, none lost)")
+    print(f"    CPU a POST while they came: the web processes {a['web_ms']:.2f} ms, Redis "
+          f"{a['redis_ms']:.2f} ms, serve's own worker running the jobs {a['worker_ms']:.2f} ms")
     if args.posts_only:
         return
     print(f"(b) {b['clients']:.0f} websocket clients following a job each: {b['whole']:.0f} "
