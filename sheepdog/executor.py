@@ -140,6 +140,7 @@ class Executor(futures.Executor):
         self._seq = itertools.count(1)
         self._units: collections.deque[Unit] = collections.deque()
         self._pending: dict[str, list[Future]] = {}
+        self._unsent: list[tuple[Task, list[Future]]] = []  # pending, not known sent
         self._slots, self._slots_seen, self._processes = 1, 0.0, 1
         self._all: list[Future] = []
         self._shutdown = False
@@ -286,16 +287,34 @@ class Executor(futures.Executor):
                     host=self._host, queue=self._queue, environment="python calls")
 
     def _flush(self) -> None:
+        if self._unsent:
+            self._resend()
         self._refresh_slots()
         pieces = self._take_pieces()
-        if not pieces:
-            return
+        if pieces:
+            self._send(pieces)
+
+    def _send(self, pieces: list[tuple[Task, list[Future]]]) -> None:
         try:
             store.add_tasks(self._conn, self.job.id, [t for t, _ in pieces])
         except SheepdogError as e:
             for task, fs in pieces:
                 self._take(task.id)
                 self._settle(fs, error=TaskFailed(str(e)))
+        except redis.RedisError:
+            # the connection went with or without the pieces (a script call is not
+            # retried through an outage): asked again once Redis is back (_resend)
+            self._unsent = pieces
+            raise
+
+    def _resend(self) -> None:
+        """Pieces whose sending met an outage: sent again unless they got in. New pieces
+        go in by one script call, so one of them there means all of them are."""
+        pieces = self._unsent
+        there = store.get_task(self._conn, pieces[0][0].id) is not None
+        self._unsent = []
+        if not there:
+            self._send(pieces)
 
     def _flusher(self) -> None:
         while not self._stop.is_set():
@@ -327,6 +346,8 @@ class Executor(futures.Executor):
     def _collector(self) -> None:
         cursors = {self.job.id: "0-0"}
         looked = time.monotonic()
+        touched: set[str] = set()  # pieces whose lines came and whose state is unread
+        ended = False
         while True:
             with self._lock:
                 if self._shutdown and not self._pending and not self._units:
@@ -339,11 +360,17 @@ class Executor(futures.Executor):
             except redis.RedisError:
                 self._stop.wait(0.5)  # Redis is restarting: the pieces go on meanwhile
                 continue
-            touched = {line.task for _, line in lines if line.task}
-            if touched:
-                self._check(touched)
-            if any(line.end for _, line in lines):
-                self._job_ended()
+            touched |= {line.task for _, line in lines if line.task}
+            ended = ended or any(line.end for _, line in lines)
+            try:
+                if touched:
+                    self._check(touched)
+                touched = set()
+                if ended:
+                    self._job_ended()
+                    ended = False
+            except redis.RedisError:  # their lines are read: looked at again when it is back
+                self._stop.wait(0.5)
 
     def _check_workers(self) -> None:
         """A worker this Executor started that died: its pieces go back to the queue at

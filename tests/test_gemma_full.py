@@ -48,7 +48,9 @@ def test_it_shares_the_kinship_pieces_with_loco_and_runs_from_rest(env, tmp_path
     ids = [{p["name"]: p["id"] for p in json.loads(r.stdout)["pieces"]} for r in (loco, full)]
     kinships = [n for n in ids[0] if n.startswith("kinship chr")]
     assert len(kinships) == 20 and all(ids[0][n] == ids[1][n] for n in kinships)
-    assert all(ids[0][f"lmm chr {c}"] != ids[1][f"lmm chr {c}"] for c in ("1", "X"))
+    # one LMM of every SNP (GEMMA's batches of them: see _lmm_task), none per chromosome
+    assert [n for n in ids[1] if n.startswith("lmm")] == ["lmm all SNPs"]
+    assert ids[1]["lmm all SNPs"] not in ids[0].values() and len(ids[1]) == 20 + 2
     app = create_app({"TESTING": True, "SETTINGS": {
         "redis_url": redis_server.url, "home": home, "api_tokens": ("t",), "queue": queue,
         "input_roots": (str(BXD),)}})
@@ -65,9 +67,10 @@ def test_it_shares_the_kinship_pieces_with_loco_and_runs_from_rest(env, tmp_path
 
 
 def test_gemmas_nan_is_missing_in_every_reader_and_never_a_hit(env, tmp_path):
-    """GEMMA prints `p_lrt nan` for two BXD SNPs in the plain scan: the merged file keeps
-    GEMMA's lines, and every reader (top hits, permutation minimum, precompute, plot,
-    LMDB hits, the wrapper's record) takes them as missing, never as p = 0."""
+    """GEMMA prints `p_lrt nan` for some BXD SNPs in the plain scan (two or three: which
+    depends on the BLAS kernel): the merged file keeps GEMMA's lines, and every reader (top
+    hits, permutation minimum, precompute, plot, LMDB hits, the wrapper's record) takes
+    them as missing, never as p = 0."""
     import math
 
     from sheepdog.gemma.commands import p_value
@@ -80,7 +83,9 @@ def test_gemmas_nan_is_missing_in_every_reader_and_never_a_hit(env, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = read_assoc(out / "assoc.txt")
     nan = {rs for rs, row in rows.items() if row["p_lrt"] in ("nan", "-nan")}
-    assert nan == {"rs29680149", "rs33754543"}  # GEMMA's own output
+    theirs = full_scan(tmp_path)  # GEMMA's own output, on the BLAS this machine has
+    assert nan == {rs for rs, row in theirs.items() if row["p_lrt"] in ("nan", "-nan")}
+    assert {"rs29680149", "rs33754543"} <= nan
     finite = {rs: float(row["p_lrt"]) for rs, row in rows.items() if rs not in nan}
     best = min(finite, key=finite.__getitem__)
     result = json.loads((out / "result.json").read_text())
@@ -94,7 +99,8 @@ def test_gemmas_nan_is_missing_in_every_reader_and_never_a_hit(env, tmp_path):
     heights = [y for _, ys in by_chrom.values() for y in ys]
     assert len(heights) == len(finite) and max(heights) < 10
     meta, records = lmdbout.read(tmp_path / "scan.mdb")
-    assert len(records) == len(rows) and sum(math.isnan(v[-1]) for v in records.values()) == 2
+    assert len(records) == len(rows)
+    assert sum(math.isnan(v[-1]) for v in records.values()) == len(nan)
     assert not nan & {h[2] for h in meta["hits"]}
     for text in ("nan", "-nan", "inf", "-inf", "NaN", "x"):
         assert p_value(text) is None, text

@@ -66,6 +66,40 @@ def test_every_executor_call_resolves_through_a_redis_outage(settings, conn, red
     assert "Traceback" not in said
 
 
+@pytest.mark.parametrize("reply_lost", [False, True], ids=["never-sent", "reply-lost"])
+def test_pieces_whose_sending_met_an_outage_go_in_once_when_redis_is_back(
+        settings, conn, monkeypatch, reply_lost):
+    """The connection fails while the Executor sends a batch of pieces (their script call
+    is not retried through an outage): before it reached Redis, or after, its reply lost.
+    When Redis answers again the batch is sent if it is not there, never twice: every
+    call resolves, and the job counts each piece once."""
+    import redis
+
+    real, failed = store.add_tasks, []
+
+    def lost(c, job_id, tasks, *args, **kwargs):
+        if not failed:
+            failed.append(len(tasks))
+            if reply_lost:
+                real(c, job_id, tasks, *args, **kwargs)
+            raise redis.ConnectionError("Connection closed by server.")
+        return real(c, job_id, tasks, *args, **kwargs)
+
+    monkeypatch.setattr(store, "add_tasks", lost)
+    ex = Executor(max_workers=2, settings=settings, batch_size=4)
+    fs = [ex.submit(calls.square, x) for x in range(200)]
+    _, waiting = concurrent.futures.wait(fs, timeout=60)
+    ex.shutdown(wait=not waiting, cancel_futures=bool(waiting))  # a failure, not a hang
+    assert not waiting, f"{len(waiting)} of 200 calls never resolved"
+    assert [f.result() for f in fs] == [x * x for x in range(200)]
+    job_id = ex.job.id
+    assert failed and failed[0] >= 1
+    job = store.get_job(conn, job_id)
+    pieces = store.job_task_ids(conn, job_id)
+    assert len(pieces) == len(set(pieces)) == job.total == job.done
+    assert job.status == "success"
+
+
 @pytest.mark.parametrize("seed", ROUNDS)
 def test_every_map_item_is_recorded_once_through_a_redis_outage(env, conn, redis_server,
                                                                 tmp_path, seed):

@@ -1,7 +1,8 @@
 """The Python steps of the GEMMA workflows, run as task processes:
 
     python -m sheepdog.gemma.ops kinship [--rank N] GENO
-    python -m sheepdog.gemma.ops loco-lmm --chromosome C [--full] -- GEMMA-ARGS --
+    python -m sheepdog.gemma.ops loco-lmm --chromosome C -- GEMMA-ARGS -- CHR KINSHIP_DIR ...
+    python -m sheepdog.gemma.ops loco-lmm --full [--part GENO ANNO ...] -- GEMMA-ARGS --
                                           CHR KINSHIP_DIR ...
     python -m sheepdog.gemma.ops gather CHR ASSOC LOG [...]
     python -m sheepdog.gemma.ops perm-prepare --pheno P [--column N] [--covariates C]
@@ -25,6 +26,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -76,12 +78,27 @@ def loco_matrix(chromosome: str | None, kinship_dirs: dict[str, Path], emit: Emi
 def loco_lmm(args: argparse.Namespace, here: Path, emit: Emit, complain: Emit,
              stop: threading.Event | None) -> int:
     """Write this chromosome's LOCO kinship (--full: the kinship of all SNPs), then run
-    GEMMA's LMM on the chromosome's SNPs against it."""
+    GEMMA's LMM on the chromosome's SNPs against it (with --part: on all the parts'
+    SNPs, joined in the order given, as @geno and @anno)."""
+    if not args.full and args.chromosome is None:
+        raise SheepdogError("loco-lmm needs --chromosome, or --full")
     dirs = {args.pairs[i]: Path(args.pairs[i + 1]) for i in range(0, len(args.pairs), 2)}
     matrix = loco_matrix(None if args.full else args.chromosome, dirs, emit, args.gemma[0])
     loco.write_matrix(here / "loco.txt", matrix)
-    argv = [("loco.txt" if a == "@loco" else a) for a in args.gemma]
+    files = {"@loco": "loco.txt"}
+    if args.part:
+        files.update({"@geno": "genotypes.txt", "@anno": "snps.txt"})
+        _join([g for g, _ in args.part], here / files["@geno"])
+        _join([a for _, a in args.part], here / files["@anno"])
+    argv = [files.get(a, a) for a in args.gemma]
     return run_streaming(argv, here, emit, complain, stop)
+
+
+def _join(paths: list[str], out: Path) -> None:
+    with open(out, "wb") as joined:
+        for path in paths:
+            with open(path, "rb") as part:
+                shutil.copyfileobj(part, joined)
 
 
 @functools.cache  # the worker's environment does not change: copy it once
@@ -116,7 +133,8 @@ def gather(items: list[str], here: Path, emit: Emit) -> None:
     (here / "summary.json").write_text(json.dumps(summary, indent=1))
     plot.manhattan(here / "assoc.txt", here / "manhattan")
     best = summary["top_hits"][0] if summary["top_hits"] else None
-    emit(f"merged {summary['snps']} SNPs from {len(pieces)} chromosomes"
+    emit(f"merged {summary['snps']} SNPs of {len(summary['chromosomes'])} chromosomes from "
+         f"{len(pieces)} piece{'s' if len(pieces) > 1 else ''}"
           + (f"; top hit {best['rs']} on chr {best['chr']}, {summary['p_column']} "
              f"{best[summary['p_column']]:.3g}" if best else ""))
 
@@ -157,8 +175,11 @@ def _parser() -> argparse.ArgumentParser:
                      "in the genotype file: LOCO kinships take the pieces in this order")
     kin.add_argument("geno")
     lmm = sub.add_parser("loco-lmm")
-    lmm.add_argument("--chromosome", required=True)
+    lmm.add_argument("--chromosome")
     lmm.add_argument("--full", action="store_true", help="the kinship of all SNPs, not LOCO")
+    lmm.add_argument("--part", nargs=2, action="append", default=[],
+                     metavar=("GENO", "ANNO"), help="with --full: a chromosome's files; "
+                     "GEMMA reads them all, joined in this order, as @geno and @anno")
     lmm.add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("gather").add_argument("items", nargs="+")
     prep = sub.add_parser("perm-prepare")

@@ -2,8 +2,9 @@
 content-addressed tasks.
 
     split (here, while validating) -> kinship per chromosome
-        -> LMM per chromosome (its LOCO kinship as GEMMA computes it, or without LOCO
-           the kinship of all SNPs, then GEMMA on that chromosome's SNPs) -> gather
+        -> LMM per chromosome (its LOCO kinship as GEMMA computes it, then GEMMA on
+           that chromosome's SNPs), or without LOCO one LMM (the kinship of all SNPs,
+           then GEMMA on all of them) -> gather
     kinships -> permutation prep (LOCO kinships cut to the analysed individuals)
         -> permutation batches -> thresholds
 
@@ -32,6 +33,7 @@ from ...params import Param, Params
 from ..commands import COMPLETE, GEMMA_ENV, LMM_MODES, check_gemma_flags, lmm_argv, version
 from ..formats import bimbam, traits
 from ..formats import convert as formats
+from .merge import WHOLE, piece_name
 from .permute import MIN_RULES
 
 OPS = ["-m", "sheepdog.gemma.ops"]
@@ -302,6 +304,41 @@ def kinship_tasks(prep: Prepared, request: GemmaRequest, settings: Settings, env
     return kinships
 
 
+LMM_LOG = "output/lmm.log.txt"
+
+
+def _lmm_task(prep: Prepared, request: GemmaRequest, settings: Settings, env: str,
+              kinships: dict[str, Task], kinship_dirs: list[Any], chrom: str) -> Task:
+    """GEMMA's LMM of one chromosome's SNPs against its LOCO kinship, or (WHOLE) of every
+    SNP against the kinship of all SNPs. Without LOCO the SNPs are not split: GEMMA
+    computes Uᵀx for a batch of SNPs with one dgemm, and with some BLAS kernels
+    (OpenBLAS's Haswell and Zen, measured on BXD) a column's last bits depend on how many
+    SNPs the batch holds, so a chromosome alone would differ from GEMMA's run of all."""
+    inputs = {"pheno": prep.blobs["pheno"]}
+    if "covariates" in prep.blobs:
+        inputs["covariates"] = prep.blobs["covariates"]
+    geno: Any
+    anno: Any
+    head: list[Any]
+    if chrom == WHOLE:  # every chromosome's files, joined in the order GEMMA meets them
+        geno, anno, head = "@geno", "@anno", ["--full"]
+        for name, files in prep.chromosomes.items():
+            inputs[f"geno.{name}"], inputs[f"anno.{name}"] = files["geno"], files["anno"]
+            head += ["--part", {"input": f"geno.{name}"}, {"input": f"anno.{name}"}]
+    else:
+        files = prep.chromosomes[chrom]
+        inputs["geno"], inputs["anno"] = files["geno"], files["anno"]
+        geno, anno, head = {"input": "geno"}, {"input": "anno"}, ["--chromosome", chrom]
+    gemma = lmm_argv(geno, {"input": "pheno"}, anno, "@loco", request.lmm,
+                     request.gemma_options(),
+                     {"input": "covariates"} if "covariates" in inputs else None,
+                     prep.gemma_column, request.gemma_flags)
+    argv = [{"python": True}, *OPS, "loco-lmm", *head, "--", *gemma, "--", *kinship_dirs]
+    return gemma_task(piece_name(chrom), argv, inputs, [t.id for t in kinships.values()],
+                      ["output/lmm.assoc.txt", LMM_LOG, "loco.txt"], env, request, settings,
+                      LMM_LOG)
+
+
 def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
                env: str) -> tuple[list[Task], list[Task], list[Task], Task]:
     """(kinship tasks, all scan tasks in order, LMM tasks, gather task)."""
@@ -309,27 +346,12 @@ def scan_tasks(prep: Prepared, request: GemmaRequest, settings: Settings,
     kinship_dirs: list[Any] = []
     for chrom, t in kinships.items():
         kinship_dirs += [chrom, {"dep": t.id, "file": "."}]
-    lmms = []
-    lmm_log = "output/lmm.log.txt"
-    for chrom in prep.order:
-        c = prep.chromosomes[chrom]
-        inputs = {"geno": c["geno"], "anno": c["anno"], "pheno": prep.blobs["pheno"]}
-        if "covariates" in prep.blobs:
-            inputs["covariates"] = prep.blobs["covariates"]
-        gemma = lmm_argv({"input": "geno"}, {"input": "pheno"}, {"input": "anno"}, "@loco",
-                         request.lmm, request.gemma_options(),
-                         {"input": "covariates"} if "covariates" in inputs else None,
-                         prep.gemma_column, request.gemma_flags)
-        argv = [{"python": True}, *OPS, "loco-lmm", "--chromosome", chrom,
-                *([] if request.loco else ["--full"]), "--", *gemma, "--", *kinship_dirs]
-        lmms.append(gemma_task(f"lmm chr {chrom}", argv, inputs,
-                                [t.id for t in kinships.values()],
-                                ["output/lmm.assoc.txt", lmm_log, "loco.txt"], env, request,
-                                settings, lmm_log))
+    lmms = [_lmm_task(prep, request, settings, env, kinships, kinship_dirs, chrom)
+            for chrom in (prep.order if request.loco else [WHOLE])]
     gather_argv: list[Any] = [{"python": True}, *OPS, "gather"]
-    for chrom, t in zip(prep.order, lmms, strict=True):
+    for chrom, t in zip(prep.order if request.loco else [WHOLE], lmms, strict=True):
         gather_argv += [chrom, {"dep": t.id, "file": "output/lmm.assoc.txt"},
-                        {"dep": t.id, "file": lmm_log}]
+                        {"dep": t.id, "file": LMM_LOG}]
     gather = gemma_task("gather", gather_argv, {}, [t.id for t in lmms],
                          ["assoc.txt", "summary.json", "manhattan.png", "manhattan.svg"],
                          env, request, settings)

@@ -13,16 +13,35 @@ from ..formats.bimbam import chromosome_order
 
 # What every piece of one scan must have in common, as its GEMMA log states it.
 AGREE = ("version", "individuals", "total_individuals")
+WHOLE = ""  # the chromosome of a scan's one LMM piece without LOCO: every chromosome
+_PIECE = "lmm chr "
+
+
+def piece_name(chromosome: str) -> str:
+    """The name of the LMM piece of a chromosome (WHOLE: of every SNP)."""
+    return "lmm all SNPs" if chromosome == WHOLE else _PIECE + chromosome
+
+
+def lmm_chromosome(name: str) -> str | None:
+    """The chromosome of an LMM piece by its name (WHOLE for all SNPs), None if it is
+    not one."""
+    if name == piece_name(WHOLE):
+        return WHOLE
+    return name.removeprefix(_PIECE) if name.startswith(_PIECE) else None
 
 
 @dataclass
 class Piece:
     """One chromosome's LMM output: its assoc file and its GEMMA log."""
 
-    chromosome: str
+    chromosome: str  # WHOLE: the piece holds every chromosome's SNPs
     assoc: Path
     log: Path
     facts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return piece_name(self.chromosome)
 
 
 # flags naming a piece's own files: whether -c was given must match, not its path
@@ -64,7 +83,7 @@ def check_agreement(pieces: list[Piece]) -> dict[str, str]:
         piece.facts = parse_log(text)
         piece.facts["options"] = " ".join(_options(text))
         if piece.facts["complete"] != "1":
-            raise GatherError(f"piece 'lmm chr {piece.chromosome}': its GEMMA log is incomplete"
+            raise GatherError(f"piece '{piece.name}': its GEMMA log is incomplete"
                               " (no 'total computation time')")
     first = pieces[0]
     for name in (*AGREE, "options"):
@@ -73,9 +92,12 @@ def check_agreement(pieces: list[Piece]) -> dict[str, str]:
             value = piece.facts.get(name, "")
             if value != seen[name]:
                 raise GatherError(
-                    f"piece 'lmm chr {piece.chromosome}': field '{name}' is {value!r}, but "
-                    f"piece 'lmm chr {first.chromosome}' has {seen[name]!r}")
+                    f"piece '{piece.name}': field '{name}' is {value!r}, but "
+                    f"piece '{first.name}' has {seen[name]!r}")
     chroms = [p.chromosome for p in pieces]
+    if WHOLE in chroms and len(chroms) > 1:
+        raise GatherError(f"piece '{piece_name(WHOLE)}' holds every chromosome: it is "
+                          "gathered alone")
     dupes = {c for c in chroms if chroms.count(c) > 1}
     if dupes:
         raise GatherError(f"chromosome(s) {sorted(dupes)} appear in more than one piece")
@@ -87,25 +109,25 @@ def merge(pieces: list[Piece], out: Path) -> dict[str, Any]:
     facts = check_agreement(pieces)
     header: list[str] | None = None
     rows: list[tuple[tuple[int, str], int, int, str, list[str]]] = []
-    owner: dict[str, str] = {}
+    owner: dict[str, Piece] = {}
     for order, piece in enumerate(sorted(pieces, key=lambda p: chromosome_order(p.chromosome))):
         with open(piece.assoc) as f:
             this_header = f.readline().rstrip("\n").split("\t")
             if header is None:
                 header = this_header
             elif this_header != header:
-                raise GatherError(f"piece 'lmm chr {piece.chromosome}': field 'header' is "
+                raise GatherError(f"piece '{piece.name}': field 'header' is "
                                   f"{this_header}, expected {header}")
             for number, line in enumerate(f, start=2):
                 cols = line.rstrip("\n").split("\t")
                 chrom, rs, ps = cols[0], cols[1], cols[2]
-                if chrom != piece.chromosome:
-                    raise GatherError(f"piece 'lmm chr {piece.chromosome}': line {number} "
+                if piece.chromosome not in (WHOLE, chrom):
+                    raise GatherError(f"piece '{piece.name}': line {number} "
                                       f"has SNP {rs} on chromosome {chrom}")
                 if rs in owner:
-                    raise GatherError(f"SNP {rs} appears twice: in piece 'lmm chr "
-                                      f"{owner[rs]}' and in piece 'lmm chr {chrom}'")
-                owner[rs] = chrom
+                    raise GatherError(f"SNP {rs} appears twice: in piece "
+                                      f"'{owner[rs].name}' and in piece '{piece.name}'")
+                owner[rs] = piece
                 rows.append((chromosome_order(chrom), int(float(ps)), order, rs, cols))
     assert header is not None
     rows.sort(key=lambda r: (r[0], r[1]))
@@ -118,10 +140,17 @@ def merge(pieces: list[Piece], out: Path) -> dict[str, Any]:
     top = [r for _, r in sorted(tested, key=lambda pr: pr[0])[:10]]  # nan is never a hit
     return {
         "header": header, "p_column": header[pcol], "snps": len(rows), "facts": facts,
-        "chromosomes": [p.chromosome for p in sorted(pieces, key=lambda p:
-                                                     chromosome_order(p.chromosome))],
+        "chromosomes": _chromosomes(pieces, rows),
         "top_hits": [hit(header, r[4], pcol) for r in top],
     }
+
+
+def _chromosomes(pieces: list[Piece], rows: list[Any]) -> list[str]:
+    """The scan's chromosomes in genome order: its pieces', or its SNPs' for one piece of
+    all SNPs."""
+    if pieces[0].chromosome == WHOLE:
+        return list(dict.fromkeys(r[4][0] for r in rows))
+    return [p.chromosome for p in sorted(pieces, key=lambda p: chromosome_order(p.chromosome))]
 
 
 def hit(header: list[str], cols: list[str], pcol: int) -> dict[str, Any]:

@@ -16,16 +16,18 @@ from ... import store
 from ...cache import Cache
 from ...config import Settings
 from ...models import Job, Task
+from .merge import lmm_chromosome
 
 
-def piece_files(tasks: list[Task], local: Cache) -> list[list[str]]:
-    """[chromosome, log, assoc] per LMM piece, like gemma-wrapper's `files`."""
-    files = []
+def piece_files(tasks: list[Task], local: Cache) -> list[list[str | None]]:
+    """[chromosome, log, assoc] per LMM piece, like gemma-wrapper's `files` (the
+    chromosome None for the one piece of a scan without LOCO, as its record has it)."""
+    files: list[list[str | None]] = []
     for t in tasks:
-        if t.name.startswith("lmm chr "):
+        chromosome = lmm_chromosome(t.name)
+        if chromosome is not None:
             d = local.task_dir(t.id) / "output"
-            files.append([t.name.removeprefix("lmm chr "), str(d / "lmm.log.txt"),
-                          str(d / "lmm.assoc.txt")])
+            files.append([chromosome or None, str(d / "lmm.log.txt"), str(d / "lmm.assoc.txt")])
     return files
 
 
@@ -48,7 +50,8 @@ def describe(conn: redis.Redis, settings: Settings, job: Job) -> dict[str, Any]:
         "pieces_cached": job.cached,
         "pieces": job.total,
         "gemma_version": job.params["gemma_version"],
-        "gemma_command": next((t.argv for t in tasks if t.name.startswith("lmm chr")), []),
+        "gemma_command": next((t.argv for t in tasks if lmm_chromosome(t.name) is not None),
+                              []),
         "inputs": job.params["inputs"],
         "options": job.params["options"],
         "files": piece_files(tasks, local),
@@ -111,7 +114,8 @@ def write_lmdb(conn: redis.Redis, settings: Settings, job: Job, db: Path) -> dic
     local = Cache(settings.cache_dir)
     logs = {}
     for chrom, log, _assoc in piece_files(store.job_tasks(conn, job.id), local):
-        logs[f"chr {chrom}"] = Path(log).read_text(errors="replace")
+        logs[f"chr {chrom}" if chrom else "all SNPs"] = Path(str(log)).read_text(
+            errors="replace")
     return lmdbout.write(local.task_dir(job.params["scan_task"]) / "assoc.txt", db, logs)
 
 

@@ -320,7 +320,7 @@ def gwa_step(options: argparse.Namespace, gemma: GemmaArgs, settings: Settings, 
     out_dir = Path(options.cache_dir or tempfile.gettempdir())
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = job.params["scan_task"][:40]
-    by_chrom = {c: (Path(log), Path(assoc)) for c, log, assoc in
+    by_chrom = {c: (Path(str(log)), Path(str(assoc))) for c, log, assoc in
                 result.piece_files(store.job_tasks(conn, job.id), cache)}
     merged = cache.task_dir(job.params["scan_task"]) / "assoc.txt"
     files = _gwa_files(out_dir, stem, [c for c in job.params["chromosomes"] if c in wanted],
@@ -351,29 +351,24 @@ def _same_kind(k: dict[str, Any], loco: bool, where: str) -> None:
 
 
 def _gwa_files(out_dir: Path, stem: str, chromosomes: list[str],
-               by_chrom: dict[str, tuple[Path, Path]], merged: Path | None) -> list[list[Any]]:
+               by_chrom: dict[str | None, tuple[Path, Path]], merged: Path | None
+               ) -> list[list[Any]]:
     """The record's [chromosome, log, assoc] in gemma-wrapper's cache directory: one per
-    chromosome (LOCO), or one merged assoc with every piece's GEMMA log (`merged`)."""
-    if merged is None:
-        files: list[list[Any]] = []
-        for chrom in chromosomes:
-            log, assoc = by_chrom[chrom]
-            dst_log = out_dir / f"{stem}.{chrom}.log.txt"
-            dst_assoc = out_dir / f"{stem}.{chrom}.assoc.txt"
-            _publish(log, dst_log)
-            _publish(assoc, dst_assoc)
-            files.append([chrom, str(dst_log), str(dst_assoc)])
-        return files
-    dst_log, dst_assoc = out_dir / f"{stem}.log.txt", out_dir / f"{stem}.assoc.txt"
-    if not dst_log.exists():
-        tmp = out_dir / f".{dst_log.name}.{os.getpid()}.tmp"
-        with open(tmp, "w") as out:
-            for chrom in chromosomes:
-                out.write(f"## sheepdog: GEMMA's log of chromosome {chrom}'s SNPs\n")
-                out.write(by_chrom[chrom][0].read_text())
-        os.replace(tmp, dst_log)
-    _publish(merged, dst_assoc)
-    return [[None, str(dst_log), str(dst_assoc)]]
+    chromosome (LOCO), or the merged assoc with the one piece's GEMMA log (`merged`)."""
+    if merged is not None:
+        dst_log, dst_assoc = out_dir / f"{stem}.log.txt", out_dir / f"{stem}.assoc.txt"
+        _publish(by_chrom[None][0], dst_log)
+        _publish(merged, dst_assoc)
+        return [[None, str(dst_log), str(dst_assoc)]]
+    files: list[list[Any]] = []
+    for chrom in chromosomes:
+        log, assoc = by_chrom[chrom]
+        dst_log = out_dir / f"{stem}.{chrom}.log.txt"
+        dst_assoc = out_dir / f"{stem}.{chrom}.assoc.txt"
+        _publish(log, dst_log)
+        _publish(assoc, dst_assoc)
+        files.append([chrom, str(dst_log), str(dst_assoc)])
+    return files
 
 
 def _gemma_command(request: GemmaRequest, described: dict[str, Any]) -> str:
