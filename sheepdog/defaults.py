@@ -58,6 +58,8 @@ PULL_PREFETCH = 1
 # busy meanwhile (each held at most two round trips), up to this many: at 16, no-op pieces
 # (2-3 ms) left the slot idle while a busy service took 40-80 ms to answer a report
 PULL_PREFETCH_MOST = 64
+# connections a pull worker keeps open to the service: one per piece in hand, and more
+PULL_CONNECTIONS = PULL_PREFETCH_MOST + 8
 PULL_LOG_EVERY = 0.5  # s between a pull worker's log batches (a short piece's go with its end)
 PULL_ANNOUNCE_EVERY = 1.0  # s: a claiming pull worker registered again at most this often
 PULL_INLINE = 1 << 20  # bytes of small files a report or a fetch carries inside its JSON

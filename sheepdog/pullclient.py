@@ -18,9 +18,17 @@ from pathlib import Path
 from typing import IO, Any
 
 import requests
+import requests.adapters
 
 from .cache import Cache
-from .defaults import PULL_BACKOFF_MAX, PULL_CHUNK, PULL_HEADER, PULL_PROTOCOL, PULL_SEGMENT
+from .defaults import (
+    PULL_BACKOFF_MAX,
+    PULL_CHUNK,
+    PULL_CONNECTIONS,
+    PULL_HEADER,
+    PULL_PROTOCOL,
+    PULL_SEGMENT,
+)
 from .errors import ConfigError, SheepdogError
 
 log = logging.getLogger(__name__)
@@ -97,6 +105,10 @@ class Client:
         self.verify: str | bool = ca_file or True
         self.say = say
         self._local = threading.local()
+        # one pool of connections for every thread's Session (urllib3's is thread-safe):
+        # a piece runs on a thread of its own, and a Session of its own each would make a
+        # TLS connection, handshake and all, for every piece
+        self._adapter = requests.adapters.HTTPAdapter(pool_maxsize=PULL_CONNECTIONS)
         self.stopping = threading.Event()  # set: requests stop waiting out an outage
 
     def _session(self) -> requests.Session:
@@ -105,6 +117,8 @@ class Client:
             session = requests.Session()
             session.headers.update({"Authorization": f"Bearer {self.token}",
                                     PULL_HEADER: str(PULL_PROTOCOL)})
+            for scheme in ("https://", "http://"):
+                session.mount(scheme, self._adapter)
             self._local.session = session
         return session
 

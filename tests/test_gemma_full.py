@@ -4,6 +4,7 @@ GEMMA: equal to GEMMA's own serial `-gk 1` then `-lmm 9`, SNP by SNP."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import BXD, sheepdog, wait_for
@@ -34,6 +35,11 @@ def test_every_column_equals_gemmas_own_serial_full_genome_scan(env, tmp_path, c
         assert ours[rs] == row, (rs, ours[rs], row)  # every printed digit of every column
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["workflow"] == "gemma" and result["options"]["loco"] is False
+    # one LMM piece, which keeps GEMMA's files, not its joined copy of the genotypes
+    assert [f[0] for f in result["files"]] == [None]
+    lmm = Path(result["files"][0][1]).parent.parent
+    kept = {str(f.relative_to(lmm)) for f in lmm.rglob("*") if f.is_file()}
+    assert kept == {"output/lmm.assoc.txt", "output/lmm.log.txt"}
 
 
 def test_it_shares_the_kinship_pieces_with_loco_and_runs_from_rest(env, tmp_path, conn,

@@ -415,6 +415,56 @@ def test_a_server_that_is_not_sheepdog_or_speaks_another_protocol(answer, said, 
         server.shutdown()
 
 
+class _KeptAlive(BaseHTTPRequestHandler):
+    """Answers the worker's hello over HTTP/1.1, counting the connections it is sent on."""
+
+    protocol_version = "HTTP/1.1"
+    connections: list[tuple[str, int]] = []
+
+    def setup(self) -> None:
+        super().setup()
+        self.connections.append(self.client_address)
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = json.dumps({"service": "sheepdog", "protocol": 1}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_):
+        pass
+
+
+def test_a_workers_pieces_share_its_connections_to_the_service():
+    """Each piece of a pull worker runs on a thread of its own: their requests go on the
+    connections earlier ones opened (a TLS handshake, two round trips to a far service,
+    is not paid per piece)."""
+    from socketserver import ThreadingMixIn
+
+    from sheepdog.pullclient import Client
+
+    handler = type("Handler", (_KeptAlive,), {"connections": []})
+    server = type("Server", (ThreadingMixIn, HTTPServer), {"daemon_threads": True})(
+        ("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = Client(f"http://127.0.0.1:{server.server_port}", "sd_x")
+        for _ in range(12):  # one piece after another, each on a new thread
+            piece = threading.Thread(target=client.hello)
+            piece.start()
+            piece.join()
+        at_once = [threading.Thread(target=client.hello) for _ in range(4)]
+        for t in at_once:
+            t.start()
+        for t in at_once:
+            t.join()
+    finally:
+        server.shutdown()
+    assert 1 <= len(handler.connections) <= 4  # 16 requests: at most 4 at once
+
+
 def test_the_service_names_both_protocol_versions(service, tokens):
     import requests
 

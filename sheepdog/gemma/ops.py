@@ -91,7 +91,10 @@ def loco_lmm(args: argparse.Namespace, here: Path, emit: Emit, complain: Emit,
         _join([g for g, _ in args.part], here / files["@geno"])
         _join([a for _, a in args.part], here / files["@anno"])
     argv = [files.get(a, a) for a in args.gemma]
-    return run_streaming(argv, here, emit, complain, stop)
+    code = run_streaming(argv, here, emit, complain, stop)
+    for name in files.values():  # made again from the pieces: not worth a place in the cache
+        (here / name).unlink(missing_ok=True)
+    return code
 
 
 def _join(paths: list[str], out: Path) -> None:

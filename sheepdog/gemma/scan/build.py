@@ -335,7 +335,7 @@ def _lmm_task(prep: Prepared, request: GemmaRequest, settings: Settings, env: st
                      prep.gemma_column, request.gemma_flags)
     argv = [{"python": True}, *OPS, "loco-lmm", *head, "--", *gemma, "--", *kinship_dirs]
     return gemma_task(piece_name(chrom), argv, inputs, [t.id for t in kinships.values()],
-                      ["output/lmm.assoc.txt", LMM_LOG, "loco.txt"], env, request, settings,
+                      ["output/lmm.assoc.txt", LMM_LOG], env, request, settings,
                       LMM_LOG)
 
 
