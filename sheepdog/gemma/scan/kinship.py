@@ -87,11 +87,14 @@ def _width(n: int, used: int) -> int:
     return width if n * n * width >= THREADED else BATCH
 
 
-def gemma_kinship(pieces: Iterable[np.ndarray], n: int, blas: Blas) -> tuple[np.ndarray, int]:
+def gemma_kinship(pieces: Iterable[np.ndarray], n: int, blas: Blas,
+                  total: int | None = None) -> tuple[np.ndarray, int]:
     """(K, SNPs used) of centred SNPs x individuals pieces taken in order, batch by batch
-    as GEMMA does; K is all zeros when no SNP is left."""
+    as GEMMA does; K is all zeros when no SNP is left. `total`: the pieces' SNPs, if
+    known: when they fit in one batch, the buffer is only as wide as its one product
+    (BXD: 15 MB, not 32 MB and a copy, for every LOCO kinship)."""
     k = np.zeros((n, n))
-    buffer = np.zeros((n, BATCH))
+    buffer = np.zeros((n, _width(n, total) if total is not None and total < BATCH else BATCH))
     used = filled = 0
     for piece in pieces:
         at = 0
@@ -104,7 +107,7 @@ def gemma_kinship(pieces: Iterable[np.ndarray], n: int, blas: Blas) -> tuple[np.
                 used, filled = used + BATCH, 0
     if filled:
         width = _width(n, filled)
-        last = np.ascontiguousarray(buffer[:, :width])
+        last = buffer if buffer.shape[1] == width else np.ascontiguousarray(buffer[:, :width])
         last[:, filled:] = 0.0
         blas.add_product(last, k)
         used += filled

@@ -48,7 +48,8 @@ def kinship_of(pieces: dict[str, Path], leave_out: str | None, blas: Blas) -> np
             f"chr {c} {m['individuals']}" for c, m in metas.items()))
     order = sorted((c for c in pieces if c != leave_out), key=lambda c: metas[c]["rank"])
     matrix, used = kinship.gemma_kinship((kinship.read(pieces[c]) for c in order),
-                                         sizes.pop() if sizes else 0, blas)
+                                         sizes.pop() if sizes else 0, blas,
+                                         sum(metas[c]["snps"] for c in order))
     if used == 0:
         what = f"the LOCO kinship of chromosome {leave_out}" if leave_out else "the kinship"
         raise GatherError(f"no SNPs left for {what}")
