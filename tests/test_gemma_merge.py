@@ -131,3 +131,17 @@ def test_the_legend_covers_no_threshold_line_and_every_chromosome_has_its_label(
                             extents={"1": 190e6, "4": 150e6, "X": 170e6, "19": 60e6})
     assert [label for _, label in spread.x_ticks] == ["1", "4", "19", "X"]
     assert max(float(label) for _, label in spread.y_ticks) < 5  # the axis fits the data
+
+
+def test_the_one_piece_of_every_snp_merges_alone_in_genome_order(tmp_path):
+    """Without LOCO one LMM piece holds every chromosome's SNPs (in the file's order):
+    merged in genome order, its chromosomes counted; beside another piece it is refused."""
+    whole = _piece(tmp_path, "", [("X", "rsx", 5, 0.5), ("2", "rs2", 9, 0.2),
+                                  ("10", "rs10", 7, 0.001), ("2", "rs2a", 3, 0.3)])
+    summary = merge([whole], tmp_path / "merged.txt")
+    lines = (tmp_path / "merged.txt").read_text().splitlines()
+    assert [ln.split("\t")[1] for ln in lines[1:]] == ["rs2a", "rs2", "rs10", "rsx"]
+    assert summary["chromosomes"] == ["2", "10", "X"] and summary["snps"] == 4
+    assert summary["top_hits"][0]["rs"] == "rs10"
+    with pytest.raises(GatherError, match="piece 'lmm all SNPs' holds every chromosome"):
+        merge([whole, _piece(tmp_path, "1", [("1", "a", 1, 0.5)])], tmp_path / "m.txt")

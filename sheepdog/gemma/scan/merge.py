@@ -32,7 +32,8 @@ def lmm_chromosome(name: str) -> str | None:
 
 @dataclass
 class Piece:
-    """One chromosome's LMM output: its assoc file and its GEMMA log."""
+    """One LMM piece's output (a chromosome's, or every SNP's): its assoc file and its
+    GEMMA log."""
 
     chromosome: str  # WHOLE: the piece holds every chromosome's SNPs
     assoc: Path
